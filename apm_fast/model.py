@@ -1,0 +1,126 @@
+"""The APM module: parameters, init, checkpoint I/O; the arithmetic lives in the backends."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .backends import get_backend
+from .config import APMConfig
+from .posenc import position_code
+from .validation import check_images
+
+__all__ = ["APM", "APMOutput"]
+
+
+@dataclass
+class APMOutput:
+    """cls: B x D pooled feature (None without pool); grid: B x L x D features f of every
+    location query (before the output position code is added); rgb: B x L x 3 or None."""
+
+    cls: Optional[torch.Tensor]
+    grid: Optional[torch.Tensor]
+    rgb: Optional[torch.Tensor] = None
+
+
+class APM(nn.Module):
+    """Asynchronous Perception Machine.
+
+    ``model(images, backend=None)`` takes normalized images B x C x S x S (S = grid * patch) and
+    returns an :class:`APMOutput`. ``backend`` picks the implementation (``"reference"``: the
+    plain form; ``"torch"``: the exact rewrite of spec section 3; ``"triton"``/``"cuda"`` where
+    built); ``None`` picks the fastest one available for the model's device.
+    """
+
+    def __init__(self, config: APMConfig, *, dtype=None, device=None):
+        super().__init__()
+        if not isinstance(config, APMConfig):
+            raise TypeError(f"config: expected an APMConfig (see apm_fast.preset), got {type(config).__name__}")
+        self.config = c = config
+        fk = {"dtype": dtype, "device": device}
+        self.conv = nn.Conv2d(c.in_chans, 1, kernel_size=c.patch, stride=c.patch, **fk)
+        widths = (c.column_dim,) + c.hidden
+        self.mlp = nn.ModuleList(nn.Linear(widths[i], widths[i + 1], **fk) for i in range(len(c.hidden)))
+        self.head = nn.Linear(c.hidden[-1], c.dim, **fk)
+        if c.pool:
+            self.attn = nn.MultiheadAttention(c.dim, c.heads, batch_first=True, **fk)
+            self.query = nn.Parameter(torch.empty(c.dim, **fk))
+        else:
+            self.attn = None
+            self.register_parameter("query", None)
+        if c.rgb_head:
+            self.rgb = nn.Sequential(
+                nn.Linear(c.dim + c.column_dim, 256, **fk), nn.ReLU(),
+                nn.Linear(256, 256, **fk), nn.ReLU(),
+                nn.Linear(256, 3, **fk), nn.ReLU())
+        else:
+            self.rgb = None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self):
+        c = self.config
+        if c.init == "authors":
+            # every parameter, biases and the query included, ~ N(0, 0.01^2) (the authors' TTT init)
+            for p in self.parameters():
+                p.normal_(0.0, c.init_std)
+        else:
+            for m in self.modules():
+                if m is not self and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            if self.query is not None:
+                nn.init.normal_(self.query, 0.0, 1.0)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def pos_in(self, dtype=None, device=None) -> torch.Tensor:
+        """L x G^2 input position code (cached, read-only)."""
+        c = self.config
+        return position_code(c.pos_dim, c.grid, c.grid, dtype=dtype or self.dtype, device=device or self.device)
+
+    def pos_out(self, dtype=None, device=None) -> torch.Tensor:
+        """L x D output position code added before the pool (cached, read-only)."""
+        c = self.config
+        return position_code(c.dim, c.grid, c.grid, dtype=dtype or self.dtype, device=device or self.device)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"grid={c.grid}, patch={c.patch}, hidden={c.hidden}, dim={c.dim}, heads={c.heads}, "
+                f"pool={c.pool}, rgb_head={c.rgb_head}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor, backend: str | None = None, *, want_grid: bool = True,
+                want_rgb: bool | None = None) -> APMOutput:
+        images = check_images(images, self.config)
+        impl = get_backend(backend, device=images.device)
+        return impl.forward(self, images, want_grid=want_grid, want_rgb=want_rgb)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_official_state_dict(self, state_dict, *, strict_unexpected: bool = True):
+        """Load the authors' checkpoint layout (a state_dict or a path to one); see
+        :func:`apm_fast.checkpoint.load_official_state_dict`."""
+        from .checkpoint import load_official_state_dict
+        return load_official_state_dict(self, state_dict, strict_unexpected=strict_unexpected)
+
+    def save(self, path: str | os.PathLike):
+        """Save weights and config to a ``.safetensors`` file (no pickled objects)."""
+        from .checkpoint import save_apm
+        save_apm(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device=None) -> "APM":
+        """Load a model written by :meth:`save`."""
+        from .checkpoint import load_apm
+        return load_apm(path, device=device)

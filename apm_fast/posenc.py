@@ -1,0 +1,58 @@
+"""The 2-D sin/cos position code of the APM (spec section 1), computed in float64 and cached."""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+__all__ = ["position_code"]
+
+_CACHE: dict = {}
+_LOCK = threading.Lock()
+
+
+def _position_code_f64(d: int, height: int, width: int) -> torch.Tensor:
+    """(height*width) x d code; row l = y * width + x.
+
+    For d divisible by 4 this is exactly the authors' code: half = d/2 channels for x, half for
+    y, sin on even and cos on odd channels, freq_k = exp(-2k ln(10000) / half). For other d (odd
+    test grids such as 5 x 5 -> d = 25) the code is computed at the next multiple of 4 and its
+    first d channels are kept, which leaves every channel of the divisible case unchanged.
+    """
+    half = 2 * ((d + 3) // 4)
+    k = torch.arange(half // 2, dtype=torch.float64)
+    freq = torch.exp(-2.0 * k * math.log(10000.0) / half)
+    xs = torch.arange(width, dtype=torch.float64)
+    ys = torch.arange(height, dtype=torch.float64)
+    code = torch.empty(height, width, 2 * half, dtype=torch.float64)
+    ax = xs[:, None] * freq[None, :]          # width x half/2
+    ay = ys[:, None] * freq[None, :]          # height x half/2
+    code[:, :, 0:half:2] = torch.sin(ax)[None, :, :]
+    code[:, :, 1:half:2] = torch.cos(ax)[None, :, :]
+    code[:, :, half::2] = torch.sin(ay)[:, None, :]
+    code[:, :, half + 1::2] = torch.cos(ay)[:, None, :]
+    return code.reshape(height * width, 2 * half)[:, :d].contiguous()
+
+
+def position_code(d: int, height: int, width: int | None = None, *, dtype=torch.float32,
+                  device=None) -> torch.Tensor:
+    """The position code of width ``d`` on a ``height x width`` grid, as an L x d tensor.
+
+    Computed once in float64 and cached per (d, grid, dtype, device); treat it as read-only.
+    """
+    width = height if width is None else width
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (int(d), int(height), int(width), dtype, device)
+    code = _CACHE.get(key)
+    if code is None:
+        with _LOCK:
+            code = _CACHE.get(key)
+            if code is None:
+                # Built outside any inference_mode/no_grad context of the caller, so the cached
+                # tensor is an ordinary constant that autograd and graph capture can both use.
+                with torch.inference_mode(False), torch.no_grad():
+                    code = _position_code_f64(int(d), int(height), int(width)).to(
+                        device=device, dtype=dtype)
+                _CACHE[key] = code
+    return code

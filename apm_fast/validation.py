@@ -1,0 +1,62 @@
+"""Input checks at the API boundary: which argument, what was expected, what came."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_images", "check_targets", "check_finite"]
+
+
+def _shape(t) -> str:
+    return "x".join(str(s) for s in t.shape) if t.dim() else "scalar"
+
+
+def check_finite(name: str, t: torch.Tensor):
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()
+        first = tuple(int(i) for i in bad[0]) if len(bad) else ()
+        raise ValueError(f"{name}: expected finite values, found NaN/Inf "
+                         f"({len(bad)} element(s), first at index {first})")
+
+
+def check_images(images, config, name: str = "images") -> torch.Tensor:
+    """Images for the model: a float tensor B x C x S x S with S = grid * patch.
+
+    The model refuses other sizes rather than resizing silently (resizing changes what the
+    trigger sees); :func:`apm_fast.images.preprocess` resizes and normalizes for you.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape B x {config.in_chans} x "
+                        f"{config.image_size} x {config.image_size}, got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4:
+        raise ValueError(f"{name}: expected shape B x C x H x W (or C x H x W), got {_shape(images)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one image, got an empty batch ({_shape(images)})")
+    if images.shape[1] != config.in_chans:
+        raise ValueError(f"{name}: expected {config.in_chans} channels (B x C x H x W), got "
+                         f"{images.shape[1]} (shape {_shape(images)})")
+    s = config.image_size
+    if images.shape[2] != s or images.shape[3] != s:
+        raise ValueError(
+            f"{name}: expected {s} x {s} pixels (grid {config.grid} x patch {config.patch}), got "
+            f"{images.shape[2]} x {images.shape[3]}; resize with apm_fast.images.preprocess")
+    if not images.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (normalized pixels), got {images.dtype}")
+    check_finite(name, images)
+    return images
+
+
+def check_targets(targets, batch: int, dim: int, name: str = "targets") -> torch.Tensor:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {batch} x {dim}, got {type(targets).__name__}")
+    if targets.dim() == 1:
+        targets = targets.unsqueeze(0)
+    if targets.dim() != 2 or targets.shape[1] != dim:
+        raise ValueError(f"{name}: expected shape B x D with D = {dim} (the model's dim), got {_shape(targets)}")
+    if targets.shape[0] != batch:
+        raise ValueError(f"{name}: expected one target per image ({batch}), got {targets.shape[0]}")
+    if not targets.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {targets.dtype}")
+    check_finite(name, targets)
+    return targets

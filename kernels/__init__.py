@@ -1,0 +1,1 @@
+"""Triton kernels of apm-fast (installed as ``apm_fast.kernels``)."""

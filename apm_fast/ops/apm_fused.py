@@ -118,7 +118,9 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]
     L, d, dim = config.queries, config.pos_dim, config.dim
-    g: Dict[str, torch.Tensor] = {}
+    # with grad_out, each gradient goes into its view as soon as it exists and is dropped: only
+    # one layer's gradient is ever alive beside the flat buffer (peak memory of a TTT step)
+    g: Dict[str, torch.Tensor] = {} if grad_out is None else _GradSink(grad_out)
     df = None
     if config.pool and dz is not None:
         heads = config.heads
@@ -166,14 +168,27 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False)
+    if grad_out is not None:       # the two halves straight into place: no (H1 x 2d) temporary
+        grad_out["mlp.0.weight"][:, :, d:].copy_(dwp)
+        dwp = None
     dwt = torch.einsum("sbh,sbk->shk", r, ctx.t)
-    g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
+    if grad_out is None:
+        g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
+    else:
+        grad_out["mlp.0.weight"][:, :, :d].copy_(dwt)
     g["mlp.0.bias"] = r.sum(1)
     dt = torch.einsum("sbh,shk->sbk", r, w["mlp.0.weight"][:, :, :d].to(acc))      # S B d
     g["conv.weight"] = torch.einsum("sbl,sblk->sk", dt, ctx.patches).reshape(w["conv.weight"].shape)
     g["conv.bias"] = dt.sum((1, 2)).reshape(w["conv.bias"].shape)
-    if grad_out is not None:
-        for k, v in g.items():
-            grad_out[k].copy_(v.reshape(grad_out[k].shape))
-        return grad_out
-    return g
+    return grad_out if grad_out is not None else g
+
+
+class _GradSink:
+    """``sink[name] = grad`` copies into ``views[name]`` at once (see backward_train)."""
+
+    def __init__(self, views: Dict[str, torch.Tensor]):
+        self.views = views
+
+    def __setitem__(self, name: str, value: torch.Tensor):
+        view = self.views[name]
+        view.copy_(value.reshape(view.shape))

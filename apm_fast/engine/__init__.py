@@ -1,0 +1,9 @@
+"""The GPU test-time-training engine: flat parameter store, captured step, students side by side,
+and the end-to-end classification pipeline built on it."""
+from .engine import PendingBatch, TTTEngine
+from .memory import choose_students, count_params, estimate_student_bytes, student_bytes
+from .program import StudentProgram
+from .store import ParamStore
+
+__all__ = ["TTTEngine", "PendingBatch", "StudentProgram", "ParamStore", "choose_students",
+           "count_params", "estimate_student_bytes", "student_bytes"]

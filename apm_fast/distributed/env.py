@@ -54,10 +54,12 @@ def init_distributed(backend: str | None = None, *, device: str | None = None,
                      timeout: timedelta | None = None) -> DistInfo:
     """Join the process group described by torchrun's environment (no-op if already joined).
 
-    ``backend``: ``"nccl"`` or ``"gloo"``; ``None`` picks NCCL when the process has a GPU and
-    gloo otherwise. ``device``: ``"cuda"`` or ``"cpu"``; ``None`` follows the backend. On a GPU
-    each process computes on ``cuda:LOCAL_RANK``. Without torchrun (WORLD_SIZE unset or 1) and
-    without an existing group, nothing is started and rank 0 of 1 is returned.
+    ``device``: where this process computes, ``"cuda"`` (then ``cuda:LOCAL_RANK``) or ``"cpu"``;
+    ``None``: a GPU when there is one. ``backend``: ``"nccl"`` (GPUs only) or ``"gloo"``;
+    ``None``: NCCL on a GPU, gloo on the CPU. Mode 1 needs no GPU collective at all, so
+    ``backend="gloo"`` with GPU compute is fine there; mode 2 wants NCCL. Without torchrun
+    (WORLD_SIZE unset or 1) and without an existing group, nothing is started and rank 0 of 1
+    is returned.
     """
     if backend not in (None, "nccl", "gloo"):
         raise ValueError(f"backend: expected 'nccl', 'gloo' or None, got {backend!r}")
@@ -65,10 +67,12 @@ def init_distributed(backend: str | None = None, *, device: str | None = None,
         raise ValueError(f"device: expected 'cuda', 'cpu' or None, got {device!r}")
     _keep_nvls_off()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend is None:
-        backend = "nccl" if (device != "cpu" and torch.cuda.is_available()) else "gloo"
     if device is None:
-        device = "cuda" if backend == "nccl" else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if backend is None:
+        backend = "nccl" if device == "cuda" else "gloo"
+    if backend == "nccl" and device != "cuda":
+        raise ValueError("backend: 'nccl' runs between GPUs; with device='cpu' use 'gloo'")
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device: 'cuda' was asked for but torch sees no GPU")

@@ -126,6 +126,8 @@ def run_sharded(inputs: Sequence, process: Callable[[object], dict], out_path, *
         created = init_distributed(backend="gloo", timeout=barrier_timeout).created
     if group is not None:
         coord = group
+    elif created:
+        coord = dist.group.WORLD               # the gloo group just made, with the long timeout
     elif dist.is_initialized():
         coord = cpu_group(barrier_timeout)
     else:

@@ -7,8 +7,12 @@
 # The GPU image lacks open_clip/ftfy/wcwidth and the CUTLASS headers: they travel as wheels in
 # .whl/ (see README, "Running on a GPU") and are installed into /tmp/site here.
 set -uo pipefail
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+# Results are gathered in one folder and packed into one archive at the end (the device returns
+# few files).
+FINAL=${OUT:-$PWD/gpu-out}
+OUT=$(mktemp -d)/gpu-run
+mkdir -p "$OUT" "$FINAL"
+trap 'tar -czf "$FINAL/gpu-run.tgz" -C "$(dirname "$OUT")" gpu-run; cp "$OUT"/*.json "$FINAL"/ 2>/dev/null' EXIT
 STAGES=${*:-env build tests bench}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}

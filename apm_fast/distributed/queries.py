@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..backends.reference import trigger
-from ..backends.torch_rewrite import first_layer_split, rgb_split
+from ..backends.torch_rewrite import rgb_split
 from ..ttt import TestTimeTrainer, TTTResult
 from ..validation import check_images, check_targets
 from .env import rank_and_world

@@ -83,7 +83,10 @@ def _ttt(args, info, dtype) -> int:
     from ..ttt import TestTimeTrainer
     from .images import run_sharded_ttt
 
-    data = torch.load(args.data, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(args.data, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"--data: no such file: {args.data}") from None
     for k in ("names", "images", "targets"):
         if k not in data:
             raise SystemExit(f"--data: expected keys names, images, targets; {k!r} is missing")

@@ -109,15 +109,16 @@ def test_side_by_side_equals_one_at_a_time_any_S_any_order(dtype):
 def test_student_count_defaults_and_program_reuse():
     model, images, targets = _setup("two-layer", torch.float64, n=3)
     eng = _engine(model)
-    assert eng.students_for(3) == 3 and eng.students_for(100) == 8      # CPU: min(n, 8)
-    assert choose_students(5, 1 << 20, 0, "cpu", max_students=4) == 4
+    assert eng.students_for(3) == 1 and choose_students(5, 1 << 20, 0, "cpu") == 1   # CPU: one at a time
     eng.fit(images, targets)
-    prog = eng._program
-    assert prog.students == 3 and eng.mode == "eager"                    # no CUDA graphs on a CPU
-    eng.fit(images + 1, targets)
-    assert eng._program is prog                                          # same S: not rebuilt
-    fixed = _engine(model, students=2)
-    assert fixed.students_for(1) == 1 and fixed.students_for(7) == 2
+    assert eng._program.students == 1 and eng.mode == "eager"            # no CUDA graphs on a CPU
+    fixed = _engine(model, students=3)
+    fixed.fit(images, targets)
+    prog = fixed._program
+    assert prog.students == 3
+    fixed.fit(images + 1, targets)
+    assert fixed._program is prog                                        # same S: not rebuilt
+    assert fixed.students_for(1) == 1 and fixed.students_for(7) == 3
 
 
 def test_adam_slices_equal_one_pass(monkeypatch):

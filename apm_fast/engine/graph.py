@@ -53,6 +53,7 @@ def capture_phases(phases: Dict[str, Callable[[], None]], reset: Callable[[], No
                  f"apm_fast.engine: CUDA graphs need a CUDA device (got {device}); the TTT step "
                  "runs eagerly", warn=False)
         return None
+    caller_stream = torch.cuda.current_stream(device)
     try:
         with torch.cuda.device(device):
             side = torch.cuda.Stream(device)
@@ -75,6 +76,8 @@ def capture_phases(phases: Dict[str, Callable[[], None]], reset: Callable[[], No
             torch.cuda.synchronize(device)
         return graphs
     except Exception as exc:  # any capture failure means: run eagerly, same functions
+        # a failing capture_end() skips torch.cuda.graph's own stream restore: put the caller's back
+        torch.cuda.set_stream(caller_stream)
         try:
             torch.cuda.synchronize(device)
         except Exception:

@@ -101,12 +101,13 @@ def choose_students(n_images: int, per_student: int, shared: int, device, *, max
                     reserve_bytes: int | None = None, safety: float = 1.15) -> int:
     """S for ``n_images`` images: as many as fit in free device memory (minus ``reserve_bytes``,
     default max(1 GiB, 5 % of the device), with a ``safety`` factor on the per-student cost),
-    at most ``max_students`` and ``n_images``. On the CPU: min(n_images, 8), memory is not the
-    limit there and bigger batches do not run faster."""
+    at most ``max_students`` and ``n_images``. On the CPU: 1. Batching buys little there, and
+    with one student at a time a result is bitwise independent of how images are grouped (batched
+    reductions may round differently with S; within the dtype's tolerance, but not bit for bit)."""
     n_images = max(1, int(n_images))
     dev = torch.device(device)
     if dev.type != "cuda":
-        return min(n_images, 8, max_students)
+        return 1
     free, total = torch.cuda.mem_get_info(dev)
     free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)   # cached, reusable
     reserve = max(1 << 30, total // 20) if reserve_bytes is None else int(reserve_bytes)

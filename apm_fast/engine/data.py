@@ -22,9 +22,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_rgb(src):
-    """A PIL RGB image from a path, a PIL image, an H x W x 3 uint8 array or a 3 x H x W uint8 tensor."""
+    """A PIL RGB image from a path, a PIL image, an H x W x 3 uint8 array or a 3 x H x W uint8 tensor
+    (files and arrays through ``apm_fast.images`` where the package has it: EXIF rotation, odd modes)."""
     from PIL import Image
 
+    try:
+        from ..images import to_pil
+    except ImportError:
+        to_pil = None
+    if to_pil is not None and isinstance(src, (str, os.PathLike, np.ndarray, Image.Image)):
+        return to_pil(src)
     if isinstance(src, (str, os.PathLike)):
         with Image.open(Path(src)) as im:
             return im.convert("RGB")

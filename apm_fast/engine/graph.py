@@ -27,6 +27,16 @@ __all__ = ["capture_phases", "say_once"]
 
 log = logging.getLogger("apm_fast.engine")
 _SAID: set = set()
+_SIDE: dict = {}
+
+
+def _side_stream(device):
+    """One warm-up/capture stream per device for every capture: cuBLAS keeps a workspace per
+    stream it has seen, so a fresh stream per program would leave one more workspace each time."""
+    key = str(device)
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device)
+    return _SIDE[key]
 
 
 def say_once(key, message: str, *, warn: bool = True):
@@ -56,7 +66,7 @@ def capture_phases(phases: Dict[str, Callable[[], None]], reset: Callable[[], No
     caller_stream = torch.cuda.current_stream(device)
     try:
         with torch.cuda.device(device):
-            side = torch.cuda.Stream(device)
+            side = _side_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(max(1, warmup)):

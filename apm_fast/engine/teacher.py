@@ -68,7 +68,14 @@ def class_embeddings(teacher, classes: Sequence[str], templates: Sequence[Templa
                      device=None, batch: int = 256) -> torch.Tensor:
     """C x D unit-norm class embeddings (fp32): each class's prompt embeddings normalized and
     averaged over the templates (the usual zero-shot ensemble; one template: just that prompt),
-    then normalized. Computed once per (teacher, classes, templates) and cached."""
+    then normalized. Computed once per (teacher, classes, templates) and cached.
+
+    A teacher with its own ``class_embeddings(classes, templates)`` (``apm_fast.teachers``) is
+    asked directly, its own cache and template names ("single", "ensemble") included."""
+    own = getattr(teacher, "class_embeddings", None)
+    if callable(own):
+        emb = own(list(classes), "single" if templates is None else templates).float()
+        return emb.to(device) if device is not None else emb
     classes = [str(c) for c in classes]
     if not classes:
         raise ValueError("classes: expected at least one class name, got none")

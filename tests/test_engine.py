@@ -7,6 +7,8 @@ nearly sign(g) * lr, so a gradient entry near zero that the two computations rou
 moves its weight by up to lr: in fp32 (and with lr = 1e-2 so that students really move), cls
 agrees to ~1e-5 relative, hence rtol 1e-4.
 """
+import warnings
+
 import pytest
 import torch
 
@@ -119,6 +121,18 @@ def test_student_count_defaults_and_program_reuse():
     fixed.fit(images + 1, targets)
     assert fixed._program is prog                                        # same S: not rebuilt
     assert fixed.students_for(1) == 1 and fixed.students_for(7) == 3
+
+
+def test_graphs_requested_on_cpu_run_eagerly_without_warning():
+    """No CUDA graphs on a CPU: the same functions run eagerly, noted in the log (not a warning)."""
+    model, images, targets = _setup("two-layer", torch.float64, n=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eng = _engine(model, graphs=True, students=2)
+        got = eng.fit(images, targets)
+    assert eng.mode == "eager"
+    ref = _engine(model, graphs=False, students=2).fit(images, targets)
+    assert torch.equal(got.cls, ref.cls)
 
 
 def test_adam_slices_equal_one_pass(monkeypatch):

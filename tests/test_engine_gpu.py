@@ -107,37 +107,6 @@ def test_full_size_l14_graph_equals_eager(backend):
     assert g_eng.students_for(10_000) >= 1
 
 
-class _SyncingPrimitives(TorchPrimitives):
-    """Adam that reads a value on the host: legal eagerly, impossible to capture."""
-
-    def adam_(self, *args, **kw):
-        float(args[4].item())
-        return super().adam_(*args, **kw)
-
-
-class _SyncingBackend:
-    name = "test-syncing"
-    primitives = _SyncingPrimitives()
-
-    def available(self):
-        return True, ""
-
-
-def test_capture_failure_falls_back_eagerly_and_says_so_once():
-    register_backend(_SyncingBackend())
-    model, images, targets = _setup(n=3)
-    kw = dict(steps=STEPS, lr=LR, students=3, compute_dtype=torch.float32)
-    with pytest.warns(RuntimeWarning, match="capture failed"):
-        eng = TTTEngine(model, backend="test-syncing", graphs=True, **kw)
-        got = eng.fit(images, targets)
-    assert eng.mode == "eager"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")                  # said once: not again
-        TTTEngine(model, backend="test-syncing", graphs=True, **kw).fit(images, targets)
-    ref = TTTEngine(model, backend="torch", graphs=False, **kw).fit(images, targets)
-    _close(got.cls, ref.cls, "fp32", "fallback cls")
-
-
 class _CudaTinyTeacher:
     def __init__(self, dim):
         torch.manual_seed(5)
@@ -173,3 +142,35 @@ def test_pipeline_streams_change_nothing():
     assert a.mode == "graph"
     _close(a.cls, b.cls, "bf16", "pipeline cls")
     assert torch.equal(a.top1, b.top1)
+
+
+class _SyncingPrimitives(TorchPrimitives):
+    """Adam that reads a value on the host: legal eagerly, impossible to capture."""
+
+    def adam_(self, *args, **kw):
+        float(args[4].item())
+        return super().adam_(*args, **kw)
+
+
+class _SyncingBackend:
+    name = "test-syncing"
+    primitives = _SyncingPrimitives()
+
+    def available(self):
+        return True, ""
+
+
+def test_capture_failure_falls_back_eagerly_and_says_so_once():
+    """Last in the file: a failed capture is the one thing here that leaves traces in the process."""
+    register_backend(_SyncingBackend())
+    model, images, targets = _setup(n=3)
+    kw = dict(steps=STEPS, lr=LR, students=3, compute_dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        eng = TTTEngine(model, backend="test-syncing", graphs=True, **kw)
+        got = eng.fit(images, targets)
+    assert eng.mode == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # said once: not again
+        TTTEngine(model, backend="test-syncing", graphs=True, **kw).fit(images, targets)
+    ref = TTTEngine(model, backend="torch", graphs=False, **kw).fit(images, targets)
+    _close(got.cls, ref.cls, "fp32", "fallback cls")

@@ -119,6 +119,8 @@ class TTTEngine:
         """S used for ``n_images`` images: the user's choice or what fits (never more than n)."""
         if self.students is not None:
             return max(1, min(self.students, n_images))
+        if n_images <= 1:
+            return 1                               # nothing to decide: no memory probe
         mem = self.student_memory()
         return choose_students(n_images, mem["per_student"], mem["shared"], self.device,
                                max_students=self.max_students, reserve_bytes=self.reserve_bytes)

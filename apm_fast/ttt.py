@@ -81,6 +81,28 @@ class TestTimeTrainer:
             kw["fused"] = True
         return torch.optim.Adam(params, **kw)
 
+    def _wants_engine(self, impl) -> bool:
+        if self.engine is False:
+            return False
+        has = hasattr(impl, "primitives")
+        if self.engine and not has:
+            raise ValueError(f"engine=True: backend {impl.name!r} has no primitive table; use "
+                             "'torch', 'triton' or 'cuda', or engine=None/False")
+        return has
+
+    def _get_engine(self, backend):
+        from .engine import TTTEngine
+
+        e = self._engine
+        if e is None or e.backend != backend:
+            e = TTTEngine(self.model, steps=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
+                          backend=backend, students=self.students,
+                          normalize_target=self.normalize_target, snapshot=self.snapshot)
+            self._engine = e
+        e.steps, e.lr, e.betas, e.eps = self.steps, self.lr, self.betas, self.eps
+        e.students, e.normalize_target = self.students, self.normalize_target
+        return e
+
     def prepare_targets(self, targets: torch.Tensor) -> torch.Tensor:
         if self.normalize_target:
             targets = F.normalize(targets, dim=-1)
@@ -114,28 +136,6 @@ class TestTimeTrainer:
         finally:
             self.reset()
         return TTTResult(cls=torch.cat(cls_out), losses=torch.stack(loss_out), seconds=secs)
-
-    def _wants_engine(self, impl) -> bool:
-        if self.engine is False:
-            return False
-        has = hasattr(impl, "primitives")
-        if self.engine and not has:
-            raise ValueError(f"engine=True: backend {impl.name!r} has no primitive table; use "
-                             "'torch', 'triton' or 'cuda', or engine=None/False")
-        return has
-
-    def _get_engine(self, backend):
-        from .engine import TTTEngine
-
-        e = self._engine
-        if e is None or e.backend != backend:
-            e = TTTEngine(self.model, steps=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
-                          backend=backend, students=self.students,
-                          normalize_target=self.normalize_target, snapshot=self.snapshot)
-            self._engine = e
-        e.steps, e.lr, e.betas, e.eps = self.steps, self.lr, self.betas, self.eps
-        e.students, e.normalize_target = self.students, self.normalize_target
-        return e
 
     def _fit_one(self, image, target, backend):
         model = self.model

@@ -71,6 +71,8 @@ def test_classify_equals_teacher_then_one_at_a_time_training(workers):
     logits = 100 * F.normalize(ref.cls.float(), dim=-1) @ text.t()
     torch.testing.assert_close(res.logits, logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(res.top1, logits.argmax(1))
+    torch.testing.assert_close(res.teacher_logits, 100 * F.normalize(targets, dim=-1) @ text.t(), rtol=1e-4, atol=1e-4)
+    assert len(res.teacher_labels()) == 5
 
 
 def test_class_embeddings_cached_and_ensembled():

@@ -37,6 +37,7 @@ class ClassifyResult:
     logits: torch.Tensor               # N x C (fp32)
     cls: torch.Tensor                  # N x D (fp32)
     losses: torch.Tensor               # N x steps (fp32)
+    teacher_logits: torch.Tensor       # N x C: the teacher's own zero-shot logits, for comparison
     seconds: float                     # from the first batch's arrival to the last result
     startup_seconds: float = 0.0       # building the program (capture) and the first batch's load
     students: int = 1
@@ -49,6 +50,9 @@ class ClassifyResult:
 
     def labels(self) -> List[str]:
         return [self.classes[i] for i in self.top1.tolist()]
+
+    def teacher_labels(self) -> List[str]:
+        return [self.classes[i] for i in self.teacher_logits.argmax(1).tolist()]
 
 
 def _stream_ctx(stream):
@@ -97,12 +101,13 @@ def classify_images(sources: Sequence, model, teacher, classes: Sequence[str], *
     out_cls = torch.empty(n, D)
     out_loss = torch.empty(n, eng.steps)
     out_logits = torch.empty(n, C)
+    out_teacher = torch.empty(n, C)
     pbar = _progress(n, progress)
     pending: deque = deque()
     t_first = None
 
     def collect(item):
-        idx, job, logits, ready = item
+        idx, job, logits, t_logits, ready = item
         if ready is not None:
             ready.synchronize()
         else:
@@ -110,6 +115,7 @@ def classify_images(sources: Sequence, model, teacher, classes: Sequence[str], *
         out_cls[idx] = job.cls.float().cpu()
         out_loss[idx] = job.losses.float().cpu()
         out_logits[idx] = logits.cpu()
+        out_teacher[idx] = t_logits.cpu()
         pbar.update(len(idx))
 
     for idx, tpix, spix in loader:
@@ -130,11 +136,12 @@ def classify_images(sources: Sequence, model, teacher, classes: Sequence[str], *
             job = eng.launch(images, targets, students=s)
             with torch.no_grad():
                 logits = 100.0 * F.normalize(job.cls.float(), dim=-1) @ text.t()
+                t_logits = 100.0 * F.normalize(targets, dim=-1) @ text.t()
             ready = None
             if cuda:
                 ready = torch.cuda.Event()          # results and logits ready after this point
                 ready.record()
-        pending.append((idx, job, logits, ready))
+        pending.append((idx, job, logits, t_logits, ready))
         while len(pending) > 1:                      # one batch in flight, the host never stalls the device
             collect(pending.popleft())
     while pending:
@@ -146,7 +153,7 @@ def classify_images(sources: Sequence, model, teacher, classes: Sequence[str], *
     top = out_logits.topk(k, dim=1).indices
     t_first = t_first or t_end
     return ClassifyResult(classes=classes, top1=top[:, 0].clone(), topk=top, logits=out_logits,
-                          cls=out_cls, losses=out_loss, seconds=t_end - t_first,
+                          cls=out_cls, losses=out_loss, teacher_logits=out_teacher, seconds=t_end - t_first,
                           startup_seconds=t_first - t_start, students=s, mode=eng.mode or "eager")
 
 

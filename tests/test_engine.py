@@ -165,7 +165,11 @@ def test_param_store_layout_and_reset():
         for i in range(3):
             assert torch.equal(st.student(i)[n], params[n].float())
     assert st.exp_avg.abs().sum() == 0 and st.exp_avg_sq.abs().sum() == 0
-    assert torch.equal(st.lowp, st.master.to(torch.bfloat16))
+    assert st.names[0] == "mlp.1.weight" and st.lowp.numel() == 3 * params["mlp.1.weight"].numel()
+    assert torch.equal(st.lowp, st.master[:st.lowp.numel()].to(torch.bfloat16))
+    groups = st.adam_groups()                         # the compute-copy prefix, then the rest
+    assert [g[4] is not None for g in groups] == [True, False]
+    assert sum(g[0].numel() for g in groups) == st.master.numel() and all(g[0].shape[0] == 3 for g in groups)
     # gradient views write into the one flat buffer that the optimizer sees
     st.grad_views["head.bias"].fill_(7.0)
     assert int((st.flat2d(st.grad) == 7.0).sum()) == 3 * params["head.bias"].numel()
@@ -185,6 +189,13 @@ def test_backward_grad_out_equals_returned_grads():
     backward_train(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out)
     for n in names:
         torch.testing.assert_close(out[n], g[n], rtol=0, atol=0)
+    # release=True: same gradients, and the saved activations are gone afterwards
+    _, _, ctx2 = forward_train(prim, w, images[:, None], cfg, pos_in, pos_out, cdt=torch.float64)
+    out2 = {n: torch.full_like(w[n], float("nan")) for n in names}
+    backward_train(prim, w, ctx2, dz, cfg, pos_in, pos_out, grad_out=out2, release=True)
+    for n in names:
+        torch.testing.assert_close(out2[n], g[n], rtol=0, atol=0)
+    assert ctx2.p is None and ctx2.f is None and all(a is None for a in ctx2.acts)
 
 
 def test_torch_adam_matches_torch_optim():

@@ -1,27 +1,24 @@
 """How much memory one student costs, and how many students fit.
 
-Budget of one ``ttt-l14`` student (N = 22.0 M trained parameters, B = 1 image, L = 1024,
-bf16 compute, fp32 state), in bytes:
+Budget of one ``ttt-l14`` student (N = 22.03 M trained parameters, 19.66 M of them GEMM
+operands; B = 1 image, L = 1024, bf16 compute, fp32 state), in MB (1e6 B):
 
-=====================================  ====================  ===========
-buffer                                 size                  MB (1e6 B)
-=====================================  ====================  ===========
-fp32 master weights                    4 N                   88.1
-fp32 gradients                         4 N                   88.1
-fp32 Adam m and v                      8 N                   176.2
-bf16 compute copy of the weights       2 N                   44.0
-**state subtotal**                     18 N                  **396.4**
-P = pos W_P^T (L x 4096, bf16)         kept for the backward 8.4
-layer inputs (L x 2048, L x 1024)      bf16, kept            6.3
-f (L x 768, bf16), patches (fp32)      kept                  3.9
-largest transient of the backward      dW_P (4096 x 1024 fp32) 16.8
-=====================================  ====================  ===========
+=============================================  ==========
+fp32 master weights, gradients, Adam m and v    352.5   (16 N)
+bf16 copy of the GEMM operands                   39.3   (2 x 19.66 M)
+the image (fp32, static input of the graph)       2.4
+**state subtotal**                              394.3
+kept for the backward at its peak: P = pos W_P^T (L x 4096 bf16) 8.4, patches 2.4
+the backward's peak: dW of the first consumer (2048 x 4096 fp32) 33.6 beside dy (L x 2048 bf16) 4.2
+**peak of a step**                              443.0
+=============================================  ==========
 
-so about 0.43 GB with a fused primitive table (whose GEMMs read bf16 operands directly and whose
-Adam updates in place). The plain-PyTorch table upcasts GEMM operands to fp32 (a 4096 x 2048
-weight is 33.6 MB in fp32) and its Adam makes full-size temporaries (sliced to bound them, see
-``program._adam_chunks``), so it needs more. The init snapshot (4 N, 88 MB) and the position codes
-are shared by all students and not counted per student.
+That is with a fused primitive table (its kernels allocate nothing but their outputs, Adam in
+place), and it relies on the driver dropping every activation and gradient as soon as it is used
+(``backward_train(..., grad_out=..., release=True)``); ``tests/test_engine_memory.py`` traces it
+on the meta device. The plain-PyTorch table upcasts GEMM operands to fp32 and makes temporaries
+in Adam (sliced, see ``program._adam_chunks``): about 0.48 GB. The init snapshot (4 N, 88 MB) and
+the position codes are shared by all students and not counted per student.
 
 ``student_bytes`` measures instead of trusting the table: it runs one eager step at S = 1 and
 S = 2 and takes the difference of the peaks (the marginal cost of one student, with the backend's
@@ -54,6 +51,13 @@ def count_params(config) -> int:
     return n
 
 
+def _numel(c, name: str) -> int:
+    """Elements of one GEMM operand (``mlp.i.weight/bias``, ``head.weight/bias``)."""
+    widths = (c.column_dim,) + c.hidden + (c.dim,)
+    i = len(c.hidden) if name.startswith("head.") else int(name.split(".")[1])
+    return widths[i] * widths[i + 1] if name.endswith(".weight") else widths[i + 1]
+
+
 def estimate_student_bytes(config, compute_dtype: torch.dtype, master_dtype: torch.dtype = torch.float32) -> int:
     """Formula (see the module docstring): state + kept activations + the largest transient."""
     c = config
@@ -61,7 +65,9 @@ def estimate_student_bytes(config, compute_dtype: torch.dtype, master_dtype: tor
     msz = torch.empty((), dtype=master_dtype).element_size()
     csz = torch.empty((), dtype=compute_dtype).element_size()
     asz = torch.empty((), dtype=acc_dtype_for(compute_dtype)).element_size()
-    state = 4 * msz * n + (csz * n if compute_dtype != master_dtype else 0)
+    from .store import gemm_weight_names
+    n_gemm = sum(_numel(c, name) for name in gemm_weight_names(c))
+    state = 4 * msz * n + (csz * n_gemm if compute_dtype != master_dtype else 0)
     L = c.queries
     kept = L * (sum(c.hidden) + c.dim) * csz + L * c.in_chans * c.patch ** 2 * asz
     transient = max(c.hidden[0] * c.pos_dim, max(a * b for a, b in zip(c.hidden, c.hidden[1:] + (c.dim,)))) * asz

@@ -32,7 +32,10 @@ def quiet_autograd(device):
     """No autograd, no inference-mode tensors (in-place updates of static buffers must stay
     legal later) and no autocast (the driver picks its dtypes itself)."""
     dev = torch.device(device)
-    with torch.inference_mode(False), torch.no_grad(), torch.autocast(dev.type, enabled=False):
+    # (autocast exists for cuda and cpu; "meta", used to trace memory, has none to switch off)
+    no_autocast = (torch.autocast(dev.type, enabled=False) if dev.type in ("cuda", "cpu")
+                   else contextlib.nullcontext())
+    with torch.inference_mode(False), torch.no_grad(), no_autocast:
         yield
 
 
@@ -105,34 +108,32 @@ class StudentProgram:
 
     def _step(self):
         c, st = self.config, self.store
-        z, _, ctx = forward_train(self.prim, st.weights, self.images, c, self.pos_in, self.pos_out,
+        z, f, ctx = forward_train(self.prim, st.weights, self.images, c, self.pos_in, self.pos_out,
                                   cdt=self.cdt)
+        del f                      # ctx holds it until the backward is done with it
         diff = z[:, 0] - self.targets                                         # S x D, acc dtype
         loss = diff.square().mean(-1, keepdim=True)                             # S x 1
         self.losses.index_copy_(1, self.t_idx, loss)
         dz = (diff * (2.0 / c.dim)).unsqueeze(1)                                # d mean_D / dz
         backward_train(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out,
-                       grad_out=st.grad_views)
+                       grad_out=st.grad_views, release=True)
         del ctx, z
         self.step_t.add_(1.0)
         self.t_idx.add_(1)
         self._adam()
 
     def _adam(self):
-        st = self.store
-        bufs = [st.master, st.grad, st.exp_avg, st.exp_avg_sq]
-        if self.n_chunks == 1:
-            p, g, m, v = (st.flat2d(b) for b in bufs)
-            lowp = st.flat2d(st.lowp) if st.lowp is not None else None
-            self.prim.adam_(p, g, m, v, self.step_t, self.lr_t, self.beta1, self.beta2, self.eps, lowp=lowp)
-            return
-        total = st.master.numel()
-        per = -(-total // self.n_chunks)
-        for a in range(0, total, per):
-            sl = slice(a, min(total, a + per))
-            p, g, m, v = (b[sl].view(1, -1) for b in bufs)
-            lowp = st.lowp[sl].view(1, -1) if st.lowp is not None else None
-            self.prim.adam_(p, g, m, v, self.step_t, self.lr_t, self.beta1, self.beta2, self.eps, lowp=lowp)
+        for p, g, m, v, lowp in self.store.adam_groups():
+            if self.n_chunks == 1:
+                self.prim.adam_(p, g, m, v, self.step_t, self.lr_t, self.beta1, self.beta2, self.eps, lowp=lowp)
+                continue
+            # plain-PyTorch table: column slices bound its temporaries (elementwise, so any split works)
+            n = p.shape[1]
+            per = -(-n // self.n_chunks)
+            for a in range(0, n, per):
+                sl = slice(a, min(n, a + per))
+                self.prim.adam_(p[:, sl], g[:, sl], m[:, sl], v[:, sl], self.step_t, self.lr_t, self.beta1,
+                                self.beta2, self.eps, lowp=None if lowp is None else lowp[:, sl])
 
     def _eval(self):
         z, _, _ = forward_train(self.prim, self.store.weights, self.images, self.config, self.pos_in,

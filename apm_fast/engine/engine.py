@@ -99,6 +99,7 @@ class TTTEngine:
             snapshot = {n: params[n].detach().clone() for n in names}
         self.snapshot = check_snapshot(snapshot, names, [tuple(params[n].shape) for n in names], self.device)
         self._program: Optional[StudentProgram] = None
+        self._auto_max = None                      # (dtypes, S that fits), decided once
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -121,9 +122,16 @@ class TTTEngine:
             return max(1, min(self.students, n_images))
         if n_images <= 1:
             return 1                               # nothing to decide: no memory probe
-        mem = self.student_memory()
-        return choose_students(n_images, mem["per_student"], mem["shared"], self.device,
-                               max_students=self.max_students, reserve_bytes=self.reserve_bytes)
+        key = (self.compute_dtype, self.master_dtype)
+        if self._auto_max is None or self._auto_max[0] != key:
+            # decided once, while no program holds memory (later, our own program would look
+            # like memory taken by someone else and S would shrink from call to call)
+            self._program = None
+            mem = self.student_memory()
+            self._auto_max = (key, choose_students(1 << 30, mem["per_student"], mem["shared"], self.device,
+                                                   max_students=self.max_students,
+                                                   reserve_bytes=self.reserve_bytes))
+        return min(self._auto_max[1], n_images)
 
     def program(self, students: int) -> StudentProgram:
         """The program for S = ``students`` (built and captured once; one is kept at a time)."""

@@ -155,8 +155,9 @@ def choose_split(S: int, N: int, K: int, rows: int, device, tile=None) -> int:
 
 
 def weight_grad(dy, dy_st, x, x_st, *, S, L, NSEG, N, K, x2=None, x2_st=(0, 0, 0, 0), x2_mode=0,
-                relu=False, bias=True, dot_dtype, split=None, config=None):
-    """The generic launcher: strides as (s, b, l, column) quadruples. Returns (dw, db or None)."""
+                relu=False, bias=True, dot_dtype, prec=None, split=None, config=None):
+    """The generic launcher: strides as (s, b, l, column) quadruples; products in ``dot_dtype``
+    (``prec``: Triton's input_precision for fp32 products). Returns (dw, db or None)."""
     device = dy.device
     bn, bk = output_tile(N, K)
     if split is None:
@@ -168,7 +169,7 @@ def weight_grad(dy, dy_st, x, x_st, *, S, L, NSEG, N, K, x2=None, x2_st=(0, 0, 0
             S, L, NSEG, N, K, *dy_st, *x_st, *x2_st, dw.stride(0), dw.stride(1), dw.stride(2),
             db.stride(0) if db is not None else 0]
     meta = dict(X2=x2_mode, X_RELU=relu, HAS_DB=bias, SPLIT=split, DOT_DTYPE=tl_dtype(dot_dtype),
-                PREC=dot_precision(dot_dtype), BLOCK_N=bn, BLOCK_K=bk)
+                PREC=prec or dot_precision(dot_dtype), BLOCK_N=bn, BLOCK_K=bk)
     grid = (cdiv(N, bn) * cdiv(K, bk) * split, S)
     if config is None and autotune_enabled():
         wgrad_tuned[grid](*args, **meta)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common as _c
 from ._common import (INTERPRET, autotune_enabled, cdiv, config_kwargs, dot_precision, sm_count,
                       tl_dtype, tuned)
 
@@ -198,7 +199,7 @@ def linear(x, w, b=None, *, relu=False, out_dtype=None, config=None):
     S, N, K = w.shape
     shared = x.dim() == 2
     M = x.shape[-2]
-    y = torch.empty((S, M, N), device=w.device, dtype=out_dtype or w.dtype)
+    y = _c.empty((S, M, N), device=w.device, dtype=out_dtype or w.dtype)
     a_st = (0 if shared else x.stride(0), 0, x.stride(-2), x.stride(-1))
     _launch(x, a_st, None, (0, 0, 0), w, (w.stride(0), w.stride(2), w.stride(1)), b, None,
             (0, 0, 0, 0), y, (y.stride(0), 0, y.stride(1), y.stride(2)), None, (0, 0),
@@ -213,7 +214,7 @@ def first_layer_linear(p, u, w, b, *, relu=True, out_dtype=None, config=None):
     S, L, H1 = p.shape
     B = u.shape[1]
     N = w.shape[1]
-    y = torch.empty((S, B * L, N), device=w.device, dtype=out_dtype or w.dtype)
+    y = _c.empty((S, B * L, N), device=w.device, dtype=out_dtype or w.dtype)
     _launch(p, (p.stride(0), 0, p.stride(1), p.stride(2)), u, (u.stride(0), u.stride(1), u.stride(2)),
             w, (w.stride(0), w.stride(2), w.stride(1)), b, None, (0, 0, 0, 0),
             y, (*_rows(y, B), y.stride(2)), None, (0, 0),
@@ -226,7 +227,7 @@ def linear_bwd_input(dy, w, *, mask=None, out_dtype=None, config=None):
     """dx = dy w (* (mask > 0)): dy (S, M, N); w (S, N, K); mask (S, M, K) or None."""
     S, M, N = dy.shape
     K = w.shape[2]
-    dx = torch.empty((S, M, K), device=w.device, dtype=out_dtype or w.dtype)
+    dx = _c.empty((S, M, K), device=w.device, dtype=out_dtype or w.dtype)
     m_st = (mask.stride(0), 0, mask.stride(1), mask.stride(2)) if mask is not None else (0, 0, 0, 0)
     _launch(dy, (dy.stride(0), 0, dy.stride(1), dy.stride(2)), None, (0, 0, 0),
             w, (w.stride(0), w.stride(1), w.stride(2)), None, mask, m_st,
@@ -241,7 +242,7 @@ def first_layer_bwd_input(dy, w, p, u, *, out_dtype=None, config=None):
     S, L, H1 = p.shape
     B = u.shape[1]
     N = w.shape[1]
-    g1 = torch.empty((S, B * L, H1), device=w.device, dtype=out_dtype or w.dtype)
+    g1 = _c.empty((S, B * L, H1), device=w.device, dtype=out_dtype or w.dtype)
     r = torch.zeros((S, B, H1), device=w.device, dtype=torch.float32)   # atomics add into it
     _launch(dy, (*_rows(dy, B), dy.stride(2)), u, (u.stride(0), u.stride(1), u.stride(2)),
             w, (w.stride(0), w.stride(1), w.stride(2)), None, p, (p.stride(0), 0, p.stride(1), p.stride(2)),

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common as _c
 from ._common import INTERPRET, autotune_enabled, cdiv, config_kwargs, next_pow2, sm_count, tuned
 from .wgrad import weight_grad
 
@@ -186,13 +187,13 @@ def pool_fwd(f, pos_out, kt, scale, *, nsplit=None):
         nsplit = choose_nsplit(S, B, H, L, dev)
     chunk = cdiv(cdiv(L, nsplit), _CHUNK_ALIGN) * _CHUNK_ALIGN
     nsplit = cdiv(L, chunk)                        # no empty chunk
-    sbar = torch.empty((S, B, H, D), device=dev, dtype=torch.float32)
-    lse = torch.empty((S, B, H), device=dev, dtype=torch.float32)
+    sbar = _c.empty((S, B, H, D), device=dev, dtype=torch.float32)
+    lse = _c.empty((S, B, H), device=dev, dtype=torch.float32)
     progs = S * B * H
     if nsplit > 1:
-        pm = torch.empty((progs, nsplit), device=dev, dtype=torch.float32)
-        pl = torch.empty_like(pm)
-        pacc = torch.empty((progs, nsplit, D), device=dev, dtype=torch.float32)
+        pm = _c.empty((progs, nsplit), device=dev, dtype=torch.float32)
+        pl = _c.empty(pm.shape, device=dev, dtype=pm.dtype)
+        pacc = _c.empty((progs, nsplit, D), device=dev, dtype=torch.float32)
     else:
         pm = pl = pacc = lse
     bd = next_pow2(D)
@@ -212,8 +213,8 @@ def pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, *, out_dtype=None, split=N
     H = kt.shape[1]
     dev = f.device
     sbar, lse, dsbar = (t.to(torch.float32).contiguous() for t in (sbar, lse, dsbar))
-    df = torch.empty((S, B, L, D), device=dev, dtype=out_dtype or f.dtype)
-    c = torch.empty((S, B * L, H), device=dev, dtype=torch.float32)
+    df = _c.empty((S, B, L, D), device=dev, dtype=out_dtype or f.dtype)
+    c = _c.empty((S, B * L, H), device=dev, dtype=torch.float32)
     args = [f, pos_out, kt, sbar, lse, dsbar, df, c, S, B, H, L, D, float(scale),
             *f.stride(), *pos_out.stride(), *kt.stride(), *df.stride()]
 

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common as _c
 from ._common import (INTERPRET, autotune_enabled, cdiv, config_kwargs, dot_precision, next_pow2,
                       sm_count, tl_dtype, tuned)
 
@@ -162,7 +163,7 @@ def weight_grad(dy, dy_st, x, x_st, *, S, L, NSEG, N, K, x2=None, x2_st=(0, 0, 0
     bn, bk = output_tile(N, K)
     if split is None:
         split = choose_split(S, N, K, NSEG * L, device, (bn, bk))
-    alloc = torch.zeros if split > 1 else torch.empty
+    alloc = torch.zeros if split > 1 else _c.empty
     dw = alloc((S, N, K), device=device, dtype=torch.float32)
     db = alloc((S, N), device=device, dtype=torch.float32) if bias else None
     args = [dy, x, x2 if x2 is not None else x, dw, db if db is not None else dw,

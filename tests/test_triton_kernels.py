@@ -366,3 +366,159 @@ def test_every_kernel_compiles_for_sm90_and_gemms_use_wgmma():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
     print(json.dumps(compile_all_for_sm90()))
+
+
+# ------------------------------------------------------------------------------------ GPU
+# Medium odd shapes: L = 200 rows per image (not a multiple of any tile), widths 1000/520/264/100
+# (not multiples of 64), 3 images, 2 students; the pool with 8 heads over D = 200.
+GS, GB, GL, GH1, GN, GK, GD, GDP, GHEADS = 2, 3, 200, 1000, 520, 264, 100, 200, 8
+
+# Tolerances relative to the reference's largest magnitude, the reference being float64 on the
+# very same (already rounded) inputs:
+# * fp32 ("ieee" products, fp32 sums over K <= 1000): worst case K * 2^-24 = 6e-5; 1e-4.
+# * bf16: the products of bf16 operands are exact in fp32, so the error is the rounding of what is
+#   stored in bf16: outputs (2^-9 of each element) and, in the first layer, the activation
+#   ReLU(P + u) rounded to bf16 before the product (2^-9 per element, random signs over K terms:
+#   ~2^-9 of the output's scale). The pool's key gradient multiplies in tf32 (2^-11 per operand).
+#   1e-2 is ~5x these estimates.
+GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def _gpu_rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device="cuda", dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_primitives_match_float64(dtype):
+    torch.manual_seed(11)
+    tol = GPU_TOL[dtype]
+    r = lambda *s, **k: _gpu_rand(*s, dtype=dtype, **k)   # noqa: E731
+    fp = lambda *s: _gpu_rand(*s, dtype=torch.float32)     # noqa: E731  (u is fp32 by contract)
+    x, w, b = r(GS, GB * GL, GK), r(GS, GN, GK, scale=0.05), r(GS, GN)
+    assert_close(TP.linear(x, w, b, relu=True), REF.linear(*f64(x, w, b), relu=True), tol, "linear")
+    pos, wp = r(GL, GD), r(GS, GH1, GD, scale=0.1)
+    assert_close(TP.linear(pos, wp, None), REF.linear(*f64(pos, wp), None), tol, "linear shared")
+    p, u, w2 = r(GS, GL, GH1), fp(GS, GB, GH1), r(GS, GN, GH1, scale=0.03)
+    assert_close(TP.first_layer_linear(p, u, w2, b), REF.first_layer_linear(*f64(p, u, w2, b)), tol,
+                 "first_layer_linear")
+    dy, mask = r(GS, GB * GL, GN), torch.relu(r(GS, GB * GL, GK))
+    w3 = r(GS, GN, GK, scale=0.05)
+    assert_close(TP.linear_bwd_input(dy, w3, mask=mask), REF.linear_bwd_input(*f64(dy, w3), mask=mask.double()),
+                 tol, "linear_bwd_input")
+    g1, rr = TP.first_layer_bwd_input(dy, w2, p, u)
+    g1_ref, rr_ref = REF.first_layer_bwd_input(*f64(dy, w2, p, u))
+    assert_close(g1, g1_ref, tol, "g1")
+    assert_close(rr, rr_ref, tol, "r")
+    for got, ref, name in ((TP.linear_bwd_weight(dy, x), REF.linear_bwd_weight(*f64(dy, x)), "linear_bwd_weight"),
+                           (TP.first_layer_bwd_weight(dy, p, u), REF.first_layer_bwd_weight(*f64(dy, p, u)),
+                            "first_layer_bwd_weight")):
+        assert_close(got[0], ref[0], tol, name + " dw")
+        assert_close(got[1], ref[1], tol, name + " db")
+    for split in (1, 4):   # both the stored and the split-K (atomic) paths
+        dw, _ = wgrad.linear_bwd_weight(dy, x, split=split)
+        assert_close(dw, REF.linear_bwd_weight(*f64(dy, x))[0], tol, f"dw split={split}")
+    f, pos_out, kt = r(GS, GB, GL, GDP), r(GL, GDP), fp(GS, GHEADS, GDP) * 0.3
+    scale = 1.0 / math.sqrt(GDP // GHEADS)
+    sbar_ref, lse_ref = REF.pool_fwd(*f64(f, pos_out, kt), scale)
+    for nsplit in (None, 1, 3):
+        sbar, lse = pool.pool_fwd(f, pos_out, kt, scale, nsplit=nsplit)
+        assert_close(sbar, sbar_ref, tol, f"sbar nsplit={nsplit}")
+        assert_close(lse, lse_ref, tol, f"lse nsplit={nsplit}")
+    dsbar = fp(GS, GB, GHEADS, GDP)
+    df, dkt = TP.pool_bwd(f, pos_out, kt, scale, sbar_ref.float(), lse_ref.float(), dsbar)
+    df_ref, dkt_ref = REF.pool_bwd(*f64(f, pos_out, kt), scale, sbar_ref, lse_ref, dsbar.double())
+    assert_close(df, df_ref, tol, "df")
+    assert_close(dkt, dkt_ref, tol, "dkt")
+
+
+GPU_MODEL = APMConfig(grid=8, patch=4, hidden=(256, 136, 72), dim=64, heads=8, init="pytorch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prec", ["fp32", "bf16"])
+def test_gpu_model_gradients_match_float64_reference(prec):
+    """Relative (Frobenius) error of the outputs and of every gradient against the plain reference in
+    float64. fp32: 1e-4 (fp32 sums). bf16: every layer's activations are rounded to bf16 (2^-9)
+    and the errors of four layers and the pool add up; a few ReLU masks flip where a
+    pre-activation is within rounding of 0: 5e-2."""
+    from apm_fast.ops import precision
+
+    torch.manual_seed(12)
+    model = APM(GPU_MODEL, dtype=torch.float32, device="cuda")
+    ref_model = APM(GPU_MODEL, dtype=torch.float64, device="cuda")
+    ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    images = torch.randn(3, 3, 32, 32, device="cuda")
+    weight = torch.randn(3, GPU_MODEL.queries, GPU_MODEL.dim, device="cuda")
+
+    def run(m, backend, imgs):
+        m.zero_grad(set_to_none=True)
+        out = m(imgs, backend=backend)
+        ((out.cls ** 2).sum() + (out.grid * weight.to(out.grid.dtype)).sum()).backward()
+        return [out.cls, out.grid] + [p_.grad for _, p_ in m.named_parameters()]
+
+    ref = run(ref_model, "reference", images.double())
+    with precision(prec):
+        got = run(model, "triton", images)
+    names = ["cls", "grid"] + [n for n, _ in model.named_parameters()]
+    tol = 1e-4 if prec == "fp32" else 5e-2
+    for name, a, b in zip(names, got, ref):
+        assert torch.isfinite(a).all(), name
+        rel = ((a.double() - b).norm() / b.norm()).item()
+        assert rel <= tol, f"{name}: relative error {rel:.2e} (tolerance {tol:.0e})"
+
+
+@pytest.mark.gpu
+def test_gpu_train_step_replays_in_a_cuda_graph():
+    """forward + backward + fused Adam over flat buffers, captured once and replayed, gives the same
+    weights as running the same steps eagerly (capturable: no host sync, step/lr on the device)."""
+    from apm_fast.ops import backward_train, forward_train, weight_names
+
+    torch.manual_seed(13)
+    cfg = GPU_MODEL
+    model = APM(cfg, dtype=torch.float32, device="cuda")
+    names = weight_names(cfg)
+    params = dict(model.named_parameters())
+    sizes = [params[n].numel() for n in names]
+
+    def state():
+        flat = torch.cat([params[n].detach().reshape(-1) for n in names])[None].clone()
+        views = lambda buf: {n: v.view(1, *params[n].shape)  # noqa: E731
+                             for n, v in zip(names, buf[0].split(sizes))}
+        lowp = flat.to(torch.bfloat16)
+        grad = torch.zeros_like(flat)
+        return dict(flat=flat, lowp=lowp, grad=grad, m=torch.zeros_like(flat), v=torch.zeros_like(flat),
+                    w=views(lowp), g=views(grad), step=torch.zeros(1, device="cuda"),
+                    lr=torch.full((1,), 1e-3, device="cuda"))
+
+    images = torch.randn(1, 1, 3, 32, 32, device="cuda")
+    target = torch.randn(1, 1, cfg.dim, device="cuda")
+    pos_in = model.pos_in(dtype=torch.bfloat16)
+    pos_out = model.pos_out(dtype=torch.bfloat16)
+
+    def step(st):
+        z, _, ctx = forward_train(TP, st["w"], images, cfg, pos_in, pos_out, cdt=torch.bfloat16)
+        dz = 2.0 * (z - target) / cfg.dim
+        backward_train(TP, st["w"], ctx, dz, cfg, pos_in, pos_out, grad_out=st["g"])
+        st["step"].add_(1)
+        TP.adam_(st["flat"], st["grad"], st["m"], st["v"], st["step"], st["lr"], 0.9, 0.999, 1e-8, lowp=st["lowp"])
+
+    eager, graphed = state(), state()
+    for _ in range(3):
+        step(eager)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(graphed)                     # warm-up (autotuning, allocations) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step(graphed)
+    g.replay()
+    g.replay()
+    torch.cuda.synchronize()
+    assert graphed["step"].item() == 3
+    # the split-K and r reductions use atomics (summation order varies run to run), and Adam turns
+    # a tiny gradient's relative wobble into a visible one: 3 steps move weights by <= 3 lr = 3e-3
+    torch.testing.assert_close(graphed["flat"], eager["flat"], rtol=1e-4, atol=5e-5)
+    assert not torch.equal(graphed["flat"], state()["flat"]), "the replays must have updated the weights"

@@ -140,7 +140,8 @@ _SMEM_BUDGET = 200 * 1024
 
 def rank_configs(configs, args):
     """Best first: fill the SMs in whole waves, then prefer larger tiles (more reuse per load);
-    configs whose pipeline would not fit in shared memory go last."""
+    configs whose pipeline would not fit in shared memory (or, for fp32, whose tile is too large
+    for the FMA path's registers) go last."""
     sms = sm_count(args["y_ptr"].device)
     tiles_base = args["S"] * args["NSEG"]
     elt = args["b_ptr"].element_size()
@@ -149,6 +150,8 @@ def rank_configs(configs, args):
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if c.num_stages * (bm * bk + bk * bn) * elt > _SMEM_BUDGET:
             return -1.0
+        if elt == 4 and bm * bn > 128 * 64:
+            return -0.5     # fp32 "ieee" products run on the FMA units: keep the tile's registers small
         tiles = tiles_base * cdiv(args["L"], bm) * cdiv(args["N"], bn)
         wave_eff = tiles / (cdiv(tiles, sms) * sms)
         reuse = (bm * bn / (bm + bn)) / (128 * 256 / 384)

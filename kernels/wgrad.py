@@ -139,10 +139,12 @@ wgrad_tuned = tuned(wgrad_kernel, CONFIGS,
                     rank=rank_configs, reset_to_zero=["dw_ptr", "db_ptr"])
 
 
-def output_tile(N: int, K: int):
+def output_tile(N: int, K: int, elt: int = 2):
+    """128 x 128 for 16-bit operands (tensor cores); 64 x 64 for fp32 products (FMA units)."""
     if INTERPRET:
         return INTERP_TILE, INTERP_TILE
-    return min(128, max(16, next_pow2(N))), min(128, max(16, next_pow2(K)))
+    cap = 128 if elt <= 2 else 64
+    return min(cap, max(16, next_pow2(N))), min(cap, max(16, next_pow2(K)))
 
 
 def choose_split(S: int, N: int, K: int, rows: int, device, tile=None) -> int:
@@ -160,7 +162,7 @@ def weight_grad(dy, dy_st, x, x_st, *, S, L, NSEG, N, K, x2=None, x2_st=(0, 0, 0
     """The generic launcher: strides as (s, b, l, column) quadruples; products in ``dot_dtype``
     (``prec``: Triton's input_precision for fp32 products). Returns (dw, db or None)."""
     device = dy.device
-    bn, bk = output_tile(N, K)
+    bn, bk = output_tile(N, K, dot_dtype.itemsize)
     if split is None:
         split = choose_split(S, N, K, NSEG * L, device, (bn, bk))
     alloc = torch.zeros if split > 1 else _c.empty

@@ -12,7 +12,7 @@ The operand X is rebuilt on load (B-operand prologue), so no activation has to e
 Each program owns one (BLOCK_N x BLOCK_K) output tile and reduces over a contiguous range of row
 chunks (BLOCK_M rows of one segment each). When the output has fewer tiles than the GPU has SMs the
 row range is split SPLIT ways (split-K) and the partial tiles are added with fp32 atomics into a
-zeroed output; otherwise each tile is stored once. db is the row sum of the dy tile the GEMM loads
+zeroed output (zeroed by the launcher, or by the tuned configs' pre-hook right before each launch); otherwise each tile is stored once. db is the row sum of the dy tile the GEMM loads
 anyway, kept by the programs of the first K tile. SPLIT and the output tile are chosen on the host
 (they decide whether the output must be zeroed); the autotuner only picks the reduction depth
 BLOCK_M, warps and stages.
@@ -109,8 +109,17 @@ def wgrad_kernel(
                 tl.atomic_add(db_ptr + pid_s * sdb_s + offs_n, db, mask=in_n)
 
 
+def _zero_split_outputs(nargs):
+    """Split-K partial tiles are added atomically: zero the outputs before every launch of a tuned
+    config (see gemm._zero_r for why a config pre-hook)."""
+    if nargs["SPLIT"] > 1:
+        nargs["dw_ptr"].zero_()
+        if nargs["HAS_DB"]:
+            nargs["db_ptr"].zero_()
+
+
 def _cfg(bm, warps, stages):
-    return triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages, pre_hook=_zero_split_outputs)
 
 
 # The reduction depth per iteration; the output tile (BLOCK_N x BLOCK_K, 128 x 128 for every
@@ -136,7 +145,7 @@ def rank_configs(configs, args):
 
 wgrad_tuned = tuned(wgrad_kernel, CONFIGS,
                     key=["S", "L", "NSEG", "N", "K", "X2", "HAS_DB", "SPLIT", "BLOCK_N", "BLOCK_K"],
-                    rank=rank_configs, reset_to_zero=["dw_ptr", "db_ptr"])
+                    rank=rank_configs)
 
 
 def output_tile(N: int, K: int, elt: int = 2):
@@ -165,7 +174,8 @@ def weight_grad(dy, dy_st, x, x_st, *, S, L, NSEG, N, K, x2=None, x2_st=(0, 0, 0
     bn, bk = output_tile(N, K, dot_dtype.itemsize)
     if split is None:
         split = choose_split(S, N, K, NSEG * L, device, (bn, bk))
-    alloc = torch.zeros if split > 1 else _c.empty
+    tuner = config is None and autotune_enabled()
+    alloc = torch.zeros if split > 1 and not tuner else _c.empty   # the tuner's pre-hook zeroes
     dw = alloc((S, N, K), device=device, dtype=torch.float32)
     db = alloc((S, N), device=device, dtype=torch.float32) if bias else None
     args = [dy, x, x2 if x2 is not None else x, dw, db if db is not None else dw,
@@ -174,7 +184,7 @@ def weight_grad(dy, dy_st, x, x_st, *, S, L, NSEG, N, K, x2=None, x2_st=(0, 0, 0
     meta = dict(X2=x2_mode, X_RELU=relu, HAS_DB=bias, SPLIT=split, DOT_DTYPE=tl_dtype(dot_dtype),
                 PREC=prec or dot_precision(dot_dtype), BLOCK_N=bn, BLOCK_K=bk)
     grid = (cdiv(N, bn) * cdiv(K, bk) * split, S)
-    if config is None and autotune_enabled():
+    if tuner:
         wgrad_tuned[grid](*args, **meta)
     else:
         if config is None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import adam, gemm, pool, wgrad
+from ._common import launch_device_ok
 
 __all__ = ["NAMESPACE"]
 
@@ -33,6 +34,7 @@ def _db(db: Optional[Tensor], dw: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------- forward GEMMs
 @torch.library.custom_op(f"{NAMESPACE}::linear", mutates_args=())
 def linear(x: Tensor, w: Tensor, b: Optional[Tensor], relu: bool, out_dtype: Optional[torch.dtype]) -> Tensor:
+    launch_device_ok(w.device)
     return gemm.linear(x, w, b, relu=relu, out_dtype=out_dtype)
 
 
@@ -44,6 +46,7 @@ def _(x, w, b, relu, out_dtype):
 @torch.library.custom_op(f"{NAMESPACE}::first_layer_linear", mutates_args=())
 def first_layer_linear(p: Tensor, u: Tensor, w: Tensor, b: Optional[Tensor], relu: bool,
                        out_dtype: Optional[torch.dtype]) -> Tensor:
+    launch_device_ok(w.device)
     return gemm.first_layer_linear(p, u, w, b, relu=relu, out_dtype=out_dtype)
 
 
@@ -55,6 +58,7 @@ def _(p, u, w, b, relu, out_dtype):
 # ---------------------------------------------------------------------------------- backward GEMMs
 @torch.library.custom_op(f"{NAMESPACE}::linear_bwd_input", mutates_args=())
 def linear_bwd_input(dy: Tensor, w: Tensor, mask: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:
+    launch_device_ok(w.device)
     return gemm.linear_bwd_input(dy, w, mask=mask, out_dtype=out_dtype)
 
 
@@ -66,6 +70,7 @@ def _(dy, w, mask, out_dtype):
 @torch.library.custom_op(f"{NAMESPACE}::first_layer_bwd_input", mutates_args=())
 def first_layer_bwd_input(dy: Tensor, w: Tensor, p: Tensor, u: Tensor,
                           out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    launch_device_ok(w.device)
     return gemm.first_layer_bwd_input(dy, w, p, u, out_dtype=out_dtype)
 
 
@@ -77,6 +82,7 @@ def _(dy, w, p, u, out_dtype):
 
 @torch.library.custom_op(f"{NAMESPACE}::linear_bwd_weight", mutates_args=())
 def linear_bwd_weight(dy: Tensor, x: Tensor, bias: bool) -> Tuple[Tensor, Tensor]:
+    launch_device_ok(dy.device)
     dw, db = wgrad.linear_bwd_weight(dy, x, bias=bias)
     return dw, _db(db, dw)
 
@@ -89,6 +95,7 @@ def _(dy, x, bias):
 
 @torch.library.custom_op(f"{NAMESPACE}::first_layer_bwd_weight", mutates_args=())
 def first_layer_bwd_weight(dy: Tensor, p: Tensor, u: Tensor, bias: bool) -> Tuple[Tensor, Tensor]:
+    launch_device_ok(dy.device)
     dw, db = wgrad.first_layer_bwd_weight(dy, p, u, bias=bias)
     return dw, _db(db, dw)
 
@@ -102,6 +109,7 @@ def _(dy, p, u, bias):
 # ---------------------------------------------------------------------------------- pool
 @torch.library.custom_op(f"{NAMESPACE}::pool_fwd", mutates_args=())
 def pool_fwd(f: Tensor, pos_out: Tensor, kt: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    launch_device_ok(f.device)
     return pool.pool_fwd(f, pos_out, kt, scale)
 
 
@@ -115,6 +123,7 @@ def _(f, pos_out, kt, scale):
 @torch.library.custom_op(f"{NAMESPACE}::pool_bwd", mutates_args=())
 def pool_bwd(f: Tensor, pos_out: Tensor, kt: Tensor, scale: float, sbar: Tensor, lse: Tensor, dsbar: Tensor,
              out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    launch_device_ok(f.device)
     return pool.pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype=out_dtype)
 
 
@@ -127,6 +136,7 @@ def _(f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype):
 @torch.library.custom_op(f"{NAMESPACE}::adam_", mutates_args=("params", "exp_avg", "exp_avg_sq", "lowp"))
 def adam_(params: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor,
           beta1: float, beta2: float, eps: float, lowp: Optional[Tensor]) -> None:
+    launch_device_ok(params.device)
     adam.adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp=lowp)
 
 

@@ -304,6 +304,24 @@ def test_custom_op_passes_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_torch_compile_traces_the_table_without_graph_breaks():
+    """Under torch.compile the table routes to the custom ops: fullgraph tracing succeeds and the
+    compiled function gives the eager result."""
+    torch.manual_seed(15)
+    x, w, b = rand(S, B * L, K), rand(S, N, K), rand(S, N)
+    p, u, w2 = rand(S, L, H1), rand(S, B, H1), rand(S, N, H1)
+
+    def fn(x, w, b, p, u, w2):
+        y = TP.linear(x, w, b, relu=True)
+        h = TP.first_layer_linear(p, u, w2, b)
+        dw, db = TP.linear_bwd_weight(y, x)
+        return y.sum() + h.sum() + dw.sum() + db.sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, w, b, p, u, w2)
+    torch.testing.assert_close(got, fn(x, w, b, p, u, w2), rtol=1e-6, atol=1e-3)
+
+
 def test_forward_traces_with_fake_tensors():
     """The whole fused forward traces through the custom ops with fake tensors (what torch.compile
     does), no kernel launched: the graph holds the opaque Triton ops."""
@@ -362,8 +380,10 @@ def _compile_variants():
         ("linear_bwd_weight", wgrad.wgrad_kernel, {"dy_ptr": bf, "x_ptr": bf}, w, w_unit, (), 8, 3, True),
         ("first_layer_bwd_weight split-K", wgrad.wgrad_kernel, {"dy_ptr": bf, "x_ptr": bf, "x2_ptr": "*fp32"},
          dict(w, X2=1, X_RELU=True, SPLIT=4), w_unit, (), 8, 3, True),
+        ("linear_bwd_weight fp32", wgrad.wgrad_kernel, {}, dict(w, DOT_DTYPE=tl.float32, PREC="ieee",
+                                                                  BLOCK_N=64, BLOCK_K=64), w_unit, (), 4, 3, False),
         ("pool key grad", wgrad.wgrad_kernel, {"x_ptr": bf, "x2_ptr": bf},
-         dict(w, X2=2, HAS_DB=False, SPLIT=4, DOT_DTYPE=tl.float32, BLOCK_N=16), w_unit, (), 4, 3, False),
+         dict(w, X2=2, HAS_DB=False, SPLIT=4, DOT_DTYPE=tl.float32, BLOCK_N=16, BLOCK_K=64), w_unit, (), 4, 3, False),
         ("pool_fwd", pool.pool_fwd_kernel, p_ptr, dict(FINAL=True, BLOCK_L=16, BLOCK_D=1024), p_unit,
          ("qk_scale",), 8, 2, False),
         ("pool_fwd split", pool.pool_fwd_kernel, p_ptr, dict(FINAL=False, BLOCK_L=16, BLOCK_D=1024), p_unit,

@@ -9,7 +9,6 @@ imports (and ``available()`` answers) on machines without Triton or a GPU.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 
@@ -36,14 +35,11 @@ def availability():
 
 
 def _kernels():
-    """The launcher modules, imported on first use (this pulls in Triton)."""
-    global _K
-    if _K is None:
-        _K = {n: importlib.import_module(f"apm_fast.kernels.{n}") for n in ("gemm", "wgrad", "pool", "adam")}
-    return _K
+    """The launcher modules, imported on first use (this pulls in Triton). Plain import statements:
+    torch.compile's tracer follows them (it refuses importlib calls)."""
+    from apm_fast.kernels import adam, gemm, pool, wgrad
 
-
-_K = None
+    return {"gemm": gemm, "wgrad": wgrad, "pool": pool, "adam": adam}
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -72,11 +68,10 @@ def _same_device(**ts):
     for n, d in devs.items():
         if d != first:
             raise ValueError(f"{n}: expected a tensor on {first} like {next(iter(devs))}, got {d}")
-    _kernels_common().launch_device_ok(first)
+    if not torch.compiler.is_compiling():   # checked again when the compiled graph runs the op
+        from apm_fast.kernels._common import launch_device_ok
 
-
-def _kernels_common():
-    return importlib.import_module("apm_fast.kernels._common")
+        launch_device_ok(first)
 
 
 def _out_dtype(name, dt):
@@ -99,7 +94,8 @@ class TritonPrimitives:
         if via is None:
             via = torch.compiler.is_compiling()
         if via:
-            importlib.import_module("apm_fast.kernels.library")
+            from apm_fast.kernels import library  # noqa: F401  (registers the ops)
+
             return torch.ops.apm_fast_triton
         return None
 

@@ -24,6 +24,7 @@ from apm_fast.backends.triton_backend import TritonPrimitives, availability   # 
 from apm_fast.config import APMConfig                                     # noqa: E402
 from apm_fast.kernels import _common, pool, wgrad                         # noqa: E402
 from apm_fast.model import APM                                            # noqa: E402
+from apm_fast.ops import precision                                        # noqa: E402
 from apm_fast.ops.primitives import TorchPrimitives                        # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -252,9 +253,10 @@ def test_model_outputs_and_every_gradient_match_reference():
     results = {}
     for backend in ("reference", "triton"):
         model.zero_grad(set_to_none=True)
-        out = model(images, backend=backend)
-        loss = (out.cls ** 2).sum() + (out.grid * weight).sum()      # both outputs feed the loss
-        loss.backward()
+        with precision("fp32"):          # the GPU default for fp32 models would be bf16
+            out = model(images, backend=backend)
+            loss = (out.cls ** 2).sum() + (out.grid * weight).sum()      # both outputs feed the loss
+            loss.backward()
         results[backend] = (out.cls.detach(), out.grid.detach(),
                             {n: prm.grad.detach().clone() for n, prm in model.named_parameters()})
     (c_ref, f_ref, g_ref), (c, f, g) = results["reference"], results["triton"]
@@ -506,8 +508,6 @@ def test_gpu_model_gradients_match_float64_reference(prec):
     float64. fp32: 1e-4 (fp32 sums). bf16: every layer's activations are rounded to bf16 (2^-9)
     and the errors of four layers and the pool add up; a few ReLU masks flip where a
     pre-activation is within rounding of 0: 5e-2."""
-    from apm_fast.ops import precision
-
     torch.manual_seed(12)
     model = APM(GPU_MODEL, dtype=torch.float32, device="cuda")
     ref_model = APM(GPU_MODEL, dtype=torch.float64, device="cuda")

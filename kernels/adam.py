@@ -16,7 +16,6 @@ saved and restored; 2048 elements per program with 8 warps streams at full bandw
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

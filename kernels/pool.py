@@ -16,7 +16,6 @@ rebuilt on load (see wgrad.py).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -277,7 +277,16 @@ def main(argv=None):
 
     # 1. gate --------------------------------------------------------------------------------
     if not args.skip_gate:
-        res["gate"] = gate(cfg, device, cdt)
+        # the gate checks the kernels, not the tuning: the top-ranked config, nothing benchmarked
+        saved = os.environ.get("APM_FAST_AUTOTUNE")
+        os.environ["APM_FAST_AUTOTUNE"] = "0"
+        try:
+            res["gate"] = gate(cfg, device, cdt)
+        finally:
+            if saved is None:
+                os.environ.pop("APM_FAST_AUTOTUNE")
+            else:
+                os.environ["APM_FAST_AUTOTUNE"] = saved
         phase("gate")
         for mode, c in res["gate"]["checks"].items():
             print(f"  gate {mode}: worst {c['worst']} rel err {c['worst_rel_err']:.2e} "

@@ -18,8 +18,8 @@ HELP = "test-time training on a few photos shipped with scikit-image; prints a t
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")   # skimage.data, inside the wheel
 
 # ImageNet classes (open_clip's names) for the CPU demo: the photos' likely labels and distractors.
-CPU_CLASSES = ("tabby cat", "tiger cat", "Persian cat", "espresso", "coffee mug", "cup", "missile",
-               "space shuttle", "suit", "golden retriever", "goldfish", "pizza", "banana", "volcano",
+CPU_CLASSES = ("tabby cat", "tiger cat", "Persian cat", "espresso", "coffee mug", "tea cup", "missile",
+               "space shuttle", "suit", "Golden Retriever", "goldfish", "pizza", "banana", "volcano",
                "umbrella", "laptop computer")
 
 CPU_OVERRIDES = dict(grid=16, hidden=(2048, 1024, 512))

@@ -24,7 +24,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
 if has env; then
   step env
@@ -35,22 +34,27 @@ fi
 if has build; then
   step build
   start=$(date +%s)
+  # editable install: maps kernels/ to apm_fast.kernels and builds the CUDA extension in place
   APM_FAST_CUDA_ARCHS=${APM_FAST_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16} \
-    $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { echo "extension build FAILED (see build.log)"; status=1; }
+    $PY -m pip install -v --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 \
+    || { echo "install/build FAILED (see build.log)"; status=1; }
   echo "build took $(( $(date +%s) - start )) s"; tail -5 "$OUT/build.log"
 fi
 
 if has tests; then
   step gpu tests
-  $PY -m pytest -q -x -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+  $PY -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  step "CPU-side tests on the GPU machine (teachers, CLI: healthy torchvision, CUDA default device)"
+  $PY -m pytest -q tests/test_teacher.py tests/test_classify.py tests/test_cli.py -p no:cacheprovider 2>&1 \
+    | tee "$OUT/host-tests.log" | tail -8
 fi
 
 if has bench; then
   for b in benchmarks/bench_triton.py benchmarks/bench_cuda_gemm.py benchmarks/bench_engine.py benchmarks/run_gpu_bench.py; do
     [ -f "$b" ] || continue
     step "$b"
-    timeout 420 $PY "$b" --out "$OUT" 2>&1 | tee "$OUT/$(basename "$b" .py).log" | tail -40
+    timeout ${BENCH_TIMEOUT:-420} $PY "$b" --out "$OUT" 2>&1 | tee "$OUT/$(basename "$b" .py).log" | tail -40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
 fi

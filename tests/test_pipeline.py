@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from apm_fast import APM, TestTimeTrainer, preset
-from apm_fast.engine import TTTEngine, class_embeddings, classify_images
+from apm_fast.engine import TTTEngine, class_embeddings, classify_images, iter_classify_batches
 from apm_fast.engine.data import load_rgb, normalize_student, student_pixels
 
 CFG = dict(grid=5, patch=3, hidden=(24, 20, 12), dim=16, heads=4)
@@ -121,3 +121,28 @@ def test_student_view_and_loading():
     x = normalize_student(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224,
                                                              (1 - 0.406) / 0.225]))
+
+
+def test_unreadable_images_are_reported_and_skipped(tmp_path):
+    torch.manual_seed(0)
+    model = APM(preset("ttt-l14", **CFG), dtype=torch.float64)
+    teacher = TinyTeacher(16)
+    good = _images(3)
+    paths = []
+    for i, im in enumerate(good):
+        paths.append(tmp_path / f"{i}.png")
+        im.save(paths[-1])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg" * 20)
+    sources = [paths[0], broken, paths[1], paths[2]]
+    eng = TTTEngine(model, steps=STEPS, lr=LR, backend="torch", students=2)
+    batches = list(iter_classify_batches(sources, model, teacher, ["a", "b"], engine=eng, num_workers=0))
+    assert [b.failed for b in batches][0][0][0] == 1 and "broken.jpg" in batches[0].failed[0][1]
+    assert torch.cat([b.indices for b in batches]).tolist() == [0, 2, 3]
+    assert all(b.ttt_ms >= 0 and b.teacher_ms >= 0 for b in batches)
+    ok = classify_images([paths[0], paths[1], paths[2]], model, teacher, ["a", "b"], engine=eng,
+                         num_workers=0, progress=False)
+    got = torch.cat([b.cls for b in batches])
+    torch.testing.assert_close(got, ok.cls, rtol=0, atol=0)       # the bad file changed nothing
+    with pytest.raises(ValueError, match=r"images\[1\].*broken.jpg"):
+        classify_images(sources, model, teacher, ["a", "b"], engine=eng, num_workers=0, progress=False)

@@ -27,6 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     common.add_student_args(p)
     p.add_argument("--out", default="-", metavar="FILE.jsonl",
                    help="append results here (default: stdout)")
+    p.add_argument("--students", type=common.positive_int, default=None, metavar="N",
+                   help="train N images side by side in the batched GPU pipeline (default on a GPU: "
+                        "as many as fit in memory; giving N uses the pipeline on a CPU too)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -69,6 +72,8 @@ def run(args) -> int:
     }
     with common.setup_errors():  # class embeddings once, before the first image
         teacher.class_embeddings(classes, templates)
+    if _batched(args, device, backend):
+        return _run_batched(args, paths, teacher, classes, templates, trainer, backend, run_info)
 
     failed = written = 0
     with _open_out(args.out) as out, tqdm(total=len(paths), unit="img", file=sys.stderr,
@@ -87,6 +92,59 @@ def run(args) -> int:
                 written += 1
                 bar.set_postfix_str(f"{res.top1[:24]} loss {res.final_loss:.3g}", refresh=False)
             bar.update(1)
+    dest = "stdout" if args.out == "-" else args.out
+    eprint(f"apm-fast ttt: {written} result(s) written to {dest}"
+           + (f", {failed} image(s) skipped (see above)" if failed else ""))
+    return 1 if failed else 0
+
+
+def _batched(args, device, backend) -> bool:
+    """The batched pipeline (DataLoader workers, teacher and students on their own streams, many
+    images side by side) on a GPU, or wherever --students is given; it needs a fused backend."""
+    from ..backends import get_backend
+
+    return (device.type == "cuda" or args.students is not None) and hasattr(get_backend(backend), "primitives")
+
+
+def _run_batched(args, paths, teacher, classes, templates, trainer, backend, run_info) -> int:
+    from tqdm import tqdm
+
+    from ..classify import Classification
+    from ..engine import TTTEngine, iter_classify_batches
+
+    # the pipeline's logits are 100 cos(., class text), as in apm_fast.classify
+    engine = TTTEngine(trainer.model, steps=args.steps, lr=args.lr, backend=backend, students=args.students,
+                       normalize_target=args.normalize_target, snapshot=trainer.snapshot)
+    run_info = dict(run_info, students=engine.students_for(len(paths)))
+    k = min(args.topk, len(classes))
+
+    def top(logits):
+        vals, idx = logits.softmax(-1).topk(k)
+        return [(classes[j], float(v)) for v, j in zip(vals.tolist(), idx.tolist())]
+
+    failed = written = 0
+    with _open_out(args.out) as out, tqdm(total=len(paths), unit="img", file=sys.stderr,
+                                          disable=args.no_progress, dynamic_ncols=True) as bar:
+        with common.setup_errors():
+            batches = iter_classify_batches(paths, trainer.model, teacher, classes, templates=templates,
+                                            engine=engine)
+            for br in batches:
+                for i, why in br.failed:
+                    failed += 1
+                    bar.write(f"apm-fast ttt: skipped {paths[i]}: {why}", file=sys.stderr)
+                    bar.update(1)
+                for row, i in enumerate(br.indices.tolist()):
+                    res = Classification(image=str(paths[i]), topk=top(br.logits[row]),
+                                         teacher_topk=top(br.teacher_logits[row]),
+                                         losses=[float(v) for v in br.losses[row].tolist()],
+                                         teacher_ms=br.teacher_ms, ttt_ms=br.ttt_ms)
+                    line = res.to_dict()
+                    line["run"] = run_info
+                    out.write(json.dumps(line) + "\n")
+                    written += 1
+                    bar.set_postfix_str(f"{res.top1[:24]} loss {res.final_loss:.3g}", refresh=False)
+                    bar.update(1)
+                out.flush()
     dest = "stdout" if args.out == "-" else args.out
     eprint(f"apm-fast ttt: {written} result(s) written to {dest}"
            + (f", {failed} image(s) skipped (see above)" if failed else ""))

@@ -2,11 +2,11 @@
 and the end-to-end classification pipeline built on it."""
 from .engine import PendingBatch, TTTEngine
 from .memory import choose_students, count_params, estimate_student_bytes, student_bytes
-from .pipeline import ClassifyResult, classify_images
+from .pipeline import BatchResult, ClassifyResult, classify_images, iter_classify_batches
 from .program import StudentProgram
 from .store import ParamStore
 from .teacher import Teacher, class_embeddings
 
 __all__ = ["TTTEngine", "PendingBatch", "StudentProgram", "ParamStore", "choose_students",
            "count_params", "estimate_student_bytes", "student_bytes", "classify_images",
-           "ClassifyResult", "Teacher", "class_embeddings"]
+           "iter_classify_batches", "ClassifyResult", "BatchResult", "Teacher", "class_embeddings"]

@@ -8,7 +8,6 @@ as the authors' TTT path does.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,28 +21,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_rgb(src):
-    """A PIL RGB image from a path, a PIL image, an H x W x 3 uint8 array or a 3 x H x W uint8 tensor
-    (files and arrays through ``apm_fast.images`` where the package has it: EXIF rotation, odd modes)."""
+    """A PIL RGB image from a path, a PIL image, an H x W (x 3) array (``apm_fast.images.to_pil``:
+    EXIF rotation, any mode) or a 3 x H x W uint8 tensor."""
     from PIL import Image
 
-    try:
-        from ..images import to_pil
-    except ImportError:
-        to_pil = None
-    if to_pil is not None and isinstance(src, (str, os.PathLike, np.ndarray, Image.Image)):
-        return to_pil(src)
-    if isinstance(src, (str, os.PathLike)):
-        with Image.open(Path(src)) as im:
-            return im.convert("RGB")
-    if isinstance(src, Image.Image):
-        return src.convert("RGB")
-    if isinstance(src, torch.Tensor) and src.dtype == torch.uint8 and src.dim() == 3 and src.shape[0] in (1, 3):
-        return Image.fromarray(src.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy())
-    if isinstance(src, np.ndarray) and src.dtype == np.uint8 and src.ndim == 3 and src.shape[2] == 3:
-        return Image.fromarray(src)
-    raise TypeError(f"images: expected paths, PIL images, H x W x 3 uint8 arrays or 3 x H x W uint8 "
-                    f"tensors, got {type(src).__name__}"
-                    + (f" of dtype {src.dtype} and shape {tuple(src.shape)}" if hasattr(src, "shape") else ""))
+    from ..images import to_pil
+
+    if isinstance(src, torch.Tensor):
+        if src.dtype == torch.uint8 and src.dim() == 3 and src.shape[0] in (1, 3):
+            return Image.fromarray(src.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy())
+        raise TypeError(f"images: a tensor must be 3 x H x W uint8 pixels, got dtype {src.dtype} and "
+                        f"shape {tuple(src.shape)}")
+    return to_pil(src, name="images")
 
 
 def student_pixels(img, size: int) -> torch.Tensor:
@@ -73,7 +62,8 @@ def normalize_student(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class TTTImages(torch.utils.data.Dataset):
-    """(index, teacher view, student uint8 view) for every source."""
+    """(index, teacher view, student uint8 view, None) for every source, or (index, None, None,
+    reason) for one that cannot be read: a bad file must not stop the other images."""
 
     def __init__(self, sources: Sequence, teacher_preprocess: Callable, size: int):
         self.sources = list(sources)
@@ -84,13 +74,22 @@ class TTTImages(torch.utils.data.Dataset):
         return len(self.sources)
 
     def __getitem__(self, i):
-        img = load_rgb(self.sources[i])
-        return i, self.teacher_preprocess(img), student_pixels(img, self.size)
+        try:
+            img = load_rgb(self.sources[i])
+        except (OSError, ValueError, TypeError) as exc:     # ImageLoadError is a ValueError
+            return i, None, None, str(exc)
+        return i, self.teacher_preprocess(img), student_pixels(img, self.size), None
 
 
 def _collate(items):
-    idx = torch.tensor([it[0] for it in items], dtype=torch.long)
-    return idx, torch.stack([it[1] for it in items]), torch.stack([it[2] for it in items])
+    """(indices of the readable images, their teacher batch, their student batch, [(index, reason)]);
+    the batches are None when nothing in this batch could be read."""
+    good = [it for it in items if it[3] is None]
+    failed = [(it[0], it[3]) for it in items if it[3] is not None]
+    idx = torch.tensor([it[0] for it in good], dtype=torch.long)
+    if not good:
+        return idx, None, None, failed
+    return idx, torch.stack([it[1] for it in good]), torch.stack([it[2] for it in good]), failed
 
 
 def make_loader(sources, teacher_preprocess, size: int, batch_size: int, *, num_workers: int | None = None,

@@ -5,8 +5,8 @@ from .memory import choose_students, count_params, estimate_student_bytes, stude
 from .pipeline import BatchResult, ClassifyResult, classify_images, iter_classify_batches
 from .program import StudentProgram
 from .store import ParamStore
-from .teacher import Teacher, class_embeddings
+from .teacher import TeacherLike, class_embeddings
 
 __all__ = ["TTTEngine", "PendingBatch", "StudentProgram", "ParamStore", "choose_students",
            "count_params", "estimate_student_bytes", "student_bytes", "classify_images",
-           "iter_classify_batches", "ClassifyResult", "BatchResult", "Teacher", "class_embeddings"]
+           "iter_classify_batches", "ClassifyResult", "BatchResult", "TeacherLike", "class_embeddings"]

@@ -8,7 +8,7 @@ A teacher is any object with
 * ``embed_texts(texts)``: list of strings -> len(texts) x D embeddings;
 * optionally ``device`` (where ``embed_images`` wants its input; default: the model's device).
 
-``apm_fast.teachers.OpenCLIPTeacher`` is one; tests use a tiny random one.
+Every ``apm_fast.teachers.Teacher`` (e.g. ``OpenCLIPTeacher``) is one; tests also use a tiny random one.
 """
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from typing import Callable, Protocol, Sequence, Union, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Teacher", "check_teacher", "class_embeddings", "DEFAULT_TEMPLATE", "teacher_autocast"]
+__all__ = ["TeacherLike", "check_teacher", "class_embeddings", "DEFAULT_TEMPLATE", "teacher_autocast"]
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 Template = Union[str, Callable[[str], str]]
 
 
 @runtime_checkable
-class Teacher(Protocol):
+class TeacherLike(Protocol):
     preprocess: Callable
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor: ...
@@ -38,7 +38,7 @@ def check_teacher(teacher):
     missing = [a for a in ("preprocess", "embed_images", "embed_texts") if not hasattr(teacher, a)]
     if missing:
         raise TypeError(f"teacher: expected an object with preprocess, embed_images and embed_texts "
-                        f"(see apm_fast.engine.teacher.Teacher); {type(teacher).__name__} lacks {missing}")
+                        f"(see apm_fast.engine.teacher.TeacherLike); {type(teacher).__name__} lacks {missing}")
     return teacher
 
 

@@ -184,8 +184,9 @@ def classify_images(sources: Sequence, model, teacher, classes: Sequence[str], *
     """Classify ``sources`` (paths, PIL images, uint8 arrays/tensors) among ``classes`` with TTT.
 
     model: the APM whose parameters are the init (on the device to run on); teacher: see
-    :class:`apm_fast.engine.teacher.TeacherLike` (e.g. apm_fast.teachers.OpenCLIPTeacher); templates: prompt templates (default "a photo of a
-    {}."), averaged per class; students: images trained side by side (None: from free memory);
+    :class:`apm_fast.engine.teacher.TeacherLike` (e.g. ``apm_fast.teachers.OpenCLIPTeacher``);
+    templates: prompt templates (the teacher's "single"/"ensemble", or strings), averaged per
+    class; students: images trained side by side (None: from free memory);
     engine: reuse a TTTEngine (its steps/lr/backend then apply); overlap: teacher and students
     on separate CUDA streams. An image that cannot be read raises ValueError naming it (the
     ``apm-fast ttt`` command skips such images instead: :func:`iter_classify_batches`)."""

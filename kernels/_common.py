@@ -3,14 +3,22 @@
 Autotuning policy (one place, so every op behaves the same):
 * Under ``TRITON_INTERPRET=1`` (CPU tests) every op uses one fixed, small config and nothing is
   benchmarked: the interpreter's cost grows with programs x loop iterations, not with block size.
-* On a GPU each op ranks its candidate configs for the shape with a cheap heuristic; with
-  autotuning on (default; ``APM_FAST_AUTOTUNE=0`` turns it off) ``triton.autotune`` benchmarks
-  the top few (``APM_FAST_AUTOTUNE_TOP``, default 3) once per shape key, otherwise the top one
-  runs directly (no benchmarking, so nothing to warm up before a CUDA graph capture).
+* On a GPU each op ranks its candidate configs for the shape with a cheap heuristic. The GEMMs
+  first look the shape up in ``tuned_configs.TUNED`` (measured winners: used as they are, nothing
+  benchmarked). Otherwise, with autotuning on (default; ``APM_FAST_AUTOTUNE=0`` turns it off) the
+  top few (``APM_FAST_AUTOTUNE_TOP``, default 3) are benchmarked once per shape key (``pick``
+  for the GEMMs, ``triton.autotune`` for the pool), otherwise the top one runs directly (no
+  benchmarking, so nothing to warm up before a CUDA graph capture).
+
+TMA (Hopper's tensor memory accelerator) is used through host-side tensor descriptors
+(``triton.tools.tensor_descriptor.TensorDescriptor``, in Triton 3.6 and 3.7, interpreter
+included); ``as_rows`` / ``tma_ok`` say whether an operand can be described (unit last stride,
+16-byte aligned base and row stride). ``APM_FAST_GEMM_VARIANT=ptr`` forces the pointer kernels.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -109,3 +117,76 @@ def launch_device_ok(device: torch.device):
         raise RuntimeError("triton kernels: CPU tensors need TRITON_INTERPRET=1 set before apm_fast.kernels "
                            "is imported (Triton's interpreter); on a GPU pass CUDA tensors")
     raise RuntimeError(f"triton kernels: expected CUDA tensors, got tensors on {device}")
+
+
+# ------------------------------------------------------------------------------------ TMA
+try:   # host-side descriptors (Triton >= 3.3); without them every GEMM uses the pointer kernels
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
+
+HAS_TMA = TensorDescriptor is not None
+
+
+def tma_allowed() -> bool:
+    """TMA variants may be chosen (``APM_FAST_GEMM_VARIANT=ptr`` forbids them, a debugging escape)."""
+    return HAS_TMA and os.environ.get("APM_FAST_GEMM_VARIANT", "") != "ptr"
+
+
+def as_rows(t: torch.Tensor):
+    """``t`` as a 2-D (rows, columns) view without copying: a 2-D tensor as it is, an (S, M, X)
+    tensor as (S * M, X) when its students follow each other (stride(0) == M * stride(1), e.g. a
+    contiguous tensor, or a column slice of one); None otherwise."""
+    if t.dim() == 2:
+        return t
+    if t.dim() == 3 and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)):
+        return t.as_strided((t.shape[0] * t.shape[1], t.shape[2]), (t.stride(1), t.stride(2)))
+    return None
+
+
+def tma_ok(t2d) -> bool:
+    """Can a TMA descriptor cover this 2-D view? Unit last stride, 16-byte aligned base and rows."""
+    if t2d is None or t2d.dim() != 2 or min(t2d.shape) < 1:
+        return False
+    elt = t2d.element_size()
+    return (t2d.stride(1) == 1 and t2d.data_ptr() % 16 == 0 and (t2d.stride(0) * elt) % 16 == 0
+            and t2d.dtype in _TL)
+
+
+def descriptor(t2d: torch.Tensor, block):
+    """Host-side descriptor of a 2-D view (its block shape is the tile one load brings in)."""
+    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), list(block))
+
+
+# ------------------------------------------------------------------------------------ picking
+_PICKED: dict = {}
+
+
+def bench(fn) -> float:
+    """Milliseconds per call of ``fn`` on the GPU (tests replace this)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def pick(key, ranked, run, device):
+    """The config to run for shape ``key`` among ``ranked`` (best guess first): with autotuning on,
+    the fastest of the first ``autotune_top()`` measured once per key (``run(cfg)`` performs the
+    whole operation with ``cfg``; a candidate that fails to build is skipped), else the first. Never
+    measures during a CUDA graph capture (the first candidate runs; nothing is remembered)."""
+    if key in _PICKED:
+        return _PICKED[key]
+    if not autotune_enabled() or len(ranked) == 1 or _capturing(device):
+        return ranked[0]
+    best, best_t = ranked[0], math.inf
+    for cfg in ranked[:autotune_top()]:
+        try:
+            t = bench(lambda: run(cfg))
+        except Exception:        # e.g. out of shared memory for this tile on this GPU
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    _PICKED[key] = best
+    return best

@@ -17,21 +17,33 @@ first_layer_bwd_input    dy                          w       * (p[s,l] + u[s,b] 
 
 Rows are addressed as (segment b, position l) with their own strides, and a tile never straddles
 two segments (``TL = cdiv(L, BLOCK_M)`` tiles per segment): so the per-image vectors u_b and r_b
-are one row vector per tile, and ReLU(P + u) is never materialized. A plain (S, M, K) operand is
-one segment of L = M rows. The student dim S is grid axis 1 (its offset in int64: S * M * K can
+are one row vector per tile, and ReLU(P + u) need not be materialized. A plain (S, M, K) operand
+is one segment of L = M rows. The student dim S is grid axis 1 (its offset in int64: S * M * K can
 pass 2**31). Out-of-range rows/columns are masked (odd L and widths).
+
+Two kernels compute this: ``gemm_kernel`` below (pointer loads; any strides, any dtype) and
+``gemm_tma.gemm_tma_kernel`` (TMA descriptors, optionally persistent; 16-byte aligned views). A
+config (``configs.GemmCfg``) picks the kernel, the tile, and for the first layer whether ReLU(P + u)
+is built in the prologue or materialized per chunk of images by a small elementwise kernel (which
+then lets the plain GEMM read A straight from shared memory). Which config runs for a shape: an
+explicit ``config``, else the measured table (``tuned_configs``), else the heuristic ranking
+(benchmarking its top few once per shape when autotuning is on); see ``_common.pick``.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _common as _c
-from ._common import (INTERPRET, autotune_enabled, cdiv, config_kwargs, dot_precision, sm_count,
-                      tl_dtype, tuned)
+from ._common import INTERPRET, as_rows, cdiv, descriptor, dot_precision, sm_count, tl_dtype, tma_ok
+from .configs import GEMM_INTERP, GemmCfg, gemm_candidates, rank_gemm, tuned_entry
+from .gemm_tma import first_layer_act_kernel, gemm_tma_kernel
 
-__all__ = ["linear", "first_layer_linear", "linear_bwd_input", "first_layer_bwd_input"]
+__all__ = ["linear", "first_layer_linear", "linear_bwd_input", "first_layer_bwd_input", "first_layer_act",
+           "GemmCfg"]
 
 
 @triton.jit
@@ -117,87 +129,99 @@ def gemm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def _zero_r(nargs):
-    """Before every launch of a tuned config (benchmark runs and the real one): the r atomics need
-    a zeroed target. A config pre-hook, because it runs before each of those launches in every
-    Triton version (unlike the autotuner's own reset after benchmarking)."""
-    if nargs["EPI_MASK"] == 2:
-        nargs["r_ptr"].zero_()
+# ------------------------------------------------------------------------------------ one problem
+class _Gemm:
+    """One GEMM call: operands, output, strides and flags, launchable with any eligible config.
+
+    a, b: the operand tensors as given (pointer kernel: with the (s, b, l, k) / (s, k, n) stride
+    tuples); a2, b2: their 2-D row views for TMA (None when the layout has none) with the row
+    offsets a_rs (per student), a_rb (per segment), b_rs (per student); b_kmajor: b2's rows are
+    the output columns (forward) rather than the reduction (input gradient)."""
+
+    def __init__(self, *, a, a_st, a2, a_rs, a_rb, b, b_st, b2, b_rs, b_kmajor, y, y_st, S, L, NSEG, N, K,
+                 prologue=0, u=None, bias=None, relu=False, epi_mask=0, mask=None, m_st=(0, 0, 0, 0),
+                 r=None, dot_dtype):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+        self.elt = b.element_size()
+        self.y2 = as_rows(y)
+
+    # -------------------------------------------------------------- eligibility
+    def tma_ok(self, cfg: GemmCfg) -> bool:
+        if not (_c.HAS_TMA and tma_ok(self.a2) and tma_ok(self.b2)):
+            return False
+        if not self.b_kmajor and self.S > 1 and self.K % cfg.bk:
+            return False      # the last K tile would read the next student's rows of w
+        return True
+
+    def y_tma(self, cfg: GemmCfg) -> bool:
+        return tma_ok(self.y2) and (self.S * self.NSEG == 1 or self.L % cfg.bm == 0)
+
+    def ok(self, cfg: GemmCfg) -> bool:
+        return not cfg.tma or self.tma_ok(cfg)
+
+    # -------------------------------------------------------------- launch
+    def _common_args(self):
+        dummy = self.y
+        u_st = (self.u.stride(0), self.u.stride(1), self.u.stride(2)) if self.u is not None else (0, 0, 0)
+        y_st = self.y_st
+        r_st = (self.r.stride(0), self.r.stride(1)) if self.r is not None else (0, 0)
+        ptrs = [self.u if self.u is not None else dummy, self.bias if self.bias is not None else dummy,
+                self.mask if self.mask is not None else dummy, self.y, self.r if self.r is not None else dummy]
+        return ptrs, u_st, y_st, r_st
+
+    def launch(self, cfg: GemmCfg):
+        if self.r is not None:
+            self.r.zero_()       # the r sums are atomics: every launch starts from zero
+        ptrs, u_st, y_st, r_st = self._common_args()
+        u_, bias_, m_, y_, r_ = ptrs
+        sbias = self.bias.stride(0) if self.bias is not None else 0
+        meta = dict(PROLOGUE=self.prologue, HAS_BIAS=self.bias is not None, RELU=self.relu,
+                    EPI_MASK=self.epi_mask, DOT_DTYPE=tl_dtype(self.dot_dtype), PREC=dot_precision(self.dot_dtype),
+                    BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group,
+                    num_warps=cfg.warps, num_stages=cfg.stages)
+        S, L, NSEG, N, K = self.S, self.L, self.NSEG, self.N, self.K
+        tiles = S * NSEG * cdiv(L, cfg.bm) * cdiv(N, cfg.bn)
+        if not cfg.tma:
+            grid = (NSEG * cdiv(L, cfg.bm) * cdiv(N, cfg.bn), S)
+            gemm_kernel[grid](self.a, u_, self.b, bias_, m_, y_, r_, S, L, NSEG, N, K, *self.a_st, *u_st,
+                              *self.b_st, sbias, *self.m_st, *y_st, *r_st, **meta, EVEN_K=K % cfg.bk == 0)
+            return
+        if not self.tma_ok(cfg):
+            raise ValueError(f"gemm: config {cfg.name()} needs TMA-describable operands (unit last stride, "
+                             f"16-byte aligned rows and base)")
+        a_d = descriptor(self.a2, (cfg.bm, cfg.bk))
+        b_d = descriptor(self.b2, (cfg.bn, cfg.bk) if self.b_kmajor else (cfg.bk, cfg.bn))
+        y_tma = self.y_tma(cfg)
+        y_d = descriptor(self.y2, (cfg.bm, cfg.bn)) if y_tma else a_d
+        progs = min(tiles, sm_count(self.y.device)) if cfg.persistent else tiles
+        gemm_tma_kernel[(progs,)](a_d, b_d, y_d, u_, bias_, m_, y_, r_, S, L, NSEG, N, K, progs,
+                                  self.a_rs, self.a_rb, self.b_rs, *u_st, sbias, *self.m_st, *y_st, *r_st,
+                                  B_KMAJOR=self.b_kmajor, Y_TMA=y_tma, **meta)
+
+    # -------------------------------------------------------------- choice
+    def ranked(self):
+        elt = self.elt
+        if INTERPRET:        # small tiles; the pointer kernel first (the TMA ones when asked or tuned)
+            cands = [GEMM_INTERP, replace(GEMM_INTERP, tma=True), replace(GEMM_INTERP, tma=True, persistent=True)]
+            return [c for c in cands if self.ok(c) and (_c.tma_allowed() or not c.tma)]
+        cands = gemm_candidates(elt, _c.tma_allowed() and self.tma_ok(GemmCfg(128, 128, 64, 8, 3)))
+        ranked = rank_gemm(cands, S=self.S, NSEG=self.NSEG, L=self.L, N=self.N, sms=sm_count(self.y.device),
+                           elt=elt, out_elt=self.y.element_size())
+        return [c for c in ranked if self.ok(c)]
 
 
-def _cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_warps=warps, num_stages=stages, pre_hook=_zero_r)
-
-
-# Candidates for the presets (L = 1024; widths 1024 -> 4096 -> 2048 -> 1024 -> 512..1024) at
-# B = 1, 8, 64 and S = 1, 8: 128x256 for the big batched GEMMs, 128x128 when one image fills
-# ~one wave (fc2 at B = 1: 8 x 16 = 128 tiles on 132 SMs), 64-wide tiles for fc3/head at B = 1.
-CONFIGS = [
-    _cfg(128, 256, 64, 8, 3),
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 128, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 64, 64, 4, 4),
-]
-# Interpreter: small blocks so tests with widths of a few tens still cross tile borders.
-INTERP_CONFIG = _cfg(16, 16, 16, 4, 1, group=2)
-_SMEM_BUDGET = 200 * 1024
-
-
-def rank_configs(configs, args):
-    """Best first: fill the SMs in whole waves, then prefer larger tiles (more reuse per load);
-    configs whose pipeline would not fit in shared memory (or, for fp32, whose tile is too large
-    for the FMA path's registers) go last."""
-    sms = sm_count(args["y_ptr"].device)
-    tiles_base = args["S"] * args["NSEG"]
-    elt = args["b_ptr"].element_size()
-
-    def score(c):
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if c.num_stages * (bm * bk + bk * bn) * elt > _SMEM_BUDGET:
-            return -1.0
-        if elt == 4 and bm * bn > 128 * 64:
-            return -0.5     # fp32 "ieee" products run on the FMA units: keep the tile's registers small
-        tiles = tiles_base * cdiv(args["L"], bm) * cdiv(args["N"], bn)
-        wave_eff = tiles / (cdiv(tiles, sms) * sms)
-        reuse = (bm * bn / (bm + bn)) / (128 * 256 / 384)
-        return wave_eff * reuse ** 0.5
-
-    return sorted(configs, key=score, reverse=True)
-
-
-gemm_tuned = tuned(gemm_kernel, CONFIGS, key=["S", "L", "NSEG", "N", "K", "PROLOGUE", "EPI_MASK"],
-                   rank=rank_configs)
-
-
-def use_tuner(config) -> bool:
-    return config is None and autotune_enabled()
-
-
-def _launch(a, a_st, u, u_st, b, b_st, bias, mask, m_st, y, y_st, r, r_st, *, S, L, NSEG, N, K,
-            prologue, relu, epi_mask, dot_dtype, config=None):
-    dummy = y
-    args = [a, u if u is not None else dummy, b, bias if bias is not None else dummy,
-            mask if mask is not None else dummy, y, r if r is not None else dummy,
-            S, L, NSEG, N, K, *a_st, *u_st, *b_st, (bias.stride(0) if bias is not None else 0),
-            *m_st, *y_st, *r_st]
-    meta = dict(PROLOGUE=prologue, HAS_BIAS=bias is not None, RELU=relu, EPI_MASK=epi_mask,
-                DOT_DTYPE=tl_dtype(dot_dtype), PREC=dot_precision(dot_dtype))
-
-    def grid(m):
-        return (NSEG * cdiv(L, m["BLOCK_M"]) * cdiv(N, m["BLOCK_N"]), S)
-
-    if use_tuner(config):
-        # EVEN_K depends on BLOCK_K, which is 64 in every GPU candidate
-        gemm_tuned[grid](*args, **meta, EVEN_K=K % 64 == 0)
-        return
-    if config is None:
-        named = {"S": S, "L": L, "NSEG": NSEG, "N": N, "b_ptr": b, "y_ptr": y}
-        config = INTERP_CONFIG if INTERPRET else rank_configs(CONFIGS, named)[0]
-    kw = config_kwargs(config)
-    gemm_kernel[grid(kw)](*args, **meta, EVEN_K=K % kw["BLOCK_K"] == 0, **kw)
+def _choose(prim, key, prob: _Gemm, config, run=None):
+    """The config to launch: explicit, else the table's (if these operands can take it), else the
+    ranking (autotuned when on)."""
+    if config is not None:
+        return config
+    entry = tuned_entry(prim, key, GemmCfg, prob.elt)
+    if entry is not None and (entry.materialize or prob.ok(entry)) and (_c.tma_allowed() or not entry.tma):
+        return entry
+    ranked = prob.ranked()
+    return _c.pick((prim, *key, str(prob.dot_dtype), prob.tma_ok(GemmCfg(128, 128, 64, 8, 3))), ranked,
+                   run or prob.launch, prob.y.device)
 
 
 def _rows(t, nseg):
@@ -209,32 +233,78 @@ def _rows(t, nseg):
 # ------------------------------------------------------------------------------------ launchers
 # Shapes are checked by the caller (apm_fast.backends.triton_backend); these assume them.
 
+def _linear_problem(x, w, b, y, *, relu, S, M, N, K):
+    shared = x.dim() == 2
+    return _Gemm(a=x, a_st=(0 if shared else x.stride(0), 0, x.stride(-2), x.stride(-1)),
+                 a2=as_rows(x), a_rs=0 if shared else M, a_rb=0,
+                 b=w, b_st=(w.stride(0), w.stride(2), w.stride(1)), b2=as_rows(w), b_rs=N, b_kmajor=True,
+                 y=y, y_st=(y.stride(0), 0, y.stride(1), y.stride(2)), S=S, L=M, NSEG=1, N=N, K=K,
+                 bias=b, relu=relu, dot_dtype=w.dtype)
+
+
 def linear(x, w, b=None, *, relu=False, out_dtype=None, config=None):
     """y = x w^T (+ b) (ReLU): x (S, M, K) or shared (M, K); w (S, N, K); b (S, N)."""
     S, N, K = w.shape
-    shared = x.dim() == 2
     M = x.shape[-2]
     y = _c.empty((S, M, N), device=w.device, dtype=out_dtype or w.dtype)
-    a_st = (0 if shared else x.stride(0), 0, x.stride(-2), x.stride(-1))
-    _launch(x, a_st, None, (0, 0, 0), w, (w.stride(0), w.stride(2), w.stride(1)), b, None,
-            (0, 0, 0, 0), y, (y.stride(0), 0, y.stride(1), y.stride(2)), None, (0, 0),
-            S=S, L=M, NSEG=1, N=N, K=K, prologue=0, relu=relu, epi_mask=0, dot_dtype=w.dtype,
-            config=config)
+    prob = _linear_problem(x, w, b, y, relu=relu, S=S, M=M, N=N, K=K)
+    prim = "linear_shared" if x.dim() == 2 else "linear"
+    prob.launch(_choose(prim, (S, 1, M, N, K), prob, config))
     return y
+
+
+# Rows of ReLU(P + u) materialized at once: 8 images of 1024 queries (64 MB at H1 = 4096, bf16),
+# enough rows for several waves of 128 x 256 tiles, and a bounded buffer at any batch.
+ACT_CHUNK_ROWS = 8192
+
+
+def first_layer_act(p, u, *, out=None, b0=0, nb=None):
+    """ReLU(p[s, l] + u[s, b]) for images b0 .. b0 + nb as (S, nb * L, H1) in p's dtype (into ``out``)."""
+    S, L, H1 = p.shape
+    nb = u.shape[1] - b0 if nb is None else nb
+    if out is None:
+        out = _c.empty((S, nb * L, H1), device=p.device, dtype=p.dtype)
+    p_, u_ = (t if t.stride(-1) == 1 else t.contiguous() for t in (p, u))
+    br, bh = (16, 16) if INTERPRET else (32, 256)
+    grid = (cdiv(nb * L, br), cdiv(H1, bh), S)
+    first_layer_act_kernel[grid](p_, u_, out, L, H1, b0, nb, p_.stride(0), p_.stride(1), u_.stride(0),
+                                 u_.stride(1), out.stride(0), out.stride(1), BLOCK_R=br, BLOCK_H=bh, num_warps=4)
+    return out
+
+
+def _first_layer_materialized(p, u, w, b, y, cfg, *, relu):
+    """ReLU(P + u) written per chunk of images, each chunk then one plain GEMM into its rows of y."""
+    S, L, H1 = p.shape
+    B = u.shape[1]
+    N = w.shape[1]
+    nb = max(1, min(B, ACT_CHUNK_ROWS // max(1, L)))
+    act = _c.empty((S, nb * L, H1), device=p.device, dtype=p.dtype)
+    plain = GemmCfg(cfg.bm, cfg.bn, cfg.bk, cfg.warps, cfg.stages, cfg.group, cfg.tma, cfg.persistent)
+    for b0 in range(0, B, nb):
+        k = min(nb, B - b0)
+        a = act.view(-1)[:S * k * L * H1].view(S, k * L, H1)     # contiguous for a shorter last chunk
+        first_layer_act(p, u, out=a, b0=b0, nb=k)
+        prob = _linear_problem(a, w, b, y[:, b0 * L:(b0 + k) * L], relu=relu, S=S, M=k * L, N=N, K=H1)
+        prob.launch(plain if prob.ok(plain) else GemmCfg(cfg.bm, cfg.bn, cfg.bk, cfg.warps, cfg.stages, cfg.group))
 
 
 def first_layer_linear(p, u, w, b, *, relu=True, out_dtype=None, config=None):
     """y[s, b*L + l] = ReLU(p[s, l] + u[s, b]) w^T + bias (ReLU): p (S, L, H1); u (S, B, H1);
-    w (S, N, H1); b (S, N). The activation only ever exists tile by tile, in registers."""
+    w (S, N, H1); b (S, N). Fused (the activation only ever exists tile by tile, in registers) or,
+    when the config says so, materialized a chunk of images at a time."""
     S, L, H1 = p.shape
     B = u.shape[1]
     N = w.shape[1]
     y = _c.empty((S, B * L, N), device=w.device, dtype=out_dtype or w.dtype)
-    _launch(p, (p.stride(0), 0, p.stride(1), p.stride(2)), u, (u.stride(0), u.stride(1), u.stride(2)),
-            w, (w.stride(0), w.stride(2), w.stride(1)), b, None, (0, 0, 0, 0),
-            y, (*_rows(y, B), y.stride(2)), None, (0, 0),
-            S=S, L=L, NSEG=B, N=N, K=H1, prologue=1, relu=relu, epi_mask=0, dot_dtype=w.dtype,
-            config=config)
+    prob = _Gemm(a=p, a_st=(p.stride(0), 0, p.stride(1), p.stride(2)), a2=as_rows(p), a_rs=L, a_rb=0,
+                 b=w, b_st=(w.stride(0), w.stride(2), w.stride(1)), b2=as_rows(w), b_rs=N, b_kmajor=True,
+                 y=y, y_st=(*_rows(y, B), y.stride(2)), S=S, L=L, NSEG=B, N=N, K=H1,
+                 prologue=1, u=u, bias=b, relu=relu, dot_dtype=w.dtype)
+    cfg = _choose("first_layer_linear", (S, B, L, N, H1), prob, config)
+    if cfg.materialize:
+        _first_layer_materialized(p, u, w, b, y, cfg, relu=relu)
+    else:
+        prob.launch(cfg)
     return y
 
 
@@ -244,11 +314,11 @@ def linear_bwd_input(dy, w, *, mask=None, out_dtype=None, config=None):
     K = w.shape[2]
     dx = _c.empty((S, M, K), device=w.device, dtype=out_dtype or w.dtype)
     m_st = (mask.stride(0), 0, mask.stride(1), mask.stride(2)) if mask is not None else (0, 0, 0, 0)
-    _launch(dy, (dy.stride(0), 0, dy.stride(1), dy.stride(2)), None, (0, 0, 0),
-            w, (w.stride(0), w.stride(1), w.stride(2)), None, mask, m_st,
-            dx, (dx.stride(0), 0, dx.stride(1), dx.stride(2)), None, (0, 0),
-            S=S, L=M, NSEG=1, N=K, K=N, prologue=0, relu=False,
-            epi_mask=1 if mask is not None else 0, dot_dtype=w.dtype, config=config)
+    prob = _Gemm(a=dy, a_st=(dy.stride(0), 0, dy.stride(1), dy.stride(2)), a2=as_rows(dy), a_rs=M, a_rb=0,
+                 b=w, b_st=(w.stride(0), w.stride(1), w.stride(2)), b2=as_rows(w), b_rs=N, b_kmajor=False,
+                 y=dx, y_st=(dx.stride(0), 0, dx.stride(1), dx.stride(2)), S=S, L=M, NSEG=1, N=K, K=N,
+                 epi_mask=1 if mask is not None else 0, mask=mask, m_st=m_st, dot_dtype=w.dtype)
+    prob.launch(_choose("linear_bwd_input", (S, 1, M, K, N), prob, config))
     return dx
 
 
@@ -258,11 +328,10 @@ def first_layer_bwd_input(dy, w, p, u, *, out_dtype=None, config=None):
     B = u.shape[1]
     N = w.shape[1]
     g1 = _c.empty((S, B * L, H1), device=w.device, dtype=out_dtype or w.dtype)
-    # atomics add into r: zeroed here, or by the tuned configs' pre-hook just before the launch
-    r = (_c.empty if use_tuner(config) else torch.zeros)((S, B, H1), device=w.device, dtype=torch.float32)
-    _launch(dy, (*_rows(dy, B), dy.stride(2)), u, (u.stride(0), u.stride(1), u.stride(2)),
-            w, (w.stride(0), w.stride(1), w.stride(2)), None, p, (p.stride(0), 0, p.stride(1), p.stride(2)),
-            g1, (*_rows(g1, B), g1.stride(2)), r, (r.stride(0), r.stride(1)),
-            S=S, L=L, NSEG=B, N=H1, K=N, prologue=0, relu=False, epi_mask=2, dot_dtype=w.dtype,
-            config=config)
+    r = _c.empty((S, B, H1), device=w.device, dtype=torch.float32)      # zeroed by every launch
+    prob = _Gemm(a=dy, a_st=(*_rows(dy, B), dy.stride(2)), a2=as_rows(dy), a_rs=B * L, a_rb=L,
+                 b=w, b_st=(w.stride(0), w.stride(1), w.stride(2)), b2=as_rows(w), b_rs=N, b_kmajor=False,
+                 y=g1, y_st=(*_rows(g1, B), g1.stride(2)), S=S, L=L, NSEG=B, N=H1, K=N,
+                 u=u, epi_mask=2, mask=p, m_st=(p.stride(0), 0, p.stride(1), p.stride(2)), r=r, dot_dtype=w.dtype)
+    prob.launch(_choose("first_layer_bwd_input", (S, B, L, H1, N), prob, config))
     return g1, r

@@ -13,21 +13,29 @@ Each program owns one (BLOCK_N x BLOCK_K) output tile and reduces over a contigu
 chunks (BLOCK_M rows of one segment each). When the output has fewer tiles than the GPU has SMs the
 row range is split SPLIT ways (split-K) and the partial tiles are added with fp32 atomics into a
 zeroed output (zeroed by the launcher, or by the tuned configs' pre-hook right before each launch); otherwise each tile is stored once. db is the row sum of the dy tile the GEMM loads
-anyway, kept by the programs of the first K tile. SPLIT and the output tile are chosen on the host
-(they decide whether the output must be zeroed); the autotuner only picks the reduction depth
-BLOCK_M, warps and stages.
+anyway, kept by the programs of the first K tile.
+
+Two kernels compute this: ``wgrad_kernel`` below (pointer loads, any strides and dtypes, all three
+X forms) and ``wgrad_tma.wgrad_tma_kernel`` (TMA descriptors, X = x or ReLU(p + u)). A config
+(``configs.WgradCfg``) picks the kernel, the output tile, the reduction step and the split; it
+comes from the argument, the measured table (``tuned_configs``) or the heuristic ranking
+(autotuned when on), as for the GEMMs. The outputs can be given (``out`` / ``out_db``: e.g. views
+into a flat gradient buffer, any strides) so the gradient lands in place without a copy.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _common as _c
-from ._common import (INTERPRET, autotune_enabled, cdiv, config_kwargs, dot_precision, next_pow2,
-                      sm_count, tl_dtype, tuned)
+from ._common import INTERPRET, as_rows, cdiv, descriptor, dot_precision, next_pow2, sm_count, tl_dtype, tma_ok
+from .configs import WGRAD_INTERP, WgradCfg, rank_wgrad, tuned_entry, wgrad_candidates
+from .wgrad_tma import wgrad_tma_kernel
 
-__all__ = ["linear_bwd_weight", "first_layer_bwd_weight", "weight_grad", "choose_split"]
+__all__ = ["linear_bwd_weight", "first_layer_bwd_weight", "weight_grad", "choose_split", "WgradCfg"]
 
 
 @triton.jit
@@ -109,47 +117,12 @@ def wgrad_kernel(
                 tl.atomic_add(db_ptr + pid_s * sdb_s + offs_n, db, mask=in_n)
 
 
-def _zero_split_outputs(nargs):
-    """Split-K partial tiles are added atomically: zero the outputs before every launch of a tuned
-    config (see gemm._zero_r for why a config pre-hook)."""
-    if nargs["SPLIT"] > 1:
-        nargs["dw_ptr"].zero_()
-        if nargs["HAS_DB"]:
-            nargs["db_ptr"].zero_()
-
-
-def _cfg(bm, warps, stages):
-    return triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages, pre_hook=_zero_split_outputs)
-
-
-# The reduction depth per iteration; the output tile (BLOCK_N x BLOCK_K, 128 x 128 for every
-# preset layer) is fixed on the host.
-CONFIGS = [_cfg(64, 8, 3), _cfg(64, 4, 4), _cfg(128, 8, 3), _cfg(32, 4, 4)]
-INTERP_CONFIG = _cfg(16, 4, 1)
 INTERP_TILE = 16
-_SMEM_BUDGET = 200 * 1024
-
-
-def rank_configs(configs, args):
-    """Keep the list order (64-row steps first: 4 stages of 128 x 64 + 64 x 128 bf16 fit easily),
-    dropping to the end what would not fit in shared memory (fp32 operands)."""
-    elt = args["dy_ptr"].element_size()
-    bn, bk = args["BLOCK_N"], args["BLOCK_K"]
-
-    def fits(c):
-        bm = c.kwargs["BLOCK_M"]
-        return c.num_stages * (bn * bm + bm * bk) * max(elt, args["x_ptr"].element_size()) <= _SMEM_BUDGET
-
-    return [c for c in configs if fits(c)] + [c for c in configs if not fits(c)]
-
-
-wgrad_tuned = tuned(wgrad_kernel, CONFIGS,
-                    key=["S", "L", "NSEG", "N", "K", "X2", "HAS_DB", "SPLIT", "BLOCK_N", "BLOCK_K"],
-                    rank=rank_configs)
 
 
 def output_tile(N: int, K: int, elt: int = 2):
-    """128 x 128 for 16-bit operands (tensor cores); 64 x 64 for fp32 products (FMA units)."""
+    """The interpreter's output tile; 128 x 128 for 16-bit operands (tensor cores) and 64 x 64 for
+    fp32 products (FMA units), shrunk to the problem (what choose_split assumes)."""
     if INTERPRET:
         return INTERP_TILE, INTERP_TILE
     cap = 128 if elt <= 2 else 64
@@ -158,8 +131,8 @@ def output_tile(N: int, K: int, elt: int = 2):
 
 def choose_split(S: int, N: int, K: int, rows: int, device, tile=None) -> int:
     """Split the reduction only when the output tiles leave at least half the SMs idle, into as
-    many parts as still fit in one wave, keeping >= 256 rows per part (fc3's 8 x 16 = 128 tiles at
-    one image already fill 132 SMs; the head's 6 x 8 = 48 tiles get 2 parts)."""
+    many parts as still fit in one wave, keeping >= 256 rows per part. (The interpreter's default;
+    on a GPU the ranking weighs several splits per tile, see configs.splits_for.)"""
     bn, bk = tile or output_tile(N, K)
     tiles = S * cdiv(N, bn) * cdiv(K, bk)
     sms = sm_count(device)
@@ -168,44 +141,121 @@ def choose_split(S: int, N: int, K: int, rows: int, device, tile=None) -> int:
     return max(1, min(sms // tiles, rows // 256))
 
 
+class _Wgrad:
+    """One weight-gradient call, launchable with any eligible config. dy_st / x_st / x2_st:
+    (s, b, l, column) strides for the pointer kernel; dy2 / xv: 2-D row views for TMA with row
+    offsets (d_rs, d_rb) / (x_rs, x_rb) per student / per segment."""
+
+    def __init__(self, *, dy, dy_st, dy2, d_rs, d_rb, x, x_st, xv, x_rs, x_rb, x2, x2_st, x2_mode, relu, bias,
+                 S, L, NSEG, N, K, dot_dtype, prec, out=None, out_db=None):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+        self.elt = max(dy.element_size(), x.element_size())
+        device = dy.device
+        self.dw = out if out is not None else _c.empty((S, N, K), device=device, dtype=torch.float32)
+        self.db = None
+        if bias:
+            self.db = out_db if out_db is not None else _c.empty((S, N), device=device, dtype=torch.float32)
+
+    def tma_ok(self, cfg: WgradCfg) -> bool:
+        return (_c.HAS_TMA and self.x2_mode in (0, 1) and tma_ok(self.dy2) and tma_ok(self.xv)
+                and (self.S * self.NSEG == 1 or self.L % cfg.bm == 0))
+
+    def ok(self, cfg: WgradCfg) -> bool:
+        return not cfg.tma or self.tma_ok(cfg)
+
+    def tiles_of(self, bn, bk):
+        return self.S * cdiv(self.N, bn) * cdiv(self.K, bk)
+
+    def launch(self, cfg: WgradCfg):
+        dw, db = self.dw, self.db
+        if cfg.split > 1:             # partial tiles are added atomically
+            dw.zero_()
+            if db is not None:
+                db.zero_()
+        S, L, NSEG, N, K = self.S, self.L, self.NSEG, self.N, self.K
+        x2 = self.x2 if self.x2 is not None else self.x
+        db_ = db if db is not None else dw
+        sdb = db.stride(0) if db is not None else 0
+        meta = dict(X2=self.x2_mode, X_RELU=self.relu, HAS_DB=db is not None, SPLIT=cfg.split,
+                    DOT_DTYPE=tl_dtype(self.dot_dtype), PREC=self.prec or dot_precision(self.dot_dtype),
+                    BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, BLOCK_M=cfg.bm, num_warps=cfg.warps, num_stages=cfg.stages)
+        grid = (cdiv(N, cfg.bn) * cdiv(K, cfg.bk) * cfg.split, S)
+        if not cfg.tma:
+            wgrad_kernel[grid](self.dy, self.x, x2, dw, db_, S, L, NSEG, N, K, *self.dy_st, *self.x_st,
+                               *self.x2_st, dw.stride(0), dw.stride(1), dw.stride(2), sdb, **meta)
+            return
+        if not self.tma_ok(cfg):
+            raise ValueError(f"weight grad: config {cfg.name()} needs TMA-describable dy and x (unit last "
+                             f"stride, 16-byte aligned rows) and L % {cfg.bm} == 0 with several segments")
+        dy_d = descriptor(self.dy2, (cfg.bm, cfg.bn))
+        x_d = descriptor(self.xv, (cfg.bm, cfg.bk))
+        s2 = self.x2_st
+        wgrad_tma_kernel[grid](dy_d, x_d, x2, dw, db_, S, L, NSEG, N, K, self.d_rs, self.d_rb, self.x_rs, self.x_rb,
+                               s2[0], s2[1], s2[3], dw.stride(0), dw.stride(1), dw.stride(2), sdb, **meta)
+
+    def ranked(self):
+        sms = sm_count(self.dy.device)
+        rows = self.NSEG * self.L
+        if INTERPRET:        # small tiles, split as choose_split says; the pointer kernel first
+            split = choose_split(self.S, self.N, self.K, rows, self.dy.device, (INTERP_TILE, INTERP_TILE))
+            cands = [replace(WGRAD_INTERP, split=split), replace(WGRAD_INTERP, split=split, tma=True)]
+            return [c for c in cands if self.ok(c) and (_c.tma_allowed() or not c.tma)]
+        tma = _c.tma_allowed() and self.x2_mode in (0, 1) and tma_ok(self.dy2) and tma_ok(self.xv)
+        cands = wgrad_candidates(self.elt, tma, tiles_of=self.tiles_of, rows=rows, sms=sms)
+        # tiles no wider than the problem (the pool's key gradient has N = heads = 8 rows)
+        cn, ck = max(16, next_pow2(self.N)), max(16, next_pow2(self.K))
+        cands = list(dict.fromkeys(WgradCfg(min(c.bn, cn), min(c.bk, ck), c.bm, c.warps, c.stages, c.split, c.tma)
+                                   for c in cands))
+        return [c for c in rank_wgrad(cands, tiles_of=self.tiles_of, rows=rows, sms=sms, elt=self.elt)
+                if self.ok(c)]
+
+    def run(self, prim, config, split):
+        cfg = self.choose(prim, config, split)
+        self.launch(cfg)
+        return self.dw, self.db
+
+    def choose(self, prim, config, split):
+        if config is not None:
+            return config if split is None else replace(config, split=split)
+        key = (self.S, self.NSEG, self.L, self.N, self.K)
+        entry = tuned_entry(prim, key, WgradCfg, self.elt) if prim else None
+        if entry is not None and self.ok(entry) and (_c.tma_allowed() or not entry.tma):
+            cfg = entry
+        else:
+            ranked = self.ranked()
+            cfg = _c.pick((prim, *key, str(self.dot_dtype), self.x2_mode, bool(ranked and ranked[0].tma)),
+                          ranked, self.launch, self.dy.device)
+        return cfg if split is None else replace(cfg, split=split)
+
+
 def weight_grad(dy, dy_st, x, x_st, *, S, L, NSEG, N, K, x2=None, x2_st=(0, 0, 0, 0), x2_mode=0,
-                relu=False, bias=True, dot_dtype, prec=None, split=None, config=None):
+                relu=False, bias=True, dot_dtype, prec=None, split=None, config=None, out=None, out_db=None,
+                dy2=None, d_rows=(0, 0), xv=None, x_rows=(0, 0), prim=None):
     """The generic launcher: strides as (s, b, l, column) quadruples; products in ``dot_dtype``
-    (``prec``: Triton's input_precision for fp32 products). Returns (dw, db or None)."""
-    device = dy.device
-    bn, bk = output_tile(N, K, dot_dtype.itemsize)
-    if split is None:
-        split = choose_split(S, N, K, NSEG * L, device, (bn, bk))
-    tuner = config is None and autotune_enabled()
-    alloc = torch.zeros if split > 1 and not tuner else _c.empty   # the tuner's pre-hook zeroes
-    dw = alloc((S, N, K), device=device, dtype=torch.float32)
-    db = alloc((S, N), device=device, dtype=torch.float32) if bias else None
-    args = [dy, x, x2 if x2 is not None else x, dw, db if db is not None else dw,
-            S, L, NSEG, N, K, *dy_st, *x_st, *x2_st, dw.stride(0), dw.stride(1), dw.stride(2),
-            db.stride(0) if db is not None else 0]
-    meta = dict(X2=x2_mode, X_RELU=relu, HAS_DB=bias, SPLIT=split, DOT_DTYPE=tl_dtype(dot_dtype),
-                PREC=prec or dot_precision(dot_dtype), BLOCK_N=bn, BLOCK_K=bk)
-    grid = (cdiv(N, bn) * cdiv(K, bk) * split, S)
-    if tuner:
-        wgrad_tuned[grid](*args, **meta)
-    else:
-        if config is None:
-            config = INTERP_CONFIG if INTERPRET else rank_configs(CONFIGS, {
-                "dy_ptr": dy, "x_ptr": x, "BLOCK_N": bn, "BLOCK_K": bk})[0]
-        wgrad_kernel[grid](*args, **meta, **config_kwargs(config))
-    return dw, db
+    (``prec``: Triton's input_precision for fp32 products); dy2 / xv with their (per student, per
+    segment) row offsets make the TMA kernel possible; ``prim`` names the shape's entry in the
+    tuned table. Returns (dw, db or None)."""
+    job = _Wgrad(dy=dy, dy_st=dy_st, dy2=dy2, d_rs=d_rows[0], d_rb=d_rows[1], x=x, x_st=x_st, xv=xv,
+                 x_rs=x_rows[0], x_rb=x_rows[1], x2=x2, x2_st=x2_st, x2_mode=x2_mode, relu=relu, bias=bias,
+                 S=S, L=L, NSEG=NSEG, N=N, K=K, dot_dtype=dot_dtype, prec=prec, out=out, out_db=out_db)
+    return job.run(prim, config, split)
 
 
-def linear_bwd_weight(dy, x, *, bias=True, split=None, config=None):
-    """dw = sum_m dy[m]^T x[m], db = sum_m dy[m]: dy (S, M, N); x (S, M, K) or shared (M, K)."""
+def linear_bwd_weight(dy, x, *, bias=True, split=None, config=None, out=None, out_db=None):
+    """dw = sum_m dy[m]^T x[m], db = sum_m dy[m]: dy (S, M, N); x (S, M, K) or shared (M, K).
+    ``out`` (S, N, K) / ``out_db`` (S, N) fp32, any strides: written in place and returned."""
     S, M, N = dy.shape
     K = x.shape[-1]
-    x_st = (0 if x.dim() == 2 else x.stride(0), 0, x.stride(-2), x.stride(-1))
+    shared = x.dim() == 2
+    x_st = (0 if shared else x.stride(0), 0, x.stride(-2), x.stride(-1))
     return weight_grad(dy, (dy.stride(0), 0, dy.stride(1), dy.stride(2)), x, x_st, S=S, L=M, NSEG=1,
-                       N=N, K=K, bias=bias, dot_dtype=dy.dtype, split=split, config=config)
+                       N=N, K=K, bias=bias, dot_dtype=dy.dtype, split=split, config=config, out=out, out_db=out_db,
+                       dy2=as_rows(dy), d_rows=(M, 0), xv=as_rows(x), x_rows=(0 if shared else M, 0),
+                       prim="linear_bwd_weight_shared" if shared else "linear_bwd_weight")
 
 
-def first_layer_bwd_weight(dy, p, u, *, bias=True, split=None, config=None):
+def first_layer_bwd_weight(dy, p, u, *, bias=True, split=None, config=None, out=None, out_db=None):
     """linear_bwd_weight with x = ReLU(p[s, l] + u[s, b]) rebuilt tile by tile: dy (S, B*L, N);
     p (S, L, H1); u (S, B, H1)."""
     S, L, H1 = p.shape
@@ -214,4 +264,5 @@ def first_layer_bwd_weight(dy, p, u, *, bias=True, split=None, config=None):
     return weight_grad(dy, (dy.stride(0), L * dy.stride(1), dy.stride(1), dy.stride(2)),
                        p, (p.stride(0), 0, p.stride(1), p.stride(2)), S=S, L=L, NSEG=B, N=N, K=H1,
                        x2=u, x2_st=(u.stride(0), u.stride(1), 0, u.stride(2)), x2_mode=1, relu=True,
-                       bias=bias, dot_dtype=dy.dtype, split=split, config=config)
+                       bias=bias, dot_dtype=dy.dtype, split=split, config=config, out=out, out_db=out_db,
+                       dy2=as_rows(dy), d_rows=(B * L, L), xv=as_rows(p), x_rows=(L, 0), prim="first_layer_bwd_weight")

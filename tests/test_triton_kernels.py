@@ -163,12 +163,10 @@ def test_pool_bwd(split):
 
 
 # ------------------------------------------------------------------------------------ tuned path
-def test_autotuned_path_ranks_configs_and_zeroes_atomic_targets(monkeypatch):
-    """The GPU path (triton.autotune over the GPU candidates, shape-ranked pruning, config pre-hooks
-    zeroing the atomic targets before every launch) run in the interpreter, with a stand-in
-    benchmark that just runs each candidate once: outputs still match, although every candidate
-    ran on the same (NaN-poisoned) buffers before the real launch."""
-    from apm_fast.kernels import gemm
+def test_autotuned_pool_ranks_configs(monkeypatch):
+    """The pool's GPU path (triton.autotune over the GPU candidates, shape-ranked pruning) run in the
+    interpreter, with a stand-in benchmark that just runs each candidate once: outputs still match.
+    (The GEMMs' own picking is tested in test_triton_tma.py.)"""
 
     def run_once(fn, quantiles=None, **_):
         fn()
@@ -179,22 +177,9 @@ def test_autotuned_path_ranks_configs_and_zeroes_atomic_targets(monkeypatch):
         monkeypatch.setattr(mod, "autotune_enabled", lambda: True)
 
     monkeypatch.setenv("APM_FAST_AUTOTUNE_TOP", "2")
-    retune(gemm, "gemm_tuned", gemm.gemm_kernel, gemm.CONFIGS, gemm.gemm_tuned.keys, gemm.rank_configs)
-    retune(wgrad, "wgrad_tuned", wgrad.wgrad_kernel, wgrad.CONFIGS, wgrad.wgrad_tuned.keys, wgrad.rank_configs)
     retune(pool, "pool_fwd_tuned", pool.pool_fwd_kernel, pool.FWD_CONFIGS, pool.pool_fwd_tuned.keys, pool._rank)
     retune(pool, "pool_bwd_tuned", pool.pool_bwd_kernel, pool.BWD_CONFIGS, pool.pool_bwd_tuned.keys, pool._rank)
     torch.manual_seed(14)
-    dy, w, p, u = rand(S, B * L, N), rand(S, N, H1), rand(S, L, H1), rand(S, B, H1)
-    g1, r = TP.first_layer_bwd_input(dy, w, p, u)
-    g1_ref, r_ref = REF.first_layer_bwd_input(*f64(dy, w, p, u))
-    assert_close(g1, g1_ref, TOL32, "g1")
-    assert_close(r, r_ref, TOL32, "r (atomics after tuning runs)")
-    x, wk = rand(S, B * L, K), w[:, :, :K]          # a strided weight view
-    assert_close(TP.linear(x, wk, None), REF.linear(*f64(x, wk)), TOL32, "linear")
-    dw, db = wgrad.first_layer_bwd_weight(dy, p, u, split=3)
-    dw_ref, db_ref = REF.first_layer_bwd_weight(*f64(dy, p, u))
-    assert_close(dw, dw_ref, TOL32, "dw split-K (atomics after tuning runs)")
-    assert_close(db, db_ref, TOL32, "db split-K")
     f, pos_out, kt, scale = _pool_inputs()
     sbar, lse = pool.pool_fwd(f, pos_out, kt, scale, nsplit=2)
     sbar_ref, lse_ref = REF.pool_fwd(*f64(f, pos_out, kt), scale)
@@ -369,7 +354,34 @@ def _compile_variants():
     w_unit = ("sd_n", "sx_k", "sw_k", "s2_k")
     p_ptr = {"f_ptr": bf, "pos_ptr": bf, "df_ptr": bf}
     p_unit = ("sf_d", "sp_d", "sk_d", "sdf_d")
+    from apm_fast.kernels import gemm_tma, wgrad_tma
+
+    def desc(*block):
+        return f"tensordesc<bf16[{', '.join(str(b) for b in block)}]>"
+
+    t = dict({k: v for k, v in g.items() if k != "EVEN_K"}, B_KMAJOR=True, Y_TMA=True)
+    t_ptr = dict(g_ptr, a_desc=desc(128, 64), b_desc=desc(128, 64), y_desc=desc(128, 128))
+    t_ptr256 = dict(t_ptr, b_desc=desc(256, 64), y_desc=desc(128, 256))
+    t_bwd = dict(t_ptr, b_desc=desc(64, 128))
+    t_unit = ("su_x", "sy_n", "sm_n")
+    wt = dict(w, BLOCK_K=128)
+    wt_ptr = {"dy_desc": desc(64, 128), "x_desc": desc(64, 128), "x2_ptr": "*fp32"}
     return [
+        ("linear TMA 128x256", gemm_tma.gemm_tma_kernel, t_ptr256, dict(t, PROLOGUE=0, EPI_MASK=0, BLOCK_N=256),
+         t_unit, (), 8, 3, True),
+        ("first_layer_linear TMA", gemm_tma.gemm_tma_kernel, t_ptr, dict(t, PROLOGUE=1, EPI_MASK=0), t_unit, (), 8, 3,
+         True),
+        ("linear_bwd_input TMA", gemm_tma.gemm_tma_kernel, t_bwd, dict(t, PROLOGUE=0, EPI_MASK=1, HAS_BIAS=False,
+                                                                       RELU=False, B_KMAJOR=False, Y_TMA=False),
+         t_unit, (), 8, 4, True),
+        ("first_layer_bwd_input TMA", gemm_tma.gemm_tma_kernel, t_bwd, dict(t, PROLOGUE=0, EPI_MASK=2, HAS_BIAS=False,
+                                                                            RELU=False, B_KMAJOR=False),
+         t_unit, (), 8, 3, True),
+        ("first_layer_act", gemm_tma.first_layer_act_kernel, {"p_ptr": bf, "u_ptr": "*fp32", "a_ptr": bf},
+         dict(BLOCK_R=32, BLOCK_H=256), (), (), 4, 1, False),
+        ("linear_bwd_weight TMA", wgrad_tma.wgrad_tma_kernel, wt_ptr, wt, ("sw_k", "s2_k"), (), 8, 4, True),
+        ("first_layer_bwd_weight TMA split-K", wgrad_tma.wgrad_tma_kernel, wt_ptr,
+         dict(wt, X2=1, X_RELU=True, SPLIT=4), ("sw_k", "s2_k"), (), 8, 3, True),
         ("linear", gemm.gemm_kernel, g_ptr, dict(g, PROLOGUE=0, EPI_MASK=0), fwd_unit, (), 8, 3, True),
         ("linear 128x256", gemm.gemm_kernel, g_ptr, dict(g, PROLOGUE=0, EPI_MASK=0, BLOCK_N=256), fwd_unit, (), 8, 3, True),
         ("first_layer_linear", gemm.gemm_kernel, g_ptr, dict(g, PROLOGUE=1, EPI_MASK=0), fwd_unit, (), 8, 3, True),
@@ -406,11 +418,11 @@ def compile_all_for_sm90():
     out = {}
     for name, fn, ptrs, consts, unit, floats, warps, stages, _ in _compile_variants():
         consts = dict(consts, **{a: 1 for a in unit if a in fn.arg_names})   # as Triton specializes unit strides
-        sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*fp32") if a.endswith("_ptr")
+        sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*fp32") if a.endswith(("_ptr", "_desc"))
                    else "fp32" if a in floats else "i32") for a in fn.arg_names}
         # 16-byte aligned pointers and multiple-of-16 sizes/strides, as for the presets' tensors
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if sig[a] not in ("constexpr", "fp32")}
+                 if sig[a] not in ("constexpr", "fp32") and not sig[a].startswith("tensordesc")}
         cc = triton.compile(ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
         out[name] = "wgmma" in cc.asm["ptx"]

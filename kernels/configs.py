@@ -1,0 +1,197 @@
+"""Launch configs of the GEMM and weight-gradient kernels: what a config holds, the candidates,
+the shape heuristic that ranks them, and the lookup in the measured table (``tuned_configs``).
+
+A config names the kernel variant (TMA descriptors or plain pointers, persistent or one tile per
+program, for the first layer the activation fused or materialized) and its tile, warps and
+stages. ``ranked_gemm`` / ``ranked_wgrad`` give the candidates best first for a shape: the table's
+entry for that exact shape first when there is one, then the heuristic order.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ._common import INTERPRET, cdiv
+
+__all__ = ["GemmCfg", "WgradCfg", "ranked_gemm", "ranked_wgrad", "SMEM_BUDGET"]
+
+# H100: 227 KB of shared memory per block; a little is kept for the compiler's own scratch.
+SMEM_BUDGET = 220 * 1024
+
+
+def _from_dict(cls, d):
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)} (known: {sorted(names)})")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class GemmCfg:
+    """C = epilogue(prologue(A) @ B) tiles of bm x bn, bk deep per step.
+
+    tma: operands loaded through TMA descriptors (16-bit tiles straight into shared memory for
+    wgmma) instead of pointer loads. persistent: one program per SM looping over the tiles
+    (otherwise one program per tile). materialize (first_layer_linear only): ReLU(P + u) is
+    written once per chunk of images by an elementwise kernel and the plain GEMM reads it, instead
+    of being built in the A-operand prologue (registers)."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+    group: int = 8
+    tma: bool = False
+    persistent: bool = False
+    materialize: bool = False
+
+    @classmethod
+    def from_dict(cls, d):
+        return _from_dict(cls, d)
+
+    def to_dict(self):
+        return asdict(self)
+
+    def name(self):
+        v = ("tma" + ("-pers" if self.persistent else "")) if self.tma else "ptr"
+        return (f"{v}{'+mat' if self.materialize else ''} {self.bm}x{self.bn}x{self.bk} "
+                f"w{self.warps} s{self.stages} g{self.group}")
+
+    def smem(self, elt: int, out_elt: int = 0) -> int:
+        """Bytes of shared memory: the operand pipeline, plus the output tile for a TMA store."""
+        return self.stages * (self.bm * self.bk + self.bk * self.bn) * elt + self.bm * self.bn * out_elt
+
+
+@dataclass(frozen=True)
+class WgradCfg:
+    """dW tiles of bn x bk reduced over the rows bm at a time, the rows split ``split`` ways
+    (fp32 atomics into a zeroed output when split > 1); tma as for GemmCfg."""
+
+    bn: int
+    bk: int
+    bm: int
+    warps: int
+    stages: int
+    split: int = 1
+    tma: bool = False
+
+    @classmethod
+    def from_dict(cls, d):
+        return _from_dict(cls, d)
+
+    def to_dict(self):
+        return asdict(self)
+
+    def name(self):
+        return (f"{'tma' if self.tma else 'ptr'} {self.bn}x{self.bk} step {self.bm} w{self.warps} "
+                f"s{self.stages} split {self.split}")
+
+    def smem(self, elt: int) -> int:
+        return self.stages * (self.bn * self.bm + self.bm * self.bk) * elt
+
+
+# ------------------------------------------------------------------------------------ GEMM
+# (bm, bn, bk, warps, stages) for 16-bit operands: 128 x 256 for the big batched GEMMs, 128 x 128
+# when one image fills about one wave (fc2 at B = 1: 8 x 16 = 128 tiles on 132 SMs), smaller tiles
+# for fc3 / head at B = 1.
+_TILES16 = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+            (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+# fp32 ("ieee" products on the FMA units): small tiles keep the registers in bounds.
+_TILES32 = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (32, 64, 32, 4, 3)]
+GEMM_INTERP = GemmCfg(16, 16, 16, 4, 1, group=2)
+
+
+def gemm_candidates(elt: int, tma: bool):
+    tiles = _TILES16 if elt <= 2 else _TILES32
+    out = []
+    for bm, bn, bk, w, s in tiles:
+        if tma:
+            out.append(GemmCfg(bm, bn, bk, w, s, tma=True, persistent=True))
+            out.append(GemmCfg(bm, bn, bk, w, s, tma=True))
+        out.append(GemmCfg(bm, bn, bk, w, s))
+    return out
+
+
+def _reuse(a: int, b: int) -> float:
+    """FLOPs per loaded element of an a x b tile, relative to 128 x 256."""
+    return (a * b / (a + b)) / (128 * 256 / 384)
+
+
+def rank_gemm(cands, *, S, NSEG, L, N, sms, elt, out_elt):
+    """Best first by an estimated time: whole waves of tiles, each costing its area over the
+    square root of its operand reuse; TMA preferred (operands straight to shared memory), a
+    persistent loop preferred once there are several waves; configs over the shared-memory budget
+    last."""
+
+    def cost(c):
+        if c.smem(elt, out_elt if c.tma else 0) > SMEM_BUDGET:
+            return float("inf")
+        tiles = S * NSEG * cdiv(L, c.bm) * cdiv(N, c.bn)
+        t = cdiv(tiles, sms) * c.bm * c.bn / _reuse(c.bm, c.bn) ** 0.5
+        if c.tma:
+            t *= 0.8
+            if c.persistent:
+                t *= 0.97 if tiles > 2 * sms else 1.01
+        return t
+
+    return sorted(cands, key=cost)
+
+
+# ------------------------------------------------------------------------------------ weight grads
+_WTILES16 = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
+             (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
+_WTILES32 = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]
+WGRAD_INTERP = WgradCfg(16, 16, 16, 4, 1)
+
+
+def splits_for(tiles: int, rows: int, bm: int, sms: int):
+    """Split factors worth trying for ``tiles`` output tiles over ``rows`` rows: 1, and when the tiles
+    leave SMs idle, the factors that fill one or two waves most evenly (>= 4 steps of bm rows each)."""
+    cap = max(1, rows // (4 * bm))
+    out = {1}
+    if tiles < sms:
+        for waves in (1, 2):
+            k = max(1, min(cap, (waves * sms) // tiles))
+            out.add(k)
+    return sorted(out)
+
+
+def wgrad_candidates(elt: int, tma: bool, *, tiles_of, rows: int, sms: int):
+    """tiles_of(bn, bk) -> output tiles of the problem (all students)."""
+    out = []
+    for bn, bk, bm, w, s in (_WTILES16 if elt <= 2 else _WTILES32):
+        for split in splits_for(tiles_of(bn, bk), rows, bm, sms):
+            if tma:
+                out.append(WgradCfg(bn, bk, bm, w, s, split, tma=True))
+            out.append(WgradCfg(bn, bk, bm, w, s, split))
+    return out
+
+
+def rank_wgrad(cands, *, tiles_of, rows: int, sms: int, elt: int):
+    """Best first by an estimated time: waves of (tile x split) programs, each reducing rows/split
+    rows at a cost of its area over the square root of its reuse, plus the atomic read-modify-write
+    of its tile when split."""
+
+    def cost(c):
+        if c.smem(elt) > SMEM_BUDGET:
+            return float("inf")
+        progs = tiles_of(c.bn, c.bk) * c.split
+        per = cdiv(rows, c.split) * c.bn * c.bk / _reuse(c.bn, c.bk) ** 0.5
+        atomics = c.bn * c.bk * 8 if c.split > 1 else 0
+        t = cdiv(progs, sms) * (per + atomics)
+        return t * (0.8 if c.tma else 1.0)
+
+    return sorted(cands, key=cost)
+
+
+# ------------------------------------------------------------------------------------ the table
+def tuned_entry(prim: str, key: tuple, cls, elt: int):
+    """The measured best config for (prim, *key) from ``tuned_configs.TUNED`` (measured with 16-bit
+    operands on a GPU: not used for fp32 nor under the interpreter), or None."""
+    if INTERPRET or elt > 2:
+        return None
+    from .tuned_configs import TUNED
+
+    d = TUNED.get((prim, *key))
+    return cls.from_dict(d) if d is not None else None

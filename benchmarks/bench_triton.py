@@ -126,8 +126,12 @@ class FlatStudent:
         params = dict(model.named_parameters())
         shapes = [params[n].shape for n in self.names]
         sizes = [params[n].numel() for n in self.names]
+        # every parameter starts on a 128-byte boundary (the GEMM kernels' TMA descriptors need
+        # 16-byte aligned weights; the padding is never read and Adam leaves it at 0)
+        slots = [-(-n // 64) * 64 for n in sizes]
         dev = params[self.names[0]].device
-        self.flat = torch.cat([params[n].detach().float().reshape(-1) for n in self.names])[None].repeat(S, 1)
+        self.flat = torch.cat([F.pad(params[n].detach().float().reshape(-1), (0, k - params[n].numel()))
+                               for n, k in zip(self.names, slots)])[None].repeat(S, 1)
         self.lowp = self.flat.to(cdt)
         self.grad = torch.zeros_like(self.flat)
         self.m, self.v = torch.zeros_like(self.flat), torch.zeros_like(self.flat)
@@ -135,7 +139,7 @@ class FlatStudent:
         self.lr = torch.full((1,), lr, device=dev)
 
         def views(buf):
-            return {n: c.view(S, *sh) for n, c, sh in zip(self.names, buf.split(sizes, dim=1), shapes)}
+            return {n: c[:, :k].view(S, *sh) for n, c, k, sh in zip(self.names, buf.split(slots, dim=1), sizes, shapes)}
 
         low, full = views(self.lowp), views(self.flat)
         # GEMM weights from the bf16 copy (read as is); the small per-image pieces in fp32

@@ -76,7 +76,8 @@ def plot_scaling(doc, path: Path):
         ax.set_xlabel("location queries / patch tokens L")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     if not any(r.get("peak_bytes") is not None for r in rows):
         ax_m.text(0.5, 0.5, "peak memory is measured on CUDA devices only", ha="center",
                   va="center", transform=ax_m.transAxes, fontsize=9)
@@ -117,7 +118,7 @@ def plot_step(doc, path: Path):
                         fontsize=7, color="dimgray", style="italic")
         ax.set_yticks(range(len(rs)))
         ax.set_yticklabels(labels, fontsize=8)
-        ax.invert_yaxis()
+        ax.set_ylim(len(rs) - 0.4, -0.6)
         ax.set_xscale("log")
         ax.set_xlim(xmin, xmax)
         ax.grid(True, axis="x", which="both", alpha=0.3)
@@ -170,17 +171,20 @@ def plot_table4(doc, path: Path):
             f"t={t_max} measured"]
     cells = [[d["model"], d["role"], d["params"], d["peak"], d["flops_1"], d["flops_t"],
               d["measured_t"]] for d in lines] or [["(no rows)"] + [""] * 6]
-    fig = plt.figure(figsize=(15, 2.2 + 0.38 * len(cells) + 3.6))
-    ax_tab = fig.add_axes([0.01, 0.45, 0.98, 0.45])
+    # layout in inches, bottom to top: x label, chart, gap, table, table title, machine line
+    table_h = 0.3 * (len(cells) + 1)
+    chart_h = 3.4
+    height = 0.6 + chart_h + 0.8 + table_h + 0.45 + 0.45
+    fig = plt.figure(figsize=(15, height))
+    ax_tab = fig.add_axes([0.01, (0.6 + chart_h + 0.8) / height, 0.98, table_h / height])
     ax_tab.axis("off")
-    table = ax_tab.table(cellText=cells, colLabels=cols, loc="upper center", cellLoc="left")
+    table = ax_tab.table(cellText=cells, colLabels=cols, cellLoc="left", bbox=[0, 0, 1, 1])
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.auto_set_column_width(list(range(len(cols))))
-    table.scale(1, 1.4)
     ax_tab.set_title("Table 4 re-measured (student and teacher apart; FLOPs analytic unless "
                      "marked; student: plain / rewritten)", fontsize=10)
-    ax = fig.add_axes([0.07, 0.07, 0.6, 0.32])
+    ax = fig.add_axes([0.07, 0.6 / height, 0.6, chart_h / height])
     ts = list(range(1, t_max + 1))
     for r in doc.get("rows", []):
         if r.get("status") != "ok":
@@ -195,10 +199,11 @@ def plot_table4(doc, path: Path):
             ax.plot(ts, fl["analytic"]["by_t"], lw=2, label=r["name"])
     ax.set_yscale("log")
     ax.set_xlabel("TTT steps t")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("FLOPs per image")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(_wrap(_subtitle(doc), 160), fontsize=8, y=0.995)
+    fig.suptitle(_wrap(_subtitle(doc), 160), fontsize=8, y=1 - 0.1 / height, va="top")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

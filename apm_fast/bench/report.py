@@ -109,7 +109,11 @@ def _table(header: List[str], body: List[List[str]]) -> List[str]:
 
 
 def _status_cell(row) -> str:
-    return f"{row['status']}: {row.get('reason', '')}"[:90]
+    return f"{row['status']}: {row.get('reason', '')}"
+
+
+def _tf(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def format_gate(gate) -> List[str]:
@@ -125,6 +129,7 @@ def format_gate(gate) -> List[str]:
 
 
 def format_section(name: str, result: dict) -> List[str]:
+    """The section's table; rows that did not run say why in the last column."""
     rows = result.get("rows", [])
     out = []
     if name == "ttt_step":
@@ -132,45 +137,49 @@ def format_section(name: str, result: dict) -> List[str]:
         for r in rows:
             spec = spec_numbers.H100_TTT_STEP_MS.get(r["key"]) if r["preset"] == "ttt-l14" else None
             if _ok(r):
+                note = "GATE FAILED" if r.get("gate") == "failed" else ""
                 body.append([r["preset"], r["key"], r.get("precision", ""), _fmt_time(r),
-                             fmt_bytes(r.get("peak_bytes")), f"{r['tflops']:.2f}",
+                             fmt_bytes(r.get("peak_bytes")), _tf(r.get("tflops")),
                              _fmt_x(r.get("speedup_vs_eager")), _fmt_x(r.get("speedup_vs_authors")),
-                             r.get("gate", ""), "-" if spec is None else f"{spec} ms"])
+                             r.get("gate", ""), "-" if spec is None else f"{spec} ms", note])
             else:
-                body.append([r["preset"], r["key"], "", _status_cell(r), "", "", "", "", "", ""])
+                body.append([r["preset"], r["key"]] + [""] * 8 + [_status_cell(r)])
         out += _table(["preset", "implementation", "prec", "ms median [p20-p80]", "peak",
-                       "TFLOP/s", "vs eager", "vs authors", "gate", "spec H100"], body)
+                       "TFLOP/s", "vs eager", "vs authors", "gate", "H100 spec", "notes"], body)
     elif name == "forward":
         body = []
         for r in rows:
             if _ok(r):
                 body.append([r["preset"], r["backend"], str(r["batch"]), r["mode"], _fmt_time(r),
-                             f"{r['ms_per_image']:.4f}", f"{r['tflops']:.2f}",
-                             fmt_bytes(r.get("peak_bytes")), _fmt_x(r.get("speedup_vs_reference"))])
-            elif "batch" in r or r.get("status") != "ok":
-                body.append([r["preset"], r["backend"], str(r.get("batch", "")), r.get("mode", ""),
-                             _status_cell(r), "", "", "", ""])
+                             f"{r['ms_per_image']:.4f}", _tf(r.get("tflops")),
+                             fmt_bytes(r.get("peak_bytes")), _fmt_x(r.get("speedup_vs_reference")),
+                             "GATE FAILED" if r.get("gate") == "failed" else ""])
+            else:
+                body.append([r["preset"], r["backend"], str(r.get("batch", "")), r.get("mode", "")]
+                            + [""] * 5 + [_status_cell(r)])
         out += _table(["preset", "backend", "B", "output", "ms median [p20-p80]", "ms/image",
-                       "TFLOP/s", "peak", "vs reference"], body)
+                       "TFLOP/s", "peak", "vs reference", "notes"], body)
     elif name == "throughput":
         body = []
         for r in rows:
             if r.get("status") == "ok" and "images_per_s" in r:
                 body.append([r["preset"], r["key"], f"{r['images_per_s']:.1f}",
                              f"{r['timing']['median_ms']:.2f}", fmt_bytes(r.get("peak_bytes")),
-                             _fmt_x(r.get("speedup_vs_reference"))])
+                             _fmt_x(r.get("speedup_vs_reference")),
+                             "GATE FAILED" if r.get("gate") == "failed" else ""])
             else:
-                body.append([r["preset"], r["key"], _status_cell(r), "", "", ""])
-        out += _table(["preset", "trainer", "images/s", "ms/image", "peak", "vs reference"], body)
+                body.append([r["preset"], r["key"], "", "", "", "", _status_cell(r)])
+        out += _table(["preset", "trainer", "images/s", "ms/image", "peak", "vs reference", "notes"], body)
     elif name == "scaling":
         body = []
         for r in rows:
             if _ok(r):
                 body.append([str(r["queries"]), r["model"], _fmt_time(r), fmt_bytes(r.get("peak_bytes")),
-                             fmt_flops(r.get("flops")), _fmt_x(r.get("speedup_vs_clip"))])
+                             fmt_flops(r.get("flops")), _fmt_x(r.get("speedup_vs_clip")), ""])
             else:
-                body.append([str(r["queries"]), r["model"], _status_cell(r), "", "", ""])
-        out += _table(["queries", "model", "ms median [p20-p80]", "peak", "FLOPs", "APM vs CLIP"], body)
+                body.append([str(r["queries"]), r["model"], "", "", "", "", _status_cell(r)])
+        out += _table(["queries", "model", "ms median [p20-p80]", "peak", "FLOPs", "APM vs CLIP",
+                       "notes"], body)
     elif name == "table4":
         out += format_table4(result)
     for n in result.get("notes", []):
@@ -180,15 +189,21 @@ def format_section(name: str, result: dict) -> List[str]:
     return out
 
 
+def _fmt_params(n) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
+
+
 def table4_rows(result: dict) -> List[Dict[str, str]]:
-    """Table 4 as strings (one dict per line), shared by the printed table and the plot."""
+    """Table 4 as strings (one dict per line), shared by the printed table and the plot. A
+    student row followed by its teacher's row gets a third line with their sum."""
     out = []
-    t_max = result.get("t_max", 20)
+    student = None
     for r in result.get("rows", []):
         if r.get("status") != "ok":
             out.append({"model": r.get("name", "?"), "role": r.get("role", ""), "params": "-",
-                        "peak": r.get("status", ""), "flops_1": r.get("reason", "")[:40],
-                        "flops_t": "", "measured_t": ""})
+                        "peak": "-", "flops_1": "-", "flops_t": "-",
+                        "measured_t": f"{r.get('status', '')}: {r.get('reason', '')}"})
+            student = None
             continue
         peak = r.get("peak_bytes")
         if isinstance(peak, dict):
@@ -207,13 +222,24 @@ def table4_rows(result: dict) -> List[Dict[str, str]]:
             a = fl["analytic"]["by_t"]
             m = fl["measured"]["by_t"]
             one, tt, meas = fmt_flops(a[0]), fmt_flops(a[-1]), fmt_flops(m[-1])
-        out.append({"model": r["name"], "role": r["role"], "params": f"{r['params'] / 1e6:.1f} M",
+        out.append({"model": r["name"], "role": r["role"], "params": _fmt_params(r["params"]),
                     "peak": peak, "flops_1": one, "flops_t": tt, "measured_t": meas})
+        if r["role"] == "teacher" and student is not None:
+            sp = student["flops"]["plain"]["analytic"]["by_t"]
+            sr = student["flops"]["rewritten"]["analytic"]["by_t"]
+            out.append({"model": f"  = student + teacher", "role": "APM total",
+                        "params": _fmt_params(student["params"] + r["params"]), "peak": "",
+                        "flops_1": f"{fmt_flops(sp[0] + a[0])} plain / {fmt_flops(sr[0] + a[0])} rewr.",
+                        "flops_t": f"{fmt_flops(sp[-1] + a[-1])} plain / {fmt_flops(sr[-1] + a[-1])} rewr.",
+                        "measured_t": ""})
+        student = r if r["role"] == "student" else None
     return out
 
 
 def format_table4(result: dict) -> List[str]:
     t_max = result.get("t_max", 20)
+    if not result.get("rows"):
+        return ["(no rows)"]
     body = [[d["model"], d["role"], d["params"], d["peak"], d["flops_1"], d["flops_t"], d["measured_t"]]
             for d in table4_rows(result)]
     return _table(["model", "role", "params", "peak memory", "FLOPs t=1 (analytic)",

@@ -70,15 +70,23 @@ def plot_scaling(doc, path: Path):
                 ax_t.axvline(r["queries"], color=color, ls=":", lw=1)
                 ax_t.annotate(r["status"], (r["queries"], 0.02), xycoords=("data", "axes fraction"),
                               color=color, rotation=90, fontsize=7, ha="right", va="bottom")
+    grids = sorted({(r["queries"], r["grid"]) for r in rows})
+    has_mem = any(r.get("peak_bytes") is not None for r in rows)
     for ax, ylabel in ((ax_t, "forward time per image (ms)"), (ax_m, "peak memory (MB, weights included)")):
         ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("location queries / patch tokens L")
+        if ax is ax_t or has_mem:
+            ax.set_yscale("log")
+        ax.set_xticks([q for q, _ in grids])
+        ax.set_xticklabels([f"{q}\n({g}x{g})" for q, g in grids], fontsize=7)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("location queries / patch tokens L (grid)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    if not any(r.get("peak_bytes") is not None for r in rows):
+    ax_m.set_xlim(ax_t.get_xlim())
+    if not has_mem:
+        ax_m.set_yticks([])
         ax_m.text(0.5, 0.5, "peak memory is measured on CUDA devices only", ha="center",
                   va="center", transform=ax_m.transAxes, fontsize=9)
     ax_t.set_title("time vs number of queries")

@@ -22,8 +22,11 @@ __all__ = ["run", "NAME"]
 NAME = "scaling"
 
 
+_OOM = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", RuntimeError))
+
+
 def _is_oom(exc) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return isinstance(exc, _OOM) or "out of memory" in str(exc).lower()
 
 
 def _apm_point(ctx, cfg, g):

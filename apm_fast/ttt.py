@@ -101,6 +101,12 @@ class TestTimeTrainer:
             self.reset()
         return TTTResult(cls=torch.cat(cls_out), losses=torch.stack(loss_out), seconds=secs)
 
+    def classify(self, images, teacher, classes, *, templates="single", topk: int = 5):
+        """TTT on each image, then zero-shot classification of its pooled feature against the
+        teacher's class embeddings; see :func:`apm_fast.classify.classify`."""
+        from .classify import classify
+        return classify(self, images, teacher, classes, templates=templates, topk=topk)
+
     def _fit_one(self, image, target, backend):
         model = self.model
         self.reset()

@@ -61,6 +61,12 @@ def rgb_split(model, f, t, pos):
 class TorchBackend:
     name = "torch"
 
+    @property
+    def primitives(self):
+        """The plain-PyTorch primitive table: what the TTT engine composes for this backend."""
+        from ..ops.primitives import TorchPrimitives
+        return TorchPrimitives()
+
     def available(self):
         return True, ""
 

@@ -1,0 +1,179 @@
+"""The whole APM forward and backward, composed from a primitive table (spec section 3).
+
+``forward_train`` / ``backward_train`` work on S students at once; the weights come as a dict
+``{model parameter name: (S, *shape) tensor}`` (the names of ``APM.named_parameters()``), so an
+engine can keep them as views of one flat buffer. The backward is written out by hand (no
+autograd): it is the sequence of launches a CUDA graph captures. The small per-image pieces
+(trigger conv, u = W_T T + b1, the pool's q/k~/value/output projections) stay in PyTorch: they
+are a few hundred KFLOP.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .primitives import acc_dtype_for
+
+__all__ = ["FusedCtx", "forward_train", "backward_train", "weight_names", "unfold_patches"]
+
+
+def weight_names(config) -> List[str]:
+    """Parameter names the fused path reads (and trains), in the model's order; no RGB head."""
+    names = ["conv.weight", "conv.bias"]
+    for i in range(len(config.hidden)):
+        names += [f"mlp.{i}.weight", f"mlp.{i}.bias"]
+    names += ["head.weight", "head.bias"]
+    if config.pool:
+        names += ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                  "attn.out_proj.bias", "query"]
+    return names
+
+
+def unfold_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(S, B, C, G*p, G*p) -> (S, B, L, C*p*p), patches in the conv weight's (c, ky, kx) order."""
+    s, b, c, hh, ww = images.shape
+    g_h, g_w = hh // patch, ww // patch
+    x = images.reshape(s, b, c, g_h, patch, g_w, patch)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(s, b, g_h * g_w, c * patch * patch)
+
+
+@dataclass
+class FusedCtx:
+    """What the backward needs; everything else is recomputed."""
+
+    patches: torch.Tensor          # (S, B, L, C p p)  acc
+    t: torch.Tensor                # (S, B, d)         acc: the trigger
+    u: torch.Tensor                # (S, B, H1)        acc
+    p: torch.Tensor                # (S, L, H1)        compute
+    acts: List[torch.Tensor]       # inputs of the layers after the first consumer: (S, M, K) compute
+    f: torch.Tensor                # (S, B, L, D)      compute
+    q: Optional[torch.Tensor]      # (S, D)  acc
+    kt: Optional[torch.Tensor]     # (S, H, D)  acc
+    sbar: Optional[torch.Tensor]   # (S, B, H, D)  acc
+    lse: Optional[torch.Tensor]    # (S, B, H)  acc
+    o: Optional[torch.Tensor]      # (S, B, D)  acc
+    cdt: torch.dtype
+
+
+def _layers(w, config):
+    """[(weight, bias, relu)] of every layer after the first, the head last."""
+    out = [(w[f"mlp.{i}.weight"], w[f"mlp.{i}.bias"], True) for i in range(1, len(config.hidden))]
+    out.append((w["head.weight"], w["head.bias"], False))
+    return out
+
+
+def forward_train(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_in, pos_out,
+                  *, cdt: torch.dtype, need_pool: bool = True, save: bool = True):
+    """z (S, B, D) in the acc dtype (None without pool), f (S, B, L, D) in cdt, and the ctx.
+
+    images: (S, B, C, S_px, S_px); pos_in (L, d) and pos_out (L, D) in cdt; w: weights
+    (S, *shape) in any float dtype (cast to cdt for the GEMMs, to acc for the small pieces).
+    """
+    acc = acc_dtype_for(cdt)
+    s, b = images.shape[:2]
+    d = config.pos_dim
+    L = config.queries
+    patches = unfold_patches(images.to(acc), config.patch)                        # S B L Cpp
+    cw = w["conv.weight"].reshape(s, -1).to(acc)
+    t = torch.einsum("sblk,sk->sbl", patches, cw) + w["conv.bias"].reshape(s, 1, 1).to(acc)
+    w1 = w["mlp.0.weight"]
+    u = torch.bmm(t, w1[:, :, :d].to(acc).transpose(1, 2)) + w["mlp.0.bias"].to(acc)[:, None, :]
+    p = prim.linear(pos_in, w1[:, :, d:].to(cdt), None, out_dtype=cdt)           # S L H1
+    layers = _layers(w, config)
+    acts = []
+    w2, b2, r2 = layers[0]
+    h = prim.first_layer_linear(p, u, w2.to(cdt), b2.to(cdt), relu=r2, out_dtype=cdt)
+    for wk, bk, rk in layers[1:]:
+        acts.append(h)
+        h = prim.linear(h, wk.to(cdt), bk.to(cdt), relu=rk, out_dtype=cdt)
+    f = h.view(s, b, L, config.dim)
+    z = q = kt = sbar = lse = o = None
+    if config.pool and need_pool:
+        dim, heads = config.dim, config.heads
+        dh = dim // heads
+        wq, wk_, wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
+        bq, _, bv = w["attn.in_proj_bias"].to(acc).chunk(3, dim=1)
+        q = torch.einsum("sek,sk->se", wq, w["query"].to(acc)) + bq                 # S D
+        kt = torch.einsum("shd,shdk->shk", q.view(s, heads, dh), wk_.reshape(s, heads, dh, dim))
+        sbar, lse = prim.pool_fwd(f, pos_out, kt, 1.0 / math.sqrt(dh))
+        o = torch.einsum("shdk,sbhk->sbhd", wv.reshape(s, heads, dh, dim), sbar).reshape(s, b, dim) \
+            + bv[:, None, :]
+        wo, bo = w["attn.out_proj.weight"].to(acc), w["attn.out_proj.bias"].to(acc)
+        z = torch.einsum("sbk,sek->sbe", o, wo) + bo[:, None, :]
+    ctx = FusedCtx(patches, t, u, p, acts, f, q, kt, sbar, lse, o, cdt) if save else None
+    return z, f, ctx
+
+
+def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch.Tensor], config,
+                   pos_in, pos_out, *, df_extra: Optional[torch.Tensor] = None,
+                   grad_out: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
+    dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
+    (a dict of preallocated views, e.g. into one flat buffer) the results are copied there."""
+    cdt = ctx.cdt
+    acc = acc_dtype_for(cdt)
+    s, b = ctx.t.shape[:2]
+    L, d, dim = config.queries, config.pos_dim, config.dim
+    g: Dict[str, torch.Tensor] = {}
+    df = None
+    if config.pool and dz is not None:
+        heads = config.heads
+        dh = dim // heads
+        dz = dz.to(acc)
+        wq, wk_, wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
+        wo = w["attn.out_proj.weight"].to(acc)
+        g["attn.out_proj.weight"] = torch.einsum("sbe,sbk->sek", dz, ctx.o)
+        g["attn.out_proj.bias"] = dz.sum(1)
+        do = torch.einsum("sbe,sek->sbk", dz, wo)                                     # S B D
+        wv_h = wv.reshape(s, heads, dh, dim)
+        dwv = torch.einsum("sbhd,sbhk->shdk", do.view(s, b, heads, dh), ctx.sbar).reshape(s, dim, dim)
+        dbv = do.sum(1)
+        dsbar = torch.einsum("shdk,sbhd->sbhk", wv_h, do.view(s, b, heads, dh))
+        df, dkt = prim.pool_bwd(ctx.f, pos_out, ctx.kt, 1.0 / math.sqrt(dh), ctx.sbar, ctx.lse, dsbar,
+                                out_dtype=acc if df_extra is not None else cdt)
+        wk_h = wk_.reshape(s, heads, dh, dim)
+        q_h = ctx.q.view(s, heads, dh)
+        dwk = torch.einsum("shd,shk->shdk", q_h, dkt).reshape(s, dim, dim)
+        dq = torch.einsum("shdk,shk->shd", wk_h, dkt).reshape(s, dim)
+        query = w["query"].to(acc)
+        dwq = torch.einsum("se,sk->sek", dq, query)
+        g["attn.in_proj_weight"] = torch.cat([dwq, dwk, dwv], dim=1)
+        g["attn.in_proj_bias"] = torch.cat([dq, torch.zeros_like(dq), dbv], dim=1)  # key bias cancels
+        g["query"] = torch.einsum("sek,se->sk", wq, dq)
+    if df_extra is not None:
+        df = df_extra.to(acc) if df is None else df + df_extra.to(acc)
+    if df is None:
+        raise ValueError("backward_train: nothing to differentiate (no dz and no df_extra)")
+    dy = df.reshape(s, b * L, dim).to(cdt)
+    layers = _layers(w, config)
+    names = [f"mlp.{i}" for i in range(1, len(config.hidden))] + ["head"]
+    # layers after the first consumer, last to first: their inputs are stored activations
+    for idx in range(len(layers) - 1, 0, -1):
+        wk, _, _ = layers[idx]
+        x = ctx.acts[idx - 1]
+        dw, db = prim.linear_bwd_weight(dy, x)
+        g[f"{names[idx]}.weight"], g[f"{names[idx]}.bias"] = dw, db
+        dy = prim.linear_bwd_input(dy, wk.to(cdt), mask=x, out_dtype=cdt)
+    # first consumer: its input ReLU(P + u) is rebuilt, never stored
+    w2 = layers[0][0].to(cdt)
+    dw, db = prim.first_layer_bwd_weight(dy, ctx.p, ctx.u)
+    g[f"{names[0]}.weight"], g[f"{names[0]}.bias"] = dw, db
+    g1, r = prim.first_layer_bwd_input(dy, w2, ctx.p, ctx.u, out_dtype=cdt)          # S BL H1, S B H1
+    # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
+    g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
+    dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False)
+    dwt = torch.einsum("sbh,sbk->shk", r, ctx.t)
+    g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
+    g["mlp.0.bias"] = r.sum(1)
+    dt = torch.einsum("sbh,shk->sbk", r, w["mlp.0.weight"][:, :, :d].to(acc))      # S B d
+    g["conv.weight"] = torch.einsum("sbl,sblk->sk", dt, ctx.patches).reshape(w["conv.weight"].shape)
+    g["conv.bias"] = dt.sum((1, 2)).reshape(w["conv.bias"].shape)
+    if grad_out is not None:
+        for k, v in g.items():
+            grad_out[k].copy_(v.reshape(grad_out[k].shape))
+        return grad_out
+    return g

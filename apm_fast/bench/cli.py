@@ -1,7 +1,8 @@
-"""The ``apm-fast bench`` and ``apm-fast bench-plot`` subcommands (also ``python -m apm_fast.bench``).
+"""The ``apm-fast bench`` subcommand (also ``python -m apm_fast.bench``).
 
-Registering them in a top-level CLI is one call: ``add_parser(subparsers)``; each parser sets
-``func`` to the function that runs it (``args.func(args)`` returns the exit status).
+Follows the package CLI's contract: ``add_parser(subparsers)`` returns the parser, ``run(args)``
+the exit status (0; 1 when the correctness gate failed; 2 for bad options). ``apm-fast
+bench-plot`` lives in :mod:`apm_fast.bench.plots` with the same contract.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 from .options import SECTIONS
 
-__all__ = ["add_parser", "build_options", "run", "run_plot", "main"]
+__all__ = ["add_parser", "build_options", "run", "main"]
 
 
 def _add_bench_arguments(p: argparse.ArgumentParser):
@@ -86,31 +87,23 @@ def run(args) -> int:
     return 0 if result.gate_passed else 1
 
 
-def run_plot(args) -> int:
-    from .plots import run as plots_run
-
-    return plots_run(args)
-
-
 def add_parser(subparsers):
-    """Add ``bench`` and ``bench-plot`` to an ``argparse`` subparsers object."""
-    from .plots import add_arguments as add_plot_arguments
-
+    """Add ``bench`` to an ``argparse`` subparsers object and return its parser."""
     p = subparsers.add_parser("bench", help="benchmark suite (gate, timings, FLOPs, memory)",
                               description="Correctness gate, then TTT step / throughput / forward / "
                                           "scaling / Table 4, with tables, JSON and plots.")
     _add_bench_arguments(p)
     p.set_defaults(func=run)
-    q = subparsers.add_parser("bench-plot", help="draw PNG plots from benchmark JSON files")
-    add_plot_arguments(q)
-    q.set_defaults(func=run_plot)
     return p
 
 
 def main(argv=None) -> int:
+    from . import plots
+
     parser = argparse.ArgumentParser(prog="python -m apm_fast.bench")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
+    plots.add_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("bench", "bench-plot", "-h", "--help"):
         argv = ["bench"] + argv          # `python -m apm_fast.bench --quick` means `bench --quick`

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import get_backend
-from .amp import autocast, dtype_name
+from .amp import autocast, backend_precision
 
 __all__ = ["TOLERANCES", "UPDATE_TOLERANCE", "UPDATE_TOLERANCE_OWN", "GateCheck", "GateReport", "ReferencePoint",
            "relative_error", "gate_backend", "gate_step"]
@@ -159,7 +159,7 @@ def _cat(tensors: Dict[str, torch.Tensor], names) -> Optional[torch.Tensor]:
 def gate_backend(report: GateReport, preset: str, name: str, model, images, target,
                  point: ReferencePoint, amp_dtype):
     """Forward and gradients of backend ``name`` against the float64 reference."""
-    precision = dtype_name(amp_dtype)
+    amp_dtype, precision = backend_precision(name, model.device, amp_dtype)
     tol_f, tol_g = TOLERANCES[precision]
     backend = get_backend(name, device=model.device)
     m = copy.deepcopy(model)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-__all__ = ["plot_dir", "plot_file", "main"]
+__all__ = ["plot_dir", "plot_file", "add_parser", "run", "main"]
 
 
 def _plt():
@@ -256,6 +256,15 @@ def plot_dir(directory, out_dir=None) -> List[Path]:
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("directory", help="a results folder (e.g. benchmarks/results/<machine>/)")
     p.add_argument("--out", default=None, help="where to write the PNGs (default: beside the JSON)")
+
+
+def add_parser(subparsers):
+    """``apm-fast bench-plot DIR``: add the subcommand and return its parser."""
+    p = subparsers.add_parser("bench-plot", help="draw PNG plots from benchmark JSON files",
+                              description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
 
 
 def run(args) -> int:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..backends.reference import columns
-from .amp import autocast, dtype_name
+from .amp import autocast, backend_precision, dtype_name
 
 __all__ = ["StepImpl", "EagerStep", "CompiledStep", "GraphStep", "AuthorsStyleStep", "EngineStep"]
 
@@ -42,13 +42,15 @@ class StepImpl:
         self.target = target.to(self.device, torch.float32)
         self.lr, self.betas, self.eps = float(lr), tuple(betas), float(eps)
         self.amp_dtype = amp_dtype
+        self._precision = dtype_name(amp_dtype)
         self.snapshot = {k: p.detach().clone() for k, p in self.model.named_parameters()}
         self.opt = None
 
     # -- the common protocol --------------------------------------------------------------
     @property
     def precision(self) -> str:
-        return dtype_name(self.amp_dtype)
+        """The compute precision's label (a key of the gate's tolerance table)."""
+        return self._precision
 
     def prepare(self):
         pass
@@ -92,6 +94,7 @@ class EagerStep(StepImpl):
         super().__init__(model, image, target, **kw)
         self.backend = backend
         self._forward = get_backend(backend, device=self.device).forward
+        self.amp_dtype, self._precision = backend_precision(backend, self.device, self.amp_dtype)
         self.key = "eager" if backend == "reference" else backend
         cuda = self.device.type == "cuda"
         if backend == "reference":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...backends import get_backend
-from ..amp import autocast
+from ..amp import autocast, backend_precision
 from ..context import error_text, free_memory
 from ..flops import apm_flops
 from ..timing import measure, peak_memory
@@ -30,19 +30,20 @@ def run(ctx) -> dict:
                 continue
             form = "plain" if name == "reference" else "rewritten"
             backend = get_backend(name, device=ctx.device)
+            amp, prec = backend_precision(name, ctx.device, ctx.amp_dtype)
             for batch in o.forward_batches:
                 images = ctx.images(preset, batch, offset=200)
                 flops = apm_flops(cfg, form=form, batch=batch)["forward"]
                 for mode in modes:
                     row = dict(base, batch=batch, mode=mode, status="ok", reason="", form=form,
-                               flops=flops)
+                               flops=flops, precision=prec)
                     rows.append(row)
 
                     def fn(want_grid=(mode == "grid")):
                         return backend.forward(model, images, want_grid=want_grid, want_rgb=False)
 
                     try:
-                        with torch.inference_mode(), autocast(ctx.device, ctx.amp_dtype):
+                        with torch.inference_mode(), autocast(ctx.device, amp):
                             with peak_memory(ctx.device) as pm:
                                 timing = measure(fn, device=ctx.device, warmup=o.warmup,
                                                  repeats=o.repeats)

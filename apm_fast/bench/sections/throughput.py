@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...ttt import TestTimeTrainer
-from ..amp import autocast
+from ..amp import autocast, backend_precision
 from ..context import error_text, free_memory
 from ..engine_probe import find_side_by_side
 from ..timing import measure, peak_memory, summarize
@@ -27,14 +27,15 @@ def _targets(ctx, model, images):
 def _one_at_a_time(ctx, preset, name, model, images, targets):
     o = ctx.options
     trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=name)
-    with autocast(ctx.device, ctx.amp_dtype):
+    amp, prec = backend_precision(name, ctx.device, ctx.amp_dtype)
+    with autocast(ctx.device, amp):
         trainer.fit(images[:1], targets[:1])                    # warm-up
         with peak_memory(ctx.device) as pm:
             result = trainer.fit(images, targets)
     samples = [s * 1e3 for s in result.seconds]
     n = len(samples)
     timing = summarize(samples, clock="perf_counter (per image, synchronized)", warmup=1)
-    return {"timing": timing.to_dict(), "images": n, "images_per_s": 1e3 / timing.median_ms,
+    return {"timing": timing.to_dict(), "images": n, "precision": prec, "images_per_s": 1e3 / timing.median_ms,
             "images_per_s_mean": n / sum(result.seconds), "peak_bytes": pm.peak_bytes,
             "final_loss_median": float(result.losses[:, -1].median())}
 

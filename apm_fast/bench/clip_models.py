@@ -6,8 +6,6 @@ width 64) so that the CPU suite stays small; their rows say so.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,48 +13,20 @@ import torch.nn.functional as F
 from .amp import autocast
 from .flops import vit_flops
 
-__all__ = ["import_open_clip", "build_clip", "tower_flops", "text_tower_flops", "tower_params", "tower_patch", "TPTStep",
-           "TINY_VISION", "TINY_TEXT"]
+__all__ = ["import_open_clip", "build_clip", "tower_flops", "text_tower_flops", "tower_params",
+           "tower_patch", "TPTStep", "TINY_VISION", "TINY_TEXT"]
 
 TINY_VISION = dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32)
 TINY_TEXT = dict(context_length=16, vocab_size=1000, width=64, heads=2, layers=2)
 # Image-tower-only builds replace the text tower by this stub: it is never run.
 _TEXT_STUB = dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
 
-_GUARD_LIB = None
-
-
-def _torchvision_guard():
-    """Let ``import torchvision`` (hence open_clip) work on a CPU build of torch paired with a
-    CUDA build of torchvision: register the two operator schemas that torchvision's import
-    expects. A no-op wherever torchvision's own operators are present."""
-    global _GUARD_LIB
-    try:
-        torch._C._dispatch_find_schema_or_throw("torchvision::nms", "")
-        return
-    except RuntimeError:
-        pass
-    if _GUARD_LIB is None:
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _GUARD_LIB = lib
-
 
 def import_open_clip():
-    """open_clip, through the package's own guard when it has one."""
-    try:
-        compat = importlib.import_module("apm_fast._compat")
-    except ImportError:
-        compat = None
-    if compat is not None and hasattr(compat, "import_open_clip"):
-        return compat.import_open_clip()
-    _torchvision_guard()
-    try:
-        return importlib.import_module("open_clip")
-    except ImportError as exc:
-        raise ImportError("open_clip is needed for the CLIP comparisons: pip install open_clip_torch "
-                          f"({exc})") from exc
+    """open_clip, through the package's guard for a CPU torch beside a CUDA torchvision."""
+    from .._compat import import_open_clip as _import
+
+    return _import()
 
 
 def build_clip(name: str, *, device, image_size: int | None = None, quick: bool = False,

@@ -35,6 +35,9 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--scaling-grids", nargs="+", type=int, default=None)
     p.add_argument("--tpt-towers", nargs="*", default=None, help="default: ViT-B-16")
+    p.add_argument("--time-budget", type=float, default=330,
+                   help="soft limit in seconds (default %(default)s): what has not started by then is "
+                        "recorded as skipped, so the run ends within a 420 s device timeout")
     p.add_argument("--quick", action="store_true", help="shrunk sizes (a smoke run)")
     p.add_argument("--commit", default=None, help="the commit measured (the copied tree has no .git)")
     return p.parse_args(argv)
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
         return 2
     kw = dict(device=args.device, out=args.out, repeats=args.repeats, warmup=args.warmup,
               skip=tuple(args.skip), authors_presets=tuple(args.authors_presets),
-              compile_presets=tuple(args.compile_presets))
+              compile_presets=tuple(args.compile_presets), time_budget_s=args.time_budget)
     if args.presets:
         kw["presets"] = tuple(args.presets)
     if args.only:

@@ -43,6 +43,8 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
                    help="query grid sides for the scaling sweep")
     p.add_argument("--tpt-towers", nargs="*", default=None, metavar="MODEL",
                    help="open_clip towers for the TPT rows of Table 4 (default: ViT-B-16)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="soft limit: once spent, what has not started is recorded as skipped")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNGs")
     p.add_argument("--commit", default=None, help="commit to record where the tree has no .git")
 
@@ -56,7 +58,8 @@ def build_options(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or (torch.device(device).type == "cpu" and not args.full)
     kw = dict(device=device, repeats=args.repeats, warmup=args.warmup, skip=tuple(args.skip),
-              out=None if args.no_out else args.out, plots=not args.no_plots)
+              out=None if args.no_out else args.out, plots=not args.no_plots,
+              time_budget_s=args.time_budget)
     if args.preset:
         kw["presets"] = tuple(args.preset)
     if args.only:

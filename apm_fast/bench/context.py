@@ -3,6 +3,7 @@ report, which backends exist, and the deterministic models and inputs of every p
 from __future__ import annotations
 
 import gc
+import time
 import traceback
 from typing import Callable, Dict
 
@@ -59,10 +60,18 @@ class Context:
         self.points = {}
         self.backends = backend_status()
         self.log = log
+        self.started = time.perf_counter()
 
     # -- which paths run ------------------------------------------------------------------
     def skipped(self, key: str) -> bool:
         return key in self.options.skip
+
+    def out_of_time(self) -> str:
+        """"" while the time budget lasts, else the reason to record for what is left out."""
+        budget = self.options.time_budget_s
+        if budget is None or time.perf_counter() - self.started < budget:
+            return ""
+        return f"time budget of {budget:.0f} s spent before this started (--time-budget to change)"
 
     def fast_backends(self):
         """Backends other than the reference, in a fixed order, with their status."""

@@ -40,6 +40,8 @@ class BenchOptions:
     warmup: int = 3
     seed: int = 0
     plots: bool = True
+    # soft limit on the run's wall time: once spent, what has not started is recorded as skipped
+    time_budget_s: Optional[float] = None
     # TTT protocol (spec section 2)
     lr: float = 1e-4
     ttt_steps: int = 20

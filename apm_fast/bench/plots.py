@@ -210,7 +210,8 @@ def plot_table4(doc, path: Path):
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("FLOPs per image")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(_wrap(_subtitle(doc), 160), fontsize=8, y=1 - 0.1 / height, va="top")
     fig.savefig(path, dpi=120)
     plt.close(fig)

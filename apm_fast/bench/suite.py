@@ -111,6 +111,16 @@ def _write(path: Path, doc: dict):
     tmp.replace(path)
 
 
+def _plot(path: Path, log):
+    try:
+        from .plots import plot_file
+
+        return plot_file(path)
+    except Exception as exc:  # a plot must never cost the results
+        log(f"plot of {path.name} failed: {error_text(exc)}")
+        return None
+
+
 def run_suite(options: BenchOptions, log: Callable[[str], None] = print) -> SuiteResult:
     ctx = Context(options, log)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -142,7 +152,10 @@ def run_suite(options: BenchOptions, log: Callable[[str], None] = print) -> Suit
         if out_dir is not None:
             doc = _document(ctx, mod.NAME, finalize(mod.NAME, dict(res), ctx.gate), partial=True,
                             started=started)
-            _write(out_dir / f"{mod.NAME}{suffix}.json", doc)
+            path = out_dir / f"{mod.NAME}{suffix}.json"
+            _write(path, doc)
+            if options.plots:      # drawn now too, so that a run cut short still has its plots
+                _plot(path, log)
 
     suite = SuiteResult(ctx, results, out_dir)
     log("")

@@ -38,6 +38,9 @@ def run(ctx) -> dict:
                     row = dict(base, batch=batch, mode=mode, status="ok", reason="", form=form,
                                flops=flops, precision=prec)
                     rows.append(row)
+                    if ctx.out_of_time():
+                        row.update(status="skipped", reason=ctx.out_of_time())
+                        continue
 
                     def fn(want_grid=(mode == "grid")):
                         return backend.forward(model, images, want_grid=want_grid, want_rgb=False)

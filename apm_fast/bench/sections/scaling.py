@@ -80,6 +80,9 @@ def run(ctx) -> dict:
             if oom[model_key] is not None:
                 row.update(status="skipped", reason=f"ran out of memory at grid {oom[model_key]}")
                 continue
+            if ctx.out_of_time():
+                row.update(status="skipped", reason=ctx.out_of_time())
+                continue
             if model_key == "clip" and patch is None:
                 row.update(status="error", reason=clip_err)
                 continue

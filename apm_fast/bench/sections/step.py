@@ -117,8 +117,11 @@ def run(ctx) -> dict:
         for c in candidates(ctx, preset):
             row = _row(preset, c)
             rows.append(row)
-            if c.factory is None:
-                ctx.log(f"  {preset:8s} {c.key:14s} {c.status}: {c.reason}")
+            late = ctx.out_of_time()
+            if c.factory is not None and late:
+                row.update(status="skipped", reason=late)
+            if row["status"] != "ok":
+                ctx.log(f"  {preset:8s} {c.key:14s} {row['status']}: {row['reason']}")
                 continue
             impl = None
             try:

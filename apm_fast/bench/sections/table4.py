@@ -152,6 +152,9 @@ def run(ctx) -> dict:
     for tower in o.tpt_towers:
         jobs.append(("tpt", tower, lambda t=tower: _tpt(ctx, t)))
     for role, what, job in jobs:
+        if ctx.out_of_time():
+            rows.append({"role": role, "name": what, "status": "skipped", "reason": ctx.out_of_time()})
+            continue
         try:
             row = job()
             ctx.log(f"  {role:8s} {what:10s} params {row['params'] / 1e6:8.2f} M")

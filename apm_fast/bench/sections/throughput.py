@@ -58,6 +58,9 @@ def run(ctx) -> dict:
             if ctx.skipped(name):
                 row.update(status="skipped", reason="excluded by --skip")
                 continue
+            if ctx.out_of_time():
+                row.update(status="skipped", reason=ctx.out_of_time())
+                continue
             try:
                 row.update(_one_at_a_time(ctx, preset, name, model, images, targets))
                 ctx.log(f"  {preset:8s} {name:10s} {row['images_per_s']:10.1f} images/s")
@@ -81,6 +84,9 @@ def _side_by_side(ctx, preset, model, images, targets):
         return row
     if ctx.skipped("engine"):
         row.update(status="skipped", reason="excluded by --skip")
+        return row
+    if ctx.out_of_time():
+        row.update(status="skipped", reason=ctx.out_of_time())
         return row
     try:
         kw = {"steps": o.ttt_steps, "lr": o.lr}

@@ -110,3 +110,75 @@ def test_analytic_flops_match_the_spec_for_ttt_l14():
     assert rew["step"] / 1e9 == pytest.approx(86.5, abs=0.1)
     with pytest.raises(ValueError, match="form"):
         apm_flops(cfg, form="fused")
+
+
+# ---------------------------------------------------------------------- picking up new paths
+def _quick_ctx(**kw):
+    from apm_fast.bench.context import Context
+    from apm_fast.bench.options import BenchOptions
+
+    base = dict(device="cpu", presets=("ttt-b16",), out=None, plots=False, ttt_steps=1,
+                skip=("triton",))
+    base.update(kw)
+    return Context(BenchOptions.quick_defaults(**base), log=lambda s: None)
+
+
+@pytest.fixture
+def one_thread():
+    # two cores shared with other jobs: one thread avoids OpenMP oversubscription stalls
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_new_backend_and_the_engine_are_picked_up(monkeypatch, one_thread):
+    import sys
+    import types
+
+    from apm_fast.backends import _REGISTRY, register_backend
+    from apm_fast.backends.torch_rewrite import TorchBackend
+    from apm_fast.bench.sections import step, throughput
+    from apm_fast.ttt import TestTimeTrainer
+
+    class Late(TorchBackend):
+        name = "late"
+
+        def available(self):
+            return False, "needs the late extension (build it)"
+
+    monkeypatch.setitem(_REGISTRY, "late", Late())
+    engine = types.ModuleType("apm_fast.engine")
+
+    class SideBySideTrainer(TestTimeTrainer):
+        def __init__(self, model, *, students=None, **kw):
+            super().__init__(model, **kw)
+            self.students = students or 4
+
+    engine.SideBySideTrainer = SideBySideTrainer
+    engine.make_step = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "apm_fast.engine", engine)
+
+    ctx = _quick_ctx()
+    assert ctx.backends["late"] == "needs the late extension (build it)"
+    rows = {c.key: c for c in step.candidates(ctx, "ttt-b16")}
+    assert rows["late"].status == "absent" and "late extension" in rows["late"].reason
+    assert rows["late+graph"].status == "absent"
+    assert rows["engine"].status == "absent" and "CUDA" in rows["engine"].reason  # found, CPU here
+    register_backend(type("Now", (TorchBackend,), {"name": "late"})())       # now it can run
+    ctx = _quick_ctx(sections=("throughput",), skip=("triton", "reference", "torch"))
+    rows = {c.key: c for c in step.candidates(ctx, "ttt-b16")}
+    assert rows["late"].status == "ok" and rows["late"].factory is not None
+    rows = {r["key"]: r for r in throughput.run(ctx)["rows"]}
+    assert rows["ttt-late"]["status"] == "ok" and rows["ttt-torch"]["status"] == "skipped"
+    assert rows["engine"]["status"] == "ok" and rows["engine"]["images_per_s"] > 0
+    assert rows["engine"]["students"] == 4
+
+
+def test_time_budget_marks_what_did_not_start():
+    from apm_fast.bench.sections import step
+
+    ctx = _quick_ctx(time_budget_s=0.0)
+    rows = step.run(ctx)["rows"]
+    assert rows and all(r["status"] in ("skipped", "absent") for r in rows)
+    assert any("time budget" in r["reason"] for r in rows)

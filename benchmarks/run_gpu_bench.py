@@ -12,14 +12,16 @@ rest still runs. The exit status is 1 when the correctness gate failed (results 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:       # run from a plain checkout, installed or not
-    sys.path.insert(0, str(_ROOT))
+# An installed package (pip install -e ., which also maps kernels/ to apm_fast.kernels) is used as
+# is; a plain checkout that was never installed is found from here.
+if importlib.util.find_spec("apm_fast") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _parse(argv):

@@ -43,7 +43,7 @@ fi
 
 if has tests; then
   step gpu tests
-  $PY -m pytest -q -x -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+  $PY -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   step "CPU-side tests on the GPU machine (teachers, CLI: healthy torchvision, CUDA default device)"
   $PY -m pytest -q tests/test_teacher.py tests/test_classify.py tests/test_cli.py -p no:cacheprovider 2>&1 \

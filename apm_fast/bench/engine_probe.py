@@ -9,7 +9,7 @@ What is looked for:
   lr, betas, eps)`` returning ``step`` where ``step()`` runs one TTT step (forward, backward,
   Adam) and returns the loss tensor, and ``step.reset()`` puts weights and optimizer state back
   to the values at ``make_step`` time;
-* students side by side: ``apm_fast.engine.SideBySideTrainer(model, steps=, lr=, backend=,
+* students side by side: ``apm_fast.engine.TTTEngine(model, steps=, lr=, backend=,
   students=)`` with ``.fit(images, targets)`` returning an object with ``.cls`` (B x D), like
   :class:`apm_fast.TestTimeTrainer`.
 """
@@ -21,7 +21,7 @@ __all__ = ["ENGINE_MODULE", "find_step_factory", "find_side_by_side"]
 
 ENGINE_MODULE = "apm_fast.engine"
 STEP_ATTR = "make_step"
-SIDE_BY_SIDE_ATTR = "SideBySideTrainer"
+SIDE_BY_SIDE_ATTR = "TTTEngine"
 
 
 def _engine_module():
@@ -51,5 +51,5 @@ def find_step_factory():
 
 
 def find_side_by_side():
-    """(SideBySideTrainer, "") or (None, why it is absent)."""
+    """(TTTEngine, "") or (None, why it is absent)."""
     return _find(SIDE_BY_SIDE_ATTR)

@@ -26,7 +26,9 @@ def _targets(ctx, model, images):
 
 def _one_at_a_time(ctx, preset, name, model, images, targets):
     o = ctx.options
-    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=name)
+    # students=1: one image at a time (through the engine's captured step where the backend has
+    # a primitive table, the plain autograd loop otherwise)
+    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=name, students=1)
     amp, prec = backend_precision(name, ctx.device, ctx.amp_dtype)
     with autocast(ctx.device, amp):
         trainer.fit(images[:1], targets[:1])                    # warm-up

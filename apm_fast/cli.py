@@ -23,6 +23,8 @@ SUBCOMMANDS: Dict[str, str] = {
     "ttt": "apm_fast.commands.ttt",
     "demo": "apm_fast.commands.demo",
     "info": "apm_fast.commands.info",
+    "bench": "apm_fast.bench.cli",
+    "bench-plot": "apm_fast.bench.plots",
 }
 
 

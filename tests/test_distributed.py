@@ -112,6 +112,29 @@ def test_single_process_run_resumes_without_recomputing(tmp_path):
         run_sharded(["x5"], lambda x: 5, out)
 
 
+def test_failed_inputs_get_no_record_and_a_stream_may_finish_out_of_order(tmp_path):
+    out = tmp_path / "out.jsonl"
+    inputs = ["x1", "bad", "x2", "x3"]
+    seen = []
+
+    def stream(todo):                 # a batched pipeline: later inputs may finish first
+        seen.append(list(todo))
+        for j in reversed(range(len(todo))):
+            yield j, (None if todo[j] == "bad" else {"input": todo[j], "v": int(todo[j][1:])})
+
+    run = run_sharded(inputs, stream, out, stream=True)
+    assert seen == [inputs] and run.failed == ["bad"] and run.failed_total == 1 and run.computed == 3
+    assert [r["input"] for r in run.records] == ["x1", "x2", "x3"]
+    assert [(r["input"], r["v"]) for r in read_records(out, "input")] == [("x1", 1), ("x2", 2), ("x3", 3)]
+    seen.clear()
+    run = run_sharded(inputs, stream, out, stream=True)       # only the failed input is tried again
+    assert seen == [["bad"]] and run.skipped == 3 and run.computed == 0
+    run = run_sharded(["x1", "x2"], stream, out, stream=True)
+    assert seen == [["bad"]], "nothing to do: the stream is not started"
+    with pytest.raises(RuntimeError, match="reported twice"):
+        run_sharded(["y1"], lambda todo: [(0, {"a": 1}), (0, {"a": 1})], tmp_path / "o2.jsonl", stream=True)
+
+
 # ------------------------------------------------------------------ mode 2: queries over ranks
 def _reference_grads(model, image, target):
     model.zero_grad(set_to_none=True)

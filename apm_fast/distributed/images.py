@@ -11,6 +11,10 @@ one record per finished image to its own file (flushed + fsynced). After all ran
 files. A rank killed at any point loses at most the image it was computing; rerunning the same
 command finishes the rest, and no input is written twice.
 
+Failed inputs: ``process`` may return ``None`` for an input it could not do (an unreadable
+file, reported by the caller). Such an input gets no record, is not an error at the merge (every
+rank tells rank 0 which inputs failed) and is tried again by a rerun.
+
 The per-rank files live next to the results file, so with several nodes it must be on a
 filesystem every node sees.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, List, Optional, Sequence
 
@@ -37,7 +41,9 @@ DEFAULT_BARRIER_TIMEOUT = timedelta(days=7)
 
 @dataclass
 class ShardedRun:
-    """What one rank did. ``records``: the merged results in input order (rank 0 only)."""
+    """What one rank did. ``records``: the merged results in input order (rank 0 only).
+    ``computed`` counts the records this rank wrote; ``failed``: the keys of this rank's inputs
+    that ``process`` gave up on (no record); ``failed_total``: their number over all ranks."""
 
     rank: int
     world_size: int
@@ -45,6 +51,8 @@ class ShardedRun:
     skipped: int
     computed: int
     records: Optional[List[dict]] = None
+    failed: List[str] = field(default_factory=list)
+    failed_total: int = 0
 
 
 def input_keys(inputs: Sequence, key: Callable | None = None) -> List[str]:
@@ -86,7 +94,7 @@ def _done_keys(out_path, key_field) -> set:
     return done
 
 
-def _merge(out_path, keys, key_field) -> List[dict]:
+def _merge(out_path, keys, key_field, failed=frozenset()) -> List[dict]:
     by_key, order = {}, []
     for src in [out_path] + existing_part_files(out_path):
         for rec in read_records(src, key_field):
@@ -94,22 +102,22 @@ def _merge(out_path, keys, key_field) -> List[dict]:
             if k not in by_key:
                 by_key[k] = rec
                 order.append(k)
-    missing = [k for k in keys if k not in by_key]
+    missing = [k for k in keys if k not in by_key and k not in failed]
     if missing:
         raise RuntimeError(f"results: {len(missing)} input(s) have no record after every rank "
                            f"finished, e.g. {missing[:3]}; rerun the same command to compute them")
     wanted = set(keys)
     # records of inputs not in this run (an earlier run on other images) are kept, after these
-    merged = [by_key[k] for k in keys] + [by_key[k] for k in order if k not in wanted]
-    write_records_atomic(out_path, merged)
+    mine = [by_key[k] for k in keys if k in by_key]
+    write_records_atomic(out_path, mine + [by_key[k] for k in order if k not in wanted])
     shutil.rmtree(parts_dir(out_path), ignore_errors=True)
-    return merged[:len(keys)]
+    return mine
 
 
 def run_sharded(inputs: Sequence, process: Callable[[object], dict], out_path, *,
                 key: Callable | None = None, key_field: str = "input", resume: bool = True,
                 group=None, barrier_timeout: timedelta = DEFAULT_BARRIER_TIMEOUT,
-                progress: Callable[[int], None] | None = None) -> ShardedRun:
+                progress: Callable[[int], None] | None = None, stream: bool = False) -> ShardedRun:
     """Compute ``process(x)`` (a JSON-serializable dict) for every input, spread over the ranks,
     into one JSON Lines file ``out_path`` in input order; see the module docstring.
 
@@ -117,7 +125,11 @@ def run_sharded(inputs: Sequence, process: Callable[[object], dict], out_path, *
     group is best: ranks wait at a barrier for the slowest); ``None``: all ranks, through a gloo
     group made here, with a process group started from torchrun's environment if none exists.
     ``resume=False`` discards earlier results of ``out_path`` first. Each record gets
-    ``key_field`` set to its input's key.
+    ``key_field`` set to its input's key (a record may carry it already, with that value).
+    ``process`` returns ``None`` for an input it gives up on (see the module docstring).
+    ``stream=True``: ``process(share)`` is called once with the list of this rank's inputs still
+    to do and yields ``(position in share, record or None)`` as each finishes, in any order (a
+    batched pipeline); it is not called when there is nothing to do.
     """
     keys = input_keys(inputs, key)
     out_path = os.fspath(out_path)
@@ -148,9 +160,23 @@ def run_sharded(inputs: Sequence, process: Callable[[object], dict], out_path, *
         mine = shard_indices(keys, rank, world)
         done = _done_keys(out_path, key_field)
         todo = [i for i in mine if keys[i] not in done]
+        failed = []
+        if stream:
+            results = process([inputs[i] for i in todo]) if todo else ()
+        else:
+            results = ((j, process(inputs[i])) for j, i in enumerate(todo))
         with RecordWriter(part_path(out_path, rank)) as writer:
-            for i in todo:
-                rec = process(inputs[i])
+            seen = set()
+            for j, rec in results:
+                if j in seen:                  # a stream reporting an input twice would write it twice
+                    raise RuntimeError(f"process: input {keys[todo[j]]!r} was reported twice")
+                seen.add(j)
+                i = todo[j]
+                if rec is None:
+                    failed.append(keys[i])
+                    if progress is not None:
+                        progress(1)
+                    continue
                 if not isinstance(rec, dict):
                     raise TypeError(f"process: expected a dict (one JSON record) for input "
                                     f"{keys[i]!r}, got {type(rec).__name__}")
@@ -161,15 +187,20 @@ def run_sharded(inputs: Sequence, process: Callable[[object], dict], out_path, *
                 writer.append(rec)
                 if progress is not None:
                     progress(1)
-        run = ShardedRun(rank, world, len(mine), len(mine) - len(todo), len(todo))
+        run = ShardedRun(rank, world, len(mine), len(mine) - len(todo), len(seen) - len(failed),
+                         failed=failed, failed_total=len(failed))
         if coord is None:
-            run.records = _merge(out_path, keys, key_field)
+            run.records = _merge(out_path, keys, key_field, set(failed))
             return run
-        dist.barrier(group=coord)              # every rank's file is complete and closed
+        # every rank's file is complete and closed once all have sent their failed keys
+        every = [None] * world
+        dist.all_gather_object(every, failed, group=coord)
+        failed_all = {k for part in every for k in part}
+        run.failed_total = len(failed_all)
         status = [None]
         if rank == 0:
             try:
-                run.records = _merge(out_path, keys, key_field)
+                run.records = _merge(out_path, keys, key_field, failed_all)
             except Exception as exc:           # tell the others instead of leaving them waiting
                 status[0] = f"{type(exc).__name__}: {exc}"
                 dist.broadcast_object_list(status, src=root, group=coord)

@@ -103,7 +103,10 @@ GEMM_INTERP = GemmCfg(16, 16, 16, 4, 1, group=2)
 
 
 def gemm_candidates(elt: int, tma: bool):
+    """Candidates for operands of ``elt`` bytes; TMA ones only for 16-bit operands when ``tma``
+    (fp32 mode exists for accuracy: it keeps the plain pointer kernel)."""
     tiles = _TILES16 if elt <= 2 else _TILES32
+    tma = tma and elt <= 2
     out = []
     for bm, bn, bk, w, s in tiles:
         if tma:
@@ -158,7 +161,8 @@ def splits_for(tiles: int, rows: int, bm: int, sms: int):
 
 
 def wgrad_candidates(elt: int, tma: bool, *, tiles_of, rows: int, sms: int):
-    """tiles_of(bn, bk) -> output tiles of the problem (all students)."""
+    """tiles_of(bn, bk) -> output tiles of the problem (all students); TMA only for 16-bit operands."""
+    tma = tma and elt <= 2
     out = []
     for bn, bk, bm, w, s in (_WTILES16 if elt <= 2 else _WTILES32):
         for split in splits_for(tiles_of(bn, bk), rows, bm, sms):

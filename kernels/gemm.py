@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import _common as _c
 from ._common import INTERPRET, as_rows, cdiv, descriptor, dot_precision, sm_count, tl_dtype, tma_ok
-from .configs import GEMM_INTERP, GemmCfg, gemm_candidates, rank_gemm, tuned_entry
+from .configs import GEMM_INTERP, SMEM_BUDGET, GemmCfg, gemm_candidates, rank_gemm, tuned_entry
 from .gemm_tma import first_layer_act_kernel, gemm_tma_kernel
 
 __all__ = ["linear", "first_layer_linear", "linear_bwd_input", "first_layer_bwd_input", "first_layer_act",
@@ -155,7 +155,9 @@ class _Gemm:
         return True
 
     def y_tma(self, cfg: GemmCfg) -> bool:
-        return tma_ok(self.y2) and (self.S * self.NSEG == 1 or self.L % cfg.bm == 0)
+        """Store through TMA: the tiles cannot run past a segment, and the staging tile fits."""
+        return (tma_ok(self.y2) and (self.S * self.NSEG == 1 or self.L % cfg.bm == 0)
+                and cfg.smem(self.elt, self.y.element_size()) <= SMEM_BUDGET)
 
     def ok(self, cfg: GemmCfg) -> bool:
         return not cfg.tma or self.tma_ok(cfg)

@@ -245,3 +245,61 @@ def test_variant_override_forbids_tma(monkeypatch):
     x, w = rand(1, 48, 40), rand(1, 24, 40)
     prob = gemm._linear_problem(x, w, None, torch.empty(1, 48, 24, device=DEV), relu=False, S=1, M=48, N=24, K=40)
     assert prob.ranked() and not any(c.tma for c in prob.ranked())
+
+
+def test_backward_writes_weight_grads_in_place_with_the_triton_table():
+    """backward_train with grad_out (views of one flat fp32 buffer): the Triton table's weight-gradient
+    kernels get the views as out= (nothing copied) and the result equals the returned gradients; a
+    table without ``wgrad_out`` gets the copy path, with the same result."""
+    from apm_fast.backends.triton_backend import TritonPrimitives
+    from apm_fast.config import APMConfig
+    from apm_fast.model import APM
+    from apm_fast.ops import backward_train, forward_train, weight_names
+
+    cfg = APMConfig(grid=4, patch=2, hidden=(24, 16, 8), dim=8, heads=2)
+    torch.manual_seed(9)
+    model = APM(cfg, dtype=torch.float32, device=DEV)
+    names = weight_names(cfg)
+    params = dict(model.named_parameters())
+    w = {n: params[n].detach()[None] for n in names}
+    pos_in, pos_out = model.pos_in(), model.pos_out()
+    images = rand(1, 2, 3, 8, 8)
+
+    class Spy(TritonPrimitives):
+        outs = []
+
+        def linear_bwd_weight(self, dy, x, **kw):
+            self.outs.append(kw.get("out") is not None)
+            return super().linear_bwd_weight(dy, x, **kw)
+
+    class NoOut:
+        """A table of the older contract: its weight gradients take no out=."""
+        wgrad_out = False
+
+        def __init__(self):
+            self.t = TritonPrimitives()
+
+        def __getattr__(self, name):
+            return getattr(self.t, name)
+
+        def linear_bwd_weight(self, dy, x, *, bias=True):
+            return self.t.linear_bwd_weight(dy, x, bias=bias)
+
+        def first_layer_bwd_weight(self, dy, p, u, *, bias=True):
+            return self.t.first_layer_bwd_weight(dy, p, u, bias=bias)
+
+    results = []
+    for prim in (Spy(), NoOut()):
+        z, _, ctx = forward_train(prim, w, images, cfg, pos_in, pos_out, cdt=torch.float32)
+        dz = torch.ones_like(z)
+        g = backward_train(prim, w, ctx, dz, cfg, pos_in, pos_out)
+        sizes = [w[n].numel() for n in names]
+        flat = torch.full((1, sum(sizes)), float("nan"), device=DEV)
+        views = {n: c.view(w[n].shape) for n, c in zip(names, flat.split(sizes, dim=1))}
+        z, _, ctx = forward_train(prim, w, images, cfg, pos_in, pos_out, cdt=torch.float32)
+        backward_train(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=views)
+        for n in names:
+            torch.testing.assert_close(views[n], g[n], rtol=1e-5, atol=1e-6, msg=n)
+        results.append(flat)
+    assert Spy.outs[-3:] == [True, True, True], "head, fc3 and dW_P went straight into the buffer"
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)

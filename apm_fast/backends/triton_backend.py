@@ -79,12 +79,26 @@ def _out_dtype(name, dt):
         raise TypeError(f"{name}: expected None or one of {[str(d) for d in _FLOATS]}, got {dt}")
 
 
+def _check_out(out, out_db, shape, bias):
+    """The weight-gradient outputs, when given: fp32 (what the kernels accumulate), the result's shape."""
+    for name, t, shp in (("out", out, shape), ("out_db", out_db if bias else None, shape[:2])):
+        if t is None:
+            continue
+        _t(name, t, (len(shp),), (torch.float32,))
+        _shape(name, t, shp)
+
+
+def _copy_out(value, out):
+    return value if out is None else out.copy_(value)
+
+
 class TritonPrimitives:
     """The primitive table on Triton kernels; see :class:`apm_fast.ops.TorchPrimitives` for the
     semantics of every method. ``use_custom_ops``: None (default) routes through the
     ``torch.library`` ops only while ``torch.compile`` traces; True/False force it."""
 
     name = "triton"
+    wgrad_out = True       # the weight-gradient kernels write straight into given buffers
 
     def __init__(self, use_custom_ops: bool | None = None):
         self.use_custom_ops = use_custom_ops
@@ -161,29 +175,32 @@ class TritonPrimitives:
             return ops.linear_bwd_input(dy, w, mask, out_dtype)
         return _kernels()["gemm"].linear_bwd_input(dy, w, mask=mask, out_dtype=out_dtype)
 
-    def linear_bwd_weight(self, dy, x, *, bias=True):
+    def linear_bwd_weight(self, dy, x, *, bias=True, out=None, out_db=None):
         _t("dy", dy, (3,))
         _t("x", x, (2, 3))
-        s, m, _ = dy.shape
+        s, m, n = dy.shape
         _shape("x", x, (m, None) if x.dim() == 2 else (s, m, None))
-        _same_device(dy=dy, x=x)
+        _check_out(out, out_db, (s, n, x.shape[-1]), bias)
+        _same_device(dy=dy, x=x, out=out, out_db=out_db)
         ops = self._ops()
         if ops is not None:
             dw, db = ops.linear_bwd_weight(dy, x, bias)
-            return dw, (db if bias else None)
-        return _kernels()["wgrad"].linear_bwd_weight(dy, x, bias=bias)
+            return _copy_out(dw, out), (_copy_out(db, out_db) if bias else None)
+        return _kernels()["wgrad"].linear_bwd_weight(dy, x, bias=bias, out=out, out_db=out_db if bias else None)
 
-    def first_layer_bwd_weight(self, dy, p, u, *, bias=True):
+    def first_layer_bwd_weight(self, dy, p, u, *, bias=True, out=None, out_db=None):
         self._check_first(p, u)
         _t("dy", dy, (3,))
-        s, l, _ = p.shape
+        s, l, h1 = p.shape
         _shape("dy", dy, (s, u.shape[1] * l, None))
-        _same_device(dy=dy, p=p, u=u)
+        _check_out(out, out_db, (s, dy.shape[2], h1), bias)
+        _same_device(dy=dy, p=p, u=u, out=out, out_db=out_db)
         ops = self._ops()
         if ops is not None:
             dw, db = ops.first_layer_bwd_weight(dy, p, u, bias)
-            return dw, (db if bias else None)
-        return _kernels()["wgrad"].first_layer_bwd_weight(dy, p, u, bias=bias)
+            return _copy_out(dw, out), (_copy_out(db, out_db) if bias else None)
+        return _kernels()["wgrad"].first_layer_bwd_weight(dy, p, u, bias=bias, out=out,
+                                                          out_db=out_db if bias else None)
 
     def first_layer_bwd_input(self, dy, w, p, u, *, out_dtype=None):
         self._check_first(p, u)

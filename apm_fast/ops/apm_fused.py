@@ -114,7 +114,9 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
                    release: bool = False) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
-    (a dict of preallocated views, e.g. into one flat buffer) the results are copied there.
+    (a dict of preallocated views, e.g. into one flat buffer) the results land there: written in
+    place by the weight-gradient primitives of a table with ``wgrad_out`` (no temporary, no copy),
+    copied otherwise.
     ``release``: drop each activation saved in ``ctx`` once its last use is past (lower peak
     memory; ``ctx`` cannot be used again)."""
     cdt = ctx.cdt
@@ -162,29 +164,43 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
     names = [f"mlp.{i}" for i in range(1, len(config.hidden))] + ["head"]
     # layers after the first consumer, last to first: their inputs are stored activations
     for idx in range(len(layers) - 1, 0, -1):
-        wk, _, _ = layers[idx]
+        wk, bk, _ = layers[idx]
         x = ctx.acts[idx - 1]
-        dw, db = prim.linear_bwd_weight(dy, x)
-        g[f"{names[idx]}.weight"], g[f"{names[idx]}.bias"] = dw, db
-        dw = db = None             # (with grad_out: already copied; the next one may reuse it)
+        into = _direct(prim, grad_out, acc, (f"{names[idx]}.weight", wk.shape), (f"{names[idx]}.bias", bk.shape))
+        if into is not None:       # written in place by the kernel: no temporary, no copy
+            prim.linear_bwd_weight(dy, x, out=into[0], out_db=into[1])
+        else:
+            dw, db = prim.linear_bwd_weight(dy, x)
+            g[f"{names[idx]}.weight"], g[f"{names[idx]}.bias"] = dw, db
+            dw = db = None         # (with grad_out: already copied; the next one may reuse it)
         dy = prim.linear_bwd_input(dy, wk.to(cdt), mask=x, out_dtype=cdt)
         if release:
             ctx.acts[idx - 1] = x = None
     # first consumer: its input ReLU(P + u) is rebuilt, never stored
     w2 = layers[0][0].to(cdt)
-    dw, db = prim.first_layer_bwd_weight(dy, ctx.p, ctx.u)
-    g[f"{names[0]}.weight"], g[f"{names[0]}.bias"] = dw, db
-    dw = db = None
+    into = _direct(prim, grad_out, acc, (f"{names[0]}.weight", layers[0][0].shape),
+                   (f"{names[0]}.bias", layers[0][1].shape))
+    if into is not None:
+        prim.first_layer_bwd_weight(dy, ctx.p, ctx.u, out=into[0], out_db=into[1])
+    else:
+        dw, db = prim.first_layer_bwd_weight(dy, ctx.p, ctx.u)
+        g[f"{names[0]}.weight"], g[f"{names[0]}.bias"] = dw, db
+        dw = db = None
     g1, r = prim.first_layer_bwd_input(dy, w2, ctx.p, ctx.u, out_dtype=cdt)          # S BL H1, S B H1
     dy = None
     if release:
         ctx.p = None
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
-    dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False)
+    wp_view = grad_out["mlp.0.weight"][:, :, d:] if grad_out is not None else None
+    if _direct(prim, grad_out, acc) is not None and wp_view.dtype == acc:
+        prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
+        dwp = None
+    else:
+        dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False)
     g1 = g1_sum_b = None
-    if grad_out is not None:       # the two halves straight into place: no (H1 x 2d) temporary
-        grad_out["mlp.0.weight"][:, :, d:].copy_(dwp)
+    if grad_out is not None and dwp is not None:   # the two halves straight into place: no (H1 x 2d) temporary
+        wp_view.copy_(dwp)
         dwp = None
     dwt = torch.einsum("sbh,sbk->shk", r, ctx.t)
     if grad_out is None:
@@ -197,6 +213,21 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
     g["conv.weight"] = torch.einsum("sbl,sblk->sk", dt, ctx.patches).reshape(w["conv.weight"].shape)
     g["conv.bias"] = dt.sum((1, 2)).reshape(w["conv.bias"].shape)
     return grad_out if grad_out is not None else g
+
+
+def _direct(prim, grad_out, acc, *named):
+    """The views of ``grad_out`` that ``prim``'s weight-gradient primitives can write into directly
+    (``named``: (name, expected shape) pairs; with none, whether the table can at all), or None when
+    the results must be copied (no grad_out, a table without ``wgrad_out``, another dtype or shape)."""
+    if grad_out is None or not getattr(prim, "wgrad_out", False):
+        return None
+    views = []
+    for name, shape in named:
+        v = grad_out[name]
+        if v.dtype != acc or tuple(v.shape) != tuple(shape):
+            return None
+        views.append(v)
+    return views
 
 
 class _GradSink:

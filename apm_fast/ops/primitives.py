@@ -16,7 +16,10 @@ Conventions
   (b, l) with l fastest.
 * GEMM operands are in the *compute dtype* (bf16 on GPU by default; fp32; fp64 in CPU tests);
   accumulation is at least fp32. Outputs are in ``out_dtype`` (default: the operands' dtype).
-* Weight and bias gradients are returned in ``acc_dtype`` (fp32, or fp64 for fp64 operands).
+* Weight and bias gradients are returned in ``acc_dtype`` (fp32, or fp64 for fp64 operands). A
+  table whose ``wgrad_out`` attribute is True also takes ``out`` / ``out_db`` on the weight-gradient
+  primitives: preallocated tensors (acc dtype, any strides, e.g. views of one flat gradient buffer)
+  that receive the results and are returned; the driver then needs no copy.
 * No primitive may keep state between calls (graph capture replays them).
 """
 from __future__ import annotations
@@ -36,10 +39,20 @@ def _bcast(x: torch.Tensor, s: int) -> torch.Tensor:
     return x.unsqueeze(0).expand(s, *x.shape) if x.dim() == 2 else x
 
 
+def _into(value, out):
+    """``value``, or ``out`` holding it when given (the out= convention of the weight gradients)."""
+    if out is None or value is None:
+        return value
+    if tuple(out.shape) != tuple(value.shape):
+        raise ValueError(f"out: expected shape {tuple(value.shape)}, got {tuple(out.shape)}")
+    return out.copy_(value)
+
+
 class TorchPrimitives:
     """Plain PyTorch primitives (any device, any dtype)."""
 
     name = "torch"
+    wgrad_out = True       # linear_bwd_weight / first_layer_bwd_weight take out= / out_db=
 
     # ---------------------------------------------------------------- forward GEMMs
     def linear(self, x, w, b=None, *, relu=False, out_dtype=None):
@@ -81,17 +94,18 @@ class TorchPrimitives:
             dx = dx * (mask > 0)
         return dx.to(out_dtype)
 
-    def linear_bwd_weight(self, dy, x, *, bias=True):
+    def linear_bwd_weight(self, dy, x, *, bias=True, out=None, out_db=None):
         """dw = sum_m dy[m]^T x[m] and db = sum_m dy[m].  dy: (S, M, N); x: (S, M, K) or shared
-        (M, K). Returns (dw (S, N, K), db (S, N) or None) in the acc dtype."""
+        (M, K). Returns (dw (S, N, K), db (S, N) or None) in the acc dtype; with ``out`` (and
+        ``out_db`` when bias) the results are written there and those tensors returned."""
         acc = acc_dtype_for(dy.dtype)
         dw = torch.bmm(dy.to(acc).transpose(1, 2), _bcast(x, dy.shape[0]).to(acc))
         db = dy.to(acc).sum(1) if bias else None
-        return dw, db
+        return _into(dw, out), _into(db, out_db)
 
-    def first_layer_bwd_weight(self, dy, p, u, *, bias=True):
+    def first_layer_bwd_weight(self, dy, p, u, *, bias=True, out=None, out_db=None):
         """linear_bwd_weight with x = ReLU(p + u) rebuilt on the fly (see first_layer_linear)."""
-        return self.linear_bwd_weight(dy, self.first_layer_act(p, u), bias=bias)
+        return self.linear_bwd_weight(dy, self.first_layer_act(p, u), bias=bias, out=out, out_db=out_db)
 
     def first_layer_bwd_input(self, dy, w, p, u, *, out_dtype=None):
         """g1 = (dy w) * (p[l] + u[b] > 0): the gradient at the first layer's pre-activation,

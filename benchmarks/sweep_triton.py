@@ -61,7 +61,8 @@ def problem_list(preset_name, sets=SETS):
             if name.startswith("P ") and B != 1:
                 continue      # P and dW_P do not depend on B
             out.append((name, S, B))
-    return out
+    # the forward GEMMs of every (S, B) first: if the budget runs out, the backward ones go
+    return sorted(out, key=lambda p: ("bwd" in p[0] or "P linear_bwd" in p[0]))
 
 
 def dims(preset_name):

@@ -3,8 +3,8 @@ the shape heuristic that ranks them, and the lookup in the measured table (``tun
 
 A config names the kernel variant (TMA descriptors or plain pointers, persistent or one tile per
 program, for the first layer the activation fused or materialized) and its tile, warps and
-stages. ``ranked_gemm`` / ``ranked_wgrad`` give the candidates best first for a shape: the table's
-entry for that exact shape first when there is one, then the heuristic order.
+stages. ``rank_gemm`` / ``rank_wgrad`` order the candidates best first for a shape by a cheap cost
+estimate; the table's entry for that exact shape (``tuned_entry``) is used instead when there is one.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 
 from ._common import INTERPRET, cdiv
 
-__all__ = ["GemmCfg", "WgradCfg", "ranked_gemm", "ranked_wgrad", "SMEM_BUDGET"]
+__all__ = ["GemmCfg", "WgradCfg", "gemm_candidates", "rank_gemm", "wgrad_candidates", "rank_wgrad", "tuned_entry",
+           "SMEM_BUDGET"]
 
 # H100: 227 KB of shared memory per block; a little is kept for the compiler's own scratch.
 SMEM_BUDGET = 220 * 1024

@@ -23,6 +23,7 @@ class BackendUnavailable(RuntimeError):
 _LAZY: Dict[str, str] = {
     "reference": "apm_fast.backends.reference",
     "torch": "apm_fast.backends.torch_rewrite",
+    "cuda": "apm_fast.backends.cuda_backend",
 }
 _REGISTRY: Dict[str, object] = {}
 

@@ -59,13 +59,15 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
     const T* g = grads.data_ptr<T>();
     T* m = exp_avg.data_ptr<T>();
     T* v = exp_avg_sq.data_ptr<T>();
+    // 1 - beta in double, then rounded (as torch does): 1.0f - 0.999f is off by 1e-5 relative
     const T b1 = static_cast<T>(beta1), b2 = static_cast<T>(beta2), ep = static_cast<T>(eps);
+    const T omb1 = static_cast<T>(1.0 - beta1), omb2 = static_cast<T>(1.0 - beta2);
     const T ss = static_cast<T>(step_size), bc2s = static_cast<T>(bc2_sqrt);
     at::parallel_for(0, params.numel(), 4096, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const T gi = g[i];
-        const T mi = b1 * m[i] + (T(1) - b1) * gi;
-        const T vi = b2 * v[i] + (T(1) - b2) * gi * gi;
+        const T mi = b1 * m[i] + omb1 * gi;
+        const T vi = b2 * v[i] + omb2 * gi * gi;
         m[i] = mi;
         v[i] = vi;
         p[i] -= ss * mi / (std::sqrt(vi) / bc2s + ep);

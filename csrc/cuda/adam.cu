@@ -16,19 +16,20 @@ template <typename TL>
 __global__ void __launch_bounds__(256)
     adam_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                 float* __restrict__ v, TL* __restrict__ lowp, int64_t n,
-                const float* __restrict__ step, const float* __restrict__ lr, float beta1,
-                float beta2, float eps) {
+                const float* __restrict__ step, const float* __restrict__ lr, double beta1,
+                double beta2, float omb1, float omb2, float eps) {
   // The bias corrections in double, once per thread (as torch computes them on the host).
   const double t = static_cast<double>(*step);
-  const double bc1 = 1.0 - pow(static_cast<double>(beta1), t);
-  const double bc2 = 1.0 - pow(static_cast<double>(beta2), t);
+  const double bc1 = 1.0 - pow(beta1, t);
+  const double bc2 = 1.0 - pow(beta2, t);
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
   const float step_size = static_cast<float>(static_cast<double>(*lr) / bc1);
   const float bc2_sqrt = static_cast<float>(sqrt(bc2));
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float gi = g[i];
-    const float mi = fmaf(beta1, m[i], (1.0f - beta1) * gi);
-    const float vi = fmaf(beta2, v[i], (1.0f - beta2) * gi * gi);
+    const float mi = fmaf(b1, m[i], omb1 * gi);
+    const float vi = fmaf(b2, v[i], omb2 * gi * gi);
     m[i] = mi;
     v[i] = vi;
     const float pi = p[i] - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
@@ -40,7 +41,7 @@ __global__ void __launch_bounds__(256)
 }  // namespace
 
 cudaError_t adam(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, int64_t n,
-                 const float* step, const float* lr, float beta1, float beta2, float eps,
+                 const float* step, const float* lr, double beta1, double beta2, double eps,
                  void* lowp, DType lowp_t, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   const int threads = 256;
@@ -49,7 +50,8 @@ cudaError_t adam(float* params, const float* grads, float* exp_avg, float* exp_a
   return APM_DISPATCH_DTYPE(lowp_t, TL, [&] {
     adam_kernel<TL><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
         params, grads, exp_avg, exp_avg_sq, static_cast<TL*>(lowp), n, step, lr, beta1, beta2,
-        eps);
+        // 1 - beta in double, then rounded (as torch does): 1.0f - 0.999f is off by 1e-5 relative
+        static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2), static_cast<float>(eps));
     return launch_status();
   });
 }

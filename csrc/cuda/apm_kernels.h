@@ -108,7 +108,7 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
 // number `step` (1 for the first) and `lr` are read from device memory. When `lowp` is not null it
 // receives the new parameters in dtype lowp_t.
 cudaError_t adam(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, int64_t n,
-                 const float* step, const float* lr, float beta1, float beta2, float eps,
+                 const float* step, const float* lr, double beta1, double beta2, double eps,
                  void* lowp, DType lowp_t, cudaStream_t stream);
 
 }  // namespace apm

@@ -172,8 +172,7 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
   const c10::cuda::OptionalCUDAGuard guard(params.device());
   check_cuda_status(apm::adam(params.data_ptr<float>(), grads.data_ptr<float>(),
                               exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), params.numel(),
-                              step.data_ptr<float>(), lr.data_ptr<float>(), static_cast<float>(beta1),
-                              static_cast<float>(beta2), static_cast<float>(eps), lp, lp_t,
+                              step.data_ptr<float>(), lr.data_ptr<float>(), beta1, beta2, eps, lp, lp_t,
                               current_stream(params)),
                     fn, "the kernel launch");
 }

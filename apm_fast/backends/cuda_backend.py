@@ -4,7 +4,7 @@ the flat Adam), compiled into ``apm_fast._C_cuda``.
 
 This layer only allocates outputs and brings inputs to the layouts the kernels take (compute
 dtype, unit-stride rows); the C++ bindings check every argument. Outputs are allocated with
-``torch.empty`` and written completely by the kernels.
+``_empty`` (``torch.empty``) and written completely by the kernels.
 """
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ def _availability():
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)"
     return True, ""
+
+
+def _empty(*shape, dtype, device):
+    """Every output of this backend is allocated here (tests swap in a NaN-filled allocation to
+    catch an element a kernel does not write)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _cdt(w: torch.Tensor, fn: str) -> torch.dtype:
@@ -67,7 +73,7 @@ class CudaPrimitives:
         cdt = _cdt(w, "linear")
         w = _rows(w, cdt)
         s, n = w.shape[0], w.shape[1]
-        out = torch.empty(s, x.shape[-2], n, dtype=out_dtype or cdt, device=w.device)
+        out = _empty(s, x.shape[-2], n, dtype=out_dtype or cdt, device=w.device)
         self.ext.linear(_rows(x, cdt), w, None if b is None else b.to(cdt).contiguous(), bool(relu), out)
         return out
 
@@ -80,7 +86,7 @@ class CudaPrimitives:
         cdt = _cdt(p, "first_layer_act")
         p = p.contiguous()
         s, l, h1 = p.shape
-        a = torch.empty(s, u.shape[1] * l, h1, dtype=cdt, device=p.device)
+        a = _empty(s, u.shape[1] * l, h1, dtype=cdt, device=p.device)
         self.ext.first_layer_act(p, _acc(u), a)
         return a
 
@@ -88,7 +94,7 @@ class CudaPrimitives:
     def linear_bwd_input(self, dy, w, *, mask=None, out_dtype=None):
         cdt = _cdt(w, "linear_bwd_input")
         w = _rows(w, cdt)
-        out = torch.empty(dy.shape[0], dy.shape[1], w.shape[2], dtype=out_dtype or cdt, device=w.device)
+        out = _empty(dy.shape[0], dy.shape[1], w.shape[2], dtype=out_dtype or cdt, device=w.device)
         self.ext.linear_bwd_input(_rows(dy, cdt), w, None if mask is None else _rows(mask, cdt), out)
         return out
 
@@ -97,8 +103,8 @@ class CudaPrimitives:
         dy = dy.contiguous()
         x = x.to(cdt).contiguous()
         s, _, n = dy.shape
-        dw = torch.empty(s, n, x.shape[-1], dtype=torch.float32, device=dy.device)
-        db = torch.empty(s, n, dtype=torch.float32, device=dy.device) if bias else None
+        dw = _empty(s, n, x.shape[-1], dtype=torch.float32, device=dy.device)
+        db = _empty(s, n, dtype=torch.float32, device=dy.device) if bias else None
         self.ext.linear_bwd_weight(dy, x, dw, db)
         return dw, db
 
@@ -111,8 +117,8 @@ class CudaPrimitives:
         p = p.to(cdt).contiguous()
         s, l, h1 = p.shape
         b = u.shape[1]
-        g1 = torch.empty(s, b * l, h1, dtype=out_dtype or cdt, device=w.device)
-        r = torch.empty(s, b, h1, dtype=torch.float32, device=w.device)
+        g1 = _empty(s, b * l, h1, dtype=out_dtype or cdt, device=w.device)
+        r = _empty(s, b, h1, dtype=torch.float32, device=w.device)
         self.ext.first_layer_bwd_input(_rows(dy, cdt), w, p, _acc(u), g1, r)
         return g1, r
 
@@ -122,8 +128,8 @@ class CudaPrimitives:
         f = f.contiguous()
         s, b, _, d = f.shape
         h = kt.shape[1]
-        sbar = torch.empty(s, b, h, d, dtype=torch.float32, device=f.device)
-        lse = torch.empty(s, b, h, dtype=torch.float32, device=f.device)
+        sbar = _empty(s, b, h, d, dtype=torch.float32, device=f.device)
+        lse = _empty(s, b, h, dtype=torch.float32, device=f.device)
         self.ext.pool_fwd(f, pos_out.to(f.dtype).contiguous(), _acc(kt), float(scale), sbar, lse)
         return sbar, lse
 
@@ -131,8 +137,8 @@ class CudaPrimitives:
         _cdt(f, "pool_bwd")
         f = f.contiguous()
         s, _, _, d = f.shape
-        df = torch.empty(f.shape, dtype=out_dtype or f.dtype, device=f.device)
-        dkt = torch.empty(s, kt.shape[1], d, dtype=torch.float32, device=f.device)
+        df = _empty(f.shape, dtype=out_dtype or f.dtype, device=f.device)
+        dkt = _empty(s, kt.shape[1], d, dtype=torch.float32, device=f.device)
         self.ext.pool_bwd(f, pos_out.to(f.dtype).contiguous(), _acc(kt), float(scale), _acc(sbar),
                           _acc(lse), _acc(dsbar), df, dkt)
         return df, dkt

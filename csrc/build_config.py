@@ -7,6 +7,7 @@ Environment variables:
   APM_FAST_SKIP_CUDA_BUILD  "1": build only the CPU extension.
   APM_FAST_CUTLASS_INCLUDE  CUTLASS include directory (default: the `nvidia-cutlass` package's
                             cutlass_library/source/include, or $CUTLASS_PATH/include).
+  APM_FAST_STRICT_BUILD     "1": a failing extension build fails the install (default: warn).
   MAX_JOBS                  parallel compile jobs (read by torch's ninja build).
 """
 from __future__ import annotations

@@ -91,7 +91,7 @@ def expect_path(ext, counts, dtype, shape):
 
 
 # ---------------------------------------------------------------------------- GEMM primitives
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", [ALIGNED, ODD], ids=["aligned", "odd"])
 @pytest.mark.parametrize("bias,relu,shared", [(True, True, False), (True, False, False), (False, False, True)])
 def test_linear(prims, ext, dtype, shape, bias, relu, shared):
@@ -106,7 +106,7 @@ def test_linear(prims, ext, dtype, shape, bias, relu, shared):
     expect_path(ext, counts, dtype, shape)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", [ALIGNED, ODD], ids=["aligned", "odd"])
 @pytest.mark.parametrize("masked", [True, False])
 def test_linear_bwd_input(prims, ext, dtype, shape, masked):
@@ -122,7 +122,7 @@ def test_linear_bwd_input(prims, ext, dtype, shape, masked):
         expect_path(ext, counts, dtype, shape)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", [ALIGNED, ODD, dict(S=1, M=4096, N=64, K=72)], ids=["aligned", "odd", "splitk"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_linear_bwd_weight(prims, ext, dtype, shape, shared):
@@ -139,7 +139,7 @@ def test_linear_bwd_weight(prims, ext, dtype, shape, shared):
         expect_path(ext, counts, dtype, ALIGNED if shape is not ODD else ODD)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("dims", [dict(S=2, B=3, L=40, H=64, N=48), dict(S=2, B=2, L=13, H=30, N=21)],
                          ids=["aligned", "odd"])
 def test_first_layer(prims, dtype, dims):
@@ -165,7 +165,7 @@ def test_first_layer(prims, dtype, dims):
 
 
 # ---------------------------------------------------------------------------- pool
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("dims", [dict(S=2, B=3, L=64, D=64, H=8), dict(S=2, B=2, L=37, D=44, H=4)],
                          ids=["aligned", "odd"])
 def test_pool(prims, dtype, dims):

@@ -3,13 +3,15 @@
 * Every kernel file (csrc/cuda/*.cu) is compiled by nvcc for sm_90a with the flags of the real
   build (csrc/build_config.py) and the CUTLASS headers; ptxas must not report serialized wgmma
   (warning C7510: a call inside the wgmma pipeline, a large slowdown).
-* The CUDA bindings (csrc/torch/cuda_*.cpp) are syntax-checked by the host compiler against this
+* The CUDA bindings (csrc/torch/cuda_*.cpp) are compiled by the host compiler against this
   machine's (CPU) torch: only one generated header is missing from CPU wheels, stood in for by
-  tests/cuda_stub_include.
+  tests/cuda_stub_include. They cannot be linked here (no CUDA torch libraries), but every symbol
+  of the extension's own namespaces that one object needs must be defined by another (a signature
+  drift between a declaration and its definition would otherwise show only at import on the GPU).
 
-Compiles run in parallel, longest first. A file whose inputs (every file of csrc/cuda, the flags,
-the compiler versions) are unchanged since its last successful check is not recompiled: the
-result is cached under build/compile-check/, keyed by their hash.
+Compiles run in parallel, longest first. A file whose inputs (every file of csrc/, the flags, the
+compiler versions) are unchanged since its last successful check is not recompiled: its object is
+kept under build/compile-check/, named by their hash.
 """
 from __future__ import annotations
 
@@ -84,20 +86,26 @@ def _fingerprint(extra: str) -> str:
 
 
 def _run_cached(name: str, cmd: list[str], key_extra: str):
-    """(returncode, output) of cmd, or (0, "cached") when the same inputs passed before."""
+    """(returncode, output, object) of cmd + ["-o", object]; the object is reused when the same
+    inputs passed before (a failed or C7510 run leaves no object behind)."""
     key = _fingerprint(key_extra + "\n" + " ".join(cmd))
-    stamp = CACHE / f"{name.replace('/', '_')}.{key}.ok"
-    if stamp.exists():
-        return 0, "cached"
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    obj = CACHE / f"{name.replace('/', '_')}.{key}.o"
+    if obj.exists():
+        return 0, "cached", obj
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = obj.with_suffix(".tmp")
+    proc = subprocess.run(cmd + ["-o", str(tmp)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     if proc.returncode == 0 and "C7510" not in out:
-        CACHE.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(out)
-    return proc.returncode, out
+        for stale in CACHE.glob(name.replace("/", "_") + ".*.o"):  # older versions of this file
+            stale.unlink(missing_ok=True)
+        tmp.replace(obj)
+    else:
+        tmp.unlink(missing_ok=True)
+    return proc.returncode, out, obj
 
 
-def _kernel_jobs(tmp: Path):
+def _kernel_jobs():
     cutlass = CFG.cutlass_include_dir()
     if cutlass is None:
         pytest.fail("CUTLASS headers not found: `pip install --no-deps nvidia-cutlass==4.2.0.0` (make test "
@@ -106,8 +114,7 @@ def _kernel_jobs(tmp: Path):
     versions = _version([NVCC, "--version"]) + cutlass
     jobs = {}
     for src in CFG.cuda_kernel_sources():
-        obj = tmp / (Path(src).stem + ".o")
-        jobs[src] = ([NVCC, "-c", *flags, "-Icsrc/cuda", src, "-o", str(obj)], versions)
+        jobs[src] = ([NVCC, "-c", *flags, "-Icsrc/cuda", src], versions)
     return jobs
 
 
@@ -120,17 +127,16 @@ def _glue_jobs():
     versions = _version([cxx, "--version"]) + _version([sys.executable, "-c", "import torch;print(torch.__version__)"])
     jobs = {}
     for src in CFG.CUDA_GLUE_SOURCES:
-        cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        cmd = [cxx, "-std=c++17", "-c", "-O0", "-fPIC", "-w", "-DTORCH_API_INCLUDE_EXTENSION_H",
                "-DTORCH_EXTENSION_NAME=_C_cuda", *inc, src]
         jobs[src] = (cmd, versions)
     return jobs
 
 
 @pytest.fixture(scope="module")
-def compile_results(tmp_path_factory):
-    """{source: (returncode, output)} of every check, run in parallel, the slow CUTLASS files first."""
-    tmp = tmp_path_factory.mktemp("nvcc")
-    jobs = {**_kernel_jobs(tmp), **_glue_jobs()}
+def compile_results():
+    """{source: (returncode, output, object)} of every check, run in parallel, CUTLASS files first."""
+    jobs = {**_kernel_jobs(), **_glue_jobs()}
     order = sorted(jobs, key=lambda s: (0 if "sm90_" in s else 1 if s.endswith(".cu") else 2, s))
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     with cf.ThreadPoolExecutor(workers) as pool:
@@ -141,7 +147,7 @@ def compile_results(tmp_path_factory):
 @needs_nvcc
 @pytest.mark.parametrize("src", CFG.cuda_kernel_sources())
 def test_kernel_compiles_for_sm90a(compile_results, src):
-    rc, out = compile_results[src]
+    rc, out, _ = compile_results[src]
     assert rc == 0, f"nvcc failed on {src}:\n{out[-6000:]}"
     assert "C7510" not in out, f"ptxas serialized the wgmma pipeline in {src} (a call inside it):\n{out[-3000:]}"
 
@@ -149,8 +155,33 @@ def test_kernel_compiles_for_sm90a(compile_results, src):
 @needs_nvcc
 @pytest.mark.parametrize("src", CFG.CUDA_GLUE_SOURCES)
 def test_cuda_bindings_compile(compile_results, src):
-    rc, out = compile_results[src]
+    rc, out, _ = compile_results[src]
     assert rc == 0, f"the host compiler failed on {src}:\n{out[-6000:]}"
+
+
+@needs_nvcc
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) not found")
+def test_extension_symbols_resolve(compile_results):
+    """Every apm:: / apm_glue:: symbol an object of the CUDA extension uses is defined by one."""
+    objs = [str(o) for rc, _, o in compile_results.values() if rc == 0]
+    if len(objs) != len(compile_results):
+        pytest.skip("some files did not compile (see the failures above)")
+
+    def symbols(flag):
+        out = subprocess.run(["nm", "-C", flag, *objs], capture_output=True, text=True, check=True).stdout
+        names = set()
+        for line in out.splitlines():
+            parts = line.split(maxsplit=2) if flag == "--defined-only" else line.split(maxsplit=1)
+            if flag == "--defined-only" and len(parts) == 3 and parts[1] in "TW":
+                names.add(parts[2])
+            elif flag == "-u" and len(parts) == 2 and parts[0] == "U":
+                names.add(parts[1])
+        return names
+
+    ours = {s for s in symbols("-u") if s.startswith(("apm::", "apm_glue::"))}
+    assert ours, "expected the bindings to call into the kernels"
+    missing = sorted(ours - symbols("--defined-only"))
+    assert not missing, "declared and used but defined nowhere (signature drift?):\n" + "\n".join(missing)
 
 
 def test_every_kernel_file_is_checked():

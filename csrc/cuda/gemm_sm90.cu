@@ -70,9 +70,16 @@ int sm_count_cached(int device) {
 
 bool sm90_device_ok(int device) {
 #ifdef APM_FAST_HAVE_SM90_GEMM
-  // sm_90a code runs on compute capability 9.0 only (not on a later major).
-  return device_attr(cudaDevAttrComputeCapabilityMajor, device) == 9 &&
-         device_attr(cudaDevAttrComputeCapabilityMinor, device) == 0;
+  // sm_90a code runs on compute capability 9.0 only (not on a later major). Cached per device
+  // (0 unknown, 1 yes, 2 no): it is asked before every GEMM.
+  static int known[64] = {0};
+  auto query = [device] {
+    return device_attr(cudaDevAttrComputeCapabilityMajor, device) == 9 &&
+           device_attr(cudaDevAttrComputeCapabilityMinor, device) == 0;
+  };
+  if (device < 0 || device >= 64) return query();
+  if (known[device] == 0) known[device] = query() ? 1 : 2;
+  return known[device] == 1;
 #else
   (void)device;
   return false;

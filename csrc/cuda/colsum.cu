@@ -57,9 +57,11 @@ cudaError_t launch(const T* in, int64_t G, int64_t R, int64_t C, float* out, int
 }  // namespace
 
 int colsum_chunks(int64_t groups, int64_t rows, int64_t cols, int sm_count) {
-  // Enough blocks for two waves of the GPU, each chunk at least 64 rows, at most 1024 chunks.
+  // Enough blocks for two waves of the GPU and chunks of at most 1024 rows (a thread then sums
+  // <= 128 values), each chunk at least 64 rows, at most 1024 chunks.
   const int64_t base = ceil_div(cols, kCols) * groups;
   int64_t want = ceil_div(2 * static_cast<int64_t>(sm_count > 0 ? sm_count : 132), base);
+  if (want < ceil_div(rows, 1024)) want = ceil_div(rows, 1024);
   const int64_t most = ceil_div(rows, 64);
   if (want > most) want = most;
   if (want > 1024) want = 1024;

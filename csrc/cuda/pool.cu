@@ -240,12 +240,16 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
 }
 
 int pool_bwd_chunks(PoolShape sh, int sm_count) {
-  // Two waves of the GPU, chunks of at least 64 rows, at most 256 chunks.
+  // Chunks of at most 256 rows (each block's loop over its rows is serial) and at least two
+  // waves of the GPU, chunks of at least 64 rows, at most 1024 chunks.
+  const int64_t rows = sh.B * sh.L;
+  int64_t want = ceil_div(rows, 256);
   const int64_t base = sh.S * sh.H * ceil_div(sh.D, kCols);
-  int64_t want = ceil_div(2 * static_cast<int64_t>(sm_count > 0 ? sm_count : 132), base);
-  const int64_t most = ceil_div(sh.B * sh.L, 64);
+  const int64_t waves = ceil_div(2 * static_cast<int64_t>(sm_count > 0 ? sm_count : 132), base);
+  if (want < waves) want = waves;
+  const int64_t most = ceil_div(rows, 64);
   if (want > most) want = most;
-  if (want > 256) want = 256;
+  if (want > 1024) want = 1024;
   return static_cast<int>(want < 1 ? 1 : want);
 }
 

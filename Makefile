@@ -20,5 +20,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# the benchmark suite (quick sizes on the CPU, full on a GPU); BENCH_ARGS="--preset ttt-l14 ..."
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) -m apm_fast.bench $(BENCH_ARGS)
+
+# PNG plots from every result file under benchmarks/results/
+plots: $(STAMP)
+	$(PY) -m apm_fast.bench.plots benchmarks/results
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -34,12 +34,18 @@ class TestTimeTrainer:
 
     The model's parameters at construction are the init snapshot every image starts from;
     the model is left at that snapshot after every call.
+
+    When the backend has a primitive table (``.primitives``: "torch", "triton", "cuda"), ``fit``
+    runs on :class:`apm_fast.engine.TTTEngine` (captured step, ``students`` images side by side;
+    None: as many as fit in memory). ``engine=False`` forces the plain autograd loop (the
+    reference), ``engine=True`` requires the engine.
     """
 
     __test__ = False  # not a pytest class despite the name
 
     def __init__(self, model, steps: int = 20, lr: float = 1e-4, backend: str | None = None, *,
-                 betas=(0.9, 0.999), eps: float = 1e-8, normalize_target: bool = False):
+                 betas=(0.9, 0.999), eps: float = 1e-8, normalize_target: bool = False,
+                 engine: bool | None = None, students: int | None = None):
         if not model.config.pool:
             raise ValueError("model: TTT regresses the pooled feature, but this config has pool=False")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -54,6 +60,11 @@ class TestTimeTrainer:
         self.backend = backend
         self.normalize_target = normalize_target
         self.snapshot = {k: p.detach().clone() for k, p in model.named_parameters()}
+        if engine not in (None, True, False):
+            raise ValueError(f"engine: expected None, True or False, got {engine!r}")
+        self.engine = engine
+        self.students = students
+        self._engine = None
 
     # ------------------------------------------------------------------ state
     @torch.no_grad()
@@ -70,6 +81,28 @@ class TestTimeTrainer:
             kw["fused"] = True
         return torch.optim.Adam(params, **kw)
 
+    def _wants_engine(self, impl) -> bool:
+        if self.engine is False:
+            return False
+        has = hasattr(impl, "primitives")
+        if self.engine and not has:
+            raise ValueError(f"engine=True: backend {impl.name!r} has no primitive table; use "
+                             "'torch', 'triton' or 'cuda', or engine=None/False")
+        return has
+
+    def _get_engine(self, backend):
+        from .engine import TTTEngine
+
+        e = self._engine
+        if e is None or e.backend != backend:
+            e = TTTEngine(self.model, steps=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
+                          backend=backend, students=self.students,
+                          normalize_target=self.normalize_target, snapshot=self.snapshot)
+            self._engine = e
+        e.steps, e.lr, e.betas, e.eps = self.steps, self.lr, self.betas, self.eps
+        e.students, e.normalize_target = self.students, self.normalize_target
+        return e
+
     def prepare_targets(self, targets: torch.Tensor) -> torch.Tensor:
         if self.normalize_target:
             targets = F.normalize(targets, dim=-1)
@@ -82,9 +115,12 @@ class TestTimeTrainer:
         images = check_images(images, model.config)
         targets = check_targets(targets, images.shape[0], model.config.dim)
         dev, dt = model.device, model.dtype
+        impl = get_backend(self.backend, device=dev)
+        if self._wants_engine(impl):
+            return self._get_engine(impl.name).fit(images, targets, progress=progress, check=False)
         images = images.to(device=dev, dtype=dt)
         targets = self.prepare_targets(targets.to(device=dev, dtype=dt))
-        backend = get_backend(self.backend, device=dev).name
+        backend = impl.name
         cls_out, loss_out, secs = [], [], []
         try:
             for i in range(images.shape[0]):
@@ -100,6 +136,12 @@ class TestTimeTrainer:
         finally:
             self.reset()
         return TTTResult(cls=torch.cat(cls_out), losses=torch.stack(loss_out), seconds=secs)
+
+    def classify(self, images, teacher, classes, *, templates="single", topk: int = 5):
+        """TTT on each image, then zero-shot classification of its pooled feature against the
+        teacher's class embeddings; see :func:`apm_fast.classify.classify`."""
+        from .classify import classify
+        return classify(self, images, teacher, classes, templates=templates, topk=topk)
 
     def _fit_one(self, image, target, backend):
         model = self.model

@@ -110,15 +110,20 @@ def forward_train(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config
 
 def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch.Tensor], config,
                    pos_in, pos_out, *, df_extra: Optional[torch.Tensor] = None,
-                   grad_out: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+                   grad_out: Optional[Dict[str, torch.Tensor]] = None,
+                   release: bool = False) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
-    (a dict of preallocated views, e.g. into one flat buffer) the results are copied there."""
+    (a dict of preallocated views, e.g. into one flat buffer) the results are copied there.
+    ``release``: drop each activation saved in ``ctx`` once its last use is past (lower peak
+    memory; ``ctx`` cannot be used again)."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]
     L, d, dim = config.queries, config.pos_dim, config.dim
-    g: Dict[str, torch.Tensor] = {}
+    # with grad_out, each gradient goes into its view as soon as it exists and is dropped: only
+    # one layer's gradient is ever alive beside the flat buffer (peak memory of a TTT step)
+    g: Dict[str, torch.Tensor] = {} if grad_out is None else _GradSink(grad_out)
     df = None
     if config.pool and dz is not None:
         heads = config.heads
@@ -135,6 +140,8 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
         dsbar = torch.einsum("shdk,sbhd->sbhk", wv_h, do.view(s, b, heads, dh))
         df, dkt = prim.pool_bwd(ctx.f, pos_out, ctx.kt, 1.0 / math.sqrt(dh), ctx.sbar, ctx.lse, dsbar,
                                 out_dtype=acc if df_extra is not None else cdt)
+        if release:
+            ctx.f = None
         wk_h = wk_.reshape(s, heads, dh, dim)
         q_h = ctx.q.view(s, heads, dh)
         dwk = torch.einsum("shd,shk->shdk", q_h, dkt).reshape(s, dim, dim)
@@ -142,6 +149,7 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
         query = w["query"].to(acc)
         dwq = torch.einsum("se,sk->sek", dq, query)
         g["attn.in_proj_weight"] = torch.cat([dwq, dwk, dwv], dim=1)
+        dwq = dwk = dwv = None
         g["attn.in_proj_bias"] = torch.cat([dq, torch.zeros_like(dq), dbv], dim=1)  # key bias cancels
         g["query"] = torch.einsum("sek,se->sk", wq, dq)
     if df_extra is not None:
@@ -149,6 +157,7 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
     if df is None:
         raise ValueError("backward_train: nothing to differentiate (no dz and no df_extra)")
     dy = df.reshape(s, b * L, dim).to(cdt)
+    df = None
     layers = _layers(w, config)
     names = [f"mlp.{i}" for i in range(1, len(config.hidden))] + ["head"]
     # layers after the first consumer, last to first: their inputs are stored activations
@@ -157,23 +166,45 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
         x = ctx.acts[idx - 1]
         dw, db = prim.linear_bwd_weight(dy, x)
         g[f"{names[idx]}.weight"], g[f"{names[idx]}.bias"] = dw, db
+        dw = db = None             # (with grad_out: already copied; the next one may reuse it)
         dy = prim.linear_bwd_input(dy, wk.to(cdt), mask=x, out_dtype=cdt)
+        if release:
+            ctx.acts[idx - 1] = x = None
     # first consumer: its input ReLU(P + u) is rebuilt, never stored
     w2 = layers[0][0].to(cdt)
     dw, db = prim.first_layer_bwd_weight(dy, ctx.p, ctx.u)
     g[f"{names[0]}.weight"], g[f"{names[0]}.bias"] = dw, db
+    dw = db = None
     g1, r = prim.first_layer_bwd_input(dy, w2, ctx.p, ctx.u, out_dtype=cdt)          # S BL H1, S B H1
+    dy = None
+    if release:
+        ctx.p = None
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False)
+    g1 = g1_sum_b = None
+    if grad_out is not None:       # the two halves straight into place: no (H1 x 2d) temporary
+        grad_out["mlp.0.weight"][:, :, d:].copy_(dwp)
+        dwp = None
     dwt = torch.einsum("sbh,sbk->shk", r, ctx.t)
-    g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
+    if grad_out is None:
+        g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
+    else:
+        grad_out["mlp.0.weight"][:, :, :d].copy_(dwt)
+        dwt = None
     g["mlp.0.bias"] = r.sum(1)
     dt = torch.einsum("sbh,shk->sbk", r, w["mlp.0.weight"][:, :, :d].to(acc))      # S B d
     g["conv.weight"] = torch.einsum("sbl,sblk->sk", dt, ctx.patches).reshape(w["conv.weight"].shape)
     g["conv.bias"] = dt.sum((1, 2)).reshape(w["conv.bias"].shape)
-    if grad_out is not None:
-        for k, v in g.items():
-            grad_out[k].copy_(v.reshape(grad_out[k].shape))
-        return grad_out
-    return g
+    return grad_out if grad_out is not None else g
+
+
+class _GradSink:
+    """``sink[name] = grad`` copies into ``views[name]`` at once (see backward_train)."""
+
+    def __init__(self, views: Dict[str, torch.Tensor]):
+        self.views = views
+
+    def __setitem__(self, name: str, value: torch.Tensor):
+        view = self.views[name]
+        view.copy_(value.reshape(view.shape))

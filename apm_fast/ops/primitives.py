@@ -153,8 +153,9 @@ class TorchPrimitives:
         t = step.to(params.dtype)
         exp_avg.mul_(beta1).add_(grads, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
-        bc1 = 1 - torch.pow(torch.as_tensor(beta1, dtype=params.dtype, device=params.device), t)
-        bc2 = 1 - torch.pow(torch.as_tensor(beta2, dtype=params.dtype, device=params.device), t)
+        # scalar ** tensor: no host-to-device copy of the betas, which CUDA graph capture forbids
+        bc1 = 1 - torch.pow(beta1, t)
+        bc2 = 1 - torch.pow(beta2, t)
         denom = exp_avg_sq.sqrt() / bc2.sqrt() + eps
         params.sub_(lr.to(params.dtype) / bc1 * exp_avg / denom)
         if lowp is not None:

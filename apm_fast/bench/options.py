@@ -1,0 +1,108 @@
+"""What a benchmark run measures and at which sizes: the full suite (GPU) or the quick one (CPU)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from ..config import PRESETS, APMConfig, preset
+
+__all__ = ["SECTIONS", "BenchOptions", "quick_config"]
+
+# In the order they run (the gate runs before all of them).
+SECTIONS = ("step", "throughput", "forward", "scaling", "table4")
+
+# The fused backends the package is meant to have; listed (as absent, with the reason) even
+# before they are registered, so that a missing one is never skipped silently.
+EXPECTED_BACKENDS = ("reference", "torch", "triton", "cuda")
+
+
+def quick_config(name: str, **overrides) -> APMConfig:
+    """A preset shrunk for the CPU: 8 x 8 grid of 4-pixel patches, every width / 64 (>= 8),
+    D / 16. Same layer structure (depth, pool, RGB head), so every code path still runs."""
+    base = PRESETS[name]
+    hidden = tuple(max(8, h // 64) for h in base.hidden)
+    dim = max(base.heads * 4, base.dim // 16)
+    kw = dict(grid=8, patch=4, hidden=hidden, dim=dim)
+    kw.update(overrides)
+    return preset(name, **kw)
+
+
+@dataclass
+class BenchOptions:
+    device: str = "cpu"
+    quick: bool = False
+    presets: Tuple[str, ...] = tuple(PRESETS)
+    sections: Tuple[str, ...] = SECTIONS
+    skip: Tuple[str, ...] = ()          # step implementations (keys) or backends to leave out
+    out: Optional[str] = "benchmarks/results"
+    repeats: int = 20
+    warmup: int = 3
+    seed: int = 0
+    plots: bool = True
+    # soft limit on the run's wall time: once spent, what has not started is recorded as skipped
+    time_budget_s: Optional[float] = None
+    # TTT protocol (spec section 2)
+    lr: float = 1e-4
+    ttt_steps: int = 20
+    # (a) one TTT step
+    authors_presets: Optional[Tuple[str, ...]] = None   # None: every TTT preset of the run
+    compile_presets: Optional[Tuple[str, ...]] = None
+    authors_copies: int = 8
+    authors_chunk: int = 16
+    # (b) throughput
+    throughput_images: int = 20
+    students: Optional[int] = None                      # None: the engine decides
+    # (c) forward
+    forward_batches: Tuple[int, ...] = (1, 64)
+    # (d) scaling
+    scaling_preset: str = "ttt-b16"
+    scaling_grids: Tuple[int, ...] = (7, 14, 28, 56, 112, 224)
+    scaling_chunk: int = 4096
+    scaling_clip: str = "ViT-B-16"
+    # (e) Table 4
+    table4_pairs: Tuple[Tuple[str, str], ...] = (("ttt-b16", "ViT-B-16"), ("ttt-l14", "ViT-L-14"),
+                                                 ("ttt-h14", "ViT-H-14"))
+    tpt_towers: Tuple[str, ...] = ("ViT-B-16",)
+    tpt_views: int = 64
+    tpt_prompts: int = 1000
+    t_max: int = 20
+    # free-form preset overrides applied on top of the quick shrink (e.g. {"grid": 6})
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        bad = [s for s in self.sections if s not in SECTIONS]
+        if bad:
+            raise ValueError(f"sections: unknown {bad}; expected some of {list(SECTIONS)}")
+        bad = [p for p in self.presets if p not in PRESETS]
+        if bad:
+            raise ValueError(f"presets: unknown {bad}; expected some of {sorted(PRESETS)}")
+        if self.repeats < 20:
+            raise ValueError(f"repeats: the harness reports a spread from >= 20 samples, got {self.repeats}")
+        if self.throughput_images < 20:
+            raise ValueError("throughput_images: each image's time is one sample and the harness "
+                             f"needs >= 20 samples, got {self.throughput_images}")
+
+    @classmethod
+    def quick_defaults(cls, **kw) -> "BenchOptions":
+        """Sizes for the CPU: tiny presets, small batches, short scaling sweep, small towers."""
+        base = dict(quick=True, forward_batches=(1, 4), scaling_grids=(4, 8, 16),
+                    scaling_chunk=64, throughput_images=20, tpt_views=4, tpt_prompts=8,
+                    compile_presets=("ttt-l14",))
+        base.update(kw)
+        return cls(**base)
+
+    def replace(self, **kw) -> "BenchOptions":
+        return dataclasses.replace(self, **kw)
+
+    def config(self, name: str) -> APMConfig:
+        if self.quick:
+            return quick_config(name, **self.overrides)
+        return preset(name, **self.overrides)
+
+    def ttt_presets(self):
+        return tuple(p for p in self.presets if PRESETS[p].pool)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -1,0 +1,246 @@
+"""Speedups (only after a passed gate) and the printed tables."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from . import spec_numbers
+
+__all__ = ["finalize", "format_section", "format_gate", "fmt_bytes", "fmt_flops"]
+
+_SPEEDUP_FIELDS = ("speedup_vs_eager", "speedup_vs_authors", "speedup_vs_reference",
+                   "speedup_vs_clip")
+
+
+def _gate_status(gate, preset, path) -> str:
+    checks = [c for c in gate.checks if c.preset == preset and c.path == path]
+    errors = [e for e in gate.errors if e["preset"] == preset and e["path"] == path]
+    if errors or any(not c.passed for c in checks):
+        return "failed"
+    return "passed" if checks else "not checked"
+
+
+def _ok(row) -> bool:
+    return row.get("status") == "ok" and "timing" in row
+
+
+def _median(row) -> float:
+    return row["timing"]["median_ms"]
+
+
+def finalize(name: str, result: dict, gate) -> dict:
+    """Add gate status and speedups to a section's rows; no speedup at all if the gate failed."""
+    rows = result.get("rows", [])
+    passed = gate.passed
+    result["gate_passed"] = passed
+    result["speedups_suppressed"] = None if passed else (
+        "correctness gate failed (" + ", ".join(gate.failed_paths()) + "): no speedup is reported")
+    for row in rows:
+        for f in _SPEEDUP_FIELDS:
+            row.pop(f, None)
+    if name == "ttt_step":
+        for row in rows:
+            row["gate"] = _gate_status(gate, row["preset"], row["key"])
+        base = {(r["preset"], r["key"]): _median(r) for r in rows if _ok(r)}
+        for row in rows:
+            if not _ok(row):
+                continue
+            for ref, field in (("eager", "speedup_vs_eager"), ("authors", "speedup_vs_authors")):
+                b = base.get((row["preset"], ref))
+                row[field] = (b / _median(row)) if (passed and b) else None
+    elif name == "forward":
+        for row in rows:
+            row["gate"] = _gate_status(gate, row["preset"], row["backend"])
+        base = {(r["preset"], r["batch"], r["mode"]): _median(r) for r in rows
+                if _ok(r) and r["backend"] == "reference"}
+        for row in rows:
+            if _ok(row):
+                b = base.get((row["preset"], row["batch"], row["mode"]))
+                row["speedup_vs_reference"] = (b / _median(row)) if (passed and b) else None
+    elif name == "throughput":
+        for row in rows:
+            if row.get("backend"):
+                row["gate"] = _gate_status(gate, row["preset"], row["backend"])
+        base = {r["preset"]: r["images_per_s"] for r in rows
+                if r.get("status") == "ok" and r.get("backend") == "reference" and "images_per_s" in r}
+        for row in rows:
+            if row.get("status") == "ok" and "images_per_s" in row:
+                b = base.get(row["preset"])
+                row["speedup_vs_reference"] = (row["images_per_s"] / b) if (passed and b) else None
+    elif name == "scaling":
+        clip = {r["grid"]: _median(r) for r in rows if _ok(r) and r["model"] == "clip"}
+        for row in rows:
+            if _ok(row) and row["model"] == "apm":
+                c = clip.get(row["grid"])
+                row["speedup_vs_clip"] = (c / _median(row)) if (passed and c) else None
+    return result
+
+
+# ---------------------------------------------------------------------------------- formatting
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GB"
+    return f"{n / 2**20:.1f} MB"
+
+
+def fmt_flops(n) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("TF", 1e12), ("GF", 1e9), ("MF", 1e6)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} F"
+
+
+def _fmt_time(row) -> str:
+    t = row["timing"]
+    return f"{t['median_ms']:.3f} [{t['p20_ms']:.3f}-{t['p80_ms']:.3f}]"
+
+
+def _fmt_x(v) -> str:
+    return "-" if v is None else f"{v:.1f}x"
+
+
+def _table(header: List[str], body: List[List[str]]) -> List[str]:
+    widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in body]
+
+
+def _status_cell(row) -> str:
+    return f"{row['status']}: {row.get('reason', '')}"
+
+
+def _tf(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def format_gate(gate) -> List[str]:
+    lines = [f"correctness gate: {'PASSED' if gate.passed else 'FAILED'} "
+             f"({len(gate.checks)} checks, {len(gate.errors)} errors)"]
+    bad = [c for c in gate.checks if not c.passed]
+    for c in bad[:20]:
+        lines.append(f"  FAILED {c.preset}/{c.path} {c.check} [{c.precision}]: rel. error "
+                     f"{c.rel_err:.3g} > {c.tol:.3g}")
+    for e in gate.errors[:20]:
+        lines.append(f"  ERROR  {e['preset']}/{e['path']}: {e['error']}")
+    return lines
+
+
+def format_section(name: str, result: dict) -> List[str]:
+    """The section's table; rows that did not run say why in the last column."""
+    rows = result.get("rows", [])
+    out = []
+    if name == "ttt_step":
+        body = []
+        for r in rows:
+            spec = spec_numbers.H100_TTT_STEP_MS.get(r["key"]) if r["preset"] == "ttt-l14" else None
+            if _ok(r):
+                note = "GATE FAILED" if r.get("gate") == "failed" else ""
+                body.append([r["preset"], r["key"], r.get("precision", ""), _fmt_time(r),
+                             fmt_bytes(r.get("peak_bytes")), _tf(r.get("tflops")),
+                             _fmt_x(r.get("speedup_vs_eager")), _fmt_x(r.get("speedup_vs_authors")),
+                             r.get("gate", ""), "-" if spec is None else f"{spec} ms", note])
+            else:
+                body.append([r["preset"], r["key"]] + [""] * 8 + [_status_cell(r)])
+        out += _table(["preset", "implementation", "prec", "ms median [p20-p80]", "peak",
+                       "TFLOP/s", "vs eager", "vs authors", "gate", "H100 spec", "notes"], body)
+    elif name == "forward":
+        body = []
+        for r in rows:
+            if _ok(r):
+                body.append([r["preset"], r["backend"], str(r["batch"]), r["mode"], _fmt_time(r),
+                             f"{r['ms_per_image']:.4f}", _tf(r.get("tflops")),
+                             fmt_bytes(r.get("peak_bytes")), _fmt_x(r.get("speedup_vs_reference")),
+                             "GATE FAILED" if r.get("gate") == "failed" else ""])
+            else:
+                body.append([r["preset"], r["backend"], str(r.get("batch", "")), r.get("mode", "")]
+                            + [""] * 5 + [_status_cell(r)])
+        out += _table(["preset", "backend", "B", "output", "ms median [p20-p80]", "ms/image",
+                       "TFLOP/s", "peak", "vs reference", "notes"], body)
+    elif name == "throughput":
+        body = []
+        for r in rows:
+            if r.get("status") == "ok" and "images_per_s" in r:
+                body.append([r["preset"], r["key"], f"{r['images_per_s']:.1f}",
+                             f"{r['timing']['median_ms']:.2f}", fmt_bytes(r.get("peak_bytes")),
+                             _fmt_x(r.get("speedup_vs_reference")),
+                             "GATE FAILED" if r.get("gate") == "failed" else ""])
+            else:
+                body.append([r["preset"], r["key"], "", "", "", "", _status_cell(r)])
+        out += _table(["preset", "trainer", "images/s", "ms/image", "peak", "vs reference", "notes"], body)
+    elif name == "scaling":
+        body = []
+        for r in rows:
+            if _ok(r):
+                body.append([str(r["queries"]), r["model"], _fmt_time(r), fmt_bytes(r.get("peak_bytes")),
+                             fmt_flops(r.get("flops")), _fmt_x(r.get("speedup_vs_clip")), ""])
+            else:
+                body.append([str(r["queries"]), r["model"], "", "", "", "", _status_cell(r)])
+        out += _table(["queries", "model", "ms median [p20-p80]", "peak", "FLOPs", "APM vs CLIP",
+                       "notes"], body)
+    elif name == "table4":
+        out += format_table4(result)
+    for n in result.get("notes", []):
+        out.append(f"note: {n}")
+    if result.get("speedups_suppressed"):
+        out.append(f"SPEEDUPS SUPPRESSED: {result['speedups_suppressed']}")
+    return out
+
+
+def _fmt_params(n) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
+
+
+def table4_rows(result: dict) -> List[Dict[str, str]]:
+    """Table 4 as strings (one dict per line), shared by the printed table and the plot. A
+    student row followed by its teacher's row gets a third line with their sum."""
+    out = []
+    student = None
+    for r in result.get("rows", []):
+        if r.get("status") != "ok":
+            out.append({"model": r.get("name", "?"), "role": r.get("role", ""), "params": "-",
+                        "peak": "-", "flops_1": "-", "flops_t": "-",
+                        "measured_t": f"{r.get('status', '')}: {r.get('reason', '')}"})
+            student = None
+            continue
+        peak = r.get("peak_bytes")
+        if isinstance(peak, dict):
+            peak = " / ".join(f"{fmt_bytes(v)}" for v in peak.values())
+        else:
+            peak = fmt_bytes(peak)
+        fl = r["flops"]
+        if r["role"] == "student":
+            a = fl["rewritten"]["analytic"]["by_t"]
+            p = fl["plain"]["analytic"]["by_t"]
+            m = fl["plain"]["measured"]["by_t"]
+            one = f"{fmt_flops(p[0])} plain / {fmt_flops(a[0])} rewr."
+            tt = f"{fmt_flops(p[-1])} plain / {fmt_flops(a[-1])} rewr."
+            meas = fmt_flops(m[-1]) + " / " + fmt_flops(fl["rewritten"]["measured"]["by_t"][-1])
+        else:
+            a = fl["analytic"]["by_t"]
+            m = fl["measured"]["by_t"]
+            one, tt, meas = fmt_flops(a[0]), fmt_flops(a[-1]), fmt_flops(m[-1])
+        out.append({"model": r["name"], "role": r["role"], "params": _fmt_params(r["params"]),
+                    "peak": peak, "flops_1": one, "flops_t": tt, "measured_t": meas})
+        if r["role"] == "teacher" and student is not None:
+            sp = student["flops"]["plain"]["analytic"]["by_t"]
+            sr = student["flops"]["rewritten"]["analytic"]["by_t"]
+            out.append({"model": f"  = student + teacher", "role": "APM total",
+                        "params": _fmt_params(student["params"] + r["params"]), "peak": "",
+                        "flops_1": f"{fmt_flops(sp[0] + a[0])} plain / {fmt_flops(sr[0] + a[0])} rewr.",
+                        "flops_t": f"{fmt_flops(sp[-1] + a[-1])} plain / {fmt_flops(sr[-1] + a[-1])} rewr.",
+                        "measured_t": ""})
+        student = r if r["role"] == "student" else None
+    return out
+
+
+def format_table4(result: dict) -> List[str]:
+    t_max = result.get("t_max", 20)
+    if not result.get("rows"):
+        return ["(no rows)"]
+    body = [[d["model"], d["role"], d["params"], d["peak"], d["flops_1"], d["flops_t"], d["measured_t"]]
+            for d in table4_rows(result)]
+    return _table(["model", "role", "params", "peak memory", "FLOPs t=1 (analytic)",
+                   f"FLOPs t={t_max} (analytic)", f"t={t_max} measured"], body)

@@ -1,0 +1,14 @@
+"""The benchmark's sections, in the order they run (after the gate). Each module has ``NAME``
+(its JSON file's name) and ``run(ctx) -> dict`` with at least ``rows``."""
+from . import forward, scaling, step, table4, throughput
+
+# option name (--only) -> module
+SECTION_MODULES = {
+    "step": step,
+    "throughput": throughput,
+    "forward": forward,
+    "scaling": scaling,
+    "table4": table4,
+}
+
+__all__ = ["SECTION_MODULES"]

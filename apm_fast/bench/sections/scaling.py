@@ -1,0 +1,101 @@
+"""(d) Scaling with the number of location queries (the authors' Figure 2).
+
+APM: one image's trigger, then G_q x G_q location queries streamed in chunks (memory bounded by
+the chunk, see :mod:`apm_fast.bench.chunked`), pooled output. CLIP: open_clip's ViT image tower fed
+the same number of patch tokens (an image of G_q * patch pixels a side). Both at batch 1 under the
+run's precision; the peak counts the weights too (each model is built inside its window).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...model import APM
+from ..amp import autocast
+from ..chunked import chunked_forward
+from ..clip_models import build_clip, tower_flops, tower_patch
+from ..context import error_text, free_memory
+from ..flops import apm_flops
+from ..timing import measure, peak_memory
+
+__all__ = ["run", "NAME"]
+
+NAME = "scaling"
+
+
+_OOM = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", RuntimeError))
+
+
+def _is_oom(exc) -> bool:
+    return isinstance(exc, _OOM) or "out of memory" in str(exc).lower()
+
+
+def _apm_point(ctx, cfg, g):
+    o = ctx.options
+    gen = torch.Generator().manual_seed(ctx.seed_for(o.scaling_preset))
+    image = torch.randn(1, cfg.in_chans, cfg.image_size, cfg.image_size, generator=gen).to(ctx.device)
+    with peak_memory(ctx.device) as pm:
+        torch.manual_seed(ctx.seed_for(o.scaling_preset))
+        model = APM(cfg, device=ctx.device).eval()
+        fn = lambda: chunked_forward(model, image, query_grid=g, chunk=o.scaling_chunk)
+        with torch.inference_mode(), autocast(ctx.device, ctx.amp_dtype):
+            timing = measure(fn, device=ctx.device, warmup=o.warmup, repeats=o.repeats)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"timing": timing.to_dict(), "peak_bytes": pm.peak_bytes, "weights_bytes": weights,
+            "flops": apm_flops(cfg, form="rewritten", queries=g * g)["forward"]}
+
+
+def _clip_point(ctx, g, patch):
+    o = ctx.options
+    size = g * patch
+    with peak_memory(ctx.device) as pm:
+        model = build_clip(o.scaling_clip, device=ctx.device, image_size=size, quick=o.quick,
+                           with_text=False)
+        visual = model.visual
+        image = torch.randn(1, 3, size, size, device=ctx.device)
+        with torch.inference_mode(), autocast(ctx.device, ctx.amp_dtype):
+            timing = measure(lambda: visual(image), device=ctx.device, warmup=o.warmup,
+                             repeats=o.repeats)
+    weights = sum(p.numel() * p.element_size() for p in visual.parameters())
+    fl = tower_flops(visual)
+    return {"timing": timing.to_dict(), "peak_bytes": pm.peak_bytes, "weights_bytes": weights,
+            "flops": fl["forward"], "image_size": size, "tokens": fl["tokens"]}
+
+
+def run(ctx) -> dict:
+    o = ctx.options
+    cfg = ctx.config(o.scaling_preset, gate=False)
+    rows, notes = [], []
+    apm_label = f"APM {o.scaling_preset} (chunks of {o.scaling_chunk} queries, pooled)"
+    clip_label = f"CLIP {o.scaling_clip} image tower" + (" (quick: shrunk)" if o.quick else "")
+    try:
+        patch = tower_patch(o.scaling_clip, quick=o.quick)
+    except Exception as exc:
+        patch, clip_err = None, error_text(exc)
+    oom = {"apm": None, "clip": None}
+    for g in o.scaling_grids:
+        for model_key, label in (("apm", apm_label), ("clip", clip_label)):
+            row = {"model": model_key, "label": label, "grid": g, "queries": g * g,
+                   "status": "ok", "reason": ""}
+            rows.append(row)
+            if oom[model_key] is not None:
+                row.update(status="skipped", reason=f"ran out of memory at grid {oom[model_key]}")
+                continue
+            if ctx.out_of_time():
+                row.update(status="skipped", reason=ctx.out_of_time())
+                continue
+            if model_key == "clip" and patch is None:
+                row.update(status="error", reason=clip_err)
+                continue
+            try:
+                point = _apm_point(ctx, cfg, g) if model_key == "apm" else _clip_point(ctx, g, patch)
+                row.update(point)
+                ctx.log(f"  {model_key:5s} L={g * g:<6d} {row['timing']['median_ms']:10.3f} ms")
+            except Exception as exc:
+                row.update(status="error", reason=error_text(exc))
+                if _is_oom(exc):
+                    oom[model_key] = g
+                ctx.log(f"  {model_key:5s} L={g * g:<6d} error: {row['reason']}")
+            free_memory(ctx.device)
+    notes.append("APM queries lie on a G_q x G_q grid; the position code keeps the model's width "
+                 f"({cfg.pos_dim}), so the weights do not change with L.")
+    return {"rows": rows, "notes": notes, "apm_config": cfg.to_dict()}

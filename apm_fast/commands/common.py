@@ -1,0 +1,171 @@
+"""Options and set-up shared by the subcommands that train: teacher, student, trainer."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import warnings
+
+from ..cli import CLIError
+
+# The student preset matching a teacher's embedding width (spec section 1).
+PRESET_FOR_DIM = {512: "ttt-b16", 768: "ttt-l14", 1024: "ttt-h14"}
+
+
+def hidden_widths(text: str):
+    """``--hidden 4096,2048,1024`` -> (4096, 2048, 1024)."""
+    try:
+        widths = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 4096,2048,1024, got {text!r}")
+    if not widths or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive widths like 4096,2048,1024, got {text!r}")
+    return widths
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def add_teacher_args(p: argparse.ArgumentParser, *, pretrained_default="openai"):
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", default="ViT-B-16",
+                   help="open_clip model name, or a model config .json (default: %(default)s; "
+                        "list: apm-fast info --teachers)")
+    g.add_argument("--pretrained", default=pretrained_default, metavar="TAG|PATH|none",
+                   help="weights: an open_clip tag (downloaded and cached where the network allows), "
+                        "a checkpoint file, or 'none' for random weights (default: %(default)s)")
+    g.add_argument("--classes", default="imagenet", metavar="imagenet|FILE",
+                   help="class names: 'imagenet' (1000) or a text file, one name per line")
+    g.add_argument("--templates", default="single", choices=("single", "ensemble"),
+                   help="prompt 'a photo of a {c}.' or the 80-template ensemble (default: %(default)s)")
+
+
+def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
+    g = p.add_argument_group("student and training")
+    g.add_argument("--preset", default="auto",
+                   help="student preset; 'auto' picks it from the teacher's width "
+                        "(512: ttt-b16, 768: ttt-l14, 1024: ttt-h14). D always follows the teacher.")
+    g.add_argument("--grid", type=positive_int, help="override the preset's grid G")
+    g.add_argument("--patch", type=positive_int, help="override the preset's patch p")
+    g.add_argument("--hidden", type=hidden_widths, metavar="W1,W2,...", help="override the MLP widths")
+    g.add_argument("--heads", type=positive_int, help="override the pool's heads")
+    g.add_argument("--steps", type=positive_int, default=steps_default, help="Adam steps per image (default: %(default)s)")
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--normalize-target", action="store_true", help="regress the unit-norm teacher embedding")
+    g.add_argument("--topk", type=positive_int, default=5, help="classes reported per image (default: %(default)s)")
+    g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: fastest available)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the student's (and a random teacher's) init")
+
+
+@contextlib.contextmanager
+def setup_errors():
+    """Turn the library's input errors into one-line CLI errors."""
+    from .._compat import TeacherDependencyError
+    from ..backends import BackendUnavailable
+    from ..teachers import WeightsUnavailable
+
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError, WeightsUnavailable, TeacherDependencyError,
+            BackendUnavailable) as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def pick_device(name):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"--device: expected cpu, cuda or cuda:N, got {name!r} ({exc})")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device: {name!r} asked for, but torch sees no CUDA GPU here")
+    return dev
+
+
+@contextlib.contextmanager
+def _quiet_teacher_logs():
+    """open_clip logs routine messages to the root logger; the CLI states what matters itself."""
+    from ..teachers import RandomWeightsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+def build_teacher(name, pretrained, device, seed):
+    """The teacher; ``pretrained`` 'none' (any case) means random weights (seeded)."""
+    import torch
+
+    from ..teachers import OpenCLIPTeacher
+
+    if pretrained is not None and str(pretrained).lower() in ("none", "random", ""):
+        pretrained = None
+    torch.manual_seed(seed)
+    with setup_errors(), _quiet_teacher_logs():
+        return OpenCLIPTeacher(name, pretrained, device=device)
+
+
+def random_teacher_banner(teacher, why: str = "") -> str:
+    return (f"!! teacher {teacher.name} has RANDOM weights{(' (' + why + ')') if why else ''}: "
+            f"its embeddings, and so both predictions below, are meaningless !!")
+
+
+def build_config(args, teacher_dim: int, **defaults):
+    """The student's config: the preset (auto: by teacher width), CLI overrides, dim = teacher's."""
+    from ..config import preset
+
+    name = args.preset if args.preset != "auto" else PRESET_FOR_DIM.get(teacher_dim, "ttt-b16")
+    overrides = dict(defaults)
+    for key in ("grid", "patch", "hidden", "heads"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
+    overrides["dim"] = teacher_dim
+    with setup_errors():
+        return name, preset(name, **overrides)
+
+
+def build_trainer(config, args, device):
+    import torch
+
+    from ..backends import get_backend
+    from ..model import APM
+    from ..ttt import TestTimeTrainer
+
+    with setup_errors():
+        backend = get_backend(args.backend, device=device).name
+        torch.manual_seed(args.seed)
+        model = APM(config, device=device)
+        trainer = TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=backend,
+                                  normalize_target=args.normalize_target)
+    return trainer, backend
+
+
+def eprint(*a):
+    print(*a, file=sys.stderr, flush=True)

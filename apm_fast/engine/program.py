@@ -1,0 +1,174 @@
+"""One compiled TTT program: S students of one (config, primitive table, compute dtype, steps).
+
+It owns the parameter store, the static input/output buffers, and two phases:
+
+* ``step``: forward_train -> loss_s = mean_D (z_s - target_s)^2 written into ``losses[:, t]``
+  (t a device counter) -> dz -> backward_train into the flat gradient views -> Adam on the flat
+  buffers (step and lr read on the device) -> the compute copy refreshed in the same pass;
+* ``eval``: the final forward, z after the last update, into ``cls``.
+
+Both are captured once as CUDA graphs (see ``graph.py``) and replayed ``steps`` + 1 times per
+batch of images; a batch starts with a device-to-device reset. Nothing in a batch's loop reads
+a value on the host, so the host only enqueues work.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..ops.apm_fused import backward_train, forward_train, weight_names
+from ..ops.primitives import TorchPrimitives, acc_dtype_for
+from ..posenc import position_code
+from .graph import capture_phases
+from .store import ParamStore, gemm_weight_names
+
+__all__ = ["StudentProgram", "quiet_autograd"]
+
+
+@contextlib.contextmanager
+def quiet_autograd(device):
+    """No autograd, no inference-mode tensors (in-place updates of static buffers must stay
+    legal later) and no autocast (the driver picks its dtypes itself)."""
+    dev = torch.device(device)
+    # (autocast exists for cuda and cpu; "meta", used to trace memory, has none to switch off)
+    no_autocast = (torch.autocast(dev.type, enabled=False) if dev.type in ("cuda", "cpu")
+                   else contextlib.nullcontext())
+    with torch.inference_mode(False), torch.no_grad(), no_autocast:
+        yield
+
+
+def _adam_chunks(prim, total: int) -> int:
+    """How many slices to give to adam_ per step.
+
+    A fused table updates in place in one launch (1). The plain-PyTorch table materializes a few
+    full-size temporaries per call (3 x 4 B per element): slicing the flat buffers bounds that to
+    ~50 MB (4 M elements per slice) at the cost of a few more launches, and never more than 8
+    slices (a whole step stays a few hundred launches at any S)."""
+    if type(prim).adam_ is not TorchPrimitives.adam_:
+        return 1
+    per = max(4 << 20, -(-total // 8))
+    return max(1, -(-total // per))
+
+
+class StudentProgram:
+    def __init__(self, prim, config, snapshot: Dict[str, torch.Tensor], students: int, steps: int, *,
+                 lr: float, betas: Tuple[float, float], eps: float, compute_dtype: torch.dtype,
+                 master_dtype: torch.dtype, device, graphs: bool, label: str = ""):
+        self.prim, self.config = prim, config
+        self.students, self.steps = int(students), int(steps)
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.eps = float(eps)
+        self.cdt, self.mdt = compute_dtype, master_dtype
+        self.acc = acc_dtype_for(compute_dtype)
+        self.device = dev = torch.device(device)
+        self.snapshot = snapshot
+        names = weight_names(config)
+        shapes = [tuple(snapshot[n].shape) for n in names]
+        c, s = config, self.students
+        with quiet_autograd(dev):
+            self.store = ParamStore(names, shapes, s, master_dtype=master_dtype,
+                                    compute_dtype=compute_dtype, device=dev,
+                                    lowp_names=gemm_weight_names(config))
+            self.pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
+            self.pos_out = position_code(c.dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
+            px = c.image_size
+            self.images = torch.zeros(s, 1, c.in_chans, px, px, dtype=self.acc, device=dev)
+            self.targets = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
+            self.losses = torch.zeros(s, self.steps, dtype=self.acc, device=dev)
+            self.cls = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
+            # Adam's step count and lr live on the device (read there by adam_); t indexes losses
+            self.step_t = torch.zeros(1, dtype=torch.float32, device=dev)
+            # (fp32 as the adam_ contract says; fp64 for fp64 masters, whose tests compare to
+            # torch.optim.Adam's Python-float lr at ~1e-12: an fp32 lr alone is 2e-8 off)
+            lr_dtype = torch.float64 if master_dtype == torch.float64 else torch.float32
+            self.lr_t = torch.full((1,), float(lr), dtype=lr_dtype, device=dev)
+            self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
+            self.n_chunks = _adam_chunks(prim, s * self.store.numel)
+            self.reset()
+            self.graphs: Optional[dict] = None
+            if graphs:
+                self.graphs = capture_phases({"step": self._step, "eval": self._eval}, self.reset, dev,
+                                             key=label or None)
+
+    @property
+    def mode(self) -> str:
+        return "graph" if self.graphs is not None else "eager"
+
+    def set_lr(self, lr: float):
+        self.lr_t.fill_(float(lr))
+
+    # ------------------------------------------------------------------ phases
+    def reset(self):
+        """Back to the init snapshot with fresh Adam state (device-to-device only)."""
+        self.store.load_snapshot(self.snapshot)
+        self.step_t.zero_()
+        self.t_idx.zero_()
+
+    def _step(self):
+        c, st = self.config, self.store
+        z, f, ctx = forward_train(self.prim, st.weights, self.images, c, self.pos_in, self.pos_out,
+                                  cdt=self.cdt)
+        del f                      # ctx holds it until the backward is done with it
+        diff = z[:, 0] - self.targets                                         # S x D, acc dtype
+        loss = diff.square().mean(-1, keepdim=True)                             # S x 1
+        self.losses.index_copy_(1, self.t_idx, loss)
+        dz = (diff * (2.0 / c.dim)).unsqueeze(1)                                # d mean_D / dz
+        backward_train(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out,
+                       grad_out=st.grad_views, release=True)
+        del ctx, z
+        self.step_t.add_(1.0)
+        self.t_idx.add_(1)
+        self._adam()
+
+    def _adam(self):
+        for p, g, m, v, lowp in self.store.adam_groups():
+            if self.n_chunks == 1:
+                self.prim.adam_(p, g, m, v, self.step_t, self.lr_t, self.beta1, self.beta2, self.eps, lowp=lowp)
+                continue
+            # plain-PyTorch table: column slices bound its temporaries (elementwise, so any split works)
+            n = p.shape[1]
+            per = -(-n // self.n_chunks)
+            for a in range(0, n, per):
+                sl = slice(a, min(n, a + per))
+                self.prim.adam_(p[:, sl], g[:, sl], m[:, sl], v[:, sl], self.step_t, self.lr_t, self.beta1,
+                                self.beta2, self.eps, lowp=None if lowp is None else lowp[:, sl])
+
+    def _eval(self):
+        z, _, _ = forward_train(self.prim, self.store.weights, self.images, self.config, self.pos_in,
+                                self.pos_out, cdt=self.cdt, save=False)
+        self.cls.copy_(z[:, 0])
+
+    # ------------------------------------------------------------------ one batch
+    def run(self, images: torch.Tensor, targets: torch.Tensor):
+        """Train every student on its own image for ``steps`` steps, from the snapshot.
+
+        images: k x C x H x W, targets: k x D with k <= S (rows k.. are padding and ignored).
+        Returns device tensors (cls k x D, losses k x steps), fresh copies of the static
+        outputs, without synchronizing: read them when you need them."""
+        k = images.shape[0]
+        if not 1 <= k <= self.students:
+            raise ValueError(f"images: expected 1 to {self.students} images for this program, got {k}")
+        with quiet_autograd(self.device):
+            self.images[:k, 0].copy_(images, non_blocking=True)
+            self.targets[:k].copy_(targets, non_blocking=True)
+            if k < self.students:                  # padding students: any finite input will do
+                self.images[k:].zero_()
+                self.targets[k:].zero_()
+            self.reset()
+            if self.graphs is not None:
+                step, ev = self.graphs["step"], self.graphs["eval"]
+                for _ in range(self.steps):
+                    step.replay()
+                ev.replay()
+            else:
+                for _ in range(self.steps):
+                    self._step()
+                self._eval()
+            return self.cls[:k].clone(), self.losses[:k].clone()
+
+    def nbytes(self) -> int:
+        """Bytes of this program's own buffers (store and statics; not the graph pool)."""
+        statics = [self.images, self.targets, self.losses, self.cls]
+        return self.store.nbytes() + sum(t.numel() * t.element_size() for t in statics)

@@ -1,0 +1,85 @@
+"""Worker processes for tests/test_distributed.py (spawned, so they live in an importable module).
+
+Each worker joins a gloo group through a file store in the test's temporary folder (no
+rendezvous port), with gloo's own connections kept on the loopback interface.
+"""
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from apm_fast import APM, APMConfig, TestTimeTrainer
+
+CONFIG = APMConfig(grid=5, patch=2, hidden=(24, 16), dim=8, heads=2, rgb_head=True)
+SEED = 0
+
+
+def make_model(config=CONFIG):
+    torch.manual_seed(SEED)
+    return APM(config, dtype=torch.float64)
+
+
+def loopback_env():
+    if os.path.isdir("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def _join(rank, world, tmp):
+    loopback_env()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}",
+                            rank=rank, world_size=world)
+
+
+def mode2_worker(rank, world, tmp, steps, lr):
+    from apm_fast.distributed import ShardedQueryTrainer, sharded_forward, sharded_loss_and_grads
+
+    _join(rank, world, tmp)
+    data = torch.load(os.path.join(tmp, "data.pt"))
+    images, targets = data["images"], data["targets"]
+    model = make_model()
+    out = sharded_forward(model, images)
+    loss = sharded_loss_and_grads(model, images[:1], targets[:1])
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    res = ShardedQueryTrainer(model, steps=steps, lr=lr).fit(images, targets)
+    torch.save({"cls": out.cls.detach(), "grid": out.grid.detach(), "rgb": out.rgb.detach(),
+                "start": out.start, "stop": out.stop, "loss": loss, "grads": grads,
+                "ttt_cls": res.cls, "ttt_losses": res.losses},
+               os.path.join(tmp, f"mode2-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def mode1_worker(rank, world, tmp, tag, steps, lr, fail_rank, fail_after):
+    """Mode 1 over the inputs listed in data.pt. The rank ``fail_rank`` dies while writing its
+    record number ``fail_after + 1`` (a torn line, then exit), as if killed mid-write."""
+    from apm_fast.distributed import part_path, run_sharded_ttt
+
+    _join(rank, world, tmp)
+    data = torch.load(os.path.join(tmp, "data.pt"))
+    names, images, targets = data["names"], data["images"], data["targets"]
+    index = {n: i for i, n in enumerate(names)}
+    out_path = os.path.join(tmp, "results.jsonl")
+    trainer = TestTimeTrainer(make_model(), steps=steps, lr=lr)
+    started = []
+    log = open(os.path.join(tmp, f"started-{tag}-rank{rank}.txt"), "a")
+
+    def load(name):
+        if rank == fail_rank and len(started) == fail_after:
+            res = trainer.fit(images[index[name]], targets[index[name]])
+            line = json.dumps({"input": name, "cls": res.cls[0].tolist()})
+            with open(part_path(out_path, rank), "a") as f:
+                f.write(line[: len(line) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            os._exit(3)
+        started.append(name)
+        log.write(name + "\n")
+        log.flush()
+        return images[index[name]], targets[index[name]]
+
+    run = run_sharded_ttt(names, out_path, trainer=trainer, load=load)
+    with open(os.path.join(tmp, f"run-{tag}-rank{rank}.json"), "w") as f:
+        json.dump({"assigned": run.assigned, "skipped": run.skipped, "computed": run.computed}, f)
+    dist.destroy_process_group()

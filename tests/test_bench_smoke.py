@@ -1,0 +1,146 @@
+"""The benchmark harness end to end at tiny sizes on the CPU: gate, every section, JSON, a plot;
+and a broken fast path must fail the gate and remove every speedup."""
+import json
+import time
+
+import pytest
+import torch
+
+import apm_fast
+from apm_fast.backends.torch_rewrite import TorchBackend
+from apm_fast.bench import BenchOptions, run_suite
+from apm_fast.bench import cli as bench_cli
+from apm_fast.bench.options import SECTIONS
+from apm_fast.model import APMOutput
+
+STATUSES = {"ok", "absent", "skipped", "error"}
+SECTION_FILES = {"step": "ttt_step", "throughput": "throughput", "forward": "forward",
+                 "scaling": "scaling", "table4": "table4"}
+
+
+@pytest.fixture
+def one_thread():
+    # two busy cores shared with other jobs: one thread avoids OpenMP oversubscription stalls
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# Left out: torch.compile (half a minute of compilation on this CPU) and the Triton kernels, which
+# run here in Triton's interpreter at ~1.5 s a step (their rows say "skipped", with the reason).
+SKIP = ("compile", "triton")
+
+
+def _tiny(tmp_path, **kw):
+    base = dict(device="cpu", presets=("ttt-l14",), skip=SKIP, out=str(tmp_path),
+                warmup=1, forward_batches=(1, 2), scaling_grids=(4, 8), tpt_views=2,
+                tpt_prompts=4, t_max=3, ttt_steps=3)
+    base.update(kw)
+    return BenchOptions.quick_defaults(**base)
+
+
+def _load(out_dir, name):
+    files = list(out_dir.rglob(f"{name}-quick.json"))
+    assert len(files) == 1, f"expected one {name}-quick.json under {out_dir}, found {files}"
+    return json.loads(files[0].read_text())
+
+
+def test_harness_end_to_end(tmp_path, one_thread):
+    t0 = time.perf_counter()
+    logs = []
+    result = run_suite(_tiny(tmp_path), log=logs.append)
+    assert result.gate_passed, "\n".join(logs)
+    machine_dir = result.out_dir
+    assert machine_dir.parent == tmp_path and machine_dir.name.startswith("cpu-")
+
+    available = apm_fast.available_backends()
+    for sec in SECTIONS:
+        doc = _load(tmp_path, SECTION_FILES[sec])
+        assert doc["schema"] == 1 and doc["suite"] == SECTION_FILES[sec] and doc["quick"] is True
+        assert doc["partial"] is False and "error" not in doc
+        m = doc["machine"]
+        assert m["torch"] == torch.__version__ and m["device"] == "cpu" and m["commit"]
+        assert "torch " + torch.__version__ in doc["machine_line"]
+        assert doc["gate"]["passed"] is True and doc["gate"]["checks"]
+        assert all(c["passed"] for c in doc["gate"]["checks"])
+        assert doc["speedups_suppressed"] is None
+        assert doc["rows"] and all(r["status"] in STATUSES for r in doc["rows"])
+        assert not [r for r in doc["rows"] if r["status"] == "error"], doc["rows"]
+        # backends that are not there are listed with the registry's reason, never dropped
+        for name in ("triton", "cuda"):
+            status = doc["backends"][name]
+            assert status != "available" or available.get(name) == "available"
+            if name in available:
+                assert status == available[name]
+
+    steps = {r["key"]: r for r in _load(tmp_path, "ttt_step")["rows"]}
+    for key in ("authors", "eager", "torch"):
+        r = steps[key]
+        assert r["status"] == "ok" and r["gate"] == "passed"
+        t = r["timing"]
+        assert t["repeats"] >= 20 and len(t["samples_ms"]) == t["repeats"]
+        assert 0 < t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+        assert r["speedup_vs_eager"] == pytest.approx(steps["eager"]["timing"]["median_ms"] / t["median_ms"])
+    assert steps["authors"]["label"] == "authors-style (re-implemented)"
+    assert steps["authors"]["describe"]["copies"] == 8 and steps["authors"]["describe"]["chunk"] == 16
+    assert steps["compile"]["status"] == "skipped"
+    assert steps["torch+graph"]["status"] == "absent" and "CUDA" in steps["torch+graph"]["reason"]
+    if steps["engine"]["status"] == "absent":
+        assert steps["engine"]["reason"]
+    for name in ("triton", "cuda"):
+        expected = "skipped" if available.get(name) == "available" else "absent"
+        assert steps[name]["status"] == expected and steps[name]["reason"]
+        if expected == "absent":
+            assert steps[name]["reason"] == available.get(name, steps[name]["reason"])
+
+    gate_paths = {(c["path"], c["check"]) for c in _load(tmp_path, "gate")["gate"]["checks"]}
+    assert {("torch", "forward.cls"), ("torch", "grad"), ("authors", "step.update"),
+            ("eager", "step.grad")} <= gate_paths
+
+    scaling = _load(tmp_path, "scaling")["rows"]
+    assert {(r["model"], r["queries"]) for r in scaling if r["status"] == "ok"} == \
+        {("apm", 16), ("apm", 64), ("clip", 16), ("clip", 64)}
+    t4 = _load(tmp_path, "table4")
+    roles = {r["role"] for r in t4["rows"] if r["status"] == "ok"}
+    assert roles == {"student", "teacher", "tpt"}
+    student = next(r for r in t4["rows"] if r["role"] == "student")
+    by_t = student["flops"]["rewritten"]["analytic"]["by_t"]
+    assert len(by_t) == 3 and by_t[2] - by_t[1] == by_t[1] - by_t[0] > 0   # linear in t
+    assert student["flops"]["rewritten"]["measured"]["by_t"] == by_t          # counter == formula
+
+    pngs = {p.name for p in result.plots}
+    assert {"ttt_step-quick.png", "scaling-quick.png", "table4-quick.png"} <= pngs
+    for p in result.plots:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    assert time.perf_counter() - t0 < 120
+
+
+def test_broken_fast_path_fails_the_gate_and_suppresses_speedups(tmp_path, monkeypatch, one_thread,
+                                                                 capsys):
+    honest = TorchBackend.forward
+
+    def broken(self, model, images, **kw):
+        out = honest(self, model, images, **kw)
+        return APMOutput(cls=None if out.cls is None else out.cls * 1.5,
+                         grid=None if out.grid is None else out.grid + 0.1, rgb=out.rgb)
+
+    monkeypatch.setattr(TorchBackend, "forward", broken)
+    status = bench_cli.main(["--device", "cpu", "--quick", "--preset", "ttt-l14", "--only", "step",
+                             "forward", "--skip", *SKIP, "authors", "--out", str(tmp_path),
+                             "--warmup", "1", "--no-plots"])
+    assert status == 1                                  # the gate's verdict is the exit status
+    printed = capsys.readouterr().out
+    assert "correctness gate: FAILED" in printed and "SPEEDUPS SUPPRESSED" in printed
+    for name in ("ttt_step", "forward"):
+        doc = _load(tmp_path, name)
+        assert doc["gate"]["passed"] is False
+        assert any(f.endswith("/torch") for f in doc["gate"]["failed"])
+        assert "gate failed" in doc["speedups_suppressed"]
+        ok = [r for r in doc["rows"] if r["status"] == "ok"]
+        assert ok, "timings are still recorded"
+        for r in ok:
+            for k in ("speedup_vs_eager", "speedup_vs_authors", "speedup_vs_reference"):
+                assert r.get(k) is None
+    steps = {r["key"]: r for r in _load(tmp_path, "ttt_step")["rows"]}
+    assert steps["torch"]["gate"] == "failed" and steps["eager"]["gate"] == "passed"

@@ -1,0 +1,188 @@
+"""The benchmark's building blocks: statistics, FLOP formulas, chunked evaluation, the gate's metric."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import apm_fast
+from apm_fast.backends import get_backend
+from apm_fast.bench.chunked import chunked_forward, position_rows
+from apm_fast.bench.flops import apm_flops, count_flops
+from apm_fast.bench.gate import relative_error
+from apm_fast.bench.timing import measure, quantile, summarize
+from apm_fast.posenc import position_code
+
+
+def test_quantile_interpolates_and_checks_input():
+    assert quantile([3, 1, 2], 0.5) == 2
+    assert quantile([0, 10], 0.2) == pytest.approx(2.0)
+    assert quantile([5], 0.8) == 5
+    with pytest.raises(ValueError, match="at least one"):
+        quantile([], 0.5)
+    with pytest.raises(ValueError, match="q in"):
+        quantile([1], 1.5)
+
+
+def test_measure_needs_20_repeats_and_orders_its_percentiles():
+    with pytest.raises(ValueError, match="repeats"):
+        measure(lambda: None, repeats=5)
+    calls = []
+    t = measure(lambda: calls.append(1), warmup=2, repeats=20)
+    assert len(calls) == 22 and t.repeats == 20 and len(t.samples_ms) == 20
+    assert t.p20_ms <= t.median_ms <= t.p80_ms
+    assert t.clock == "perf_counter"
+    s = summarize(list(range(1, 21)), clock="x")
+    assert s.median_ms == pytest.approx(10.5) and s.min_ms == 1
+
+
+def test_relative_error():
+    a = torch.tensor([1.0, 2.0, 2.0])
+    assert relative_error(a, a) == 0.0
+    assert relative_error(a * 1.5, a) == pytest.approx(0.5)
+    assert relative_error(torch.tensor([float("nan"), 0, 0]), a) == math.inf
+    assert relative_error(a[:2], a) == math.inf
+    assert relative_error(None, a) == math.inf
+
+
+@pytest.mark.parametrize("d,h,w", [(64, 8, 8), (512, 5, 7), (24, 3, 4), (25, 5, 5)])
+def test_position_rows_match_the_full_code(d, h, w):
+    full = position_code(d, h, w, dtype=torch.float64)
+    for a, b in [(0, h * w), (3, min(h * w, 17)), (h * w - 1, h * w)]:
+        assert torch.equal(position_rows(d, h, w, a, b, dtype=torch.float64), full[a:b])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 36, 1000])
+def test_chunked_forward_equals_the_torch_backend(chunk):
+    # grid 6 (L = 36, pos width 36), widths that are not powers of two, several chunkings
+    cfg = apm_fast.preset("ttt-l14", grid=6, patch=3, hidden=(40, 24, 12), dim=48, init="pytorch")
+    torch.manual_seed(0)
+    m = apm_fast.APM(cfg, dtype=torch.float64).eval()
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size, dtype=torch.float64)
+    ref = m(x, backend="torch")
+    cls, grid = chunked_forward(m, x, chunk=chunk, want_grid=True)
+    torch.testing.assert_close(cls, ref.cls, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grid, ref.grid, rtol=1e-12, atol=1e-12)
+    # more queries than the model's grid: L = 100, memory bounded by the chunk
+    cls, grid = chunked_forward(m, x, query_grid=10, chunk=chunk)
+    assert cls.shape == (2, 48) and grid is None and torch.isfinite(cls).all()
+
+
+def test_chunked_forward_rejects_bad_chunks():
+    cfg = apm_fast.preset("ttt-b16", grid=4, patch=2, hidden=(8,), dim=16)
+    m = apm_fast.APM(cfg)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="chunk"):
+        chunked_forward(m, x, chunk=0)
+    with pytest.raises(ValueError, match="query_grid"):
+        chunked_forward(m, x, query_grid=-3)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("ttt-l14", dict(grid=6, patch=3, hidden=(40, 24, 12), dim=48)),
+    ("ttt-b16", dict(grid=5, patch=2, hidden=(30,), dim=16, heads=4)),
+    ("ssl-l14", dict(grid=4, patch=2, hidden=(20, 20, 12), dim=24)),
+])
+def test_analytic_flops_equal_the_flop_counter(name, overrides):
+    """The analytic formulas, term by term, against FlopCounterMode on shape-only (meta) tensors,
+    where every matmul, the attention kernel included, is visible to the counter."""
+    cfg = apm_fast.preset(name, **overrides)
+    with torch.device("meta"):
+        m = apm_fast.APM(cfg)
+    x = torch.empty(2, 3, cfg.image_size, cfg.image_size, device="meta")
+    for form, backend in (("plain", "reference"), ("rewritten", "torch")):
+        fwd = get_backend(backend).forward
+        a = apm_flops(cfg, form=form, batch=2, want_rgb=cfg.rgb_head)
+        assert count_flops(lambda: fwd(m, x, want_grid=True)) == a["forward"], form
+        if cfg.pool:
+            def step():
+                z = fwd(m, x, want_grid=False).cls
+                F.mse_loss(z, torch.zeros_like(z)).backward()
+            assert count_flops(step) == a["step"], form
+
+
+def test_analytic_flops_match_the_spec_for_ttt_l14():
+    cfg = apm_fast.preset("ttt-l14")
+    plain, rew = apm_flops(cfg, form="plain"), apm_flops(cfg, form="rewritten")
+    assert plain["forward"] / 1e9 == pytest.approx(42.7, abs=0.05)
+    assert plain["step"] / 1e9 == pytest.approx(128.1, abs=0.05)
+    assert rew["forward"] / 1e9 == pytest.approx(31.7, abs=0.05)
+    assert rew["step"] / 1e9 == pytest.approx(86.5, abs=0.1)
+    with pytest.raises(ValueError, match="form"):
+        apm_flops(cfg, form="fused")
+
+
+# ---------------------------------------------------------------------- picking up new paths
+def _quick_ctx(**kw):
+    from apm_fast.bench.context import Context
+    from apm_fast.bench.options import BenchOptions
+
+    base = dict(device="cpu", presets=("ttt-b16",), out=None, plots=False, ttt_steps=1,
+                skip=("triton",))
+    base.update(kw)
+    return Context(BenchOptions.quick_defaults(**base), log=lambda s: None)
+
+
+@pytest.fixture
+def one_thread():
+    # two cores shared with other jobs: one thread avoids OpenMP oversubscription stalls
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_new_backend_and_the_engine_are_picked_up(monkeypatch, one_thread):
+    import sys
+    import types
+
+    from apm_fast.backends import _REGISTRY, register_backend
+    from apm_fast.backends.torch_rewrite import TorchBackend
+    from apm_fast.bench.sections import step, throughput
+    from apm_fast.ttt import TestTimeTrainer
+
+    class Late(TorchBackend):
+        name = "late"
+
+        def available(self):
+            return False, "needs the late extension (build it)"
+
+    monkeypatch.setitem(_REGISTRY, "late", Late())
+    engine = types.ModuleType("apm_fast.engine")
+
+    class TTTEngine(TestTimeTrainer):
+        def __init__(self, model, *, students=None, snapshot=None, **kw):
+            super().__init__(model, engine=False, **kw)
+            self.students = students or 4
+
+        def fit(self, images, targets, *, progress=None, check=True):
+            return super().fit(images, targets, progress=progress)
+
+    engine.TTTEngine = TTTEngine
+    engine.make_step = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "apm_fast.engine", engine)
+
+    ctx = _quick_ctx()
+    assert ctx.backends["late"] == "needs the late extension (build it)"
+    rows = {c.key: c for c in step.candidates(ctx, "ttt-b16")}
+    assert rows["late"].status == "absent" and "late extension" in rows["late"].reason
+    assert rows["late+graph"].status == "absent"
+    assert rows["engine"].status == "absent" and "CUDA" in rows["engine"].reason  # found, CPU here
+    register_backend(type("Now", (TorchBackend,), {"name": "late"})())       # now it can run
+    ctx = _quick_ctx(sections=("throughput",), skip=("triton", "reference", "torch"))
+    rows = {c.key: c for c in step.candidates(ctx, "ttt-b16")}
+    assert rows["late"].status == "ok" and rows["late"].factory is not None
+    rows = {r["key"]: r for r in throughput.run(ctx)["rows"]}
+    assert rows["ttt-late"]["status"] == "ok", rows["ttt-late"]["reason"]
+    assert rows["ttt-torch"]["status"] == "skipped"
+    assert rows["engine"]["status"] == "ok" and rows["engine"]["images_per_s"] > 0
+    assert rows["engine"]["students"] == 4
+
+
+def test_time_budget_marks_what_did_not_start():
+    from apm_fast.bench.sections import step
+
+    ctx = _quick_ctx(time_budget_s=0.0)
+    rows = step.run(ctx)["rows"]
+    assert rows and all(r["status"] in ("skipped", "absent") for r in rows)
+    assert any("time budget" in r["reason"] for r in rows)

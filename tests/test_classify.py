@@ -1,0 +1,78 @@
+"""TestTimeTrainer.classify: teacher once per image, TTT, zero-shot against cached class texts."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apm_fast import APM, TestTimeTrainer, preset
+from apm_fast.images import load_image, preprocess
+from tiny_clip import TINY_DIM, photo, random_teacher, write_config
+
+CLASSES = ["cat", "dog", "bird", "fish", "car", "tree"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return random_teacher(write_config(tmp_path_factory.mktemp("tiny_clip")), seed=0)
+
+
+def _trainer(steps=3, dim=TINY_DIM):
+    torch.manual_seed(0)
+    cfg = preset("ttt-b16", grid=4, patch=4, hidden=(32, 16), dim=dim, heads=4)
+    return TestTimeTrainer(APM(cfg), steps=steps, lr=1e-2)
+
+
+def test_classify_matches_fit_on_the_teachers_target(teacher, tmp_path, monkeypatch):
+    trainer = _trainer()
+    imgs = [photo(10), photo(11, size=(50, 20))]
+    path = tmp_path / "third.png"
+    photo(12).save(path)
+    image_calls, text_calls = [], []
+    enc_i, enc_t = teacher._encode_images, teacher._encode_texts
+    monkeypatch.setattr(teacher, "_encode_images", lambda x: image_calls.append(x.shape[0]) or enc_i(x))
+    monkeypatch.setattr(teacher, "_encode_texts", lambda t: text_calls.append(len(t)) or enc_t(t))
+    teacher.clear_text_cache()
+
+    results = trainer.classify(imgs + [str(path)], teacher, CLASSES, topk=3)
+
+    assert [r.image for r in results] == ["<image 0>", "<image 1>", str(path)]
+    assert image_calls == [1, 1, 1]               # the teacher once per image, never in the loop
+    assert text_calls == [len(CLASSES)]           # the class texts once for all images
+    text = teacher.class_embeddings(CLASSES)
+    for r, pil in zip(results, imgs + [load_image(path)]):
+        target = teacher.embed_images(pil)
+        fit = trainer.fit(preprocess(pil, trainer.model.config)[None], target)
+        logits = 100 * F.normalize(fit.cls, dim=-1) @ text.T
+        probs, idx = logits[0].softmax(-1).topk(3)
+        assert [c for c, _ in r.topk] == [CLASSES[i] for i in idx]
+        torch.testing.assert_close(torch.tensor([p for _, p in r.topk]), probs, rtol=1e-5, atol=1e-6)
+        assert r.losses == pytest.approx(fit.losses[0].tolist(), rel=1e-5)
+        t_idx = (F.normalize(target, dim=-1) @ text.T)[0].argmax()
+        assert r.teacher_top1 == CLASSES[t_idx]
+        assert len(r.losses) == 3 and r.ttt_ms > 0 and r.teacher_ms > 0
+        assert r.topk[0][1] >= r.topk[1][1] >= r.topk[2][1]
+    d = results[0].to_dict()
+    assert d["top1"] == results[0].top1 and len(d["teacher_topk"]) == 3
+
+
+def test_result_does_not_depend_on_the_other_images(teacher):
+    a, b = photo(20), photo(21)
+    trainer = _trainer(steps=2)
+    alone = trainer.classify(b, teacher, CLASSES, topk=6)[0]
+    after = trainer.classify([a, b], teacher, CLASSES, topk=6)[1]
+    assert [c for c, _ in alone.topk] == [c for c, _ in after.topk]
+    assert [p for _, p in alone.topk] == pytest.approx([p for _, p in after.topk], rel=1e-5)
+    assert alone.losses == pytest.approx(after.losses, rel=1e-6)
+
+
+def test_classify_refuses_bad_input(teacher):
+    with pytest.raises(ValueError, match=r"embeds in 24 dims but the model's dim is 32; .*dim=24"):
+        _trainer(dim=32).classify(photo(0), teacher, CLASSES)
+    trainer = _trainer()
+    with pytest.raises(ValueError, match="images: expected at least one image"):
+        trainer.classify([], teacher, CLASSES)
+    with pytest.raises(ValueError, match="topk: expected a positive integer, got 0"):
+        trainer.classify(photo(0), teacher, CLASSES, topk=0)
+    with pytest.raises(TypeError, match=r"images\[0\]: expected a PIL image, a file path or a numpy array"):
+        trainer.classify([42], teacher, CLASSES)
+    # top-k larger than the class set: all classes, best first
+    assert len(trainer.classify(photo(0), teacher, ["cat", "dog"], topk=5)[0].topk) == 2

@@ -1,0 +1,147 @@
+"""The apm-fast command line, end to end on a tiny teacher and student."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apm_fast.cli import main
+from tiny_clip import photo, random_teacher, write_config
+
+# a tiny student: D follows the teacher (24); 4 x 4 grid of 4-pixel patches
+TINY_STUDENT = ["--grid", "4", "--patch", "4", "--hidden", "32,16", "--heads", "4", "--steps", "3",
+                "--lr", "0.01", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A folder with two photos, a corrupt 'jpeg' and a text file; a teacher config + checkpoint;
+    a class file."""
+    root = tmp_path_factory.mktemp("cli")
+    photos = root / "photos"
+    photos.mkdir()
+    photo(1, size=(40, 30)).save(photos / "a.png")
+    photo(2, size=(20, 64)).save(photos / "c.jpg")
+    (photos / "b_broken.jpg").write_bytes(b"garbage, not a jpeg" * 10)
+    (photos / "readme.txt").write_text("not an image, and not picked up from a directory")
+    config = write_config(root)
+    ckpt = root / "teacher.pt"
+    torch.save(random_teacher(config, seed=5).model.state_dict(), ckpt)
+    classes = root / "classes.txt"
+    classes.write_text("cat\ndog\nbird\n")
+    return dict(root=root, photos=photos, config=config, ckpt=ckpt, classes=classes)
+
+
+def _ttt(s, *extra, out=None):
+    args = ["ttt", str(s["photos"]), "--teacher", str(s["config"]), "--pretrained", str(s["ckpt"]),
+            "--classes", str(s["classes"]), *TINY_STUDENT, *extra]
+    if out is not None:
+        args += ["--out", str(out)]
+    return main(args)
+
+
+def test_ttt_skips_the_corrupt_file_and_writes_the_others(setup, tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    rc = _ttt(setup, "--topk", "2", out=out)
+    err = capsys.readouterr().err
+    assert rc == 1                                          # some input failed
+    assert "skipped" in err and "b_broken.jpg" in err and "not an image" in err
+    assert "2 result(s) written" in err and "1 image(s) skipped" in err
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [l["image"] for l in lines] == [str(setup["photos"] / "a.png"), str(setup["photos"] / "c.jpg")]
+    for l in lines:
+        assert l["top1"] in ("cat", "dog", "bird") and len(l["topk"]) == 2
+        assert l["teacher_top1"] == l["teacher_topk"][0][0]
+        assert len(l["losses"]) == 3 and l["ttt_ms"] > 0
+        assert l["run"]["teacher"] == "apm-test-tiny-clip" and l["run"]["random_teacher"] is False
+        assert l["run"]["dim"] == 24 and l["run"]["grid"] == 4 and l["run"]["hidden"] == [32, 16]
+    # appended, not overwritten; same seed, same results
+    assert _ttt(setup, "--topk", "2", out=out) == 1
+    again = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(again) == 4 and again[2]["losses"] == pytest.approx(lines[0]["losses"])
+
+
+def test_ttt_to_stdout_with_only_good_files(setup, capsys):
+    rc = main(["ttt", str(setup["photos"] / "a.png"), "--teacher", str(setup["config"]),
+               "--pretrained", "none", "--classes", str(setup["classes"]), *TINY_STUDENT])
+    cap = capsys.readouterr()
+    assert rc == 0
+    (line,) = cap.out.splitlines()
+    assert json.loads(line)["run"]["random_teacher"] is True
+    assert "RANDOM weights" in cap.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "ViT-B-61"], "unknown open_clip model 'ViT-B-61'"),
+    (["--pretrained", "absent.pt"], "checkpoint file 'absent.pt' does not exist"),
+    (["--classes", "no_such_classes.txt"], "'no_such_classes.txt', which is not an existing file"),
+    (["--preset", "ttt-x99"], "preset: unknown name 'ttt-x99'"),
+    (["--backend", "warp"], "backend: unknown name 'warp'"),
+])
+def test_ttt_setup_errors_are_one_line(setup, capsys, args, message):
+    opts = {"--teacher": str(setup["config"]), "--pretrained": str(setup["ckpt"]),
+            "--classes": str(setup["classes"])}
+    opts.update(zip(args[::2], args[1::2]))
+    flat = [x for kv in opts.items() for x in kv]
+    rc = main(["ttt", str(setup["photos"] / "a.png"), *flat, *TINY_STUDENT])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("apm-fast ttt: error: ") and message in err and "Traceback" not in err
+
+
+def test_ttt_empty_folder(setup, tmp_path, capsys):
+    assert main(["ttt", str(tmp_path), "--teacher", str(setup["config"]), *TINY_STUDENT]) == 2
+    assert "no image files found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ttt", "x.png", "--steps", "0"], "--steps: expected a positive integer, got '0'"),
+    (["ttt", "x.png", "--hidden", "64,abc"], "--hidden: expected comma-separated integers"),
+    (["ttt", "x.png", "--templates", "many"], "invalid choice: 'many'"),
+    (["ttt"], "the following arguments are required: IMAGES"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+])
+def test_bad_arguments(capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_info_lists_versions_and_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("python", "torch", "triton", "open_clip_torch", "torch CUDA build", "backends:", "reference",
+                 "available"):
+        assert word in out
+
+
+def test_module_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "apm_fast", "--version"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("apm-fast ")
+
+
+def test_demo_falls_back_to_random_teacher_weights(setup, capsys, monkeypatch):
+    from apm_fast.teachers import OpenCLIPTeacher, WeightsUnavailable
+
+    def offline(*a, **kw):
+        raise WeightsUnavailable("pretrained: weights not cached and the network is down (test)")
+
+    monkeypatch.setattr(OpenCLIPTeacher, "_resolve_pretrained", staticmethod(offline))
+    rc = main(["demo", "--teacher", str(setup["config"]), "--pretrained", "openai", "--steps", "1",
+               "--classes", str(setup["classes"]), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "network is down (test)" in out and "going on with RANDOM teacher weights" in out
+    assert "RANDOM weights" in out and "reduced for the CPU (grid 16" in out
+    table = out[out.index("image "):].splitlines()
+    assert [row.split()[0] for row in table[2:6]] == ["astronaut", "coffee", "chelsea", "rocket"]
+
+
+def test_demo_class_names_are_imagenet_names():
+    from apm_fast.commands.demo import CPU_CLASSES
+    from apm_fast.teachers import imagenet_classnames
+
+    assert set(CPU_CLASSES) <= set(imagenet_classnames())

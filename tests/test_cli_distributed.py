@@ -1,0 +1,179 @@
+"""``torchrun -m apm_fast ttt``: the images split over 2 CPU ranks (gloo on 127.0.0.1), one results
+file equal to a single-process run's, and a rerun that recomputes nothing.
+
+Tolerance: both runs do, per image, the same float32 operations on the same shapes (batch of one,
+the same seeded student and random teacher) in one thread each (torchrun sets OMP_NUM_THREADS=1;
+the single-process reference runs with one thread too), so the lines are expected to be
+bit-identical, and are as measured. RTOL = 1e-6 (about 8 float32 ulps) only absorbs a math
+library choosing another kernel (e.g. by memory alignment); a real fault (an image trained from
+another init or seed, paired with another image's teacher embedding, or a line carrying another
+image's results) moves the losses by more than 1e-2 relative (the three images' losses differ
+from one another by that much).
+
+The batched pipeline (--students) regroups the images into other batches on each rank, which
+changes the float32 summation order of the logits: its probabilities are compared at 1e-4
+relative (a logit of 100 cos off by a few float32 ulps of the cosine moves a probability by
+~1e-5 relative), its losses still at RTOL.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apm_fast.cli import main
+from tiny_clip import photo, write_config
+
+RTOL = 1e-6
+ARGS = ["--pretrained", "none", "--grid", "4", "--patch", "4", "--hidden", "32,16", "--heads", "4",
+        "--steps", "2", "--lr", "0.01", "--topk", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-dist")
+    photos = root / "photos"
+    photos.mkdir()
+    for i, size in enumerate([(40, 30), (20, 64), (33, 33)]):
+        photo(30 + i, size=size).save(photos / f"p{i}.png")
+    (photos / "p0_broken.jpg").write_bytes(b"garbage, not a jpeg" * 10)
+    classes = root / "classes.txt"
+    classes.write_text("cat\ndog\nbird\n")
+    common = ["ttt", str(photos), "--teacher", str(write_config(root)), "--classes", str(classes), *ARGS]
+    return dict(root=root, photos=photos, common=common)
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, **env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
+    if os.path.isdir("/sys/class/net/lo"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "apm_fast", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _single(args, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)              # as each torchrun rank: the same float32 summation order
+    try:
+        rc = main(args)
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    return rc
+
+
+def _lines(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def _rel(a, b):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _compare(got, want, prob_rtol):
+    assert [l["image"] for l in got] == [l["image"] for l in want], "each image once, in input order"
+    for g, w in zip(got, want):
+        assert set(g) == set(w), "the same fields as a single-process line"
+        assert g["top1"] == w["top1"] and g["teacher_top1"] == w["teacher_top1"]
+        assert [c for c, _ in g["topk"]] == [c for c, _ in w["topk"]]
+        assert [c for c, _ in g["teacher_topk"]] == [c for c, _ in w["teacher_topk"]]
+        assert _rel([p for _, p in g["topk"]], [p for _, p in w["topk"]]) <= prob_rtol
+        assert _rel([p for _, p in g["teacher_topk"]], [p for _, p in w["teacher_topk"]]) <= prob_rtol
+        assert len(g["losses"]) == 2 and _rel(g["losses"], w["losses"]) <= RTOL, g["image"]
+        assert g["run"] == w["run"]
+
+
+def test_two_ranks_write_the_single_process_lines_and_a_rerun_recomputes_nothing(setup, tmp_path, capsys):
+    single, out = tmp_path / "single.jsonl", tmp_path / "results.jsonl"
+    assert _single(setup["common"] + ["--out", str(single)], capsys) == 1       # the broken file
+    want = _lines(single)
+    assert len(want) == 3
+
+    proc = _torchrun(setup["common"] + ["--out", str(out)])
+    err = proc.stderr
+    assert proc.returncode == 1, err[-3000:]                  # some image failed, as without torchrun
+    broken = str(setup["photos"] / "p0_broken.jpg")
+    assert err.count(f"skipped {broken}: ") == 1 and "not an image" in err
+    assert "3 result(s) in" in err and "merged from 2 ranks" in err
+    got = _lines(out)
+    assert broken not in {l["image"] for l in got}
+    _compare(got, want, prob_rtol=RTOL)
+    assert not (tmp_path / "results.jsonl.parts").exists()
+    # each rank computed its own share, 2 of the 4 sorted inputs: rank 1 has the broken file, so
+    # rank 0 learns of it from rank 1 before merging
+    computed = [int(err.split(f"rank {r}/2: ")[1].split(" result(s) computed")[0]) for r in (0, 1)]
+    assert sorted(computed) == [1, 2]
+
+    before = out.read_bytes()
+    proc = _torchrun(setup["common"] + ["--out", str(out)])
+    err = proc.stderr
+    assert proc.returncode == 1, err[-3000:]
+    assert out.read_bytes() == before, "a rerun must leave the results as they are"
+    for r in (0, 1):
+        assert f"rank {r}/2: 0 result(s) computed" in err
+    skipped = [int(err.split(f"rank {r}/2: 0 result(s) computed, ")[1].split(" already in")[0]) for r in (0, 1)]
+    assert sum(skipped) == 3 and "(skipped)" in err
+    assert err.count(f"skipped {broken}: ") == 1                # still reported, still absent
+
+
+def test_two_ranks_through_the_batched_pipeline(setup, tmp_path, capsys):
+    single, out = tmp_path / "single.jsonl", tmp_path / "results.jsonl"
+    batched = ["--backend", "torch", "--students", "2"]
+    assert _single(setup["common"] + batched + ["--out", str(single)], capsys) == 1
+    proc = _torchrun(setup["common"] + batched + ["--out", str(out)])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "p0_broken.jpg: " in proc.stderr
+    _compare(_lines(out), _lines(single), prob_rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_each_rank_on_its_own_device(setup, tmp_path):
+    """On a GPU the CLI takes the batched pipeline (bf16 GEMMs, captured steps). Losses are
+    compared at 2e-2 relative: bf16 keeps 8 bits (4e-3 per rounding) and the images are grouped
+    into other batches than in the single-GPU run; the structural checks are exact."""
+    single, out = tmp_path / "single.jsonl", tmp_path / "results.jsonl"
+    args = setup["common"] + ["--students", "2"]
+    proc = subprocess.run([sys.executable, "-m", "apm_fast", *args, "--out", str(single)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    nvls_off = dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    proc = _torchrun(args + ["--out", str(out)], **nvls_off)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    got, want = _lines(out), _lines(single)
+    assert [l["image"] for l in got] == [l["image"] for l in want] and len(got) == 3
+    assert {l["run"]["device"] for l in got} == {"cuda:0", "cuda:1"}
+    for g, w in zip(got, want):
+        assert g["top1"] == w["top1"]
+        assert _rel(g["losses"], w["losses"]) <= 2e-2, g["image"]
+    before = out.read_bytes()
+    proc = _torchrun(args + ["--out", str(out)], **nvls_off)
+    assert out.read_bytes() == before and "rank 1/2: 0 result(s) computed" in proc.stderr
+
+
+@pytest.mark.parametrize("more_images, opts, message", [
+    ([], [], "--out: 2 ranks (WORLD_SIZE=2) write one results file"),
+    ([], ["--out", "{tmp}/r.jsonl", "--device", "cuda:1"],
+     "--device: with 2 ranks each rank computes on cuda:LOCAL_RANK"),
+    (["{photos}/p0.png"], ["--out", "{tmp}/r.jsonl"], "IMAGES: inputs: '{photos}/p0.png' is listed twice"),
+    ([], ["--out", "{tmp}/no/such/folder/r.jsonl"], "--out: cannot open"),
+])
+def test_several_ranks_set_up_errors(setup, tmp_path, capsys, monkeypatch, more_images, opts, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")              # checked before any process group is joined
+    fill = dict(tmp=tmp_path, photos=setup["photos"])
+    c = setup["common"]
+    args = c[:2] + [x.format(**fill) for x in more_images] + c[2:] + [x.format(**fill) for x in opts]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apm-fast ttt: error: ") and message.format(**fill) in err

@@ -1,0 +1,239 @@
+"""The TTT engine on the CPU through the plain-PyTorch primitive table.
+
+The reference is TestTimeTrainer's autograd loop (``engine=False``): a different computation
+(autograd through the rewritten model, torch.optim.Adam) from the engine's (hand-written fused
+backward, flat-buffer Adam). Tolerances: float64 agrees to ~1e-16 per step; Adam's first steps are
+nearly sign(g) * lr, so a gradient entry near zero that the two computations round differently
+moves its weight by up to lr: in fp32 (and with lr = 1e-2 so that students really move), cls
+agrees to ~1e-5 relative, hence rtol 1e-4.
+"""
+import warnings
+
+import pytest
+import torch
+
+from apm_fast import APM, TestTimeTrainer, preset
+from apm_fast.engine import ParamStore, TTTEngine, choose_students, count_params, estimate_student_bytes
+from apm_fast.engine import program as program_mod
+from apm_fast.ops import TorchPrimitives, backward_train, forward_train, weight_names
+
+STEPS = 4
+LR = 1e-2
+# odd sizes: 5 x 5 grid (position code of width 25), widths that are not powers of two
+CONFIGS = {
+    "three-layer": dict(grid=5, patch=3, hidden=(24, 20, 12), dim=16, heads=4),
+    "two-layer": dict(grid=4, patch=2, hidden=(18, 10), dim=12, heads=3),
+}
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=2e-5)}
+
+
+def _setup(name="three-layer", dtype=torch.float64, n=5, seed=0):
+    torch.manual_seed(seed)
+    cfg = preset("ttt-l14", **CONFIGS[name])
+    model = APM(cfg, dtype=dtype)
+    px = cfg.image_size
+    images = torch.randn(n, cfg.in_chans, px, px, dtype=dtype)
+    targets = torch.randn(n, cfg.dim, dtype=dtype)
+    return model, images, targets
+
+
+def _engine(model, **kw):
+    kw = {"steps": STEPS, "lr": LR, "backend": "torch", **kw}
+    return TTTEngine(model, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_engine_equals_autograd_trainer(name, dtype):
+    model, images, targets = _setup(name, dtype)
+    ref = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="torch", engine=False).fit(images, targets)
+    got = _engine(model, students=2).fit(images, targets)       # 5 images: batches 2, 2, 1
+    assert got.cls.dtype == ref.cls.dtype and got.cls.shape == ref.cls.shape
+    assert got.losses.shape == ref.losses.shape == (5, STEPS) and got.losses.dtype == torch.float32
+    torch.testing.assert_close(got.losses, ref.losses, **TOL[torch.float32 if dtype == torch.float32 else dtype])
+    torch.testing.assert_close(got.cls, ref.cls, **TOL[dtype])
+    assert len(got.seconds) == 5 and all(s >= 0 for s in got.seconds)
+    # the students did train: every loss curve goes down
+    assert bool((got.losses[:, -1] < got.losses[:, 0]).all())
+
+
+def test_trainer_delegates_to_engine_and_can_be_forced_off():
+    model, images, targets = _setup("two-layer", torch.float64, n=3)
+    auto = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="torch", students=2)
+    r_auto = auto.fit(images, targets)
+    assert auto._engine is not None and auto._engine.backend == "torch"
+    plain = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="torch", engine=False)
+    r_plain = plain.fit(images, targets)
+    assert plain._engine is None
+    torch.testing.assert_close(r_auto.cls, r_plain.cls, **TOL[torch.float64])
+    # the model is left at its snapshot either way
+    for k, p in model.named_parameters():
+        assert torch.equal(p, auto.snapshot[k])
+    # the reference backend has no primitive table: autograd by default, an error when forced
+    ref = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="reference")
+    ref.fit(images[:1], targets[:1])
+    assert ref._engine is None
+    with pytest.raises(ValueError, match="primitive table"):
+        TestTimeTrainer(model, steps=STEPS, lr=LR, backend="reference", engine=True).fit(images[:1], targets[:1])
+
+
+def test_second_fit_is_identical_reset_is_complete():
+    model, images, targets = _setup("three-layer", torch.float32, n=4)
+    eng = _engine(model, students=3)
+    first = eng.fit(images, targets)
+    other = eng.fit(images.flip(0) * 0.5, targets.roll(1, 0))      # different work in between
+    second = eng.fit(images, targets)
+    assert torch.equal(first.cls, second.cls) and torch.equal(first.losses, second.losses)
+    assert not torch.equal(other.cls, first.cls)
+    # the engine never touched the model
+    for k, p in model.named_parameters():
+        assert torch.equal(p, eng.snapshot[k]) if k in eng.snapshot else True
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_side_by_side_equals_one_at_a_time_any_S_any_order(dtype):
+    model, images, targets = _setup("three-layer", dtype, n=5, seed=1)
+    alone = _engine(model, students=1).fit(images, targets)
+    # tight: each student's arithmetic is the same whatever S (batched, never mixed)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for s in (2, 3, 5):
+        got = _engine(model, students=s).fit(images, targets)
+        torch.testing.assert_close(got.cls, alone.cls, **tol)
+        torch.testing.assert_close(got.losses, alone.losses, **tol)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    shuffled = _engine(model, students=3).fit(images[perm], targets[perm])
+    torch.testing.assert_close(shuffled.cls, alone.cls[perm], **tol)
+    torch.testing.assert_close(shuffled.losses, alone.losses[perm], **tol)
+    # results belong to their own image: different images give different students
+    assert (alone.cls[0] - alone.cls[1]).abs().max() > 1e-4
+
+
+def test_student_count_defaults_and_program_reuse():
+    model, images, targets = _setup("two-layer", torch.float64, n=3)
+    eng = _engine(model)
+    assert eng.students_for(3) == 1 and choose_students(5, 1 << 20, 0, "cpu") == 1   # CPU: one at a time
+    eng.fit(images, targets)
+    assert eng._program.students == 1 and eng.mode == "eager"            # no CUDA graphs on a CPU
+    fixed = _engine(model, students=3)
+    fixed.fit(images, targets)
+    prog = fixed._program
+    assert prog.students == 3
+    fixed.fit(images + 1, targets)
+    assert fixed._program is prog                                        # same S: not rebuilt
+    assert fixed.students_for(1) == 1 and fixed.students_for(7) == 3
+
+
+def test_graphs_requested_on_cpu_run_eagerly_without_warning():
+    """No CUDA graphs on a CPU: the same functions run eagerly, noted in the log (not a warning)."""
+    model, images, targets = _setup("two-layer", torch.float64, n=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eng = _engine(model, graphs=True, students=2)
+        got = eng.fit(images, targets)
+    assert eng.mode == "eager"
+    ref = _engine(model, graphs=False, students=2).fit(images, targets)
+    assert torch.equal(got.cls, ref.cls)
+
+
+def test_adam_slices_equal_one_pass(monkeypatch):
+    model, images, targets = _setup("three-layer", torch.float64, n=2)
+    one = _engine(model, students=2).fit(images, targets)
+    monkeypatch.setattr(program_mod, "_adam_chunks", lambda prim, total: 3)
+    sliced_engine = _engine(model, students=2)
+    sliced = sliced_engine.fit(images, targets)
+    assert sliced_engine._program.n_chunks == 3
+    assert torch.equal(one.cls, sliced.cls) and torch.equal(one.losses, sliced.losses)
+
+
+def test_param_store_layout_and_reset():
+    model, _, _ = _setup("two-layer", torch.float64)
+    names = weight_names(model.config)
+    params = dict(model.named_parameters())
+    shapes = [tuple(params[n].shape) for n in names]
+    st = ParamStore(names, shapes, 3, master_dtype=torch.float32, compute_dtype=torch.bfloat16,
+                    device="cpu", lowp_names=["mlp.1.weight"])
+    assert st.numel == count_params(model.config) == sum(params[n].numel() for n in names)
+    for n, sh in zip(names, shapes):
+        v = st.master_views[n]
+        assert v.shape == (3, *sh) and v.is_contiguous()                 # batched-GEMM friendly
+        assert v.data_ptr() >= st.master.data_ptr()
+    assert st.weights["mlp.1.weight"].dtype == torch.bfloat16 and st.weights["mlp.0.bias"].dtype == torch.float32
+    st.exp_avg.fill_(1.0)
+    st.exp_avg_sq.fill_(2.0)
+    st.load_snapshot({n: params[n] for n in names})
+    for n in names:
+        for i in range(3):
+            assert torch.equal(st.student(i)[n], params[n].float())
+    assert st.exp_avg.abs().sum() == 0 and st.exp_avg_sq.abs().sum() == 0
+    assert st.names[0] == "mlp.1.weight" and st.lowp.numel() == 3 * params["mlp.1.weight"].numel()
+    assert torch.equal(st.lowp, st.master[:st.lowp.numel()].to(torch.bfloat16))
+    groups = st.adam_groups()                         # the compute-copy prefix, then the rest
+    assert [g[4] is not None for g in groups] == [True, False]
+    assert sum(g[0].numel() for g in groups) == st.master.numel() and all(g[0].shape[0] == 3 for g in groups)
+    # gradient views write into the one flat buffer that the optimizer sees
+    st.grad_views["head.bias"].fill_(7.0)
+    assert int((st.flat2d(st.grad) == 7.0).sum()) == 3 * params["head.bias"].numel()
+
+
+def test_backward_grad_out_equals_returned_grads():
+    model, images, _ = _setup("three-layer", torch.float64, n=2)
+    cfg, prim = model.config, TorchPrimitives()
+    names = weight_names(cfg)
+    params = dict(model.named_parameters())
+    w = {n: torch.stack([params[n].detach(), params[n].detach() * 1.1]) for n in names}   # S = 2
+    pos_in, pos_out = model.pos_in(), model.pos_out()
+    z, _, ctx = forward_train(prim, w, images[:, None], cfg, pos_in, pos_out, cdt=torch.float64)
+    dz = torch.randn_like(z)
+    g = backward_train(prim, w, ctx, dz, cfg, pos_in, pos_out)
+    out = {n: torch.full_like(w[n], float("nan")) for n in names}           # unwritten -> NaN
+    backward_train(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out)
+    for n in names:
+        torch.testing.assert_close(out[n], g[n], rtol=0, atol=0)
+    # release=True: same gradients, and the saved activations are gone afterwards
+    _, _, ctx2 = forward_train(prim, w, images[:, None], cfg, pos_in, pos_out, cdt=torch.float64)
+    out2 = {n: torch.full_like(w[n], float("nan")) for n in names}
+    backward_train(prim, w, ctx2, dz, cfg, pos_in, pos_out, grad_out=out2, release=True)
+    for n in names:
+        torch.testing.assert_close(out2[n], g[n], rtol=0, atol=0)
+    assert ctx2.p is None and ctx2.f is None and all(a is None for a in ctx2.acts)
+
+
+def test_torch_adam_matches_torch_optim():
+    torch.manual_seed(0)
+    p0 = torch.randn(2, 37, dtype=torch.float64)
+    grads = [torch.randn(2, 37, dtype=torch.float64) for _ in range(3)]
+    ref = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=3e-3, betas=(0.8, 0.95), eps=1e-6)
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    lowp = torch.empty(2, 37, dtype=torch.float32)
+    step, lr = torch.zeros(1), torch.full((1,), 3e-3, dtype=torch.float64)
+    for g in grads:
+        ref.grad = g.clone()
+        opt.step()
+        step += 1
+        TorchPrimitives().adam_(p, g, m, v, step, lr, 0.8, 0.95, 1e-6, lowp=lowp)
+    torch.testing.assert_close(p, ref.detach(), rtol=1e-13, atol=1e-15)
+    assert torch.equal(lowp, p.float())
+
+
+def test_memory_budget_formula_for_ttt_l14():
+    cfg = preset("ttt-l14")
+    assert abs(count_params(cfg) - 22.0e6) < 0.1e6                          # spec: 22.0 M
+    est = estimate_student_bytes(cfg, torch.bfloat16)
+    assert 18 * count_params(cfg) < est <= 0.45e9                           # state + activations
+
+
+def test_bad_arguments_are_named():
+    model, images, targets = _setup("two-layer", torch.float64, n=2)
+    with pytest.raises(ValueError, match="students"):
+        _engine(model, students=0)
+    with pytest.raises(ValueError, match="steps"):
+        _engine(model, steps=0)
+    with pytest.raises(ValueError, match="primitive table"):
+        _engine(model, backend="reference")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        _engine(model, compute_dtype="int8")
+    with pytest.raises(ValueError, match="targets"):
+        _engine(model).fit(images, targets[:1])
+    with pytest.raises(ValueError, match="pool=False"):
+        TTTEngine(APM(preset("ttt-l14", **CONFIGS["two-layer"], pool=False)))

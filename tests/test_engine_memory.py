@@ -1,0 +1,141 @@
+"""Peak memory of one full-size TTT step, traced on the meta device (no arithmetic, no GPU).
+
+A dispatch mode counts the bytes of every live tensor storage; the step of a ``ttt-l14`` student
+runs on meta tensors through (a) a table that allocates exactly the contract's outputs and nothing
+else, which is how the fused Triton/CUDA tables behave (their kernels write only their outputs;
+Adam in place), and (b) the plain-PyTorch table. (a) checks the engine's own part of the memory
+budget: the flat state, and the driver releasing activations and gradients as soon as they are
+used. The budget is 0.45 GB per student (docs/engine.md); the GPU benchmark measures the real
+tables.
+"""
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from apm_fast import APM, preset
+from apm_fast.engine import count_params, estimate_student_bytes
+from apm_fast.engine.program import StudentProgram
+from apm_fast.ops import TorchPrimitives
+from apm_fast.ops.primitives import acc_dtype_for
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages of tensors created under the mode that are still referenced."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.owners = {}                   # storage -> [tensors alive, bytes]
+
+    def _drop(self, key):
+        entry = self.owners[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.owners[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = set()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                st = t.untyped_storage()
+                key = st._cdata
+                if key not in self.owners:
+                    self.owners[key] = [0, st.nbytes()]
+                    self.live += st.nbytes()
+                    self.peak = max(self.peak, self.live)
+                self.owners[key][0] += 1
+                weakref.finalize(t, self._drop, key)
+        return out
+
+
+class OutputsOnly:
+    """The primitive contract's outputs (shapes, dtypes) and nothing else; computes nothing."""
+
+    name = "outputs-only"
+
+    def linear(self, x, w, b=None, *, relu=False, out_dtype=None):
+        return w.new_empty(w.shape[0], x.shape[-2], w.shape[1], dtype=out_dtype or w.dtype)
+
+    def first_layer_linear(self, p, u, w, b, *, relu=True, out_dtype=None):
+        return w.new_empty(w.shape[0], u.shape[1] * p.shape[1], w.shape[1], dtype=out_dtype or w.dtype)
+
+    def linear_bwd_input(self, dy, w, *, mask=None, out_dtype=None):
+        return w.new_empty(dy.shape[0], dy.shape[1], w.shape[2], dtype=out_dtype or w.dtype)
+
+    def linear_bwd_weight(self, dy, x, *, bias=True):
+        a = acc_dtype_for(dy.dtype)
+        db = dy.new_empty(dy.shape[0], dy.shape[2], dtype=a) if bias else None
+        return dy.new_empty(dy.shape[0], dy.shape[2], x.shape[-1], dtype=a), db
+
+    def first_layer_bwd_weight(self, dy, p, u, *, bias=True):
+        a = acc_dtype_for(dy.dtype)
+        db = dy.new_empty(dy.shape[0], dy.shape[2], dtype=a) if bias else None
+        return dy.new_empty(dy.shape[0], dy.shape[2], p.shape[2], dtype=a), db
+
+    def first_layer_bwd_input(self, dy, w, p, u, *, out_dtype=None):
+        return (w.new_empty(dy.shape[0], dy.shape[1], w.shape[2], dtype=out_dtype or w.dtype),
+                w.new_empty(u.shape, dtype=acc_dtype_for(w.dtype)))
+
+    def pool_fwd(self, f, pos_out, kt, scale):
+        a = acc_dtype_for(f.dtype)
+        return f.new_empty(*f.shape[:2], *kt.shape[1:], dtype=a), f.new_empty(*f.shape[:2], kt.shape[1], dtype=a)
+
+    def pool_bwd(self, f, pos_out, kt, scale, sbar, lse, dsbar, *, out_dtype=None):
+        return f.new_empty(f.shape, dtype=out_dtype or f.dtype), kt.new_empty(kt.shape, dtype=acc_dtype_for(f.dtype))
+
+    def adam_(self, *args, lowp=None):
+        pass
+
+
+def _trace(prim, students, config=None):
+    """(bytes after the program is built, peak during one step, peak during the final forward)."""
+    cfg = config or preset("ttt-l14")
+    model = APM(cfg, device="meta")
+    snapshot = {n: p.detach() for n, p in model.named_parameters()}
+    model.pos_in(dtype=torch.bfloat16)              # shared position codes exist before (not per student)
+    model.pos_out(dtype=torch.bfloat16)
+    mode = LiveBytes()
+    with mode:
+        prog = StudentProgram(prim, cfg, snapshot, students, 2, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                              compute_dtype=torch.bfloat16, master_dtype=torch.float32, device="meta",
+                              graphs=False)
+        built = mode.live
+        mode.peak = mode.live
+        prog._step()
+        step_peak = mode.peak
+        mode.peak = mode.live
+        prog._eval()
+        eval_peak = mode.peak
+        del prog
+    return built, step_peak, eval_peak
+
+
+def test_one_fused_student_peaks_within_budget():
+    built, step, ev = _trace(OutputsOnly(), 1)
+    n = count_params(preset("ttt-l14"))
+    # state: fp32 master/grad/m/v (16 N) + bf16 copy of the GEMM operands (< 2 N) + the image
+    assert 16 * n < built < 18 * n
+    assert step <= 0.45e9, f"one student's step peaks at {step / 1e9:.3f} GB"
+    # above the state only what the backward holds at its peak (P, patches, one dW, one dy)
+    assert step - built < 50e6, f"activations/transients {(step - built) / 1e6:.1f} MB"
+    assert ev < step
+    # the formula used for S selection is not optimistic
+    assert estimate_student_bytes(preset("ttt-l14"), torch.bfloat16) >= step - 5e6
+
+
+def test_students_cost_the_same_each():
+    one = _trace(OutputsOnly(), 1)
+    three = _trace(OutputsOnly(), 3)
+    per = (three[1] - one[1]) / 2
+    assert abs(per - one[1]) < 0.01 * one[1]          # nothing shared hides in the per-student peak
+
+
+def test_plain_torch_table_peak_is_bounded():
+    """The readable table upcasts GEMM operands to fp32: more, but bounded (Adam sliced)."""
+    built, step, _ = _trace(TorchPrimitives(), 1)
+    assert step - built < 110e6 and step < 0.5e9

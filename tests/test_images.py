@@ -1,0 +1,125 @@
+"""Loading image files robustly and preprocessing them for the student."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from apm_fast import preset
+from apm_fast.images import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, find_images, load_image,
+                             preprocess, preprocess_batch, to_pil)
+from apm_fast.validation import check_images
+
+
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+# ---------------------------------------------------------------- loading
+def test_modes_are_converted_to_rgb(tmp_path):
+    gray = _save(Image.new("L", (5, 4), 77), tmp_path / "gray.png")
+    rgba = _save(Image.new("RGBA", (5, 4), (10, 20, 30, 0)), tmp_path / "rgba.png")
+    pal = Image.new("P", (5, 4), 1)
+    pal.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    pal = _save(pal, tmp_path / "pal.gif", transparency=0)
+    for path, pixel in ((gray, (77, 77, 77)), (rgba, (10, 20, 30)), (pal, (200, 100, 50))):
+        img = load_image(path)
+        assert img.mode == "RGB" and img.size == (5, 4)
+        assert img.getpixel((2, 2)) == pixel, path.name
+
+
+def test_16_bit_gray_is_scaled_not_clipped(tmp_path):
+    a = np.full((4, 6), 32896, dtype=np.uint16)  # mid-gray in 16 bits (128 * 257)
+    path = _save(Image.fromarray(a), tmp_path / "deep.png")
+    img = load_image(path)
+    assert img.mode == "RGB" and abs(img.getpixel((0, 0))[0] - 128) <= 1
+
+
+def test_corrupt_file_is_named(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\x00 definitely not a jpeg" * 20)
+    with pytest.raises(ImageLoadError, match=r"broken.jpg'.*not an image") as info:
+        load_image(bad)
+    assert info.value.path == str(bad)
+
+
+def test_truncated_file_is_named(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageLoadError, match=r"cut.jpg'.*cannot be read as an image"):
+        load_image(cut)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ImageLoadError, match=r"nothere.png': no such file"):
+        load_image(tmp_path / "nothere.png")
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)
+
+
+def test_to_pil_from_arrays():
+    a = np.zeros((3, 4, 3), dtype=np.uint8)
+    a[..., 0] = 255
+    assert to_pil(a).getpixel((0, 0)) == (255, 0, 0)
+    assert to_pil(np.full((3, 4), 0.5)).getpixel((1, 1)) == (128, 128, 128)
+    with pytest.raises(ValueError, match="expected an H x W or H x W x 3/4 array, got shape"):
+        to_pil(np.zeros((3, 4, 2), dtype=np.uint8))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        to_pil(np.full((3, 4), np.nan))
+    with pytest.raises(TypeError, match="expected a PIL image, a file path or a numpy array, got int"):
+        to_pil(3)
+
+
+# ---------------------------------------------------------------- preprocessing
+def test_preprocess_normalizes_with_imagenet_statistics():
+    x = preprocess(Image.new("RGB", (30, 50), (255, 128, 0)), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    for c, v in enumerate((255, 128, 0)):
+        expected = (v / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        torch.testing.assert_close(x[c], torch.full((16, 16), expected))
+
+
+def test_preprocess_center_crop_versus_stretch():
+    # a wide image whose left quarter is white: the centre crop cuts it away, stretching keeps it
+    a = np.zeros((20, 80, 3), dtype=np.uint8)
+    a[:, :20] = 255
+    crop = preprocess(a, 20)
+    stretch = preprocess(a, 20, crop=None)
+    black = (0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    torch.testing.assert_close(crop[0], torch.full((20, 20), black))
+    assert stretch[0, :, :3].min() > 1.0
+    with pytest.raises(ValueError, match="crop: expected 'center' or None"):
+        preprocess(a, 20, crop="left")
+
+
+def test_preprocess_for_a_config_fits_the_model_which_refuses_other_sizes():
+    cfg = preset("ttt-b16", grid=3, patch=5, hidden=(8,), dim=16)
+    batch = preprocess_batch([Image.new("L", (9, 31), 3), np.zeros((40, 20, 4), dtype=np.uint8)], cfg)
+    assert batch.shape == (2, 3, 15, 15)
+    check_images(batch, cfg)                                     # accepted as is
+    with pytest.raises(ValueError, match=r"expected 15 x 15 pixels .* got 16 x 15; resize with apm_fast.images.preprocess"):
+        check_images(torch.zeros(1, 3, 16, 15), cfg)
+    with pytest.raises(ValueError, match="expected 3 channels .* got 4"):
+        check_images(torch.zeros(1, 4, 15, 15), cfg)
+    with pytest.raises(ValueError, match="size: expected a positive int or an APMConfig"):
+        preprocess(Image.new("RGB", (4, 4)), 0)
+    with pytest.raises(ValueError, match="at least one image"):
+        preprocess_batch([], cfg)
+
+
+# ---------------------------------------------------------------- finding files
+def test_find_images_expands_directories(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b.png", "a.JPG", "sub/c.webp", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    found = find_images([tmp_path, tmp_path / "missing.png"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found[:3]] == ["a.JPG", "b.png", "sub/c.webp"]
+    assert found[3] == tmp_path / "missing.png"   # kept: reported when it fails to load
+    assert len(find_images(tmp_path, recursive=False)) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files found"):
+        find_images([tmp_path / "empty"])

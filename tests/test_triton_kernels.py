@@ -1,0 +1,588 @@
+"""The Triton primitives against the plain-PyTorch contract (float64), the whole model's gradients
+against the reference backend, Adam against torch.optim.Adam, and an sm_90 compile check.
+
+Without a GPU these run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1),
+fp32, on small odd shapes (L = 25, widths 17/24/40: every tile border is crossed and masked).
+Every output buffer the kernels allocate is NaN-filled first, so an element a kernel forgets to
+write fails the comparison. Tests marked ``gpu`` compare fp32 and bf16 on a CUDA device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from apm_fast.backends import available_backends, get_backend            # noqa: E402
+from apm_fast.backends.triton_backend import TritonPrimitives, availability   # noqa: E402
+from apm_fast.config import APMConfig                                     # noqa: E402
+from apm_fast.kernels import _common, pool, wgrad                         # noqa: E402
+from apm_fast.model import APM                                            # noqa: E402
+from apm_fast.ops import precision                                        # noqa: E402
+from apm_fast.ops.primitives import TorchPrimitives                        # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TP = TritonPrimitives()
+REF = TorchPrimitives()
+
+# Interpreter / fp32 tolerance, relative to the largest reference magnitude: fp32 products summed
+# over K <= 64 terms in a different order than float64 differ by at most ~K * 2^-24 ~ 4e-6 of the
+# magnitude of the terms; 2e-5 leaves room for the softmax's exp/log.
+TOL32 = 2e-5
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    old = _common.POISON_OUTPUTS
+    _common.POISON_OUTPUTS = True
+    yield
+    _common.POISON_OUTPUTS = old
+
+
+def f64(*ts):
+    return [t.double() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+def assert_close(got, ref, tol, name=""):
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+    got = got.double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten or broken element)"
+    scale = ref.abs().max().item() or 1.0
+    err = (got - ref).abs().max().item() / scale
+    assert err <= tol, f"{name}: max error {err:.3e} of the reference's magnitude (tolerance {tol:.1e})"
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEV, dtype=dtype)
+
+
+S, B, L, H1, N, K = 2, 2, 25, 40, 24, 17
+
+
+# ------------------------------------------------------------------------------------ GEMMs
+@pytest.mark.parametrize("relu,bias,shared", [(True, True, False), (False, False, True)])
+def test_linear(relu, bias, shared):
+    torch.manual_seed(0)
+    x = rand(B * L, K) if shared else rand(S, B * L, K)
+    w, b = rand(S, N, K), (rand(S, N) if bias else None)
+    got = TP.linear(x, w, b, relu=relu)
+    assert_close(got, REF.linear(*f64(x, w, b), relu=relu), TOL32, "linear")
+
+
+def test_first_layer_linear():
+    torch.manual_seed(1)
+    p, u, w, b = rand(S, L, H1), rand(S, B, H1), rand(S, N, H1), rand(S, N)
+    got = TP.first_layer_linear(p, u, w, b, relu=True)
+    assert_close(got, REF.first_layer_linear(*f64(p, u, w, b), relu=True), TOL32, "first_layer_linear")
+    got = TP.first_layer_linear(p, u, w, None, relu=False)
+    assert_close(got, REF.first_layer_linear(*f64(p, u, w, None), relu=False), TOL32, "no bias/ReLU")
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_linear_bwd_input(with_mask):
+    torch.manual_seed(2)
+    dy, w = rand(S, B * L, N), rand(S, N, H1)
+    mask = torch.relu(rand(S, B * L, H1)) if with_mask else None
+    got = TP.linear_bwd_input(dy, w, mask=mask)
+    assert_close(got, REF.linear_bwd_input(*f64(dy, w), mask=f64(mask)[0]), TOL32, "linear_bwd_input")
+    if with_mask:
+        assert (got[mask == 0] == 0).all(), "the ReLU mask must zero exactly the inactive inputs"
+
+
+def test_first_layer_bwd_input():
+    torch.manual_seed(3)
+    dy, w, p, u = rand(S, B * L, N), rand(S, N, H1), rand(S, L, H1), rand(S, B, H1)
+    g1, r = TP.first_layer_bwd_input(dy, w, p, u)
+    g1_ref, r_ref = REF.first_layer_bwd_input(*f64(dy, w, p, u))
+    assert_close(g1, g1_ref, TOL32, "g1")
+    assert_close(r, r_ref, TOL32, "r = sum_l g1")
+
+
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("shared", [False, True])
+def test_linear_bwd_weight(split, shared):
+    torch.manual_seed(4)
+    dy = rand(S, B * L, N)
+    x = rand(B * L, K) if shared else rand(S, B * L, K)
+    dw, db = wgrad.linear_bwd_weight(dy, x, bias=not shared, split=split)
+    dw_ref, db_ref = REF.linear_bwd_weight(*f64(dy, x), bias=not shared)
+    assert_close(dw, dw_ref, TOL32, "dw")
+    if shared:
+        assert db is None
+    else:
+        assert_close(db, db_ref, TOL32, "db")
+    if split is None:   # the table's entry point gives the same
+        assert_close(TP.linear_bwd_weight(dy, x, bias=not shared)[0], dw_ref, TOL32, "dw (table)")
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_first_layer_bwd_weight(split):
+    torch.manual_seed(5)
+    dy, p, u = rand(S, B * L, N), rand(S, L, H1), rand(S, B, H1)
+    dw, db = wgrad.first_layer_bwd_weight(dy, p, u, split=split)
+    dw_ref, db_ref = REF.first_layer_bwd_weight(*f64(dy, p, u))
+    assert_close(dw, dw_ref, TOL32, "dw")
+    assert_close(db, db_ref, TOL32, "db")
+
+
+# ------------------------------------------------------------------------------------ pool
+PD, PH = 12, 3
+
+
+def _pool_inputs():
+    f, pos_out, kt = rand(S, B, L, PD), rand(L, PD), rand(S, PH, PD, scale=0.7)
+    return f, pos_out, kt, 1.0 / math.sqrt(PD // PH)
+
+
+@pytest.mark.parametrize("nsplit", [None, 4])
+def test_pool_fwd(nsplit):
+    torch.manual_seed(6)
+    f, pos_out, kt, scale = _pool_inputs()
+    sbar, lse = pool.pool_fwd(f, pos_out, kt, scale, nsplit=nsplit)
+    sbar_ref, lse_ref = REF.pool_fwd(*f64(f, pos_out, kt), scale)
+    assert_close(sbar, sbar_ref, TOL32, "sbar")
+    assert_close(lse, lse_ref, TOL32, "lse")
+
+
+@pytest.mark.parametrize("split", [None, 3])
+def test_pool_bwd(split):
+    torch.manual_seed(7)
+    f, pos_out, kt, scale = _pool_inputs()
+    sbar_ref, lse_ref = REF.pool_fwd(*f64(f, pos_out, kt), scale)
+    dsbar = rand(S, B, PH, PD)
+    df, dkt = pool.pool_bwd(f, pos_out, kt, scale, sbar_ref.float(), lse_ref.float(), dsbar, split=split)
+    df_ref, dkt_ref = REF.pool_bwd(*f64(f, pos_out, kt), scale, sbar_ref, lse_ref, dsbar.double())
+    assert_close(df, df_ref, TOL32, "df")
+    assert_close(dkt, dkt_ref, TOL32, "dkt")
+
+
+# ------------------------------------------------------------------------------------ tuned path
+def test_autotuned_path_ranks_configs_and_zeroes_atomic_targets(monkeypatch):
+    """The GPU path (triton.autotune over the GPU candidates, shape-ranked pruning, config pre-hooks
+    zeroing the atomic targets before every launch) run in the interpreter, with a stand-in
+    benchmark that just runs each candidate once: outputs still match, although every candidate
+    ran on the same (NaN-poisoned) buffers before the real launch."""
+    from apm_fast.kernels import gemm
+
+    def run_once(fn, quantiles=None, **_):
+        fn()
+        return [1.0, 1.0, 1.0]
+
+    def retune(mod, attr, raw, configs, key, rank):
+        monkeypatch.setattr(mod, attr, _common.tuned(raw, configs, key=key, rank=rank, do_bench=run_once))
+        monkeypatch.setattr(mod, "autotune_enabled", lambda: True)
+
+    monkeypatch.setenv("APM_FAST_AUTOTUNE_TOP", "2")
+    retune(gemm, "gemm_tuned", gemm.gemm_kernel, gemm.CONFIGS, gemm.gemm_tuned.keys, gemm.rank_configs)
+    retune(wgrad, "wgrad_tuned", wgrad.wgrad_kernel, wgrad.CONFIGS, wgrad.wgrad_tuned.keys, wgrad.rank_configs)
+    retune(pool, "pool_fwd_tuned", pool.pool_fwd_kernel, pool.FWD_CONFIGS, pool.pool_fwd_tuned.keys, pool._rank)
+    retune(pool, "pool_bwd_tuned", pool.pool_bwd_kernel, pool.BWD_CONFIGS, pool.pool_bwd_tuned.keys, pool._rank)
+    torch.manual_seed(14)
+    dy, w, p, u = rand(S, B * L, N), rand(S, N, H1), rand(S, L, H1), rand(S, B, H1)
+    g1, r = TP.first_layer_bwd_input(dy, w, p, u)
+    g1_ref, r_ref = REF.first_layer_bwd_input(*f64(dy, w, p, u))
+    assert_close(g1, g1_ref, TOL32, "g1")
+    assert_close(r, r_ref, TOL32, "r (atomics after tuning runs)")
+    x, wk = rand(S, B * L, K), w[:, :, :K]          # a strided weight view
+    assert_close(TP.linear(x, wk, None), REF.linear(*f64(x, wk)), TOL32, "linear")
+    dw, db = wgrad.first_layer_bwd_weight(dy, p, u, split=3)
+    dw_ref, db_ref = REF.first_layer_bwd_weight(*f64(dy, p, u))
+    assert_close(dw, dw_ref, TOL32, "dw split-K (atomics after tuning runs)")
+    assert_close(db, db_ref, TOL32, "db split-K")
+    f, pos_out, kt, scale = _pool_inputs()
+    sbar, lse = pool.pool_fwd(f, pos_out, kt, scale, nsplit=2)
+    sbar_ref, lse_ref = REF.pool_fwd(*f64(f, pos_out, kt), scale)
+    assert_close(sbar, sbar_ref, TOL32, "sbar")
+    dsbar = rand(S, B, PH, PD)
+    df, dkt = pool.pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, split=2)
+    df_ref, dkt_ref = REF.pool_bwd(*f64(f, pos_out, kt), scale, sbar_ref, lse_ref, dsbar.double())
+    assert_close(df, df_ref, TOL32, "df")
+    assert_close(dkt, dkt_ref, TOL32, "dkt")
+
+
+# ------------------------------------------------------------------------------------ Adam
+def test_adam_matches_torch_over_several_steps():
+    torch.manual_seed(8)
+    n = 1001                                            # odd: the last block is partial
+    p0 = rand(2, n)
+    params, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    lowp = torch.full((2, n), float("nan"), device=DEV, dtype=torch.bfloat16)
+    step = torch.zeros(1, device=DEV)
+    lr = torch.full((1,), 3e-3, device=DEV)
+    ref = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=3e-3, betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(5):
+        g = rand(2, n)
+        step += 1                                       # on the device, as a captured graph would
+        TP.adam_(params, g, m, v, step, lr, 0.9, 0.999, 1e-8, lowp=lowp)
+        ref.grad = g.clone()
+        opt.step()
+    # fp32 element-wise arithmetic in the same order as torch: a few ulps after 5 steps
+    torch.testing.assert_close(params, ref.detach(), rtol=1e-6, atol=1e-6)
+    state = opt.state[ref]
+    torch.testing.assert_close(m, state["exp_avg"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(v, state["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+    # the bf16 copy is the fp32 result rounded; on a GPU exactly torch's rounding (to nearest);
+    # Triton's interpreter truncates fp32 -> bf16 casts instead (within one bf16 ulp, 2^-7 relative)
+    if DEV == "cuda":
+        assert torch.equal(lowp, params.to(torch.bfloat16))
+    else:
+        torch.testing.assert_close(lowp.float(), params, rtol=2 ** -7, atol=0)
+
+
+# ------------------------------------------------------------------------------------ whole model
+TINY = APMConfig(grid=5, patch=2, hidden=(40, 33, 17), dim=12, heads=3)
+
+
+def test_model_outputs_and_every_gradient_match_reference():
+    """triton backend vs the plain reference (materialized columns, nn.MultiheadAttention): a
+    different computation, so this checks the kernels and the exact rewrites together."""
+    torch.manual_seed(9)
+    model = APM(TINY, dtype=torch.float32, device=DEV)
+    with torch.no_grad():   # larger than the authors' init so that ReLUs and softmax are not trivial
+        for prm in model.parameters():
+            prm.normal_(0.0, 0.3)
+    images = rand(2, 3, 10, 10)
+    weight = rand(2, TINY.queries, TINY.dim)
+    results = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad(set_to_none=True)
+        with precision("fp32"):          # the GPU default for fp32 models would be bf16
+            out = model(images, backend=backend)
+            loss = (out.cls ** 2).sum() + (out.grid * weight).sum()      # both outputs feed the loss
+            loss.backward()
+        results[backend] = (out.cls.detach(), out.grid.detach(),
+                            {n: prm.grad.detach().clone() for n, prm in model.named_parameters()})
+    (c_ref, f_ref, g_ref), (c, f, g) = results["reference"], results["triton"]
+    assert_close(c, c_ref.double(), 1e-5, "cls")
+    assert_close(f, f_ref.double(), 1e-5, "grid")
+    assert set(g) == set(g_ref)
+    for name in g_ref:
+        # fp32 both sides, different orders of summation over up to B*L = 50 rows and 50 inputs
+        assert_close(g[name], g_ref[name].double(), 1e-4, name)
+
+
+def test_backend_is_registered_and_available_here():
+    ok, reason = availability()
+    assert ok, reason
+    assert available_backends()["triton"] == "available"
+    assert get_backend("triton").primitives.name == "triton"
+
+
+def test_availability_says_why_without_interpreter_or_gpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ok, reason = availability()
+    assert not ok and "CUDA" in reason and "TRITON_INTERPRET" in reason
+
+
+def test_bad_inputs_name_the_argument():
+    w = rand(S, N, K)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        TP.linear(rand(S, 5, K + 1), w)
+    with pytest.raises(ValueError, match="b: expected shape"):
+        TP.linear(rand(S, 5, K), w, rand(S, N + 1))
+    with pytest.raises(TypeError, match="w: expected dtype"):
+        TP.linear(rand(S, 5, K), w.to(torch.int32))
+    with pytest.raises(ValueError, match="u: expected shape"):
+        TP.first_layer_linear(rand(S, L, H1), rand(S, B, H1 + 1), rand(S, N, H1), None)
+    with pytest.raises(ValueError, match="step: expected a one-element tensor"):
+        TP.adam_(rand(1, 7), rand(1, 7), rand(1, 7), rand(1, 7), 1, rand(1), 0.9, 0.999, 1e-8)
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+def test_custom_op_passes_opcheck():
+    from apm_fast.kernels import library  # noqa: F401  (registers the ops)
+
+    torch.manual_seed(10)
+    x, w, b = rand(S, 7, K), rand(S, N, K), rand(S, N)
+    torch.library.opcheck(torch.ops.apm_fast_triton.linear.default, (x, w, b, True, None),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_traces_the_table_without_graph_breaks():
+    """Under torch.compile the table routes to the custom ops: fullgraph tracing succeeds and the
+    compiled function gives the eager result."""
+    torch.manual_seed(15)
+    x, w, b = rand(S, B * L, K), rand(S, N, K), rand(S, N)
+    p, u, w2 = rand(S, L, H1), rand(S, B, H1), rand(S, N, H1)
+
+    def fn(x, w, b, p, u, w2):
+        y = TP.linear(x, w, b, relu=True)
+        h = TP.first_layer_linear(p, u, w2, b)
+        dw, db = TP.linear_bwd_weight(y, x)
+        return y.sum() + h.sum() + dw.sum() + db.sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, w, b, p, u, w2)
+    torch.testing.assert_close(got, fn(x, w, b, p, u, w2), rtol=1e-6, atol=1e-3)
+
+
+def test_forward_traces_with_fake_tensors():
+    """The whole fused forward traces through the custom ops with fake tensors (what torch.compile
+    does), no kernel launched: the graph holds the opaque Triton ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from apm_fast.ops import forward_train, weight_names
+
+    model = APM(TINY, dtype=torch.float32, device=DEV)
+    prim = TritonPrimitives(use_custom_ops=True)
+    names = weight_names(TINY)
+    pos_in, pos_out = model.pos_in(), model.pos_out()
+
+    def fwd(images, *params):
+        w = {n: p_.unsqueeze(0) for n, p_ in zip(names, params)}
+        z, f, _ = forward_train(prim, w, images.unsqueeze(0), TINY, pos_in, pos_out, cdt=torch.float32)
+        return z, f
+
+    params = dict(model.named_parameters())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        gm = make_fx(fwd, tracing_mode="fake")(rand(2, 3, 10, 10), *[params[n].detach() for n in names])
+    code = gm.code
+    for op in ("linear", "first_layer_linear", "pool_fwd"):
+        assert f"apm_fast_triton.{op}" in code, op
+
+
+# ------------------------------------------------------------------------------------ sm_90 build
+def _compile_variants():
+    """(name, kernel, pointer dtypes, constexprs, unit-stride args, float args, warps, stages,
+    expect wgmma): representative specializations of every kernel, as the launchers make them."""
+    import triton.language as tl
+
+    from apm_fast.kernels import adam, gemm
+
+    bf = "*bf16"
+    g = dict(HAS_BIAS=True, RELU=True, DOT_DTYPE=tl.bfloat16, PREC="tf32", EVEN_K=True,
+             BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    g_ptr = {n: bf for n in ("a_ptr", "b_ptr", "bias_ptr", "m_ptr", "y_ptr")}
+    fwd_unit = ("sa_k", "sb_k", "sy_n", "su_x")
+    bwd_unit = ("sa_k", "sb_n", "sy_n", "sm_n", "su_x")
+    w = dict(X2=0, X_RELU=False, HAS_DB=True, SPLIT=1, DOT_DTYPE=tl.bfloat16, PREC="tf32",
+             BLOCK_N=128, BLOCK_K=128, BLOCK_M=64)
+    w_unit = ("sd_n", "sx_k", "sw_k", "s2_k")
+    p_ptr = {"f_ptr": bf, "pos_ptr": bf, "df_ptr": bf}
+    p_unit = ("sf_d", "sp_d", "sk_d", "sdf_d")
+    return [
+        ("linear", gemm.gemm_kernel, g_ptr, dict(g, PROLOGUE=0, EPI_MASK=0), fwd_unit, (), 8, 3, True),
+        ("linear 128x256", gemm.gemm_kernel, g_ptr, dict(g, PROLOGUE=0, EPI_MASK=0, BLOCK_N=256), fwd_unit, (), 8, 3, True),
+        ("first_layer_linear", gemm.gemm_kernel, g_ptr, dict(g, PROLOGUE=1, EPI_MASK=0), fwd_unit, (), 8, 3, True),
+        ("linear_bwd_input", gemm.gemm_kernel, g_ptr, dict(g, PROLOGUE=0, EPI_MASK=1, HAS_BIAS=False, RELU=False),
+         bwd_unit, (), 4, 4, True),
+        ("first_layer_bwd_input", gemm.gemm_kernel, g_ptr, dict(g, PROLOGUE=0, EPI_MASK=2, HAS_BIAS=False, RELU=False),
+         bwd_unit, (), 8, 3, True),
+        ("linear fp32", gemm.gemm_kernel, {}, dict(g, PROLOGUE=0, EPI_MASK=0, DOT_DTYPE=tl.float32, PREC="ieee",
+                                                     BLOCK_M=64, BLOCK_N=64), fwd_unit, (), 4, 3, False),
+        ("linear_bwd_weight", wgrad.wgrad_kernel, {"dy_ptr": bf, "x_ptr": bf}, w, w_unit, (), 8, 3, True),
+        ("first_layer_bwd_weight split-K", wgrad.wgrad_kernel, {"dy_ptr": bf, "x_ptr": bf, "x2_ptr": "*fp32"},
+         dict(w, X2=1, X_RELU=True, SPLIT=4), w_unit, (), 8, 3, True),
+        ("linear_bwd_weight fp32", wgrad.wgrad_kernel, {}, dict(w, DOT_DTYPE=tl.float32, PREC="ieee",
+                                                                  BLOCK_N=64, BLOCK_K=64), w_unit, (), 4, 3, False),
+        ("pool key grad", wgrad.wgrad_kernel, {"x_ptr": bf, "x2_ptr": bf},
+         dict(w, X2=2, HAS_DB=False, SPLIT=4, DOT_DTYPE=tl.float32, BLOCK_N=16, BLOCK_K=64), w_unit, (), 4, 3, False),
+        ("pool_fwd", pool.pool_fwd_kernel, p_ptr, dict(FINAL=True, BLOCK_L=16, BLOCK_D=1024), p_unit,
+         ("qk_scale",), 8, 2, False),
+        ("pool_fwd split", pool.pool_fwd_kernel, p_ptr, dict(FINAL=False, BLOCK_L=16, BLOCK_D=1024), p_unit,
+         ("qk_scale",), 8, 2, False),
+        ("pool_combine", pool.pool_combine_kernel, {}, dict(BLOCK_P=16, BLOCK_D=1024), (), (), 4, 2, False),
+        ("pool_bwd", pool.pool_bwd_kernel, p_ptr, dict(BLOCK_L=8, BLOCK_D=1024), p_unit, ("scale",), 8, 2, False),
+        ("adam", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, BLOCK=2048), (),
+         ("beta1", "beta2", "omb1", "omb2", "eps"), 8, 2, False),
+    ]
+
+
+def compile_all_for_sm90():
+    """Compile every variant for sm_90 (no GPU needed); {name: PTX has wgmma}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out = {}
+    for name, fn, ptrs, consts, unit, floats, warps, stages, _ in _compile_variants():
+        consts = dict(consts, **{a: 1 for a in unit if a in fn.arg_names})   # as Triton specializes unit strides
+        sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*fp32") if a.endswith("_ptr")
+                   else "fp32" if a in floats else "i32") for a in fn.arg_names}
+        # 16-byte aligned pointers and multiple-of-16 sizes/strides, as for the presets' tensors
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if sig[a] not in ("constexpr", "fp32")}
+        cc = triton.compile(ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        out[name] = "wgmma" in cc.asm["ptx"]
+    return out
+
+
+def test_every_kernel_compiles_for_sm90_and_gemms_use_wgmma():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, "--compile-sm90"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {name: wg for name, *_, wg in _compile_variants()}
+    assert set(result) == set(expected)
+    for name, wants_wgmma in expected.items():
+        if wants_wgmma:
+            assert result[name], f"{name}: no wgmma in the sm_90 PTX"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+    print(json.dumps(compile_all_for_sm90()))
+
+
+# ------------------------------------------------------------------------------------ GPU
+# Medium odd shapes: L = 200 rows per image (not a multiple of any tile), widths 1000/520/264/100
+# (not multiples of 64), 3 images, 2 students; the pool with 8 heads over D = 200.
+GS, GB, GL, GH1, GN, GK, GD, GDP, GHEADS = 2, 3, 200, 1000, 520, 264, 100, 200, 8
+
+# Tolerances relative to the reference's largest magnitude, the reference being float64 on the
+# very same (already rounded) inputs:
+# * fp32 ("ieee" products, fp32 sums over K <= 1000): worst case K * 2^-24 = 6e-5; 1e-4.
+# * bf16: the products of bf16 operands are exact in fp32, so the error is the rounding of what is
+#   stored in bf16: outputs (2^-9 of each element) and, in the first layer, the activation
+#   ReLU(P + u) rounded to bf16 before the product (2^-9 per element, random signs over K terms:
+#   ~2^-9 of the output's scale). The pool's key gradient multiplies in tf32 (2^-11 per operand).
+#   1e-2 is ~5x these estimates.
+GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def _gpu_rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device="cuda", dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_primitives_match_float64(dtype):
+    torch.manual_seed(11)
+    tol = GPU_TOL[dtype]
+    r = lambda *s, **k: _gpu_rand(*s, dtype=dtype, **k)   # noqa: E731
+    fp = lambda *s: _gpu_rand(*s, dtype=torch.float32)     # noqa: E731  (u is fp32 by contract)
+    x, w, b = r(GS, GB * GL, GK), r(GS, GN, GK, scale=0.05), r(GS, GN)
+    assert_close(TP.linear(x, w, b, relu=True), REF.linear(*f64(x, w, b), relu=True), tol, "linear")
+    pos, wp = r(GL, GD), r(GS, GH1, GD, scale=0.1)
+    assert_close(TP.linear(pos, wp, None), REF.linear(*f64(pos, wp), None), tol, "linear shared")
+    p, u, w2 = r(GS, GL, GH1), fp(GS, GB, GH1), r(GS, GN, GH1, scale=0.03)
+    assert_close(TP.first_layer_linear(p, u, w2, b), REF.first_layer_linear(*f64(p, u, w2, b)), tol,
+                 "first_layer_linear")
+    dy, mask = r(GS, GB * GL, GN), torch.relu(r(GS, GB * GL, GK))
+    w3 = r(GS, GN, GK, scale=0.05)
+    assert_close(TP.linear_bwd_input(dy, w3, mask=mask), REF.linear_bwd_input(*f64(dy, w3), mask=mask.double()),
+                 tol, "linear_bwd_input")
+    g1, rr = TP.first_layer_bwd_input(dy, w2, p, u)
+    g1_ref, rr_ref = REF.first_layer_bwd_input(*f64(dy, w2, p, u))
+    assert_close(g1, g1_ref, tol, "g1")
+    assert_close(rr, rr_ref, tol, "r")
+    for got, ref, name in ((TP.linear_bwd_weight(dy, x), REF.linear_bwd_weight(*f64(dy, x)), "linear_bwd_weight"),
+                           (TP.first_layer_bwd_weight(dy, p, u), REF.first_layer_bwd_weight(*f64(dy, p, u)),
+                            "first_layer_bwd_weight")):
+        assert_close(got[0], ref[0], tol, name + " dw")
+        assert_close(got[1], ref[1], tol, name + " db")
+    for split in (1, 4):   # both the stored and the split-K (atomic) paths
+        dw, _ = wgrad.linear_bwd_weight(dy, x, split=split)
+        assert_close(dw, REF.linear_bwd_weight(*f64(dy, x))[0], tol, f"dw split={split}")
+    f, pos_out, kt = r(GS, GB, GL, GDP), r(GL, GDP), fp(GS, GHEADS, GDP) * 0.3
+    scale = 1.0 / math.sqrt(GDP // GHEADS)
+    sbar_ref, lse_ref = REF.pool_fwd(*f64(f, pos_out, kt), scale)
+    for nsplit in (None, 1, 3):
+        sbar, lse = pool.pool_fwd(f, pos_out, kt, scale, nsplit=nsplit)
+        assert_close(sbar, sbar_ref, tol, f"sbar nsplit={nsplit}")
+        assert_close(lse, lse_ref, tol, f"lse nsplit={nsplit}")
+    dsbar = fp(GS, GB, GHEADS, GDP)
+    df, dkt = TP.pool_bwd(f, pos_out, kt, scale, sbar_ref.float(), lse_ref.float(), dsbar)
+    df_ref, dkt_ref = REF.pool_bwd(*f64(f, pos_out, kt), scale, sbar_ref, lse_ref, dsbar.double())
+    assert_close(df, df_ref, tol, "df")
+    assert_close(dkt, dkt_ref, tol, "dkt")
+
+
+GPU_MODEL = APMConfig(grid=8, patch=4, hidden=(256, 136, 72), dim=64, heads=8, init="pytorch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prec", ["fp32", "bf16"])
+def test_gpu_model_gradients_match_float64_reference(prec):
+    """Relative (Frobenius) error of the outputs and of every gradient against the plain reference in
+    float64. fp32: 1e-4 (fp32 sums). bf16: every layer's activations are rounded to bf16 (2^-9)
+    and the errors of four layers and the pool add up; a few ReLU masks flip where a
+    pre-activation is within rounding of 0: 5e-2."""
+    torch.manual_seed(12)
+    model = APM(GPU_MODEL, dtype=torch.float32, device="cuda")
+    ref_model = APM(GPU_MODEL, dtype=torch.float64, device="cuda")
+    ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    images = torch.randn(3, 3, 32, 32, device="cuda")
+    weight = torch.randn(3, GPU_MODEL.queries, GPU_MODEL.dim, device="cuda")
+
+    def run(m, backend, imgs):
+        m.zero_grad(set_to_none=True)
+        out = m(imgs, backend=backend)
+        ((out.cls ** 2).sum() + (out.grid * weight.to(out.grid.dtype)).sum()).backward()
+        return [out.cls, out.grid] + [p_.grad for _, p_ in m.named_parameters()]
+
+    ref = run(ref_model, "reference", images.double())
+    with precision(prec):
+        got = run(model, "triton", images)
+    names = ["cls", "grid"] + [n for n, _ in model.named_parameters()]
+    tol = 1e-4 if prec == "fp32" else 5e-2
+    for name, a, b in zip(names, got, ref):
+        assert torch.isfinite(a).all(), name
+        rel = ((a.double() - b).norm() / b.norm()).item()
+        assert rel <= tol, f"{name}: relative error {rel:.2e} (tolerance {tol:.0e})"
+
+
+@pytest.mark.gpu
+def test_gpu_train_step_replays_in_a_cuda_graph():
+    """forward + backward + fused Adam over flat buffers, captured once and replayed, gives the same
+    weights as running the same steps eagerly (capturable: no host sync, step/lr on the device)."""
+    from apm_fast.ops import backward_train, forward_train, weight_names
+
+    torch.manual_seed(13)
+    cfg = GPU_MODEL
+    model = APM(cfg, dtype=torch.float32, device="cuda")
+    names = weight_names(cfg)
+    params = dict(model.named_parameters())
+    sizes = [params[n].numel() for n in names]
+
+    def state():
+        flat = torch.cat([params[n].detach().reshape(-1) for n in names])[None].clone()
+        views = lambda buf: {n: v.view(1, *params[n].shape)  # noqa: E731
+                             for n, v in zip(names, buf[0].split(sizes))}
+        lowp = flat.to(torch.bfloat16)
+        grad = torch.zeros_like(flat)
+        return dict(flat=flat, lowp=lowp, grad=grad, m=torch.zeros_like(flat), v=torch.zeros_like(flat),
+                    w=views(lowp), g=views(grad), step=torch.zeros(1, device="cuda"),
+                    lr=torch.full((1,), 1e-3, device="cuda"))
+
+    images = torch.randn(1, 1, 3, 32, 32, device="cuda")
+    target = torch.randn(1, 1, cfg.dim, device="cuda")
+    pos_in = model.pos_in(dtype=torch.bfloat16)
+    pos_out = model.pos_out(dtype=torch.bfloat16)
+
+    def step(st):
+        z, _, ctx = forward_train(TP, st["w"], images, cfg, pos_in, pos_out, cdt=torch.bfloat16)
+        dz = 2.0 * (z - target) / cfg.dim
+        backward_train(TP, st["w"], ctx, dz, cfg, pos_in, pos_out, grad_out=st["g"])
+        st["step"].add_(1)
+        TP.adam_(st["flat"], st["grad"], st["m"], st["v"], st["step"], st["lr"], 0.9, 0.999, 1e-8, lowp=st["lowp"])
+
+    eager, graphed = state(), state()
+    for _ in range(3):
+        step(eager)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(graphed)                     # warm-up (autotuning, allocations) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step(graphed)
+    g.replay()
+    g.replay()
+    torch.cuda.synchronize()
+    assert graphed["step"].item() == 3
+    # the split-K and r reductions use atomics (summation order varies run to run), and Adam turns
+    # a tiny gradient's relative wobble into a visible one: 3 steps move weights by <= 3 lr = 3e-3
+    torch.testing.assert_close(graphed["flat"], eager["flat"], rtol=1e-4, atol=5e-5)
+    assert not torch.equal(graphed["flat"], state()["flat"]), "the replays must have updated the weights"

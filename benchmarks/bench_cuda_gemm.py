@@ -165,7 +165,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-graph", action="store_true")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON file to write, or a folder (then bench_cuda_gemm.json in it)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_cuda_gemm: needs a CUDA GPU")
@@ -224,9 +225,10 @@ def main(argv=None):
             torch.cuda.empty_cache()
     out = {"machine": info, "inner_calls_per_timing": INNER, "reps": args.reps, "results": results}
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1))
-        print(f"wrote {args.out}")
+        path = args.out if args.out.suffix == ".json" else args.out / "bench_cuda_gemm.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+        print(f"wrote {path}")
     return 0 if all(r["cuda_ok"] for r in results) else 1
 
 

@@ -145,9 +145,18 @@ class CudaPrimitives:
 
     # ---------------------------------------------------------------- optimizer
     def adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lowp=None):
-        # in place: the buffers must already be contiguous fp32 (the binding says so otherwise)
-        self.ext.adam_(params, grads.contiguous(), exp_avg, exp_avg_sq, step, lr, float(beta1),
-                       float(beta2), float(eps), lowp)
+        # In place over flat buffers. (S, n) views whose rows are padded (unit last stride, larger
+        # row stride) are updated one row at a time; anything else the binding refuses, by name.
+        grads = grads.to(torch.float32)
+        state = [params, exp_avg, exp_avg_sq] + ([lowp] if lowp is not None else [])
+        args = (float(beta1), float(beta2), float(eps))
+        if all(t.is_contiguous() for t in state) or params.dim() != 2 or \
+                any(t.dim() != 2 or t.stride(-1) != 1 for t in state):
+            self.ext.adam_(params, grads.contiguous(), exp_avg, exp_avg_sq, step, lr, *args, lowp)
+            return
+        for i in range(params.shape[0]):
+            self.ext.adam_(params[i], grads[i].contiguous(), exp_avg[i], exp_avg_sq[i], step, lr, *args,
+                           None if lowp is None else lowp[i])
 
 
 register_backend(FusedBackend("cuda", CudaPrimitives(), _availability))

@@ -10,6 +10,7 @@ $(STAMP): requirements.txt constraints.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(PY) -m pip install -q --no-deps -c constraints.txt nvidia-cutlass  # CUTLASS headers only
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -24,6 +24,7 @@ _LAZY: Dict[str, str] = {
     "reference": "apm_fast.backends.reference",
     "torch": "apm_fast.backends.torch_rewrite",
     "triton": "apm_fast.backends.triton_backend",
+    "cuda": "apm_fast.backends.cuda_backend",
 }
 _REGISTRY: Dict[str, object] = {}
 

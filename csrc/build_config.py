@@ -1,0 +1,86 @@
+"""Build settings of the C++/CUDA extensions, shared by setup.py and tests/test_cuda_compile.py.
+
+Environment variables:
+  APM_FAST_CUDA_ARCHS       ";"-separated SM targets of the CUDA build (default "90a;80": sm_90a
+                            for the wgmma/TMA kernels, sm_80 as a portable target that runs the
+                            portable GEMM everywhere else).
+  APM_FAST_SKIP_CUDA_BUILD  "1": build only the CPU extension.
+  APM_FAST_CUTLASS_INCLUDE  CUTLASS include directory (default: the `nvidia-cutlass` package's
+                            cutlass_library/source/include, or $CUTLASS_PATH/include).
+  APM_FAST_STRICT_BUILD     "1": a failing extension build fails the install (default: warn).
+  MAX_JOBS                  parallel compile jobs (read by torch's ninja build).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = Path("csrc")
+
+CPU_SOURCES = [str(CSRC / p) for p in (
+    "torch/cpu_module.cpp", "cpu/trigger_split_cpu.cpp", "cpu/pool_cpu.cpp", "cpu/adam_cpu.cpp")]
+CUDA_GLUE_SOURCES = [str(CSRC / p) for p in (
+    "torch/cuda_module.cpp", "torch/cuda_gemm_ops.cpp", "torch/cuda_ops.cpp")]
+
+
+def cuda_kernel_sources() -> List[str]:
+    """Every .cu file of csrc/cuda, relative to the repository root."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC / "cuda").glob("*.cu"))
+
+
+def parse_archs(spec: Optional[str] = None) -> List[str]:
+    """"90a;80" -> ["90a", "80"]; raises ValueError naming a malformed entry."""
+    spec = os.environ.get("APM_FAST_CUDA_ARCHS", "90a;80") if spec is None else spec
+    archs = [a.strip() for a in re.split(r"[;, ]+", spec) if a.strip()]
+    for a in archs:
+        if not re.fullmatch(r"\d{2,3}a?", a):
+            raise ValueError(f"APM_FAST_CUDA_ARCHS: expected entries like 90a or 80, got {a!r} in {spec!r}")
+    if not archs:
+        raise ValueError(f"APM_FAST_CUDA_ARCHS: no architecture in {spec!r}")
+    return archs
+
+
+def cutlass_include_dir() -> Optional[str]:
+    """The CUTLASS include directory (holding cutlass/cutlass.h and cute/), or None."""
+    candidates = []
+    if os.environ.get("APM_FAST_CUTLASS_INCLUDE"):
+        candidates.append(Path(os.environ["APM_FAST_CUTLASS_INCLUDE"]))
+    if os.environ.get("CUTLASS_PATH"):
+        candidates.append(Path(os.environ["CUTLASS_PATH"]) / "include")
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(Path(loc) / "source" / "include")
+    for c in candidates:
+        if (c / "cutlass" / "cutlass.h").is_file() and (c / "cute" / "tensor.hpp").is_file():
+            return str(c)
+    return None
+
+
+def gencode_flags(archs: List[str]) -> List[str]:
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+def nvcc_flags(archs: List[str], cutlass_dir: Optional[str]) -> List[str]:
+    """nvcc flags of the kernels (.cu files), identical in the build and the compile check."""
+    flags = [
+        "-O3", "-std=c++17",
+        # no device asserts: inside the wgmma pipeline they serialize it (ptxas warning C7510)
+        "-DNDEBUG",
+        "--expt-relaxed-constexpr", "--expt-extended-lambda",
+        # torch's defaults switch the half/bf16 operators off; CUTLASS needs them
+        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-lineinfo",  # source lines in compute-sanitizer and ncu reports
+    ] + gencode_flags(archs)
+    if cutlass_dir is None:
+        flags.append("-DAPM_FAST_NO_CUTLASS")
+    else:
+        flags.append(f"-I{cutlass_dir}")
+        if "90a" in archs:
+            flags.append("-DAPM_FAST_SM90A")
+    return flags

@@ -1,0 +1,114 @@
+// Launch functions of the apm-fast CUDA kernels.
+//
+// This header and the .cu files behind it use only CUDA's own headers and CUTLASS/CuTe (no torch),
+// so every kernel can be compile-checked with plain nvcc on a machine without a CUDA PyTorch. The
+// torch glue (argument checks, allocation, streams) lives in csrc/torch/.
+//
+// Conventions: element strides (not bytes); every per-student tensor carries a leading batch
+// ("student") index; every function enqueues on `stream` and returns the first CUDA error it saw
+// (cudaSuccess otherwise); nothing here synchronizes or allocates.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace apm {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+const char* dtype_name(DType t);
+
+// ------------------------------------------------------------------------------------------------
+// Batched GEMM with a fused epilogue:
+//   D[b](i, j) = epi( sum_k A[b](i, k) * B[b](j, k) )     i < m, j < n, b < batch
+//   epi(x)     = act(x + bias[b][j]) * (mask[b](i, j) > 0 if mask)   act = ReLU if relu
+// X[b](i, j) lives at X + b * X_sb + i * X_s0 + j * X_s1. A batch stride of 0 shares the operand.
+// A, B, bias, mask have dtype `in`; D has dtype `out`; accumulation is fp32.
+struct GemmParams {
+  int64_t batch = 1, m = 0, n = 0, k = 0;
+  const void* a = nullptr;    int64_t a_sb = 0, a_sm = 0, a_sk = 0;
+  const void* b = nullptr;    int64_t b_sb = 0, b_sn = 0, b_sk = 0;
+  void* d = nullptr;          int64_t d_sb = 0, d_sm = 0, d_sn = 0;
+  const void* bias = nullptr; int64_t bias_sb = 0;                    // bias[b][j] at bias + b*bias_sb + j
+  const void* mask = nullptr; int64_t mask_sb = 0, mask_sm = 0, mask_sn = 0;
+  bool relu = false;
+  DType in = DType::kBFloat16;
+  DType out = DType::kBFloat16;
+};
+
+// Portable tiled GEMM (any strides, any of the dtypes above, every epilogue; sm_80 and newer).
+cudaError_t gemm_portable(const GemmParams& p, cudaStream_t stream);
+
+// Which SM90 (Hopper, TMA + wgmma) kernel family a problem maps to, if any.
+enum class Sm90Family : int {
+  kNone = 0,
+  kForward = 1,        // A K-major, B K-major, D row-major in `in` dtype; bias, ReLU
+  kBackwardInput = 2,  // A K-major, B N-major, D row-major in `in` dtype; ReLU mask required
+  kBackwardWeight = 3, // A M-major, B N-major, D row-major fp32; no epilogue
+};
+
+// The family that can run `p` (kNone: use gemm_portable). Checks dtypes, layouts, 16-byte
+// alignment of every pointer and stride, and that this build holds sm_90a code; it does not look
+// at the device (see sm90_device_ok).
+Sm90Family sm90_family(const GemmParams& p);
+
+// True when `device` can run this build's sm_90a kernels (compute capability 9.0 exactly).
+bool sm90_device_ok(int device);
+
+// Workspace bytes gemm_sm90 needs for `p` (0 for the kernels used here; kept general).
+size_t gemm_sm90_workspace_size(const GemmParams& p, int device);
+
+// Runs `p` with the SM90 kernel of sm90_family(p). Returns cudaErrorNotSupported when the family
+// is kNone or CUTLASS's can_implement refuses (the caller then uses gemm_portable), another error
+// when a launch fails. `workspace` must hold gemm_sm90_workspace_size(p) bytes (may be null if 0).
+cudaError_t gemm_sm90(const GemmParams& p, int device, void* workspace, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------
+// Column sums over row groups: out[g][c] = sum_{r < R} in[g][r][c], `in` contiguous (G, R, C) of
+// dtype `in_t`, out (G, C) fp32 (`out_ld` between groups). Large R is split over `chunks` blocks
+// whose partial sums go to `partial` (G, chunks, C) fp32 and are then summed (deterministic).
+int colsum_chunks(int64_t groups, int64_t rows, int64_t cols, int sm_count);
+cudaError_t colsum(const void* in, DType in_t, int64_t groups, int64_t rows, int64_t cols,
+                   float* out, int64_t out_ld, float* partial, int chunks, float scale,
+                   cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------
+// Trigger split, first layer: a[s][b*L + l][h] = ReLU(p[s][l][h] + u[s][b][h]).
+// p (S, L, H) dtype t, u (S, B, H) fp32, a (S, B*L, H) dtype t; all contiguous.
+cudaError_t first_layer_act(const void* p, const float* u, void* a, DType t, int64_t S, int64_t B,
+                            int64_t L, int64_t H, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------
+// Single-query attention pool (spec section 3), forward and backward; see TorchPrimitives.pool_fwd.
+// f (S, B, L, D) dtype t, pos (L, D) dtype t, kt (S, H, D) fp32; outputs fp32 unless said.
+constexpr int kPoolMaxHeads = 16;
+
+struct PoolShape {
+  int64_t S, B, L, D, H;
+};
+
+// Scratch (fp32): score (S, B, H, L).
+cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, float scale,
+                     PoolShape sh, float* score, float* sbar, float* lse, cudaStream_t stream);
+
+// Number of row chunks pool_bwd splits the (B*L) rows into for the dkt reduction.
+int pool_bwd_chunks(PoolShape sh, int sm_count);
+
+// df (S, B, L, D) of dtype df_t; dkt (S, H, D) fp32. Scratch (fp32): sd (S, B, H),
+// c (S, B, H, L), partial (S, chunks, H, D).
+cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, float scale,
+                     PoolShape sh, const float* sbar, const float* lse, const float* dsbar,
+                     void* df, DType df_t, float* dkt, float* sd, float* c, float* partial,
+                     int chunks, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------
+// Adam (no weight decay) over flat fp32 buffers of n elements, in place, capturable: the update
+// number `step` (1 for the first) and `lr` are read from device memory. When `lowp` is not null it
+// receives the new parameters in dtype lowp_t.
+cudaError_t adam(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, int64_t n,
+                 const float* step, const float* lr, double beta1, double beta2, double eps,
+                 void* lowp, DType lowp_t, cudaStream_t stream);
+
+}  // namespace apm

@@ -1,0 +1,64 @@
+// The CUDA extension module apm_fast._C_cuda: the primitives of apm_fast/ops/primitives.py as
+// out-parameter functions (the Python layer in apm_fast/backends/cuda_backend.py allocates).
+// torch/csrc/utils/pybind.h (pybind11 + the Tensor casters) rather than torch/extension.h: the
+// latter pulls in the whole C++ frontend and doubles the compile time of this file.
+#include <torch/csrc/utils/pybind.h>
+
+#include <vector>
+
+namespace apm_glue {
+// cuda_gemm_ops.cpp
+void linear(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool,
+            const at::Tensor&);
+void linear_bwd_input(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                      const at::Tensor&);
+void linear_bwd_weight(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const c10::optional<at::Tensor>&);
+void first_layer_bwd_input(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&);
+int gemm_policy();
+void set_gemm_policy(int);
+std::vector<long long> gemm_counts();
+void reset_gemm_counts();
+bool sm90_available(const at::Tensor&);
+// cuda_ops.cpp
+void first_layer_act(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+void pool_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+              const at::Tensor&);
+void pool_bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+void adam_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+           const at::Tensor&, const at::Tensor&, double, double, double,
+           const c10::optional<at::Tensor>&);
+}  // namespace apm_glue
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using namespace apm_glue;
+  m.doc() = "apm-fast CUDA kernels (CUTLASS SM90 GEMMs with fused epilogues, pool, Adam)";
+  m.def("linear", &linear, "out = act(x w^T + bias)", py::arg("x"), py::arg("w"), py::arg("bias"),
+        py::arg("relu"), py::arg("out"));
+  m.def("linear_bwd_input", &linear_bwd_input, "out = (dy w) * (mask > 0)", py::arg("dy"),
+        py::arg("w"), py::arg("mask"), py::arg("out"));
+  m.def("linear_bwd_weight", &linear_bwd_weight, "dw = dy^T x, db = sum dy (fp32)", py::arg("dy"),
+        py::arg("x"), py::arg("dw"), py::arg("db"));
+  m.def("first_layer_bwd_input", &first_layer_bwd_input,
+        "g1 = (dy w) * (p + u > 0), r = sum_l g1", py::arg("dy"), py::arg("w"), py::arg("p"),
+        py::arg("u"), py::arg("g1"), py::arg("r"));
+  m.def("first_layer_act", &first_layer_act, "a = ReLU(p[l] + u[b])", py::arg("p"), py::arg("u"),
+        py::arg("a"));
+  m.def("pool_fwd", &pool_fwd, "single-query pool forward", py::arg("f"), py::arg("pos_out"),
+        py::arg("kt"), py::arg("scale"), py::arg("sbar"), py::arg("lse"));
+  m.def("pool_bwd", &pool_bwd, "single-query pool backward", py::arg("f"), py::arg("pos_out"),
+        py::arg("kt"), py::arg("scale"), py::arg("sbar"), py::arg("lse"), py::arg("dsbar"),
+        py::arg("df"), py::arg("dkt"));
+  m.def("adam_", &adam_, "one Adam step over flat fp32 buffers (capturable)", py::arg("params"),
+        py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("lowp"));
+  m.def("gemm_policy", &gemm_policy, "0 auto, 1 portable only, 2 SM90 only");
+  m.def("set_gemm_policy", &set_gemm_policy, py::arg("policy"));
+  m.def("gemm_counts", &gemm_counts, "[SM90 launches, portable launches] since the last reset");
+  m.def("reset_gemm_counts", &reset_gemm_counts);
+  m.def("sm90_available", &sm90_available,
+        "whether like's GPU runs this build's SM90 kernels", py::arg("like"));
+}

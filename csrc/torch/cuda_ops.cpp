@@ -1,0 +1,180 @@
+// Torch bindings of the non-GEMM CUDA primitives: the first-layer activation of the trigger split,
+// the single-query pool (forward, backward) and the flat Adam update. Outputs are passed in and
+// written completely; scratch buffers come from PyTorch's caching allocator (capture-safe).
+#include <cmath>
+
+#include "cuda_common.h"
+
+namespace apm_glue {
+
+namespace {
+
+int sm_count(int device) {
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 132;
+  }
+  return v;
+}
+
+// The pool's shared argument checks; returns its shape.
+apm::PoolShape check_pool_inputs(const char* fn, const at::Tensor& f, const at::Tensor& pos,
+                                 const at::Tensor& kt) {
+  check_cuda(f, fn, "f");
+  check_dim(f, fn, "f", "(S, B, L, D)", 4);
+  to_apm_dtype(f, fn, "f");
+  check_contiguous(f, fn, "f");
+  const int64_t S = f.size(0), B = f.size(1), L = f.size(2), D = f.size(3);
+  check_same_device(pos, f, fn, "pos_out", "f");
+  check_same_dtype(pos, f, fn, "pos_out", "f");
+  check_shape(pos, fn, "pos_out", "(L, D)", {L, D});
+  check_contiguous(pos, fn, "pos_out");
+  check_same_device(kt, f, fn, "kt", "f");
+  check_dtype(kt, fn, "kt", {at::kFloat});
+  check_dim(kt, fn, "kt", "(S, H, D)", 3);
+  const int64_t H = kt.size(1);
+  check_shape(kt, fn, "kt", "(S, H, D)", {S, H, D});
+  check_contiguous(kt, fn, "kt");
+  TORCH_CHECK_VALUE(H >= 1 && H <= apm::kPoolMaxHeads, fn, ": the CUDA pool supports 1 to ",
+                    apm::kPoolMaxHeads, " heads, got H = ", H);
+  return apm::PoolShape{S, B, L, D, H};
+}
+
+void check_f32_out(const at::Tensor& t, const at::Tensor& like, const char* fn, const char* name,
+                   const char* what, std::initializer_list<int64_t> dims) {
+  check_same_device(t, like, fn, name, "f");
+  check_dtype(t, fn, name, {at::kFloat});
+  check_shape(t, fn, name, what, dims);
+  check_contiguous(t, fn, name);
+}
+
+bool empty_pool(const apm::PoolShape& sh) { return sh.S == 0 || sh.B == 0 || sh.L == 0 || sh.D == 0; }
+
+}  // namespace
+
+// a[s, b*L + l] = ReLU(p[s, l] + u[s, b]); p (S, L, H), u (S, B, H) fp32, a (S, B*L, H) p's dtype.
+void first_layer_act(const at::Tensor& p, const at::Tensor& u, const at::Tensor& a) {
+  const char* fn = "first_layer_act";
+  check_cuda(p, fn, "p");
+  check_dim(p, fn, "p", "(S, L, H)", 3);
+  const apm::DType t = to_apm_dtype(p, fn, "p");
+  check_same_device(u, p, fn, "u", "p");
+  check_dtype(u, fn, "u", {at::kFloat});
+  check_dim(u, fn, "u", "(S, B, H)", 3);
+  const int64_t S = p.size(0), L = p.size(1), H = p.size(2), B = u.size(1);
+  check_shape(u, fn, "u", "(S, B, H)", {S, B, H});
+  check_same_device(a, p, fn, "a", "p");
+  check_same_dtype(a, p, fn, "a", "p");
+  check_shape(a, fn, "a", "(S, B*L, H)", {S, B * L, H});
+  for (const at::Tensor* x : {&p, &u, &a}) check_contiguous(*x, fn, "p, u and a");
+  if (S * B * L * H == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(p.device());
+  check_cuda_status(apm::first_layer_act(p.data_ptr(), u.data_ptr<float>(), a.data_ptr(), t, S, B, L,
+                                         H, current_stream(p)),
+                    fn, "the kernel launch");
+}
+
+// sbar (S, B, H, D) fp32, lse (S, B, H) fp32; see TorchPrimitives.pool_fwd.
+void pool_fwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, double scale,
+              const at::Tensor& sbar, const at::Tensor& lse) {
+  const char* fn = "pool_fwd";
+  const apm::PoolShape sh = check_pool_inputs(fn, f, pos, kt);
+  TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  check_f32_out(sbar, f, fn, "sbar", "(S, B, H, D)", {sh.S, sh.B, sh.H, sh.D});
+  check_f32_out(lse, f, fn, "lse", "(S, B, H)", {sh.S, sh.B, sh.H});
+  if (sh.S == 0 || sh.B == 0) return;
+  TORCH_CHECK_VALUE(sh.L > 0, fn, ": the pool needs at least one cell (L > 0), got L = 0");
+  if (sh.D == 0) {
+    sbar.zero_();
+    lse.fill_(std::log(static_cast<double>(sh.L)));  // every score is 0
+    return;
+  }
+  const c10::cuda::OptionalCUDAGuard guard(f.device());
+  at::Tensor score = at::empty({sh.S, sh.B, sh.H, sh.L}, kt.options());
+  check_cuda_status(apm::pool_fwd(f.data_ptr(), pos.data_ptr(), to_apm_dtype(f, fn, "f"),
+                                  kt.data_ptr<float>(), static_cast<float>(scale), sh,
+                                  score.data_ptr<float>(), sbar.data_ptr<float>(),
+                                  lse.data_ptr<float>(), current_stream(f)),
+                    fn, "the pool kernels");
+}
+
+// df (S, B, L, D) in any of the three dtypes, dkt (S, H, D) fp32; see TorchPrimitives.pool_bwd.
+void pool_bwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, double scale,
+              const at::Tensor& sbar, const at::Tensor& lse, const at::Tensor& dsbar,
+              const at::Tensor& df, const at::Tensor& dkt) {
+  const char* fn = "pool_bwd";
+  const apm::PoolShape sh = check_pool_inputs(fn, f, pos, kt);
+  TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  check_f32_out(sbar, f, fn, "sbar", "(S, B, H, D)", {sh.S, sh.B, sh.H, sh.D});
+  check_f32_out(lse, f, fn, "lse", "(S, B, H)", {sh.S, sh.B, sh.H});
+  check_f32_out(dsbar, f, fn, "dsbar", "(S, B, H, D)", {sh.S, sh.B, sh.H, sh.D});
+  check_same_device(df, f, fn, "df", "f");
+  const apm::DType df_t = to_apm_dtype(df, fn, "df");
+  check_shape(df, fn, "df", "(S, B, L, D)", {sh.S, sh.B, sh.L, sh.D});
+  check_contiguous(df, fn, "df");
+  check_f32_out(dkt, f, fn, "dkt", "(S, H, D)", {sh.S, sh.H, sh.D});
+  if (sh.S == 0) return;
+  if (empty_pool(sh)) {
+    df.zero_();
+    dkt.zero_();
+    return;
+  }
+  const c10::cuda::OptionalCUDAGuard guard(f.device());
+  const int chunks = apm::pool_bwd_chunks(sh, sm_count(f.get_device()));
+  at::Tensor sd = at::empty({sh.S, sh.B, sh.H}, kt.options());
+  at::Tensor c = at::empty({sh.S, sh.B, sh.H, sh.L}, kt.options());
+  at::Tensor partial = at::empty({sh.S, chunks, sh.H, sh.D}, kt.options());
+  check_cuda_status(
+      apm::pool_bwd(f.data_ptr(), pos.data_ptr(), to_apm_dtype(f, fn, "f"), kt.data_ptr<float>(),
+                    static_cast<float>(scale), sh, sbar.data_ptr<float>(), lse.data_ptr<float>(),
+                    dsbar.data_ptr<float>(), df.data_ptr(), df_t, dkt.data_ptr<float>(),
+                    sd.data_ptr<float>(), c.data_ptr<float>(), partial.data_ptr<float>(), chunks,
+                    current_stream(f)),
+      fn, "the pool backward kernels");
+}
+
+// One Adam step over flat fp32 buffers (any shape, all the same number of elements, contiguous);
+// step and lr are one-element fp32 device tensors; lowp (optional) receives the new parameters.
+void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
+           const at::Tensor& exp_avg_sq, const at::Tensor& step, const at::Tensor& lr, double beta1,
+           double beta2, double eps, const c10::optional<at::Tensor>& lowp) {
+  const char* fn = "adam_";
+  check_cuda(params, fn, "params");
+  const std::pair<const at::Tensor*, const char*> bufs[] = {
+      {&params, "params"}, {&grads, "grads"}, {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}};
+  for (const auto& b : bufs) {
+    check_same_device(*b.first, params, fn, b.second, "params");
+    check_dtype(*b.first, fn, b.second, {at::kFloat});
+    check_contiguous(*b.first, fn, b.second);
+    TORCH_CHECK_VALUE(b.first->numel() == params.numel(), fn, ": ", b.second, " must have as many ",
+                      "elements as params (", params.numel(), "), got ", b.first->numel());
+  }
+  for (const auto& b : {std::make_pair(&step, "step"), std::make_pair(&lr, "lr")}) {
+    check_same_device(*b.first, params, fn, b.second, "params");
+    check_dtype(*b.first, fn, b.second, {at::kFloat});
+    check_numel_one(*b.first, fn, b.second);
+  }
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, fn, ": beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, fn, ": beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(eps > 0.0, fn, ": eps must be positive, got ", eps);
+  void* lp = nullptr;
+  apm::DType lp_t = apm::DType::kFloat32;
+  if (lowp.has_value() && lowp->defined()) {
+    check_same_device(*lowp, params, fn, "lowp", "params");
+    lp_t = to_apm_dtype(*lowp, fn, "lowp");
+    check_contiguous(*lowp, fn, "lowp");
+    TORCH_CHECK_VALUE(lowp->numel() == params.numel(), fn, ": lowp must have as many elements as ",
+                      "params (", params.numel(), "), got ", lowp->numel());
+    lp = lowp->data_ptr();
+  }
+  if (params.numel() == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(params.device());
+  check_cuda_status(apm::adam(params.data_ptr<float>(), grads.data_ptr<float>(),
+                              exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), params.numel(),
+                              step.data_ptr<float>(), lr.data_ptr<float>(), beta1, beta2, eps, lp, lp_t,
+                              current_stream(params)),
+                    fn, "the kernel launch");
+}
+
+}  // namespace apm_glue

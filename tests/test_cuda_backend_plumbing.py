@@ -1,0 +1,156 @@
+"""The cuda backend's Python layer (CudaPrimitives) on the CPU, against a stand-in extension.
+
+The stand-in has the signatures of apm_fast._C_cuda (csrc/torch/cuda_module.cpp): the ops that
+the CPU extension shares with it (first_layer_act, pool_fwd, pool_bwd, adam_) are the real C++
+ones, the GEMM ops are PyTorch with the bindings' argument order and output checks. A wrong
+argument order, output shape or dtype in the Python layer fails here, before any GPU run; the
+kernels themselves are tested on the GPU (test_cuda_backend.py).
+"""
+import copy
+
+import pytest
+import torch
+
+from apm_fast import APM, APMConfig
+from apm_fast._ext import load_extension
+from apm_fast.backends import cuda_backend
+from apm_fast.ops import TorchPrimitives, fused_forward
+
+TP = TorchPrimitives()
+
+
+def _expect(t, shape, dtype, name):
+    assert tuple(t.shape) == tuple(shape), f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}"
+    assert t.dtype == dtype, f"{name}: dtype {t.dtype}, expected {dtype}"
+
+
+class FakeCudaExt:
+    """apm_fast._C_cuda's functions, on the CPU."""
+
+    def __init__(self, cpu):
+        self.first_layer_act = cpu.first_layer_act
+        self.pool_fwd = cpu.pool_fwd
+        self.pool_bwd = cpu.pool_bwd
+        self.adam_ = cpu.adam_
+        self.calls = []
+
+    def linear(self, x, w, bias, relu, out):
+        self.calls.append("linear")
+        s, n, k = w.shape
+        assert x.shape[-1] == k and x.dtype == w.dtype and x.stride(-1) == 1
+        if bias is not None:
+            _expect(bias, (s, n), w.dtype, "bias")
+        _expect(out, (s, x.shape[-2], n), out.dtype, "out")
+        out.copy_(TP.linear(x, w, bias, relu=relu, out_dtype=out.dtype))
+
+    def linear_bwd_input(self, dy, w, mask, out):
+        self.calls.append("linear_bwd_input")
+        s, n, k = w.shape
+        _expect(dy, (s, dy.shape[1], n), w.dtype, "dy")
+        if mask is not None:
+            _expect(mask, (s, dy.shape[1], k), w.dtype, "mask")
+        _expect(out, (s, dy.shape[1], k), out.dtype, "out")
+        out.copy_(TP.linear_bwd_input(dy, w, mask=mask, out_dtype=out.dtype))
+
+    def linear_bwd_weight(self, dy, x, dw, db):
+        self.calls.append("linear_bwd_weight")
+        s, m, n = dy.shape
+        assert x.shape[-2] == m and x.dtype == dy.dtype and dy.is_contiguous() and x.is_contiguous()
+        _expect(dw, (s, n, x.shape[-1]), torch.float32, "dw")
+        rdw, rdb = TP.linear_bwd_weight(dy, x, bias=db is not None)
+        dw.copy_(rdw)
+        if db is not None:
+            _expect(db, (s, n), torch.float32, "db")
+            db.copy_(rdb)
+
+    def first_layer_bwd_input(self, dy, w, p, u, g1, r):
+        self.calls.append("first_layer_bwd_input")
+        s, n, h = w.shape
+        l, b = p.shape[1], u.shape[1]
+        _expect(p, (s, l, h), w.dtype, "p")
+        _expect(u, (s, b, h), torch.float32, "u")
+        _expect(dy, (s, b * l, n), w.dtype, "dy")
+        _expect(g1, (s, b * l, h), g1.dtype, "g1")
+        _expect(r, (s, b, h), torch.float32, "r")
+        rg1, rr = TP.first_layer_bwd_input(dy, w, p, u, out_dtype=g1.dtype)
+        g1.copy_(rg1)
+        r.copy_(rr)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    cpu, why = load_extension("_C_cpu")
+    if cpu is None:
+        pytest.fail(why, pytrace=False)
+    ext = FakeCudaExt(cpu)
+    monkeypatch.setattr(cuda_backend, "cuda_extension", lambda: ext)
+    monkeypatch.setattr(cuda_backend, "_empty",
+                        lambda *shape, dtype, device: torch.empty(*shape, dtype=dtype, device=device).fill_(float("nan")))
+    return ext
+
+
+def test_primitives_route_to_the_extension(fake):
+    prims = cuda_backend.CudaPrimitives()
+    g = torch.Generator().manual_seed(0)
+    S, B, L, H, N, D, heads = 2, 3, 5, 12, 7, 10, 2
+    r = lambda *s: torch.randn(*s, generator=g)
+    p, u, w, b = r(S, L, H), r(S, B, H), r(S, N, H), r(S, N)
+    torch.testing.assert_close(prims.first_layer_linear(p, u, w, b), TP.first_layer_linear(p, u, w, b))
+    x_shared = r(L, H + 4)[:, 2:H + 2]  # a column slice: rows padded, as W_P = W1[:, d:] is
+    torch.testing.assert_close(prims.linear(x_shared, w, None), TP.linear(x_shared, w, None))
+    dy = r(S, B * L, N)
+    for got, ref in zip(prims.first_layer_bwd_weight(dy, p, u), TP.first_layer_bwd_weight(dy, p, u)):
+        torch.testing.assert_close(got, ref)
+    for got, ref in zip(prims.first_layer_bwd_input(dy, w, p, u), TP.first_layer_bwd_input(dy, w, p, u)):
+        torch.testing.assert_close(got, ref)
+    mask = torch.relu(r(S, B * L, H))
+    torch.testing.assert_close(prims.linear_bwd_input(dy, w, mask=mask), TP.linear_bwd_input(dy, w, mask=mask))
+    f, pos, kt = r(S, B, L, D), r(L, D), r(S, heads, D)
+    sbar, lse = prims.pool_fwd(f, pos, kt, 0.5)
+    for got, ref in zip((sbar, lse), TP.pool_fwd(f, pos, kt, 0.5)):
+        torch.testing.assert_close(got, ref)
+    dsbar = r(S, B, heads, D)
+    for got, ref in zip(prims.pool_bwd(f, pos, kt, 0.5, sbar, lse, dsbar),
+                        TP.pool_bwd(f, pos, kt, 0.5, sbar, lse, dsbar)):
+        torch.testing.assert_close(got, ref)
+    assert {"linear", "linear_bwd_weight", "first_layer_bwd_input", "linear_bwd_input"} <= set(fake.calls)
+
+
+def test_adam_on_padded_rows_matches_the_primitive(fake):
+    """(S, n) views with padded rows (as a slice of a wider buffer) are updated row by row."""
+    g = torch.Generator().manual_seed(1)
+    wide = [torch.randn(3, 11, generator=g) for _ in range(4)]
+    wide[3] = wide[3].abs()                                # exp_avg_sq >= 0
+    ours = [w.clone()[:, 2:9] for w in wide]
+    ref = [w.clone()[:, 2:9] for w in wide]
+    step, lr = torch.tensor([3.0]), torch.tensor([0.01])
+    cuda_backend.CudaPrimitives().adam_(ours[0], ours[1], ours[2], ours[3], step, lr, 0.9, 0.999, 1e-8)
+    TP.adam_(ref[0], ref[1], ref[2], ref[3], step, lr, 0.9, 0.999, 1e-8)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    assert not ours[0].is_contiguous()
+
+
+def test_float64_is_refused_with_a_clear_error(fake):
+    prims = cuda_backend.CudaPrimitives()
+    with pytest.raises(TypeError, match="cuda backend computes in float32, bfloat16 or float16"):
+        prims.linear(torch.zeros(1, 2, 3, dtype=torch.float64), torch.zeros(1, 4, 3, dtype=torch.float64))
+
+
+def test_whole_model_through_the_cuda_layer(fake):
+    """Forward and every gradient of the fused driver over CudaPrimitives (fp32) vs the float64
+    reference model: the plumbing of all primitives together."""
+    cfg = APMConfig(grid=3, patch=2, hidden=(12, 10, 8), dim=8, heads=2, init="pytorch")
+    torch.manual_seed(0)
+    m64 = APM(cfg, dtype=torch.float64)
+    m32 = copy.deepcopy(m64).float()
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size, dtype=torch.float64)
+    out = m64(images, backend="reference")
+    (out.cls.sum() + out.grid.square().sum()).backward()
+    cls, grid = fused_forward(cuda_backend.CudaPrimitives(), m32, images.float())
+    (cls.sum() + grid.square().sum()).backward()
+    torch.testing.assert_close(cls.double(), out.cls.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grid.double(), out.grid.detach(), rtol=1e-4, atol=1e-5)
+    ref = dict(m64.named_parameters())
+    for name, p in m32.named_parameters():
+        torch.testing.assert_close(p.grad.double(), ref[name].grad, rtol=1e-3, atol=1e-5, msg=name)

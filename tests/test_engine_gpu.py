@@ -154,6 +154,7 @@ import warnings, torch
 from apm_fast import APM, preset
 from apm_fast.backends import register_backend
 from apm_fast.engine import TTTEngine
+from apm_fast.ops import TorchPrimitives
 
 class SyncingPrimitives(TorchPrimitives):
     # Adam that reads a value on the host: legal eagerly, impossible to capture

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import _common as _c
 from ._common import INTERPRET, as_rows, cdiv, descriptor, dot_precision, sm_count, tl_dtype, tma_ok
-from .configs import GEMM_INTERP, SMEM_BUDGET, GemmCfg, gemm_candidates, rank_gemm, tuned_entry
+from .configs import GEMM_INTERP, SMEM_BUDGET, GemmCfg, gemm_candidates, known_bad, rank_gemm, tuned_entry
 from .gemm_tma import first_layer_act_kernel, gemm_tma_kernel
 
 __all__ = ["linear", "first_layer_linear", "linear_bwd_input", "first_layer_bwd_input", "first_layer_act",
@@ -207,7 +207,8 @@ class _Gemm:
         if INTERPRET:        # small tiles; the pointer kernel first (the TMA ones when asked or tuned)
             cands = [GEMM_INTERP, replace(GEMM_INTERP, tma=True), replace(GEMM_INTERP, tma=True, persistent=True)]
             return [c for c in cands if self.ok(c) and (_c.tma_allowed() or not c.tma)]
-        cands = gemm_candidates(elt, _c.tma_allowed() and self.tma_ok(GemmCfg(128, 128, 64, 8, 3)))
+        cands = gemm_candidates(elt, _c.tma_allowed() and self.tma_ok(GemmCfg(128, 128, 64, 8, 3)),
+                                prologue=self.prologue == 1)
         ranked = rank_gemm(cands, S=self.S, NSEG=self.NSEG, L=self.L, N=self.N, sms=sm_count(self.y.device),
                            elt=elt, out_elt=self.y.element_size())
         return [c for c in ranked if self.ok(c)]
@@ -219,6 +220,8 @@ def _choose(prim, key, prob: _Gemm, config, run=None):
     if config is not None:
         return config
     entry = tuned_entry(prim, key, GemmCfg, prob.elt)
+    if entry is not None and known_bad(entry, prologue=prob.prologue == 1):
+        entry = None       # a hand-edited table must not bring back a miscompiled variant
     if entry is not None and (entry.materialize or prob.ok(entry)) and (_c.tma_allowed() or not entry.tma):
         return entry
     ranked = prob.ranked()

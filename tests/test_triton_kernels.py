@@ -536,7 +536,81 @@ def test_gpu_primitives_match_float64(dtype):
               REF.pool_bwd, (f, pos_out, kt, scale, sbar_ref.float(), lse_ref.float(), dsbar), dtype)
 
 
+def _every_config_check(name, run, ref, label):
+    """run() under one config against ref (fp32 products of the same bf16 inputs): Frobenius 1e-2
+    (bf16 outputs: ~3e-3) and, so that a few wrong rows or tiles cannot hide in the norm, every
+    element within 2% of the reference's largest magnitude."""
+    got = _outs(run())
+    for i, (g, r) in enumerate(zip(got, _outs(ref))):
+        g, r = g.double(), r.double()
+        fro = _relf(g, r)
+        worst = ((g - r).abs().max() / r.abs().max().clamp_min(1e-300)).item()
+        assert torch.isfinite(g).all() and fro <= 1e-2 and worst <= 2e-2, \
+            f"{name}[{i}] with {label}: relative error {fro:.2e}, worst element {worst:.2e} of the largest"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["medium", "l14-first-layer"])
+def test_gpu_every_candidate_config_is_right(shape):
+    """Every config the ranking can pick for each GEMM primitive (and the materialized first layer,
+    and every weight-gradient tile and split) gives the right answer, on several students and
+    images (tiles at segment boundaries) and, for the first layer, at ttt-l14's own shape with 2
+    images: the shape where a miscompiled variant was found (configs.known_bad)."""
+    from dataclasses import replace
+
+    from apm_fast.kernels import configs, gemm
+
+    torch.manual_seed(14)
+    bf = torch.bfloat16
+    r = lambda *s_, scale=1.0: (torch.randn(*s_, device="cuda") * scale).to(bf)   # noqa: E731
+    if shape == "medium":
+        S, B, L, H1, N, K = 2, 2, 256, 512, 384, 320
+    else:
+        S, B, L, H1, N, K = 1, 2, 1024, 4096, 2048, 1024
+    p, u, w1, b1 = r(S, L, H1), torch.randn(S, B, H1, device="cuda"), r(S, N, H1, scale=H1 ** -0.5), r(S, N)
+    up = lambda *ts: [t.float() for t in ts]                                          # noqa: E731
+    first_ref = REF.first_layer_linear(*up(p, u, w1, b1))
+    cands = configs.gemm_candidates(2, True, prologue=True)
+    cands += [replace(c, materialize=True) for c in configs.gemm_candidates(2, True) if c.tma]
+    for c in cands:
+        _every_config_check("first_layer_linear", lambda: gemm.first_layer_linear(p, u, w1, b1, config=c),
+                            first_ref, c.name())
+    if shape != "medium":
+        return
+    x, w, b = r(S, B * L, K), r(S, N, K, scale=K ** -0.5), r(S, N)
+    dy, mask = r(S, B * L, N), torch.relu(r(S, B * L, K))
+    plain = configs.gemm_candidates(2, True)
+    for c in plain:
+        _every_config_check("linear", lambda: gemm.linear(x, w, b, relu=True, config=c),
+                            REF.linear(*up(x, w, b), relu=True), c.name())
+        _every_config_check("linear_bwd_input", lambda: gemm.linear_bwd_input(dy, w, mask=mask, config=c),
+                            REF.linear_bwd_input(*up(dy, w), mask=mask.float()), c.name())
+        _every_config_check("first_layer_bwd_input", lambda: gemm.first_layer_bwd_input(dy, w1, p, u, config=c),
+                            REF.first_layer_bwd_input(*up(dy, w1, p, u)), c.name())
+    sms = _common.sm_count(dy.device)
+    for prim, run, ref, kk in (
+            ("linear_bwd_weight", lambda c: wgrad.linear_bwd_weight(dy, x, config=c),
+             REF.linear_bwd_weight(*up(dy, x)), K),
+            ("first_layer_bwd_weight", lambda c: wgrad.first_layer_bwd_weight(dy, p, u, config=c),
+             REF.first_layer_bwd_weight(*up(dy, p, u)), H1)):
+        tiles_of = lambda bn, bk, kk=kk: S * -(-N // bn) * -(-kk // bk)                # noqa: E731
+        for c in configs.wgrad_candidates(2, True, tiles_of=tiles_of, rows=B * L, sms=sms) + \
+                [configs.WgradCfg(64, 64, 64, 4, 4, split=4, tma=True)]:
+            _every_config_check(prim, lambda: run(c), ref, c.name())
+
+
 GPU_MODEL = APMConfig(grid=8, patch=4, hidden=(256, 136, 72), dim=64, heads=8, init="pytorch")
+
+
+def _with_conv_merged(names, items):
+    """``items`` (one per name) with conv.weight and conv.bias replaced by one entry "conv" (their
+    flattened concatenation; for ``names`` itself, the name)."""
+    iw, ib = names.index("conv.weight"), names.index("conv.bias")
+    if isinstance(items[0], str):
+        merged = "conv"
+    else:
+        merged = torch.cat([items[iw].reshape(-1), items[ib].reshape(-1)])
+    return [merged if i == iw else x for i, x in enumerate(items) if i != ib]
 
 
 @pytest.mark.gpu
@@ -569,6 +643,13 @@ def test_gpu_model_gradients_match_float64_reference(prec):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             plain = run(model, "reference", images)
     names = ["cls", "grid"] + [n for n, _ in model.named_parameters()]
+    if plain is not None:
+        # conv.bias is one scalar, a sum of B * L signed terms with heavy cancellation: its own
+        # relative error is a coin toss at bf16 for any implementation (over 12 seeds, on the H100:
+        # plain PyTorch's ranged 9e-3 to 3.5, Triton's 4e-3 to 1.1, with the same median). It is
+        # judged as what it is, one more column of the conv's weight (an input of constant 1):
+        # the conv's gradient [W | b] as a whole.
+        names, got, ref, plain = (_with_conv_merged(names, t) for t in (names, got, ref, plain))
     for i, (name, a, b) in enumerate(zip(names, got, ref)):
         assert torch.isfinite(a).all(), name
         rel = _relf(a, b)

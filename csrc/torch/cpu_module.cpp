@@ -5,24 +5,26 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "../cpu/cpu_ops.h"
+#include "guarded.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace apm_cpu;
+  using apm_glue::guarded;
   m.doc() = "apm-fast CPU kernels: trigger split, single-query pool, Adam";
-  m.def("trigger_u", &trigger_u, "u = W_T t + b1 (into u)", py::arg("t"), py::arg("w1"),
+  m.def("trigger_u", guarded(&trigger_u), "u = W_T t + b1 (into u)", py::arg("t"), py::arg("w1"),
         py::arg("b1"), py::arg("u"));
-  m.def("first_layer_act", &first_layer_act, "a = ReLU(p[l] + u[b]) (into a)", py::arg("p"),
+  m.def("first_layer_act", guarded(&first_layer_act), "a = ReLU(p[l] + u[b]) (into a)", py::arg("p"),
         py::arg("u"), py::arg("a"));
-  m.def("first_layer_mask_sum", &first_layer_mask_sum,
+  m.def("first_layer_mask_sum", guarded(&first_layer_mask_sum),
         "g1 = g * (p[l] + u[b] > 0), r = sum_l g1 (into g1, r)", py::arg("g"), py::arg("p"),
         py::arg("u"), py::arg("g1"), py::arg("r"));
-  m.def("pool_fwd", &pool_fwd, "single-query pool forward (into sbar, lse)", py::arg("f"),
+  m.def("pool_fwd", guarded(&pool_fwd), "single-query pool forward (into sbar, lse)", py::arg("f"),
         py::arg("pos_out"), py::arg("kt"), py::arg("scale"), py::arg("sbar"), py::arg("lse"));
-  m.def("pool_bwd", &pool_bwd, "single-query pool backward (into df, dkt)", py::arg("f"),
+  m.def("pool_bwd", guarded(&pool_bwd), "single-query pool backward (into df, dkt)", py::arg("f"),
         py::arg("pos_out"), py::arg("kt"), py::arg("scale"), py::arg("sbar"), py::arg("lse"),
         py::arg("dsbar"), py::arg("df"), py::arg("dkt"));
-  m.def("adam_", &adam_, "one Adam step over flat buffers, in place", py::arg("params"),
+  m.def("adam_", guarded(&adam_), "one Adam step over flat buffers, in place", py::arg("params"),
         py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("lowp"));
 }

@@ -4,9 +4,9 @@
 // latter pulls in the whole C++ frontend and doubles the compile time of this file.
 #include <torch/csrc/utils/pybind.h>
 
-#include <stdexcept>
-#include <utility>
 #include <vector>
+
+#include "guarded.h"
 
 namespace apm_glue {
 // cuda_gemm_ops.cpp
@@ -34,26 +34,6 @@ void adam_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Te
            const c10::optional<at::Tensor>&);
 }  // namespace apm_glue
 
-namespace {
-// Every binding converts the c10 errors of the argument checks into pybind11's own exceptions
-// inside this module: a c10::Error that crossed into the interpreter's translators crashed the
-// process on the GPU image (torch 2.11), while pybind11's built-in types are always safe.
-// TypeError, ValueError and RuntimeError keep their meaning (see checks.h).
-template <typename R, typename... Args>
-auto guarded(R (*fn)(Args...)) {
-  return [fn](Args... args) -> R {
-    try {
-      return fn(std::forward<Args>(args)...);
-    } catch (const c10::TypeError& e) {
-      throw pybind11::type_error(e.what_without_backtrace());
-    } catch (const c10::ValueError& e) {
-      throw pybind11::value_error(e.what_without_backtrace());
-    } catch (const c10::Error& e) {
-      throw std::runtime_error(e.what_without_backtrace());
-    }
-  };
-}
-}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;

@@ -102,10 +102,32 @@ class APM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, backend: str | None = None, *, want_grid: bool = True,
-                want_rgb: bool | None = None) -> APMOutput:
+                want_rgb: bool | None = None, chunk: int | None = None,
+                query_grid: int | None = None) -> APMOutput:
+        """The features of ``images`` (B, C, H, W) at every location: ``grid`` (B, L, D), ``cls``
+        (B, D) with a pool, ``rgb`` with an RGB head.
+
+        ``chunk``: evaluate the location queries ``chunk`` at a time (inference, no gradients)
+        with memory bounded by the chunk, not by L; ``query_grid``: ask about a G_q x G_q grid of
+        locations instead of the model's own (implies chunked evaluation, default chunk 4096).
+        Chunked evaluation runs on the primitive tables (backends ``torch``, ``triton``,
+        ``cuda``) and returns no RGB."""
         images = check_images(images, self.config)
         impl = get_backend(backend, device=images.device)
-        return impl.forward(self, images, want_grid=want_grid, want_rgb=want_rgb)
+        if chunk is None and query_grid is None:
+            return impl.forward(self, images, want_grid=want_grid, want_rgb=want_rgb)
+        from .ops.chunked import columns_forward
+
+        prim = getattr(impl, "primitives", None)
+        if prim is None:
+            raise ValueError(f"chunk/query_grid: backend {impl.name!r} has no primitive table; use "
+                             f"backend='torch', 'triton' or 'cuda' for chunked evaluation")
+        if want_rgb:
+            raise ValueError("want_rgb: chunked evaluation (chunk/query_grid) returns no RGB; "
+                             "call without chunk for the RGB head")
+        cls, grid = columns_forward(prim, self, images, chunk=4096 if chunk is None else chunk,
+                                    query_grid=query_grid, want_grid=want_grid)
+        return APMOutput(cls=cls, grid=grid, rgb=None)
 
     # ------------------------------------------------------------------ checkpoints
     def load_official_state_dict(self, state_dict, *, strict_unexpected: bool = True):

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-__all__ = ["position_code"]
+__all__ = ["position_code", "position_rows"]
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
@@ -56,3 +56,21 @@ def position_code(d: int, height: int, width: int | None = None, *, dtype=torch.
                         device=device, dtype=dtype)
                 _CACHE[key] = code
     return code
+
+
+def position_rows(d: int, height: int, width: int, start: int, stop: int, *, dtype=torch.float32,
+                  device=None) -> torch.Tensor:
+    """Rows ``start:stop`` of ``position_code(d, height, width)``, built from the code's two
+    halves (x and y parts, each a function of one coordinate) so that the L x d code is never held.
+    """
+    if not 0 <= start <= stop <= height * width:
+        raise ValueError(f"rows: expected 0 <= start <= stop <= {height * width}, got {start}:{stop}")
+    if d % 4 != 0:  # the trimmed code of odd widths is only defined as a whole
+        return position_code(d, height, width, dtype=dtype, device=device)[start:stop]
+    half = d // 2
+    # position_code(d, 1, n)[:, :half] is [sin, cos](n' * freq_k) interleaved for n' < n: the x
+    # half for x < width, and (same frequencies, same layout) the y half for y < height
+    xs = position_code(d, 1, width, dtype=dtype, device=device)[:, :half]
+    ys = position_code(d, 1, height, dtype=dtype, device=device)[:, :half]
+    cells = torch.arange(start, stop, device=xs.device)
+    return torch.cat([xs[cells % width], ys[cells // width]], dim=1)

@@ -65,8 +65,8 @@ if has tests; then
   APM_FAST_REQUIRE_CUDA_EXT=1 $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE --durations=10 \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  step "host-side tests on the GPU machine (healthy torchvision, CUDA default device)"
-  $PY -m pytest -q tests/test_teacher.py tests/test_classify.py tests/test_cli.py -p no:cacheprovider 2>&1 \
+  step "host-side tests on the GPU machine (healthy torchvision, CUDA default device, the CPU extension's errors)"
+  $PY -m pytest -q tests/test_teacher.py tests/test_classify.py tests/test_cli.py tests/test_cpp_cpu.py -p no:cacheprovider 2>&1 \
     | tee "$OUT/host-tests.log" | tail -5
 fi
 

@@ -21,6 +21,16 @@ X forms) and ``wgrad_tma.wgrad_tma_kernel`` (TMA descriptors, X = x or ReLU(p + 
 comes from the argument, the measured table (``tuned_configs``) or the heuristic ranking
 (autotuned when on), as for the GEMMs. The outputs can be given (``out`` / ``out_db``: e.g. views
 into a flat gradient buffer, any strides) so the gradient lands in place without a copy.
+
+Where cuBLAS is faster these kernels step aside: on the H100 the sweep measured cuBLAS 1.2x to 4x
+faster on every weight-gradient shape of the presets (benchmarks/results/h100/sweep_triton.json,
+e.g. fc2's dW at one image: 164 TFLOP/s here, 685 for cuBLAS), because these are reductions over
+few rows into many output tiles, where cuBLAS's split/stream-K schedules win. So on a GPU, with
+16-bit operands and without an explicit config or split, ``linear_bwd_weight`` and
+``first_layer_bwd_weight`` run cuBLAS (``torch.ops.aten.bmm.dtype``: 16-bit products, fp32
+output), the first layer's activation materialized a chunk of images at a time by the Triton
+kernel of ``gemm.first_layer_act``, and db as an fp32 row sum. ``APM_FAST_WGRAD=triton`` keeps
+the Triton kernels (``cublas`` / ``auto``: the default). fp32 mode always runs the Triton kernels.
 """
 from __future__ import annotations
 
@@ -29,6 +39,8 @@ from dataclasses import replace
 import torch
 import triton
 import triton.language as tl
+
+import os
 
 from . import _common as _c
 from ._common import INTERPRET, as_rows, cdiv, descriptor, dot_precision, next_pow2, sm_count, tl_dtype, tma_ok
@@ -242,9 +254,66 @@ def weight_grad(dy, dy_st, x, x_st, *, S, L, NSEG, N, K, x2=None, x2_st=(0, 0, 0
     return job.run(prim, config, split)
 
 
+# ------------------------------------------------------------------------------------ cuBLAS route
+def use_cublas(dy, x, split, config) -> bool:
+    """Whether a weight gradient goes to cuBLAS (see the module's docstring)."""
+    route = os.environ.get("APM_FAST_WGRAD", "auto")
+    if route not in ("auto", "cublas", "triton"):
+        raise ValueError(f"APM_FAST_WGRAD: expected auto, cublas or triton, got {route!r}")
+    return (route != "triton" and split is None and config is None and not INTERPRET and dy.is_cuda
+            and dy.dtype in (torch.bfloat16, torch.float16) and x.dtype == dy.dtype
+            and hasattr(torch.ops.aten.bmm, "dtype"))
+
+
+def _cublas_into(dy, x, dw, *, accumulate: bool):
+    """dw (+)= dy^T x in fp32 from 16-bit dy (S, M, N) and x (S, M, K); dw any strides (PyTorch
+    writes a view it cannot hand to cuBLAS through a temporary)."""
+    if accumulate:
+        dw.add_(torch.ops.aten.bmm.dtype(dy.transpose(1, 2), x, torch.float32))
+    else:
+        torch.ops.aten.bmm.dtype_out(dy.transpose(1, 2), x, torch.float32, out=dw)
+
+
+def _cublas_outputs(dy, N, K, bias, out, out_db):
+    """(dw, db): the given outputs or new ones; db = the fp32 row sums of dy, written here."""
+    S = dy.shape[0]
+    dw = out if out is not None else torch.empty((S, N, K), device=dy.device, dtype=torch.float32)
+    db = None
+    if bias:
+        db = out_db if out_db is not None else torch.empty((S, N), device=dy.device, dtype=torch.float32)
+        torch.sum(dy, dim=1, dtype=torch.float32, out=db)
+    return dw, db
+
+
+def _cublas_linear_bwd_weight(dy, x, bias, out, out_db):
+    S, M, N = dy.shape
+    K = x.shape[-1]
+    dw, db = _cublas_outputs(dy, N, K, bias, out, out_db)
+    _cublas_into(dy, x if x.dim() == 3 else x.unsqueeze(0).expand(S, M, K), dw, accumulate=False)
+    return dw, db
+
+
+def _cublas_first_layer_bwd_weight(dy, p, u, bias, out, out_db):
+    from .gemm import ACT_CHUNK_ROWS, first_layer_act
+
+    S, L, H1 = p.shape
+    B = u.shape[1]
+    dw, db = _cublas_outputs(dy, dy.shape[2], H1, bias, out, out_db)
+    nb = max(1, min(B, ACT_CHUNK_ROWS // max(1, L)))
+    act = torch.empty((S, nb * L, H1), device=p.device, dtype=p.dtype)
+    for b0 in range(0, B, nb):
+        k = min(nb, B - b0)
+        a = act.view(-1)[:S * k * L * H1].view(S, k * L, H1)
+        first_layer_act(p, u, out=a, b0=b0, nb=k)
+        _cublas_into(dy[:, b0 * L:(b0 + k) * L], a, dw, accumulate=b0 > 0)
+    return dw, db
+
+
 def linear_bwd_weight(dy, x, *, bias=True, split=None, config=None, out=None, out_db=None):
     """dw = sum_m dy[m]^T x[m], db = sum_m dy[m]: dy (S, M, N); x (S, M, K) or shared (M, K).
     ``out`` (S, N, K) / ``out_db`` (S, N) fp32, any strides: written in place and returned."""
+    if use_cublas(dy, x, split, config):
+        return _cublas_linear_bwd_weight(dy, x, bias, out, out_db)
     S, M, N = dy.shape
     K = x.shape[-1]
     shared = x.dim() == 2
@@ -257,7 +326,9 @@ def linear_bwd_weight(dy, x, *, bias=True, split=None, config=None, out=None, ou
 
 def first_layer_bwd_weight(dy, p, u, *, bias=True, split=None, config=None, out=None, out_db=None):
     """linear_bwd_weight with x = ReLU(p[s, l] + u[s, b]) rebuilt tile by tile: dy (S, B*L, N);
-    p (S, L, H1); u (S, B, H1)."""
+    p (S, L, H1); u (S, B, H1). (On the cuBLAS route, materialized a chunk of images at a time.)"""
+    if use_cublas(dy, p, split, config):
+        return _cublas_first_layer_bwd_weight(dy, p, u, bias, out, out_db)
     S, L, H1 = p.shape
     B = u.shape[1]
     N = dy.shape[2]

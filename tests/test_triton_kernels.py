@@ -253,6 +253,49 @@ def test_model_outputs_and_every_gradient_match_reference():
         assert_close(g[name], g_ref[name].double(), 1e-4, name)
 
 
+@pytest.mark.parametrize("chunk", [4, 9, 25, 100])
+def test_chunked_column_evaluation_equals_the_whole_image(chunk):
+    """Chunks of queries (several chunks, a ragged last one, one chunk for all): the pool's softmax
+    over L combined across chunks from each chunk's (sbar, lse) gives the whole-image forward."""
+    torch.manual_seed(10)
+    model = APM(TINY, dtype=torch.float32, device=DEV)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.normal_(0.0, 0.3)
+    images = rand(2, 3, 10, 10)
+    with precision("fp32"):
+        whole = model(images, backend="triton")
+        got = model(images, backend="triton", chunk=chunk)
+        finer = model(images, backend="triton", chunk=chunk, query_grid=7, want_grid=False)
+        finer_ref = model(images, backend="torch", chunk=49, query_grid=7)
+    assert_close(got.cls, whole.cls.double(), 1e-5, "cls")
+    assert_close(got.grid, whole.grid.double(), 1e-5, "grid")
+    # another grid of locations (49 queries on a model of 25): the plain-PyTorch table in one chunk
+    assert finer.grid is None and finer.cls.shape == (2, TINY.dim)
+    assert_close(finer.cls, finer_ref.cls.double(), 1e-5, "cls on a 7 x 7 query grid")
+
+
+def test_chunked_evaluation_says_what_it_cannot_do():
+    model = APM(TINY, dtype=torch.float32, device=DEV)
+    images = rand(1, 3, 10, 10)
+    with pytest.raises(ValueError, match="backend 'reference' has no primitive table"):
+        model(images, backend="reference", chunk=8)
+    with pytest.raises(ValueError, match="chunk: expected a positive integer, got 0"):
+        model(images, backend="triton", chunk=0)
+    with pytest.raises(ValueError, match="want_rgb"):
+        model(images, backend="triton", chunk=8, want_rgb=True)
+
+
+def test_weight_gradient_route_switch(monkeypatch):
+    """cuBLAS takes the weight gradients only on a GPU with 16-bit operands and no explicit config;
+    a bad APM_FAST_WGRAD value is named."""
+    dy, x = rand(1, 8, 4).to(torch.bfloat16), rand(1, 8, 6).to(torch.bfloat16)
+    assert not wgrad.use_cublas(dy, x, None, None)          # CPU tensors: the Triton kernels
+    monkeypatch.setenv("APM_FAST_WGRAD", "fastest")
+    with pytest.raises(ValueError, match="APM_FAST_WGRAD: expected auto, cublas or triton, got 'fastest'"):
+        wgrad.use_cublas(dy, x, None, None)
+
+
 def test_backend_is_registered_and_available_here():
     ok, reason = availability()
     assert ok, reason
@@ -659,6 +702,21 @@ def test_gpu_model_gradients_match_float64_reference(prec):
             rel_t = _relf(plain[i], b)
             assert rel <= 2 * rel_t + BF16_FLOOR, \
                 f"{name}: relative error {rel:.2e} > 2 x plain PyTorch bf16's {rel_t:.2e} + {BF16_FLOOR:.0e}"
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_evaluation_matches_the_whole_image():
+    """bf16 on the GPU: queries 20 at a time (a ragged last chunk) give the whole-image outputs. The
+    chunks' GEMMs may run other tiles (another order of the fp32 sums, then one bf16 rounding) and
+    the pool's softmax is summed in another order: a few bf16 ulps, far under 5e-3."""
+    torch.manual_seed(15)
+    model = APM(GPU_MODEL, dtype=torch.float32, device="cuda")
+    images = torch.randn(3, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        whole = model(images, backend="triton")
+        got = model(images, backend="triton", chunk=20)
+    assert _relf(got.grid, whole.grid) < 5e-3
+    assert _relf(got.cls, whole.cls) < 5e-3
 
 
 @pytest.mark.gpu

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .primitives import acc_dtype_for
 
-__all__ = ["FusedCtx", "forward_train", "backward_train", "weight_names", "unfold_patches"]
+__all__ = ["FusedCtx", "forward_train", "backward_train", "weight_names", "unfold_patches", "trigger_split",
+           "column_mlp", "pool_query", "pool_output"]
 
 
 def weight_names(config) -> List[str]:
@@ -75,37 +76,72 @@ def forward_train(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config
     """
     acc = acc_dtype_for(cdt)
     s, b = images.shape[:2]
+    patches, t, u = trigger_split(w, images, config, acc)
+    p = prim.linear(pos_in, w["mlp.0.weight"][:, :, config.pos_dim:].to(cdt), None, out_dtype=cdt)  # S L H1
+    acts = []
+    h = column_mlp(prim, w, config, p, u, cdt, acts=acts)
+    f = h.view(s, b, config.queries, config.dim)
+    z = q = kt = sbar = lse = o = None
+    if config.pool and need_pool:
+        q, kt, scale = pool_query(w, config, acc)
+        sbar, lse = prim.pool_fwd(f, pos_out, kt, scale)
+        o, z = pool_output(w, config, sbar, acc)
+    ctx = FusedCtx(patches, t, u, p, acts, f, q, kt, sbar, lse, o, cdt) if save else None
+    return z, f, ctx
+
+
+def trigger_split(w, images, config, acc):
+    """The per-image pieces in the acc dtype: patches (S, B, L, C p p), the trigger t (S, B, d)
+    and u = W_T t + b1 (S, B, H1)."""
+    s = images.shape[0]
     d = config.pos_dim
-    L = config.queries
     patches = unfold_patches(images.to(acc), config.patch)                        # S B L Cpp
     cw = w["conv.weight"].reshape(s, -1).to(acc)
     t = torch.einsum("sblk,sk->sbl", patches, cw) + w["conv.bias"].reshape(s, 1, 1).to(acc)
     w1 = w["mlp.0.weight"]
     u = torch.bmm(t, w1[:, :, :d].to(acc).transpose(1, 2)) + w["mlp.0.bias"].to(acc)[:, None, :]
-    p = prim.linear(pos_in, w1[:, :, d:].to(cdt), None, out_dtype=cdt)           # S L H1
+    return patches, t, u
+
+
+def column_mlp(prim, w, config, p, u, cdt, *, acts=None):
+    """The columns after the position GEMM: ReLU(P + u) fed to the second layer (never stored),
+    every further layer, the head. Returns (S, B * rows of p, D) in cdt; ``acts`` (a list) receives
+    the inputs of the layers after the first consumer (what the backward needs)."""
     layers = _layers(w, config)
-    acts = []
     w2, b2, r2 = layers[0]
     h = prim.first_layer_linear(p, u, w2.to(cdt), b2.to(cdt), relu=r2, out_dtype=cdt)
     for wk, bk, rk in layers[1:]:
-        acts.append(h)
+        if acts is not None:
+            acts.append(h)
         h = prim.linear(h, wk.to(cdt), bk.to(cdt), relu=rk, out_dtype=cdt)
-    f = h.view(s, b, L, config.dim)
-    z = q = kt = sbar = lse = o = None
-    if config.pool and need_pool:
-        dim, heads = config.dim, config.heads
-        dh = dim // heads
-        wq, wk_, wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
-        bq, _, bv = w["attn.in_proj_bias"].to(acc).chunk(3, dim=1)
-        q = torch.einsum("sek,sk->se", wq, w["query"].to(acc)) + bq                 # S D
-        kt = torch.einsum("shd,shdk->shk", q.view(s, heads, dh), wk_.reshape(s, heads, dh, dim))
-        sbar, lse = prim.pool_fwd(f, pos_out, kt, 1.0 / math.sqrt(dh))
-        o = torch.einsum("shdk,sbhk->sbhd", wv.reshape(s, heads, dh, dim), sbar).reshape(s, b, dim) \
-            + bv[:, None, :]
-        wo, bo = w["attn.out_proj.weight"].to(acc), w["attn.out_proj.bias"].to(acc)
-        z = torch.einsum("sbk,sek->sbe", o, wo) + bo[:, None, :]
-    ctx = FusedCtx(patches, t, u, p, acts, f, q, kt, sbar, lse, o, cdt) if save else None
-    return z, f, ctx
+    return h
+
+
+def pool_query(w, config, acc):
+    """The single query's projections: q (S, D), k~ = per-head q W_K (S, H, D), the score scale."""
+    s = w["query"].shape[0]
+    dim, heads = config.dim, config.heads
+    dh = dim // heads
+    wq, wk_, _ = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
+    bq = w["attn.in_proj_bias"].to(acc).chunk(3, dim=1)[0]
+    q = torch.einsum("sek,sk->se", wq, w["query"].to(acc)) + bq                 # S D
+    kt = torch.einsum("shd,shdk->shk", q.view(s, heads, dh), wk_.reshape(s, heads, dh, dim))
+    return q, kt, 1.0 / math.sqrt(dh)
+
+
+def pool_output(w, config, sbar, acc):
+    """o = per-head W_V sbar + b_V (S, B, D) and z = W_O o + b_O (S, B, D) from the softmax-weighted
+    sums sbar (S, B, H, D)."""
+    s, b = sbar.shape[:2]
+    dim, heads = config.dim, config.heads
+    dh = dim // heads
+    wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)[2]
+    bv = w["attn.in_proj_bias"].to(acc).chunk(3, dim=1)[2]
+    o = torch.einsum("shdk,sbhk->sbhd", wv.reshape(s, heads, dh, dim), sbar.to(acc)).reshape(s, b, dim) \
+        + bv[:, None, :]
+    wo, bo = w["attn.out_proj.weight"].to(acc), w["attn.out_proj.bias"].to(acc)
+    z = torch.einsum("sbk,sek->sbe", o, wo) + bo[:, None, :]
+    return o, z
 
 
 def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch.Tensor], config,

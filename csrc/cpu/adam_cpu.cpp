@@ -29,7 +29,7 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
     check_cpu(*b.first, fn, b.second);
     check_same_dtype(*b.first, params, fn, b.second, "params");
     check_contiguous(*b.first, fn, b.second);
-    TORCH_CHECK_VALUE(b.first->numel() == params.numel(), fn, ": ", b.second, " must have as many ",
+    APM_CHECK_VALUE(b.first->numel() == params.numel(), fn, ": ", b.second, " must have as many ",
                       "elements as params (", params.numel(), "), got ", b.first->numel());
   }
   for (const auto& b : {std::make_pair(&step, "step"), std::make_pair(&lr, "lr")}) {
@@ -37,19 +37,19 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
     check_dtype(*b.first, fn, b.second, {at::kFloat, at::kDouble});
     check_numel_one(*b.first, fn, b.second);
   }
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, fn, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, fn, ": beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK_VALUE(eps > 0.0, fn, ": eps must be positive, got ", eps);
+  APM_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, fn, ": beta1 must be in [0, 1), got ", beta1);
+  APM_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, fn, ": beta2 must be in [0, 1), got ", beta2);
+  APM_CHECK_VALUE(eps > 0.0, fn, ": eps must be positive, got ", eps);
   const bool has_lowp = lowp.has_value() && lowp->defined();
   if (has_lowp) {
     check_cpu(*lowp, fn, "lowp");
     check_dtype(*lowp, fn, "lowp", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
     check_contiguous(*lowp, fn, "lowp");
-    TORCH_CHECK_VALUE(lowp->numel() == params.numel(), fn, ": lowp must have as many elements as ",
+    APM_CHECK_VALUE(lowp->numel() == params.numel(), fn, ": lowp must have as many elements as ",
                       "params (", params.numel(), "), got ", lowp->numel());
   }
   const double t = step.item<double>();
-  TORCH_CHECK_VALUE(t >= 1.0, fn, ": step must hold the number of this update (>= 1), got ", t);
+  APM_CHECK_VALUE(t >= 1.0, fn, ": step must hold the number of this update (>= 1), got ", t);
   const double bc1 = 1.0 - std::pow(beta1, t);
   const double bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, t));
   const double step_size = lr.item<double>() / bc1;

@@ -40,7 +40,7 @@ Shape check_inputs(const char* fn, const at::Tensor& f, const at::Tensor& pos, c
   const int64_t H = kt.size(1);
   check_shape(kt, fn, "kt", "(S, H, D)", {S, H, D});
   check_contiguous(kt, fn, "kt");
-  TORCH_CHECK_VALUE(L > 0, fn, ": the pool needs at least one cell (L > 0), got L = 0");
+  APM_CHECK_VALUE(L > 0, fn, ": the pool needs at least one cell (L > 0), got L = 0");
   return Shape{S, B, L, D, H};
 }
 

@@ -41,7 +41,7 @@ void trigger_u(const at::Tensor& t, const at::Tensor& w1, const at::Tensor& b1, 
   }
   check_dim(w1, fn, "w1", "(S, H, d_total)", 3);
   const int64_t H = w1.size(1), dt = w1.size(2);
-  TORCH_CHECK_VALUE(w1.size(0) == S && dt >= d, fn, ": w1 must be (S, H, d_total) with S = ", S,
+  APM_CHECK_VALUE(w1.size(0) == S && dt >= d, fn, ": w1 must be (S, H, d_total) with S = ", S,
                     " and d_total >= d = ", d, ", got ", sizes_str(w1));
   check_shape(b1, fn, "b1", "(S, H)", {S, H});
   check_shape(u, fn, "u", "(S, B, H)", {S, B, H});

@@ -19,7 +19,7 @@ inline apm::DType to_apm_dtype(const at::Tensor& t, const char* fn, const char* 
     case at::kHalf: return apm::DType::kFloat16;
     default: break;
   }
-  TORCH_CHECK_TYPE(false, fn, ": ", name, " must have dtype float32, bfloat16 or float16 on the ",
+  APM_CHECK_TYPE(false, fn, ": ", name, " must have dtype float32, bfloat16 or float16 on the ",
                    "CUDA backend, got ", t.scalar_type());
   return apm::DType::kFloat32;
 }
@@ -29,7 +29,7 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
 }
 
 inline void check_cuda_status(cudaError_t e, const char* fn, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, fn, ": ", what, " failed: ", cudaGetErrorName(e), " (",
+  APM_CHECK(e == cudaSuccess, fn, ": ", what, " failed: ", cudaGetErrorName(e), " (",
               cudaGetErrorString(e), ")");
 }
 

@@ -36,7 +36,7 @@ void check_gemm_operand(const at::Tensor& t, const char* fn, const char* name) {
 int gemm_policy() { return g_policy.load(); }
 
 void set_gemm_policy(int policy) {
-  TORCH_CHECK_VALUE(policy >= 0 && policy <= 2, "set_gemm_policy: expected 0 (auto), 1 (portable)",
+  APM_CHECK_VALUE(policy >= 0 && policy <= 2, "set_gemm_policy: expected 0 (auto), 1 (portable)",
                     " or 2 (sm90), got ", policy);
   g_policy.store(policy);
 }
@@ -71,10 +71,10 @@ void run_gemm(const apm::GemmParams& p, const at::Tensor& like, const char* fn) 
     }
     if (e != cudaErrorNotSupported) check_cuda_status(e, fn, "the SM90 GEMM launch");
     // CUTLASS's can_implement refused: fall through to the portable kernel
-    TORCH_CHECK(policy != 2, fn, ": the SM90 GEMM path was forced (set_gemm_policy(2)) but "
+    APM_CHECK(policy != 2, fn, ": the SM90 GEMM path was forced (set_gemm_policy(2)) but "
                 "CUTLASS refused the problem m=", p.m, " n=", p.n, " k=", p.k, " batch=", p.batch);
   } else {
-    TORCH_CHECK(policy != 2, fn, ": the SM90 GEMM path was forced (set_gemm_policy(2)) but it does "
+    APM_CHECK(policy != 2, fn, ": the SM90 GEMM path was forced (set_gemm_policy(2)) but it does "
                 "not apply here (needs an sm_90a build, a compute capability 9.0 GPU, bf16 "
                 "operands, 16-byte aligned rows and a supported layout); m=", p.m, " n=", p.n,
                 " k=", p.k, " in=", apm::dtype_name(p.in), " out=", apm::dtype_name(p.out));
@@ -92,11 +92,11 @@ void linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Te
   check_dim(w, fn, "w", "(S, N, K)", 3);
   check_same_device(x, w, fn, "x", "w");
   check_same_dtype(x, w, fn, "x", "w");
-  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, fn, ": x must be (S, M, K) or shared (M, K), got ",
+  APM_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, fn, ": x must be (S, M, K) or shared (M, K), got ",
                     "shape ", sizes_str(x));
   const int64_t S = w.size(0), N = w.size(1), K = w.size(2);
   const int64_t M = x.size(-2);
-  TORCH_CHECK_VALUE(x.size(-1) == K, fn, ": x's last dimension must be K = ", K,
+  APM_CHECK_VALUE(x.size(-1) == K, fn, ": x's last dimension must be K = ", K,
                     " (w's last), got x ", sizes_str(x), " and w ", sizes_str(w));
   if (x.dim() == 3) check_shape(x, fn, "x", "(S, M, K)", {S, M, K});
   check_positive(K, fn, "K (the contraction size)");
@@ -205,7 +205,7 @@ void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_dim(dy, fn, "dy", "(S, M, N)", 3);
   check_same_device(x, dy, fn, "x", "dy");
   check_same_dtype(x, dy, fn, "x", "dy");
-  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, fn, ": x must be (S, M, K) or shared (M, K), got ",
+  APM_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, fn, ": x must be (S, M, K) or shared (M, K), got ",
                     "shape ", sizes_str(x));
   const int64_t S = dy.size(0), M = dy.size(1), N = dy.size(2), K = x.size(-1);
   if (x.dim() == 3) check_shape(x, fn, "x", "(S, M, K)", {S, M, K});
@@ -265,7 +265,7 @@ void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
                       fn, "the split-K reduction");
   }
   if (want_db) {
-    TORCH_CHECK_VALUE(dy.is_contiguous(), fn, ": dy must be contiguous when db is asked for, got "
+    APM_CHECK_VALUE(dy.is_contiguous(), fn, ": dy must be contiguous when db is asked for, got "
                       "strides ", dy.strides());
     const int chunks = apm::colsum_chunks(S, M, N, sms);
     at::Tensor part;
@@ -299,7 +299,7 @@ void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const at::
   to_apm_dtype(g1, fn, "g1");
   const int64_t S = w.size(0), N = w.size(1), H = w.size(2), L = p_.size(1);
   check_positive(L, fn, "L (p's second dimension)");
-  TORCH_CHECK_VALUE(u.dim() == 3, fn, ": u must be (S, B, H), got shape ", sizes_str(u));
+  APM_CHECK_VALUE(u.dim() == 3, fn, ": u must be (S, B, H), got shape ", sizes_str(u));
   const int64_t B = u.size(1);
   check_shape(p_, fn, "p", "(S, L, H)", {S, L, H});
   check_shape(u, fn, "u", "(S, B, H)", {S, B, H});

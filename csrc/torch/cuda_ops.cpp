@@ -36,7 +36,7 @@ apm::PoolShape check_pool_inputs(const char* fn, const at::Tensor& f, const at::
   const int64_t H = kt.size(1);
   check_shape(kt, fn, "kt", "(S, H, D)", {S, H, D});
   check_contiguous(kt, fn, "kt");
-  TORCH_CHECK_VALUE(H >= 1 && H <= apm::kPoolMaxHeads, fn, ": the CUDA pool supports 1 to ",
+  APM_CHECK_VALUE(H >= 1 && H <= apm::kPoolMaxHeads, fn, ": the CUDA pool supports 1 to ",
                     apm::kPoolMaxHeads, " heads, got H = ", H);
   return apm::PoolShape{S, B, L, D, H};
 }
@@ -80,11 +80,11 @@ void pool_fwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, 
               const at::Tensor& sbar, const at::Tensor& lse) {
   const char* fn = "pool_fwd";
   const apm::PoolShape sh = check_pool_inputs(fn, f, pos, kt);
-  TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  APM_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
   check_f32_out(sbar, f, fn, "sbar", "(S, B, H, D)", {sh.S, sh.B, sh.H, sh.D});
   check_f32_out(lse, f, fn, "lse", "(S, B, H)", {sh.S, sh.B, sh.H});
   if (sh.S == 0 || sh.B == 0) return;
-  TORCH_CHECK_VALUE(sh.L > 0, fn, ": the pool needs at least one cell (L > 0), got L = 0");
+  APM_CHECK_VALUE(sh.L > 0, fn, ": the pool needs at least one cell (L > 0), got L = 0");
   if (sh.D == 0) {
     sbar.zero_();
     lse.fill_(std::log(static_cast<double>(sh.L)));  // every score is 0
@@ -105,7 +105,7 @@ void pool_bwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, 
               const at::Tensor& df, const at::Tensor& dkt) {
   const char* fn = "pool_bwd";
   const apm::PoolShape sh = check_pool_inputs(fn, f, pos, kt);
-  TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+  APM_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
   check_f32_out(sbar, f, fn, "sbar", "(S, B, H, D)", {sh.S, sh.B, sh.H, sh.D});
   check_f32_out(lse, f, fn, "lse", "(S, B, H)", {sh.S, sh.B, sh.H});
   check_f32_out(dsbar, f, fn, "dsbar", "(S, B, H, D)", {sh.S, sh.B, sh.H, sh.D});
@@ -147,7 +147,7 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
     check_same_device(*b.first, params, fn, b.second, "params");
     check_dtype(*b.first, fn, b.second, {at::kFloat});
     check_contiguous(*b.first, fn, b.second);
-    TORCH_CHECK_VALUE(b.first->numel() == params.numel(), fn, ": ", b.second, " must have as many ",
+    APM_CHECK_VALUE(b.first->numel() == params.numel(), fn, ": ", b.second, " must have as many ",
                       "elements as params (", params.numel(), "), got ", b.first->numel());
   }
   for (const auto& b : {std::make_pair(&step, "step"), std::make_pair(&lr, "lr")}) {
@@ -155,16 +155,16 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
     check_dtype(*b.first, fn, b.second, {at::kFloat});
     check_numel_one(*b.first, fn, b.second);
   }
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, fn, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, fn, ": beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK_VALUE(eps > 0.0, fn, ": eps must be positive, got ", eps);
+  APM_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, fn, ": beta1 must be in [0, 1), got ", beta1);
+  APM_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, fn, ": beta2 must be in [0, 1), got ", beta2);
+  APM_CHECK_VALUE(eps > 0.0, fn, ": eps must be positive, got ", eps);
   void* lp = nullptr;
   apm::DType lp_t = apm::DType::kFloat32;
   if (lowp.has_value() && lowp->defined()) {
     check_same_device(*lowp, params, fn, "lowp", "params");
     lp_t = to_apm_dtype(*lowp, fn, "lowp");
     check_contiguous(*lowp, fn, "lowp");
-    TORCH_CHECK_VALUE(lowp->numel() == params.numel(), fn, ": lowp must have as many elements as ",
+    APM_CHECK_VALUE(lowp->numel() == params.numel(), fn, ": lowp must have as many elements as ",
                       "params (", params.numel(), "), got ", lowp->numel());
     lp = lowp->data_ptr();
   }

@@ -12,7 +12,8 @@
 #   triton      benchmarks/bench_triton.py   (issue targets of the Triton backend)
 #   cuda        benchmarks/bench_cuda_gemm.py (each GEMM: cuda vs cuBLAS vs Triton)
 #   engine      benchmarks/bench_engine.py   (captured step, students side by side, end to end)
-#   suite       benchmarks/run_gpu_bench.py  (the whole benchmark suite, every preset)
+#   suite       benchmarks/run_gpu_bench.py  (the whole benchmark suite, every preset; SUITE_ARGS
+#               passes more options, e.g. SUITE_ARGS="--only scaling")
 #
 # Stages can be split over several calls while the machine stays warm (the build stays in place).
 # The GPU image lacks open_clip/ftfy/wcwidth, setuptools and the CUTLASS headers: they travel as
@@ -85,5 +86,5 @@ fi
 has triton && bench bench_triton benchmarks/bench_triton.py --out "$OUT"
 has cuda && bench bench_cuda_gemm benchmarks/bench_cuda_gemm.py --out "$OUT"
 has engine && bench bench_engine benchmarks/bench_engine.py --out "$OUT"
-has suite && BENCH_TIMEOUT=560 bench suite benchmarks/run_gpu_bench.py --out "$OUT/suite" --commit "${APM_FAST_COMMIT:-unknown}" --time-budget "${SUITE_BUDGET:-480}"
+has suite && BENCH_TIMEOUT=560 bench suite benchmarks/run_gpu_bench.py --out "$OUT/suite" --commit "${APM_FAST_COMMIT:-unknown}" --time-budget "${SUITE_BUDGET:-480}" ${SUITE_ARGS:-}
 exit $status

@@ -15,10 +15,11 @@
 
 namespace apm_glue {
 
-// The checks throw these (never c10's ValueError/TypeError): on the GPU machine's image a
-// c10::ValueError thrown in an extension crashed the process while being caught (segmentation
-// fault; c10::Error and c10::TypeError were caught), so the argument errors use types of this
-// library, which guarded.h turns into Python's ValueError / TypeError / RuntimeError.
+// The checks throw these (never c10's error types), with messages built without streaming a
+// c10::IntArrayRef: on the GPU machine's image (torch 2.11) `std::ostream << t.sizes()` inside an
+// extension crashed the process (segmentation fault, seen in a minimal extension too), and so
+// did every argument error whose message printed sizes or strides. guarded.h turns these types
+// into Python's ValueError / TypeError / RuntimeError.
 struct ArgValueError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -40,23 +41,22 @@ struct ArgRuntimeError : std::runtime_error {
 
 namespace apm_glue {
 
-inline std::string sizes_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
-
-inline std::string dims_str(std::initializer_list<int64_t> dims) {
-  std::ostringstream os;
-  os << "[";
+// "[a, b, c]" from plain integers (see above: never stream an IntArrayRef).
+template <typename Ints>
+inline std::string ints_str(const Ints& ints) {
+  std::string out = "[";
   bool first = true;
-  for (int64_t d : dims) {
-    os << (first ? "" : ", ") << d;
+  for (int64_t d : ints) {
+    if (!first) out += ", ";
+    out += std::to_string(d);
     first = false;
   }
-  os << "]";
-  return os.str();
+  return out + "]";
 }
+
+inline std::string sizes_str(const at::Tensor& t) { return ints_str(t.sizes()); }
+inline std::string strides_str(const at::Tensor& t) { return ints_str(t.strides()); }
+inline std::string dims_str(std::initializer_list<int64_t> dims) { return ints_str(dims); }
 
 inline void check_defined(const at::Tensor& t, const char* fn, const char* name) {
   APM_CHECK_VALUE(t.defined(), fn, ": ", name, " is an undefined tensor");
@@ -119,7 +119,7 @@ inline void check_dim(const at::Tensor& t, const char* fn, const char* name, con
 
 inline void check_contiguous(const at::Tensor& t, const char* fn, const char* name) {
   APM_CHECK_VALUE(t.is_contiguous(), fn, ": ", name,
-                    " must be contiguous (call .contiguous()), got strides ", t.strides());
+                    " must be contiguous (call .contiguous()), got strides ", strides_str(t));
 }
 
 // The last dimension has unit stride (rows may be padded or be a column slice of a wider matrix).
@@ -127,7 +127,7 @@ inline void check_rows_contiguous(const at::Tensor& t, const char* fn, const cha
   APM_CHECK_VALUE(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, fn, ": ", name,
                     " must have a unit stride in its last dimension (call .contiguous()), got "
                     "strides ",
-                    t.strides());
+                    strides_str(t));
 }
 
 inline void check_positive(int64_t v, const char* fn, const char* what) {

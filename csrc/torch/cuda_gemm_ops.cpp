@@ -266,7 +266,7 @@ void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   }
   if (want_db) {
     APM_CHECK_VALUE(dy.is_contiguous(), fn, ": dy must be contiguous when db is asked for, got "
-                      "strides ", dy.strides());
+                      "strides ", strides_str(dy));
     const int chunks = apm::colsum_chunks(S, M, N, sms);
     at::Tensor part;
     if (chunks > 1) part = at::empty({S, chunks, N}, dw.options());

@@ -307,3 +307,20 @@ def test_backward_writes_weight_grads_in_place_with_the_triton_table():
         results.append(flat)
     assert Spy.outs[-3:] == [True, True, True], "head, fc3 and dW_P went straight into the buffer"
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_miscompiled_first_layer_configs_are_never_chosen():
+    """The fused-prologue TMA variants that the H100 runs showed wrong (configs.known_bad) are not
+    candidates for the first layer, are not in the tuned table for it, and stay candidates for the
+    plain layers (where they are right)."""
+    bad = [c for c in configs.gemm_candidates(2, True) if configs.known_bad(c, prologue=True)]
+    assert {(c.bm, c.bn, c.warps) for c in bad} == {(128, 256, 8), (128, 64, 4)}
+    first = configs.gemm_candidates(2, True, prologue=True)
+    assert not set(bad) & set(first) and len(first) == len(configs.gemm_candidates(2, True)) - len(bad)
+    assert all(not c.tma for c in configs.gemm_candidates(2, False, prologue=True)) \
+        and len(configs.gemm_candidates(2, False, prologue=True)) == len(configs.gemm_candidates(2, False))
+    from apm_fast.kernels.tuned_configs import TUNED
+
+    for key, entry in TUNED.items():
+        if key[0] == "first_layer_linear":
+            assert not configs.known_bad(GemmCfg.from_dict(entry), prologue=True), key

@@ -5,21 +5,23 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/StringUtil.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 
+#include <cstdio>
 #include <initializer_list>
-#include <sstream>
 #include <stdexcept>
 #include <string>
-#include <vector>
+#include <type_traits>
 
 namespace apm_glue {
 
-// The checks throw these (never c10's error types), with messages built without streaming a
-// c10::IntArrayRef: on the GPU machine's image (torch 2.11) `std::ostream << t.sizes()` inside an
-// extension crashed the process (segmentation fault, seen in a minimal extension too), and so
-// did every argument error whose message printed sizes or strides. guarded.h turns these types
-// into Python's ValueError / TypeError / RuntimeError.
+// Messages are built here without std::ostream: on the GPU machine's image (torch 2.11) any
+// number formatted by an ostream inside an extension crashed the process (segmentation fault;
+// seen in a minimal extension: `os << t.sizes()`, `TORCH_CHECK(false, "...", t.sizes())`, and in
+// these modules for every argument error whose message held a number), while std::to_string and
+// snprintf are fine. So the checks format with `msg` below and throw the library's own types,
+// which guarded.h turns into Python's ValueError / TypeError / RuntimeError.
 struct ArgValueError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -30,18 +32,47 @@ struct ArgRuntimeError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+inline void put(std::string& s, const char* v) { s += v; }
+inline void put(std::string& s, const std::string& v) { s += v; }
+inline void put(std::string& s, char v) { s += v; }
+inline void put(std::string& s, bool v) { s += v ? "true" : "false"; }
+inline void put(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+inline void put(std::string& s, const c10::Device& v) {
+  s += c10::DeviceTypeName(v.type(), /*lower_case=*/true);
+  if (v.has_index()) s += ":" + std::to_string(static_cast<int>(v.index()));
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool> &&
+                                           !std::is_same_v<T, char>, int> = 0>
+inline void put(std::string& s, T v) {
+  s += std::to_string(v);
+}
+template <typename T, std::enable_if_t<std::is_floating_point_v<T>, int> = 0>
+inline void put(std::string& s, T v) {
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+  s += buf;
+}
+
+// The message of an argument error: the pieces concatenated (strings, numbers, dtypes, devices).
+template <typename... A>
+inline std::string msg(const A&... pieces) {
+  std::string s;
+  (put(s, pieces), ...);
+  return s;
+}
+
 }  // namespace apm_glue
 
 #define APM_CHECK_VALUE(cond, ...) \
-  do { if (!(cond)) throw ::apm_glue::ArgValueError(::c10::str(__VA_ARGS__)); } while (0)
+  do { if (!(cond)) throw ::apm_glue::ArgValueError(::apm_glue::msg(__VA_ARGS__)); } while (0)
 #define APM_CHECK_TYPE(cond, ...) \
-  do { if (!(cond)) throw ::apm_glue::ArgTypeError(::c10::str(__VA_ARGS__)); } while (0)
+  do { if (!(cond)) throw ::apm_glue::ArgTypeError(::apm_glue::msg(__VA_ARGS__)); } while (0)
 #define APM_CHECK(cond, ...) \
-  do { if (!(cond)) throw ::apm_glue::ArgRuntimeError(::c10::str(__VA_ARGS__)); } while (0)
+  do { if (!(cond)) throw ::apm_glue::ArgRuntimeError(::apm_glue::msg(__VA_ARGS__)); } while (0)
 
 namespace apm_glue {
 
-// "[a, b, c]" from plain integers (see above: never stream an IntArrayRef).
+// "[a, b, c]" from plain integers.
 template <typename Ints>
 inline std::string ints_str(const Ints& ints) {
   std::string out = "[";
@@ -83,13 +114,12 @@ inline void check_dtype(const at::Tensor& t, const char* fn, const char* name,
                         std::initializer_list<at::ScalarType> allowed) {
   for (auto s : allowed)
     if (t.scalar_type() == s) return;
-  std::ostringstream os;
-  bool first = true;
+  std::string names;
   for (auto s : allowed) {
-    os << (first ? "" : " or ") << s;
-    first = false;
+    if (!names.empty()) names += " or ";
+    names += c10::toString(s);
   }
-  APM_CHECK_TYPE(false, fn, ": ", name, " must have dtype ", os.str(), ", got ", t.scalar_type());
+  APM_CHECK_TYPE(false, fn, ": ", name, " must have dtype ", names, ", got ", t.scalar_type());
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* fn,

@@ -43,7 +43,7 @@ from .configs import GEMM_INTERP, SMEM_BUDGET, GemmCfg, gemm_candidates, known_b
 from .gemm_tma import first_layer_act_kernel, gemm_tma_kernel
 
 __all__ = ["linear", "first_layer_linear", "linear_bwd_input", "first_layer_bwd_input", "first_layer_act",
-           "GemmCfg"]
+           "act_chunks", "GemmCfg"]
 
 
 @triton.jit
@@ -277,18 +277,26 @@ def first_layer_act(p, u, *, out=None, b0=0, nb=None):
     return out
 
 
-def _first_layer_materialized(p, u, w, b, y, cfg, *, relu):
-    """ReLU(P + u) written per chunk of images, each chunk then one plain GEMM into its rows of y."""
+def act_chunks(p, u):
+    """Yield (b0, k, a): ReLU(p + u) of images b0 .. b0 + k as (S, k * L, H1), materialized
+    ACT_CHUNK_ROWS rows at a time into one reused buffer (valid until the next chunk)."""
     S, L, H1 = p.shape
     B = u.shape[1]
-    N = w.shape[1]
     nb = max(1, min(B, ACT_CHUNK_ROWS // max(1, L)))
     act = _c.empty((S, nb * L, H1), device=p.device, dtype=p.dtype)
-    plain = GemmCfg(cfg.bm, cfg.bn, cfg.bk, cfg.warps, cfg.stages, cfg.group, cfg.tma, cfg.persistent)
     for b0 in range(0, B, nb):
         k = min(nb, B - b0)
         a = act.view(-1)[:S * k * L * H1].view(S, k * L, H1)     # contiguous for a shorter last chunk
         first_layer_act(p, u, out=a, b0=b0, nb=k)
+        yield b0, k, a
+
+
+def _first_layer_materialized(p, u, w, b, y, cfg, *, relu):
+    """ReLU(P + u) written per chunk of images, each chunk then one plain GEMM into its rows of y."""
+    S, L, H1 = p.shape
+    N = w.shape[1]
+    plain = GemmCfg(cfg.bm, cfg.bn, cfg.bk, cfg.warps, cfg.stages, cfg.group, cfg.tma, cfg.persistent)
+    for b0, k, a in act_chunks(p, u):
         prob = _linear_problem(a, w, b, y[:, b0 * L:(b0 + k) * L], relu=relu, S=S, M=k * L, N=N, K=H1)
         prob.launch(plain if prob.ok(plain) else GemmCfg(cfg.bm, cfg.bn, cfg.bk, cfg.warps, cfg.stages, cfg.group))
 

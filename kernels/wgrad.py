@@ -294,17 +294,11 @@ def _cublas_linear_bwd_weight(dy, x, bias, out, out_db):
 
 
 def _cublas_first_layer_bwd_weight(dy, p, u, bias, out, out_db):
-    from .gemm import ACT_CHUNK_ROWS, first_layer_act
+    from .gemm import act_chunks
 
-    S, L, H1 = p.shape
-    B = u.shape[1]
+    L, H1 = p.shape[1:]
     dw, db = _cublas_outputs(dy, dy.shape[2], H1, bias, out, out_db)
-    nb = max(1, min(B, ACT_CHUNK_ROWS // max(1, L)))
-    act = torch.empty((S, nb * L, H1), device=p.device, dtype=p.dtype)
-    for b0 in range(0, B, nb):
-        k = min(nb, B - b0)
-        a = act.view(-1)[:S * k * L * H1].view(S, k * L, H1)
-        first_layer_act(p, u, out=a, b0=b0, nb=k)
+    for b0, k, a in act_chunks(p, u):
         _cublas_into(dy[:, b0 * L:(b0 + k) * L], a, dw, accumulate=b0 > 0)
     return dw, db
 

@@ -1,4 +1,4 @@
-"""Image files -> PIL images -> the student's input tensor.
+"""The one image pipeline: files -> PIL images -> the student's input; the Dataset and loader.
 
 Decision on sizes: the model refuses images of the wrong size (:func:`apm_fast.validation.check_images`),
 because silently resizing changes what the trigger convolution sees; :func:`preprocess` is the
@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageLoadError", "load_image",
-           "to_pil", "preprocess", "preprocess_batch", "find_images", "describe"]
+           "to_pil", "pixels", "normalize", "preprocess", "preprocess_batch", "find_images", "label_of",
+           "ImageDataset", "make_loader"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,12 +77,17 @@ def load_image(path: PathLike) -> Image.Image:
 
 
 def to_pil(image, name: str = "image") -> Image.Image:
-    """An RGB PIL image from a PIL image, a file path, or an H x W (x 1|3|4) numpy array
-    (uint8, or floats in [0, 1])."""
+    """An RGB PIL image from a PIL image, a file path, an H x W (x 1|3|4) numpy array (uint8, or
+    floats in [0, 1]) or a 1|3 x H x W uint8 tensor (pixels)."""
     if isinstance(image, Image.Image):
         return _rgb(image)
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
+    if isinstance(image, torch.Tensor):
+        if image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] in (1, 3):
+            return Image.fromarray(image.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy())
+        raise TypeError(f"{name}: a tensor must be 3 x H x W uint8 pixels, got dtype {image.dtype} and "
+                        f"shape {tuple(image.shape)}")
     if isinstance(image, np.ndarray):
         a = image
         if a.ndim == 3 and a.shape[2] == 1:
@@ -95,7 +101,8 @@ def to_pil(image, name: str = "image") -> Image.Image:
                 raise ValueError(f"{name}: expected finite pixel values, found NaN/Inf")
             a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         return _rgb(Image.fromarray(a))
-    raise TypeError(f"{name}: expected a PIL image, a file path or a numpy array, got {type(image).__name__}")
+    raise TypeError(f"{name}: expected a PIL image, a file path, a numpy array or uint8 pixels, "
+                    f"got {type(image).__name__}")
 
 
 def _size_of(size_or_config) -> int:
@@ -105,14 +112,11 @@ def _size_of(size_or_config) -> int:
     return size
 
 
-def preprocess(image, size_or_config, *, crop: str | None = "center",
-               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """The student's input for one image: RGB, resized to S x S, normalized -> 3 x S x S float32.
-
-    ``size_or_config``: S, or an :class:`~apm_fast.APMConfig` (S = grid * patch).
-    ``crop="center"``: scale the shorter side to S and cut the centre square (keeps the aspect
-    ratio, like the teachers' preprocessing); ``crop=None``: stretch the whole image to S x S.
-    """
+def pixels(image, size_or_config, *, crop: str | None = "center") -> torch.Tensor:
+    """3 x S x S uint8 pixels of one image (RGB). ``size_or_config``: S, or an
+    :class:`~apm_fast.APMConfig` (S = grid * patch). ``crop="center"``: scale the shorter side to
+    S (bicubic) and cut the centre square (keeps the aspect ratio, like the teachers'
+    preprocessing); ``crop=None``: stretch the whole image to S x S (the authors' TTT input)."""
     s = _size_of(size_or_config)
     img = to_pil(image)
     if crop == "center":
@@ -126,10 +130,29 @@ def preprocess(image, size_or_config, *, crop: str | None = "center",
         img = img.resize((s, s), Image.BICUBIC)
     else:
         raise ValueError(f"crop: expected 'center' or None, got {crop!r}")
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return ((x - m) / sd).contiguous()
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+_STATS: dict = {}
+
+
+def normalize(px: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """(B x) 3 x S x S uint8 pixels -> float32 normalized with ``mean``/``std`` (ImageNet's by
+    default), on the pixels' device (the statistics are put there once per device)."""
+    key = (str(px.device), tuple(mean), tuple(std))
+    if key not in _STATS:           # once per device: no small host copy in every batch
+        _STATS[key] = (torch.tensor(mean, device=px.device).view(3, 1, 1) * 255.0,
+                       torch.tensor(std, device=px.device).view(3, 1, 1) * 255.0)
+    m, sd = _STATS[key]
+    return (px.float() - m) / sd
+
+
+def preprocess(image, size_or_config, *, crop: str | None = "center",
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """The student's input for one image: RGB, resized to S x S (:func:`pixels`), normalized ->
+    3 x S x S float32."""
+    return normalize(pixels(image, size_or_config, crop=crop), mean, std).contiguous()
 
 
 def preprocess_batch(images: Iterable, size_or_config, **kw) -> torch.Tensor:
@@ -158,10 +181,51 @@ def find_images(paths: Sequence[PathLike], *, recursive: bool = True) -> List[Pa
     return out
 
 
-def describe(image, index: int) -> Tuple[str, Image.Image]:
-    """(label, RGB PIL image) for one input of :meth:`TestTimeTrainer.classify`: the path for a
-    file, ``<image i>`` otherwise."""
+def label_of(image, index: int) -> str:
+    """How results name an input: the path for a file, the PIL image's filename, else ``<image i>``."""
     if isinstance(image, (str, os.PathLike)):
-        return str(image), load_image(image)
-    label = getattr(image, "filename", "") or f"<image {index}>"
-    return label, to_pil(image, name=f"images[{index}]")
+        return str(image)
+    return getattr(image, "filename", "") or f"<image {index}>"
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(index, teacher view, student uint8 pixels, None) for every source, or (index, None, None,
+    reason) for one that cannot be read: a bad file must not stop the other images. The student's
+    view is shipped as uint8 (4x less to pin and copy than fp32) and normalized on the device."""
+
+    def __init__(self, sources: Sequence, teacher_preprocess: Callable, size: int):
+        self.sources = list(sources)
+        self.teacher_preprocess = teacher_preprocess
+        self.size = int(size)
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getitem__(self, i):
+        try:
+            img = to_pil(self.sources[i], name=f"images[{i}]")
+        except (OSError, ValueError, TypeError) as exc:     # ImageLoadError is a ValueError
+            return i, None, None, str(exc)
+        return i, self.teacher_preprocess(img), pixels(img, self.size), None
+
+
+def _collate(items):
+    """(indices of the readable images, their teacher batch, their student batch, [(index, reason)]);
+    the batches are None when nothing in this batch could be read."""
+    good = [it for it in items if it[3] is None]
+    failed = [(it[0], it[3]) for it in items if it[3] is not None]
+    idx = torch.tensor([it[0] for it in good], dtype=torch.long)
+    if not good:
+        return idx, None, None, failed
+    return idx, torch.stack([it[1] for it in good]), torch.stack([it[2] for it in good]), failed
+
+
+def make_loader(sources, teacher_preprocess, size: int, batch_size: int, *, num_workers: int | None = None,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Batches of ``batch_size`` (the number of students) in order; workers decode and resize."""
+    if num_workers is None:
+        num_workers = max(0, min(8, (os.cpu_count() or 1) - 1))
+    return torch.utils.data.DataLoader(
+        ImageDataset(sources, teacher_preprocess, size), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, pin_memory=pin_memory, collate_fn=_collate,
+        prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False)

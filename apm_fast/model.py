@@ -8,9 +8,14 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .backends import get_backend
+from . import reference
+from .backends import get_backend, resolve_backend
 from .config import APMConfig
+from .ops.autograd import fused_forward
+from .ops.driver import columns, rgb_head, weight_names
+from .ops.precision import compute_dtype
 from .posenc import position_code
 from .validation import check_images
 
@@ -32,8 +37,8 @@ class APM(nn.Module):
 
     ``model(images, backend=None)`` takes normalized images B x C x S x S (S = grid * patch) and
     returns an :class:`APMOutput`. ``backend`` picks the implementation (``"reference"``: the
-    plain form; ``"torch"``: the exact rewrite of spec section 3; ``"triton"``/``"cuda"`` where
-    built); ``None`` picks the fastest one available for the model's device.
+    plain form; a table run through the driver's exact rewrites of spec section 3: ``"torch"``,
+    ``"triton"``, ``"cuda"`` where built); ``None`` picks the fastest one available.
     """
 
     def __init__(self, config: APMConfig, *, dtype=None, device=None):
@@ -105,29 +110,48 @@ class APM(nn.Module):
                 want_rgb: bool | None = None, chunk: int | None = None,
                 query_grid: int | None = None) -> APMOutput:
         """The features of ``images`` (B, C, H, W) at every location: ``grid`` (B, L, D), ``cls``
-        (B, D) with a pool, ``rgb`` with an RGB head.
+        (B, D) with a pool, ``rgb`` with an RGB head; in the model's dtype.
 
+        ``backend``: ``"reference"`` (the plain form) or a table (``"torch"``, ``"triton"``,
+        ``"cuda"``); None: the fastest available for the images' device. GEMMs run in the model's
+        dtype, or in torch's autocast dtype inside an autocast region (``apm_fast.ops.precision``).
         ``chunk``: evaluate the location queries ``chunk`` at a time (inference, no gradients)
         with memory bounded by the chunk, not by L; ``query_grid``: ask about a G_q x G_q grid of
         locations instead of the model's own (implies chunked evaluation, default chunk 4096).
-        Chunked evaluation runs on the primitive tables (backends ``torch``, ``triton``,
-        ``cuda``) and returns no RGB."""
+        Chunked evaluation runs on the tables and returns no RGB."""
         images = check_images(images, self.config)
-        impl = get_backend(backend, device=images.device)
-        if chunk is None and query_grid is None:
-            return impl.forward(self, images, want_grid=want_grid, want_rgb=want_rgb)
-        from .ops.chunked import columns_forward
-
-        prim = getattr(impl, "primitives", None)
-        if prim is None:
-            raise ValueError(f"chunk/query_grid: backend {impl.name!r} has no primitive table; use "
-                             f"backend='torch', 'triton' or 'cuda' for chunked evaluation")
-        if want_rgb:
-            raise ValueError("want_rgb: chunked evaluation (chunk/query_grid) returns no RGB; "
-                             "call without chunk for the RGB head")
-        cls, grid = columns_forward(prim, self, images, chunk=4096 if chunk is None else chunk,
-                                    query_grid=query_grid, want_grid=want_grid)
-        return APMOutput(cls=cls, grid=grid, rgb=None)
+        name = resolve_backend(backend, images.device)
+        chunked = chunk is not None or query_grid is not None
+        if name == "reference":
+            if chunked:
+                raise ValueError("chunk/query_grid: chunked evaluation runs on the tables ('torch', "
+                                 "'triton', 'cuda'), not on backend='reference'")
+            cls, grid, rgb = reference.forward(self, images, want_grid=want_grid, want_rgb=want_rgb)
+            return APMOutput(cls=cls, grid=grid, rgb=rgb)
+        prim = get_backend(name, device=images.device)
+        cdt = compute_dtype(self.dtype, images.device)
+        images = images.to(self.dtype)
+        c = self.config
+        if chunked:
+            if want_rgb:
+                raise ValueError("want_rgb: chunked evaluation (chunk/query_grid) returns no RGB; "
+                                 "call without chunk for the RGB head")
+            for arg, v in (("chunk", chunk), ("query_grid", query_grid)):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise ValueError(f"{arg}: expected a positive integer, got {v!r}")
+            w = {n: p.detach().unsqueeze(0) for n, p in self.named_parameters() if n in weight_names(c)}
+            cls, grid = columns(prim, w, images, c, cdt=cdt, chunk=chunk or 4096, query_grid=query_grid,
+                                want_grid=want_grid)
+            return APMOutput(cls=None if cls is None else cls.to(self.dtype),
+                             grid=None if grid is None else grid.to(self.dtype))
+        cls, f = fused_forward(prim, self, images, cdt)
+        f = f.to(self.dtype)
+        rgb = None
+        if c.rgb_head and (want_rgb is None or want_rgb):
+            t = F.conv2d(images, self.conv.weight, self.conv.bias, stride=c.patch).flatten(1)
+            rgb = rgb_head(dict(self.named_parameters()), c, f, t, self.pos_in(device=images.device))
+        return APMOutput(cls=None if cls is None else cls.to(self.dtype), grid=f if want_grid else None,
+                         rgb=rgb)
 
     # ------------------------------------------------------------------ checkpoints
     def load_official_state_dict(self, state_dict, *, strict_unexpected: bool = True):

@@ -60,3 +60,29 @@ def check_targets(targets, batch: int, dim: int, name: str = "targets") -> torch
         raise TypeError(f"{name}: expected a floating-point tensor, got {targets.dtype}")
     check_finite(name, targets)
     return targets
+
+
+def _positive_int(name, value, *, none_ok=False):
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer{' or None' if none_ok else ''}, got {value!r}")
+
+
+def _finite(name, value, lo, hi, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo < value < hi) \
+            or value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+
+
+def check_training(*, steps, lr, betas=(0.9, 0.999), eps=1e-8, students=None):
+    """The settings of a TTT run, checked once where they enter (trainer, engine, CLI)."""
+    _positive_int("steps", steps)
+    _finite("lr", lr, 0.0, float("inf"), "a positive finite number")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}]: expected a number in [0, 1), got {b!r}")
+    _finite("eps", eps, 0.0, float("inf"), "a positive finite number")
+    _positive_int("students", students, none_ok=True)

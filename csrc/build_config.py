@@ -1,10 +1,10 @@
-"""Build settings of the C++/CUDA extensions, shared by setup.py and tests/test_cuda_compile.py.
+"""Build settings of the CUDA extension, shared by setup.py and tests/test_cuda_compile.py.
 
 Environment variables:
   APM_FAST_CUDA_ARCHS       ";"-separated SM targets of the CUDA build (default "90a;80": sm_90a
                             for the wgmma/TMA kernels, sm_80 as a portable target that runs the
                             portable GEMM everywhere else).
-  APM_FAST_SKIP_CUDA_BUILD  "1": build only the CPU extension.
+  APM_FAST_SKIP_CUDA_BUILD  "1": build the Python package without the CUDA extension.
   APM_FAST_CUTLASS_INCLUDE  CUTLASS include directory (default: the `nvidia-cutlass` package's
                             cutlass_library/source/include, or $CUTLASS_PATH/include).
   APM_FAST_STRICT_BUILD     "1": a failing extension build fails the install (default: warn).
@@ -21,8 +21,6 @@ from typing import List, Optional
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = Path("csrc")
 
-CPU_SOURCES = [str(CSRC / p) for p in (
-    "torch/cpu_module.cpp", "cpu/trigger_split_cpu.cpp", "cpu/pool_cpu.cpp", "cpu/adam_cpu.cpp")]
 CUDA_GLUE_SOURCES = [str(CSRC / p) for p in (
     "torch/cuda_module.cpp", "torch/cuda_gemm_ops.cpp", "torch/cuda_ops.cpp")]
 

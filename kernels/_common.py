@@ -91,22 +91,7 @@ def tuned(fn, configs, key, rank, **autotune_kw):
                            **autotune_kw)(fn)
 
 
-# Tests set this to fill every output buffer with NaN before the kernels write it: an element a
-# kernel forgets to write then fails the comparison instead of passing on stale memory.
-POISON_OUTPUTS = os.environ.get("APM_FAST_POISON_OUTPUTS", "0") == "1"
-
-
-def empty(shape, *, device, dtype) -> torch.Tensor:
-    """An output buffer the kernels overwrite entirely (NaN-filled when POISON_OUTPUTS)."""
-    t = torch.empty(shape, device=device, dtype=dtype)
-    if POISON_OUTPUTS:
-        t.fill_(float("nan"))
-    return t
-
-
-def check_device(name: str, t: torch.Tensor, device: torch.device):
-    if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (like the other operands), got {t.device}")
+from apm_fast.ops.contract import empty  # noqa: E402,F401  (the one allocator of outputs)
 
 
 def launch_device_ok(device: torch.device):

@@ -277,10 +277,10 @@ def _cublas_into(dy, x, dw, *, accumulate: bool):
 def _cublas_outputs(dy, N, K, bias, out, out_db):
     """(dw, db): the given outputs or new ones; db = the fp32 row sums of dy, written here."""
     S = dy.shape[0]
-    dw = out if out is not None else torch.empty((S, N, K), device=dy.device, dtype=torch.float32)
+    dw = out if out is not None else _c.empty((S, N, K), device=dy.device, dtype=torch.float32)
     db = None
     if bias:
-        db = out_db if out_db is not None else torch.empty((S, N), device=dy.device, dtype=torch.float32)
+        db = out_db if out_db is not None else _c.empty((S, N), device=dy.device, dtype=torch.float32)
         torch.sum(dy, dim=1, dtype=torch.float32, out=db)
     return dw, db
 

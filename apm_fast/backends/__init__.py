@@ -1,97 +1,104 @@
 """One switch between implementations of the same APM function.
 
-A backend is an object with ``name``, ``available() -> (bool, reason)`` and
-``forward(model, images, *, want_grid=True, want_rgb=None) -> APMOutput`` (differentiable with
-respect to the model's parameters). Backends register themselves here by name; the model asks
-``get_backend(name)`` and never branches on devices itself. Modules that need optional
-dependencies (Triton, the CUDA extension) are imported only when their backend is asked for.
+``reference`` is the plain form of the model (``apm_fast.reference``: every column materialized,
+``nn.MultiheadAttention``), the oracle. Every other backend is a *table* of primitives
+(``apm_fast.ops.contract``) run through the one driver: ``torch`` (plain PyTorch), ``triton``
+(``apm_fast.kernels``) and ``cuda`` (the CUDA C++ extension of ``csrc/``). :data:`TABLES` maps each
+name to a factory; a table's module is imported only when it is asked for, so ``import
+apm_fast`` needs no GPU stack, and nothing registers itself on import.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Dict
 
-__all__ = ["register_backend", "get_backend", "available_backends", "default_backend_name",
-           "BackendUnavailable"]
+__all__ = ["BACKENDS", "TABLES", "BackendUnavailable", "get_backend", "available_backends", "default_backend"]
 
 
 class BackendUnavailable(RuntimeError):
     """The backend exists but cannot run here; the message says what is missing and how to fix it."""
 
 
-# name -> module that registers it on import (lazy, so `import apm_fast` needs no GPU stack)
-_LAZY: Dict[str, str] = {
-    "reference": "apm_fast.backends.reference",
-    "torch": "apm_fast.backends.torch_rewrite",
-    "triton": "apm_fast.backends.triton_backend",
-    "cuda": "apm_fast.backends.cuda_backend",
-}
-_REGISTRY: Dict[str, object] = {}
+def _torch():
+    from ..ops.contract import TorchPrimitives
+    return TorchPrimitives()
 
 
-def register_backend(backend, *, lazy_module: str | None = None):
-    """Register a backend object (or, with ``lazy_module``, a module that registers ``backend``
-    when imported; then ``backend`` is the name)."""
-    if lazy_module is not None:
-        _LAZY[str(backend)] = lazy_module
-        return backend
-    _REGISTRY[backend.name] = backend
-    return backend
+def _triton():
+    from .triton import TritonPrimitives
+    return TritonPrimitives()
 
 
-def _load(name: str):
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name in _LAZY:
-        importlib.import_module(_LAZY[name])
-        if name in _REGISTRY:
-            return _REGISTRY[name]
-    raise ValueError(f"backend: unknown name {name!r}; expected one of {sorted(set(_LAZY) | set(_REGISTRY))}")
+def _cuda():
+    from .cuda import CudaPrimitives
+    return CudaPrimitives()
+
+
+# name -> factory of the table (called once per process)
+TABLES: Dict[str, Callable[[], object]] = {"torch": _torch, "triton": _triton, "cuda": _cuda}
+BACKENDS = ("reference",) + tuple(TABLES)
+# On a GPU the first available of these is the default (measured fastest first: benchmarks/results)
+_GPU_ORDER = ("triton", "cuda", "torch")
+_MADE: Dict[str, object] = {}
+
+
+def _table(name: str):
+    if name not in _MADE:
+        _MADE[name] = TABLES[name]()
+    return _MADE[name]
+
+
+def _status(name: str):
+    """(ok, why not) for a backend name."""
+    if name == "reference":
+        return True, ""
+    try:
+        return _table(name).available()
+    except Exception as exc:  # an optional dependency failing to import is a reason, not a crash
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def default_backend(device=None) -> str:
+    """``torch`` on the CPU; on a GPU the fastest table that is available here."""
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return "torch"
+    return next((n for n in _GPU_ORDER if _status(n)[0]), "torch")
 
 
 def get_backend(name: str | None = None, *, device=None, check: bool = True):
-    """The backend called ``name`` (``None``: the default for ``device``). With ``check``, raise
-    :class:`BackendUnavailable` naming what is missing when it cannot run here."""
+    """The table called ``name`` (``None``: the default for ``device``). ``"reference"`` is the
+    plain form and has no table: asking for it here is an error. With ``check``, raise
+    :class:`BackendUnavailable` naming what is missing when the table cannot run here."""
     if name is None:
-        name = default_backend_name(device)
+        name = default_backend(device)
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a name (str) or None, got {type(name).__name__}")
-    backend = _load(name)
+    if name == "reference":
+        raise ValueError("backend: 'reference' is the plain form of the model and has no primitive "
+                         f"table; expected one of {list(TABLES)}")
+    if name not in TABLES:
+        raise ValueError(f"backend: unknown name {name!r}; expected one of {list(BACKENDS)}")
     if check:
-        ok, reason = backend.available()
+        ok, reason = _status(name)
         if not ok:
             raise BackendUnavailable(f"backend {name!r} is not available here: {reason}")
-    return backend
+    return _table(name)
+
+
+def resolve_backend(name: str | None, device=None) -> str:
+    """The name a call runs with: ``name`` checked (known and available), or the default."""
+    if name is None:
+        return default_backend(device)
+    if name != "reference":
+        get_backend(name, device=device)
+    return name
 
 
 def available_backends() -> Dict[str, str]:
-    """Every known backend and either "available" or why not."""
+    """Every backend and either "available" or why not."""
     out = {}
-    for name in sorted(set(_LAZY) | set(_REGISTRY)):
-        try:
-            ok, reason = _load(name).available()
-        except Exception as exc:  # an optional dependency failing to import is a reason, not a crash
-            ok, reason = False, f"{type(exc).__name__}: {exc}"
+    for name in BACKENDS:
+        ok, reason = _status(name)
         out[name] = "available" if ok else reason
     return out
-
-
-_DEFAULT_ORDER_CUDA = ("cuda", "triton", "torch")
-
-
-def default_backend_name(device=None) -> str:
-    """``torch`` on the CPU; on a GPU the fastest backend that is available."""
-    import torch
-
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type != "cuda":
-        return "torch"
-    for name in _DEFAULT_ORDER_CUDA:
-        if name in _LAZY or name in _REGISTRY:
-            try:
-                ok, _ = _load(name).available()
-            except Exception:
-                ok = False
-            if ok:
-                return name
-    return "torch"

@@ -1,43 +1,32 @@
-"""Which dtype the fused GEMMs run in.
+"""Which dtype the GEMMs of a table run in: the model's own, or torch's autocast dtype.
 
-fp64 models run in fp64 (tests), bf16/fp16 models in their own dtype. An fp32 model runs its
-GEMMs in bf16 on a GPU (fp32 accumulation; the default, where the tensor cores pay) unless fp32 is
-asked for with ``APM_FAST_PRECISION=fp32`` or ``with apm_fast.ops.precision("fp32"):``;
-on the CPU it stays fp32.
+A model's forward computes in the model's dtype (fp64 models in fp64, fp32 in true fp32,
+bf16/fp16 in their own), unless torch's autocast is on for the device: then an fp32 model's
+GEMMs take the autocast dtype (fp32 accumulation, as autocast's own matmuls do). Nothing is
+decided behind the user's back. The TTT trainer states its precision itself (``precision=``).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
-
 import torch
 
-__all__ = ["precision", "compute_dtype"]
+__all__ = ["compute_dtype", "PRECISIONS", "parse_precision"]
 
-_NAMES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-_local = threading.local()
-
-
-@contextlib.contextmanager
-def precision(name: str):
-    """Run fused GEMMs of fp32 models in ``name`` ("bf16", "fp16" or "fp32") inside the block."""
-    if name not in _NAMES:
-        raise ValueError(f"precision: expected one of {sorted(_NAMES)}, got {name!r}")
-    old = getattr(_local, "name", None)
-    _local.name = name
-    try:
-        yield
-    finally:
-        _local.name = old
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 def compute_dtype(model_dtype: torch.dtype, device) -> torch.dtype:
-    if model_dtype in (torch.float64, torch.bfloat16, torch.float16):
-        return model_dtype
-    name = getattr(_local, "name", None) or os.environ.get("APM_FAST_PRECISION")
-    if name is not None:
-        if name not in _NAMES:
-            raise ValueError(f"APM_FAST_PRECISION: expected one of {sorted(_NAMES)}, got {name!r}")
-        return _NAMES[name]
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """The GEMM operand dtype of a forward: autocast's dtype for an fp32 model under autocast on
+    ``device``'s type, else the model's dtype."""
+    kind = torch.device(device).type
+    if model_dtype == torch.float32 and kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return model_dtype
+
+
+def parse_precision(value, name: str = "precision"):
+    """A torch dtype from a dtype or one of ``PRECISIONS``' names (None stays None)."""
+    if value is None or isinstance(value, torch.dtype) and value in PRECISIONS.values():
+        return value
+    if isinstance(value, str) and value in PRECISIONS:
+        return PRECISIONS[value]
+    raise ValueError(f"{name}: expected one of {sorted(PRECISIONS)} (or a torch dtype among them), got {value!r}")

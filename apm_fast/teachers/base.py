@@ -6,6 +6,7 @@ student regresses the image embedding; the text embeddings of the class prompts 
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -53,10 +54,14 @@ class Teacher(abc.ABC):
 
         ``images``: a PIL image, a list of PIL images (preprocessed here by the teacher's own
         preprocessing), or a tensor already preprocessed that way (3 x s x s or B x 3 x s x s).
-        Not normalized unless ``normalize`` (default: the teacher's ``normalize`` setting).
+        Not normalized unless ``normalize`` (default: the teacher's ``normalize`` setting). On a GPU
+        the tower runs under bf16 autocast.
         """
         pixels = self._pixels(images)
-        with torch.inference_mode():
+        # bf16 autocast on a GPU: the towers are big GEMMs, and the student regresses z in bf16 anyway
+        cuda = torch.device(self.device).type == "cuda"
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
             z = self._encode_images(pixels).float()
         if self.normalize if normalize is None else normalize:
             z = F.normalize(z, dim=-1)

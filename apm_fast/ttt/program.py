@@ -2,8 +2,8 @@
 
 It owns the parameter store, the static input/output buffers, and two phases:
 
-* ``step``: forward_train -> loss_s = mean_D (z_s - target_s)^2 written into ``losses[:, t]``
-  (t a device counter) -> dz -> backward_train into the flat gradient views -> Adam on the flat
+* ``step``: the driver's forward -> loss_s = mean_D (z_s - target_s)^2 written into ``losses[:, t]``
+  (t a device counter) -> dz -> the driver's backward into the flat gradient views -> Adam on the flat
   buffers (step and lr read on the device) -> the compute copy refreshed in the same pass;
 * ``eval``: the final forward, z after the last update, into ``cls``.
 
@@ -18,8 +18,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..ops.apm_fused import backward_train, forward_train, weight_names
-from ..ops.primitives import TorchPrimitives, acc_dtype_for
+from ..ops.contract import TorchPrimitives, acc_dtype_for
+from ..ops.driver import backward, forward, weight_names
 from ..posenc import position_code
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
@@ -46,7 +46,7 @@ def _adam_chunks(prim, total: int) -> int:
     full-size temporaries per call (3 x 4 B per element): slicing the flat buffers bounds that to
     ~50 MB (4 M elements per slice) at the cost of a few more launches, and never more than 8
     slices (a whole step stays a few hundred launches at any S)."""
-    if type(prim).adam_ is not TorchPrimitives.adam_:
+    if not isinstance(prim, TorchPrimitives):
         return 1
     per = max(4 << 20, -(-total // 8))
     return max(1, -(-total // per))
@@ -55,7 +55,7 @@ def _adam_chunks(prim, total: int) -> int:
 class StudentProgram:
     def __init__(self, prim, config, snapshot: Dict[str, torch.Tensor], students: int, steps: int, *,
                  lr: float, betas: Tuple[float, float], eps: float, compute_dtype: torch.dtype,
-                 master_dtype: torch.dtype, device, graphs: bool, label: str = ""):
+                 master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -71,8 +71,11 @@ class StudentProgram:
             self.store = ParamStore(names, shapes, s, master_dtype=master_dtype,
                                     compute_dtype=compute_dtype, device=dev,
                                     lowp_names=gemm_weight_names(config))
-            self.pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
-            self.pos_out = position_code(c.dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
+            self.shards = shards
+            # this program's rows of the queries: all of them, or one rank's slice (shards)
+            rows = slice(*shards.rows(c.queries)) if shards is not None else slice(None)
+            self.pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=compute_dtype, device=dev)[rows]
+            self.pos_out = position_code(c.dim, c.grid, c.grid, dtype=compute_dtype, device=dev)[rows]
             px = c.image_size
             self.images = torch.zeros(s, 1, c.in_chans, px, px, dtype=self.acc, device=dev)
             self.targets = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
@@ -107,17 +110,19 @@ class StudentProgram:
         self.t_idx.zero_()
 
     def _step(self):
-        c, st = self.config, self.store
-        z, f, ctx = forward_train(self.prim, st.weights, self.images, c, self.pos_in, self.pos_out,
-                                  cdt=self.cdt)
+        c, st, sh = self.config, self.store, self.shards
+        z, f, ctx = forward(self.prim, st.weights, self.images, c, self.pos_in, self.pos_out, cdt=self.cdt,
+                            combine=None if sh is None else sh.combine)
         del f                      # ctx holds it until the backward is done with it
         diff = z[:, 0] - self.targets                                         # S x D, acc dtype
         loss = diff.square().mean(-1, keepdim=True)                             # S x 1
         self.losses.index_copy_(1, self.t_idx, loss)
         dz = (diff * (2.0 / c.dim)).unsqueeze(1)                                # d mean_D / dz
-        backward_train(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out,
-                       grad_out=st.grad_views, release=True)
+        backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
+                 release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world)
         del ctx, z
+        if sh is not None:
+            sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange
         self.step_t.add_(1.0)
         self.t_idx.add_(1)
         self._adam()
@@ -136,17 +141,14 @@ class StudentProgram:
                                 self.beta2, self.eps, lowp=None if lowp is None else lowp[:, sl])
 
     def _eval(self):
-        z, _, _ = forward_train(self.prim, self.store.weights, self.images, self.config, self.pos_in,
-                                self.pos_out, cdt=self.cdt, save=False)
+        sh = self.shards
+        z, _, _ = forward(self.prim, self.store.weights, self.images, self.config, self.pos_in, self.pos_out,
+                          cdt=self.cdt, save=False, combine=None if sh is None else sh.combine)
         self.cls.copy_(z[:, 0])
 
     # ------------------------------------------------------------------ one batch
-    def run(self, images: torch.Tensor, targets: torch.Tensor):
-        """Train every student on its own image for ``steps`` steps, from the snapshot.
-
-        images: k x C x H x W, targets: k x D with k <= S (rows k.. are padding and ignored).
-        Returns device tensors (cls k x D, losses k x steps), fresh copies of the static
-        outputs, without synchronizing: read them when you need them."""
+    def load(self, images: torch.Tensor, targets: torch.Tensor):
+        """Put k <= S images and targets into the static inputs and reset to the snapshot."""
         k = images.shape[0]
         if not 1 <= k <= self.students:
             raise ValueError(f"images: expected 1 to {self.students} images for this program, got {k}")
@@ -157,6 +159,26 @@ class StudentProgram:
                 self.images[k:].zero_()
                 self.targets[k:].zero_()
             self.reset()
+
+    def step(self):
+        """One step of every student (forward, backward, Adam): the captured graph replayed, or
+        eagerly. Returns the losses buffer (S x steps; this step's column is the last written)."""
+        with quiet_autograd(self.device):
+            if self.graphs is not None:
+                self.graphs["step"].replay()
+            else:
+                self._step()
+        return self.losses
+
+    def run(self, images: torch.Tensor, targets: torch.Tensor):
+        """Train every student on its own image for ``steps`` steps, from the snapshot.
+
+        images: k x C x H x W, targets: k x D with k <= S (rows k.. are padding and ignored).
+        Returns device tensors (cls k x D, losses k x steps), fresh copies of the static
+        outputs, without synchronizing: read them when you need them."""
+        k = images.shape[0]
+        self.load(images, targets)
+        with quiet_autograd(self.device):
             if self.graphs is not None:
                 step, ev = self.graphs["step"], self.graphs["eval"]
                 for _ in range(self.steps):

@@ -1,29 +1,36 @@
-"""The whole APM forward and backward, composed from a primitive table (spec section 3).
+"""The whole APM forward and backward over any table of primitives (spec section 3).
 
-``forward_train`` / ``backward_train`` work on S students at once; the weights come as a dict
+``forward`` / ``backward`` work on S students at once; the weights come as a dict
 ``{model parameter name: (S, *shape) tensor}`` (the names of ``APM.named_parameters()``), so an
 engine can keep them as views of one flat buffer. The backward is written out by hand (no
 autograd): it is the sequence of launches a CUDA graph captures. The small per-image pieces
 (trigger conv, u = W_T T + b1, the pool's q/k~/value/output projections) stay in PyTorch: they
 are a few hundred KFLOP.
+
+Any slice of the location queries can be computed: the rows are those of the position codes
+passed in (``pos_in``, ``pos_out``: the model's whole grid, a slice of it, or another grid). The
+pool's softmax over all rows is then put together exactly by :func:`combine_pool` from the
+slices' (sbar, lse): by :func:`columns` over chunks of one image's queries (inference with
+bounded memory), and across ranks through ``combine=`` (``apm_fast.distributed``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .primitives import acc_dtype_for
+from ..posenc import position_rows
+from .contract import acc_dtype_for
 
-__all__ = ["FusedCtx", "forward_train", "backward_train", "weight_names", "unfold_patches", "trigger_split",
-           "column_mlp", "pool_query", "pool_output"]
+__all__ = ["FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
+           "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head"]
 
 
 def weight_names(config) -> List[str]:
-    """Parameter names the fused path reads (and trains), in the model's order; no RGB head."""
+    """Parameter names the driver reads (and trains), in the model's order; no RGB head."""
     names = ["conv.weight", "conv.bias"]
     for i in range(len(config.hidden)):
         names += [f"mlp.{i}.weight", f"mlp.{i}.bias"]
@@ -46,7 +53,7 @@ def unfold_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
 class FusedCtx:
     """What the backward needs; everything else is recomputed."""
 
-    patches: torch.Tensor          # (S, B, L, C p p)  acc
+    patches: torch.Tensor          # (S, B, G^2, C p p)  acc
     t: torch.Tensor                # (S, B, d)         acc: the trigger
     u: torch.Tensor                # (S, B, H1)        acc
     p: torch.Tensor                # (S, L, H1)        compute
@@ -54,8 +61,8 @@ class FusedCtx:
     f: torch.Tensor                # (S, B, L, D)      compute
     q: Optional[torch.Tensor]      # (S, D)  acc
     kt: Optional[torch.Tensor]     # (S, H, D)  acc
-    sbar: Optional[torch.Tensor]   # (S, B, H, D)  acc
-    lse: Optional[torch.Tensor]    # (S, B, H)  acc
+    sbar: Optional[torch.Tensor]   # (S, B, H, D)  acc, over all rows (combined)
+    lse: Optional[torch.Tensor]    # (S, B, H)  acc, over all rows (combined)
     o: Optional[torch.Tensor]      # (S, B, D)  acc
     cdt: torch.dtype
 
@@ -67,12 +74,15 @@ def _layers(w, config):
     return out
 
 
-def forward_train(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_in, pos_out,
-                  *, cdt: torch.dtype, need_pool: bool = True, save: bool = True):
+def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_in, pos_out, *,
+            cdt: torch.dtype, need_pool: bool = True, save: bool = True,
+            combine: Optional[Callable] = None):
     """z (S, B, D) in the acc dtype (None without pool), f (S, B, L, D) in cdt, and the ctx.
 
-    images: (S, B, C, S_px, S_px); pos_in (L, d) and pos_out (L, D) in cdt; w: weights
-    (S, *shape) in any float dtype (cast to cdt for the GEMMs, to acc for the small pieces).
+    images: (S, B, C, S_px, S_px); pos_in (L, d) and pos_out (L, D) in cdt: the rows computed
+    (the whole grid, or a slice); ``combine(sbar, lse) -> (sbar, lse)`` puts the pool's slices
+    together (across ranks) before the output projections. w: weights (S, *shape) in any float
+    dtype (cast to cdt for the GEMMs, to acc for the small pieces).
     """
     acc = acc_dtype_for(cdt)
     s, b = images.shape[:2]
@@ -80,11 +90,13 @@ def forward_train(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config
     p = prim.linear(pos_in, w["mlp.0.weight"][:, :, config.pos_dim:].to(cdt), None, out_dtype=cdt)  # S L H1
     acts = []
     h = column_mlp(prim, w, config, p, u, cdt, acts=acts)
-    f = h.view(s, b, config.queries, config.dim)
+    f = h.view(s, b, pos_in.shape[0], config.dim)
     z = q = kt = sbar = lse = o = None
     if config.pool and need_pool:
         q, kt, scale = pool_query(w, config, acc)
         sbar, lse = prim.pool_fwd(f, pos_out, kt, scale)
+        if combine is not None:
+            sbar, lse = combine(sbar, lse)
         o, z = pool_output(w, config, sbar, acc)
     ctx = FusedCtx(patches, t, u, p, acts, f, q, kt, sbar, lse, o, cdt) if save else None
     return z, f, ctx
@@ -144,21 +156,90 @@ def pool_output(w, config, sbar, acc):
     return o, z
 
 
-def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch.Tensor], config,
-                   pos_in, pos_out, *, df_extra: Optional[torch.Tensor] = None,
-                   grad_out: Optional[Dict[str, torch.Tensor]] = None,
-                   release: bool = False) -> Dict[str, torch.Tensor]:
+def combine_pool(sbar: torch.Tensor, lse: torch.Tensor, dim: int = 0):
+    """The pool over the union of row slices from each slice's (sbar, lse), stacked along ``dim``:
+
+        lse = logsumexp_k lse_k,   sbar = sum_k sbar_k exp(lse_k - lse)
+
+    exact (the softmax of the union, re-weighted). A slice without rows has lse = -inf and
+    weighs nothing. sbar (..., K, ..., H, D) and lse (..., K, ..., H) in the acc dtype."""
+    lse_all = torch.logsumexp(lse, dim=dim)
+    weight = torch.exp(lse - lse_all.unsqueeze(dim)).nan_to_num_(0.0)     # -inf - -inf: empty
+    return (sbar * weight.unsqueeze(-1)).sum(dim), lse_all
+
+
+def rgb_head(w, config, f, t, pos_in):
+    """The RGB head on [f ; T ; pos] without building the column: its first layer split in three.
+    f (B, L, D), t (B, d), pos_in (L, d); ``w`` holds the ``rgb.*`` parameters."""
+    dim, d = config.dim, config.pos_dim
+    w0 = w["rgb.0.weight"]
+    h = (F.linear(f, w0[:, :dim], w["rgb.0.bias"]) + F.linear(t, w0[:, dim:dim + d])[:, None, :]
+         + F.linear(pos_in, w0[:, dim + d:])[None])
+    h = F.linear(F.relu(h), w["rgb.2.weight"], w["rgb.2.bias"])
+    return F.relu(F.linear(F.relu(h), w["rgb.4.weight"], w["rgb.4.bias"]))
+
+
+@torch.no_grad()
+def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: int = 4096,
+            query_grid: int | None = None, rows: tuple | None = None, want_grid: bool = True,
+            combine: Optional[Callable] = None):
+    """Inference over any set of location queries, ``chunk`` at a time (memory bounded by the
+    chunk, not by the number of queries): rows ``rows = (start, stop)`` (default: all) of a
+    ``query_grid`` x ``query_grid`` grid (default: the model's). Per chunk: the position GEMM of
+    its rows, the fused column MLP and the pool over the chunk, folded in by :func:`combine_pool`;
+    ``combine`` then puts slices computed elsewhere (other ranks) together.
+    images (B, C, H, W); w: weights with S = 1. Returns (cls (B, D) acc dtype or None,
+    grid (B, stop - start, D) in cdt or None)."""
+    c = config
+    g = c.grid if query_grid is None else query_grid
+    start, stop = rows if rows is not None else (0, g * g)
+    dev = images.device
+    acc = acc_dtype_for(cdt)
+    _, _, u = trigger_split(w, images.unsqueeze(0), c, acc)                       # 1 B H1
+    b = images.shape[0]
+    wp = w["mlp.0.weight"][:, :, c.pos_dim:].to(cdt)
+    grid = torch.empty((b, stop - start, c.dim), device=dev, dtype=cdt) if want_grid else None
+    kt = scale = None
+    sbar = torch.zeros((1, b, c.heads, c.dim), device=dev, dtype=acc)
+    lse = torch.full((1, b, c.heads), -math.inf, device=dev, dtype=acc)
+    if c.pool:
+        _, kt, scale = pool_query(w, c, acc)
+    for a in range(start, stop, chunk):
+        e = min(stop, a + chunk)
+        p = prim.linear(position_rows(c.pos_dim, g, g, a, e, dtype=cdt, device=dev), wp, None, out_dtype=cdt)
+        f = column_mlp(prim, w, c, p, u, cdt).view(1, b, e - a, c.dim)
+        del p
+        if grid is not None:
+            grid[:, a - start:e - start] = f[0]
+        if c.pool:
+            part = prim.pool_fwd(f, position_rows(c.dim, g, g, a, e, dtype=cdt, device=dev), kt, scale)
+            sbar, lse = combine_pool(torch.stack([sbar, part[0].to(acc)]), torch.stack([lse, part[1].to(acc)]))
+        del f
+    if not c.pool:
+        return None, grid
+    if combine is not None:
+        sbar, lse = combine(sbar, lse)
+    return pool_output(w, c, sbar, acc)[1][0], grid
+
+
+def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch.Tensor], config,
+             pos_in, pos_out, *, df_extra: Optional[torch.Tensor] = None,
+             grad_out: Optional[Dict[str, torch.Tensor]] = None, release: bool = False,
+             reduce: Optional[Callable] = None, parts: int = 1) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
-    (a dict of preallocated views, e.g. into one flat buffer) the results land there: written in
-    place by the weight-gradient primitives of a table with ``wgrad_out`` (no temporary, no copy),
-    copied otherwise.
+    (a dict of preallocated views, e.g. into one flat buffer) the results land there, written in
+    place by the weight-gradient primitives where the dtype allows.
     ``release``: drop each activation saved in ``ctx`` once its last use is past (lower peak
-    memory; ``ctx`` cannot be used again)."""
+    memory; ``ctx`` cannot be used again).
+    ``parts`` > 1: this call holds one of ``parts`` slices of the rows (the forward's ``combine``
+    joined them); every gradient returned is then this slice's share, and the sum of the shares
+    over all slices is the gradient. ``reduce(t)`` sums a tensor over the slices in place (the
+    one exchange the backward needs: dL/dsbar, whose shares the pool's backward needs whole)."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]
-    L, d, dim = config.queries, config.pos_dim, config.dim
+    L, d, dim = pos_in.shape[0], config.pos_dim, config.dim
     # with grad_out, each gradient goes into its view as soon as it exists and is dropped: only
     # one layer's gradient is ever alive beside the flat buffer (peak memory of a TTT step)
     g: Dict[str, torch.Tensor] = {} if grad_out is None else _GradSink(grad_out)
@@ -166,7 +247,7 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
     if config.pool and dz is not None:
         heads = config.heads
         dh = dim // heads
-        dz = dz.to(acc)
+        dz = dz.to(acc) / parts if parts > 1 else dz.to(acc)
         wq, wk_, wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
         wo = w["attn.out_proj.weight"].to(acc)
         g["attn.out_proj.weight"] = torch.einsum("sbe,sbk->sek", dz, ctx.o)
@@ -176,6 +257,8 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
         dwv = torch.einsum("sbhd,sbhk->shdk", do.view(s, b, heads, dh), ctx.sbar).reshape(s, dim, dim)
         dbv = do.sum(1)
         dsbar = torch.einsum("shdk,sbhd->sbhk", wv_h, do.view(s, b, heads, dh))
+        if reduce is not None:
+            reduce(dsbar)                     # the whole dL/dsbar on every slice
         df, dkt = prim.pool_bwd(ctx.f, pos_out, ctx.kt, 1.0 / math.sqrt(dh), ctx.sbar, ctx.lse, dsbar,
                                 out_dtype=acc if df_extra is not None else cdt)
         if release:
@@ -193,57 +276,45 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
     if df_extra is not None:
         df = df_extra.to(acc) if df is None else df + df_extra.to(acc)
     if df is None:
-        raise ValueError("backward_train: nothing to differentiate (no dz and no df_extra)")
+        raise ValueError("backward: nothing to differentiate (no dz and no df_extra)")
     dy = df.reshape(s, b * L, dim).to(cdt)
     df = None
     layers = _layers(w, config)
     names = [f"mlp.{i}" for i in range(1, len(config.hidden))] + ["head"]
+
+    def weight_grad(fn, idx, *args):
+        """fn(*args) into grad_out's views of layer ``idx`` when their dtype allows, else copied."""
+        into = _direct(grad_out, acc, f"{names[idx]}.weight", f"{names[idx]}.bias")
+        dw, db = fn(*args, out=into[0], out_db=into[1])
+        if into[0] is None:
+            g[f"{names[idx]}.weight"], g[f"{names[idx]}.bias"] = dw, db
+
     # layers after the first consumer, last to first: their inputs are stored activations
     for idx in range(len(layers) - 1, 0, -1):
-        wk, bk, _ = layers[idx]
+        wk = layers[idx][0]
         x = ctx.acts[idx - 1]
-        into = _direct(prim, grad_out, acc, (f"{names[idx]}.weight", wk.shape), (f"{names[idx]}.bias", bk.shape))
-        if into is not None:       # written in place by the kernel: no temporary, no copy
-            prim.linear_bwd_weight(dy, x, out=into[0], out_db=into[1])
-        else:
-            dw, db = prim.linear_bwd_weight(dy, x)
-            g[f"{names[idx]}.weight"], g[f"{names[idx]}.bias"] = dw, db
-            dw = db = None         # (with grad_out: already copied; the next one may reuse it)
+        weight_grad(prim.linear_bwd_weight, idx, dy, x)
         dy = prim.linear_bwd_input(dy, wk.to(cdt), mask=x, out_dtype=cdt)
         if release:
             ctx.acts[idx - 1] = x = None
     # first consumer: its input ReLU(P + u) is rebuilt, never stored
-    w2 = layers[0][0].to(cdt)
-    into = _direct(prim, grad_out, acc, (f"{names[0]}.weight", layers[0][0].shape),
-                   (f"{names[0]}.bias", layers[0][1].shape))
-    if into is not None:
-        prim.first_layer_bwd_weight(dy, ctx.p, ctx.u, out=into[0], out_db=into[1])
-    else:
-        dw, db = prim.first_layer_bwd_weight(dy, ctx.p, ctx.u)
-        g[f"{names[0]}.weight"], g[f"{names[0]}.bias"] = dw, db
-        dw = db = None
-    g1, r = prim.first_layer_bwd_input(dy, w2, ctx.p, ctx.u, out_dtype=cdt)          # S BL H1, S B H1
+    weight_grad(prim.first_layer_bwd_weight, 0, dy, ctx.p, ctx.u)
+    g1, r = prim.first_layer_bwd_input(dy, layers[0][0].to(cdt), ctx.p, ctx.u, out_dtype=cdt)   # S BL H1, S B H1
     dy = None
     if release:
         ctx.p = None
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
-    wp_view = grad_out["mlp.0.weight"][:, :, d:] if grad_out is not None else None
-    if _direct(prim, grad_out, acc) is not None and wp_view.dtype == acc:
-        prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
-        dwp = None
-    else:
-        dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False)
+    wp_view = _direct(grad_out, acc, "mlp.0.weight")[0]
+    wp_view = wp_view[:, :, d:] if wp_view is not None else None
+    dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
-    if grad_out is not None and dwp is not None:   # the two halves straight into place: no (H1 x 2d) temporary
-        wp_view.copy_(dwp)
-        dwp = None
     dwt = torch.einsum("sbh,sbk->shk", r, ctx.t)
-    if grad_out is None:
-        g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
-    else:
+    if wp_view is not None:
         grad_out["mlp.0.weight"][:, :, :d].copy_(dwt)
-        dwt = None
+    else:                                   # the two halves put together
+        g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
+    dwt = dwp = None
     g["mlp.0.bias"] = r.sum(1)
     dt = torch.einsum("sbh,shk->sbk", r, w["mlp.0.weight"][:, :, :d].to(acc))      # S B d
     g["conv.weight"] = torch.einsum("sbl,sblk->sk", dt, ctx.patches).reshape(w["conv.weight"].shape)
@@ -251,23 +322,16 @@ def backward_train(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional
     return grad_out if grad_out is not None else g
 
 
-def _direct(prim, grad_out, acc, *named):
-    """The views of ``grad_out`` that ``prim``'s weight-gradient primitives can write into directly
-    (``named``: (name, expected shape) pairs; with none, whether the table can at all), or None when
-    the results must be copied (no grad_out, a table without ``wgrad_out``, another dtype or shape)."""
-    if grad_out is None or not getattr(prim, "wgrad_out", False):
-        return None
-    views = []
-    for name, shape in named:
-        v = grad_out[name]
-        if v.dtype != acc or tuple(v.shape) != tuple(shape):
-            return None
-        views.append(v)
-    return views
+def _direct(grad_out, acc, *names):
+    """The views of ``grad_out`` the weight-gradient primitives can write into (the acc dtype),
+    or Nones (no grad_out, or another dtype: the result is then copied in by ``_GradSink``)."""
+    if grad_out is None or any(grad_out[n].dtype != acc for n in names):
+        return [None] * len(names)
+    return [grad_out[n] for n in names]
 
 
 class _GradSink:
-    """``sink[name] = grad`` copies into ``views[name]`` at once (see backward_train)."""
+    """``sink[name] = grad`` copies into ``views[name]`` at once (see backward)."""
 
     def __init__(self, views: Dict[str, torch.Tensor]):
         self.views = views

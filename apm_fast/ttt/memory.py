@@ -15,7 +15,7 @@ the backward's peak: dW of the first consumer (2048 x 4096 fp32) 33.6 beside dy 
 
 That is with a fused primitive table (its kernels allocate nothing but their outputs, Adam in
 place), and it relies on the driver dropping every activation and gradient as soon as it is used
-(``backward_train(..., grad_out=..., release=True)``); ``tests/test_engine_memory.py`` traces it
+(``driver.backward(..., grad_out=..., release=True)``); ``tests/test_engine_memory.py`` traces it
 on the meta device. The plain-PyTorch table upcasts GEMM operands to fp32 and makes temporaries
 in Adam (sliced, see ``program._adam_chunks``): about 0.48 GB. The init snapshot (4 N, 88 MB) and
 the position codes are shared by all students and not counted per student.
@@ -31,8 +31,8 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..ops.apm_fused import weight_names
-from ..ops.primitives import acc_dtype_for
+from ..ops.driver import weight_names
+from ..ops.contract import acc_dtype_for
 
 __all__ = ["estimate_student_bytes", "student_bytes", "choose_students", "count_params"]
 

@@ -1,0 +1,137 @@
+"""The ``cuda`` table: the primitive contract (``apm_fast.ops.contract``) on the CUDA C++ kernels
+of ``csrc/`` (CUTLASS SM90 GEMMs with fused epilogues, a portable GEMM elsewhere, the pool, the
+flat Adam), compiled into ``apm_fast._C_cuda``.
+
+This layer only allocates outputs (``contract.empty``, shapes from ``contract.OUTPUTS``) and
+brings inputs to the layouts the kernels take (compute dtype, unit-stride rows); the C++ bindings
+check every argument.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._ext import load_extension
+from ..ops.contract import OUTPUTS, Primitives, empty
+from . import BackendUnavailable
+
+__all__ = ["CudaPrimitives", "cuda_extension"]
+
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cuda_extension():
+    """The compiled module, or BackendUnavailable saying what is missing and how to build it."""
+    mod, why = load_extension()
+    if mod is None:
+        raise BackendUnavailable(f"backend 'cuda': {why}")
+    return mod
+
+
+def _outputs(prim, *args):
+    ref = next(a for a in args if isinstance(a, torch.Tensor))
+    outs = [empty(shape, dtype=dtype, device=ref.device) for shape, dtype in OUTPUTS[prim](*args)]
+    return outs[0] if len(outs) == 1 else outs
+
+
+def _cdt(w: torch.Tensor, fn: str) -> torch.dtype:
+    if w.dtype not in _COMPUTE_DTYPES:
+        raise TypeError(f"{fn}: the cuda backend computes in float32, bfloat16 or float16, got "
+                        f"{w.dtype} (use backend='torch' for float64)")
+    return w.dtype
+
+
+def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype`` with a unit stride in its last dimension (copies only when needed)."""
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 or t.size(-1) <= 1 else t.contiguous()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+class CudaPrimitives(Primitives):
+    """See :class:`apm_fast.ops.contract.Primitives` for the semantics of every primitive."""
+
+    name = "cuda"
+    opaque = True
+
+    @property
+    def ext(self):
+        return cuda_extension()
+
+    def available(self):
+        mod, why = load_extension()
+        if mod is None:
+            return False, why
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        return True, ""
+
+    def _linear(self, x, w, b, relu, out_dtype):
+        cdt = _cdt(w, "linear")
+        out = _outputs("linear", x, w, b, relu, out_dtype or cdt)
+        self.ext.linear(_rows(x, cdt), _rows(w, cdt), None if b is None else b.to(cdt).contiguous(), relu, out)
+        return out
+
+    def _act(self, p, u):
+        """ReLU(P + u) materialized by one elementwise kernel before the forward GEMM (see
+        csrc/cuda/trigger_split.cu for why it is not fused into the GEMM's operand load)."""
+        p = p.to(_cdt(p, "first_layer_act")).contiguous()
+        s, l, h1 = p.shape
+        a = empty((s, u.shape[1] * l, h1), dtype=p.dtype, device=p.device)
+        self.ext.first_layer_act(p, _f32(u), a)
+        return a
+
+    def _first_layer_linear(self, p, u, w, b, relu, out_dtype):
+        return self._linear(self._act(p, u), w, b, relu, out_dtype)
+
+    def _linear_bwd_input(self, dy, w, mask, out_dtype):
+        cdt = _cdt(w, "linear_bwd_input")
+        out = _outputs("linear_bwd_input", dy, w, mask, out_dtype or cdt)
+        self.ext.linear_bwd_input(_rows(dy, cdt), _rows(w, cdt), None if mask is None else _rows(mask, cdt), out)
+        return out
+
+    def _linear_bwd_weight(self, dy, x, bias):
+        cdt = _cdt(dy, "linear_bwd_weight")
+        dw, db = _outputs("linear_bwd_weight", dy, x, bias)
+        self.ext.linear_bwd_weight(dy.contiguous(), x.to(cdt).contiguous(), dw, db if bias else None)
+        return dw, (db if bias else None)
+
+    def _first_layer_bwd_weight(self, dy, p, u, bias):
+        return self._linear_bwd_weight(dy, self._act(p, u), bias)
+
+    def _first_layer_bwd_input(self, dy, w, p, u, out_dtype):
+        cdt = _cdt(w, "first_layer_bwd_input")
+        g1, r = _outputs("first_layer_bwd_input", dy, w, p, u, out_dtype or cdt)
+        self.ext.first_layer_bwd_input(_rows(dy, cdt), _rows(w, cdt), p.to(cdt).contiguous(), _f32(u), g1, r)
+        return g1, r
+
+    def _pool_fwd(self, f, pos_out, kt, scale):
+        _cdt(f, "pool_fwd")
+        f = f.contiguous()
+        sbar, lse = _outputs("pool_fwd", f, pos_out, kt, scale)
+        self.ext.pool_fwd(f, pos_out.to(f.dtype).contiguous(), _f32(kt), scale, sbar, lse)
+        return sbar, lse
+
+    def _pool_bwd(self, f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype):
+        _cdt(f, "pool_bwd")
+        f = f.contiguous()
+        df, dkt = _outputs("pool_bwd", f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype)
+        self.ext.pool_bwd(f, pos_out.to(f.dtype).contiguous(), _f32(kt), scale, _f32(sbar), _f32(lse),
+                          _f32(dsbar), df, dkt)
+        return df, dkt
+
+    def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp):
+        # In place over flat buffers. (S, n) views whose rows are padded (unit last stride, larger
+        # row stride) are updated one row at a time; anything else the binding refuses, by name.
+        grads = grads.to(torch.float32)
+        state = [params, exp_avg, exp_avg_sq] + ([lowp] if lowp is not None else [])
+        args = (beta1, beta2, eps)
+        if all(t.is_contiguous() for t in state) or params.dim() != 2 or \
+                any(t.dim() != 2 or t.stride(-1) != 1 for t in state):
+            self.ext.adam_(params, grads.contiguous(), exp_avg, exp_avg_sq, step, lr, *args, lowp)
+            return
+        for i in range(params.shape[0]):
+            self.ext.adam_(params[i], grads[i].contiguous(), exp_avg[i], exp_avg_sq[i], step, lr, *args,
+                           None if lowp is None else lowp[i])

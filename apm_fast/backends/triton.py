@@ -1,0 +1,82 @@
+"""The ``triton`` table: the primitive contract (``apm_fast.ops.contract``) on the Triton kernels
+of ``apm_fast.kernels`` (one file per fused operation, kernel and launcher together).
+
+Nothing here imports Triton until a primitive runs, so this module imports (and ``available()``
+answers) on machines without Triton or a GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..ops.contract import Primitives
+
+__all__ = ["TritonPrimitives"]
+
+
+def _kernels():
+    """The launcher modules, imported on first use (this pulls in Triton). Plain import statements:
+    torch.compile's tracer follows them (it refuses importlib calls)."""
+    from apm_fast.kernels import _common, adam, gemm, pool, wgrad
+
+    return _common, gemm, wgrad, pool, adam
+
+
+class TritonPrimitives(Primitives):
+    """See :class:`apm_fast.ops.contract.Primitives` for the semantics of every primitive."""
+
+    name = "triton"
+    opaque = True
+    wgrad_out = True       # the weight-gradient kernels write straight into given buffers
+
+    def __init__(self, use_custom_ops: bool | None = None):
+        self.use_custom_ops = use_custom_ops
+
+    def available(self):
+        if importlib.util.find_spec("triton") is None:
+            return False, "the 'triton' package is not installed (pip install triton)"
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return True, ""      # Triton's interpreter runs the kernels on CPU tensors (tests)
+        if not torch.cuda.is_available():
+            return False, ("no CUDA GPU is visible (torch.cuda.is_available() is False); the Triton kernels "
+                           "need one, or TRITON_INTERPRET=1 to run them on CPU tensors in Triton's interpreter")
+        return True, ""
+
+    def _route(self, prim, *args):
+        if not torch.compiler.is_compiling():   # checked again when the compiled graph runs the op
+            _kernels()[0].launch_device_ok(args[0].device)
+        return super()._route(prim, *args)
+
+    def _wgrad(self, prim, args, bias, out, out_db):
+        if not torch.compiler.is_compiling():
+            _kernels()[0].launch_device_ok(args[0].device)
+        return super()._wgrad(prim, args, bias, out, out_db)
+
+    def _linear(self, x, w, b, relu, out_dtype):
+        return _kernels()[1].linear(x, w, b, relu=relu, out_dtype=out_dtype)
+
+    def _first_layer_linear(self, p, u, w, b, relu, out_dtype):
+        return _kernels()[1].first_layer_linear(p, u, w, b, relu=relu, out_dtype=out_dtype)
+
+    def _linear_bwd_input(self, dy, w, mask, out_dtype):
+        return _kernels()[1].linear_bwd_input(dy, w, mask=mask, out_dtype=out_dtype)
+
+    def _first_layer_bwd_input(self, dy, w, p, u, out_dtype):
+        return _kernels()[1].first_layer_bwd_input(dy, w, p, u, out_dtype=out_dtype)
+
+    def _linear_bwd_weight(self, dy, x, bias, out=None, out_db=None):
+        return _kernels()[2].linear_bwd_weight(dy, x, bias=bias, out=out, out_db=out_db)
+
+    def _first_layer_bwd_weight(self, dy, p, u, bias, out=None, out_db=None):
+        return _kernels()[2].first_layer_bwd_weight(dy, p, u, bias=bias, out=out, out_db=out_db)
+
+    def _pool_fwd(self, f, pos_out, kt, scale):
+        return _kernels()[3].pool_fwd(f, pos_out, kt, scale)
+
+    def _pool_bwd(self, f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype):
+        return _kernels()[3].pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype=out_dtype)
+
+    def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp):
+        _kernels()[4].adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp=lowp)

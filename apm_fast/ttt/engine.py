@@ -1,0 +1,162 @@
+"""TTTEngine: test-time training of many images side by side, one captured step per replay.
+
+The worker behind :class:`apm_fast.TestTimeTrainer` for every table backend, with its semantics
+(the autograd loop of ``apm_fast.reference`` is the oracle): every image is trained alone from
+the same init snapshot with fresh Adam state, for ``steps`` steps of Adam on MSE(z, target)
+averaged over D; ``cls`` is z after the last update. Here S images (S *students*) are trained at
+once through the primitives' student dimension; each student has its own weights, Adam state,
+image and target, so a result depends only on its image and target, neither on S nor on the
+order (tests check both).
+
+S defaults to what fits in free device memory (``memory.py``); the step is captured as a CUDA
+graph once per (config, backend, S, dtype) and replayed for every step of every batch
+(``program.py``). Outputs stay on the device until a batch is read.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from ..backends import get_backend
+from ..ops.driver import weight_names
+from ..ops.precision import parse_precision
+from .memory import choose_students, student_bytes
+from .program import StudentProgram
+from .store import check_snapshot
+from .trainer import Pending, TTTResult
+
+__all__ = ["TTTEngine", "default_precision"]
+
+
+def default_precision(model_dtype: torch.dtype, device) -> torch.dtype:
+    """bf16 GEMMs for an fp32 model on a GPU (the tensor cores pay); the model's dtype otherwise."""
+    if model_dtype == torch.float32 and torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return model_dtype
+
+
+class TTTEngine:
+    """Test-time training through a table of primitives (built by ``TestTimeTrainer``).
+
+    model: an APM with a pool; ``snapshot`` (name -> tensor) the init every image starts from;
+    the engine never writes the model. backend: a table's name. students: S, images trained side
+    by side (None: as many as fit in memory, at most ``max_students``). precision: GEMM operand
+    dtype (None: :func:`default_precision`). graphs: capture the step as a CUDA graph (None: on
+    CUDA devices without shards; falls back to eager, with a warning, when capture fails).
+    shards: one image's queries split over ranks (``apm_fast.distributed.QueryShards``).
+    """
+
+    def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
+                 snapshot: Dict[str, torch.Tensor], students: int | None = None, max_students: int = 64,
+                 precision=None, graphs: bool | None = None, reserve_bytes: int | None = None, shards=None):
+        cfg = model.config
+        self.config = cfg
+        self.device = model.device
+        self.model_dtype = model.dtype
+        self.steps, self.lr, self.betas, self.eps = steps, lr, betas, eps
+        self.students, self.max_students = students, max_students
+        self.reserve_bytes = reserve_bytes
+        self.compute_dtype = parse_precision(precision) or default_precision(model.dtype, self.device)
+        self.master_dtype = torch.float64 if torch.float64 in (model.dtype, self.compute_dtype) else torch.float32
+        self.shards = shards
+        self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
+        self.backend = backend
+        self.prim = get_backend(backend, device=self.device)
+        names = weight_names(cfg)
+        params = dict(model.named_parameters())
+        self.snapshot = check_snapshot(snapshot, names, [tuple(params[n].shape) for n in names], self.device)
+        self._program: Optional[StudentProgram] = None
+        self._auto_max = None                      # S that fits, decided once
+
+    # ------------------------------------------------------------------ configuration
+    def student_memory(self) -> Dict[str, int]:
+        """{"per_student": bytes, "shared": bytes} for this config/backend/dtype (measured on CUDA)."""
+        per, shared = student_bytes(self.prim, self.config, self.compute_dtype, self.master_dtype,
+                                    self.device, self.snapshot)
+        return {"per_student": per, "shared": shared}
+
+    def students_for(self, n_images: int) -> int:
+        """S used for ``n_images`` images: the user's choice or what fits (never more than n)."""
+        if self.students is not None:
+            return max(1, min(self.students, n_images))
+        if n_images <= 1:
+            return 1                               # nothing to decide: no memory probe
+        if self._auto_max is None:
+            # decided once, while no program holds memory (later, our own program would look
+            # like memory taken by someone else and S would shrink from call to call)
+            self._program = None
+            mem = self.student_memory()
+            self._auto_max = choose_students(1 << 30, mem["per_student"], mem["shared"], self.device,
+                                             max_students=self.max_students, reserve_bytes=self.reserve_bytes)
+        return min(self._auto_max, n_images)
+
+    def program(self, students: int) -> StudentProgram:
+        """The program for S = ``students`` (built and captured once; one is kept at a time)."""
+        cdt = self.compute_dtype
+        key = (students, cdt, self.steps, self.betas, self.eps, self.graphs)
+        prog = self._program
+        if prog is None or prog.key != key:
+            self._program = prog = None           # free the old one before building the new
+            label = (f"{self.backend}/S={students}/{str(cdt).replace('torch.', '')}/"
+                     f"hidden={self.config.hidden},dim={self.config.dim},grid={self.config.grid}")
+            prog = StudentProgram(self.prim, self.config, self.snapshot, students, self.steps, lr=self.lr,
+                                  betas=self.betas, eps=self.eps, compute_dtype=cdt,
+                                  master_dtype=self.master_dtype, device=self.device, graphs=self.graphs,
+                                  label=label, shards=self.shards)
+            prog.key = key
+            self._program = prog
+        prog.set_lr(self.lr)
+        return prog
+
+    @property
+    def mode(self) -> Optional[str]:
+        """"graph" or "eager" for the current program (None before the first batch)."""
+        return None if self._program is None else self._program.mode
+
+    # ------------------------------------------------------------------ running
+    def launch(self, images: torch.Tensor, targets: torch.Tensor, students: int | None = None) -> Pending:
+        """Train k <= S images (k x C x H x W, normalized) on their targets (k x D) without waiting:
+        the returned batch's tensors are ready after ``wait()``. Inputs may live on the host
+        (pinned for an asynchronous copy). Runs on the current CUDA stream."""
+        k = images.shape[0]
+        prog = self.program(students or self.students_for(k))
+        if self.device.type == "cuda":
+            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            cls, losses = prog.run(images, targets)
+            done.record()
+            return Pending(cls, losses, start, done)
+        t0 = time.perf_counter()
+        cls, losses = prog.run(images, targets)
+        return Pending(cls, losses, seconds=time.perf_counter() - t0)
+
+    def fit(self, images: torch.Tensor, targets: torch.Tensor, *, progress=None) -> TTTResult:
+        """Train on each image alone (side by side), checked inputs (B x C x H x W, B x D): returns
+        a TTTResult with cls (B x D, model dtype), losses (B x steps, fp32) and per-image seconds
+        (a batch's time shared among its images). ``progress(k)`` is called as batches finish."""
+        n = images.shape[0]
+        s = self.students_for(n)
+        # batches are copied into the program's static buffers one at a time (dtype and device
+        # converted by that copy): the whole set never has to fit on the device at once
+        outs: List[tuple] = []
+        pending: Optional[tuple] = None
+        for a in range(0, n, s):
+            b = min(n, a + s)
+            job = (b - a, self.launch(images[a:b], targets[a:b], students=s))
+            if pending is not None:            # one batch queued ahead keeps the device busy
+                outs.append(_finish(*pending, progress))
+            pending = job
+        outs.append(_finish(*pending, progress))
+        cls = torch.cat([o[0] for o in outs]).to(self.model_dtype)
+        losses = torch.cat([o[1] for o in outs]).to(torch.float32)
+        seconds = [sec for o in outs for sec in o[2]]
+        return TTTResult(cls=cls, losses=losses, seconds=seconds)
+
+
+def _finish(k: int, job: Pending, progress):
+    secs = job.wait()
+    if progress is not None:
+        progress(k)
+    return job.cls, job.losses, [secs / k] * k

@@ -1,0 +1,135 @@
+"""Test-time training (spec section 2): per image, reset -> `steps` x Adam on MSE(z, target).
+
+Each image starts from the same init snapshot with fresh Adam state, so its result depends on
+nothing but the image and its target: not on the images before it, nor on how images are grouped.
+The teacher is never called here: targets come in precomputed (the classification pipeline
+computes them once per image).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..backends import resolve_backend
+from ..validation import check_images, check_targets, check_training
+
+__all__ = ["TestTimeTrainer", "TTTResult", "Pending"]
+
+
+@dataclass
+class TTTResult:
+    """cls: B x D pooled features after the last Adam step; losses: B x steps (the loss of each
+    step's forward, before its update); seconds: per-image time of the training loop."""
+
+    cls: torch.Tensor
+    losses: torch.Tensor
+    seconds: List[float] = field(default_factory=list)
+
+
+@dataclass
+class Pending:
+    """A launched batch: device outputs, ready once ``done`` (an event, or None when finished)."""
+
+    cls: torch.Tensor          # k x D
+    losses: torch.Tensor       # k x steps
+    start: Optional[object] = None
+    done: Optional[object] = None
+    seconds: float = 0.0       # host time of the run when it finished at launch
+
+    def wait(self) -> float:
+        """Block until the batch is finished; returns its seconds."""
+        if self.done is None:
+            return self.seconds
+        self.done.synchronize()
+        return self.start.elapsed_time(self.done) / 1e3
+
+
+class TestTimeTrainer:
+    """Overfit ``model`` on each test image's teacher embedding, independently per image.
+
+    The model's parameters at construction are the init snapshot every image starts from; the
+    model is never left changed. ``backend="reference"`` trains the plain model with autograd and
+    ``torch.optim.Adam`` (the oracle); any table (``"torch"``, ``"triton"``, ``"cuda"``; None: the
+    fastest here) trains on the engine (``apm_fast.ttt.engine``): flat parameter buffers, the
+    step captured as a CUDA graph on a GPU, ``students`` images side by side (None: as many as fit
+    in memory). ``precision``: the GEMM dtype of the engine ("bf16", "fp16", "fp32", "fp64";
+    None: bf16 for an fp32 model on a GPU, the model's dtype otherwise); Adam's state and the
+    master weights stay in fp32 (fp64 for fp64 models).
+    """
+
+    __test__ = False  # not a pytest class despite the name
+
+    def __init__(self, model, steps: int = 20, lr: float = 1e-4, backend: str | None = None, *,
+                 betas=(0.9, 0.999), eps: float = 1e-8, normalize_target: bool = False,
+                 students: int | None = None, precision=None, shards=None):
+        if not model.config.pool:
+            raise ValueError("model: TTT regresses the pooled feature, but this config has pool=False")
+        check_training(steps=steps, lr=lr, betas=betas, eps=eps, students=students)
+        self.model = model
+        self.steps, self.lr = steps, float(lr)
+        self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+        self.normalize_target = bool(normalize_target)
+        self.backend = resolve_backend(backend, model.device)
+        if self.backend == "reference" and (shards is not None or precision is not None):
+            raise ValueError("backend='reference' trains the plain model in its own dtype on one device; "
+                             "precision= and shards= need a table ('torch', 'triton', 'cuda')")
+        self.snapshot = {k: p.detach().clone() for k, p in model.named_parameters()}
+        self.engine = None
+        if self.backend != "reference":
+            from .engine import TTTEngine
+
+            self.engine = TTTEngine(model, steps=steps, lr=self.lr, betas=self.betas, eps=self.eps,
+                                    backend=self.backend, students=students, precision=precision,
+                                    snapshot=self.snapshot, shards=shards)
+
+    @property
+    def precision(self) -> str:
+        """The GEMM dtype training runs in, by name (stated in every result)."""
+        dt = self.engine.compute_dtype if self.engine is not None else self.model.dtype
+        return str(dt).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+
+    def students_for(self, n_images: int) -> int:
+        """Images trained side by side for a call with ``n_images`` images."""
+        return 1 if self.engine is None else self.engine.students_for(n_images)
+
+    def prepare_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        return F.normalize(targets, dim=-1) if self.normalize_target else targets
+
+    # ------------------------------------------------------------------ training
+    def launch(self, images: torch.Tensor, targets: torch.Tensor, students: int | None = None) -> Pending:
+        """Train k images (k x C x H x W, normalized; k <= students on the engine) on their targets
+        (k x D) without waiting where the device allows: read the result after ``wait()``."""
+        targets = self.prepare_targets(targets)
+        if self.engine is not None:
+            return self.engine.launch(images, targets, students)
+        t0 = time.perf_counter()
+        dev, dt = self.model.device, self.model.dtype
+        cls, losses, _ = reference.fit(self.model, images.to(dev, dt), targets.to(dev, dt), steps=self.steps,
+                                       lr=self.lr, betas=self.betas, eps=self.eps)
+        return Pending(cls, losses, seconds=time.perf_counter() - t0)
+
+    def fit(self, images: torch.Tensor, targets: torch.Tensor, *, progress=None) -> TTTResult:
+        """Train on each image alone; ``images`` B x C x S x S (normalized), ``targets`` B x D.
+        ``progress(k)`` is called as images finish."""
+        model = self.model
+        images = check_images(images, model.config)
+        targets = check_targets(targets, images.shape[0], model.config.dim)
+        if self.engine is not None:
+            return self.engine.fit(images, self.prepare_targets(targets), progress=progress)
+        dev, dt = model.device, model.dtype
+        cls, losses, seconds = reference.fit(model, images.to(dev, dt), self.prepare_targets(targets.to(dev, dt)),
+                                             steps=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
+                                             progress=progress)
+        return TTTResult(cls=cls, losses=losses, seconds=seconds)
+
+    def program(self, students: int = 1):
+        """The engine's compiled program for ``students`` side by side (one step at a time: its
+        ``load``, ``step``, ``reset``; benchmarks time a single step with it)."""
+        if self.engine is None:
+            raise ValueError("backend='reference' has no compiled program; use a table backend")
+        return self.engine.program(students)

@@ -72,6 +72,11 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
     g.add_argument("--normalize-target", action="store_true", help="regress the unit-norm teacher embedding")
     g.add_argument("--topk", type=positive_int, default=5, help="classes reported per image (default: %(default)s)")
     g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: fastest available)")
+    g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "fp64"),
+                   help="GEMM dtype of the training (default: bf16 on a GPU, fp32 on a CPU); Adam's "
+                        "state stays fp32")
+    g.add_argument("--students", type=positive_int, default=None, metavar="N",
+                   help="images trained side by side (default: as many as fit in memory on a GPU, 1 on a CPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--seed", type=int, default=0, help="seed of the student's (and a random teacher's) init")
 
@@ -152,19 +157,18 @@ def build_config(args, teacher_dim: int, **defaults):
 
 
 def build_trainer(config, args, device):
+    """The student (seeded init on ``device``) and its trainer, from the shared options."""
     import torch
 
-    from ..backends import get_backend
     from ..model import APM
     from ..ttt import TestTimeTrainer
 
     with setup_errors():
-        backend = get_backend(args.backend, device=device).name
         torch.manual_seed(args.seed)
         model = APM(config, device=device)
-        trainer = TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=backend,
-                                  normalize_target=args.normalize_target)
-    return trainer, backend
+        return TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=args.backend,
+                               normalize_target=args.normalize_target, students=getattr(args, "students", None),
+                               precision=getattr(args, "precision", None))
 
 
 def eprint(*a):

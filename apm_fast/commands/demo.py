@@ -84,7 +84,8 @@ def run(args) -> int:
     args.steps = args.steps or (CPU_STEPS if small else FULL_STEPS)
     args.lr, args.normalize_target = 1e-4, False
     preset_name, config = common.build_config(args, teacher.dim)
-    trainer, backend = common.build_trainer(config, args, device)
+    args.students, args.precision = None, None
+    trainer = common.build_trainer(config, args, device)
     classes = args.classes or (CPU_CLASSES if small else "imagenet")
 
     from ..teachers import resolve_classes
@@ -98,16 +99,19 @@ def run(args) -> int:
     size = (f"{preset_name} reduced for the CPU (grid {config.grid}, hidden "
             f"{','.join(map(str, config.hidden))}; --full for the real sizes)" if small else preset_name)
     weights = f"RANDOM weights ({why})" if teacher.random_weights else f"weights {teacher.pretrained!r}"
-    print(f"APM test-time training demo: student {size}, {args.steps} Adam steps, backend {backend}, "
+    print(f"APM test-time training demo: student {size}, {args.steps} Adam steps, backend {trainer.backend} "
+          f"({trainer.precision}), "
           f"device {device}")
     print(f"teacher {teacher.name}, {weights}; {len(names)} ImageNet classes, prompt "
           f"'a photo of a {{c}}.' (text embeddings {text_s:.1f} s, once)")
     if teacher.random_weights:
         print(common.random_teacher_banner(teacher))
     rows = []
+    from ..classify import classify
+
     with common.setup_errors():
-        for name, pil in photos:
-            (res,) = trainer.classify([pil], teacher, names, templates="single", topk=1)
+        results = classify(trainer, [pil for _, pil in photos], teacher, names, templates="single", topk=1)
+        for (name, _), res in zip(photos, results):
             rows.append((name, f"{res.top1} ({res.topk[0][1]:.2f})",
                          f"{res.teacher_top1} ({res.teacher_topk[0][1]:.2f})",
                          f"{res.losses[0]:.4g} -> {res.final_loss:.4g}",

@@ -1,7 +1,6 @@
 """``apm-fast ttt`` under ``torchrun --nproc-per-node N``: the images split by rank, one results file.
 
-Each rank computes its share of the images with the single-process code (per image, or the
-batched pipeline on a GPU) and hands the lines to :func:`apm_fast.distributed.run_sharded`, which
+Each rank computes its share of the images with the single-process pipeline and hands the lines to :func:`apm_fast.distributed.run_sharded`, which
 appends them to a per-rank file, skips images already done by an earlier run, and lets rank 0
 merge everything into ``--out`` in input order at the end. The image's path as given (the
 ``image`` field every line already has) is the key, so the lines are those of a single-process
@@ -31,7 +30,7 @@ class Shards:
         self._created = info.created
 
     def write(self, results, args) -> int:
-        """Run ``results`` (see ``ttt._per_image_results``) on this rank's share into --out; the
+        """Run ``results`` (see ``ttt._run``) on this rank's share into --out; the
         exit code (1 when an image failed on any rank) is the same on every rank."""
         import torch.distributed as dist
 
@@ -64,7 +63,7 @@ class Shards:
 def start(args, paths):
     """Join torchrun's process group when WORLD_SIZE > 1 (else None: the single-process path)."""
     from ..distributed import init_distributed, input_keys, launched_world_size
-    from ..distributed.images import DEFAULT_BARRIER_TIMEOUT
+    from ..distributed.ranks import DEFAULT_BARRIER_TIMEOUT
 
     try:
         world = launched_world_size()

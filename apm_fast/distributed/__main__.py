@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 def _ttt(args, info, dtype) -> int:
     from ..model import APM
     from ..ttt import TestTimeTrainer
-    from .images import run_sharded_ttt
+    from .ranks import run_sharded_ttt
 
     try:
         data = torch.load(args.data, map_location="cpu", weights_only=True)

@@ -72,6 +72,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["apm_fast", "apm_fast.*"]) + ["apm_fast.kernels"],
     package_dir={"apm_fast.kernels": "kernels"},
+    package_data={"apm_fast": ["data/*.txt", "data/*.json"]},
     install_requires=["torch", "numpy", "safetensors", "tqdm", "pillow"],
     extras_require={"clip": ["open_clip_torch"], "triton": ["triton"]},
     entry_points={"console_scripts": ["apm-fast = apm_fast.cli:main"]},

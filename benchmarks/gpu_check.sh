@@ -1,48 +1,40 @@
 #!/usr/bin/env bash
-# The GPU run: set-up, extension build, GPU tests, sweep, benchmarks; everything lands under $OUT.
+# The GPU run: set-up, extension build, GPU tests, sweep, benchmark suite; everything under $OUT.
 #
-#   bash benchmarks/gpu_check.sh [stage ...]      (repo root; default: every stage in this order)
+#   bash benchmarks/gpu_check.sh [stage ...]      (from anywhere; default: every stage in order)
 #
 #   env         GPU, driver, versions
-#   build       editable install: apm_fast.kernels mapping + C++/CUDA extensions (strict: a failed
-#               CUDA build is an error here)
+#   build       editable install: apm_fast.kernels mapping + the CUDA extension (strict: a failed
+#               build is an error here)
 #   tests       every test marked gpu, then the host-side tests that touch torchvision/open_clip
-#   memcheck    compute-sanitizer memcheck over the cuda backend's small GPU tests
+#   memcheck    compute-sanitizer memcheck over the cuda table's small GPU tests
 #   sweep       Triton config sweep; its winners are copied over kernels/tuned_configs.py
-#   triton      benchmarks/bench_triton.py   (issue targets of the Triton backend)
-#   cuda        benchmarks/bench_cuda_gemm.py (each GEMM: cuda vs cuBLAS vs Triton)
-#   engine      benchmarks/bench_engine.py   (captured step, students side by side, end to end)
-#   suite       benchmarks/run_gpu_bench.py  (the whole benchmark suite, every preset; SUITE_ARGS
-#               passes more options, e.g. SUITE_ARGS="--only scaling")
+#   bench       the benchmark suite (python -m apm_fast.bench); BENCH_ARGS passes options, e.g.
+#               BENCH_ARGS="--only step primitives --preset ttt-l14"
 #
 # Stages can be split over several calls while the machine stays warm (the build stays in place).
 # The GPU image lacks open_clip/ftfy/wcwidth, setuptools and the CUTLASS headers: they travel as
-# wheels in .whl/ and are installed into /tmp/site.
+# wheels in .whl/ at the repository root and are installed into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-$PWD/gpu-out}
 WORK=$(mktemp -d)
 OUT=$WORK/gpu-run
 mkdir -p "$OUT" "$FINAL"
-# the device returns few files: one archive with everything, plus the JSON files
+# the device returns few files: one archive with everything, plus the suite's JSON files
 trap 'tar -czf "$FINAL/gpu-run.tgz" -C "$WORK" gpu-run' EXIT
-STAGES=${*:-env build tests memcheck sweep triton cuda engine suite}
+STAGES=${*:-env build tests memcheck sweep bench}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
 status=0
 step() { echo; echo "=== $* ($(date +%T)) ==="; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-# bench NAME SCRIPT ARGS...: run with a time limit, log to $OUT/NAME.log, show the tail
-bench() {
-  local name=$1; shift
-  step "$name: $*"
-  timeout "${BENCH_TIMEOUT:-420}" $PY "$@" 2>&1 | tee "$OUT/$name.log" | tail -"${TAIL:-45}"
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "!! $name failed"; status=1; }
-}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+else
+  echo "note: no wheels in $PWD/.whl (open_clip, CUTLASS): teacher tests and the CUTLASS build may fail"
 fi
 
 if has env; then
@@ -66,25 +58,31 @@ if has tests; then
   APM_FAST_REQUIRE_CUDA_EXT=1 $PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE --durations=10 \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  step "host-side tests on the GPU machine (healthy torchvision, CUDA default device, the CPU extension's errors)"
-  $PY -m pytest -q tests/test_teacher.py tests/test_classify.py tests/test_cli.py tests/test_cpp_cpu.py -p no:cacheprovider 2>&1 \
+  step "host-side tests on the GPU machine (healthy torchvision, CUDA default device)"
+  $PY -m pytest -q tests/test_teacher.py tests/test_classify.py tests/test_cli.py -p no:cacheprovider 2>&1 \
     | tee "$OUT/host-tests.log" | tail -5
 fi
 
 if has memcheck; then
   step memcheck
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --print-limit 20 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 1 \
     $PY -m pytest -q -x -m gpu tests/test_cuda_backend.py -p no:cacheprovider -k "bf16 and not graph" 2>&1 \
     | tee "$OUT/memcheck.log" | tail -15
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
 if has sweep; then
-  BENCH_TIMEOUT=400 bench sweep benchmarks/sweep_triton.py --out "$OUT" --budget-s "${SWEEP_BUDGET:-240}"
+  step sweep
+  timeout 400 $PY benchmarks/sweep_triton.py --out "$OUT" --budget-s "${SWEEP_BUDGET:-240}" 2>&1 | tee "$OUT/sweep.log" | tail -45
   if [ -f "$OUT/tuned_configs.py" ]; then cp "$OUT/tuned_configs.py" kernels/tuned_configs.py; echo "tuned configs installed"; fi
 fi
-has triton && bench bench_triton benchmarks/bench_triton.py --out "$OUT"
-has cuda && bench bench_cuda_gemm benchmarks/bench_cuda_gemm.py --out "$OUT"
-has engine && bench bench_engine benchmarks/bench_engine.py --out "$OUT"
-has suite && BENCH_TIMEOUT=560 bench suite benchmarks/run_gpu_bench.py --out "$OUT/suite" --commit "${APM_FAST_COMMIT:-unknown}" --time-budget "${SUITE_BUDGET:-480}" ${SUITE_ARGS:-}
+
+if has bench; then
+  step "bench: python -m apm_fast.bench ${BENCH_ARGS:-}"
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-560}" $PY -m apm_fast.bench --device cuda --out "$OUT/suite" \
+    --commit "${APM_FAST_COMMIT:-unknown}" --time-budget "${BENCH_BUDGET:-480}" \
+    --authors-presets ttt-l14 --compile-presets ttt-l14 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -"${TAIL:-60}"
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "!! bench failed (gate or error)"; status=1; }
+fi
 exit $status

@@ -28,7 +28,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -146,7 +145,7 @@ class Problem:
 
     def reference(self):
         """fp32 torch on the same bf16 inputs (a tuple of tensors, like call's outputs)."""
-        from apm_fast.ops.primitives import TorchPrimitives
+        from apm_fast.ops.contract import TorchPrimitives, first_layer_act
 
         T = TorchPrimitives()
         t, p = {k: v.float() for k, v in self.t.items()}, self.prim
@@ -154,7 +153,7 @@ class Problem:
             return T.linear(t["x"], t["w"], t.get("b"), relu=p == "linear" and self.layer != "head")
         if p == "first_layer_linear":
             # the kernels round ReLU(P + u) to bf16 before the product, as the bf16 model does
-            a = T.first_layer_act(self.t["p"], t["u"]).float()
+            a = first_layer_act(self.t["p"], t["u"]).float()
             return T.linear(a, t["w"], t["b"], relu=True)
         if p == "linear_bwd_input":
             return T.linear_bwd_input(t["dy"], t["w"], mask=t["mask"])
@@ -162,7 +161,7 @@ class Problem:
             return T.first_layer_bwd_input(t["dy"], t["w"], t["p"], t["u"])
         if p in ("linear_bwd_weight", "linear_bwd_weight_shared"):
             return T.linear_bwd_weight(t["dy"], t["x"], bias=p == "linear_bwd_weight")
-        a = T.first_layer_act(self.t["p"], t["u"]).float()
+        a = first_layer_act(self.t["p"], t["u"]).float()
         return T.linear_bwd_weight(t["dy"], a)
 
     def cublas(self):
@@ -171,16 +170,16 @@ class Problem:
         if p in ("linear", "linear_shared"):
             return lambda: torch.matmul(t["x"], t["w"].transpose(1, 2))
         if p == "first_layer_linear":
-            from apm_fast.ops.primitives import TorchPrimitives
+            from apm_fast.ops.contract import first_layer_act
 
-            a = TorchPrimitives().first_layer_act(t["p"], t["u"])
+            a = first_layer_act(t["p"], t["u"])
             return lambda: torch.bmm(a, t["w"].transpose(1, 2))
         if p in ("linear_bwd_input", "first_layer_bwd_input"):
             return lambda: torch.bmm(t["dy"], t["w"])
         if p == "first_layer_bwd_weight":
-            from apm_fast.ops.primitives import TorchPrimitives
+            from apm_fast.ops.contract import first_layer_act
 
-            a = TorchPrimitives().first_layer_act(t["p"], t["u"])
+            a = first_layer_act(t["p"], t["u"])
             return lambda: torch.bmm(t["dy"].transpose(1, 2), a)
         x = t["x"] if t["x"].dim() == 3 else t["x"].expand(self.S, *t["x"].shape)
         return lambda: torch.bmm(t["dy"].transpose(1, 2), x)
@@ -260,11 +259,14 @@ def rel_err(got, ref):
 
 
 def time_ms(fn, target_ms=3.0, reps=7):
-    """Device time per call: calls captured in one CUDA graph, replayed; median."""
+    """Device time per call: calls captured in one CUDA graph (the engine's capture), replayed;
+    median of ``reps`` replays (fewer than the harness's 20: the sweep times hundreds of configs)."""
     if SMOKE:
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
+    from apm_fast.ttt.graph import capture_phases
+
     fn()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -273,15 +275,11 @@ def time_ms(fn, target_ms=3.0, reps=7):
     b.record()
     b.synchronize()
     inner = max(1, min(50, int(target_ms / max(a.elapsed_time(b), 1e-3))))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(inner):
-            fn()
+    graphs = capture_phases({"calls": lambda: [fn() for _ in range(inner)]}, lambda: None, "cuda",
+                            warmup=1, key="sweep")
+    if graphs is None:
+        raise RuntimeError("CUDA graph capture failed")
+    g = graphs["calls"]
     g.replay()
     torch.cuda.synchronize()
     out = []
@@ -416,7 +414,7 @@ def tuned_table_text(results):
 
 
 def print_table(res):
-    print(f"\n{res['machine']['device']} | torch {res['machine']['torch']} | triton {res['machine']['triton']}")
+    print(f"\n{res['machine']['gpu'] or res['machine']['cpu']} | torch {res['machine']['torch']} | triton {res['machine']['triton']}")
     print(f"{'primitive':34s} {'S':>2s} {'B':>3s} {'best config':40s} {'ms':>8s} {'TF/s':>5s} "
           f"{'today ms':>9s} {'TF/s':>5s} {'cuBLAS':>8s} {'TF/s':>5s}")
     for e in res["problems"]:
@@ -442,10 +440,9 @@ def main(argv=None):
     plist = problem_list(args.preset)
     if args.only:
         plist = [p for p in plist if any(s in p[0] for s in args.only.split(","))]
-    import triton
+    from apm_fast.bench.machine import machine_info
 
-    res = {"machine": {"device": torch.cuda.get_device_name(0) if not SMOKE else "cpu (smoke)", "torch": torch.__version__,
-                       "triton": triton.__version__, "python": platform.python_version()},
+    res = {"machine": machine_info(DEVICE, str(DTYPE).replace("torch.", "")),
            "preset": args.preset, "tolerance": TOL, "problems": []}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "sweep_triton.json")

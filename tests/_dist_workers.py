@@ -33,20 +33,23 @@ def _join(rank, world, tmp):
 
 
 def mode2_worker(rank, world, tmp, steps, lr):
-    from apm_fast.distributed import ShardedQueryTrainer, sharded_forward, sharded_loss_and_grads
+    from apm_fast.distributed import ShardedQueryTrainer, sharded_forward
 
     _join(rank, world, tmp)
     data = torch.load(os.path.join(tmp, "data.pt"))
     images, targets = data["images"], data["targets"]
     model = make_model()
     out = sharded_forward(model, images)
-    loss = sharded_loss_and_grads(model, images[:1], targets[:1])
-    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    res = ShardedQueryTrainer(model, steps=steps, lr=lr).fit(images, targets)
-    torch.save({"cls": out.cls.detach(), "grid": out.grid.detach(), "rgb": out.rgb.detach(),
-                "start": out.start, "stop": out.stop, "loss": loss, "grads": grads,
-                "ttt_cls": res.cls, "ttt_losses": res.losses},
+    trainer = ShardedQueryTrainer(model, steps=steps, lr=lr)
+    prog = trainer.trainer.program(1)          # one step by hand: the gradients it leaves
+    prog.load(images[:1], targets[:1])
+    prog.step()
+    grads = {n: v[0].clone() for n, v in prog.store.grad_views.items()}
+    loss = prog.losses[0, 0].clone()
+    res = trainer.fit(images, targets)
+    torch.save({"cls": out.cls, "grid": out.grid, "rgb": out.rgb, "start": out.start, "stop": out.stop,
+                "loss": loss, "grads": grads, "ttt_cls": res.cls, "ttt_losses": res.losses,
+                "rows": prog.pos_in.shape[0], "slices": trainer.shards.slices},
                os.path.join(tmp, f"mode2-rank{rank}.pt"))
     dist.destroy_process_group()
 

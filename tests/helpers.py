@@ -28,3 +28,13 @@ def images_for(model, n, seed=1, dtype=None):
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def precision(name, device="cuda"):
+    """The compute precision of a block: "fp32" (a float32 model's own) or "bf16"/"fp16" (torch's
+    autocast, which the tables follow)."""
+    import contextlib
+
+    if name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[name])

@@ -1,10 +1,9 @@
-"""The cuda backend's Python layer (CudaPrimitives) on the CPU, against a stand-in extension.
+"""The cuda table's Python layer (CudaPrimitives) on the CPU, against a stand-in extension.
 
-The stand-in has the signatures of apm_fast._C_cuda (csrc/torch/cuda_module.cpp): the ops that
-the CPU extension shares with it (first_layer_act, pool_fwd, pool_bwd, adam_) are the real C++
-ones, the GEMM ops are PyTorch with the bindings' argument order and output checks. A wrong
-argument order, output shape or dtype in the Python layer fails here, before any GPU run; the
-kernels themselves are tested on the GPU (test_cuda_backend.py).
+The stand-in has the signatures of apm_fast._C_cuda (csrc/torch/cuda_module.cpp): every op is the
+torch table's, with the bindings' argument order and their checks of the output buffers (shape,
+dtype, unit strides). A wrong argument order, output shape or dtype in the Python layer fails
+here, before any GPU run; the kernels themselves are tested on the GPU (test_cuda_backend.py).
 """
 import copy
 
@@ -12,9 +11,9 @@ import pytest
 import torch
 
 from apm_fast import APM, APMConfig
-from apm_fast._ext import load_extension
-from apm_fast.backends import cuda_backend
-from apm_fast.ops import TorchPrimitives, fused_forward
+from apm_fast.backends import cuda as cuda_backend
+from apm_fast.ops.autograd import fused_forward
+from apm_fast.ops.contract import TorchPrimitives, first_layer_act
 
 TP = TorchPrimitives()
 
@@ -27,12 +26,32 @@ def _expect(t, shape, dtype, name):
 class FakeCudaExt:
     """apm_fast._C_cuda's functions, on the CPU."""
 
-    def __init__(self, cpu):
-        self.first_layer_act = cpu.first_layer_act
-        self.pool_fwd = cpu.pool_fwd
-        self.pool_bwd = cpu.pool_bwd
-        self.adam_ = cpu.adam_
+    def __init__(self):
         self.calls = []
+
+    def first_layer_act(self, p, u, a):
+        _expect(u, (p.shape[0], u.shape[1], p.shape[2]), torch.float32, "u")
+        _expect(a, (p.shape[0], u.shape[1] * p.shape[1], p.shape[2]), p.dtype, "a")
+        a.copy_(first_layer_act(p, u))
+
+    def pool_fwd(self, f, pos, kt, scale, sbar, lse):
+        assert f.is_contiguous() and pos.dtype == f.dtype and kt.dtype == torch.float32
+        for out, ref in zip((sbar, lse), TP.pool_fwd(f, pos, kt, scale)):
+            _expect(out, ref.shape, torch.float32, "sbar/lse")
+            out.copy_(ref)
+
+    def pool_bwd(self, f, pos, kt, scale, sbar, lse, dsbar, df, dkt):
+        assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (kt, sbar, lse, dsbar))
+        rdf, rdkt = TP.pool_bwd(f, pos, kt, scale, sbar, lse, dsbar, out_dtype=df.dtype)
+        _expect(df, f.shape, df.dtype, "df")
+        _expect(dkt, kt.shape, torch.float32, "dkt")
+        df.copy_(rdf)
+        dkt.copy_(rdkt)
+
+    def adam_(self, params, grads, m, v, step, lr, b1, b2, eps, lowp):
+        for name, t in (("params", params), ("grads", grads), ("exp_avg", m), ("exp_avg_sq", v), ("lowp", lowp)):
+            assert t is None or t.is_contiguous(), f"{name}: the binding takes contiguous buffers"
+        TP._adam_(params, grads, m, v, step, lr, b1, b2, eps, lowp)
 
     def linear(self, x, w, bias, relu, out):
         self.calls.append("linear")
@@ -79,13 +98,9 @@ class FakeCudaExt:
 
 @pytest.fixture
 def fake(monkeypatch):
-    cpu, why = load_extension("_C_cpu")
-    if cpu is None:
-        pytest.fail(why, pytrace=False)
-    ext = FakeCudaExt(cpu)
+    ext = FakeCudaExt()
     monkeypatch.setattr(cuda_backend, "cuda_extension", lambda: ext)
-    monkeypatch.setattr(cuda_backend, "_empty",
-                        lambda *shape, dtype, device: torch.empty(*shape, dtype=dtype, device=device).fill_(float("nan")))
+    monkeypatch.setenv("APM_FAST_POISON_OUTPUTS", "1")        # every output NaN until written
     return ext
 
 
@@ -147,7 +162,7 @@ def test_whole_model_through_the_cuda_layer(fake):
     images = torch.randn(2, 3, cfg.image_size, cfg.image_size, dtype=torch.float64)
     out = m64(images, backend="reference")
     (out.cls.sum() + out.grid.square().sum()).backward()
-    cls, grid = fused_forward(cuda_backend.CudaPrimitives(), m32, images.float())
+    cls, grid = fused_forward(cuda_backend.CudaPrimitives(), m32, images.float(), torch.float32)
     (cls.sum() + grid.square().sum()).backward()
     torch.testing.assert_close(cls.double(), out.cls.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grid.double(), out.grid.detach(), rtol=1e-4, atol=1e-5)

@@ -1,7 +1,7 @@
 """The TTT engine on the CPU through the plain-PyTorch primitive table.
 
-The reference is TestTimeTrainer's autograd loop (``engine=False``): a different computation
-(autograd through the rewritten model, torch.optim.Adam) from the engine's (hand-written fused
+The reference is TestTimeTrainer's autograd loop (``backend="reference"``): a different computation
+(autograd through the plain model, torch.optim.Adam) from the engine's (hand-written fused
 backward, flat-buffer Adam). Tolerances: float64 agrees to ~1e-16 per step; Adam's first steps are
 nearly sign(g) * lr, so a gradient entry near zero that the two computations round differently
 moves its weight by up to lr: in fp32 (and with lr = 1e-2 so that students really move), cls
@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from apm_fast import APM, TestTimeTrainer, preset
-from apm_fast.engine import ParamStore, TTTEngine, choose_students, count_params, estimate_student_bytes
-from apm_fast.engine import program as program_mod
-from apm_fast.ops import TorchPrimitives, backward_train, forward_train, weight_names
+from apm_fast.ops import TorchPrimitives, backward, forward, weight_names
+from apm_fast.ttt import program as program_mod
+from apm_fast.ttt.memory import choose_students, count_params, estimate_student_bytes
+from apm_fast.ttt.store import ParamStore
 
 STEPS = 4
 LR = 1e-2
@@ -37,16 +38,20 @@ def _setup(name="three-layer", dtype=torch.float64, n=5, seed=0):
     return model, images, targets
 
 
-def _engine(model, **kw):
+def _engine(model, graphs=None, **kw):
+    """A trainer on the engine (the torch table)."""
     kw = {"steps": STEPS, "lr": LR, "backend": "torch", **kw}
-    return TTTEngine(model, **kw)
+    t = TestTimeTrainer(model, **kw)
+    if graphs is not None:
+        t.engine.graphs = graphs
+    return t
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_engine_equals_autograd_trainer(name, dtype):
     model, images, targets = _setup(name, dtype)
-    ref = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="torch", engine=False).fit(images, targets)
+    ref = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="reference").fit(images, targets)
     got = _engine(model, students=2).fit(images, targets)       # 5 images: batches 2, 2, 1
     assert got.cls.dtype == ref.cls.dtype and got.cls.shape == ref.cls.shape
     assert got.losses.shape == ref.losses.shape == (5, STEPS) and got.losses.dtype == torch.float32
@@ -57,24 +62,23 @@ def test_engine_equals_autograd_trainer(name, dtype):
     assert bool((got.losses[:, -1] < got.losses[:, 0]).all())
 
 
-def test_trainer_delegates_to_engine_and_can_be_forced_off():
+def test_one_trainer_reference_loop_or_engine():
+    """backend="reference": the autograd loop; a table: the engine. Same results, model untouched."""
     model, images, targets = _setup("two-layer", torch.float64, n=3)
     auto = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="torch", students=2)
     r_auto = auto.fit(images, targets)
-    assert auto._engine is not None and auto._engine.backend == "torch"
-    plain = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="torch", engine=False)
+    assert auto.engine is not None and auto.engine.backend == "torch"
+    plain = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="reference")
     r_plain = plain.fit(images, targets)
-    assert plain._engine is None
+    assert plain.engine is None
     torch.testing.assert_close(r_auto.cls, r_plain.cls, **TOL[torch.float64])
     # the model is left at its snapshot either way
     for k, p in model.named_parameters():
         assert torch.equal(p, auto.snapshot[k])
-    # the reference backend has no primitive table: autograd by default, an error when forced
-    ref = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="reference")
-    ref.fit(images[:1], targets[:1])
-    assert ref._engine is None
-    with pytest.raises(ValueError, match="primitive table"):
-        TestTimeTrainer(model, steps=STEPS, lr=LR, backend="reference", engine=True).fit(images[:1], targets[:1])
+    with pytest.raises(ValueError, match="no compiled program"):
+        plain.program(1)
+    with pytest.raises(ValueError, match="precision= and shards= need a table"):
+        TestTimeTrainer(model, backend="reference", precision="bf16")
 
 
 def test_second_fit_is_identical_reset_is_complete():
@@ -87,7 +91,7 @@ def test_second_fit_is_identical_reset_is_complete():
     assert not torch.equal(other.cls, first.cls)
     # the engine never touched the model
     for k, p in model.named_parameters():
-        assert torch.equal(p, eng.snapshot[k]) if k in eng.snapshot else True
+        assert torch.equal(p, eng.snapshot[k])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -113,13 +117,13 @@ def test_student_count_defaults_and_program_reuse():
     eng = _engine(model)
     assert eng.students_for(3) == 1 and choose_students(5, 1 << 20, 0, "cpu") == 1   # CPU: one at a time
     eng.fit(images, targets)
-    assert eng._program.students == 1 and eng.mode == "eager"            # no CUDA graphs on a CPU
+    assert eng.engine._program.students == 1 and eng.engine.mode == "eager"   # no CUDA graphs on a CPU
     fixed = _engine(model, students=3)
     fixed.fit(images, targets)
-    prog = fixed._program
+    prog = fixed.engine._program
     assert prog.students == 3
     fixed.fit(images + 1, targets)
-    assert fixed._program is prog                                        # same S: not rebuilt
+    assert fixed.engine._program is prog                                 # same S: not rebuilt
     assert fixed.students_for(1) == 1 and fixed.students_for(7) == 3
 
 
@@ -130,7 +134,7 @@ def test_graphs_requested_on_cpu_run_eagerly_without_warning():
         warnings.simplefilter("error")
         eng = _engine(model, graphs=True, students=2)
         got = eng.fit(images, targets)
-    assert eng.mode == "eager"
+    assert eng.engine.mode == "eager"
     ref = _engine(model, graphs=False, students=2).fit(images, targets)
     assert torch.equal(got.cls, ref.cls)
 
@@ -141,7 +145,7 @@ def test_adam_slices_equal_one_pass(monkeypatch):
     monkeypatch.setattr(program_mod, "_adam_chunks", lambda prim, total: 3)
     sliced_engine = _engine(model, students=2)
     sliced = sliced_engine.fit(images, targets)
-    assert sliced_engine._program.n_chunks == 3
+    assert sliced_engine.engine._program.n_chunks == 3
     assert torch.equal(one.cls, sliced.cls) and torch.equal(one.losses, sliced.losses)
 
 
@@ -182,17 +186,17 @@ def test_backward_grad_out_equals_returned_grads():
     params = dict(model.named_parameters())
     w = {n: torch.stack([params[n].detach(), params[n].detach() * 1.1]) for n in names}   # S = 2
     pos_in, pos_out = model.pos_in(), model.pos_out()
-    z, _, ctx = forward_train(prim, w, images[:, None], cfg, pos_in, pos_out, cdt=torch.float64)
+    z, _, ctx = forward(prim, w, images[:, None], cfg, pos_in, pos_out, cdt=torch.float64)
     dz = torch.randn_like(z)
-    g = backward_train(prim, w, ctx, dz, cfg, pos_in, pos_out)
+    g = backward(prim, w, ctx, dz, cfg, pos_in, pos_out)
     out = {n: torch.full_like(w[n], float("nan")) for n in names}           # unwritten -> NaN
-    backward_train(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out)
+    backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out)
     for n in names:
         torch.testing.assert_close(out[n], g[n], rtol=0, atol=0)
     # release=True: same gradients, and the saved activations are gone afterwards
-    _, _, ctx2 = forward_train(prim, w, images[:, None], cfg, pos_in, pos_out, cdt=torch.float64)
+    _, _, ctx2 = forward(prim, w, images[:, None], cfg, pos_in, pos_out, cdt=torch.float64)
     out2 = {n: torch.full_like(w[n], float("nan")) for n in names}
-    backward_train(prim, w, ctx2, dz, cfg, pos_in, pos_out, grad_out=out2, release=True)
+    backward(prim, w, ctx2, dz, cfg, pos_in, pos_out, grad_out=out2, release=True)
     for n in names:
         torch.testing.assert_close(out2[n], g[n], rtol=0, atol=0)
     assert ctx2.p is None and ctx2.f is None and all(a is None for a in ctx2.acts)
@@ -229,11 +233,13 @@ def test_bad_arguments_are_named():
         _engine(model, students=0)
     with pytest.raises(ValueError, match="steps"):
         _engine(model, steps=0)
-    with pytest.raises(ValueError, match="primitive table"):
-        _engine(model, backend="reference")
-    with pytest.raises(ValueError, match="compute_dtype"):
-        _engine(model, compute_dtype="int8")
+    with pytest.raises(ValueError, match="lr: expected a positive finite number, got inf"):
+        _engine(model, lr=float("inf"))
+    with pytest.raises(ValueError, match="precision"):
+        _engine(model, precision="int8")
+    with pytest.raises(ValueError, match="unknown name 'nope'"):
+        _engine(model, backend="nope")
     with pytest.raises(ValueError, match="targets"):
         _engine(model).fit(images, targets[:1])
     with pytest.raises(ValueError, match="pool=False"):
-        TTTEngine(APM(preset("ttt-l14", **CONFIGS["two-layer"], pool=False)))
+        _engine(APM(preset("ttt-l14", **CONFIGS["two-layer"], pool=False)))

@@ -15,10 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from apm_fast import APM, preset
-from apm_fast.engine import count_params, estimate_student_bytes
-from apm_fast.engine.program import StudentProgram
-from apm_fast.ops import TorchPrimitives
-from apm_fast.ops.primitives import acc_dtype_for
+from apm_fast.ops.contract import OUTPUTS, Primitives, TorchPrimitives
+from apm_fast.ttt.memory import count_params, estimate_student_bytes
+from apm_fast.ttt.program import StudentProgram
 
 
 class LiveBytes(TorchDispatchMode):
@@ -53,43 +52,30 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-class OutputsOnly:
-    """The primitive contract's outputs (shapes, dtypes) and nothing else; computes nothing."""
+class OutputsOnly(Primitives):
+    """The contract's outputs (``contract.OUTPUTS``: shapes, dtypes) and nothing else; computes
+    nothing; weight gradients written into given buffers, Adam in place (like the fused tables)."""
 
     name = "outputs-only"
+    wgrad_out = True
 
-    def linear(self, x, w, b=None, *, relu=False, out_dtype=None):
-        return w.new_empty(w.shape[0], x.shape[-2], w.shape[1], dtype=out_dtype or w.dtype)
-
-    def first_layer_linear(self, p, u, w, b, *, relu=True, out_dtype=None):
-        return w.new_empty(w.shape[0], u.shape[1] * p.shape[1], w.shape[1], dtype=out_dtype or w.dtype)
-
-    def linear_bwd_input(self, dy, w, *, mask=None, out_dtype=None):
-        return w.new_empty(dy.shape[0], dy.shape[1], w.shape[2], dtype=out_dtype or w.dtype)
-
-    def linear_bwd_weight(self, dy, x, *, bias=True):
-        a = acc_dtype_for(dy.dtype)
-        db = dy.new_empty(dy.shape[0], dy.shape[2], dtype=a) if bias else None
-        return dy.new_empty(dy.shape[0], dy.shape[2], x.shape[-1], dtype=a), db
-
-    def first_layer_bwd_weight(self, dy, p, u, *, bias=True):
-        a = acc_dtype_for(dy.dtype)
-        db = dy.new_empty(dy.shape[0], dy.shape[2], dtype=a) if bias else None
-        return dy.new_empty(dy.shape[0], dy.shape[2], p.shape[2], dtype=a), db
-
-    def first_layer_bwd_input(self, dy, w, p, u, *, out_dtype=None):
-        return (w.new_empty(dy.shape[0], dy.shape[1], w.shape[2], dtype=out_dtype or w.dtype),
-                w.new_empty(u.shape, dtype=acc_dtype_for(w.dtype)))
-
-    def pool_fwd(self, f, pos_out, kt, scale):
-        a = acc_dtype_for(f.dtype)
-        return f.new_empty(*f.shape[:2], *kt.shape[1:], dtype=a), f.new_empty(*f.shape[:2], kt.shape[1], dtype=a)
-
-    def pool_bwd(self, f, pos_out, kt, scale, sbar, lse, dsbar, *, out_dtype=None):
-        return f.new_empty(f.shape, dtype=out_dtype or f.dtype), kt.new_empty(kt.shape, dtype=acc_dtype_for(f.dtype))
-
-    def adam_(self, *args, lowp=None):
+    def _adam_(self, *args):
         pass
+
+
+def _outputs_only(prim):
+    def impl(self, *args):
+        if prim in ("linear_bwd_weight", "first_layer_bwd_weight"):
+            *args, out, out_db = args
+            dw, db = (t.new_empty(s, dtype=d) for (s, d), t in zip(OUTPUTS[prim](*args), (args[0], args[0])))
+            return (out if out is not None else dw), (out_db if out_db is not None else db)
+        outs = [args[0].new_empty(s, dtype=d) for s, d in OUTPUTS[prim](*args)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+    return impl
+
+
+for _prim in OUTPUTS:
+    setattr(OutputsOnly, "_" + _prim, _outputs_only(_prim))
 
 
 def _trace(prim, students, config=None):

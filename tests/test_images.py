@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from apm_fast import preset
-from apm_fast.images import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, find_images, load_image,
-                             preprocess, preprocess_batch, to_pil)
+from apm_fast.images import (IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, find_images, load_image, normalize,
+                             pixels, preprocess, preprocess_batch, to_pil)
 from apm_fast.validation import check_images
 
 
@@ -70,7 +70,7 @@ def test_to_pil_from_arrays():
         to_pil(np.zeros((3, 4, 2), dtype=np.uint8))
     with pytest.raises(ValueError, match="NaN/Inf"):
         to_pil(np.full((3, 4), np.nan))
-    with pytest.raises(TypeError, match="expected a PIL image, a file path or a numpy array, got int"):
+    with pytest.raises(TypeError, match="expected a PIL image, a file path, a numpy array or uint8 pixels, got int"):
         to_pil(3)
 
 
@@ -123,3 +123,21 @@ def test_find_images_expands_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files found"):
         find_images([tmp_path / "empty"])
+
+
+def test_pixels_tensors_and_normalization():
+    img = Image.fromarray(np.arange(30 * 20 * 3, dtype=np.uint8).reshape(20, 30, 3))
+    px = pixels(img, 10)
+    assert px.shape == (3, 10, 10) and px.dtype == torch.uint8
+    # shorter side 20 -> 10 (scale 1/2): the crop is the middle 10 of the 15 resized columns
+    full = torch.from_numpy(np.array(img.resize((15, 10), Image.BICUBIC))).permute(2, 0, 1)
+    assert torch.equal(px, full[:, :, 2:12])
+    t = torch.randint(0, 256, (3, 7, 9), dtype=torch.uint8)
+    assert np.array_equal(np.asarray(to_pil(t)), t.permute(1, 2, 0).numpy())
+    with pytest.raises(TypeError, match="uint8 pixels"):
+        to_pil(torch.zeros(3, 4, 4))                  # float tensors are not pixels
+    x = normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224,
+                                                             (1 - 0.406) / 0.225]))
+    # preprocess is exactly pixels then normalize (the loader's two halves)
+    assert torch.equal(preprocess(img, 10), normalize(px))

@@ -20,12 +20,14 @@ import torch
 pytest.importorskip("triton")
 
 from apm_fast.backends import available_backends, get_backend            # noqa: E402
-from apm_fast.backends.triton_backend import TritonPrimitives, availability   # noqa: E402
+from apm_fast.backends.triton import TritonPrimitives                      # noqa: E402
 from apm_fast.config import APMConfig                                     # noqa: E402
 from apm_fast.kernels import _common, pool, wgrad                         # noqa: E402
 from apm_fast.model import APM                                            # noqa: E402
-from apm_fast.ops import precision                                        # noqa: E402
-from apm_fast.ops.primitives import TorchPrimitives                        # noqa: E402
+from apm_fast.ops.contract import TorchPrimitives                          # noqa: E402
+from apm_fast.ops.driver import backward, forward, weight_names          # noqa: E402
+from apm_fast.ops.library import ops_for                                  # noqa: E402
+from helpers import precision                                             # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TP = TritonPrimitives()
@@ -38,11 +40,8 @@ TOL32 = 2e-5
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs():
-    old = _common.POISON_OUTPUTS
-    _common.POISON_OUTPUTS = True
-    yield
-    _common.POISON_OUTPUTS = old
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv("APM_FAST_POISON_OUTPUTS", "1")
 
 
 def f64(*ts):
@@ -238,7 +237,7 @@ def test_model_outputs_and_every_gradient_match_reference():
     results = {}
     for backend in ("reference", "triton"):
         model.zero_grad(set_to_none=True)
-        with precision("fp32"):          # the GPU default for fp32 models would be bf16
+        with precision("fp32"):          # a float32 model computes in float32
             out = model(images, backend=backend)
             loss = (out.cls ** 2).sum() + (out.grid * weight).sum()      # both outputs feed the loss
             loss.backward()
@@ -278,7 +277,7 @@ def test_chunked_column_evaluation_equals_the_whole_image(chunk):
 def test_chunked_evaluation_says_what_it_cannot_do():
     model = APM(TINY, dtype=torch.float32, device=DEV)
     images = rand(1, 3, 10, 10)
-    with pytest.raises(ValueError, match="backend 'reference' has no primitive table"):
+    with pytest.raises(ValueError, match="chunked evaluation runs on the tables"):
         model(images, backend="reference", chunk=8)
     with pytest.raises(ValueError, match="chunk: expected a positive integer, got 0"):
         model(images, backend="triton", chunk=0)
@@ -297,16 +296,16 @@ def test_weight_gradient_route_switch(monkeypatch):
 
 
 def test_backend_is_registered_and_available_here():
-    ok, reason = availability()
+    ok, reason = TP.available()
     assert ok, reason
     assert available_backends()["triton"] == "available"
-    assert get_backend("triton").primitives.name == "triton"
+    assert get_backend("triton").name == "triton"
 
 
 def test_availability_says_why_without_interpreter_or_gpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    ok, reason = availability()
+    ok, reason = TP.available()
     assert not ok and "CUDA" in reason and "TRITON_INTERPRET" in reason
 
 
@@ -326,11 +325,11 @@ def test_bad_inputs_name_the_argument():
 
 # ------------------------------------------------------------------------------------ torch.compile
 def test_custom_op_passes_opcheck():
-    from apm_fast.kernels import library  # noqa: F401  (registers the ops)
+    ops_for(TP)                                  # registers the table's ops
 
     torch.manual_seed(10)
     x, w, b = rand(S, 7, K), rand(S, N, K), rand(S, N)
-    torch.library.opcheck(torch.ops.apm_fast_triton.linear.default, (x, w, b, True, None),
+    torch.library.opcheck(torch.ops.apm_fast.triton_linear.default, (x, w, b, True, None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -358,8 +357,6 @@ def test_forward_traces_with_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from apm_fast.ops import forward_train, weight_names
-
     model = APM(TINY, dtype=torch.float32, device=DEV)
     prim = TritonPrimitives(use_custom_ops=True)
     names = weight_names(TINY)
@@ -367,7 +364,7 @@ def test_forward_traces_with_fake_tensors():
 
     def fwd(images, *params):
         w = {n: p_.unsqueeze(0) for n, p_ in zip(names, params)}
-        z, f, _ = forward_train(prim, w, images.unsqueeze(0), TINY, pos_in, pos_out, cdt=torch.float32)
+        z, f, _ = forward(prim, w, images.unsqueeze(0), TINY, pos_in, pos_out, cdt=torch.float32)
         return z, f
 
     params = dict(model.named_parameters())
@@ -375,7 +372,7 @@ def test_forward_traces_with_fake_tensors():
         gm = make_fx(fwd, tracing_mode="fake")(rand(2, 3, 10, 10), *[params[n].detach() for n in names])
     code = gm.code
     for op in ("linear", "first_layer_linear", "pool_fwd"):
-        assert f"apm_fast_triton.{op}" in code, op
+        assert f"apm_fast.triton_{op}" in code, op
 
 
 # ------------------------------------------------------------------------------------ sm_90 build
@@ -723,8 +720,6 @@ def test_gpu_chunked_evaluation_matches_the_whole_image():
 def test_gpu_train_step_replays_in_a_cuda_graph():
     """forward + backward + fused Adam over flat buffers, captured once and replayed, gives the same
     weights as running the same steps eagerly (capturable: no host sync, step/lr on the device)."""
-    from apm_fast.ops import backward_train, forward_train, weight_names
-
     torch.manual_seed(13)
     cfg = GPU_MODEL
     model = APM(cfg, dtype=torch.float32, device="cuda")
@@ -748,9 +743,9 @@ def test_gpu_train_step_replays_in_a_cuda_graph():
     pos_out = model.pos_out(dtype=torch.bfloat16)
 
     def step(st):
-        z, _, ctx = forward_train(TP, st["w"], images, cfg, pos_in, pos_out, cdt=torch.bfloat16)
+        z, _, ctx = forward(TP, st["w"], images, cfg, pos_in, pos_out, cdt=torch.bfloat16)
         dz = 2.0 * (z - target) / cfg.dim
-        backward_train(TP, st["w"], ctx, dz, cfg, pos_in, pos_out, grad_out=st["g"])
+        backward(TP, st["w"], ctx, dz, cfg, pos_in, pos_out, grad_out=st["g"])
         st["step"].add_(1)
         TP.adam_(st["flat"], st["grad"], st["m"], st["v"], st["step"], st["lr"], 0.9, 0.999, 1e-8, lowp=st["lowp"])
 

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from apm_fast.kernels import _common, configs, gemm, wgrad                # noqa: E402
 from apm_fast.kernels.configs import GemmCfg, WgradCfg                     # noqa: E402
-from apm_fast.ops.primitives import TorchPrimitives                        # noqa: E402
+from apm_fast.ops.contract import TorchPrimitives, first_layer_act         # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 REF = TorchPrimitives()
@@ -34,11 +34,8 @@ WT = (16, 16, 16, 4, 1) if INTERP else (64, 64, 16, 4, 3)      # (bn, bk, bm: ro
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs():
-    old = _common.POISON_OUTPUTS
-    _common.POISON_OUTPUTS = True
-    yield
-    _common.POISON_OUTPUTS = old
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv("APM_FAST_POISON_OUTPUTS", "1")
 
 
 def rand(*shape, dtype=torch.float32, scale=1.0):
@@ -91,7 +88,7 @@ def test_first_layer_linear_tma_fused_and_materialized(dtype, monkeypatch):
 def test_first_layer_act_kernel():
     torch.manual_seed(2)
     p, u = rand(2, 25, 40), rand(2, 3, 40)
-    close(gemm.first_layer_act(p, u, b0=1, nb=2), REF.first_layer_act(*f64(p, u[:, 1:])), 1e-7, "act")
+    close(gemm.first_layer_act(p, u, b0=1, nb=2), first_layer_act(*f64(p, u[:, 1:])), 1e-7, "act")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -252,13 +249,13 @@ def test_variant_override_forbids_tma(monkeypatch):
 
 
 def test_backward_writes_weight_grads_in_place_with_the_triton_table():
-    """backward_train with grad_out (views of one flat fp32 buffer): the Triton table's weight-gradient
+    """The driver's backward with grad_out (views of one flat fp32 buffer): the Triton table's weight-gradient
     kernels get the views as out= (nothing copied) and the result equals the returned gradients; a
     table without ``wgrad_out`` gets the copy path, with the same result."""
-    from apm_fast.backends.triton_backend import TritonPrimitives
+    from apm_fast.backends.triton import TritonPrimitives
     from apm_fast.config import APMConfig
     from apm_fast.model import APM
-    from apm_fast.ops import backward_train, forward_train, weight_names
+    from apm_fast.ops.driver import backward, forward, weight_names
 
     cfg = APMConfig(grid=4, patch=2, hidden=(24, 16, 8), dim=8, heads=2)
     torch.manual_seed(9)
@@ -276,32 +273,20 @@ def test_backward_writes_weight_grads_in_place_with_the_triton_table():
             self.outs.append(kw.get("out") is not None)
             return super().linear_bwd_weight(dy, x, **kw)
 
-    class NoOut:
-        """A table of the older contract: its weight gradients take no out=."""
+    class NoOut(TritonPrimitives):
+        """A table whose weight gradients cannot write into given buffers: the contract copies."""
         wgrad_out = False
-
-        def __init__(self):
-            self.t = TritonPrimitives()
-
-        def __getattr__(self, name):
-            return getattr(self.t, name)
-
-        def linear_bwd_weight(self, dy, x, *, bias=True):
-            return self.t.linear_bwd_weight(dy, x, bias=bias)
-
-        def first_layer_bwd_weight(self, dy, p, u, *, bias=True):
-            return self.t.first_layer_bwd_weight(dy, p, u, bias=bias)
 
     results = []
     for prim in (Spy(), NoOut()):
-        z, _, ctx = forward_train(prim, w, images, cfg, pos_in, pos_out, cdt=torch.float32)
+        z, _, ctx = forward(prim, w, images, cfg, pos_in, pos_out, cdt=torch.float32)
         dz = torch.ones_like(z)
-        g = backward_train(prim, w, ctx, dz, cfg, pos_in, pos_out)
+        g = backward(prim, w, ctx, dz, cfg, pos_in, pos_out)
         sizes = [w[n].numel() for n in names]
         flat = torch.full((1, sum(sizes)), float("nan"), device=DEV)
         views = {n: c.view(w[n].shape) for n, c in zip(names, flat.split(sizes, dim=1))}
-        z, _, ctx = forward_train(prim, w, images, cfg, pos_in, pos_out, cdt=torch.float32)
-        backward_train(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=views)
+        z, _, ctx = forward(prim, w, images, cfg, pos_in, pos_out, cdt=torch.float32)
+        backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=views)
         for n in names:
             torch.testing.assert_close(views[n], g[n], rtol=1e-5, atol=1e-6, msg=n)
         results.append(flat)

@@ -95,7 +95,9 @@ def test_normalized_target_option():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps: expected a positive integer"),
-    (dict(lr=-1.0), "lr: expected a positive number"),
+    (dict(lr=-1.0), "lr: expected a positive finite number"),
+    (dict(lr=float("inf")), "lr: expected a positive finite number, got inf"),
+    (dict(betas=(0.9, 1.0)), r"betas\[1\]: expected a number in \[0, 1\)"),
 ])
 def test_bad_trainer_args(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -33,9 +33,9 @@ def _cuda():
     return CudaPrimitives()
 
 
-# name -> factory of the table (called once per process)
+# name -> factory of the table (called once per process); a new table is one more entry
 TABLES: Dict[str, Callable[[], object]] = {"torch": _torch, "triton": _triton, "cuda": _cuda}
-BACKENDS = ("reference",) + tuple(TABLES)
+BACKENDS = ("reference",) + tuple(TABLES)   # the package's own
 # On a GPU the first available of these is the default (measured fastest first: benchmarks/results)
 _GPU_ORDER = ("triton", "cuda", "torch")
 _MADE: Dict[str, object] = {}
@@ -78,7 +78,7 @@ def get_backend(name: str | None = None, *, device=None, check: bool = True):
         raise ValueError("backend: 'reference' is the plain form of the model and has no primitive "
                          f"table; expected one of {list(TABLES)}")
     if name not in TABLES:
-        raise ValueError(f"backend: unknown name {name!r}; expected one of {list(BACKENDS)}")
+        raise ValueError(f"backend: unknown name {name!r}; expected one of {['reference', *TABLES]}")
     if check:
         ok, reason = _status(name)
         if not ok:
@@ -98,7 +98,7 @@ def resolve_backend(name: str | None, device=None) -> str:
 def available_backends() -> Dict[str, str]:
     """Every backend and either "available" or why not."""
     out = {}
-    for name in BACKENDS:
+    for name in ("reference", *TABLES):
         ok, reason = _status(name)
         out[name] = "available" if ok else reason
     return out

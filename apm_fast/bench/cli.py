@@ -25,8 +25,9 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
     p.add_argument("--skip", nargs="+", default=(), metavar="KEY",
                    help="implementations or backends to leave out, e.g. compile authors triton "
                         "(listed as skipped)")
-    p.add_argument("--out", default="benchmarks/results",
-                   help="results root; files go to OUT/<gpu-or-cpu-name>/ (default: %(default)s)")
+    p.add_argument("--out", default="bench-results",
+                   help="results root; files go to OUT/<gpu-or-cpu-name>/ (default: %(default)s; the "
+                        "committed results live under benchmarks/results/<machine>/)")
     p.add_argument("--no-out", action="store_true", help="print only, write no files")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     size = p.add_mutually_exclusive_group()
@@ -87,6 +88,11 @@ def run(args) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     result = run_suite(options)
+    from .report import summary_lines
+
+    print("\n== summary")
+    for line in summary_lines(result):
+        print(line)
     return 0 if result.gate_passed else 1
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .amp import autocast
+from .timing import autocast
 from .flops import vit_flops
 
 __all__ = ["import_open_clip", "build_clip", "tower_flops", "text_tower_flops", "tower_params",

@@ -12,25 +12,11 @@ import torch
 from ..backends import available_backends
 from ..model import APM
 from ..validation import check_images
-from .amp import default_amp_dtype, dtype_name
 from .gate import GateReport
 from .machine import machine_info
-from .options import EXPECTED_BACKENDS, BenchOptions
+from .options import BenchOptions
 
-__all__ = ["Context", "backend_status", "error_text", "free_memory"]
-
-
-def backend_status() -> Dict[str, str]:
-    """Every backend the package knows or is meant to have: "available" or why not (from
-    :func:`apm_fast.available_backends`)."""
-    found = available_backends()
-    out = {}
-    for name in EXPECTED_BACKENDS:
-        out[name] = found.get(name, "not registered in apm_fast.backends (not part of this "
-                                    "version of the package)")
-    for name in sorted(found):
-        out.setdefault(name, found[name])
-    return out
+__all__ = ["Context", "error_text", "free_memory"]
 
 
 def error_text(exc: BaseException) -> str:
@@ -52,13 +38,15 @@ class Context:
         self.device = torch.device(options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device: 'cuda' was asked for but torch sees no CUDA device")
-        self.amp_dtype = default_amp_dtype(self.device)
-        self.precision = dtype_name(self.amp_dtype)
+        # every path computes under bf16 autocast on a GPU (the precision of the spec's numbers),
+        # in fp32 on the CPU; the authors-style step uses fp16 with a GradScaler, as they do
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.precision = "bf16" if self.amp_dtype is not None else "fp32"
         dtype = ("bf16 autocast, fp32 weights" if self.amp_dtype is not None else "fp32")
         self.machine = machine_info(self.device, dtype)
         self.gate = GateReport()
         self.points = {}
-        self.backends = backend_status()
+        self.backends = available_backends()
         self.log = log
         self.started = time.perf_counter()
 
@@ -76,6 +64,46 @@ class Context:
     def fast_backends(self):
         """Backends other than the reference, in a fixed order, with their status."""
         return [(n, s) for n, s in self.backends.items() if n != "reference"]
+
+    def row(self, base: dict, status: str, name: str, measure: Callable[[], dict]) -> dict:
+        """One result row: ``base`` plus what ``measure()`` returns, or why it did not run
+        (``status`` of the backend it needs; ``name`` or the row's key excluded by --skip; the
+        time budget spent; the exception it raised). Logged either way."""
+        row = dict(base, status="ok", reason="")
+        if status != "available":
+            row.update(status="absent", reason=status)
+        elif self.skipped(name) or self.skipped(base.get("key", "")):
+            row.update(status="skipped", reason="excluded by --skip")
+        elif self.out_of_time():
+            row.update(status="skipped", reason=self.out_of_time())
+        else:
+            try:
+                row.update(measure())
+            except Exception as exc:  # one failing measurement must not stop the others
+                row.update(status="error", reason=error_text(exc))
+            free_memory(self.device)
+        what = row.get("key", name)
+        if row["status"] != "ok":
+            self.log(f"  {what:34s} {row['status']}: {row['reason'][:120]}")
+        elif "images_per_s" in row:
+            self.log(f"  {what:34s} {row['images_per_s']:10.1f} images/s")
+        elif "timing" in row:
+            self.log(f"  {what:34s} {row['timing']['median_ms']:10.4f} ms")
+        return row
+
+    def tiny_teacher(self):
+        """A CLIP of two tiny towers with random weights (the quick sizes' teacher)."""
+        import json
+        import tempfile
+
+        from ..teachers import OpenCLIPTeacher
+        from .clip_models import TINY_TEXT, TINY_VISION
+
+        folder = tempfile.mkdtemp(prefix="apm-bench-")
+        path = f"{folder}/apm-bench-tiny-clip.json"
+        with open(path, "w") as f:
+            json.dump({"embed_dim": 32, "vision_cfg": TINY_VISION, "text_cfg": TINY_TEXT}, f)
+        return OpenCLIPTeacher(path, None, device=self.device)
 
     # -- deterministic models and inputs ---------------------------------------------------
     def seed_for(self, preset: str) -> int:
@@ -101,10 +129,10 @@ class Context:
     def targets(self, model: APM, images: torch.Tensor, *, offset: int = 0) -> torch.Tensor:
         """Targets of the scale of the model's own output, so that the loss and its gradient
         depend on the output (a target far larger than z would hide errors in z)."""
-        from ..backends import get_backend
+        from .. import reference
 
         with torch.no_grad():
-            z = get_backend("reference").forward(model, images, want_grid=False).cls
+            z = reference.forward(model, images, want_grid=False)[0]
         gen = torch.Generator().manual_seed(12345 + offset)
         noise = torch.randn(z.shape, generator=gen).to(z.device)
         return (noise * z.std()).float()

@@ -20,8 +20,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..backends import get_backend
-from .amp import autocast, backend_precision
+from .. import reference
+from .timing import autocast
 
 __all__ = ["TOLERANCES", "UPDATE_TOLERANCE", "UPDATE_TOLERANCE_OWN", "GateCheck", "GateReport", "ReferencePoint",
            "relative_error", "gate_backend", "gate_step"]
@@ -133,13 +133,12 @@ class ReferencePoint:
 
     @classmethod
     def compute(klass, model, images, target=None, *, lr=1e-4, eps=1e-8):
-        ref = get_backend("reference")
         m64 = copy.deepcopy(model).double()
         with torch.no_grad():
-            out = ref.forward(m64, images.double(), want_grid=True)
-        point = klass(cls=out.cls, grid=out.grid, rgb=out.rgb)
+            cls, grid, rgb = reference.forward(m64, images.double(), want_grid=True)
+        point = klass(cls=cls, grid=grid, rgb=rgb)
         if target is not None and model.config.pool:
-            z = ref.forward(m64, images[:1].double(), want_grid=False).cls
+            z = reference.forward(m64, images[:1].double(), want_grid=False)[0]
             loss = F.mse_loss(z, target.double())
             names = [k for k, p in m64.named_parameters() if p.requires_grad]
             grads = torch.autograd.grad(loss, [p for k, p in m64.named_parameters() if p.requires_grad])
@@ -158,13 +157,15 @@ def _cat(tensors: Dict[str, torch.Tensor], names) -> Optional[torch.Tensor]:
 
 def gate_backend(report: GateReport, preset: str, name: str, model, images, target,
                  point: ReferencePoint, amp_dtype):
-    """Forward and gradients of backend ``name`` against the float64 reference."""
-    amp_dtype, precision = backend_precision(name, model.device, amp_dtype)
+    """Forward and gradients of backend ``name`` against the float64 reference (under the run's
+    autocast: every backend computes in the same precision)."""
+    from .steps import dtype_name
+
+    precision = dtype_name(amp_dtype)
     tol_f, tol_g = TOLERANCES[precision]
-    backend = get_backend(name, device=model.device)
     m = copy.deepcopy(model)
     with torch.no_grad(), autocast(m.device, amp_dtype):
-        out = backend.forward(m, images, want_grid=True)
+        out = m(images, backend=name)
     if m.config.pool:
         report.add(preset, name, "forward.cls", precision, relative_error(out.cls, point.cls), tol_f)
     report.add(preset, name, "forward.grid", precision, relative_error(out.grid, point.grid), tol_f)
@@ -173,7 +174,7 @@ def gate_backend(report: GateReport, preset: str, name: str, model, images, targ
     if point.grads is not None:
         m.zero_grad(set_to_none=True)
         with autocast(m.device, amp_dtype):
-            z = backend.forward(m, images[:1], want_grid=False).cls
+            z = m(images[:1], backend=name, want_grid=False).cls
         F.mse_loss(z.float(), target.float()).backward()
         names = list(point.grads)
         grads = {k: p.grad for k, p in m.named_parameters()}

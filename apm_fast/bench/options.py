@@ -10,11 +10,7 @@ from ..config import PRESETS, APMConfig, preset
 __all__ = ["SECTIONS", "BenchOptions", "quick_config"]
 
 # In the order they run (the gate runs before all of them).
-SECTIONS = ("step", "throughput", "forward", "scaling", "table4")
-
-# The fused backends the package is meant to have; listed (as absent, with the reason) even
-# before they are registered, so that a missing one is never skipped silently.
-EXPECTED_BACKENDS = ("reference", "torch", "triton", "cuda")
+SECTIONS = ("step", "throughput", "forward", "scaling", "table4", "primitives", "engine", "distributed")
 
 
 def quick_config(name: str, **overrides) -> APMConfig:
@@ -35,7 +31,7 @@ class BenchOptions:
     presets: Tuple[str, ...] = tuple(PRESETS)
     sections: Tuple[str, ...] = SECTIONS
     skip: Tuple[str, ...] = ()          # step implementations (keys) or backends to leave out
-    out: Optional[str] = "benchmarks/results"
+    out: Optional[str] = "bench-results"
     repeats: int = 20
     warmup: int = 3
     seed: int = 0
@@ -52,7 +48,9 @@ class BenchOptions:
     authors_chunk: int = 16
     # (b) throughput
     throughput_images: int = 20
-    students: Optional[int] = None                      # None: the engine decides
+    students: Optional[int] = None                      # None: the engine decides (end to end)
+    students_list: Tuple[int, ...] = (1, 8, 32, 64)     # side by side
+    e2e_images: int = 512                               # end to end (0: not run)
     # (c) forward
     forward_batches: Tuple[int, ...] = (1, 64)
     # (d) scaling
@@ -67,6 +65,14 @@ class BenchOptions:
     tpt_views: int = 64
     tpt_prompts: int = 1000
     t_max: int = 20
+    # (f) primitives: every primitive of every table at these images per student
+    primitive_batches: Tuple[int, ...] = (1, 64)
+    primitives_preset: str = "ttt-l14"
+    # (g) engine: the engine's own gate, memory per student, where the time goes
+    engine_preset: str = "ttt-l14"
+    profile_students: Tuple[int, ...] = (1, 64)
+    # (h) distributed (under torchrun): images of mode 1, timed steps of mode 2
+    dist_images: int = 64
     # free-form preset overrides applied on top of the quick shrink (e.g. {"grid": 6})
     overrides: dict = field(default_factory=dict)
 
@@ -88,7 +94,8 @@ class BenchOptions:
         """Sizes for the CPU: tiny presets, small batches, short scaling sweep, small towers."""
         base = dict(quick=True, forward_batches=(1, 4), scaling_grids=(4, 8, 16),
                     scaling_chunk=64, throughput_images=20, tpt_views=4, tpt_prompts=8,
-                    compile_presets=("ttt-l14",))
+                    compile_presets=("ttt-l14",), students_list=(1, 3), e2e_images=6,
+                    primitive_batches=(1, 2), profile_students=(1,), dist_images=4)
         base.update(kw)
         return cls(**base)
 

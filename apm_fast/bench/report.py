@@ -5,7 +5,7 @@ from typing import Dict, List
 
 from . import spec_numbers
 
-__all__ = ["finalize", "format_section", "format_gate", "fmt_bytes", "fmt_flops"]
+__all__ = ["finalize", "format_section", "format_gate", "fmt_bytes", "fmt_flops", "summary_lines"]
 
 _SPEEDUP_FIELDS = ("speedup_vs_eager", "speedup_vs_authors", "speedup_vs_reference",
                    "speedup_vs_clip")
@@ -182,11 +182,36 @@ def format_section(name: str, result: dict) -> List[str]:
                        "notes"], body)
     elif name == "table4":
         out += format_table4(result)
+    elif result.get("columns"):
+        out += _generic(result)
     for n in result.get("notes", []):
         out.append(f"note: {n}")
     if result.get("speedups_suppressed"):
         out.append(f"SPEEDUPS SUPPRESSED: {result['speedups_suppressed']}")
     return out
+
+
+def _cell(row, path):
+    v = row
+    for part in path.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return fmt_bytes(v) if path.endswith("bytes") else f"{v:.4g}"
+    if isinstance(v, int) and path.endswith("bytes"):
+        return fmt_bytes(v)
+    return str(v)
+
+
+def _generic(result: dict) -> List[str]:
+    """The table of a section that names its ``columns`` ((label, dotted key) pairs)."""
+    cols = result["columns"]
+    body = [[_cell(r, k) for _, k in cols] + [r.get("reason", "") if r.get("status") != "ok" else ""]
+            for r in result.get("rows", [])]
+    return _table([label for label, _ in cols] + ["notes"], body)
 
 
 def _fmt_params(n) -> str:
@@ -244,3 +269,56 @@ def format_table4(result: dict) -> List[str]:
             for d in table4_rows(result)]
     return _table(["model", "role", "params", "peak memory", "FLOPs t=1 (analytic)",
                    f"FLOPs t={t_max} (analytic)", f"t={t_max} measured"], body)
+
+
+def summary_lines(result) -> List[str]:
+    """A few lines with the numbers that matter (printed last), beside the spec's H100 numbers."""
+    lines = [f"gate: {'PASSED' if result.gate_passed else 'FAILED'}"]
+    s = result.sections
+    steps = s.get("ttt_step", {}).get("rows", [])
+    for preset in dict.fromkeys(r["preset"] for r in steps):
+        parts = []
+        for r in steps:
+            if r["preset"] != preset:
+                continue
+            if r.get("status") == "ok":
+                x = r.get("speedup_vs_eager")
+                parts.append(f"{r['key']} {r['timing']['median_ms']:.3f} ms"
+                             + (f" ({x:.1f}x)" if x else "") + f" {fmt_bytes(r.get('peak_bytes'))}")
+            elif r.get("status") == "error":
+                parts.append(f"{r['key']} ERROR")
+        lines.append(f"step {preset}: " + "; ".join(parts))
+    lines.append("spec H100 ttt-l14: " + ", ".join(f"{k} {v} ms" for k, v in spec_numbers.H100_TTT_STEP_MS.items()))
+    for r in s.get("throughput", {}).get("rows", []) + s.get("distributed", {}).get("rows", []):
+        if r.get("status") == "ok" and "images_per_s" in r:
+            lines.append(f"throughput {r['preset']} {r['key']}: {r['images_per_s']:.1f} images/s")
+    for r in s.get("primitives", {}).get("rows", []):
+        if r.get("status") == "ok" and r.get("vs_best", 1.0) > 1.15:
+            lines.append(f"primitive {r['key']}: {r['vs_best']:.2f}x the best table")
+    fwd = [r for r in s.get("forward", {}).get("rows", []) if r.get("status") == "ok" and "timing" in r]
+    for key in dict.fromkeys((r["preset"], r["batch"], r["mode"]) for r in fwd):
+        if key[2] == "grid" and any(r["mode"] == "pooled" for r in fwd if r["preset"] == key[0]):
+            continue
+        cells = [f"{r['backend']} {r['ms_per_image']:.4f} ms ({r['tflops']:.0f} TF/s)"
+                 for r in fwd if (r["preset"], r["batch"], r["mode"]) == key]
+        lines.append(f"forward {key[0]} B={key[1]} {key[2]} per image: " + ", ".join(cells))
+    sc = [r for r in s.get("scaling", {}).get("rows", []) if r.get("status") == "ok"]
+    if sc:
+        top = max(r["queries"] for r in sc)
+        for r in sc:
+            if r["queries"] == top:
+                lines.append(f"scaling L={top} {r['model']}: {r['timing']['median_ms']:.2f} ms, "
+                             f"peak {fmt_bytes(r.get('peak_bytes'))}")
+    for r in s.get("table4", {}).get("rows", []):
+        if r.get("status") == "ok":
+            peak = r.get("peak_bytes")
+            peak = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in peak.items()) if isinstance(peak, dict) \
+                else fmt_bytes(peak)
+            lines.append(f"table4 {r['name']}: {r['params'] / 1e6:.1f} M params, peak {peak}")
+    for name, sec in s.items():
+        errs = [r for r in sec.get("rows", []) if r.get("status") == "error"]
+        if sec.get("error") or errs:
+            lines.append(f"ERRORS in {name}: " + (sec.get("error") or "")
+                         + "; ".join(f"{r.get('key') or r.get('model') or r.get('name')}: {r['reason']}"
+                                     for r in errs[:5]))
+    return lines

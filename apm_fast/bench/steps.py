@@ -9,9 +9,9 @@ target, and offers the same four calls:
 * ``grads()``: the parameter gradients of the last step by name, or None where the
   implementation keeps them out of sight.
 
-All of them call the backend's ``forward`` directly: the model's ``__call__`` validates its input
-on every call (a host synchronisation), which a timed loop and a captured graph must not contain;
-the input is validated once when the benchmark builds it.
+All of them call the forward without the model's input validation (a host synchronisation, which
+a timed loop and a captured graph must not contain): the input is validated once when the
+benchmark builds it. Every implementation computes under the run's autocast (bf16 on a GPU).
 """
 from __future__ import annotations
 
@@ -21,11 +21,36 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import reference
 from ..backends import get_backend
-from ..backends.reference import columns
-from .amp import autocast, backend_precision, dtype_name
+from ..ops.autograd import fused_forward
+from ..ops.precision import compute_dtype
+from ..ttt import TestTimeTrainer
+from ..ttt.graph import capture_phases
+from .timing import autocast
 
-__all__ = ["StepImpl", "EagerStep", "CompiledStep", "GraphStep", "AuthorsStyleStep", "EngineStep"]
+__all__ = ["StepImpl", "EagerStep", "CompiledStep", "GraphStep", "AuthorsStyleStep", "EngineStep",
+           "forward_fn", "dtype_name"]
+
+
+def dtype_name(dtype) -> str:
+    if dtype is None:
+        return "fp32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+            torch.float64: "fp64"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def forward_fn(backend: str, device):
+    """``fn(model, images, want_grid) -> (cls, grid)``: the model's forward through ``backend``
+    without the input checks (the caller has made them), in the dtype autocast says."""
+    if backend == "reference":
+        return lambda model, images, want_grid=True: reference.forward(model, images, want_grid=want_grid)[:2]
+    prim = get_backend(backend, device=device)
+
+    def fn(model, images, want_grid=True):
+        cls, f = fused_forward(prim, model, images, compute_dtype(model.dtype, images.device))
+        return cls, f
+    return fn
 
 
 class StepImpl:
@@ -93,8 +118,7 @@ class EagerStep(StepImpl):
     def __init__(self, model, image, target, *, backend="reference", **kw):
         super().__init__(model, image, target, **kw)
         self.backend = backend
-        self._forward = get_backend(backend, device=self.device).forward
-        self.amp_dtype, self._precision = backend_precision(backend, self.device, self.amp_dtype)
+        self._forward = forward_fn(backend, self.device)
         self.key = "eager" if backend == "reference" else backend
         cuda = self.device.type == "cuda"
         if backend == "reference":
@@ -105,7 +129,7 @@ class EagerStep(StepImpl):
 
     def _loss(self):
         with autocast(self.device, self.amp_dtype):
-            z = self._forward(self.model, self.image, want_grid=False).cls
+            z = self._forward(self.model, self.image, want_grid=False)[0]
         return F.mse_loss(z.float(), self.target)
 
     def step(self):
@@ -136,7 +160,7 @@ class CompiledStep(EagerStep):
         m.pos_out = lambda dtype=None, device=None: pos_out[dtype or torch.float32]
 
         def loss_fn(model, image, target):
-            z = forward(model, image, want_grid=False).cls
+            z = forward(model, image, want_grid=False)[0]
             return F.mse_loss(z.float(), target)
 
         self._compiled = torch.compile(loss_fn)
@@ -153,47 +177,42 @@ class CompiledStep(EagerStep):
 class GraphStep(EagerStep):
     """The whole step captured once in a CUDA graph and replayed: forward, backward and a
     capturable fused Adam (its step count lives on the device), the recipe of PyTorch's
-    "whole network capture"."""
+    "whole network capture", through the engine's capture (``apm_fast.ttt.graph``)."""
 
-    def __init__(self, model, image, target, *, backend="torch", warmup=3, **kw):
+    def __init__(self, model, image, target, *, backend="torch", **kw):
         if torch.device(model.device).type != "cuda":
-            raise RuntimeError("graph capture: needs a CUDA device, the model is on "
-                               f"{model.device}")
+            raise RuntimeError(f"graph capture: needs a CUDA device, the model is on {model.device}")
         super().__init__(model, image, target, backend=backend, **kw)
         self.key = f"{backend}+graph" if backend != "reference" else "eager+graph"
         self.label = f"{backend} backend, CUDA graph" if backend != "reference" else \
             "plain eager PyTorch, CUDA graph"
         self.opt = self._adam(fused=True, capturable=True)
-        self._warmup = int(warmup)
         self._graph = None
         self._static_loss = None
 
-    def _loss(self):
+    def _captured_step(self):
         # the autocast weight cache must not live across the captured region
         with autocast(self.device, self.amp_dtype, cache_enabled=False):
-            z = self._forward(self.model, self.image, want_grid=False).cls
-        return F.mse_loss(z.float(), self.target)
+            z = self._forward(self.model, self.image, want_grid=False)[0]
+        loss = F.mse_loss(z.float(), self.target)
+        loss.backward()
+        self.opt.step()
+        self._static_loss = loss.detach()
 
     def prepare(self):
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            for _ in range(self._warmup):
-                EagerStep.step(self)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        self.opt.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's pool
-        with torch.cuda.graph(self._graph):
-            loss = self._loss()
-            loss.backward()
-            self.opt.step()
-        self._static_loss = loss.detach()
+        self.opt.zero_grad(set_to_none=False)
+        graphs = capture_phases({"step": self._captured_step}, self.reset, self.device, key=self.key)
+        if graphs is None:
+            raise RuntimeError("CUDA graph capture of the step failed (see the warning)")
+        self._graph = graphs["step"]
         self.reset()
 
     @torch.no_grad()
     def reset(self):
         for k, p in self.model.named_parameters():
             p.copy_(self.snapshot[k])
+            if p.grad is not None:
+                p.grad.zero_()            # gradients accumulate into the captured buffers
         # in place: the captured graph holds these very tensors
         for state in self.opt.state.values():
             for v in state.values():
@@ -239,7 +258,7 @@ class AuthorsStyleStep(StepImpl):
 
     def _forward(self):
         m, c = self.model, self.model.config
-        x = columns(m, self._images)                         # copies x L x 2G^2
+        x = reference.columns(m, self._images)               # copies x L x 2G^2
         b, l = x.shape[0], x.shape[1]
         flat = x.reshape(b * l, x.shape[2])
         outs = []
@@ -282,32 +301,31 @@ class AuthorsStyleStep(StepImpl):
 
 
 class EngineStep(StepImpl):
-    """The GPU engine's graph-captured step (see :mod:`apm_fast.bench.engine_probe`)."""
+    """The engine's graph-captured step (``TestTimeTrainer(...).program(1)``) through a table."""
 
-    key = "engine"
-    label = "engine, graph-captured step"
-
-    def __init__(self, model, image, target, *, factory, backend=None, **kw):
+    def __init__(self, model, image, target, *, backend, **kw):
         super().__init__(model, image, target, **kw)
         self.backend = backend
-        self._step = factory(self.model, self.image, self.target, backend=backend, lr=self.lr,
-                             betas=self.betas, eps=self.eps)
+        self.key = f"engine/{backend}"
+        self.label = f"engine, {backend} table, graph-captured step"
+        # the losses buffer holds one column per step: sized for every call of a timing run
+        trainer = TestTimeTrainer(self.model, steps=1 << 14, lr=self.lr, betas=self.betas, eps=self.eps,
+                                  backend=backend, students=1, precision=self.amp_dtype or self.model.dtype)
+        self._prog = trainer.program(1)
+        self._prog.load(self.image, self.target)
 
     def prepare(self):
-        self._step()
+        self.step()
         self.reset()
 
     def reset(self):
-        reset = getattr(self._step, "reset", None)
-        if reset is None:
-            raise RuntimeError("engine step: expected a .reset() on the object make_step returns")
-        reset()
+        self._prog.reset()
 
     def step(self):
-        return self._step()
+        return self._prog.step()[0, self._prog.t_idx[0] - 1]
 
     def grads(self):
-        return None  # the engine may keep gradients in its own buffers
+        return None  # the engine keeps gradients in its own flat buffers
 
     def params(self):
         return None  # ... and its weights: the gate then checks the loss only

@@ -62,6 +62,12 @@ def _jsonable(x):
     return str(x)
 
 
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 def _gate_inputs(ctx, preset):
     model = ctx.model(preset)
     images = torch.cat([ctx.images(preset, 1), ctx.images(preset, 1, offset=1)])
@@ -122,6 +128,8 @@ def _plot(path: Path, log):
 
 
 def run_suite(options: BenchOptions, log: Callable[[str], None] = print) -> SuiteResult:
+    if _rank() != 0:                 # under torchrun only rank 0 prints and writes
+        options, log = options.replace(out=None, plots=False), (lambda line: None)
     ctx = Context(options, log)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out_dir = results_dir(options, ctx.machine)

@@ -16,7 +16,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-__all__ = ["MIN_REPEATS", "Timing", "measure", "summarize", "quantile", "PeakMemory", "peak_memory", "synchronize"]
+__all__ = ["MIN_REPEATS", "Timing", "measure", "measure_graph", "summarize", "quantile", "PeakMemory",
+           "peak_memory", "synchronize", "autocast"]
 
 # The harness never reports a spread from fewer samples than this.
 MIN_REPEATS = 20
@@ -102,6 +103,38 @@ def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 3,
             samples.append((time.perf_counter() - t0) * 1e3)
     return summarize(samples, clock="cuda-events" if cuda else "perf_counter", warmup=warmup,
                      keep_samples=keep_samples)
+
+
+def measure_graph(fn: Callable[[], object], *, device, inner: int = 5, warmup: int = 2,
+                  repeats: int = MIN_REPEATS, reset: Callable[[], None] = lambda: None,
+                  keep_samples: bool = True) -> Timing:
+    """Device time per call of ``fn``: ``inner`` calls captured in one CUDA graph (the engine's
+    capture, ``apm_fast.ttt.graph``: warm-up on a side stream, ``reset`` before each), each replay
+    timed; so launch overheads do not count. Where capture is impossible (the CPU, an op that
+    synchronizes) the calls are timed eagerly, ``clock`` says which."""
+    from ..ttt.graph import capture_phases
+
+    graphs = None
+    if torch.device(device).type == "cuda":
+        graphs = capture_phases({"calls": lambda: [fn() for _ in range(inner)]}, reset, device,
+                                warmup=warmup, key=f"bench-{getattr(fn, '__name__', 'fn')}")
+    if graphs is None:
+        return measure(fn, device=device, warmup=warmup, repeats=repeats, keep_samples=keep_samples)
+    t = measure(graphs["calls"].replay, device=device, warmup=1, repeats=repeats, keep_samples=keep_samples)
+    scaled = {k: (v / inner if k.endswith("_ms") else v) for k, v in t.to_dict().items()}
+    scaled["samples_ms"] = [v / inner for v in t.samples_ms]
+    scaled["clock"] = f"cuda-graph replay of {inner} calls"
+    return Timing(**scaled)
+
+
+def autocast(device, dtype, *, cache_enabled: bool = True):
+    """``torch.autocast`` for ``dtype`` (None: a no-op context). Graph capture needs
+    ``cache_enabled=False``: the autocast weight cache must not outlive the captured region."""
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Dict, Tuple
 
 import torch
 
-__all__ = ["PRIMITIVES", "Primitives", "TorchPrimitives", "acc_dtype_for", "empty", "OUTPUTS"]
+__all__ = ["PRIMITIVES", "Primitives", "TorchPrimitives", "acc_dtype_for", "empty", "OUTPUTS", "first_layer_act"]
 
 # name -> the torch.library schema of the primitive (library.py registers one op per table and name)
 PRIMITIVES: Dict[str, str] = {
@@ -338,6 +338,15 @@ def _mm(a, b, acc):
     return torch.bmm(a.to(acc), b.to(acc))
 
 
+def first_layer_act(p, u):
+    """The first layer's activation ReLU(p[s, l] + u[s, b]) as (S, B*L, H1) in p's dtype: what the
+    fused kernels build on the fly (tests and the sweep compare against it)."""
+    s, l, h1 = p.shape
+    acc = acc_dtype_for(p.dtype)
+    a = torch.relu(p.to(acc)[:, None, :, :] + u.to(acc)[:, :, None, :])
+    return a.reshape(s, -1, h1).to(p.dtype)
+
+
 class TorchPrimitives(Primitives):
     """The plain-PyTorch table (any device, any dtype): the definition of every primitive."""
 
@@ -353,16 +362,8 @@ class TorchPrimitives(Primitives):
             y = torch.relu(y)
         return y.to(out_dtype or w.dtype)
 
-    @staticmethod
-    def _act(p, u):
-        """ReLU(p[s, l] + u[s, b]) as (S, B*L, H1) in p's dtype."""
-        s, l, h1 = p.shape
-        acc = acc_dtype_for(p.dtype)
-        a = torch.relu(p.to(acc)[:, None, :, :] + u.to(acc)[:, :, None, :])
-        return a.reshape(s, -1, h1).to(p.dtype)
-
     def _first_layer_linear(self, p, u, w, b, relu, out_dtype):
-        return self._linear(self._act(p, u), w, b, relu, out_dtype)
+        return self._linear(first_layer_act(p, u), w, b, relu, out_dtype)
 
     def _linear_bwd_input(self, dy, w, mask, out_dtype):
         dx = _mm(dy.to(w.dtype), w, acc_dtype_for(w.dtype))
@@ -377,7 +378,7 @@ class TorchPrimitives(Primitives):
         return _copy_out(dw, out), _copy_out(db, out_db)
 
     def _first_layer_bwd_weight(self, dy, p, u, bias, out=None, out_db=None):
-        return self._linear_bwd_weight(dy, self._act(p, u), bias, out, out_db)
+        return self._linear_bwd_weight(dy, first_layer_act(p, u), bias, out, out_db)
 
     def _first_layer_bwd_input(self, dy, w, p, u, out_dtype):
         s, l, h1 = p.shape

@@ -72,10 +72,13 @@ class StudentProgram:
                                     compute_dtype=compute_dtype, device=dev,
                                     lowp_names=gemm_weight_names(config))
             self.shards = shards
-            # this program's rows of the queries: all of them, or one rank's slice (shards)
-            rows = slice(*shards.rows(c.queries)) if shards is not None else slice(None)
-            self.pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=compute_dtype, device=dev)[rows]
-            self.pos_out = position_code(c.dim, c.grid, c.grid, dtype=compute_dtype, device=dev)[rows]
+            # this program's rows of the queries: all of them (the shared cached codes), or one
+            # rank's slice (shards)
+            self.pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
+            self.pos_out = position_code(c.dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
+            if shards is not None:
+                a, b = shards.rows(c.queries)
+                self.pos_in, self.pos_out = self.pos_in[a:b], self.pos_out[a:b]
             px = c.image_size
             self.images = torch.zeros(s, 1, c.in_chans, px, px, dtype=self.acc, device=dev)
             self.targets = torch.zeros(s, c.dim, dtype=self.acc, device=dev)

@@ -1,6 +1,7 @@
 """The benchmark's sections, in the order they run (after the gate). Each module has ``NAME``
-(its JSON file's name) and ``run(ctx) -> dict`` with at least ``rows``."""
-from . import forward, scaling, step, table4, throughput
+(its JSON file's name) and ``run(ctx) -> dict`` with at least ``rows`` (and ``columns`` for the
+generic printed table)."""
+from . import distributed, engine, forward, primitives, scaling, step, table4, throughput
 
 # option name (--only) -> module
 SECTION_MODULES = {
@@ -9,6 +10,9 @@ SECTION_MODULES = {
     "forward": forward,
     "scaling": scaling,
     "table4": table4,
+    "primitives": primitives,
+    "engine": engine,
+    "distributed": distributed,
 }
 
 __all__ = ["SECTION_MODULES"]

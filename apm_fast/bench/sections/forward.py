@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ...backends import get_backend
-from ..amp import autocast, backend_precision
+from ..steps import forward_fn
+from ..timing import autocast
 from ..context import error_text, free_memory
 from ..flops import apm_flops
 from ..timing import measure, peak_memory
@@ -29,8 +29,8 @@ def run(ctx) -> dict:
                                  reason=status if status != "available" else "excluded by --skip"))
                 continue
             form = "plain" if name == "reference" else "rewritten"
-            backend = get_backend(name, device=ctx.device)
-            amp, prec = backend_precision(name, ctx.device, ctx.amp_dtype)
+            fwd = forward_fn(name, ctx.device)
+            amp, prec = ctx.amp_dtype, ctx.precision
             for batch in o.forward_batches:
                 images = ctx.images(preset, batch, offset=200)
                 flops = apm_flops(cfg, form=form, batch=batch)["forward"]
@@ -43,7 +43,7 @@ def run(ctx) -> dict:
                         continue
 
                     def fn(want_grid=(mode == "grid")):
-                        return backend.forward(model, images, want_grid=want_grid, want_rgb=False)
+                        return fwd(model, images, want_grid=want_grid)
 
                     try:
                         with torch.inference_mode(), autocast(ctx.device, amp):

@@ -1,7 +1,7 @@
 """(d) Scaling with the number of location queries (the authors' Figure 2).
 
 APM: one image's trigger, then G_q x G_q location queries streamed in chunks (memory bounded by
-the chunk, see :mod:`apm_fast.ops.chunked`) through the torch backend's primitives (cuBLAS GEMMs;
+the chunk, ``apm_fast.ops.driver.columns``) through the torch table (cuBLAS GEMMs;
 the Triton primitives, launched eagerly chunk after chunk, measured 27.7 ms against 12.4 ms at
 50,176 queries on the H100: their per-launch host cost dominates), pooled output. CLIP: open_clip's ViT image tower fed
 the same number of patch tokens (an image of G_q * patch pixels a side). Both at batch 1 under the
@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 
 from ...model import APM
-from ..amp import autocast
-from ..chunked import chunked_forward
+from ...backends import get_backend
+from ...ops.driver import columns, weight_names
+from ...ops.precision import compute_dtype
 from ..clip_models import build_clip, tower_flops, tower_patch
 from ..context import error_text, free_memory
 from ..flops import apm_flops
-from ..timing import measure, peak_memory
+from ..timing import autocast, measure, peak_memory
 
 __all__ = ["run", "NAME"]
 
@@ -39,8 +40,11 @@ def _apm_point(ctx, cfg, g):
         torch.manual_seed(ctx.seed_for(o.scaling_preset))
         model = APM(cfg, device=ctx.device).eval()
         backend = "torch"
-        fn = lambda: chunked_forward(model, image, query_grid=g, chunk=o.scaling_chunk, backend=backend)
+        prim = get_backend(backend, device=ctx.device)
+        w = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters() if n in weight_names(cfg)}
         with torch.inference_mode(), autocast(ctx.device, ctx.amp_dtype):
+            cdt = compute_dtype(model.dtype, ctx.device)
+            fn = lambda: columns(prim, w, image, cfg, cdt=cdt, chunk=o.scaling_chunk, query_grid=g, want_grid=False)
             timing = measure(fn, device=ctx.device, warmup=o.warmup, repeats=o.repeats)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"timing": timing.to_dict(), "peak_bytes": pm.peak_bytes, "weights_bytes": weights,

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..context import error_text, free_memory
-from ..engine_probe import find_step_factory
 from ..flops import apm_flops
 from ..gate import gate_step
 from ..steps import AuthorsStyleStep, CompiledStep, EagerStep, EngineStep, GraphStep
@@ -68,34 +67,21 @@ def candidates(ctx, preset):
         comp.factory = lambda m, i, t: CompiledStep(m, i, t, backend="reference", **kw)
     add(comp)
 
-    for name, status in ctx.fast_backends():
-        eager = Candidate(name, f"{name} backend, eager", name, "rewritten")
-        graph = Candidate(f"{name}+graph", f"{name} backend, CUDA graph", name, "rewritten")
-        if status != "available":
-            for c in (eager, graph):
+    for name, status in ctx.fast_backends():   # every table: eager, whole step graph-captured, engine
+        row = [Candidate(name, f"{name} backend, eager", name, "rewritten"),
+               Candidate(f"{name}+graph", f"{name} backend, CUDA graph", name, "rewritten"),
+               Candidate(f"engine/{name}", f"engine, {name} table, graph-captured step", name, "rewritten")]
+        kinds = (EagerStep, GraphStep, EngineStep)
+        for c, kind in zip(row, kinds):
+            if status != "available":
                 c.status, c.reason = "absent", status
-        else:
-            eager.factory = (lambda n: lambda m, i, t: EagerStep(m, i, t, backend=n, **kw))(name)
-            if cuda:
-                graph.factory = (lambda n: lambda m, i, t: GraphStep(m, i, t, backend=n, **kw))(name)
+            elif kind is not EagerStep and not cuda:
+                c.status, c.reason = "absent", "CUDA graphs need a CUDA device"
+            elif ctx.skipped(name):
+                c.status, c.reason = "skipped", "excluded by --skip"
             else:
-                graph.status, graph.reason = "absent", "CUDA graphs need a CUDA device"
-        if ctx.skipped(name):
-            for c in (eager, graph):
-                if c.factory is not None:
-                    c.factory, c.status, c.reason = None, "skipped", "excluded by --skip"
-        add(eager)
-        add(graph)
-
-    engine = Candidate("engine", EngineStep.label, None, "rewritten")
-    factory, why = find_step_factory()
-    if factory is None:
-        engine.status, engine.reason = "absent", why
-    elif not cuda:
-        engine.status, engine.reason = "absent", "the engine's captured step needs a CUDA device"
-    else:
-        engine.factory = lambda m, i, t: EngineStep(m, i, t, factory=factory, lr=o.lr)
-    add(engine)
+                c.factory = (lambda k, n: lambda m, i, t: k(m, i, t, backend=n, **kw))(kind, name)
+            add(c)
     return out
 
 

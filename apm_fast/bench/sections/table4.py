@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...backends import default_backend_name, get_backend
-from ..amp import autocast
+from ...backends import default_backend
+from ..timing import autocast
 from ..clip_models import TPTStep, build_clip, text_tower_flops, tower_flops, tower_params
 from ..context import error_text, free_memory
 from ..flops import apm_flops, count_flops
-from ..steps import EagerStep
+from ..steps import EagerStep, forward_fn
 from ..timing import measure, peak_memory
 
 __all__ = ["run", "NAME"]
@@ -31,7 +31,7 @@ def _by_t(per_step, once, t_max):
 
 
 def _measured_apm(model, image, target, backend, amp_dtype):
-    fwd = get_backend(backend, device=model.device).forward
+    fwd = forward_fn(backend, model.device)
 
     def forward():
         # with autograd on: the counter's module tracker trips over nn.MultiheadAttention's
@@ -41,7 +41,7 @@ def _measured_apm(model, image, target, backend, amp_dtype):
 
     def step():
         with autocast(model.device, amp_dtype):
-            z = fwd(model, image, want_grid=False).cls
+            z = fwd(model, image, want_grid=False)[0]
         F.mse_loss(z.float(), target).backward()
 
     f = count_flops(forward)
@@ -69,7 +69,7 @@ def _student(ctx, preset):
     row["flops"] = flops
     # peak memory of a whole TTT run (t_max steps), for the plain eager step and the package's
     # default backend on this device
-    fast = default_backend_name(ctx.device)
+    fast = default_backend(ctx.device)
     peaks = {}
     for label, backend in (("plain eager", "reference"), (f"{fast} backend", fast)):
         impl = None

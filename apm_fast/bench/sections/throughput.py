@@ -1,18 +1,23 @@
-"""(b) TTT throughput: images per second of whole TTT runs (``ttt_steps`` steps each, teacher
-excluded), one image at a time through :class:`apm_fast.TestTimeTrainer` for every backend, and
-many students side by side through the GPU engine where it exists.
+"""(b) TTT throughput: images per second of whole TTT runs (``ttt_steps`` steps each).
 
-One-at-a-time rows use the per-image wall times that ``TestTimeTrainer.fit`` records as samples
-(``throughput_images`` >= 20 images); the engine's row times whole ``fit`` calls.
+* one image at a time through :class:`apm_fast.TestTimeTrainer` for every backend (``reference``:
+  the autograd loop; a table: the engine at S = 1), from the per-image times it records;
+* students side by side on the engine, for every table and every S of ``students_list``
+  (teacher excluded), from whole ``fit`` calls;
+* end to end: :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
+  teacher of random weights (same cost as real ones), loader, teacher and students overlapped,
+  beside the teacher alone at the same batch.
 """
 from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
 from ...ttt import TestTimeTrainer
-from ..amp import autocast, backend_precision
 from ..context import error_text, free_memory
-from ..engine_probe import find_side_by_side
 from ..timing import measure, peak_memory, summarize
 
 __all__ = ["run", "NAME"]
@@ -24,22 +29,88 @@ def _targets(ctx, model, images):
     return torch.cat([ctx.targets(model, images[i:i + 1], offset=i) for i in range(images.shape[0])])
 
 
-def _one_at_a_time(ctx, preset, name, model, images, targets):
+def _trainer(ctx, model, backend, students):
     o = ctx.options
-    # students=1: one image at a time (through the engine's captured step where the backend has
-    # a primitive table, the plain autograd loop otherwise)
-    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=name, students=1)
-    amp, prec = backend_precision(name, ctx.device, ctx.amp_dtype)
-    with autocast(ctx.device, amp):
-        trainer.fit(images[:1], targets[:1])                    # warm-up
-        with peak_memory(ctx.device) as pm:
-            result = trainer.fit(images, targets)
+    prec = None if backend == "reference" else (ctx.amp_dtype or model.dtype)
+    return TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec)
+
+
+def _one_at_a_time(ctx, name, model, images, targets):
+    trainer = _trainer(ctx, model, name, 1)
+    trainer.fit(images[:1], targets[:1])                    # warm-up (capture, autotuning)
+    with peak_memory(ctx.device) as pm:
+        result = trainer.fit(images, targets)
     samples = [s * 1e3 for s in result.seconds]
-    n = len(samples)
     timing = summarize(samples, clock="perf_counter (per image, synchronized)", warmup=1)
-    return {"timing": timing.to_dict(), "images": n, "precision": prec, "images_per_s": 1e3 / timing.median_ms,
-            "images_per_s_mean": n / sum(result.seconds), "peak_bytes": pm.peak_bytes,
-            "final_loss_median": float(result.losses[:, -1].median())}
+    return {"timing": timing.to_dict(), "images": len(samples), "precision": trainer.precision,
+            "images_per_s": 1e3 / timing.median_ms, "images_per_s_mean": len(samples) / sum(result.seconds),
+            "peak_bytes": pm.peak_bytes, "final_loss_median": float(result.losses[:, -1].median())}
+
+
+def _side_by_side(ctx, preset, name, model, s):
+    o = ctx.options
+    images = ctx.images(preset, 2 * s, offset=300)
+    targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
+    with peak_memory(ctx.device) as pm:
+        trainer = _trainer(ctx, model, name, s)
+        trainer.fit(images[:s], targets[:s])                # build, capture, warm
+        timing = measure(lambda: trainer.fit(images, targets), device=ctx.device, warmup=0,
+                         repeats=max(20, o.repeats))
+    return {"timing": timing.to_dict(), "images": 2 * s, "students": s, "precision": trainer.precision,
+            "images_per_s": 2 * s * 1e3 / timing.median_ms, "peak_bytes": pm.peak_bytes,
+            "peak_bytes_per_student": None if pm.peak_bytes is None else pm.peak_bytes / s,
+            "mode": trainer.engine.mode}
+
+
+def _jpegs(n, folder):
+    """``n`` photo-sized JPEGs (500 x 375, smooth gradients plus noise) written to ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+    paths = []
+    for i in range(n):
+        a, b, c = rng.uniform(0.005, 0.03, 3)
+        base = np.stack([np.sin(xx * a + i), np.cos(yy * b + 2 * i), np.sin((xx + yy) * c)], -1)
+        img = ((base * 0.4 + 0.5 + rng.normal(0, 0.05, base.shape)) * 255).clip(0, 255).astype(np.uint8)
+        paths.append(str(Path(folder) / f"img_{i:04d}.jpg"))
+        Image.fromarray(img).save(paths[-1], quality=90)
+    return paths
+
+
+def _end_to_end(ctx, preset, tower, name):
+    """Images/s of the whole pipeline (loader, teacher, students, logits) on generated JPEGs."""
+    import warnings
+
+    from ...classify import iter_classify
+    from ...model import APM
+    from ...teachers import OpenCLIPTeacher
+    from ...teachers.prompts import imagenet_classnames
+
+    o = ctx.options
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = (ctx.tiny_teacher() if o.quick else OpenCLIPTeacher(tower, None, device=ctx.device))
+    cfg = ctx.options.config(preset).replace(dim=teacher.dim)
+    torch.manual_seed(ctx.seed_for(preset))
+    trainer = _trainer(ctx, APM(cfg, device=ctx.device), name, o.students)
+    classes = list(imagenet_classnames()) if not o.quick else [f"class {i}" for i in range(10)]
+    with tempfile.TemporaryDirectory() as tmp:
+        files = _jpegs(o.e2e_images, tmp)
+        s = trainer.students_for(len(files))
+        for _ in iter_classify(trainer, files[:s], teacher, classes):     # build, capture, warm
+            pass
+        t0 = time.perf_counter()
+        n = sum(1 for r in iter_classify(trainer, files, teacher, classes) if r.error is None)
+        seconds = time.perf_counter() - t0
+        from ...images import to_pil
+        xb = torch.stack([teacher.preprocess(to_pil(f)) for f in files[:s]]).to(ctx.device)
+    teacher.embed_images(xb)
+    t = measure(lambda: teacher.embed_images(xb), device=ctx.device, warmup=1, repeats=20)
+    return {"images": n, "students": s, "seconds": seconds, "images_per_s": n / seconds,
+            "teacher": teacher.name, "teacher_only_images_per_s": s * 1e3 / t.median_ms,
+            "classes": len(classes), "precision": trainer.precision, "mode": trainer.engine.mode}
 
 
 def run(ctx) -> dict:
@@ -49,60 +120,22 @@ def run(ctx) -> dict:
         model = ctx.model(preset)
         images = ctx.images(preset, o.throughput_images, offset=100)
         targets = _targets(ctx, model, images)
+        tables = [n for n, st in ctx.backends.items() if n != "reference"]
         for name, status in ctx.backends.items():
-            row = {"preset": preset, "key": f"ttt-{name}", "label": f"TestTimeTrainer, {name} backend, "
-                   "one image at a time", "backend": name, "steps": o.ttt_steps, "status": "ok",
-                   "reason": ""}
-            rows.append(row)
-            if status != "available":
-                row.update(status="absent", reason=status)
-                continue
-            if ctx.skipped(name):
-                row.update(status="skipped", reason="excluded by --skip")
-                continue
-            if ctx.out_of_time():
-                row.update(status="skipped", reason=ctx.out_of_time())
-                continue
-            try:
-                row.update(_one_at_a_time(ctx, preset, name, model, images, targets))
-                ctx.log(f"  {preset:8s} {name:10s} {row['images_per_s']:10.1f} images/s")
-            except Exception as exc:
-                row.update(status="error", reason=error_text(exc))
-                ctx.log(f"  {preset:8s} {name:10s} error: {row['reason']}")
-            free_memory(ctx.device)
-        rows.append(_side_by_side(ctx, preset, model, images, targets))
+            rows.append(ctx.row(dict(preset=preset, key=f"alone/{name}", backend=name, students=1,
+                                     steps=o.ttt_steps, label=f"one image at a time, {name}"),
+                                status, name, lambda n=name: _one_at_a_time(ctx, n, model, images, targets)))
+        for name in tables:
+            for s in o.students_list:
+                rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}", backend=name,
+                                         students=s, steps=o.ttt_steps, label=f"{s} students side by side, {name}"),
+                                    ctx.backends[name], name, lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s)))
+        best = next((n for n in ("triton", "cuda", "torch") if ctx.backends.get(n) == "available"), None)
+        tower = dict(o.table4_pairs).get(preset)
+        if best and tower and o.e2e_images:
+            rows.append(ctx.row(dict(preset=preset, key=f"end-to-end/{best}", backend=best, steps=o.ttt_steps,
+                                     label=f"end to end with {tower} (random weights), {best}"),
+                                "available", best, lambda: _end_to_end(ctx, preset, tower, best)))
         del model
         free_memory(ctx.device)
     return {"rows": rows}
-
-
-def _side_by_side(ctx, preset, model, images, targets):
-    o = ctx.options
-    row = {"preset": preset, "key": "engine", "label": "engine, students side by side",
-           "backend": None, "steps": o.ttt_steps, "status": "ok", "reason": ""}
-    cls, why = find_side_by_side()
-    if cls is None:
-        row.update(status="absent", reason=why)
-        return row
-    if ctx.skipped("engine"):
-        row.update(status="skipped", reason="excluded by --skip")
-        return row
-    if ctx.out_of_time():
-        row.update(status="skipped", reason=ctx.out_of_time())
-        return row
-    try:
-        kw = {"steps": o.ttt_steps, "lr": o.lr}
-        if o.students is not None:
-            kw["students"] = o.students
-        with peak_memory(ctx.device) as pm:
-            trainer = cls(model, **kw)
-            timing = measure(lambda: trainer.fit(images, targets), device=ctx.device,
-                             warmup=1, repeats=o.repeats)
-        n = images.shape[0]
-        row.update(timing=timing.to_dict(), images=n, images_per_s=n * 1e3 / timing.median_ms,
-                   peak_bytes=pm.peak_bytes, students=getattr(trainer, "students", o.students))
-        ctx.log(f"  {preset:8s} {'engine':10s} {row['images_per_s']:10.1f} images/s")
-    except Exception as exc:
-        row.update(status="error", reason=error_text(exc))
-    free_memory(ctx.device)
-    return row

@@ -1,0 +1,134 @@
+"""(g) The TTT engine on its own terms, for every table: its correctness gate, the memory one
+student costs, and where the time of one batch goes.
+
+Gate (a small config, 3 images, 5 steps, lr 1e-3): the engine in fp32 against the autograd
+reference (relative error of ``cls`` <= 1e-3, the same closest target); in bf16, graph against
+eager and side by side against alone (<= 2e-2), and against the fp32 reference within twice what
+plain PyTorch itself loses under bf16 autocast on the same run (plus 1e-2): Adam's normalized
+first steps amplify the rounding of tiny gradients for any bf16 code, so the bound is tied to
+that measured loss, not a constant.
+Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
+model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
+Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...model import APM
+from ...ttt import TestTimeTrainer
+from ...ttt.memory import count_params
+from ..timing import autocast
+
+__all__ = ["run", "NAME"]
+
+NAME = "engine"
+GATE_CFG = dict(grid=8, patch=4, hidden=(96, 64, 48), dim=32, heads=4)
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+def _closest(cls, targets):
+    return (F.normalize(cls.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).t()).argmax(1)
+
+
+def _gate(ctx, backend):
+    torch.manual_seed(0)
+    model = APM(ctx.options.config("ttt-l14").replace(**GATE_CFG), device=ctx.device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, model.config.image_size, model.config.image_size, generator=g).to(ctx.device)
+    y = torch.randn(3, model.config.dim, generator=g).to(ctx.device)
+    kw = dict(steps=5, lr=1e-3)
+    ref = TestTimeTrainer(model, backend="reference", **kw).fit(x, y)
+    out = {"fp32_vs_reference": _rel(TestTimeTrainer(model, backend=backend, students=3, precision="fp32",
+                                                     **kw).fit(x, y).cls, ref.cls)}
+    checks = {"fp32_vs_reference": 1e-3}
+    if ctx.device.type == "cuda":
+        def bf16(students, graphs):
+            t = TestTimeTrainer(model, backend=backend, students=students, precision="bf16", **kw)
+            t.engine.graphs = graphs
+            return t.fit(x, y).cls
+        graph, eager, alone = bf16(3, True), bf16(3, False), bf16(1, True)
+        with autocast(ctx.device, torch.bfloat16):
+            amp = TestTimeTrainer(model, backend="reference", **kw).fit(x, y).cls
+        out.update(bf16_graph_vs_eager=_rel(graph, eager), bf16_side_by_side_vs_alone=_rel(graph, alone),
+                   bf16_vs_reference=_rel(graph, ref.cls), torch_bf16_autocast_vs_reference=_rel(amp, ref.cls))
+        checks.update(bf16_graph_vs_eager=2e-2, bf16_side_by_side_vs_alone=2e-2,
+                      bf16_vs_reference=2 * out["torch_bf16_autocast_vs_reference"] + 1e-2)
+        out["same_class"] = bool(torch.equal(_closest(graph, y), _closest(ref.cls, y)))
+    out["tolerances"] = checks
+    out["passed"] = all(out[k] <= v for k, v in checks.items()) and out.get("same_class", True)
+    for k, v in checks.items():
+        ctx.gate.add("engine", f"engine/{backend}", k, "bf16" if k.startswith("bf16") else "fp32", out[k], v)
+    if not out["passed"]:
+        raise AssertionError(f"the engine's gate failed: {out}")
+    return out
+
+
+def _memory(ctx, backend):
+    o = ctx.options
+    model = ctx.model(o.engine_preset)
+    x = ctx.images(o.engine_preset, 1)
+    y = torch.randn(1, model.config.dim, device=ctx.device)
+    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=1,
+                              precision=ctx.amp_dtype or model.dtype)
+    out = {}
+    if ctx.device.type == "cuda":
+        a = torch.randn(64, 64, device=ctx.device)
+        torch.bmm(a[None], a[None])                       # cuBLAS's workspace: shared by all
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.fit(x, y)
+        torch.cuda.synchronize()
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        mem = trainer.engine.student_memory()
+        out.update(probe_per_student_bytes=mem["per_student"], probe_shared_bytes=mem["shared"])
+    else:
+        trainer.fit(x, y)
+    n = count_params(model.config)
+    prog = trainer.program(1)
+    out.update(params=n, state_bytes=prog.store.nbytes(), state_bytes_per_param=prog.store.nbytes() / n,
+               mode=prog.mode)
+    return out
+
+
+def _profile(ctx, backend, s):
+    from torch.profiler import ProfilerActivity, profile
+
+    o = ctx.options
+    model = ctx.model(o.engine_preset)
+    x = ctx.images(o.engine_preset, s)
+    y = torch.randn(s, model.config.dim, device=ctx.device)
+    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=s,
+                              precision=ctx.amp_dtype or model.dtype)
+    trainer.fit(x, y)
+    acts = [ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        trainer.fit(x, y)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", 0) if ctx.device.type == "cuda" else ev.self_cpu_time_total
+        if t > 0:
+            rows.append((ev.key, t / 1e3, ev.count))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows) or 1.0
+    return {"students": s, "total_ms": total,
+            "top": [{"kernel": k[:120], "ms": ms, "share": ms / total, "calls": c} for k, ms, c in rows[:15]]}
+
+
+def run(ctx) -> dict:
+    rows = []
+    for name, status in ctx.fast_backends():
+        rows.append(ctx.row({"key": f"gate/{name}", "backend": name}, status, name, lambda n=name: _gate(ctx, n)))
+        rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))
+        for s in ctx.options.profile_students:
+            rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,
+                                lambda n=name, s=s: _profile(ctx, n, s)))
+    return {"rows": rows, "columns": [("what", "key"), ("gate passed", "passed"), ("peak", "peak_bytes"),
+                                      ("state B/param", "state_bytes_per_param"), ("kernel ms", "total_ms")]}

@@ -1,0 +1,109 @@
+"""The one driver (apm_fast.ops.driver) with the plain-PyTorch table equals the reference model,
+outputs and every gradient; combine_pool puts slices of the pool together exactly; chunked
+evaluation equals the whole image; the contract checks its arguments by name."""
+import math
+
+import pytest
+import torch
+
+from apm_fast import APM, preset
+from apm_fast.ops import TorchPrimitives, combine_pool
+from helpers import ODD_CONFIGS, images_for, rel_err
+
+TP = TorchPrimitives()
+
+
+@pytest.mark.parametrize("cfg", ODD_CONFIGS, ids=lambda c: f"grid{c['grid']}")
+def test_driver_matches_reference_f64(cfg):
+    torch.manual_seed(0)
+    model = APM(preset("ttt-l14", init="pytorch", rgb_head=True, **cfg), dtype=torch.float64)
+    x = images_for(model, 2)
+    res = {}
+    for backend in ("reference", "torch"):
+        model.zero_grad(set_to_none=True)
+        out = model(x, backend=backend)
+        (out.cls.square().sum() + out.grid.sin().sum() + out.rgb.sum()).backward()
+        res[backend] = out, {n: p.grad.clone() for n, p in model.named_parameters()}
+    (a, ga), (b, gb) = res["reference"], res["torch"]
+    assert rel_err(b.cls, a.cls) < 1e-12 and rel_err(b.grid, a.grid) < 1e-12 and rel_err(b.rgb, a.rgb) < 1e-12
+    d = cfg["dim"]
+    for n in ga:
+        x_ref, x_new = ga[n], gb[n]
+        if n == "attn.in_proj_bias":  # the key bias's gradient is zero (it cancels in the softmax)
+            assert x_new[d:2 * d].abs().max() == 0 and x_ref[d:2 * d].abs().max() < 1e-12
+            x_ref, x_new = x_ref[torch.arange(3 * d) // d != 1], x_new[torch.arange(3 * d) // d != 1]
+        assert rel_err(x_new, x_ref) < 1e-10, n
+
+
+def test_combine_pool_of_slices_equals_the_pool_of_the_union():
+    """Rows split in uneven slices (one empty), each slice's (sbar, lse) from pool_fwd, combined:
+    the pool over all rows, in float64 to rounding."""
+    torch.manual_seed(1)
+    s, b, L, d, h = 2, 3, 17, 12, 3
+    f, pos, kt = torch.randn(s, b, L, d, dtype=torch.float64), torch.randn(L, d, dtype=torch.float64), \
+        torch.randn(s, h, d, dtype=torch.float64)
+    whole = TP.pool_fwd(f, pos, kt, 0.5)
+    cuts = [0, 5, 5, 11, 17]
+    parts = [TP.pool_fwd(f[:, :, a:e], pos[a:e], kt, 0.5) if e > a else
+             (torch.zeros(s, b, h, d, dtype=torch.float64), torch.full((s, b, h), -math.inf, dtype=torch.float64))
+             for a, e in zip(cuts, cuts[1:])]
+    sbar, lse = combine_pool(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    assert rel_err(sbar, whole[0]) < 1e-14 and rel_err(lse, whole[1]) < 1e-14
+
+
+@pytest.mark.parametrize("chunk", [4, 9, 25, 100])
+def test_chunked_columns_equal_the_whole_image(chunk):
+    """Chunks of queries (several, a ragged last one, one for all) give the whole-image forward;
+    another grid of locations (49 queries on a 25-query model) in chunks equals it in one chunk."""
+    torch.manual_seed(10)
+    model = APM(preset("ttt-l14", init="pytorch", **ODD_CONFIGS[0]), dtype=torch.float64)
+    x = images_for(model, 2)
+    whole = model(x, backend="reference")
+    got = model(x, backend="torch", chunk=chunk)
+    assert rel_err(got.cls, whole.cls) < 1e-12 and rel_err(got.grid, whole.grid) < 1e-12
+    finer = model(x, backend="torch", chunk=chunk, query_grid=7, want_grid=False)
+    one = model(x, backend="torch", chunk=49, query_grid=7)
+    assert finer.grid is None and one.grid.shape == (2, 49, model.config.dim)
+    assert rel_err(finer.cls, one.cls) < 1e-12
+
+
+def test_chunked_evaluation_says_what_it_cannot_do():
+    model = APM(preset("ttt-l14", **ODD_CONFIGS[0]), dtype=torch.float64)
+    x = images_for(model, 1)
+    with pytest.raises(ValueError, match="chunked evaluation runs on the tables"):
+        model(x, backend="reference", chunk=8)
+    with pytest.raises(ValueError, match="chunk: expected a positive integer, got 0"):
+        model(x, backend="torch", chunk=0)
+    with pytest.raises(ValueError, match="want_rgb"):
+        model(x, backend="torch", chunk=8, want_rgb=True)
+
+
+def test_precision_follows_the_model_and_autocast():
+    """An fp32 model computes in fp32 (no silent bf16); inside autocast the GEMMs take its dtype."""
+    torch.manual_seed(2)
+    model = APM(preset("ttt-l14", init="pytorch", **ODD_CONFIGS[0]))
+    x = images_for(model, 2)
+    ref = APM(model.config, dtype=torch.float64)
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    want = ref(x.double(), backend="reference").cls
+    assert rel_err(model(x, backend="torch").cls.double(), want) < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, backend="torch").cls
+    assert low.dtype == torch.float32 and 1e-5 < rel_err(low.double(), want) < 5e-2
+
+
+def test_contract_names_the_argument():
+    w = torch.randn(2, 5, 7)
+    with pytest.raises(ValueError, match=r"x: expected shape \(2, \*, 7\), got \(2, 3, 8\)"):
+        TP.linear(torch.randn(2, 3, 8), w)
+    with pytest.raises(ValueError, match="b: expected shape"):
+        TP.linear(torch.randn(2, 3, 7), w, torch.randn(2, 6))
+    with pytest.raises(TypeError, match="w: expected dtype"):
+        TP.linear(torch.randn(2, 3, 7), w.to(torch.int32))
+    with pytest.raises(ValueError, match="u: expected shape"):
+        TP.first_layer_linear(torch.randn(2, 4, 6), torch.randn(2, 3, 5), torch.randn(2, 5, 6), None)
+    with pytest.raises(ValueError, match="out: expected shape"):
+        TP.linear_bwd_weight(torch.randn(2, 3, 5), torch.randn(2, 3, 7), out=torch.empty(2, 5, 6))
+    with pytest.raises(ValueError, match="step: expected a one-element tensor"):
+        TP.adam_(torch.randn(1, 7), torch.randn(1, 7), torch.randn(1, 7), torch.randn(1, 7), 1,
+                 torch.ones(1), 0.9, 0.999, 1e-8)

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 import apm_fast
-from apm_fast.backends.torch_rewrite import TorchBackend
 from apm_fast.bench import BenchOptions, run_suite
 from apm_fast.bench import cli as bench_cli
 from apm_fast.bench.options import SECTIONS
-from apm_fast.model import APMOutput
+from apm_fast.ops.contract import TorchPrimitives
 
 STATUSES = {"ok", "absent", "skipped", "error"}
 SECTION_FILES = {"step": "ttt_step", "throughput": "throughput", "forward": "forward",
-                 "scaling": "scaling", "table4": "table4"}
+                 "scaling": "scaling", "table4": "table4", "primitives": "primitives", "engine": "engine",
+                 "distributed": "distributed"}
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ SKIP = ("compile", "triton")
 def _tiny(tmp_path, **kw):
     base = dict(device="cpu", presets=("ttt-l14",), skip=SKIP, out=str(tmp_path),
                 warmup=1, forward_batches=(1, 2), scaling_grids=(4, 8), tpt_views=2,
-                tpt_prompts=4, t_max=3, ttt_steps=3)
+                tpt_prompts=4, t_max=3, ttt_steps=3, students_list=(2,), e2e_images=4)
     base.update(kw)
     return BenchOptions.quick_defaults(**base)
 
@@ -86,8 +86,7 @@ def test_harness_end_to_end(tmp_path, one_thread):
     assert steps["authors"]["describe"]["copies"] == 8 and steps["authors"]["describe"]["chunk"] == 16
     assert steps["compile"]["status"] == "skipped"
     assert steps["torch+graph"]["status"] == "absent" and "CUDA" in steps["torch+graph"]["reason"]
-    if steps["engine"]["status"] == "absent":
-        assert steps["engine"]["reason"]
+    assert steps["engine/torch"]["status"] == "absent" and "CUDA" in steps["engine/torch"]["reason"]
     for name in ("triton", "cuda"):
         expected = "skipped" if available.get(name) == "available" else "absent"
         assert steps[name]["status"] == expected and steps[name]["reason"]
@@ -98,6 +97,16 @@ def test_harness_end_to_end(tmp_path, one_thread):
     assert {("torch", "forward.cls"), ("torch", "grad"), ("authors", "step.update"),
             ("eager", "step.grad")} <= gate_paths
 
+    through = {r["key"]: r for r in _load(tmp_path, "throughput")["rows"]}
+    for key in ("alone/reference", "alone/torch", "side-by-side/torch/S=2", "end-to-end/torch"):
+        assert through[key]["status"] == "ok" and through[key]["images_per_s"] > 0, key
+    prims = [r for r in _load(tmp_path, "primitives")["rows"] if r["backend"] == "torch"]
+    assert len(prims) >= 10 and all(r["status"] == "ok" and r["rel_err"] in (0.0, None) for r in prims)
+    engine = {r["key"]: r for r in _load(tmp_path, "engine")["rows"]}
+    assert engine["gate/torch"]["passed"] is True and engine["memory/torch"]["state_bytes_per_param"] >= 16
+    dist = _load(tmp_path, "distributed")["rows"]
+    assert dist[0]["status"] == "absent" and "torchrun" in dist[0]["reason"]
+
     scaling = _load(tmp_path, "scaling")["rows"]
     assert {(r["model"], r["queries"]) for r in scaling if r["status"] == "ok"} == \
         {("apm", 16), ("apm", 64), ("clip", 16), ("clip", 64)}
@@ -107,25 +116,26 @@ def test_harness_end_to_end(tmp_path, one_thread):
     student = next(r for r in t4["rows"] if r["role"] == "student")
     by_t = student["flops"]["rewritten"]["analytic"]["by_t"]
     assert len(by_t) == 3 and by_t[2] - by_t[1] == by_t[1] - by_t[0] > 0   # linear in t
-    assert student["flops"]["rewritten"]["measured"]["by_t"] == by_t          # counter == formula
+    # counter ~ formula: at one image the driver's rank-one products over B = 1 (dW_T, dW_O, dW_V)
+    # are element-wise work that the counter does not count (exact at B = 2: test_bench_units)
+    assert student["flops"]["rewritten"]["measured"]["by_t"] == pytest.approx(by_t, rel=1e-2)
 
     pngs = {p.name for p in result.plots}
     assert {"ttt_step-quick.png", "scaling-quick.png", "table4-quick.png"} <= pngs
     for p in result.plots:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
-    assert time.perf_counter() - t0 < 120
+    assert time.perf_counter() - t0 < 180
 
 
 def test_broken_fast_path_fails_the_gate_and_suppresses_speedups(tmp_path, monkeypatch, one_thread,
                                                                  capsys):
-    honest = TorchBackend.forward
+    honest = TorchPrimitives._pool_fwd
 
-    def broken(self, model, images, **kw):
-        out = honest(self, model, images, **kw)
-        return APMOutput(cls=None if out.cls is None else out.cls * 1.5,
-                         grid=None if out.grid is None else out.grid + 0.1, rgb=out.rgb)
+    def broken(self, f, pos_out, kt, scale):              # a pool that weighs the cells wrong
+        sbar, lse = honest(self, f, pos_out, kt, scale)
+        return sbar * 1.5, lse
 
-    monkeypatch.setattr(TorchBackend, "forward", broken)
+    monkeypatch.setattr(TorchPrimitives, "_pool_fwd", broken)
     status = bench_cli.main(["--device", "cpu", "--quick", "--preset", "ttt-l14", "--only", "step",
                              "forward", "--skip", *SKIP, "authors", "--out", str(tmp_path),
                              "--warmup", "1", "--no-plots"])

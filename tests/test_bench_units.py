@@ -1,4 +1,4 @@
-"""The benchmark's building blocks: statistics, FLOP formulas, chunked evaluation, the gate's metric."""
+"""The benchmark's building blocks: statistics, FLOP formulas, the gate's metric, new tables."""
 import math
 
 import pytest
@@ -6,12 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import apm_fast
-from apm_fast.backends import get_backend
-from apm_fast.bench.chunked import chunked_forward, position_rows
 from apm_fast.bench.flops import apm_flops, count_flops
+from apm_fast.bench.steps import forward_fn
 from apm_fast.bench.gate import relative_error
 from apm_fast.bench.timing import measure, quantile, summarize
-from apm_fast.posenc import position_code
 
 
 def test_quantile_interpolates_and_checks_input():
@@ -45,39 +43,6 @@ def test_relative_error():
     assert relative_error(None, a) == math.inf
 
 
-@pytest.mark.parametrize("d,h,w", [(64, 8, 8), (512, 5, 7), (24, 3, 4), (25, 5, 5)])
-def test_position_rows_match_the_full_code(d, h, w):
-    full = position_code(d, h, w, dtype=torch.float64)
-    for a, b in [(0, h * w), (3, min(h * w, 17)), (h * w - 1, h * w)]:
-        assert torch.equal(position_rows(d, h, w, a, b, dtype=torch.float64), full[a:b])
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 36, 1000])
-def test_chunked_forward_equals_the_torch_backend(chunk):
-    # grid 6 (L = 36, pos width 36), widths that are not powers of two, several chunkings
-    cfg = apm_fast.preset("ttt-l14", grid=6, patch=3, hidden=(40, 24, 12), dim=48, init="pytorch")
-    torch.manual_seed(0)
-    m = apm_fast.APM(cfg, dtype=torch.float64).eval()
-    x = torch.randn(2, 3, cfg.image_size, cfg.image_size, dtype=torch.float64)
-    ref = m(x, backend="torch")
-    cls, grid = chunked_forward(m, x, chunk=chunk, want_grid=True)
-    torch.testing.assert_close(cls, ref.cls, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grid, ref.grid, rtol=1e-12, atol=1e-12)
-    # more queries than the model's grid: L = 100, memory bounded by the chunk
-    cls, grid = chunked_forward(m, x, query_grid=10, chunk=chunk)
-    assert cls.shape == (2, 48) and grid is None and torch.isfinite(cls).all()
-
-
-def test_chunked_forward_rejects_bad_chunks():
-    cfg = apm_fast.preset("ttt-b16", grid=4, patch=2, hidden=(8,), dim=16)
-    m = apm_fast.APM(cfg)
-    x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(ValueError, match="chunk"):
-        chunked_forward(m, x, chunk=0)
-    with pytest.raises(ValueError, match="query_grid"):
-        chunked_forward(m, x, query_grid=-3)
-
-
 @pytest.mark.parametrize("name,overrides", [
     ("ttt-l14", dict(grid=6, patch=3, hidden=(40, 24, 12), dim=48)),
     ("ttt-b16", dict(grid=5, patch=2, hidden=(30,), dim=16, heads=4)),
@@ -91,12 +56,12 @@ def test_analytic_flops_equal_the_flop_counter(name, overrides):
         m = apm_fast.APM(cfg)
     x = torch.empty(2, 3, cfg.image_size, cfg.image_size, device="meta")
     for form, backend in (("plain", "reference"), ("rewritten", "torch")):
-        fwd = get_backend(backend).forward
-        a = apm_flops(cfg, form=form, batch=2, want_rgb=cfg.rgb_head)
+        fwd = forward_fn(backend, "meta")
+        a = apm_flops(cfg, form=form, batch=2, want_rgb=False)
         assert count_flops(lambda: fwd(m, x, want_grid=True)) == a["forward"], form
         if cfg.pool:
             def step():
-                z = fwd(m, x, want_grid=False).cls
+                z = fwd(m, x, want_grid=False)[0]
                 F.mse_loss(z, torch.zeros_like(z)).backward()
             assert count_flops(step) == a["step"], form
 
@@ -132,51 +97,37 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_a_new_backend_and_the_engine_are_picked_up(monkeypatch, one_thread):
-    import sys
-    import types
-
-    from apm_fast.backends import _REGISTRY, register_backend
-    from apm_fast.backends.torch_rewrite import TorchBackend
+def test_a_new_table_is_picked_up(monkeypatch, one_thread):
+    """A table is one entry of backends.TABLES: absent with its reason while it cannot run, then
+    in every section's rows (eager, graph, engine; one image at a time, side by side)."""
+    from apm_fast import backends
     from apm_fast.bench.sections import step, throughput
-    from apm_fast.ttt import TestTimeTrainer
+    from apm_fast.ops.contract import TorchPrimitives
 
-    class Late(TorchBackend):
+    class Late(TorchPrimitives):
         name = "late"
+        ready = False
 
         def available(self):
-            return False, "needs the late extension (build it)"
+            return (True, "") if self.ready else (False, "needs the late extension (build it)")
 
-    monkeypatch.setitem(_REGISTRY, "late", Late())
-    engine = types.ModuleType("apm_fast.engine")
-
-    class TTTEngine(TestTimeTrainer):
-        def __init__(self, model, *, students=None, snapshot=None, **kw):
-            super().__init__(model, engine=False, **kw)
-            self.students = students or 4
-
-        def fit(self, images, targets, *, progress=None, check=True):
-            return super().fit(images, targets, progress=progress)
-
-    engine.TTTEngine = TTTEngine
-    engine.make_step = lambda *a, **k: None
-    monkeypatch.setitem(sys.modules, "apm_fast.engine", engine)
-
+    monkeypatch.setitem(backends.TABLES, "late", Late)
+    monkeypatch.setattr(backends, "_MADE", {})
     ctx = _quick_ctx()
     assert ctx.backends["late"] == "needs the late extension (build it)"
     rows = {c.key: c for c in step.candidates(ctx, "ttt-b16")}
     assert rows["late"].status == "absent" and "late extension" in rows["late"].reason
-    assert rows["late+graph"].status == "absent"
-    assert rows["engine"].status == "absent" and "CUDA" in rows["engine"].reason  # found, CPU here
-    register_backend(type("Now", (TorchBackend,), {"name": "late"})())       # now it can run
-    ctx = _quick_ctx(sections=("throughput",), skip=("triton", "reference", "torch"))
+    assert rows["late+graph"].status == "absent" and rows["engine/late"].status == "absent"
+    monkeypatch.setattr(Late, "ready", True)                       # now it can run
+    ctx = _quick_ctx(sections=("throughput",), skip=("triton", "reference", "torch"), students_list=(2,),
+                     e2e_images=0)
     rows = {c.key: c for c in step.candidates(ctx, "ttt-b16")}
     assert rows["late"].status == "ok" and rows["late"].factory is not None
     rows = {r["key"]: r for r in throughput.run(ctx)["rows"]}
-    assert rows["ttt-late"]["status"] == "ok", rows["ttt-late"]["reason"]
-    assert rows["ttt-torch"]["status"] == "skipped"
-    assert rows["engine"]["status"] == "ok" and rows["engine"]["images_per_s"] > 0
-    assert rows["engine"]["students"] == 4
+    assert rows["alone/late"]["status"] == "ok", rows["alone/late"]["reason"]
+    assert rows["alone/torch"]["status"] == "skipped"
+    side = rows["side-by-side/late/S=2"]
+    assert side["status"] == "ok" and side["images_per_s"] > 0 and side["students"] == 2
 
 
 def test_time_budget_marks_what_did_not_start():

@@ -102,7 +102,8 @@ class Context:
         folder = tempfile.mkdtemp(prefix="apm-bench-")
         path = f"{folder}/apm-bench-tiny-clip.json"
         with open(path, "w") as f:
-            json.dump({"embed_dim": 32, "vision_cfg": TINY_VISION, "text_cfg": TINY_TEXT}, f)
+            # the real tokenizer: its ids need the real vocabulary
+            json.dump({"embed_dim": 32, "vision_cfg": TINY_VISION, "text_cfg": dict(TINY_TEXT, vocab_size=49408)}, f)
         return OpenCLIPTeacher(path, None, device=self.device)
 
     # -- deterministic models and inputs ---------------------------------------------------

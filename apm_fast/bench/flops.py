@@ -25,10 +25,11 @@ def apm_flops(cfg, *, form: str = "plain", batch: int = 1, queries: int | None =
 
     ``form``: "plain" (the reference: every column materialized, ``nn.MultiheadAttention``) or
     "rewritten" (trigger split and single-query pool of spec section 3). ``queries``: L (default
-    the config's G^2). The backward counts what autograd computes for the TTT loss: the image
-    needs no gradient, every parameter (the conv's included) does, so in the plain form the
-    column's gradient is formed (it feeds the conv through the trigger) while the rewritten form
-    only needs dT_b = W_T^T sum_l g1_{b,l}.
+    the config's G^2). The backward counts what is computed for the TTT loss (autograd for the
+    plain form, the driver's hand-written backward for the rewritten one): the image needs no
+    gradient, every parameter (the conv's included) does, so in the plain form the column's
+    gradient is formed (it feeds the conv through the trigger) while the rewritten form only
+    needs dT_b = W_T^T sum_l g1_{b,l}.
     """
     if form not in ("plain", "rewritten"):
         raise ValueError(f"form: expected 'plain' or 'rewritten', got {form!r}")
@@ -71,8 +72,11 @@ def apm_flops(cfg, *, form: str = "plain", batch: int = 1, queries: int | None =
             fwd["pool.sum"] = 2 * B * L * heads * D        # sum_l a_l kv_l per head
             fwd["pool.v"] = 2 * B * D * D                  # W_v,h s_h
             fwd["pool.out"] = _linear(B, D, D)
-            bwd["pool.q"] = 2 * fwd["pool.q"]
-            bwd["pool.scores"] = 2 * fwd["pool.scores"]
+            # the driver's hand-written backward: dq and dquery are products (W_k kt, W_q^T dq); the
+            # weight gradients of W_q and W_k are rank-one outer products (element-wise work); the
+            # pool's backward recomputes the scores before its two products per score
+            bwd["pool.q"] = 2 * D * D + 2 * D * D
+            bwd["pool.scores"] = 3 * fwd["pool.scores"]
             bwd["pool.sum"] = 2 * fwd["pool.sum"]
             bwd["pool.v"] = 2 * fwd["pool.v"]
             bwd["pool.out"] = 2 * fwd["pool.out"]

@@ -44,7 +44,8 @@ def forward_fn(backend: str, device):
     """``fn(model, images, want_grid) -> (cls, grid)``: the model's forward through ``backend``
     without the input checks (the caller has made them), in the dtype autocast says."""
     if backend == "reference":
-        return lambda model, images, want_grid=True: reference.forward(model, images, want_grid=want_grid)[:2]
+        return lambda model, images, want_grid=True: reference.forward(model, images, want_grid=want_grid,
+                                                                        want_rgb=False)[:2]
     prim = get_backend(backend, device=device)
 
     def fn(model, images, want_grid=True):

@@ -9,6 +9,14 @@ from .driver import backward, forward, weight_names
 __all__ = ["fused_forward"]
 
 
+def _no_autocast(device):
+    """Autocast off on ``device`` (a no-op where autocast does not exist, e.g. "meta")."""
+    import contextlib
+
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=False) if kind in ("cuda", "cpu") else contextlib.nullcontext()
+
+
 class _APMFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prim, model, cdt, images, *params):
@@ -27,7 +35,7 @@ class _APMFused(torch.autograd.Function):
     def backward(ctx, dz, df):
         cfg = ctx.cfg
         has_dz = cfg.pool and dz is not None and dz.numel() > 0
-        with torch.autocast(df.device.type, enabled=False):
+        with _no_autocast(df.device):
             g = backward(ctx.prim, ctx.w, ctx.fctx, dz.unsqueeze(0) if has_dz else None, cfg, *ctx.pos,
                          df_extra=df.unsqueeze(0) if df is not None else None)
         return (None, None, None, None) + tuple(g[n][0].to(ctx.w[n].dtype) for n in ctx.names)
@@ -39,6 +47,6 @@ def fused_forward(prim, model, images, cdt: torch.dtype):
     images). ``cls`` comes in the accumulation dtype, ``f`` in ``cdt``."""
     cfg = model.config
     params = dict(model.named_parameters())
-    with torch.autocast(images.device.type, enabled=False):   # the driver picks its dtypes itself
+    with _no_autocast(images.device):            # the driver picks its dtypes itself
         z, f = _APMFused.apply(prim, model, cdt, images, *[params[n] for n in weight_names(cfg)])
     return (z if cfg.pool else None), f

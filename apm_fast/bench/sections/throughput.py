@@ -130,7 +130,8 @@ def run(ctx) -> dict:
                 rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}", backend=name,
                                          students=s, steps=o.ttt_steps, label=f"{s} students side by side, {name}"),
                                     ctx.backends[name], name, lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s)))
-        best = next((n for n in ("triton", "cuda", "torch") if ctx.backends.get(n) == "available"), None)
+        best = next((n for n in ("triton", "cuda", "torch")
+                     if ctx.backends.get(n) == "available" and not ctx.skipped(n)), None)
         tower = dict(o.table4_pairs).get(preset)
         if best and tower and o.e2e_images:
             rows.append(ctx.row(dict(preset=preset, key=f"end-to-end/{best}", backend=best, steps=o.ttt_steps,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from apm_fast import APM, preset
-from apm_fast.backends import available_backends, get_backend
-from apm_fast.engine import TTTEngine, classify_images, count_params
+from apm_fast import APM, TestTimeTrainer, classify, preset
+from apm_fast.backends import TABLES, available_backends
+from apm_fast.ttt.memory import count_params
 
 pytestmark = pytest.mark.gpu
 
@@ -26,15 +26,17 @@ REL = {"bf16": 2e-2, "fp32": 1e-4}
 STEPS, LR = 5, 1e-3
 
 
-def _fused_backends():
-    names = []
-    for name, status in available_backends().items():
-        if status == "available" and hasattr(get_backend(name, check=False), "primitives"):
-            names.append(name)
-    return names or ["torch"]
+BACKENDS = [n for n, st in available_backends().items() if n in TABLES and st == "available"] or ["torch"]
 
 
-BACKENDS = _fused_backends()
+def TTTEngine(model, *, graphs=None, compute_dtype=None, max_students=None, **kw):
+    """A trainer on the engine with the given options (its engine does the work)."""
+    t = TestTimeTrainer(model, precision=compute_dtype, **kw)
+    if graphs is not None:
+        t.engine.graphs = graphs
+    if max_students is not None:
+        t.engine.max_students = max_students
+    return t
 
 
 def _setup(cfg=MID, n=6, seed=0):
@@ -64,10 +66,10 @@ def test_graph_replay_equals_eager(backend, dt):
     kw = dict(steps=STEPS, lr=LR, backend=backend, students=4, compute_dtype=DTYPES[dt])
     g_eng = TTTEngine(model, graphs=True, **kw)
     graph = g_eng.fit(images, targets)
-    assert g_eng.mode == "graph", "capture fell back to eager"
+    assert g_eng.engine.mode == "graph", "capture fell back to eager"
     eager_eng = TTTEngine(model, graphs=False, **kw)
     eager = eager_eng.fit(images, targets)
-    assert eager_eng.mode == "eager"
+    assert eager_eng.engine.mode == "eager"
     _close(graph.cls, eager.cls, dt, "cls")
     _close(graph.losses, eager.losses, dt, "losses")
     assert torch.equal(_classes(graph.cls, targets), _classes(eager.cls, targets))
@@ -99,89 +101,71 @@ def test_full_size_l14_graph_equals_eager(backend):
     kw = dict(steps=3, lr=1e-4, backend=backend, students=2, compute_dtype=torch.bfloat16)
     g_eng = TTTEngine(model, graphs=True, **kw)
     graph = g_eng.fit(images, targets)
-    assert g_eng.mode == "graph"
+    assert g_eng.engine.mode == "graph"
     eager = TTTEngine(model, graphs=False, **kw).fit(images, targets)
     _close(graph.cls, eager.cls, "bf16", "ttt-l14 cls")
-    mem = g_eng.student_memory()
+    mem = g_eng.engine.student_memory()
     assert mem["per_student"] >= 16 * count_params(model.config)     # at least the fp32 state
     # S from free memory: decided once, not shrunk by the engine's own program afterwards
     auto = TTTEngine(model, steps=2, backend=backend, max_students=3, compute_dtype=torch.bfloat16)
     s = auto.students_for(10_000)
     assert 1 <= s <= 3
     auto.fit(*_setup(cfg={}, n=s + 1)[1:])
-    assert auto.students_for(10_000) == s and auto._program.students == s
+    assert auto.students_for(10_000) == s and auto.engine._program.students == s
 
 
-class _CudaTinyTeacher:
-    def __init__(self, dim):
-        torch.manual_seed(5)
-        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, 4), torch.nn.ReLU(),
-                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                       torch.nn.Linear(8, dim)).cuda()
-        self.device = torch.device("cuda")
-        self.preprocess = _teacher_view
-
-    def embed_images(self, x):
-        return self.net(x)
-
-    def embed_texts(self, texts):
-        g = torch.Generator().manual_seed(len(texts))
-        return torch.randn(len(texts), self.net[-1].out_features, generator=g).cuda()
-
-
-def _teacher_view(img):
-    return torch.from_numpy(np.asarray(img.resize((32, 32)), dtype=np.float32).copy() / 255.0).permute(2, 0, 1)
-
-
-def test_pipeline_streams_change_nothing():
+def test_pipeline_streams_change_nothing(tmp_path):
     from PIL import Image
 
-    model, _, _ = _setup()
+    from tiny_clip import TINY_DIM, write_config
+    from apm_fast.teachers import OpenCLIPTeacher
+
+    model, _, _ = _setup(cfg=dict(MID, dim=TINY_DIM, heads=4))
+    teacher = OpenCLIPTeacher(str(write_config(tmp_path)), None, device="cuda")
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 256, (100 + 7 * i, 130 - 5 * i, 3), dtype=np.uint8)) for i in range(9)]
-    teacher = _CudaTinyTeacher(model.config.dim)
     classes = [f"c{i}" for i in range(5)]
-    kw = dict(steps=STEPS, lr=LR, backend="torch", students=4, progress=False)
-    a = classify_images(imgs, model, teacher, classes, overlap=True, num_workers=2, **kw)
-    b = classify_images(imgs, model, teacher, classes, overlap=False, num_workers=0, **kw)
-    assert a.mode == "graph"
-    _close(a.cls, b.cls, "bf16", "pipeline cls")
-    assert torch.equal(a.top1, b.top1)
+    trainer = TestTimeTrainer(model, steps=STEPS, lr=LR, backend="torch", students=4)
+    a = classify(trainer, imgs, teacher, classes, overlap=True, num_workers=2)
+    b = classify(trainer, imgs, teacher, classes, overlap=False, num_workers=0)
+    assert trainer.engine.mode == "graph"
+    for x, y in zip(a, b):
+        assert x.top_indices == y.top_indices
+        assert x.losses == pytest.approx(y.losses, rel=REL["bf16"])
 
 
 _CAPTURE_FAILURE_SCRIPT = r"""
 import warnings, torch
-from apm_fast import APM, preset
-from apm_fast.backends import register_backend
-from apm_fast.engine import TTTEngine
+from apm_fast import APM, TestTimeTrainer, preset
+from apm_fast.backends import TABLES
 from apm_fast.ops import TorchPrimitives
 
 class SyncingPrimitives(TorchPrimitives):
     # Adam that reads a value on the host: legal eagerly, impossible to capture
-    def adam_(self, *args, **kw):
-        float(args[4].item())
-        return super().adam_(*args, **kw)
-
-class SyncingBackend:
     name = "test-syncing"
-    primitives = SyncingPrimitives()
-    def available(self):
-        return True, ""
+    def _adam_(self, *args):
+        float(args[4].item())
+        return super()._adam_(*args)
 
-register_backend(SyncingBackend())
+TABLES["test-syncing"] = SyncingPrimitives
+
+def TTTEngine(model, graphs, **kw):
+    t = TestTimeTrainer(model, **kw)
+    t.engine.graphs = graphs
+    return t
 torch.manual_seed(0)
 model = APM(preset("ttt-l14", grid=8, patch=14, hidden=(512, 384, 256), dim=128, heads=8), device="cuda")
 px = model.config.image_size
 images = torch.randn(3, 3, px, px, device="cuda")
 targets = torch.randn(3, 128, device="cuda")
-kw = dict(steps=5, lr=1e-3, students=3, compute_dtype=torch.float32)
+kw = dict(steps=5, lr=1e-3, students=3, precision="fp32")
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     eng = TTTEngine(model, backend="test-syncing", graphs=True, **kw)
     got = eng.fit(images, targets)
     TTTEngine(model, backend="test-syncing", graphs=True, **kw).fit(images, targets)
 said = [str(x.message) for x in w if "capture failed" in str(x.message)]
-assert eng.mode == "eager", eng.mode
+assert eng.engine.mode == "eager", eng.engine.mode
 assert len(said) == 1, said
 ref = TTTEngine(model, backend="torch", graphs=False, **kw).fit(images, targets)
 rel = ((got.cls - ref.cls).abs().max() / ref.cls.abs().max()).item()

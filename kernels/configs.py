@@ -19,16 +19,23 @@ __all__ = ["GemmCfg", "WgradCfg", "gemm_candidates", "rank_gemm", "wgrad_candida
 SMEM_BUDGET = 220 * 1024
 
 
-def _from_dict(cls, d):
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)} (known: {sorted(names)})")
-    return cls(**d)
+class _Cfg:
+    """A launch config that round-trips through a dict (the sweep's JSON, the tuned table)."""
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)} (known: {sorted(names)})")
+        return cls(**d)
+
+    def to_dict(self):
+        return asdict(self)
 
 
 @dataclass(frozen=True)
-class GemmCfg:
+class GemmCfg(_Cfg):
     """C = epilogue(prologue(A) @ B) tiles of bm x bn, bk deep per step.
 
     tma: operands loaded through TMA descriptors (16-bit tiles straight into shared memory for
@@ -47,13 +54,6 @@ class GemmCfg:
     persistent: bool = False
     materialize: bool = False
 
-    @classmethod
-    def from_dict(cls, d):
-        return _from_dict(cls, d)
-
-    def to_dict(self):
-        return asdict(self)
-
     def name(self):
         v = ("tma" + ("-pers" if self.persistent else "")) if self.tma else "ptr"
         return (f"{v}{'+mat' if self.materialize else ''} {self.bm}x{self.bn}x{self.bk} "
@@ -65,7 +65,7 @@ class GemmCfg:
 
 
 @dataclass(frozen=True)
-class WgradCfg:
+class WgradCfg(_Cfg):
     """dW tiles of bn x bk reduced over the rows bm at a time, the rows split ``split`` ways
     (fp32 atomics into a zeroed output when split > 1); tma as for GemmCfg."""
 
@@ -76,13 +76,6 @@ class WgradCfg:
     stages: int
     split: int = 1
     tma: bool = False
-
-    @classmethod
-    def from_dict(cls, d):
-        return _from_dict(cls, d)
-
-    def to_dict(self):
-        return asdict(self)
 
     def name(self):
         return (f"{'tma' if self.tma else 'ptr'} {self.bn}x{self.bk} step {self.bm} w{self.warps} "

@@ -18,13 +18,7 @@ SECTION_FILES = {"step": "ttt_step", "throughput": "throughput", "forward": "for
                  "distributed": "distributed"}
 
 
-@pytest.fixture
-def one_thread():
-    # two busy cores shared with other jobs: one thread avoids OpenMP oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 # Left out: torch.compile (half a minute of compilation on this CPU) and the Triton kernels, which

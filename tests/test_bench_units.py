@@ -88,13 +88,7 @@ def _quick_ctx(**kw):
     return Context(BenchOptions.quick_defaults(**base), log=lambda s: None)
 
 
-@pytest.fixture
-def one_thread():
-    # two cores shared with other jobs: one thread avoids OpenMP oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def test_a_new_table_is_picked_up(monkeypatch, one_thread):

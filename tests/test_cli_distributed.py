@@ -177,3 +177,21 @@ def test_several_ranks_set_up_errors(setup, tmp_path, capsys, monkeypatch, more_
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("apm-fast ttt: error: ") and message.format(**fill) in err
+
+
+def test_students_side_by_side_equal_one_at_a_time(setup, tmp_path, capsys):
+    """One process: --students 2 (batches of two side by side) writes the lines of the default
+    (one image at a time on a CPU), the broken file skipped in both."""
+    seq, bat = tmp_path / "seq.jsonl", tmp_path / "bat.jsonl"
+    assert main(setup["common"] + ["--out", str(seq)]) == 1
+    capsys.readouterr()
+    assert main(setup["common"] + ["--out", str(bat), "--students", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "skipped" in err and "p0_broken.jpg" in err and "3 result(s) written" in err
+    a = [json.loads(x) for x in seq.read_text().splitlines()]
+    b = [json.loads(x) for x in bat.read_text().splitlines()]
+    assert [x["image"] for x in b] == [x["image"] for x in a] and len(b) == 3
+    for x, y in zip(a, b):
+        assert y["top_indices"] == x["top_indices"] and y["teacher_top_indices"] == x["teacher_top_indices"]
+        assert y["losses"] == pytest.approx(x["losses"], rel=1e-4)
+        assert y["ttt_ms"] > 0 and y["run"]["students"] == 2 and x["run"]["students"] == 1

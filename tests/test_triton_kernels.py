@@ -274,17 +274,6 @@ def test_chunked_column_evaluation_equals_the_whole_image(chunk):
     assert_close(finer.cls, finer_ref.cls.double(), 1e-5, "cls on a 7 x 7 query grid")
 
 
-def test_chunked_evaluation_says_what_it_cannot_do():
-    model = APM(TINY, dtype=torch.float32, device=DEV)
-    images = rand(1, 3, 10, 10)
-    with pytest.raises(ValueError, match="chunked evaluation runs on the tables"):
-        model(images, backend="reference", chunk=8)
-    with pytest.raises(ValueError, match="chunk: expected a positive integer, got 0"):
-        model(images, backend="triton", chunk=0)
-    with pytest.raises(ValueError, match="want_rgb"):
-        model(images, backend="triton", chunk=8, want_rgb=True)
-
-
 def test_weight_gradient_route_switch(monkeypatch):
     """cuBLAS takes the weight gradients only on a GPU with 16-bit operands and no explicit config;
     a bad APM_FAST_WGRAD value is named."""

@@ -13,15 +13,6 @@ std::atomic<int> g_policy{0};
 std::atomic<long long> g_sm90_launches{0};
 std::atomic<long long> g_portable_launches{0};
 
-int sm_count(int device) {
-  int v = 0;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 132;
-  }
-  return v;
-}
-
 // A (S, M, K) or shared (M, K) operand: its batch stride (0 when shared) and row stride.
 int64_t batch_stride(const at::Tensor& t) { return t.dim() == 3 ? t.stride(0) : 0; }
 

@@ -9,15 +9,6 @@ namespace apm_glue {
 
 namespace {
 
-int sm_count(int device) {
-  int v = 0;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 132;
-  }
-  return v;
-}
-
 // The pool's shared argument checks; returns its shape.
 apm::PoolShape check_pool_inputs(const char* fn, const at::Tensor& f, const at::Tensor& pos,
                                  const at::Tensor& kt) {

@@ -192,6 +192,9 @@ class GraphStep(EagerStep):
         self._static_loss = None
 
     def _captured_step(self):
+        # gradients are zeroed inside the graph, then accumulated into by the backward: every
+        # replay starts from zero (the warm-up left .grad tensors in place)
+        self.opt.zero_grad(set_to_none=False)
         # the autocast weight cache must not live across the captured region
         with autocast(self.device, self.amp_dtype, cache_enabled=False):
             z = self._forward(self.model, self.image, want_grid=False)[0]
@@ -201,7 +204,6 @@ class GraphStep(EagerStep):
         self._static_loss = loss.detach()
 
     def prepare(self):
-        self.opt.zero_grad(set_to_none=False)
         graphs = capture_phases({"step": self._captured_step}, self.reset, self.device, key=self.key)
         if graphs is None:
             raise RuntimeError("CUDA graph capture of the step failed (see the warning)")

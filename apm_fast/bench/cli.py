@@ -42,6 +42,10 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
                         "ttt-l14 in quick mode)")
     p.add_argument("--scaling-grids", nargs="+", type=int, default=None, metavar="G",
                    help="query grid sides for the scaling sweep")
+    p.add_argument("--students-list", nargs="+", type=int, default=None, metavar="S",
+                   help="students side by side in the throughput section (default: 1 8 32 64)")
+    p.add_argument("--e2e-images", type=int, default=None, metavar="N",
+                   help="images of the end-to-end run (default: 512; 0: not run)")
     p.add_argument("--tpt-towers", nargs="*", default=None, metavar="MODEL",
                    help="open_clip towers for the TPT rows of Table 4 (default: ViT-B-16)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -73,6 +77,10 @@ def build_options(args):
         kw["scaling_grids"] = tuple(args.scaling_grids)
     if args.tpt_towers is not None:
         kw["tpt_towers"] = tuple(args.tpt_towers)
+    if args.students_list:
+        kw["students_list"] = tuple(args.students_list)
+    if args.e2e_images is not None:
+        kw["e2e_images"] = args.e2e_images
     return BenchOptions.quick_defaults(**kw) if quick else BenchOptions(**kw)
 
 

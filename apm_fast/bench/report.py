@@ -292,6 +292,9 @@ def summary_lines(result) -> List[str]:
     for r in s.get("throughput", {}).get("rows", []) + s.get("distributed", {}).get("rows", []):
         if r.get("status") == "ok" and "images_per_s" in r:
             lines.append(f"throughput {r['preset']} {r['key']}: {r['images_per_s']:.1f} images/s")
+    for r in s.get("engine", {}).get("rows", []):
+        if r.get("status") == "ok" and "ms_per_step" in r:
+            lines.append(f"engine {r['key']}: {r['ms_per_step']:.3f} ms/step ({r['tflops']:.0f} TFLOP/s)")
     for r in s.get("primitives", {}).get("rows", []):
         if r.get("status") == "ok" and r.get("vs_best", 1.0) > 1.15:
             lines.append(f"primitive {r['key']}: {r['vs_best']:.2f}x the best table")

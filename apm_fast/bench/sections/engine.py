@@ -1,5 +1,6 @@
-"""(g) The TTT engine on its own terms, for every table: its correctness gate, the memory one
-student costs, and where the time of one batch goes.
+"""(g) The TTT engine on its own terms, for every table: its correctness gate, the latency of one
+step (graph-replayed and eager), the memory one student costs, and where the time of one batch
+goes.
 
 Gate (a small config, 3 images, 5 steps, lr 1e-3): the engine in fp32 against the autograd
 reference (relative error of ``cls`` <= 1e-3, the same closest target); in bf16, graph against
@@ -7,6 +8,8 @@ eager and side by side against alone (<= 2e-2), and against the fp32 reference w
 plain PyTorch itself loses under bf16 autocast on the same run (plus 1e-2): Adam's normalized
 first steps amplify the rounding of tiny gradients for any bf16 code, so the bound is tied to
 that measured loss, not a constant.
+Latency: one image, ``ttt_steps`` steps replayed back to back between two events (the device
+never waits for the host), median over repeats, from the snapshot each time; eagerly the same.
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -19,7 +22,8 @@ import torch.nn.functional as F
 from ...model import APM
 from ...ttt import TestTimeTrainer
 from ...ttt.memory import count_params
-from ..timing import autocast
+from ..flops import apm_flops
+from ..timing import autocast, measure
 
 __all__ = ["run", "NAME"]
 
@@ -66,6 +70,28 @@ def _gate(ctx, backend):
     if not out["passed"]:
         raise AssertionError(f"the engine's gate failed: {out}")
     return out
+
+
+def _latency(ctx, backend, graphs):
+    o = ctx.options
+    model = ctx.model(o.engine_preset)
+    x = ctx.images(o.engine_preset, 1)
+    y = torch.randn(1, model.config.dim, device=ctx.device)
+    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=1,
+                              precision=ctx.amp_dtype or model.dtype)
+    trainer.engine.graphs = graphs
+    prog = trainer.program(1)
+    prog.load(x, y)
+
+    def run():
+        prog.reset()
+        for _ in range(o.ttt_steps):
+            prog.step()
+
+    t = measure(run, device=ctx.device, warmup=1, repeats=20)
+    ms = t.median_ms / o.ttt_steps
+    return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode,
+            "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
 
 
 def _memory(ctx, backend):
@@ -126,9 +152,13 @@ def run(ctx) -> dict:
     rows = []
     for name, status in ctx.fast_backends():
         rows.append(ctx.row({"key": f"gate/{name}", "backend": name}, status, name, lambda n=name: _gate(ctx, n)))
+        for graphs in ((True, False) if ctx.device.type == "cuda" else (False,)):
+            rows.append(ctx.row({"key": f"latency/{name}/{'graph' if graphs else 'eager'}", "backend": name},
+                                status, name, lambda n=name, g=graphs: _latency(ctx, n, g)))
         rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,
                                 lambda n=name, s=s: _profile(ctx, n, s)))
-    return {"rows": rows, "columns": [("what", "key"), ("gate passed", "passed"), ("peak", "peak_bytes"),
+    return {"rows": rows, "columns": [("what", "key"), ("gate passed", "passed"), ("ms/step", "ms_per_step"),
+                                      ("TFLOP/s", "tflops"), ("peak", "peak_bytes"),
                                       ("state B/param", "state_bytes_per_param"), ("kernel ms", "total_ms")]}

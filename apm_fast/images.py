@@ -19,8 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageLoadError", "load_image",
-           "to_pil", "pixels", "normalize", "preprocess", "preprocess_batch", "find_images", "label_of",
-           "ImageDataset", "make_loader"]
+           "to_pil", "pixels", "normalize", "preprocess", "preprocess_batch", "find_images"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -57,7 +57,8 @@ def mode2_worker(rank, world, tmp, steps, lr):
 def mode1_worker(rank, world, tmp, tag, steps, lr, fail_rank, fail_after):
     """Mode 1 over the inputs listed in data.pt. The rank ``fail_rank`` dies while writing its
     record number ``fail_after + 1`` (a torn line, then exit), as if killed mid-write."""
-    from apm_fast.distributed import part_path, run_sharded_ttt
+    from apm_fast.distributed import run_sharded_ttt
+    from apm_fast.distributed.results import part_path
 
     _join(rank, world, tmp)
     data = torch.load(os.path.join(tmp, "data.pt"))

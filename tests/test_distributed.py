@@ -25,9 +25,9 @@ import torch.multiprocessing as mp
 
 import _dist_workers as W
 from apm_fast import TestTimeTrainer, preset
-from apm_fast.distributed import (input_keys, part_path, parts_dir, query_slice, read_records,
-                                  run_sharded, shard_indices)
-from apm_fast.distributed.results import RecordWriter
+from apm_fast.distributed import query_slice, read_records, run_sharded
+from apm_fast.distributed.ranks import input_keys, shard_indices
+from apm_fast.distributed.results import RecordWriter, part_path, parts_dir
 
 RTOL = 1e-12
 STEPS, LR = 4, 1e-2        # a large lr so that the few steps move the parameters a lot

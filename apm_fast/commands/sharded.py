@@ -34,7 +34,7 @@ class Shards:
         exit code (1 when an image failed on any rank) is the same on every rank."""
         import torch.distributed as dist
 
-        from ..distributed import run_sharded, shard_indices
+        from ..distributed.ranks import run_sharded, shard_indices
         from .ttt import progress_bar
 
         share = len(shard_indices(self.keys, self.rank, self.world))
@@ -62,7 +62,8 @@ class Shards:
 
 def start(args, paths):
     """Join torchrun's process group when WORLD_SIZE > 1 (else None: the single-process path)."""
-    from ..distributed import init_distributed, input_keys, launched_world_size
+    from ..distributed.env import init_distributed, launched_world_size
+    from ..distributed.ranks import input_keys
     from ..distributed.ranks import DEFAULT_BARRIER_TIMEOUT
 
     try:

@@ -9,12 +9,10 @@
 
 ``python -m apm_fast.distributed`` runs the self-check of both modes under torchrun.
 """
-from .env import DistInfo, init_distributed, launched_world_size, rank_and_world
-from .queries import QueryShards, ShardedOutput, ShardedQueryTrainer, broadcast_parameters, query_slice, sharded_forward
-from .ranks import ShardedRun, input_keys, run_sharded, run_sharded_ttt, shard_indices
-from .results import part_path, parts_dir, read_records
+from .env import init_distributed
+from .queries import ShardedQueryTrainer, query_slice, sharded_forward
+from .ranks import run_sharded, run_sharded_ttt
+from .results import read_records
 
-__all__ = ["DistInfo", "init_distributed", "launched_world_size", "rank_and_world", "ShardedRun",
-           "input_keys", "run_sharded", "run_sharded_ttt", "shard_indices", "QueryShards", "ShardedOutput",
-           "ShardedQueryTrainer", "broadcast_parameters", "query_slice", "sharded_forward", "part_path",
-           "parts_dir", "read_records"]
+__all__ = ["init_distributed", "run_sharded", "run_sharded_ttt", "read_records", "ShardedQueryTrainer",
+           "sharded_forward", "query_slice"]

@@ -79,7 +79,7 @@ def _mode2(ctx, cfg, groups):
 def run(ctx) -> dict:
     import torch.distributed as dist
 
-    from ...distributed import init_distributed, launched_world_size
+    from ...distributed.env import init_distributed, launched_world_size
     from ...distributed.selfcheck import check_modes
 
     if launched_world_size() == 1 and not dist.is_initialized():

@@ -10,6 +10,10 @@ text embeddings are computed once per class set (the teacher's cache). On a GPU 
 let the teacher embed batch i+1 while the students train on batch i, and the host keeps one batch
 in flight; on the CPU the same code runs in order. The CLI, the evaluation and Python callers all
 go through :func:`iter_classify`.
+
+Other methods can run in the same loop on the same teacher embeddings (``methods``: the test-time
+baselines of ``apm_fast.baselines``); those that need augmented views get them from the loader's
+workers (``views``), embedded by the teacher once and shared.
 """
 from __future__ import annotations
 
@@ -51,6 +55,8 @@ class Classification:
     teacher_ms: float = 0.0
     ttt_ms: float = 0.0
     error: Optional[str] = None
+    # other methods (``methods=``): name -> {"top": class indices best first, "probs": theirs, "ms"}
+    predictions: dict = field(default_factory=dict)
 
     @property
     def top1(self) -> str:
@@ -68,8 +74,11 @@ class Classification:
         d = asdict(self)
         d["topk"] = [[c, s] for c, s in self.topk]
         d["teacher_topk"] = [[c, s] for c, s in self.teacher_topk]
-        d["top1"], d["teacher_top1"] = self.top1, self.teacher_top1
+        if self.topk:
+            d["top1"], d["teacher_top1"] = self.top1, self.teacher_top1
         del d["error"]
+        if not self.predictions:
+            del d["predictions"]
         return d
 
 
@@ -96,7 +105,8 @@ def _stream(stream):
 
 
 def iter_classify(trainer, images, teacher, classes, *, templates="single", topk: int = 5,
-                  num_workers: int | None = None, overlap: bool = True) -> Iterator[Classification]:
+                  num_workers: int | None = None, overlap: bool = True, methods: Sequence = (),
+                  views=None) -> Iterator[Classification]:
     """TTT on each image and zero-shot classification, one :class:`Classification` per image as
     its batch finishes (in input order). An image that cannot be read gives a record with
     ``error`` set and the others go on.
@@ -105,24 +115,36 @@ def iter_classify(trainer, images, teacher, classes, *, templates="single", topk
     images: paths, PIL images, arrays or uint8 pixel tensors (or one of them); classes: a list of
     names, ``"imagenet"`` or a text file; templates: ``"single"``, ``"ensemble"`` or a list of
     strings containing ``{c}``; num_workers: loader processes (None: none on the CPU, up to 8 on a
-    GPU); overlap: teacher and students on separate CUDA streams."""
+    GPU); overlap: teacher and students on separate CUDA streams. ``trainer=None``: no TTT (only
+    ``methods``). ``methods``: more classifiers of the same teacher embeddings (objects with
+    ``name``, ``needs_views`` and ``__call__(targets, views) -> logits``, ``apm_fast.baselines``),
+    their results in each record's ``predictions`` with their time per image (the teacher's
+    share included, as if each ran alone); ``views``: makes the augmented views they need
+    (``apm_fast.baselines.Views``)."""
     from .teachers.prompts import resolve_classes
 
-    config = trainer.model.config
-    _check_teacher(teacher, config.dim)
+    if trainer is None and not methods:
+        raise ValueError("trainer: expected a TestTimeTrainer, or methods= to run without one")
+    if any(m.needs_views for m in methods) and views is None:
+        raise ValueError("views: the methods " + str([m.name for m in methods if m.needs_views])
+                         + " need augmented views; pass views=apm_fast.baselines.Views(...)")
+    config = trainer.model.config if trainer is not None else None
+    _check_teacher(teacher, config.dim if config is not None else teacher.dim)
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk: expected a positive integer, got {topk!r}")
     names = resolve_classes(classes)
     sources = _as_list(images)
-    dev = trainer.model.device
+    dev = trainer.model.device if trainer is not None else torch.device(getattr(teacher, "device", "cpu"))
     cuda = dev.type == "cuda"
     text = teacher.class_embeddings(names, templates).float().to(dev)        # C x D, unit rows
     k = min(topk, len(names))
-    s = trainer.students_for(len(sources))
-    if trainer.engine is not None:
+    s = trainer.students_for(len(sources)) if trainer is not None else 8
+    if trainer is not None and trainer.engine is not None:
         trainer.program(s)                  # build and capture before the loader's workers start
-    loader = make_loader(sources, teacher.preprocess, config.image_size, s, pin_memory=cuda,
-                         num_workers=num_workers if num_workers is not None or cuda else 0)
+    view_methods = [m for m in methods if m.needs_views]
+    loader = make_loader(sources, teacher.preprocess, config.image_size if config else 16, s, pin_memory=cuda,
+                         num_workers=num_workers if num_workers is not None or cuda else 0,
+                         views=views if view_methods else None)
     tdev = torch.device(getattr(teacher, "device", dev))
     t_stream = torch.cuda.Stream(dev) if cuda and overlap else None
     s_stream = torch.cuda.Stream(dev) if cuda and overlap else None
@@ -135,22 +157,30 @@ def iter_classify(trainer, images, teacher, classes, *, templates="single", topk
         return [(names[j], float(v)) for v, j in zip(vals.tolist(), idx.tolist())], idx.tolist()
 
     def finish(item):
-        idx, job, logits, t_logits, t_ev, ready, t_host = item
+        idx, job, logits, t_logits, t_ev, ready, t_host, others = item
         if ready is not None:
             ready.synchronize()
-        ttt_ms = 1e3 * job.wait() / len(idx)
+        ttt_ms = 1e3 * job.wait() / len(idx) if job is not None else 0.0
         teacher_ms = 1e3 * (t_ev[0].elapsed_time(t_ev[1]) / 1e3 if t_ev is not None else t_host) / len(idx)
-        losses, logits, t_logits = job.losses.float().cpu(), logits.cpu(), t_logits.cpu()
+        losses = job.losses.float().cpu() if job is not None else None
+        logits = logits.cpu() if logits is not None else None
+        t_logits = t_logits.cpu()
+        others = {name: (lg.cpu(), ms) for name, (lg, ms) in others.items()}
         for row, i in enumerate(idx.tolist()):
-            (tk, ti), (ttk, tti) = top(logits[row]), top(t_logits[row])
-            yield Classification(image=label_of(sources[i], i), index=i, topk=tk, top_indices=ti,
-                                 teacher_topk=ttk, teacher_top_indices=tti,
-                                 losses=[float(v) for v in losses[row].tolist()],
-                                 teacher_ms=teacher_ms, ttt_ms=ttt_ms)
+            r = Classification(image=label_of(sources[i], i), index=i, teacher_ms=teacher_ms, ttt_ms=ttt_ms)
+            r.teacher_topk, r.teacher_top_indices = top(t_logits[row])
+            if logits is not None:
+                r.topk, r.top_indices = top(logits[row])
+                r.losses = [float(v) for v in losses[row].tolist()]
+            for name, (lg, ms) in others.items():
+                probs, top_i = lg[row].softmax(-1).topk(k)
+                r.predictions[name] = {"top": top_i.tolist(), "probs": [float(p) for p in probs.tolist()],
+                                       "ms": teacher_ms + ms}
+            yield r
 
     pending: deque = deque()
     try:
-        for idx, tpix, spix, failed in loader:
+        for idx, tpix, spix, vpix, failed in loader:
             for i, why in failed:
                 yield Classification(image=label_of(sources[i], i), index=i, error=why)
             if tpix is None:                         # nothing readable in this batch
@@ -165,20 +195,21 @@ def iter_classify(trainer, images, teacher, classes, *, templates="single", topk
                 if t_ev is not None:
                     t_ev[1].record()
             t_host = time.perf_counter() - t0
+            others = _run_methods(methods, teacher, targets, vpix, tdev, dev, cuda)
             with _stream(s_stream):
                 if s_stream is not None:
                     s_stream.wait_stream(t_stream)
                     targets.record_stream(s_stream)     # made on the teacher stream, used here
                     students.record_stream(s_stream)
-                job = trainer.launch(students, targets, students=s)
+                job = trainer.launch(students, targets, students=s) if trainer is not None else None
                 with torch.no_grad():
-                    logits = LOGIT_SCALE * F.normalize(job.cls.float(), dim=-1) @ text.t()
+                    logits = LOGIT_SCALE * F.normalize(job.cls.float(), dim=-1) @ text.t() if job is not None else None
                     t_logits = LOGIT_SCALE * F.normalize(targets, dim=-1) @ text.t()
                 ready = None
                 if cuda:
                     ready = torch.cuda.Event()          # results and logits ready after this point
                     ready.record()
-            pending.append((idx, job, logits, t_logits, t_ev, ready, t_host))
+            pending.append((idx, job, logits, t_logits, t_ev, ready, t_host, others))
             while len(pending) > 1:                  # one batch in flight: the host never stalls the device
                 yield from finish(pending.popleft())
         while pending:
@@ -186,6 +217,35 @@ def iter_classify(trainer, images, teacher, classes, *, templates="single", topk
     finally:
         if s_stream is not None:
             torch.cuda.current_stream(dev).wait_stream(s_stream)
+
+
+def _run_methods(methods, teacher, targets, vpix, tdev, dev, cuda):
+    """name -> (logits B x C, ms per image) of every other method on this batch. The views (when
+    a method needs them) are embedded once, their time added to each view method's own."""
+    if not methods:
+        return {}
+    b = targets.shape[0]
+
+    def clock():
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
+    views, views_ms = None, 0.0
+    if vpix is not None:
+        t0 = clock()
+        flat = vpix.reshape(-1, *vpix.shape[2:])
+        views = torch.cat([teacher.embed_images(flat[a:a + 256].to(tdev, non_blocking=True))
+                           for a in range(0, flat.shape[0], 256)]).to(dev, torch.float32)
+        views = torch.cat([targets[:, None], views.view(b, vpix.shape[1], -1)], dim=1)   # the image is view 0
+        views_ms = 1e3 * (clock() - t0) / b
+    out = {}
+    for m in methods:
+        t0 = clock()
+        with torch.no_grad():
+            logits = m(targets, views if m.needs_views else None)
+        out[m.name] = (logits.float(), 1e3 * (clock() - t0) / b + (views_ms if m.needs_views else 0.0))
+    return out
 
 
 def classify(trainer, images, teacher, classes, *, templates="single", topk: int = 5,

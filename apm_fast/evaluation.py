@@ -1,0 +1,318 @@
+"""Labelled evaluation: APM's test-time training beside the baselines, on the datasets users have.
+
+    apm-fast eval ROOT --dataset imagenet-a --methods zeroshot,ensemble,apm,tpt,zero --out DIR
+
+For every image of every dataset (``apm_fast.datasets``), in one loop through the one pipeline
+(``apm_fast.classify.iter_classify``): the teacher embeds the image once; zero-shot (one prompt,
+``a photo of a {c}.``), the prompt ensemble (the dataset's templates), APM (test-time training of
+the student on that embedding, classified against the ensemble), TPT and ZERO (``apm_fast.baselines``,
+on the same teacher, with views made in the loader's workers and embedded once for both) all
+classify it against the same class list. Labels and predictions are class indices.
+
+``DIR/records.jsonl`` gets one line per image as it finishes (image, label, per method the
+predicted class, the top-5 classes and their probabilities and the time in ms; APM's loss curve),
+flushed and fsynced, so a run killed at any point (SIGKILL included) and started again with the
+same ``DIR`` goes on where it stopped: complete lines are kept, a torn last line is cut, no image
+is done twice. ``DIR/run.json`` holds the run's settings; a run with other settings into the same
+``DIR`` is refused (more datasets, or a larger ``limit``, may be added to a run). At the end
+``summary.csv``, ``summary.md`` (dataset x method: top-1, top-5, images, images/s; settings and
+machine line) and ``summary.png`` (grouped bars) are written from every record in ``DIR``.
+
+The number of TTT steps is a choice (default 20): the paper does not publish the count behind its
+tables; every output states it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["METHODS", "EvalSettings", "evaluate", "summarize", "write_summary"]
+
+METHODS = ("zeroshot", "ensemble", "apm", "tpt", "zero")
+SINGLE = "a photo of a {c}."
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What makes two runs comparable (``run.json``); checked once, where a run starts."""
+
+    methods: tuple = ("zeroshot", "ensemble", "apm")
+    teacher: str = "ViT-B-16"
+    pretrained: Optional[str] = "openai"
+    preset: str = "auto"
+    grid: Optional[int] = None
+    hidden: Optional[tuple] = None
+    steps: int = 20
+    lr: float = 1e-4
+    seed: int = 0
+    precision: Optional[str] = None
+    apm_templates: str = "ensemble"
+    views: int = 64
+    keep: float = 0.1
+    tpt_lr: float = 5e-3
+    tpt_steps: int = 1
+
+    def __post_init__(self):
+        from .validation import check_training
+
+        methods = tuple(m.strip() for m in self.methods)
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods or len(set(methods)) != len(methods):
+            raise ValueError(f"methods: expected distinct names among {list(METHODS)}, got {list(self.methods)}")
+        object.__setattr__(self, "methods", methods)
+        check_training(steps=self.steps, lr=self.lr)
+        if self.apm_templates not in ("single", "ensemble"):
+            raise ValueError(f"apm_templates: expected 'single' or 'ensemble', got {self.apm_templates!r}")
+        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 2:
+            raise ValueError(f"views: expected an integer >= 2 (the image and augmented views), got {self.views!r}")
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"keep: expected a fraction in (0, 1], got {self.keep!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed: expected an integer in [0, 2**63), got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["methods"], d["hidden"] = list(self.methods), None if self.hidden is None else list(self.hidden)
+        return d
+
+
+def _check_out(out: Path, settings: EvalSettings) -> None:
+    """Make ``out`` (before any long work) and refuse a run whose settings differ from the one
+    already there."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"out: cannot write into {str(out)!r} ({exc.strerror or exc})") from None
+    run = out / "run.json"
+    mine = settings.to_dict()
+    if run.exists():
+        try:
+            theirs = json.loads(run.read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"out: {str(run)!r} is not a run file of apm-fast eval ({exc}); use another --out") from None
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(f"out: {str(out)!r} holds a run with other settings ("
+                             + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff[:4])
+                             + "); use another --out, or the same settings to continue it")
+    else:
+        tmp = run.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"settings": mine}, indent=1))
+        os.replace(tmp, run)
+
+
+def _trainer(settings: EvalSettings, teacher, device):
+    from .commands.common import PRESET_FOR_DIM
+    from .config import preset
+    from .model import APM
+    from .ttt import TestTimeTrainer
+
+    name = settings.preset if settings.preset != "auto" else PRESET_FOR_DIM.get(teacher.dim, "ttt-b16")
+    over = {k: v for k, v in (("grid", settings.grid), ("hidden", settings.hidden)) if v is not None}
+    torch.manual_seed(settings.seed)
+    model = APM(preset(name, dim=teacher.dim, **over), device=device)
+    return TestTimeTrainer(model, steps=settings.steps, lr=settings.lr, precision=settings.precision)
+
+
+def _methods(settings: EvalSettings, teacher, evalset, device):
+    """The baselines of this run on this set, and the views they need (None if none does)."""
+    from .baselines import TPT, Views, Zero, ZeroShot
+
+    single = teacher.class_embeddings(evalset.classnames, [SINGLE]).float().to(device)
+    out = []
+    for m in settings.methods:
+        if m == "zeroshot":
+            out.append(ZeroShot("zeroshot", single))
+        elif m == "ensemble":
+            out.append(ZeroShot("ensemble", teacher.class_embeddings(evalset.classnames, evalset.templates)
+                                .float().to(device)))
+        elif m == "zero":
+            out.append(Zero("zero", single, keep=settings.keep))
+        elif m == "tpt":
+            out.append(TPT("tpt", teacher, evalset.classnames, steps=settings.tpt_steps, lr=settings.tpt_lr,
+                           keep=settings.keep))
+    views = None
+    if any(m.needs_views for m in out):
+        fine_grained = not evalset.id.startswith("imagenet")
+        views = Views.for_teacher(teacher, settings.views, augmix=fine_grained, seed=settings.seed)
+    return out, views
+
+
+def _record(evalset, r, label) -> dict:
+    rec = {"key": f"{evalset.id}:{r.image}", "dataset": evalset.id, "image": r.image, "label": label,
+           "methods": {}}
+    if r.top_indices:
+        finite = all(math.isfinite(x) for x in r.losses)
+        rec["methods"]["apm"] = {"pred": r.top_indices[0], "top5": r.top_indices,
+                                 "probs": [p for _, p in r.topk], "ms": r.teacher_ms + r.ttt_ms}
+        rec["apm_losses"] = [x if math.isfinite(x) else None for x in r.losses]
+        rec["apm_diverged"] = not finite
+    for name, p in r.predictions.items():
+        rec["methods"][name] = {"pred": p["top"][0], "top5": p["top"], "probs": p["probs"], "ms": p["ms"]}
+    return rec
+
+
+def evaluate(root, datasets: Sequence[str], *, teacher, out, settings: EvalSettings = EvalSettings(),
+             limit: int | None = None, corruption: str | None = None, severity: int | None = None,
+             classes_file=None, device=None, progress: bool | None = None, log=None) -> List[dict]:
+    """Run (or continue) the evaluation into ``out`` and write its summary; returns the summary
+    rows (one per dataset and method). ``teacher``: an ``apm_fast.teachers.Teacher`` whose name
+    and weights match ``settings`` (the CLI builds both from one set of options)."""
+    from .classify import iter_classify
+    from .datasets import load_dataset
+    from .distributed.results import RecordWriter, read_records
+
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    out = Path(out)
+    _check_out(out, settings)
+    sets = [load_dataset(root, d, corruption=corruption if d == "imagenet-c" else None,
+                         severity=severity if d == "imagenet-c" else None,
+                         classes_file=classes_file if d == "folder" else None, limit=limit) for d in datasets]
+    device = torch.device(device) if device is not None else teacher.device
+    trainer = _trainer(settings, teacher, device) if "apm" in settings.methods else None
+    records_path = out / "records.jsonl"
+    done = {r["key"] for r in read_records(records_path, "key")}
+    skipped = 0
+    with RecordWriter(records_path) as writer:
+        for evalset in sets:
+            todo = [(p, y) for p, y in evalset.items if f"{evalset.id}:{p}" not in done]
+            log(f"{evalset.id}: {len(evalset.items)} images ({len(evalset.items) - len(todo)} already in "
+                f"{records_path}), {evalset.num_classes} classes")
+            if not todo:
+                continue
+            methods, views = _methods(settings, teacher, evalset, device)
+            apm_text = evalset.templates if settings.apm_templates == "ensemble" else [SINGLE]
+            bar = _bar(len(todo), evalset.id, progress)
+            hits: Dict[str, int] = {}
+            n, t0 = 0, time.perf_counter()
+            for r in iter_classify(trainer, [p for p, _ in todo], teacher, list(evalset.classnames),
+                                   templates=apm_text, topk=5, methods=methods, views=views):
+                if r.error is not None:
+                    skipped += 1
+                    bar.write(f"apm-fast eval: skipped {todo[r.index][0]}: {r.error}", file=sys.stderr)
+                    bar.update(1)
+                    continue
+                rec = _record(evalset, r, todo[r.index][1])
+                writer.append(rec)
+                n += 1
+                for name, m in rec["methods"].items():
+                    hits[name] = hits.get(name, 0) + (m["pred"] == rec["label"])
+                bar.set_postfix_str(" ".join(f"{k} {100 * v / n:.1f}" for k, v in hits.items())
+                                    + f" | {n / (time.perf_counter() - t0):.1f} img/s", refresh=False)
+                bar.update(1)
+            bar.close()
+    rows = summarize(read_records(records_path, "key"), settings.methods)
+    write_summary(out, rows, settings, device)
+    if skipped:
+        log(f"apm-fast eval: {skipped} image(s) could not be read (see above)")
+    return rows
+
+
+def _bar(total, desc, enabled):
+    from tqdm import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+def summarize(records: Sequence[dict], methods: Sequence[str]) -> List[dict]:
+    """Dataset x method: top-1 and top-5 accuracy (%), images, images/s (the images over the
+    method's own time per image, the teacher's share included), diverged APM runs."""
+    groups: Dict[tuple, list] = {}
+    order: List[str] = []
+    for rec in records:
+        if rec["dataset"] not in order:
+            order.append(rec["dataset"])
+        for name, m in rec["methods"].items():
+            groups.setdefault((rec["dataset"], name), []).append((rec, m))
+    rows = []
+    for ds in order:
+        for name in methods:
+            items = groups.get((ds, name), [])
+            if not items:
+                continue
+            n = len(items)
+            ms = sum(m["ms"] for _, m in items)
+            rows.append({"dataset": ds, "method": name, "images": n,
+                         "top1": 100.0 * sum(m["pred"] == r["label"] for r, m in items) / n,
+                         "top5": 100.0 * sum(r["label"] in m["top5"] for r, m in items) / n,
+                         "images_per_s": 1e3 * n / ms if ms > 0 else None,
+                         "diverged": sum(bool(r.get("apm_diverged")) for r, _ in items) if name == "apm" else 0})
+    return rows
+
+
+def write_summary(out: Path, rows: List[dict], settings: EvalSettings, device) -> None:
+    """summary.csv, summary.md and summary.png in ``out`` (each written atomically)."""
+    from .bench.machine import machine_info, machine_line
+
+    out = Path(out)
+    fields = ["dataset", "method", "top1", "top5", "images", "images_per_s", "diverged"]
+    tmp = out / "summary.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.2f}" if isinstance(r[k], float) else r[k]) for k in fields})
+    os.replace(tmp, out / "summary.csv")
+    line = machine_line(machine_info(device, settings.precision or "default"))
+    md = ["# apm-fast eval", "", "| dataset | method | top-1 % | top-5 % | images | images/s |",
+          "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ips = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}"
+        md.append(f"| {r['dataset']} | {r['method']} | {r['top1']:.2f} | {r['top5']:.2f} | {r['images']} | {ips} |")
+    md += ["", f"Settings: {json.dumps(settings.to_dict())}", "", f"Machine: {line}", "",
+           f"APM: {settings.steps} Adam steps per image (the paper does not publish its count), lr {settings.lr}."]
+    (out / "summary.md.tmp").write_text("\n".join(md) + "\n")
+    os.replace(out / "summary.md.tmp", out / "summary.md")
+    try:
+        _plot(out / "summary.png", rows, settings)
+    except ImportError:                        # matplotlib is optional: the tables are written
+        pass
+
+
+def _plot(path: Path, rows: List[dict], settings: EvalSettings) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = [m for m in settings.methods if any(r["method"] == m for r in rows)]
+    if not datasets or not methods:
+        return
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(datasets) + 2), 4.2))
+    for j, m in enumerate(methods):
+        xs, ys = [], []
+        for i, d in enumerate(datasets):
+            hit = [r for r in rows if r["dataset"] == d and r["method"] == m]
+            if hit:
+                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                ys.append(hit[0]["top1"])
+        bars = ax.bar(xs, ys, width, label=m)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(datasets)))
+    ax.set_xticklabels(datasets, fontsize=8)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"teacher {settings.teacher} ({settings.pretrained or 'random weights'}), "
+                 f"APM {settings.steps} steps", fontsize=9)
+    ax.legend(fontsize=8, ncol=len(methods))
+    ax.set_ylim(0, max(100.0, max(r["top1"] for r in rows) * 1.1))
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

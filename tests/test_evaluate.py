@@ -1,0 +1,199 @@
+"""apm-fast eval: the baselines against small independent restatements of their published
+algorithms, the accuracy arithmetic against hand-computed records, a run killed with SIGKILL and
+started again, settings checked against the run folder, and the command end to end."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from apm_fast.baselines import TPT, Zero, select_confident
+from apm_fast.cli import main
+from apm_fast.evaluation import EvalSettings, summarize
+from tiny_clip import TINY_DIM, random_teacher, write_config
+
+CLASSES = ["cat", "dog", "ship", "tree"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """An ImageFolder of 4 classes x 3 tiny generated images, its classes file and a tiny CLIP."""
+    base = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        (base / "set" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (28 + i, 36, 3), dtype=np.uint8)).save(base / "set" / c / f"{i}.png")
+    (base / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return {"set": base / "set", "classes": base / "classes.txt", "config": write_config(base)}
+
+
+def _args(root, out, *extra, methods="zeroshot,ensemble,apm,zero"):
+    return ["eval", str(root["set"]), "--dataset", "folder", "--classes", str(root["classes"]),
+            "--teacher", str(root["config"]), "--pretrained", "none", "--methods", methods, "--grid", "4",
+            "--hidden", "24,16", "--steps", "3", "--views", "6", "--out", str(out), "--no-progress", *extra]
+
+
+# ---------------------------------------------------------------- the baselines, restated
+def test_zero_votes_the_confident_views_argmax():
+    """ZERO on toy embeddings: of 20 views keep the 2 with the lowest entropy, predict the
+    majority of their argmax classes (restated here with numpy)."""
+    torch.manual_seed(0)
+    text = F.normalize(torch.randn(5, 8), dim=-1)
+    views = torch.randn(3, 20, 8)
+    got = Zero("zero", text, keep=0.1)(None, views)
+    for b in range(3):
+        logits = (100 * F.normalize(views[b], dim=-1) @ text.t()).double().numpy()
+        shifted = logits - logits.max(1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+        ent = -(np.exp(logp) * logp).sum(1)
+        kept = np.argsort(ent)[:2]
+        votes = np.bincount(logits[kept].argmax(1), minlength=5)
+        best = np.flatnonzero(votes == votes.max())
+        assert int(got[b].argmax()) in best
+        assert np.allclose(got[b].softmax(-1).numpy(), votes / votes.sum(), atol=1e-3)   # the vote share
+
+
+def _encode_text(model, tokens, ctx):
+    """CLIP's text tower restated: token embeddings with the context at positions 1..n, the
+    positional embedding, the transformer, the final norm, the end-of-text token, the projection."""
+    x = model.token_embedding(tokens)
+    x = torch.cat([x[:, :1], ctx.expand(x.shape[0], -1, -1), x[:, 1 + ctx.shape[0]:]], dim=1)
+    x = x + model.positional_embedding
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+    return x[torch.arange(x.shape[0]), tokens.argmax(-1)] @ model.text_projection
+
+
+def test_tpt_is_one_entropy_step_on_the_confident_views(tmp_path):
+    """TPT: the 10% lowest-entropy views of 20, the entropy of their averaged probability, one
+    AdamW step (lr 5e-3) on the 4 context embeddings of "a photo of a", then the image classified
+    with the tuned prompt; restated with the text tower written out and torch.optim.AdamW."""
+    teacher = random_teacher(write_config(tmp_path), seed=3)
+    model = teacher.model
+    torch.manual_seed(1)
+    target, views = torch.randn(1, TINY_DIM), torch.randn(1, 20, TINY_DIM)
+    got = TPT("tpt", teacher, CLASSES)(target, views)
+
+    tokens = teacher.tokenizer([f"a photo of a {c}." for c in CLASSES])
+    ctx = torch.nn.Parameter(model.token_embedding(tokens[:1])[0, 1:5].detach().clone())
+    opt = torch.optim.AdamW([ctx], lr=5e-3)
+    logits = 100 * F.normalize(views[0], dim=-1) @ F.normalize(_encode_text(model, tokens, ctx), dim=-1).t()
+    ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    kept = logits[ent.argsort()[:2]]
+    avg = kept.softmax(-1).mean(0)
+    loss = -(avg * avg.log()).sum()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        want = 100 * F.normalize(target, dim=-1) @ F.normalize(_encode_text(model, tokens, ctx), dim=-1).t()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    untuned = 100 * F.normalize(target, dim=-1) @ teacher.class_embeddings(CLASSES, ["a photo of a {c}."]).t()
+    assert not torch.allclose(got, untuned, atol=1e-6), "the step must move the prompt"
+    again = TPT("tpt", teacher, CLASSES)(target, views)
+    torch.testing.assert_close(again, got)               # the context is reset for every image
+
+
+def test_confidence_selection_keeps_at_least_one():
+    logits = torch.tensor([[5.0, 0.0], [0.1, 0.0], [0.0, 9.0]])
+    assert select_confident(logits, 0.1).tolist() == [[0.0, 9.0]]
+    assert select_confident(logits, 0.7).shape[0] == 2
+
+
+# ---------------------------------------------------------------- accuracy arithmetic
+def test_summary_arithmetic_on_hand_written_records():
+    recs = [
+        {"dataset": "a", "label": 2, "methods": {"apm": {"pred": 2, "top5": [2, 0], "ms": 10.0},
+                                                 "zeroshot": {"pred": 0, "top5": [0, 1], "ms": 2.0}}},
+        {"dataset": "a", "label": 1, "methods": {"apm": {"pred": 0, "top5": [0, 1], "ms": 30.0},
+                                                 "zeroshot": {"pred": 1, "top5": [1, 3], "ms": 2.0}}, "apm_diverged": True},
+        {"dataset": "b", "label": 0, "methods": {"apm": {"pred": 0, "top5": [0], "ms": 20.0}}},
+    ]
+    rows = {(r["dataset"], r["method"]): r for r in summarize(recs, ["zeroshot", "apm"])}
+    assert rows["a", "apm"]["top1"] == 50.0 and rows["a", "apm"]["top5"] == 100.0
+    assert rows["a", "apm"]["images_per_s"] == pytest.approx(2 / 0.040) and rows["a", "apm"]["diverged"] == 1
+    assert rows["a", "zeroshot"]["top1"] == 50.0 and rows["a", "zeroshot"]["top5"] == 50.0
+    assert rows["b", "apm"]["images"] == 1 and ("b", "zeroshot") not in rows
+    assert [r["method"] for r in summarize(recs, ["zeroshot", "apm"])][:2] == ["zeroshot", "apm"]
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="methods: expected distinct names"):
+        EvalSettings(methods=("apm", "clip"))
+    with pytest.raises(ValueError, match="lr: expected a positive finite number"):
+        EvalSettings(lr=float("nan"))
+    with pytest.raises(ValueError, match="views: expected an integer >= 2"):
+        EvalSettings(views=1)
+
+
+# ---------------------------------------------------------------- the command
+def test_eval_end_to_end_and_a_rerun_adds_nothing(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(root, out)) == 0
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 12 and len({r["key"] for r in recs}) == 12
+    for r in recs:
+        assert set(r["methods"]) == {"zeroshot", "ensemble", "apm", "zero"}
+        assert 0 <= r["label"] < 4 and r["image"].endswith(".png")
+        for m in r["methods"].values():
+            assert len(m["top5"]) == 4 and m["pred"] == m["top5"][0] and m["ms"] > 0
+            assert m["probs"] == sorted(m["probs"], reverse=True)
+        assert len(r["apm_losses"]) == 3 and r["apm_diverged"] is False
+    by_label = [r["label"] for r in recs]
+    assert sorted(by_label) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    csv_rows = (out / "summary.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("dataset,method,top1,top5") and len(csv_rows) == 5
+    zs = [r for r in recs if True]
+    top1 = 100 * sum(r["methods"]["zeroshot"]["pred"] == r["label"] for r in zs) / 12
+    assert f"folder,zeroshot,{top1:.2f}," in (out / "summary.csv").read_text()
+    assert "steps" in (out / "summary.md").read_text() and (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(_args(root, out)) == 0                          # everything is there: nothing new
+    assert "(12 already in" in capsys.readouterr().err
+    assert len((out / "records.jsonl").read_text().splitlines()) == 12
+    # other settings into the same folder are refused before any work
+    assert main(_args(root, out, methods="zeroshot")) == 2
+    assert "holds a run with other settings" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_with_nothing_lost_or_twice(root, tmp_path):
+    """SIGKILL while records are being written, then the same command: every image exactly once,
+    no torn line, and the deterministic methods' records equal those of a run never killed."""
+    out, ref = tmp_path / "killed", tmp_path / "whole"
+    cmd = [sys.executable, "-m", "apm_fast"] + _args(root, out, methods="zeroshot,apm")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = out / "records.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not records.exists() or len(records.read_bytes().splitlines()) < 4):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = records.read_bytes()
+    assert 4 <= len(before.splitlines()) < 12, "killed in the middle of the run"
+    with open(records, "ab") as f:                              # and as if the kill tore a line
+        f.write(b'{"key": "folder:torn", "dataset": "fol')
+    assert main(_args(root, out, methods="zeroshot,apm")) == 0
+    assert main(_args(root, ref, methods="zeroshot,apm")) == 0
+    lines = records.read_text().splitlines()
+    got = {json.loads(x)["key"]: json.loads(x) for x in lines}
+    assert len(lines) == len(got) == 12, "every image once"
+    want = {json.loads(x)["key"]: json.loads(x) for x in (ref / "records.jsonl").read_text().splitlines()}
+    assert set(got) == set(want)
+    for k, r in got.items():
+        for m in ("zeroshot", "apm"):
+            assert r["methods"][m]["top5"] == want[k]["methods"][m]["top5"], (k, m)
+        assert r["apm_losses"] == pytest.approx(want[k]["apm_losses"], rel=1e-5)
+
+
+def test_eval_refuses_a_root_without_the_dataset(root, tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--dataset", "imagenet-a", "--teacher", str(root["config"]),
+                 "--pretrained", "none", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "imagenet-a" in err and "error" in err

@@ -21,6 +21,7 @@ __all__ = ["SUBCOMMANDS", "register_subcommand", "build_parser", "main", "CLIErr
 # name -> module with add_parser(subparsers) and run(args)
 SUBCOMMANDS: Dict[str, str] = {
     "ttt": "apm_fast.commands.ttt",
+    "eval": "apm_fast.commands.eval",
     "demo": "apm_fast.commands.demo",
     "info": "apm_fast.commands.info",
     "bench": "apm_fast.bench.cli",

@@ -188,14 +188,17 @@ def label_of(image, index: int) -> str:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(index, teacher view, student uint8 pixels, None) for every source, or (index, None, None,
-    reason) for one that cannot be read: a bad file must not stop the other images. The student's
-    view is shipped as uint8 (4x less to pin and copy than fp32) and normalized on the device."""
+    """(index, teacher view, student uint8 pixels, augmented views or None, None) for every source,
+    or (index, None, None, None, reason) for one that cannot be read: a bad file must not stop the
+    other images. The student's view is shipped as uint8 (4x less to pin and copy than fp32) and
+    normalized on the device; ``views(img, index)`` (optional) adds the teacher's augmented views
+    of the image (test-time baselines)."""
 
-    def __init__(self, sources: Sequence, teacher_preprocess: Callable, size: int):
+    def __init__(self, sources: Sequence, teacher_preprocess: Callable, size: int, views: Callable | None = None):
         self.sources = list(sources)
         self.teacher_preprocess = teacher_preprocess
         self.size = int(size)
+        self.views = views
 
     def __len__(self):
         return len(self.sources)
@@ -204,27 +207,29 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             img = to_pil(self.sources[i], name=f"images[{i}]")
         except (OSError, ValueError, TypeError) as exc:     # ImageLoadError is a ValueError
-            return i, None, None, str(exc)
-        return i, self.teacher_preprocess(img), pixels(img, self.size), None
+            return i, None, None, None, str(exc)
+        views = self.views(img, i) if self.views is not None else None
+        return i, self.teacher_preprocess(img), pixels(img, self.size), views, None
 
 
 def _collate(items):
-    """(indices of the readable images, their teacher batch, their student batch, [(index, reason)]);
-    the batches are None when nothing in this batch could be read."""
-    good = [it for it in items if it[3] is None]
-    failed = [(it[0], it[3]) for it in items if it[3] is not None]
+    """(indices of the readable images, their teacher batch, their student batch, their views or
+    None, [(index, reason)]); the batches are None when nothing in this batch could be read."""
+    good = [it for it in items if it[4] is None]
+    failed = [(it[0], it[4]) for it in items if it[4] is not None]
     idx = torch.tensor([it[0] for it in good], dtype=torch.long)
     if not good:
-        return idx, None, None, failed
-    return idx, torch.stack([it[1] for it in good]), torch.stack([it[2] for it in good]), failed
+        return idx, None, None, None, failed
+    views = torch.stack([it[3] for it in good]) if good[0][3] is not None else None
+    return idx, torch.stack([it[1] for it in good]), torch.stack([it[2] for it in good]), views, failed
 
 
 def make_loader(sources, teacher_preprocess, size: int, batch_size: int, *, num_workers: int | None = None,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                pin_memory: bool = False, views: Callable | None = None) -> torch.utils.data.DataLoader:
     """Batches of ``batch_size`` (the number of students) in order; workers decode and resize."""
     if num_workers is None:
         num_workers = max(0, min(8, (os.cpu_count() or 1) - 1))
     return torch.utils.data.DataLoader(
-        ImageDataset(sources, teacher_preprocess, size), batch_size=batch_size, shuffle=False,
+        ImageDataset(sources, teacher_preprocess, size, views), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, pin_memory=pin_memory, collate_fn=_collate,
         prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False)

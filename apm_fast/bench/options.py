@@ -10,7 +10,8 @@ from ..config import PRESETS, APMConfig, preset
 __all__ = ["SECTIONS", "BenchOptions", "quick_config"]
 
 # In the order they run (the gate runs before all of them).
-SECTIONS = ("step", "throughput", "forward", "scaling", "table4", "primitives", "engine", "distributed")
+SECTIONS = ("step", "throughput", "forward", "scaling", "table4", "primitives", "engine", "distributed",
+            "evaluation")
 
 
 def quick_config(name: str, **overrides) -> APMConfig:
@@ -73,6 +74,9 @@ class BenchOptions:
     profile_students: Tuple[int, ...] = (1, 64)
     # (h) distributed (under torchrun): images of mode 1, timed steps of mode 2
     dist_images: int = 64
+    # (i) the evaluation's methods: images, views of TPT and ZERO
+    eval_images: int = 128
+    eval_views: int = 64
     # free-form preset overrides applied on top of the quick shrink (e.g. {"grid": 6})
     overrides: dict = field(default_factory=dict)
 
@@ -95,7 +99,8 @@ class BenchOptions:
         base = dict(quick=True, forward_batches=(1, 4), scaling_grids=(4, 8, 16),
                     scaling_chunk=64, throughput_images=20, tpt_views=4, tpt_prompts=8,
                     compile_presets=("ttt-l14",), students_list=(1, 3), e2e_images=6,
-                    primitive_batches=(1, 2), profile_students=(1,), dist_images=4)
+                    primitive_batches=(1, 2), profile_students=(1,), dist_images=4, eval_images=4,
+                    eval_views=4)
         base.update(kw)
         return cls(**base)
 

@@ -292,6 +292,11 @@ def summary_lines(result) -> List[str]:
     for r in s.get("throughput", {}).get("rows", []) + s.get("distributed", {}).get("rows", []):
         if r.get("status") == "ok" and "images_per_s" in r:
             lines.append(f"throughput {r['preset']} {r['key']}: {r['images_per_s']:.1f} images/s")
+    for r in s.get("evaluation", {}).get("rows", []):
+        if r.get("status") == "ok":
+            lines.append(f"evaluation {r['key']}: " + ", ".join(
+                f"{m} {r[f'{m}_images_per_s']:.1f}" for m in ("zeroshot", "ensemble", "apm", "tpt", "zero", "all")
+                if r.get(f"{m}_images_per_s") is not None) + " images/s")
     for r in s.get("engine", {}).get("rows", []):
         if r.get("status") == "ok" and "ms_per_step" in r:
             lines.append(f"engine {r['key']}: {r['ms_per_step']:.3f} ms/step ({r['tflops']:.0f} TFLOP/s)")

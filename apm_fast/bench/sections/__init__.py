@@ -1,7 +1,7 @@
 """The benchmark's sections, in the order they run (after the gate). Each module has ``NAME``
 (its JSON file's name) and ``run(ctx) -> dict`` with at least ``rows`` (and ``columns`` for the
 generic printed table)."""
-from . import distributed, engine, forward, primitives, scaling, step, table4, throughput
+from . import distributed, engine, evaluation, forward, primitives, scaling, step, table4, throughput
 
 # option name (--only) -> module
 SECTION_MODULES = {
@@ -13,6 +13,7 @@ SECTION_MODULES = {
     "primitives": primitives,
     "engine": engine,
     "distributed": distributed,
+    "evaluation": evaluation,
 }
 
 __all__ = ["SECTION_MODULES"]

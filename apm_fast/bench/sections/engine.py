@@ -75,13 +75,20 @@ def _gate(ctx, backend):
     return out
 
 
-def _latency(ctx, backend, graphs):
+def _problem(ctx, backend, students):
+    """The engine preset's model, ``students`` images and targets, and a trainer on ``backend``."""
     o = ctx.options
     model = ctx.model(o.engine_preset)
-    x = ctx.images(o.engine_preset, 1)
-    y = torch.randn(1, model.config.dim, device=ctx.device)
-    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=1,
+    x = ctx.images(o.engine_preset, students)
+    y = torch.randn(students, model.config.dim, device=ctx.device)
+    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students,
                               precision=ctx.amp_dtype or model.dtype)
+    return model, x, y, trainer
+
+
+def _latency(ctx, backend, graphs):
+    o = ctx.options
+    model, x, y, trainer = _problem(ctx, backend, 1)
     trainer.engine.graphs = graphs
     prog = trainer.program(1)
     prog.load(x, y)
@@ -111,12 +118,7 @@ def _latency(ctx, backend, graphs):
 
 
 def _memory(ctx, backend):
-    o = ctx.options
-    model = ctx.model(o.engine_preset)
-    x = ctx.images(o.engine_preset, 1)
-    y = torch.randn(1, model.config.dim, device=ctx.device)
-    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=1,
-                              precision=ctx.amp_dtype or model.dtype)
+    model, x, y, trainer = _problem(ctx, backend, 1)
     out = {}
     if ctx.device.type == "cuda":
         a = torch.randn(64, 64, device=ctx.device)
@@ -141,12 +143,7 @@ def _memory(ctx, backend):
 def _profile(ctx, backend, s):
     from torch.profiler import ProfilerActivity, profile
 
-    o = ctx.options
-    model = ctx.model(o.engine_preset)
-    x = ctx.images(o.engine_preset, s)
-    y = torch.randn(s, model.config.dim, device=ctx.device)
-    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=s,
-                              precision=ctx.amp_dtype or model.dtype)
+    model, x, y, trainer = _problem(ctx, backend, s)
     trainer.fit(x, y)
     acts = [ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=acts) as prof:

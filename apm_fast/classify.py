@@ -18,6 +18,7 @@ workers (``views``), embedded by the teacher once and shared.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections import deque
@@ -70,16 +71,28 @@ class Classification:
     def final_loss(self) -> float:
         return self.losses[-1] if self.losses else float("nan")
 
+    @property
+    def diverged(self) -> bool:
+        """The training blew up: a loss or a probability is not finite."""
+        return not all(math.isfinite(x) for x in self.losses + [p for _, p in self.topk])
+
     def to_dict(self) -> dict:
+        """A JSON-able dict; strict JSON (non-finite numbers become null, ``diverged`` says so)."""
         d = asdict(self)
-        d["topk"] = [[c, s] for c, s in self.topk]
-        d["teacher_topk"] = [[c, s] for c, s in self.teacher_topk]
+        d["topk"] = [[c, _finite(s)] for c, s in self.topk]
+        d["teacher_topk"] = [[c, _finite(s)] for c, s in self.teacher_topk]
+        d["losses"] = [_finite(x) for x in self.losses]
+        d["diverged"] = self.diverged
         if self.topk:
             d["top1"], d["teacher_top1"] = self.top1, self.teacher_top1
         del d["error"]
         if not self.predictions:
             del d["predictions"]
         return d
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None
 
 
 def _as_list(images) -> list:

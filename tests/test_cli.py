@@ -47,7 +47,7 @@ def test_ttt_skips_the_corrupt_file_and_writes_the_others(setup, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 1                                          # some input failed
     assert "skipped" in err and "b_broken.jpg" in err and "not an image" in err
-    assert "2 result(s) written" in err and "1 image(s) skipped" in err
+    assert "2 result(s) computed" in err and "1 image(s) skipped" in err
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     assert [l["image"] for l in lines] == [str(setup["photos"] / "a.png"), str(setup["photos"] / "c.jpg")]
     for l in lines:

@@ -21,37 +21,91 @@ __all__ = ["start", "Shards"]
 KEY_FIELD = "image"          # already in every line: Classification.image, the path as given
 
 
+def check_out(out, inputs, *others) -> None:
+    """Before any long work: ``out`` can be written, and is not an input image or another file
+    the run reads (``others``: e.g. the classes file)."""
+    if out == "-":
+        return
+    target = os.path.realpath(out)
+    for p in list(inputs) + [o for o in others if o]:
+        if os.path.exists(os.fspath(p)) and os.path.realpath(p) == target:
+            raise CLIError(f"--out: {out!r} is also an input ({os.fspath(p)!r}); give another results file")
+    try:
+        open(out, "a", encoding="utf-8").close()
+    except OSError as exc:
+        raise CLIError(f"--out: cannot open {out!r} for appending ({exc.strerror or exc})") from None
+
+
+# run settings that may differ between a run and its restart (where and how, not what)
+_VOLATILE = ("students", "device", "backend")
+
+
+def check_settings(out, run_info) -> None:
+    """Refuse to add lines to ``out`` (and its per-rank files) made with other settings."""
+    from ..distributed.results import existing_part_files, read_records
+
+    mine = {k: v for k, v in run_info.items() if k not in _VOLATILE}
+    for src in [out] + existing_part_files(out):
+        for rec in read_records(src, KEY_FIELD):
+            theirs = {k: v for k, v in (rec.get("run") or {}).items() if k not in _VOLATILE}
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if diff:
+                raise CLIError(f"--out: {out!r} holds results made with other settings ("
+                               + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff[:4])
+                               + "); give another --out, or the same settings to continue that run")
+            break                            # one line per file: a file is written by one run
+
+
 class Shards:
-    """This rank's place in the run: ``rank``, ``world``, ``device``."""
+    """This process's place in the run (``rank``, ``world``, ``device``): torchrun's ranks, or one
+    process alone (``info`` None) writing through the same restart-safe path."""
 
-    def __init__(self, info, keys):
-        self.rank, self.world, self.device = info.rank, info.world_size, info.device
+    def __init__(self, info, keys, device=None):
+        self.rank, self.world = (info.rank, info.world_size) if info is not None else (0, 1)
+        self.device = info.device if info is not None else device
         self.keys = keys
-        self._created = info.created
+        self._created = info is not None and info.created
 
-    def write(self, results, args) -> int:
-        """Run ``results`` (see ``ttt._run``) on this rank's share into --out; the
-        exit code (1 when an image failed on any rank) is the same on every rank."""
+    def write(self, results, args, run_info) -> int:
+        """Run ``results`` (see ``ttt._run``) on this rank's share into --out, skipping what an
+        earlier run did; the exit code (1 when an image failed or diverged on any rank) is the
+        same on every rank."""
         import torch.distributed as dist
 
         from ..distributed.ranks import run_sharded, shard_indices
         from .ttt import progress_bar
 
+        check_settings(args.out, run_info)
         share = len(shard_indices(self.keys, self.rank, self.world))
+        diverged = []
+
+        def counted(todo, bar):
+            for i, line in results(todo, bar):
+                if line is not None and line.get("diverged"):
+                    diverged.append(i)
+                yield i, line
+
         # one bar (rank 0's share) rather than N bars overwriting each other on one terminal
         with progress_bar(args, share, enabled=self.rank == 0) as bar:
-            run = run_sharded(self.keys, lambda todo: results(todo, bar), args.out,
-                              key_field=KEY_FIELD, group=dist.group.WORLD, progress=bar.update,
+            run = run_sharded(self.keys, lambda todo: counted(todo, bar), args.out, key_field=KEY_FIELD,
+                              group=dist.group.WORLD if self.world > 1 else None, progress=bar.update,
                               stream=True)
-        who = f"apm-fast ttt: rank {self.rank}/{self.world}"
+        who = "apm-fast ttt" + (f": rank {self.rank}/{self.world}" if self.world > 1 else "")
         eprint(f"{who}: {run.computed} result(s) computed, {run.skipped} already in {args.out} "
-               f"(skipped)" + (f", {len(run.failed)} image(s) skipped (see above)" if run.failed else ""))
-        if self.rank == 0:
+               f"(skipped)" + (f", {len(run.failed)} image(s) skipped (see above)" if run.failed else "")
+               + (f", {len(diverged)} diverged (\"diverged\": true)" if diverged else ""))
+        if self.rank == 0 and self.world > 1:
             eprint(f"apm-fast ttt: {len(run.records)} result(s) in {args.out} (merged from "
                    f"{self.world} ranks)" + (f", {run.failed_total} image(s) skipped" if run.failed_total else ""))
-        # torchrun stops the other ranks as soon as one exits non-zero: let all report first
-        dist.barrier()
-        return 1 if run.failed_total else 0
+        bad = run.failed_total + len(diverged)
+        if self.world > 1:
+            # torchrun stops the other ranks as soon as one exits non-zero: let all report first
+            flag = [bad]
+            every = [None] * self.world
+            dist.all_gather_object(every, flag)
+            bad = sum(f[0] for f in every)
+            dist.barrier()
+        return 1 if bad else 0
 
     def close(self):
         import torch.distributed as dist
@@ -82,10 +136,6 @@ def start(args, paths):
         keys = input_keys([os.fspath(p) for p in paths])
     except ValueError as exc:
         raise CLIError(f"IMAGES: {exc}") from None
-    try:                        # fail here, on every rank, rather than after the first image
-        open(args.out, "a", encoding="utf-8").close()
-    except OSError as exc:
-        raise CLIError(f"--out: cannot open {args.out!r} for appending ({exc})") from None
     try:
         # gloo only carries barriers and a few small messages; the long timeout lets every rank
         # wait at the end for the slowest one

@@ -1,7 +1,11 @@
 """``apm-fast ttt IMAGES...``: test-time train on each image and classify it zero-shot.
 
-One JSON line per image goes to ``--out`` (appended and flushed after every image, so a crash
-loses nothing already done) or to stdout. A file that cannot be read is reported on stderr and
+One JSON line per image goes to ``--out`` or to stdout. ``--out FILE`` is restart-safe: lines are
+appended to a per-process file beside it as images finish (flushed and fsynced), an earlier run's
+lines are skipped, a torn last line is cut, a run with other settings is refused, and at the end
+the lines are merged into FILE in input order (one path for one process and for torchrun's ranks,
+see :mod:`.sharded`). A diverged training is marked ``"diverged": true`` (its non-finite numbers
+as null; strict JSON) and counts in the exit code like a skipped image. A file that cannot be read is reported on stderr and
 skipped; the others are still processed, and the exit code is then 1.
 
 Under ``torchrun --nproc-per-node N`` (WORLD_SIZE > 1) the images are split by rank and each rank
@@ -10,8 +14,8 @@ runs the same pipeline (``apm_fast.classify.iter_classify``) on its share; see :
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import sys
 
 from . import common, sharded
@@ -35,24 +39,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-@contextlib.contextmanager
-def _open_out(path):
-    if path == "-":
-        yield sys.stdout
-        return
-    try:
-        f = open(path, "a", encoding="utf-8")
-    except OSError as exc:
-        raise common.CLIError(f"--out: cannot open {path!r} for appending ({exc})")
-    with f:
-        yield f
-
-
 def run(args) -> int:
     from ..images import find_images
 
     with common.setup_errors():
         paths = find_images(args.images)
+    # before any long work (the teacher, the class texts): where the results go
+    sharded.check_out(args.out, paths, args.classes if os.path.isfile(str(args.classes)) else None)
     shards = sharded.start(args, paths)          # None unless launched by torchrun with WORLD_SIZE > 1
     try:
         return _run(args, paths, shards)
@@ -99,8 +92,12 @@ def _run(args, paths, shards) -> int:
                 line["run"] = info
                 yield r.index, line
 
-    if shards is not None:
-        return shards.write(results, args)
+    if args.out != "-":              # one restart-safe writer, torchrun's ranks or one process
+        if shards is None:
+            from ..distributed.ranks import input_keys
+
+            shards = sharded.Shards(None, input_keys([str(p) for p in paths]), device)
+        return shards.write(results, args, run_info)
     return _write(results, paths, args)
 
 
@@ -112,18 +109,19 @@ def progress_bar(args, total, *, enabled=True):
 
 
 def _write(results, paths, args) -> int:
-    """One process: every line to --out (appended, flushed per image) or stdout, in input order."""
-    failed = written = 0
-    with _open_out(args.out) as out, progress_bar(args, len(paths)) as bar:
+    """``--out -``: every line to stdout as each image finishes."""
+    failed = written = diverged = 0
+    with progress_bar(args, len(paths)) as bar:
         for _, line in results(paths, bar):
             if line is None:
                 failed += 1
             else:
-                out.write(json.dumps(line) + "\n")
-                out.flush()
+                sys.stdout.write(json.dumps(line, allow_nan=False) + "\n")
+                sys.stdout.flush()
                 written += 1
+                diverged += bool(line.get("diverged"))
             bar.update(1)
-    dest = "stdout" if args.out == "-" else args.out
-    eprint(f"apm-fast ttt: {written} result(s) written to {dest}"
-           + (f", {failed} image(s) skipped (see above)" if failed else ""))
-    return 1 if failed else 0
+    eprint(f"apm-fast ttt: {written} result(s) written to stdout"
+           + (f", {failed} image(s) skipped (see above)" if failed else "")
+           + (f", {diverged} diverged (\"diverged\": true)" if diverged else ""))
+    return 1 if failed or diverged else 0

@@ -1,7 +1,6 @@
 """The APM module: parameters, init, checkpoint I/O; the arithmetic lives in the backends."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional

@@ -14,7 +14,6 @@ missing 1/world, a max not shared by the ranks) is of order one.
 """
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 algorithms, the accuracy arithmetic against hand-computed records, a run killed with SIGKILL and
 started again, settings checked against the run folder, and the command end to end."""
 import json
-import math
 import os
 import signal
 import subprocess

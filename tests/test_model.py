@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from apm_fast import APM, APMConfig, preset, position_code
+from apm_fast import APM, preset, position_code
 from helpers import ODD_CONFIGS, images_for, rel_err, tiny_model
 
 # float64 on both sides: the two forms differ only in summation order, so agreement is at the

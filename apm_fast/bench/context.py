@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import time
 import traceback
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 

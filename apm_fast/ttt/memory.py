@@ -31,7 +31,6 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..ops.driver import weight_names
 from ..ops.contract import acc_dtype_for
 
 __all__ = ["estimate_student_bytes", "student_bytes", "choose_students", "count_params"]

@@ -19,7 +19,7 @@ snapshot dict): it is not duplicated per student, nor flattened into another cop
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 

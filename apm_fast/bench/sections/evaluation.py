@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..context import error_text, free_memory
+from ..context import free_memory
 
 __all__ = ["run", "NAME"]
 

@@ -15,7 +15,7 @@ import torch
 
 from ...backends import get_backend
 from ...ops.contract import TorchPrimitives
-from ...ops.driver import backward, forward, weight_names
+from ...ops.driver import forward, weight_names
 from ...posenc import position_code
 from ..gate import relative_error
 from ..timing import measure_graph

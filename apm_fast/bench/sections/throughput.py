@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ...ttt import TestTimeTrainer
-from ..context import error_text, free_memory
+from ..context import free_memory
 from ..timing import measure, peak_memory, summarize
 
 __all__ = ["run", "NAME"]

@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..ops.autograd import _no_autocast
 from ..ops.contract import TorchPrimitives, acc_dtype_for
 from ..ops.driver import backward, forward, weight_names
 from ..posenc import position_code
@@ -31,11 +32,7 @@ __all__ = ["StudentProgram", "quiet_autograd"]
 def quiet_autograd(device):
     """No autograd, no inference-mode tensors (in-place updates of static buffers must stay
     legal later) and no autocast (the driver picks its dtypes itself)."""
-    dev = torch.device(device)
-    # (autocast exists for cuda and cpu; "meta", used to trace memory, has none to switch off)
-    no_autocast = (torch.autocast(dev.type, enabled=False) if dev.type in ("cuda", "cpu")
-                   else contextlib.nullcontext())
-    with torch.inference_mode(False), torch.no_grad(), no_autocast:
+    with torch.inference_mode(False), torch.no_grad(), _no_autocast(device):
         yield
 
 

@@ -25,9 +25,10 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m apm_fast.bench $(BENCH_ARGS)
 
-# PNG plots from every result file under benchmarks/results/
+# PNG plots from the result files of `make bench` (bench-results/, not the committed
+# benchmarks/results/, whose PNGs would be overwritten)
 plots: $(STAMP)
-	$(PY) -m apm_fast.bench.plots benchmarks/results
+	$(PY) -m apm_fast.bench.plots bench-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

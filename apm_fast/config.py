@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+import numbers
+from dataclasses import dataclass
 from typing import Tuple
 
 __all__ = ["APMConfig", "PRESETS", "preset"]
@@ -38,24 +40,34 @@ class APMConfig:
     init_std: float = 0.01
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        _positive_int("grid", self.grid)
-        _positive_int("patch", self.patch)
-        _positive_int("dim", self.dim)
-        _positive_int("heads", self.heads)
-        _positive_int("in_chans", self.in_chans)
-        if len(self.hidden) == 0:
-            raise ValueError("hidden: expected at least one MLP width, got an empty tuple")
+        # Types are checked, never coerced: int("64"), bool("False") (True!) or int(64.7) would
+        # build a different model than the one asked for. numpy integers/floats are accepted
+        # and stored as Python ints/floats (JSON and hashing need the plain types).
+        if isinstance(self.hidden, (str, bytes)) or not isinstance(self.hidden, (tuple, list)):
+            raise TypeError(f"hidden: expected a tuple or list of MLP widths, got {self.hidden!r}")
         for i, h in enumerate(self.hidden):
             _positive_int(f"hidden[{i}]", h)
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        for name in ("grid", "patch", "dim", "heads", "in_chans"):
+            _positive_int(name, getattr(self, name))
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("pool", "rgb_head"):
+            if not isinstance(getattr(self, name), bool):   # numpy bools too: np.bool_ is no bool
+                raise TypeError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if len(self.hidden) == 0:
+            raise ValueError("hidden: expected at least one MLP width, got an empty tuple")
         if self.pool and self.dim % self.heads != 0:
             raise ValueError(
                 f"heads: the pool splits dim={self.dim} over heads; expected a divisor of "
                 f"{self.dim}, got heads={self.heads}")
-        if self.init not in _INITS:
+        if not isinstance(self.init, str) or self.init not in _INITS:
             raise ValueError(f"init: expected one of {_INITS}, got {self.init!r}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std: expected a positive number, got {self.init_std!r}")
+        v = self.init_std
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"init_std: expected a positive finite number, got {v!r}")
+        if not (math.isfinite(float(v)) and float(v) > 0):
+            raise ValueError(f"init_std: expected a positive finite number, got {v!r}")
+        object.__setattr__(self, "init_std", float(v))
 
     # Derived sizes -------------------------------------------------------------------
     @property
@@ -91,6 +103,9 @@ class APMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "APMConfig":
+        """The config of :meth:`to_dict`'s dict (e.g. a checkpoint's metadata), every field checked."""
+        if not isinstance(d, dict):
+            raise TypeError(f"config: expected a dict of APMConfig fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -99,7 +114,10 @@ class APMConfig:
 
 
 def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """A positive int (numpy integers too); a bool or a float, even 4.0, is a wrong type."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive integer, got {value!r}")
+    if value <= 0:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 

@@ -10,16 +10,21 @@ by the model.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
+import warnings
 from pathlib import Path
-from typing import Callable, Iterable, List, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageLoadError", "load_image",
-           "to_pil", "pixels", "normalize", "preprocess", "preprocess_batch", "find_images"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "MAX_PIXELS", "MAX_ASPECT_RATIO",
+           "ImageLoadError", "SkippedFilesWarning", "load_image", "to_pil", "pixels", "normalize",
+           "preprocess", "preprocess_batch", "find_images"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,7 +33,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
                               ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
 
+# Limits checked on the size a file *declares* (PIL reads it from the header without decoding),
+# so that a few bytes cannot make a worker allocate gigabytes:
+# - MAX_PIXELS: 100 M pixels are ~300 MB once decoded to RGB, more than any camera photo a TTT run
+#   is meant for (a 50 MP photo is 50 M); a forged header may declare billions. PIL's own
+#   decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 M by default) applies as well:
+#   its warning is turned into the same error instead of a process-wide warning.
+# - MAX_ASPECT_RATIO: the centre crop scales the *shorter* side to S = grid * patch first, so a
+#   1 x 100,000 strip would become S x (S * 100,000) pixels (gigabytes at S = 448) before the crop.
+#   No photo is 50 times wider than high; a panorama of 50:1 still resizes to S x 50 S.
+MAX_PIXELS = 100_000_000
+MAX_ASPECT_RATIO = 50
+
 PathLike = Union[str, os.PathLike]
+
+
+class SkippedFilesWarning(UserWarning):
+    """:func:`find_images` skipped entries of a searched directory that cannot be image files
+    (FIFOs, sockets, devices, broken or looping symbolic links); the message lists them."""
 
 
 class ImageLoadError(ValueError):
@@ -56,34 +78,131 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """Read an image file as an RGB PIL image (EXIF rotation applied); :class:`ImageLoadError`
-    naming the file when it is missing, a directory, or not a readable image."""
-    p = Path(path)
-    if not p.exists():
-        raise ImageLoadError(path, "no such file")
-    if p.is_dir():
-        raise ImageLoadError(path, "is a directory, expected an image file")
+def _not_regular(mode: int) -> Optional[str]:
+    """What a stat mode is when it is not a regular file (None for a regular file)."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _stat_problem(path: Path) -> Optional[str]:
+    """Why ``path`` (symbolic links followed) is not a readable regular file, or None. Reads
+    only the file's metadata: a FIFO is never opened (opening one blocks until a writer comes)."""
     try:
-        with Image.open(p) as img:
-            img.load()  # decode now: truncated or corrupt data fails here, not later
-            img = ImageOps.exif_transpose(img)
-            return _rgb(img)
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError(path, "not an image (PIL cannot identify the file format)") from None
-    except Exception as exc:  # truncated data, decoder errors, decompression bombs, permissions
-        raise ImageLoadError(path, f"cannot be read as an image ({type(exc).__name__}: {exc})") from exc
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"is a broken symbolic link (to {target!r}, which does not exist)"
+        if exc.errno == errno.ENOENT:
+            return "no such file"
+        return f"cannot be accessed ({exc.strerror or exc})"
+    what = _not_regular(st.st_mode)
+    if what == "a directory":
+        return "is a directory, expected an image file"
+    if what is not None:
+        return f"is {what}, expected a regular image file"
+    return None
+
+
+def _check_size(w: int, h: int, limit: int = MAX_PIXELS,
+                limit_name: str = "apm_fast.images.MAX_PIXELS") -> Optional[str]:
+    """Why an image of w x h pixels is refused before it is decoded or resized, or None."""
+    if w * h > limit:
+        return (f"declares {w} x {h} pixels, more than {limit:,} pixels ({limit_name}): refused "
+                f"before decoding (a decompression bomb, or far larger than needed)")
+    if w > 0 and h > 0 and max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        return (f"is {w} x {h} pixels, an aspect ratio of {max(w, h) / min(w, h):.0f}:1, more than "
+                f"{MAX_ASPECT_RATIO}:1 (apm_fast.images.MAX_ASPECT_RATIO): resizing its shorter side "
+                f"would need {max(w, h) / min(w, h):.0f} times the memory of a square image")
+    return None
+
+
+def load_image(path: PathLike) -> Image.Image:
+    """Read an image file as an RGB PIL image (EXIF rotation applied).
+
+    :class:`ImageLoadError` naming the file when it is missing, not a regular file (a directory,
+    a FIFO, a socket, a device, a broken or looping symbolic link: said which, and a FIFO is not
+    opened, so this never blocks), declares more than :data:`MAX_PIXELS` pixels or an aspect ratio
+    over :data:`MAX_ASPECT_RATIO` (checked from the header, before anything is decoded), or is not
+    a readable image."""
+    p = Path(path)
+    problem = _stat_problem(p)
+    if problem is not None:
+        raise ImageLoadError(path, problem)
+    try:
+        # O_NONBLOCK: should the path have been swapped for a FIFO since the stat, opening it
+        # returns at once (and fstat below says what it is) instead of waiting for a writer
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot be opened ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        what = _not_regular(os.fstat(fd).st_mode)
+        if what is not None:
+            raise ImageLoadError(path, f"is {what}, expected a regular image file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        with warnings.catch_warnings(record=True) as caught:
+            # PIL warns (once per process) about sizes over its own decompression-bomb limit and
+            # then decodes anyway: here that warning becomes the error below
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(f)
+            except Image.DecompressionBombError as exc:   # over twice PIL's limit: no image object
+                n = re.search(r"\((\d+) pixels\)", str(exc))
+                raise ImageLoadError(path, (
+                    f"declares {int(n.group(1)) if n else 'too many'} pixels, more than "
+                    f"{_pixel_limit()[0]:,} pixels ({_pixel_limit()[1]}): refused before decoding "
+                    f"(a decompression bomb, or far larger than needed)")) from None
+            except Image.UnidentifiedImageError:
+                raise ImageLoadError(path, "not an image (PIL cannot identify the file format)") from None
+            except Exception as exc:  # a header PIL recognizes but cannot parse
+                raise ImageLoadError(path, f"cannot be read as an image ({type(exc).__name__}: {exc})") from exc
+        for w in caught:      # other warnings go on as they came
+            if not issubclass(w.category, Image.DecompressionBombWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        with img:
+            # after a PIL bomb warning the size is over PIL's limit, so this refuses it
+            refused = _check_size(*img.size, *_pixel_limit())
+            if refused is not None:
+                raise ImageLoadError(path, refused)
+            try:
+                img.load()  # decode now: truncated or corrupt data fails here, not later
+                img = ImageOps.exif_transpose(img)
+                return _rgb(img)
+            except Exception as exc:  # truncated data, decoder errors
+                raise ImageLoadError(path, f"cannot be read as an image ({type(exc).__name__}: {exc})") from exc
+
+
+def _pixel_limit() -> Tuple[int, str]:
+    """The pixel limit in force and its name: :data:`MAX_PIXELS`, or PIL's lower one if set."""
+    pil = Image.MAX_IMAGE_PIXELS
+    if pil and pil < MAX_PIXELS:
+        return int(pil), "PIL.Image.MAX_IMAGE_PIXELS"
+    return MAX_PIXELS, "apm_fast.images.MAX_PIXELS"
 
 
 def to_pil(image, name: str = "image") -> Image.Image:
     """An RGB PIL image from a PIL image, a file path, an H x W (x 1|3|4) numpy array (uint8, or
     floats in [0, 1]) or a 1|3 x H x W uint8 tensor (pixels)."""
     if isinstance(image, Image.Image):
+        _check_not_empty(name, *image.size)
         return _rgb(image)
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, torch.Tensor):
         if image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] in (1, 3):
+            _check_not_empty(name, image.shape[2], image.shape[1])
             return Image.fromarray(image.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy())
         raise TypeError(f"{name}: a tensor must be 3 x H x W uint8 pixels, got dtype {image.dtype} and "
                         f"shape {tuple(image.shape)}")
@@ -93,6 +212,7 @@ def to_pil(image, name: str = "image") -> Image.Image:
             a = a[:, :, 0]
         if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
             raise ValueError(f"{name}: expected an H x W or H x W x 3/4 array, got shape {a.shape}")
+        _check_not_empty(name, a.shape[1], a.shape[0])
         if a.dtype != np.uint8:
             if not np.issubdtype(a.dtype, np.floating):
                 raise TypeError(f"{name}: expected a uint8 array or floats in [0, 1], got dtype {a.dtype}")
@@ -102,6 +222,23 @@ def to_pil(image, name: str = "image") -> Image.Image:
         return _rgb(Image.fromarray(a))
     raise TypeError(f"{name}: expected a PIL image, a file path, a numpy array or uint8 pixels, "
                     f"got {type(image).__name__}")
+
+
+def _check_not_empty(name: str, w: int, h: int):
+    """An image of no pixels has no shorter side to scale (a ZeroDivisionError further on)."""
+    if w < 1 or h < 1:
+        raise ValueError(f"{name}: expected an image of at least 1 x 1 pixels, got {w} x {h} (W x H)")
+
+
+def _check_aspect(img: Image.Image, name: str, size: int = 224):
+    """Refuse an in-memory image whose shorter side, scaled to ``size`` (the student's S, or a
+    teacher's 224), would make the longer one explode (files are refused by load_image)."""
+    w, h = img.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ValueError(f"{name}: {w} x {h} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1 "
+                         f"(apm_fast.images.MAX_ASPECT_RATIO); scaling its shorter side to {size} "
+                         f"would make it {max(w, h) * size // min(w, h)} pixels long (crop=None "
+                         f"stretches it instead)")
 
 
 def _size_of(size_or_config) -> int:
@@ -120,6 +257,7 @@ def pixels(image, size_or_config, *, crop: str | None = "center") -> torch.Tenso
     img = to_pil(image)
     if crop == "center":
         w, h = img.size
+        _check_aspect(img, "image", s)
         scale = s / min(w, h)
         nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
         img = img.resize((nw, nh), Image.BICUBIC)
@@ -162,18 +300,51 @@ def preprocess_batch(images: Iterable, size_or_config, **kw) -> torch.Tensor:
     return torch.stack(xs)
 
 
-def find_images(paths: Sequence[PathLike], *, recursive: bool = True) -> List[Path]:
-    """Expand directories to the image files inside (by extension, sorted); other paths are kept
-    as given, so that a missing or broken file is reported when it is loaded, not dropped."""
+def _entry_kind(entry: Path) -> str:
+    """"dir", "file" (regular), or why a directory entry can be neither (one stat, links followed)."""
+    problem = _stat_problem(entry)
+    if problem is None:
+        return "file"
+    if problem.startswith("is a directory"):
+        return "dir"
+    return problem.replace(", expected a regular image file", "")
+
+
+def find_images(paths: Sequence[PathLike], *, recursive: bool = True,
+                skipped: Optional[List[Tuple[Path, str]]] = None) -> List[Path]:
+    """Expand directories to the image files inside (regular files by extension, sorted); other
+    paths are kept as given, so that a missing or broken file is reported when it is loaded, not
+    dropped (an explicitly named FIFO too: :func:`load_image` then says what it is, unopened).
+
+    Inside a searched directory, entries that cannot be image files whatever their name (FIFOs,
+    sockets, devices, broken or looping symbolic links) are skipped *and reported*: appended as
+    ``(path, reason)`` to ``skipped`` when a list is given, else in one
+    :class:`SkippedFilesWarning` listing them (the command line prints it as one line). Regular
+    files without an image extension are ignored silently, by design."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: List[Path] = []
+    odd: List[Tuple[Path, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
             walk = p.rglob("*") if recursive else p.iterdir()
-            out.extend(sorted(f for f in walk if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+            for f in sorted(walk):
+                kind = _entry_kind(f)
+                if kind == "file":
+                    if f.suffix.lower() in IMAGE_EXTENSIONS:
+                        out.append(f)
+                elif kind != "dir":
+                    odd.append((f, kind))
         else:
             out.append(p)
+    if skipped is not None:
+        skipped.extend(odd)
+    elif odd:
+        shown = "; ".join(f"{f} ({why})" for f, why in odd[:10])
+        more = f"; and {len(odd) - 10} more" if len(odd) > 10 else ""
+        warnings.warn(f"images: skipped {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} of the searched "
+                      f"director{'y' if len(paths) == 1 else 'ies'} that cannot be image files: "
+                      f"{shown}{more}", SkippedFilesWarning, stacklevel=2)
     if not out:
         raise ValueError(f"images: no image files found in {[str(p) for p in paths]} "
                          f"(directories are searched for {sorted(IMAGE_EXTENSIONS)})")
@@ -206,6 +377,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             img = to_pil(self.sources[i], name=f"images[{i}]")
+            _check_aspect(img, f"images[{i}]")   # before any resize, the teacher's included
         except (OSError, ValueError, TypeError) as exc:     # ImageLoadError is a ValueError
             return i, None, None, None, str(exc)
         views = self.views(img, i) if self.views is not None else None

@@ -1,6 +1,9 @@
 """Input checks at the API boundary: which argument, what was expected, what came."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 __all__ = ["check_images", "check_targets", "check_finite"]
@@ -62,16 +65,25 @@ def check_targets(targets, batch: int, dim: int, name: str = "targets") -> torch
     return targets
 
 
+# Numbers are checked by kind, not by Python class: numpy scalars (np.int64 steps from a sweep,
+# np.float32 learning rates) are accepted like ints and floats; bools, strings and tensors are not.
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _positive_int(name, value, *, none_ok=False):
     if value is None and none_ok:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive integer{' or None' if none_ok else ''}, got {value!r}")
 
 
 def _finite(name, value, lo, hi, what):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo < value < hi) \
-            or value != value or value in (float("inf"), float("-inf")):
+    if not _is_real(value) or not math.isfinite(float(value)) or not (lo < float(value) < hi):
         raise ValueError(f"{name}: expected {what}, got {value!r}")
 
 
@@ -82,7 +94,7 @@ def check_training(*, steps, lr, betas=(0.9, 0.999), eps=1e-8, students=None):
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
     for i, b in enumerate(betas):
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+        if not _is_real(b) or not 0.0 <= float(b) < 1.0:
             raise ValueError(f"betas[{i}]: expected a number in [0, 1), got {b!r}")
     _finite("eps", eps, 0.0, float("inf"), "a positive finite number")
     _positive_int("students", students, none_ok=True)

@@ -31,12 +31,22 @@ def cuda_kernel_sources() -> List[str]:
 
 
 def parse_archs(spec: Optional[str] = None) -> List[str]:
-    """"90a;80" -> ["90a", "80"]; raises ValueError naming a malformed entry."""
-    spec = os.environ.get("APM_FAST_CUDA_ARCHS", "90a;80") if spec is None else spec
+    """"90a;80" -> ["90a", "80"]; raises ValueError naming a malformed entry.
+
+    The targets come from ``APM_FAST_CUDA_ARCHS``, else from torch's ``TORCH_CUDA_ARCH_LIST``
+    ("8.0;9.0a;8.6+PTX" -> ["80", "90a", "86+PTX"]: "+PTX" also embeds PTX for the GPUs after it),
+    else "90a;80"."""
+    if spec is None:
+        spec = os.environ.get("APM_FAST_CUDA_ARCHS")
+    if spec is None and os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        spec = ";".join(a.replace(".", "") for a in re.split(r"[;, ]+", os.environ["TORCH_CUDA_ARCH_LIST"])
+                        if a.strip())
+    if spec is None:
+        spec = "90a;80"
     archs = [a.strip() for a in re.split(r"[;, ]+", spec) if a.strip()]
     for a in archs:
-        if not re.fullmatch(r"\d{2,3}a?", a):
-            raise ValueError(f"APM_FAST_CUDA_ARCHS: expected entries like 90a or 80, got {a!r} in {spec!r}")
+        if not re.fullmatch(r"\d{2,3}a?(\+PTX)?", a):
+            raise ValueError(f"APM_FAST_CUDA_ARCHS: expected entries like 90a, 80 or 80+PTX, got {a!r} in {spec!r}")
     if not archs:
         raise ValueError(f"APM_FAST_CUDA_ARCHS: no architecture in {spec!r}")
     return archs
@@ -60,7 +70,15 @@ def cutlass_include_dir() -> Optional[str]:
 
 
 def gencode_flags(archs: List[str]) -> List[str]:
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    """SASS for every target; "XY+PTX" also embeds compute_XY PTX, which the driver compiles for
+    GPUs newer than any SASS target (forward compatibility)."""
+    out = []
+    for a in archs:
+        base = a.replace("+PTX", "")
+        out.append(f"-gencode=arch=compute_{base},code=sm_{base}")
+        if a.endswith("+PTX"):
+            out.append(f"-gencode=arch=compute_{base},code=compute_{base}")
+    return out
 
 
 def nvcc_flags(archs: List[str], cutlass_dir: Optional[str]) -> List[str]:
@@ -79,6 +97,6 @@ def nvcc_flags(archs: List[str], cutlass_dir: Optional[str]) -> List[str]:
         flags.append("-DAPM_FAST_NO_CUTLASS")
     else:
         flags.append(f"-I{cutlass_dir}")
-        if "90a" in archs:
+        if any(a.startswith("90a") for a in archs):
             flags.append("-DAPM_FAST_SM90A")
     return flags

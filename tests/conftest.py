@@ -16,6 +16,8 @@ else:
     os.environ.setdefault("APM_FAST_AUTOTUNE", "0")
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# the tests must not write text-embedding caches into the user's home (apm_fast.teachers.base)
+os.environ.setdefault("APM_FAST_CACHE", "off")
 
 
 def pytest_configure(config):

@@ -56,10 +56,13 @@ def test_ttt_skips_the_corrupt_file_and_writes_the_others(setup, tmp_path, capsy
         assert len(l["losses"]) == 3 and l["ttt_ms"] > 0
         assert l["run"]["teacher"] == "apm-test-tiny-clip" and l["run"]["random_teacher"] is False
         assert l["run"]["dim"] == 24 and l["run"]["grid"] == 4 and l["run"]["hidden"] == [32, 16]
-    # appended, not overwritten; same seed, same results
+    # a rerun skips what is done (the unreadable file is tried again); same seed, same results
     assert _ttt(setup, "--topk", "2", out=out) == 1
-    again = [json.loads(l) for l in out.read_text().splitlines()]
-    assert len(again) == 4 and again[2]["losses"] == pytest.approx(lines[0]["losses"])
+    assert [json.loads(l) for l in out.read_text().splitlines()] == lines
+    other = tmp_path / "again.jsonl"
+    assert _ttt(setup, "--topk", "2", out=other) == 1
+    again = [json.loads(l) for l in other.read_text().splitlines()]
+    assert again[0]["losses"] == pytest.approx(lines[0]["losses"])
 
 
 def test_ttt_to_stdout_with_only_good_files(setup, capsys):

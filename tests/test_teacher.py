@@ -194,7 +194,7 @@ def test_ensemble_templates_are_the_80_of_clip():
     temps = resolve_templates("ensemble")
     assert len(temps) == 80 and len(set(temps)) == 80 and all("{c}" in t for t in temps)
     assert resolve_templates("single") == ("a photo of a {c}.",)
-    with pytest.raises(ValueError, match="templates: expected 'single', 'ensemble'"):
+    with pytest.raises(ValueError, match="templates: expected 'single', 'simple', 'ensemble'"):
         resolve_templates("many")
     with pytest.raises(ValueError, match=r"templates\[1\]: expected a string containing '\{c\}'"):
         resolve_templates(["a {c}", "no placeholder"])

@@ -52,7 +52,15 @@ def _status(name: str):
     if name == "reference":
         return True, ""
     try:
-        return _table(name).available()
+        ok, why = _table(name).available()
+        if ok and name == "cuda":
+            # built for other GPUs: say so now, not "no kernel image is available" at the first call
+            from .._ext import device_problem
+
+            problem = device_problem()
+            if problem:
+                return False, problem
+        return ok, why
     except Exception as exc:  # an optional dependency failing to import is a reason, not a crash
         return False, f"{type(exc).__name__}: {exc}"
 

@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from ..cli import CLIError
+from ..teachers.prompts import TEMPLATE_SETS
 
 # The student preset matching a teacher's embedding width (spec section 1).
 PRESET_FOR_DIM = {512: "ttt-b16", 768: "ttt-l14", 1024: "ttt-h14"}
@@ -39,6 +40,36 @@ def _positive(kind, what):
 positive_int = _positive(int, "a positive integer")
 positive_float = _positive(float, "a positive finite number")
 
+# Adam moves every weight by about lr per step; the student's weights are ~0.01, so any lr above 1
+# only makes NaN (1e308 is finite, yet the first step overflows): refused before anything runs.
+MAX_LR = 1.0
+
+
+def learning_rate(text: str) -> float:
+    """``--lr``: a finite number in (0, MAX_LR]; 'inf', 'nan', '1e308', '-1e-4' are refused."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 < v <= MAX_LR:            # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, {MAX_LR:g}], got {text!r}")
+    return v
+
+
+SEED_MAX = 2 ** 63 - 1
+
+
+def seed(text: str) -> int:
+    """``--seed``: an integer in [0, 2**63 - 1] (torch.manual_seed's range is wider, but numpy's
+    and a JSON reader's int64 are not; a huge seed failed late with a raw RuntimeError)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1], got {text!r}")
+    return v
+
 
 def add_teacher_args(p: argparse.ArgumentParser, *, pretrained_default="openai"):
     g = p.add_argument_group("teacher")
@@ -50,8 +81,10 @@ def add_teacher_args(p: argparse.ArgumentParser, *, pretrained_default="openai")
                         "a checkpoint file, or 'none' for random weights (default: %(default)s)")
     g.add_argument("--classes", default="imagenet", metavar="imagenet|FILE",
                    help="class names: 'imagenet' (1000) or a text file, one name per line")
-    g.add_argument("--templates", default="single", choices=("single", "ensemble"),
-                   help="prompt 'a photo of a {c}.' or the 80-template ensemble (default: %(default)s)")
+    g.add_argument("--templates", default="single", choices=TEMPLATE_SETS,
+                   help="prompts: 'single' ('a photo of a {c}.'), 'simple' (the 7 templates the CLIP "
+                        "authors selected from the 80) or 'ensemble' (the 80 of the CLIP paper) "
+                        "(default: %(default)s)")
 
 
 def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
@@ -64,7 +97,8 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
     g.add_argument("--hidden", type=hidden_widths, metavar="W1,W2,...", help="override the MLP widths")
     g.add_argument("--heads", type=positive_int, help="override the pool's heads")
     g.add_argument("--steps", type=positive_int, default=steps_default, help="Adam steps per image (default: %(default)s)")
-    g.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--lr", type=learning_rate, default=1e-4,
+                   help="Adam learning rate, in (0, 1] (default: %(default)s)")
     g.add_argument("--normalize-target", action="store_true", help="regress the unit-norm teacher embedding")
     g.add_argument("--topk", type=positive_int, default=5, help="classes reported per image (default: %(default)s)")
     g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: fastest available)")
@@ -74,7 +108,8 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
     g.add_argument("--students", type=positive_int, default=None, metavar="N",
                    help="images trained side by side (default: as many as fit in memory on a GPU, 1 on a CPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the student's (and a random teacher's) init")
+    g.add_argument("--seed", type=seed, default=0,
+                   help="seed of the student's (and a random teacher's) init, in [0, 2**63 - 1]")
 
 
 @contextlib.contextmanager

@@ -44,15 +44,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--hidden", type=common.hidden_widths, metavar="W1,W2,...", help="override the MLP widths")
     g.add_argument("--steps", type=common.positive_int, default=20,
                    help="Adam steps per image (default: %(default)s; the paper does not publish its count)")
-    g.add_argument("--lr", type=common.positive_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--lr", type=common.learning_rate, default=1e-4, help="Adam learning rate (default: %(default)s)")
     g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "fp64"),
                    help="GEMM dtype of the training (default: bf16 on a GPU, fp32 on a CPU)")
     g.add_argument("--apm-templates", default="ensemble", choices=("single", "ensemble"),
                    help="the class texts APM's feature is classified against (default: %(default)s)")
     b = p.add_argument_group("TPT and ZERO")
     b.add_argument("--views", type=common.positive_int, default=64, help="the image and its augmented views (64)")
-    b.add_argument("--tpt-lr", type=common.positive_float, default=5e-3, help="TPT's AdamW lr (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the student's init, a random teacher and the views")
+    b.add_argument("--tpt-lr", type=common.learning_rate, default=5e-3, help="TPT's AdamW lr (default: %(default)s)")
+    p.add_argument("--seed", type=common.seed, default=0, help="seed of the student's init, a random teacher and the views")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

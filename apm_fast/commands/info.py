@@ -25,6 +25,17 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _extension_row() -> str:
+    """Whether apm_fast._C_cuda is built, and for which GPUs (the SM targets it records)."""
+    from .._ext import extension_archs, load_extension
+
+    mod, _ = load_extension()
+    if mod is None:
+        return "not built (the cuda backend below says why)"
+    archs = extension_archs(mod)
+    return f"built for sm_{', sm_'.join(archs)}" if archs else "built (its SM targets are not recorded)"
+
+
 def run(args) -> int:
     import torch
 
@@ -34,6 +45,7 @@ def run(args) -> int:
             ("platform", platform.platform())]
     rows += [(name, _version(name)) for name in PACKAGES]
     rows.append(("torch CUDA build", torch.version.cuda or "none (CPU build)"))
+    rows.append(("CUDA extension", _extension_row()))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import logging
 import os
+import re
 import socket
 import urllib.parse
 import warnings
@@ -13,6 +16,7 @@ from typing import List, Optional
 import torch
 
 from .._compat import import_open_clip
+from ..checkpoint import is_torchscript_archive
 from .base import Teacher
 
 __all__ = ["OpenCLIPTeacher", "RandomWeightsWarning", "WeightsUnavailable", "list_openclip_models"]
@@ -27,7 +31,9 @@ class RandomWeightsWarning(UserWarning):
 
 
 class WeightsUnavailable(RuntimeError):
-    """The weights named by a pretrained tag are not cached here and cannot be downloaded."""
+    """The weights named by a pretrained tag are not cached here and cannot be downloaded. The
+    message gives both spellings of the alternatives (Python ``pretrained=None``, command line
+    ``--pretrained none``): the same error reaches users of both."""
 
 
 def list_openclip_models() -> List[str]:
@@ -57,8 +63,10 @@ class OpenCLIPTeacher(Teacher):
         ``ViT-H-14``), an ``hf-hub:``/``local-dir:`` name, or a path to a model config ``.json``
         file (registered with open_clip under the file's stem).
     pretrained: a tag of that model (``open_clip.list_pretrained_tags_by_model(name)``, e.g.
-        ``"openai"``), downloaded and cached where the network allows; a local checkpoint file;
-        or None for random weights (a :class:`RandomWeightsWarning` is issued and logged).
+        ``"openai"``), downloaded and cached where the network allows; a local checkpoint file
+        (open_clip's formats, read weights-only, or one of OpenAI's TorchScript archives such as
+        ``ViT-B-16.pt``, loaded with QuickGELU as OpenAI trained them); or None for random weights
+        (a :class:`RandomWeightsWarning` is issued and logged).
     device: defaults to CUDA when available, else the CPU. dtype: e.g. ``torch.float16``
         (default float32).
     normalize: whether :meth:`embed_images` returns unit vectors by default (the student regresses
@@ -84,14 +92,24 @@ class OpenCLIPTeacher(Teacher):
             checkpoint = None
         else:
             checkpoint, kw = self._resolve_pretrained(oc, model_name, pretrained, cache_dir, probe_timeout)
+        jit_state = None
+        if checkpoint is not None and is_torchscript_archive(checkpoint):
+            # OpenAI's own CLIP files (e.g. ViT-B-16.pt) are TorchScript archives, which open_clip's
+            # weights-only loader refuses: their state_dict is read here and loaded below, the way
+            # open_clip's load_openai_model does; those models were trained with QuickGELU
+            jit_state = _openai_archive_state_dict(checkpoint)
+            kw = dict(kw, force_quick_gelu=True)
         try:
             model, _, preprocess = oc.create_model_and_transforms(
-                model_name, pretrained=checkpoint, device=self.device, cache_dir=cache_dir, **kw)
+                model_name, pretrained=None if jit_state is not None else checkpoint, device=self.device,
+                cache_dir=cache_dir, **kw)
         except Exception as exc:
             if checkpoint is None:
                 raise
-            raise ValueError(f"pretrained: could not load checkpoint {checkpoint!r} into open_clip "
-                             f"model {model_name!r}: {type(exc).__name__}: {exc}") from exc
+            raise ValueError(f"pretrained: could not load checkpoint {checkpoint!r} into open_clip model "
+                             f"{model_name!r}: {_load_failure(exc)}") from exc
+        if jit_state is not None:
+            _load_openai_state_dict(oc, model, jit_state, checkpoint, model_name)
         if dtype is not None:
             model = model.to(dtype=dtype)
         self.dtype = dtype or torch.float32
@@ -102,11 +120,14 @@ class OpenCLIPTeacher(Teacher):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         cfg = oc.get_model_config(model_name) or {}
         self.dim = int(cfg["embed_dim"]) if "embed_dim" in cfg else int(self._encode_texts(["a"]).shape[-1])
+        self._weights_ident = None if checkpoint is None else _file_identity(
+            checkpoint, tag=None if Path(str(pretrained)).is_file() else str(pretrained), model_config=cfg,
+            load_options={k: v for k, v in kw.items() if v is not None}, open_clip=getattr(oc, "__version__", "?"))
 
         if self.random_weights:
-            msg = (f"teacher {model_name} has RANDOM weights (pretrained=None): its embeddings and "
-                   f"zero-shot predictions are meaningless. Pass a pretrained tag (e.g. 'openai') "
-                   f"or a checkpoint file for real results.")
+            msg = (f"teacher {model_name} has RANDOM weights (pretrained=None, --pretrained none): its "
+                   f"embeddings and zero-shot predictions are meaningless. Pass a pretrained tag (e.g. "
+                   f"'openai') or a checkpoint file for real results.")
             log.warning(msg)
             warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
 
@@ -185,8 +206,9 @@ class OpenCLIPTeacher(Teacher):
         raise WeightsUnavailable(
             f"pretrained: the weights of {model_name} tagged {tag!r} are not cached on this machine "
             f"and could not be downloaded ({reason}). Download them once where the network allows "
-            f"(they are cached), pass a local checkpoint file (pretrained=PATH), or use "
-            f"pretrained=None for random weights.")
+            f"(they are cached), pass a local checkpoint file (Python: pretrained=PATH; command "
+            f"line: --pretrained PATH), or use random weights (Python: pretrained=None; command "
+            f"line: --pretrained none).")
 
     @staticmethod
     def _cached_file(ocp, cfg, cache_dir) -> Optional[str]:
@@ -215,6 +237,12 @@ class OpenCLIPTeacher(Teacher):
         return None
 
     # ------------------------------------------------------------------ Teacher interface
+    def weights_id(self) -> Optional[dict]:
+        """The checkpoint file (path, size, modification time; and the tag it came from), the
+        model's config and the loading options: what the disk cache of class embeddings is keyed
+        by. None for random weights: they differ with the seed and are never cached on disk."""
+        return None if self.random_weights else self._weights_ident
+
     def preprocess(self, image) -> torch.Tensor:
         return self._preprocess(image)
 
@@ -228,3 +256,81 @@ class OpenCLIPTeacher(Teacher):
     def __repr__(self):
         src = "RANDOM weights" if self.random_weights else f"pretrained={self.pretrained!r}"
         return f"OpenCLIPTeacher({self.name!r}, {src}, dim={self.dim}, device={self.device})"
+
+
+# ---------------------------------------------------------------------- helpers
+def _file_identity(path, **extra) -> dict:
+    """Identifies the weights a file holds without reading it: the resolved path, size and
+    modification time (a rewritten file is a different identity), plus ``extra``."""
+    st = os.stat(path)
+    ident = {"file": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    extra["model_config"] = hashlib.sha256(
+        json.dumps(extra.get("model_config"), sort_keys=True, default=str).encode()).hexdigest()
+    ident.update(extra)
+    return ident
+
+
+def _few(keys, n: int = 5) -> str:
+    """The first ``n`` keys and how many more: an error stays one readable line."""
+    return ", ".join(repr(k) for k in keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _load_failure(exc: BaseException) -> str:
+    """One line for a checkpoint open_clip could not load: torch.load's refusal without its
+    advice to unpickle with weights_only=False, or load_state_dict's key lists cut to a few keys."""
+    from ..checkpoint import describe_load_error
+
+    text = str(exc)
+    if "Error(s) in loading state_dict" not in text:
+        return describe_load_error(exc, "the file")
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.\s*(?:\n|$|Unexpected)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)")):
+        found = re.search(pattern, text, re.S)
+        if found:
+            keys = re.findall(r'"([^"]+)"', found.group(1))
+            parts.append(f"{label} {len(keys)} key{'s' if len(keys) != 1 else ''}: {_few(keys)}")
+    sizes = re.findall(r"size mismatch for ([^:]+):", text)
+    if sizes:
+        first = re.search(r"size mismatch for [^:]+: ([^\n]+)", text).group(1).strip()
+        parts.append(f"{len(sizes)} shape mismatch{'es' if len(sizes) > 1 else ''}, first {sizes[0]!r}: {first}")
+    return "its weights do not fit this model (" + ("; ".join(parts) or text.splitlines()[0]) + ")"
+
+
+# The integer attributes of OpenAI's archives that are not weights (dropped as open_clip does)
+_OPENAI_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _openai_archive_state_dict(path) -> dict:
+    """The state_dict of a TorchScript archive (``torch.jit.load``: a zip of TorchScript code and
+    tensors; no Python object is unpickled), on the CPU."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    except Exception as exc:
+        raise ValueError(f"pretrained: {str(path)!r} looks like a TorchScript archive but cannot be read "
+                         f"as one ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for key in _OPENAI_NON_WEIGHTS:
+        sd.pop(key, None)
+    return sd
+
+
+def _load_openai_state_dict(oc, model, sd: dict, path, model_name: str):
+    """Load an OpenAI archive's weights into the open_clip ``model`` (all keys, exact shapes), the
+    conversion open_clip's load_checkpoint applies to such a state_dict; one line naming the file
+    and the first few mismatches otherwise (e.g. an archive of another model)."""
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = oc.model.convert_to_custom_text_state_dict(sd)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{what} {len(keys)}: {_few(keys)}" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"pretrained: {str(path)!r} is a TorchScript archive whose weights do not fit "
+                         f"open_clip model {model_name!r} (expected OpenAI's CLIP archive of that model); "
+                         + "; ".join(parts))
+    with torch.no_grad():
+        model.load_state_dict(sd, strict=True)   # half-precision archives are cast to the model's dtype

@@ -1,0 +1,81 @@
+"""Python API types: wrong types are refused with the argument's name (never coerced); duplicate
+user class names are refused."""
+import numpy as np
+import pytest
+
+from apm_fast import APMConfig, preset
+from apm_fast.teachers import imagenet_classnames, resolve_classes
+from apm_fast.validation import check_training
+
+
+# ---------------------------------------------------------------- APMConfig
+@pytest.mark.parametrize("field, value", [
+    ("pool", "False"), ("pool", 1), ("pool", None), ("rgb_head", "yes"), ("rgb_head", 0),
+])
+def test_config_flags_must_be_bools(field, value):
+    with pytest.raises(TypeError, match=f"{field}: expected True or False, got {value!r}"):
+        APMConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden", ("64", 32), r"hidden\[0\]: expected a positive integer, got '64'"),
+    ("hidden", (64.7, 32), r"hidden\[0\]: expected a positive integer, got 64.7"),
+    ("hidden", (64, True), r"hidden\[1\]: expected a positive integer, got True"),
+    ("hidden", "64", r"hidden: expected a tuple or list of MLP widths, got '64'"),
+    ("hidden", 64, r"hidden: expected a tuple or list of MLP widths, got 64"),
+    ("grid", 4.0, r"grid: expected a positive integer, got 4.0"),
+    ("init_std", "0.01", r"init_std: expected a positive finite number, got '0.01'"),
+    ("init_std", True, r"init_std: expected a positive finite number, got True"),
+    ("init_std", float("inf"), r"init_std: expected a positive finite number, got inf"),
+    ("init", 1, r"init: expected one of \('authors', 'pytorch'\), got 1"),
+])
+def test_config_numbers_are_not_coerced(field, value, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        APMConfig(**{field: value})
+
+
+def test_config_accepts_numpy_integers_and_stores_python_ints():
+    cfg = APMConfig(grid=np.int64(4), patch=np.int32(2), hidden=[np.int64(8), 4], dim=np.int64(8),
+                    heads=2, init_std=np.float32(0.02))
+    assert cfg.grid == 4 and type(cfg.grid) is int and type(cfg.patch) is int
+    assert cfg.hidden == (8, 4) and all(type(h) is int for h in cfg.hidden)
+    assert type(cfg.init_std) is float and cfg.to_dict()["hidden"] == [8, 4]
+    assert APMConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_from_dict_refuses_non_dicts_and_wrong_types():
+    with pytest.raises(TypeError, match="config: expected a dict of APMConfig fields, got list"):
+        APMConfig.from_dict([1, 2])
+    d = preset("ttt-b16").to_dict()
+    d["pool"] = "False"
+    with pytest.raises(TypeError, match="pool: expected True or False"):
+        APMConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------- training settings
+def test_check_training_takes_numpy_scalars_and_refuses_other_types():
+    check_training(steps=np.int64(3), lr=np.float32(1e-3), betas=(np.float64(0.9), 0.999), eps=1e-8,
+                   students=np.int32(2))
+    with pytest.raises(ValueError, match="steps: expected a positive integer, got 3.0"):
+        check_training(steps=3.0, lr=1e-3)
+    with pytest.raises(ValueError, match="lr: expected a positive finite number, got '0.1'"):
+        check_training(steps=3, lr="0.1")
+
+
+# ---------------------------------------------------------------- class names
+def test_duplicate_class_names_in_a_list_are_refused():
+    with pytest.raises(ValueError, match=r"classes: 'cat' occurs twice \(classes\[0\] and classes\[2\]\)"):
+        resolve_classes(["cat", "dog", " cat "])
+
+
+def test_duplicate_class_names_in_a_file_are_refused(tmp_path):
+    f = tmp_path / "classes.txt"
+    f.write_text("# pets\ncat\ndog\n\ncat\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"classes.txt'.*'cat' occurs twice \(lines 2 and 5\)"):
+        resolve_classes(f)
+
+
+def test_the_builtin_imagenet_list_keeps_its_two_known_duplicates():
+    names = resolve_classes("imagenet")
+    assert names == imagenet_classnames() and len(names) == 1000
+    assert sorted(n for n in set(names) if names.count(n) > 1) == ["missile", "sunglasses"]

@@ -45,6 +45,9 @@ def position_code(d: int, height: int, width: int | None = None, *, dtype=torch.
     device = torch.device("cpu") if device is None else torch.device(device)
     key = (int(d), int(height), int(width), dtype, device)
     code = _CACHE.get(key)
+    if code is None and torch.compiler.is_compiling():
+        # traced before any eager call made it: computed in the graph (no lock, no global write)
+        return _position_code_f64(int(d), int(height), int(width)).to(device=device, dtype=dtype)
     if code is None:
         with _LOCK:
             code = _CACHE.get(key)

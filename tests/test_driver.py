@@ -107,3 +107,15 @@ def test_contract_names_the_argument():
     with pytest.raises(ValueError, match="step: expected a one-element tensor"):
         TP.adam_(torch.randn(1, 7), torch.randn(1, 7), torch.randn(1, 7), torch.randn(1, 7), 1,
                  torch.ones(1), 0.9, 0.999, 1e-8)
+
+
+def test_torch_compile_fullgraph_on_the_cpu_backends():
+    """The model compiles as one graph on the CPU backends: the input checks (a host read) stay at
+    the eager boundary and the position codes are computed in the graph."""
+    torch.manual_seed(0)
+    model = APM(preset("ttt-l14", grid=4, patch=2, hidden=(16, 12), dim=8, heads=2))
+    x = torch.randn(2, 3, 8, 8)
+    for backend in ("reference", "torch"):
+        torch._dynamo.reset()
+        fn = torch.compile(lambda im: model(im, backend=backend).cls, fullgraph=True, backend="eager")
+        torch.testing.assert_close(fn(x), model(x, backend=backend).cls)

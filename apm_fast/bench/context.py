@@ -65,6 +65,15 @@ class Context:
         """Backends other than the reference, in a fixed order, with their status."""
         return [(n, s) for n, s in self.backends.items() if n != "reference"]
 
+    def said(self, reason: str) -> str:
+        """``reason`` the first time it is logged in this run, a short reference afterwards (a
+        missing backend's reason would otherwise fill the log once per row)."""
+        seen = self.__dict__.setdefault("_said", set())
+        if reason in seen:
+            return "(the reason above)"
+        seen.add(reason)
+        return reason
+
     def row(self, base: dict, status: str, name: str, measure: Callable[[], dict]) -> dict:
         """One result row: ``base`` plus what ``measure()`` returns, or why it did not run
         (``status`` of the backend it needs; ``name`` or the row's key excluded by --skip; the
@@ -84,7 +93,7 @@ class Context:
             free_memory(self.device)
         what = row.get("key", name)
         if row["status"] != "ok":
-            self.log(f"  {what:34s} {row['status']}: {row['reason'][:120]}")
+            self.log(f"  {what:34s} {row['status']}: {self.said(row['reason'])}")
         elif "images_per_s" in row:
             self.log(f"  {what:34s} {row['images_per_s']:10.1f} images/s")
         elif "timing" in row:

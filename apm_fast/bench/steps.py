@@ -151,14 +151,9 @@ class CompiledStep(EagerStep):
         self.label = ("torch.compile(plain eager)" if backend == "reference"
                       else f"torch.compile({backend} backend)")
         forward = self._forward
-        # The position codes come from a locked process-wide cache that dynamo cannot trace (a
-        # graph break per call); this private copy of the model serves them from a dict of
-        # constants instead, one per dtype autocast may ask for.
-        m = self.model
-        pos_in = {dt: m.pos_in(dtype=dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
-        pos_out = {dt: m.pos_out(dtype=dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
-        m.pos_in = lambda dtype=None, device=None: pos_in[dtype or torch.float32]
-        m.pos_out = lambda dtype=None, device=None: pos_out[dtype or torch.float32]
+        # the position codes cached before tracing (the graph then reads them as constants)
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            self.model.pos_in(dtype=dt), self.model.pos_out(dtype=dt)
 
         def loss_fn(model, image, target):
             z = forward(model, image, want_grid=False)[0]

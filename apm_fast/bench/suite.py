@@ -90,7 +90,7 @@ def run_gate(ctx: Context):
             continue
         for name, status in ctx.backends.items():
             if status != "available":
-                ctx.log(f"  {preset:8s} {name:10s} absent: {status}")
+                ctx.log(f"  {preset:8s} {name:10s} absent: {ctx.said(status)}")
                 continue
             if ctx.skipped(name):
                 continue
@@ -169,6 +169,9 @@ def run_suite(options: BenchOptions, log: Callable[[str], None] = print) -> Suit
     log("")
     for line in format_gate(ctx.gate):
         log(line)
+    if ctx.device.type != "cuda":
+        log("note: CPU timings move with the machine's load and its other jobs; the speedups below are "
+            "indicative only (a GPU run is the measurement)")
     for name, res in results.items():
         finalize(name, res, ctx.gate)
         log("")

@@ -107,7 +107,7 @@ def run(ctx) -> dict:
             if c.factory is not None and late:
                 row.update(status="skipped", reason=late)
             if row["status"] != "ok":
-                ctx.log(f"  {preset:8s} {c.key:14s} {row['status']}: {row['reason']}")
+                ctx.log(f"  {preset:8s} {c.key:14s} {row['status']}: {ctx.said(row['reason'])}")
                 continue
             impl = None
             try:

@@ -263,10 +263,20 @@ def _run_methods(methods, teacher, targets, vpix, tdev, dev, cuda):
 
 def classify(trainer, images, teacher, classes, *, templates="single", topk: int = 5,
              **kw) -> List[Classification]:
-    """:func:`iter_classify` as a list; an image that cannot be read raises ValueError naming it."""
+    """:func:`iter_classify` as a list; an image that cannot be read raises ValueError naming it.
+    A progress bar shows on a terminal (``progress=False`` hides it)."""
+    import sys
+
+    from tqdm import tqdm
+
+    progress = kw.pop("progress", None)
+    items = _as_list(images)
     out = []
-    for r in iter_classify(trainer, images, teacher, classes, templates=templates, topk=topk, **kw):
-        if r.error is not None:
-            raise ValueError(f"images[{r.index}]: {r.error}")
-        out.append(r)
+    with tqdm(total=len(items), unit="img", desc="classify", file=sys.stderr, dynamic_ncols=True,
+              disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
+        for r in iter_classify(trainer, items, teacher, classes, templates=templates, topk=topk, **kw):
+            if r.error is not None:
+                raise ValueError(f"images[{r.index}]: {r.error}")
+            out.append(r)
+            bar.update(1)
     return out

@@ -40,6 +40,10 @@ EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
 SUBCOMMANDS: Dict[str, str] = {
     "ttt": "apm_fast.commands.ttt",
     "eval": "apm_fast.commands.eval",
+    "distill": "apm_fast.commands.distill",
+    "islands": "apm_fast.commands.islands",
+    "decode": "apm_fast.commands.decode",
+    "interpolate": "apm_fast.commands.interpolate",
     "demo": "apm_fast.commands.demo",
     "info": "apm_fast.commands.info",
     "bench": "apm_fast.bench.cli",

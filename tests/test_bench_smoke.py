@@ -15,7 +15,7 @@ from apm_fast.ops.contract import TorchPrimitives
 STATUSES = {"ok", "absent", "skipped", "error"}
 SECTION_FILES = {"step": "ttt_step", "throughput": "throughput", "forward": "forward",
                  "scaling": "scaling", "table4": "table4", "primitives": "primitives", "engine": "engine",
-                 "distributed": "distributed", "evaluation": "evaluation"}
+                 "distributed": "distributed", "evaluation": "evaluation", "capabilities": "capabilities"}
 
 
 

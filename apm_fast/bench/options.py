@@ -11,7 +11,7 @@ __all__ = ["SECTIONS", "BenchOptions", "quick_config"]
 
 # In the order they run (the gate runs before all of them).
 SECTIONS = ("step", "throughput", "forward", "scaling", "table4", "primitives", "engine", "distributed",
-            "evaluation")
+            "evaluation", "capabilities")
 
 
 def quick_config(name: str, **overrides) -> APMConfig:

@@ -26,7 +26,7 @@ from ..posenc import position_rows
 from .contract import acc_dtype_for
 
 __all__ = ["FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
-           "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head"]
+           "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head"]
 
 
 def weight_names(config) -> List[str]:
@@ -106,13 +106,18 @@ def trigger_split(w, images, config, acc):
     """The per-image pieces in the acc dtype: patches (S, B, L, C p p), the trigger t (S, B, d)
     and u = W_T t + b1 (S, B, H1)."""
     s = images.shape[0]
-    d = config.pos_dim
     patches = unfold_patches(images.to(acc), config.patch)                        # S B L Cpp
     cw = w["conv.weight"].reshape(s, -1).to(acc)
     t = torch.einsum("sblk,sk->sbl", patches, cw) + w["conv.bias"].reshape(s, 1, 1).to(acc)
+    return patches, t, trigger_u(w, t, config, acc)
+
+
+def trigger_u(w, t, config, acc):
+    """u = W_T t + b1 (S, B, H1) of triggers t (S, B, d): all a column needs of its image. Any
+    trigger will do, not only a conv's output (perceptual interpolation feeds mixed ones)."""
+    d = config.pos_dim
     w1 = w["mlp.0.weight"]
-    u = torch.bmm(t, w1[:, :, :d].to(acc).transpose(1, 2)) + w["mlp.0.bias"].to(acc)[:, None, :]
-    return patches, t, u
+    return torch.bmm(t.to(acc), w1[:, :, :d].to(acc).transpose(1, 2)) + w["mlp.0.bias"].to(acc)[:, None, :]
 
 
 def column_mlp(prim, w, config, p, u, cdt, *, acts=None):
@@ -182,21 +187,26 @@ def rgb_head(w, config, f, t, pos_in):
 @torch.no_grad()
 def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: int = 4096,
             query_grid: int | None = None, rows: tuple | None = None, want_grid: bool = True,
-            combine: Optional[Callable] = None):
+            combine: Optional[Callable] = None, trigger: Optional[torch.Tensor] = None):
     """Inference over any set of location queries, ``chunk`` at a time (memory bounded by the
     chunk, not by the number of queries): rows ``rows = (start, stop)`` (default: all) of a
     ``query_grid`` x ``query_grid`` grid (default: the model's). Per chunk: the position GEMM of
     its rows, the fused column MLP and the pool over the chunk, folded in by :func:`combine_pool`;
     ``combine`` then puts slices computed elsewhere (other ranks) together.
-    images (B, C, H, W); w: weights with S = 1. Returns (cls (B, D) acc dtype or None,
-    grid (B, stop - start, D) in cdt or None)."""
+    images (B, C, H, W); w: weights with S = 1. ``trigger`` (B, d): ask the columns with these
+    triggers instead of the images' own (``images`` may then be None): the MLP only ever sees an
+    image through its trigger. Returns (cls (B, D) acc dtype or None, grid (B, stop - start, D)
+    in cdt or None)."""
     c = config
     g = c.grid if query_grid is None else query_grid
     start, stop = rows if rows is not None else (0, g * g)
-    dev = images.device
     acc = acc_dtype_for(cdt)
-    _, _, u = trigger_split(w, images.unsqueeze(0), c, acc)                       # 1 B H1
-    b = images.shape[0]
+    if trigger is None:
+        _, _, u = trigger_split(w, images.unsqueeze(0), c, acc)                   # 1 B H1
+    else:
+        u = trigger_u(w, trigger.unsqueeze(0), c, acc)
+    dev = u.device
+    b = u.shape[1]
     wp = w["mlp.0.weight"][:, :, c.pos_dim:].to(cdt)
     grid = torch.empty((b, stop - start, c.dim), device=dev, dtype=cdt) if want_grid else None
     kt = scale = None

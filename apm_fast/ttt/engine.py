@@ -92,10 +92,14 @@ class TTTEngine:
                                              max_students=self.max_students, reserve_bytes=self.reserve_bytes)
         return min(self._auto_max, n_images)
 
-    def program(self, students: int) -> StudentProgram:
-        """The program for S = ``students`` (built and captured once; one is kept at a time)."""
+    def program(self, students: int, *, keep_grid: bool = False) -> StudentProgram:
+        """The program for S = ``students`` (built and captured once; one is kept at a time).
+        ``keep_grid``: its eval phase also keeps the grid features (:meth:`trajectory`)."""
         cdt = self.compute_dtype
-        key = (students, cdt, self.steps, self.betas, self.eps, self.graphs)
+        if keep_grid and self.shards is not None:
+            raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "
+                             "watch them on one device (shards=None)")
+        key = (students, cdt, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid))
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -104,7 +108,7 @@ class TTTEngine:
             prog = StudentProgram(self.prim, self.config, self.snapshot, students, self.steps, lr=self.lr,
                                   betas=self.betas, eps=self.eps, compute_dtype=cdt,
                                   master_dtype=self.master_dtype, device=self.device, graphs=self.graphs,
-                                  label=label, shards=self.shards)
+                                  label=label, shards=self.shards, keep_grid=keep_grid)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)
@@ -131,6 +135,16 @@ class TTTEngine:
         t0 = time.perf_counter()
         cls, losses = prog.run(images, targets)
         return Pending(cls, losses, seconds=time.perf_counter() - t0)
+
+    def trajectory(self, images: torch.Tensor, targets: torch.Tensor, at, *, weights: bool = False):
+        """Train k images side by side (as :meth:`launch`) and keep their grid features after the
+        step counts in ``at``; returns the program's :meth:`StudentProgram.run_trajectory`
+        tuple, synchronized."""
+        prog = self.program(images.shape[0], keep_grid=True)     # every image side by side
+        out = prog.run_trajectory(images, targets, at, weights=weights)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
 
     def fit(self, images: torch.Tensor, targets: torch.Tensor, *, progress=None) -> TTTResult:
         """Train on each image alone (side by side), checked inputs (B x C x H x W, B x D): returns

@@ -5,11 +5,14 @@ It owns the parameter store, the static input/output buffers, and two phases:
 * ``step``: the driver's forward -> loss_s = mean_D (z_s - target_s)^2 written into ``losses[:, t]``
   (t a device counter) -> dz -> the driver's backward into the flat gradient views -> Adam on the flat
   buffers (step and lr read on the device) -> the compute copy refreshed in the same pass;
-* ``eval``: the final forward, z after the last update, into ``cls``.
+* ``eval``: the final forward, z after the last update, into ``cls`` (and, for a program built
+  with ``keep_grid=True``, the grid features f into ``grid``: the eval phase already computes
+  them, so keeping them costs one copy there and nothing in ``step``).
 
 Both are captured once as CUDA graphs (see ``graph.py``) and replayed ``steps`` + 1 times per
 batch of images; a batch starts with a device-to-device reset. Nothing in a batch's loop reads
-a value on the host, so the host only enqueues work.
+a value on the host, so the host only enqueues work. :meth:`StudentProgram.run_trajectory` also
+replays ``eval`` after chosen steps, to watch the grid features form (the islands of agreement).
 """
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ def _adam_chunks(prim, total: int) -> int:
 class StudentProgram:
     def __init__(self, prim, config, snapshot: Dict[str, torch.Tensor], students: int, steps: int, *,
                  lr: float, betas: Tuple[float, float], eps: float, compute_dtype: torch.dtype,
-                 master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None):
+                 master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
+                 keep_grid: bool = False):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -81,6 +85,10 @@ class StudentProgram:
             self.targets = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
             self.losses = torch.zeros(s, self.steps, dtype=self.acc, device=dev)
             self.cls = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
+            # the grid features of the last eval (S x L x D), only when asked for
+            self.keep_grid = bool(keep_grid)
+            self.grid = (torch.zeros(s, self.pos_in.shape[0], c.dim, dtype=compute_dtype, device=dev)
+                         if self.keep_grid else None)
             # Adam's step count and lr live on the device (read there by adam_); t indexes losses
             self.step_t = torch.zeros(1, dtype=torch.float32, device=dev)
             # (fp32 as the adam_ contract says; fp64 for fp64 masters, whose tests compare to
@@ -142,9 +150,11 @@ class StudentProgram:
 
     def _eval(self):
         sh = self.shards
-        z, _, _ = forward(self.prim, self.store.weights, self.images, self.config, self.pos_in, self.pos_out,
+        z, f, _ = forward(self.prim, self.store.weights, self.images, self.config, self.pos_in, self.pos_out,
                           cdt=self.cdt, save=False, combine=None if sh is None else sh.combine)
         self.cls.copy_(z[:, 0])
+        if self.grid is not None:
+            self.grid.copy_(f[:, 0])
 
     # ------------------------------------------------------------------ one batch
     def load(self, images: torch.Tensor, targets: torch.Tensor):
@@ -190,7 +200,40 @@ class StudentProgram:
                 self._eval()
             return self.cls[:k].clone(), self.losses[:k].clone()
 
+    def run_trajectory(self, images: torch.Tensor, targets: torch.Tensor, at, *, weights: bool = False):
+        """:meth:`run`, also keeping the grid features after each step count in ``at`` (0: the
+        init, ``steps``: the end): the eval phase is replayed after those steps only, so the
+        other steps run exactly as in :meth:`run` (the same captured graph). Needs a program
+        built with ``keep_grid=True``.
+
+        Returns device tensors (cls k x D, losses k x steps, {step: grid k x L x D in the compute
+        dtype}, and with ``weights`` the trained master weights {name: k x shape}), fresh copies,
+        without synchronizing."""
+        if self.grid is None:
+            raise ValueError("run_trajectory: this program keeps no grid; build it with keep_grid=True")
+        at = sorted({int(a) for a in at})
+        if at and not 0 <= at[0] <= at[-1] <= self.steps:
+            raise ValueError(f"at: expected step counts in [0, {self.steps}], got {at}")
+        k = images.shape[0]
+        self.load(images, targets)
+        grids = {}
+        with quiet_autograd(self.device):
+            step, ev = ((self.graphs["step"].replay, self.graphs["eval"].replay) if self.graphs is not None
+                        else (self._step, self._eval))
+            for t in range(self.steps + 1):
+                if t in at:
+                    ev()
+                    grids[t] = self.grid[:k].clone()
+                if t < self.steps:
+                    step()
+            if self.steps not in grids:
+                ev()                   # cls: z after the last update
+            out = (self.cls[:k].clone(), self.losses[:k].clone(), grids)
+            if weights:
+                out += ({n: v[:k].clone() for n, v in self.store.master_views.items()},)
+            return out
+
     def nbytes(self) -> int:
         """Bytes of this program's own buffers (store and statics; not the graph pool)."""
-        statics = [self.images, self.targets, self.losses, self.cls]
+        statics = [self.images, self.targets, self.losses, self.cls] + ([self.grid] if self.grid is not None else [])
         return self.store.nbytes() + sum(t.numel() * t.element_size() for t in statics)

@@ -18,7 +18,7 @@ from .. import reference
 from ..backends import resolve_backend
 from ..validation import check_images, check_targets, check_training
 
-__all__ = ["TestTimeTrainer", "TTTResult", "Pending"]
+__all__ = ["TestTimeTrainer", "TTTResult", "Pending", "Trajectory"]
 
 
 @dataclass
@@ -29,6 +29,19 @@ class TTTResult:
     cls: torch.Tensor
     losses: torch.Tensor
     seconds: List[float] = field(default_factory=list)
+
+
+@dataclass
+class Trajectory:
+    """What :meth:`TestTimeTrainer.trajectory` watched: ``grids`` {step count: B x L x D grid
+    features f after that many Adam steps (0: the init)}, ``cls`` (B x D) and ``losses``
+    (B x steps) as in :class:`TTTResult`; ``weights`` {parameter name: B x shape} after the last
+    step, when asked for (the trained trunk, e.g. to decode RGB with it)."""
+
+    grids: dict
+    cls: torch.Tensor
+    losses: torch.Tensor
+    weights: Optional[dict] = None
 
 
 @dataclass
@@ -126,6 +139,23 @@ class TestTimeTrainer:
                                              steps=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
                                              progress=progress)
         return TTTResult(cls=cls, losses=losses, seconds=seconds)
+
+    def trajectory(self, images: torch.Tensor, targets: torch.Tensor, at=(), *, weights: bool = False) -> Trajectory:
+        """Train each image alone (as :meth:`fit`, every image side by side) and keep the grid
+        features after the step counts in ``at`` (0 to ``steps``): how the features form over
+        the iterations (the paper's islands of agreement, Figure 3). On a GPU the captured step
+        runs unchanged; the captured eval phase is replayed after those steps only.
+        ``weights=True`` also returns the trained weights of the trunk (not the RGB head, which
+        TTT does not train). Needs a table backend."""
+        if self.engine is None:
+            raise ValueError("backend: trajectory runs on the engine; use a table backend ('torch', "
+                             "'triton', 'cuda'), not 'reference'")
+        images = check_images(images, self.model.config)
+        targets = check_targets(targets, images.shape[0], self.model.config.dim)
+        cls, losses, grids, *w = self.engine.trajectory(images, self.prepare_targets(targets), at, weights=weights)
+        dt = self.model.dtype
+        return Trajectory(grids={k: g.to(dt) for k, g in grids.items()}, cls=cls.to(dt),
+                          losses=losses.to(torch.float32), weights=w[0] if w else None)
 
     def program(self, students: int = 1):
         """The engine's compiled program for ``students`` side by side (one step at a time: its

@@ -3,7 +3,7 @@ authors' per-batch column-chunk loop, and the islands of agreement's TTT with th
 
 Distillation (``ssl-l14``, B images per step, the teacher excluded: its targets are fixed random
 tensors of the right shape, the same for every path): one AdamW step of
-``apm_fast.capabilities.distill`` (the model's forward on a table, the driver's fused autograd
+``apm_fast.capabilities.distillation`` (the model's forward on a table, the driver's fused autograd
 Function, the RGB head, the feature and RGB MSE) against the authors' training step re-implemented
 (``model.forward_wrapper`` of rajatmodi62/apm: every column [T ; pos] of the batch materialized,
 the plain MLP and RGB head run over chunks of 512 of them, the same losses, Adam); both under the

@@ -1,0 +1,61 @@
+"""Options shared by the commands of the paper's other capabilities (``distill``, ``islands``,
+``decode``, ``interpolate``): the input convention, the crop, a model checkpoint."""
+from __future__ import annotations
+
+import argparse
+
+from . import common
+
+CROPS = {"stretch": None, "center": "center"}
+
+
+def add_input_args(p: argparse.ArgumentParser, *, crop_default: str = "stretch", auto: bool = True,
+                   kinds: bool = True):
+    """``--input`` (the convention; ``kinds=False``: none, the command's is fixed) and ``--crop``."""
+    g = p.add_argument_group("input")
+    if kinds:
+        g.add_argument("--input", default="auto" if auto else "ssl",
+                       choices=(("auto",) if auto else ()) + ("ssl", "imagenet"),
+                       help="the model's input convention: 'ssl' (the authors' SSL input: BGR, one min-max "
+                            "scaling to [0, 1]; the RGB head predicts the same), 'imagenet' (RGB, ImageNet "
+                            "mean/std)" + ("; 'auto': ssl for a model without a pool, imagenet for a TTT "
+                                            "model" if auto else "") + " (default: %(default)s)")
+    g.add_argument("--crop", default=crop_default, choices=tuple(CROPS),
+                   help="'stretch' the whole image to the model's S x S (the authors' inference) or "
+                        "'center' (shorter side to S, centre square) (default: %(default)s)")
+
+
+def input_kind(args, config):
+    from ..capabilities.inputs import default_input_kind
+
+    return default_input_kind(config) if args.input == "auto" else args.input
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="the model: a .safetensors file written by apm-fast (APM.save, apm-fast distill's "
+                        "model.safetensors), or the authors' state dict (.pth, config read off its shapes)")
+    g.add_argument("--heads", type=common.positive_int, default=None,
+                   help="the pool's heads of an authors' checkpoint with a pool (not in its shapes; default 8)")
+    g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: fastest available)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def load_checkpoint(args, device):
+    from ..capabilities.decoding import load_model
+
+    with common.setup_errors():
+        model, layout = load_model(args.checkpoint, heads=args.heads, device=device)
+    return model, layout
+
+
+def hide(p: argparse.ArgumentParser, *dests):
+    """Options of the shared groups that a command does not use: accepted, not shown in --help."""
+    for action in p._actions:
+        if action.dest in dests:
+            action.help = argparse.SUPPRESS
+
+
+def say(*a):
+    common.eprint(*a)

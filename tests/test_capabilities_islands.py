@@ -126,3 +126,31 @@ def test_islands_command(tmp_path):
     gif = Image.open(out / "islands.gif")
     assert gif.n_frames == 3
     assert Image.open(out / "islands.png").height == 30 + 18
+
+
+@pytest.mark.gpu
+def test_gpu_trajectory_is_the_captured_fit_and_its_grids_match_eager():
+    """On a GPU: the trajectory replays the same captured step as ``fit`` (bit-identical cls and
+    losses), and its grids equal an eager run's to bf16 rounding."""
+    import torch
+
+    from apm_fast import APM, TestTimeTrainer, preset
+
+    dev = torch.device("cuda")
+    cfg = preset("ttt-l14", grid=8, patch=14, hidden=(512, 384, 256), dim=128, heads=8)
+    at = [0, 4, 8]
+    torch.manual_seed(0)
+    tr = TestTimeTrainer(APM(cfg, device=dev), steps=8, lr=1e-3, backend="triton")
+    x = torch.randn(1, 3, cfg.image_size, cfg.image_size, device=dev)
+    y = torch.randn(1, cfg.dim, device=dev)
+    fit = tr.fit(x, y)
+    traj = tr.trajectory(x, y, at)
+    assert tr.engine.mode == "graph"
+    assert torch.equal(traj.cls, fit.cls) and torch.equal(traj.losses, fit.losses)
+    torch.manual_seed(0)
+    eager = TestTimeTrainer(APM(cfg, device=dev), steps=8, lr=1e-3, backend="triton")
+    eager.engine.graphs = False
+    et = eager.trajectory(x, y, at)
+    for k in at:
+        a, b = traj.grids[k].float(), et.grids[k].float()
+        assert float((a - b).abs().max() / b.abs().max()) < 2e-2, k

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apm_fast._compat import TeacherDependencyError, ensure_torchvision_importable, import_open_clip
+from apm_fast._compat import TeacherDependencyError, import_open_clip
 from apm_fast.teachers import (OpenCLIPTeacher, RandomWeightsWarning, WeightsUnavailable,
                                resolve_classes, resolve_templates)
-from tiny_clip import TINY_DIM, TINY_NAME, photo, random_teacher, write_config
+from tiny_clip import TINY_DIM, TINY_NAME, counting_text_calls as _counting, photo, random_teacher, write_config
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +22,6 @@ def config_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(config_path):
     return random_teacher(config_path, seed=0)
-
-
-def _counting(teacher, monkeypatch):
-    calls = []
-    inner = teacher._encode_texts
-
-    def counted(texts):
-        calls.append(list(texts))
-        return inner(texts)
-
-    monkeypatch.setattr(teacher, "_encode_texts", counted)
-    return calls
 
 
 # ---------------------------------------------------------------- the import guard

@@ -35,3 +35,16 @@ def photo(seed, size=(40, 30)):
     """A random RGB PIL image (W x H = size)."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+def counting_text_calls(teacher, monkeypatch):
+    """The lists of texts the teacher's text tower is run on from now on (one per batch)."""
+    calls = []
+    inner = teacher._encode_texts
+
+    def counted(texts):
+        calls.append(list(texts))
+        return inner(texts)
+
+    monkeypatch.setattr(teacher, "_encode_texts", counted)
+    return calls

@@ -252,7 +252,7 @@ def table4_rows(result: dict) -> List[Dict[str, str]]:
         if r["role"] == "teacher" and student is not None:
             sp = student["flops"]["plain"]["analytic"]["by_t"]
             sr = student["flops"]["rewritten"]["analytic"]["by_t"]
-            out.append({"model": f"  = student + teacher", "role": "APM total",
+            out.append({"model": "  = student + teacher", "role": "APM total",
                         "params": _fmt_params(student["params"] + r["params"]), "peak": "",
                         "flops_1": f"{fmt_flops(sp[0] + a[0])} plain / {fmt_flops(sr[0] + a[0])} rewr.",
                         "flops_t": f"{fmt_flops(sp[-1] + a[-1])} plain / {fmt_flops(sr[-1] + a[-1])} rewr.",

@@ -9,6 +9,20 @@ from . import common
 CROPS = {"stretch": None, "center": "center"}
 
 
+def command_parser(subparsers, name: str, help: str, doc: str, example: str, inputs: dict,
+                   out_help: str, out_metavar: str = "DIR") -> argparse.ArgumentParser:
+    """A capability command's parser: its help, its docstring as description, one example, its
+    positional inputs (``{metavar: help}``, ``nargs="+"`` for a metavar ending in ``S``) and the
+    required ``--out``."""
+    p = subparsers.add_parser(name, help=help, description=doc, epilog=f"example: {example}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    for metavar, text in inputs.items():
+        p.add_argument(metavar.lower(), metavar=metavar, help=text,
+                       **({"nargs": "+"} if metavar.endswith("S") else {}))
+    p.add_argument("--out", required=True, metavar=out_metavar, help=out_help)
+    return p
+
+
 def add_input_args(p: argparse.ArgumentParser, *, crop_default: str = "stretch", auto: bool = True,
                    kinds: bool = True):
     """``--input`` (the convention; ``kinds=False``: none, the command's is fixed) and ``--crop``."""

@@ -18,11 +18,9 @@ HELP = "decode an image's colours through a model's RGB head; PSNR and an error 
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("decode", help=HELP, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="example: apm-fast decode photo.jpg --checkpoint apm_coco.pth --out decoded/")
-    p.add_argument("image", metavar="IMAGE", help="one image file")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for decode.png and decode.json")
+    p = cc.command_parser(subparsers, "decode", HELP, __doc__,
+                          "apm-fast decode photo.jpg --checkpoint apm_coco.pth --out decoded/",
+                          {"IMAGE": "one image file"}, "folder for decode.png and decode.json")
     cc.add_checkpoint_args(p)
     cc.add_input_args(p, crop_default="stretch")
     g = p.add_argument_group("test-time training (--ttt)")

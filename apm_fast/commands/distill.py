@@ -19,12 +19,11 @@ HELP = "distill a DINOv2 teacher's patch tokens (and the image's RGB) into an AP
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "distill", help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: apm-fast distill coco/train2017 --teacher vit_large_patch14_dinov2 --preset ssl-l14 "
-               "--out runs/coco --epochs 10 --batch 32 --cache-features")
-    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files or directories")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory (a run there is continued)")
+    p = cc.command_parser(subparsers, "distill", HELP, __doc__,
+                          "apm-fast distill coco/train2017 --teacher vit_large_patch14_dinov2 --preset ssl-l14 "
+                          "--out runs/coco --epochs 10 --batch 32 --cache-features",
+                          {"IMAGES": "image files or directories"},
+                          "the run directory (a run there is continued)", out_metavar="RUN_DIR")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", default="vit_large_patch14_dinov2",
                    help="a timm DINOv2 model name (timm.list_models('*dinov2*')), or a .json file "

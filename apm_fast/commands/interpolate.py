@@ -17,12 +17,10 @@ HELP = "interpolate two images' triggers and decode every step (PNG row and GIF)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("interpolate", help=HELP, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="example: apm-fast interpolate a.jpg b.jpg --checkpoint apm_coco.pth --frames 8 --out interp/")
-    p.add_argument("a", metavar="A", help="the first image")
-    p.add_argument("b", metavar="B", help="the second image")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for interpolation.png, .gif and .json")
+    p = cc.command_parser(subparsers, "interpolate", HELP, __doc__,
+                          "apm-fast interpolate a.jpg b.jpg --checkpoint apm_coco.pth --frames 8 --out interp/",
+                          {"A": "the first image", "B": "the second image"},
+                          "folder for interpolation.png, .gif and .json")
     p.add_argument("--frames", type=_frames, default=8, help="frames, the two ends included (default: %(default)s)")
     p.add_argument("--size", type=common.positive_int, default=112, help="panel size in pixels (default: %(default)s)")
     cc.add_checkpoint_args(p)

@@ -31,11 +31,9 @@ def _steps_list(text: str):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("islands", help=HELP, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="example: apm-fast islands photo.jpg --steps 250 --every 50 --out islands/")
-    p.add_argument("image", metavar="IMAGE", help="one image file")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for islands.png, islands.gif, islands.json")
+    p = cc.command_parser(subparsers, "islands", HELP, __doc__,
+                          "apm-fast islands photo.jpg --steps 250 --every 50 --out islands/",
+                          {"IMAGE": "one image file"}, "folder for islands.png, islands.gif, islands.json")
     common.add_teacher_args(p)
     common.add_student_args(p, steps_default=250)
     g = p.add_argument_group("islands")

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,11 +28,10 @@ import torch
 
 from ..images import normalize, pixels
 from .base import Teacher
-from .openclip import RandomWeightsWarning, WeightsUnavailable, _reachable
+from .openclip import WeightsUnavailable, _file_identity, _reachable, warn_random_weights
 
 __all__ = ["DINOv2Teacher", "import_timm"]
 
-log = logging.getLogger(__name__)
 
 _RANDOM = ("none", "random", "")
 
@@ -107,14 +104,9 @@ class DINOv2Teacher(Teacher):
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-        self._ident = None if path is None else {"file": os.path.realpath(path), "size": path.stat().st_size,
-                                                 "mtime_ns": path.stat().st_mtime_ns}
+        self._ident = None if path is None else _file_identity(path)
         if self.random_weights:
-            msg = (f"teacher {name} has RANDOM weights (pretrained=None, --pretrained none): its patch "
-                   f"tokens are meaningless targets. Pass a tag ('default') or a checkpoint file for "
-                   f"real results.")
-            log.warning(msg)
-            warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
+            warn_random_weights(name, "patch tokens (the targets)", "a tag ('default')")
 
     # ------------------------------------------------------------------ construction
     @staticmethod

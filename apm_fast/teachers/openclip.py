@@ -125,11 +125,7 @@ class OpenCLIPTeacher(Teacher):
             load_options={k: v for k, v in kw.items() if v is not None}, open_clip=getattr(oc, "__version__", "?"))
 
         if self.random_weights:
-            msg = (f"teacher {model_name} has RANDOM weights (pretrained=None, --pretrained none): its "
-                   f"embeddings and zero-shot predictions are meaningless. Pass a pretrained tag (e.g. "
-                   f"'openai') or a checkpoint file for real results.")
-            log.warning(msg)
-            warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
+            warn_random_weights(model_name, "embeddings and zero-shot predictions", "a pretrained tag (e.g. 'openai')")
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -259,13 +255,22 @@ class OpenCLIPTeacher(Teacher):
 
 
 # ---------------------------------------------------------------------- helpers
+def warn_random_weights(name: str, meaningless: str, tag_hint: str) -> None:
+    """Logs and warns (:class:`RandomWeightsWarning`) that teacher ``name`` has random weights."""
+    msg = (f"teacher {name} has RANDOM weights (pretrained=None, --pretrained none): its {meaningless} "
+           f"are meaningless. Pass {tag_hint} or a checkpoint file for real results.")
+    log.warning(msg)
+    warnings.warn(msg, RandomWeightsWarning, stacklevel=3)
+
+
 def _file_identity(path, **extra) -> dict:
     """Identifies the weights a file holds without reading it: the resolved path, size and
     modification time (a rewritten file is a different identity), plus ``extra``."""
     st = os.stat(path)
     ident = {"file": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    extra["model_config"] = hashlib.sha256(
-        json.dumps(extra.get("model_config"), sort_keys=True, default=str).encode()).hexdigest()
+    if "model_config" in extra:
+        extra["model_config"] = hashlib.sha256(
+            json.dumps(extra["model_config"], sort_keys=True, default=str).encode()).hexdigest()
     ident.update(extra)
     return ident
 

@@ -112,14 +112,15 @@ class APM(nn.Module):
         (B, D) with a pool, ``rgb`` with an RGB head; in the model's dtype.
 
         ``backend``: ``"reference"`` (the plain form) or a table (``"torch"``, ``"triton"``,
-        ``"cuda"``); None: the fastest available for the images' device. GEMMs run in the model's
-        dtype, or in torch's autocast dtype inside an autocast region (``apm_fast.ops.precision``).
+        ``"cuda"``); None: the table measured fastest on the images' device for this config
+        (``apm-fast info`` says which and why). GEMMs run in the model's dtype, or in torch's
+        autocast dtype inside an autocast region (``apm_fast.ops.precision``).
         ``chunk``: evaluate the location queries ``chunk`` at a time (inference, no gradients)
         with memory bounded by the chunk, not by L; ``query_grid``: ask about a G_q x G_q grid of
         locations instead of the model's own (implies chunked evaluation, default chunk 4096).
         Chunked evaluation runs on the tables and returns no RGB."""
         images = check_images(images, self.config)
-        name = resolve_backend(backend, images.device)
+        name = resolve_backend(backend, images.device, self.config)
         chunked = chunk is not None or query_grid is not None
         if name == "reference":
             if chunked:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-__all__ = ["BACKENDS", "TABLES", "BackendUnavailable", "get_backend", "available_backends", "default_backend"]
+__all__ = ["BACKENDS", "TABLES", "BackendUnavailable", "get_backend", "available_backends", "default_backend",
+           "explain_default"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -36,8 +37,6 @@ def _cuda():
 # name -> factory of the table (called once per process); a new table is one more entry
 TABLES: Dict[str, Callable[[], object]] = {"torch": _torch, "triton": _triton, "cuda": _cuda}
 BACKENDS = ("reference",) + tuple(TABLES)   # the package's own
-# On a GPU the first available of these is the default (measured fastest first: benchmarks/results)
-_GPU_ORDER = ("triton", "cuda", "torch")
 _MADE: Dict[str, object] = {}
 
 
@@ -65,21 +64,34 @@ def _status(name: str):
         return False, f"{type(exc).__name__}: {exc}"
 
 
-def default_backend(device=None) -> str:
-    """``torch`` on the CPU; on a GPU the fastest table that is available here."""
+def explain_default(device=None, config=None):
+    """(the default table for ``device`` and a model ``config``, why): ``torch`` on the CPU; on a
+    GPU the available table measured fastest on this GPU model for this preset
+    (:mod:`apm_fast.backends.measured`)."""
     import torch
 
+    from .measured import choose
+
     if device is None or torch.device(device).type != "cuda":
-        return "torch"
-    return next((n for n in _GPU_ORDER if _status(n)[0]), "torch")
+        return "torch", "on the CPU: the other tables are GPU kernels"
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device if device.index is not None else None)
+    return choose(gpu, config, [n for n in TABLES if _status(n)[0]])
 
 
-def get_backend(name: str | None = None, *, device=None, check: bool = True):
-    """The table called ``name`` (``None``: the default for ``device``). ``"reference"`` is the
-    plain form and has no table: asking for it here is an error. With ``check``, raise
-    :class:`BackendUnavailable` naming what is missing when the table cannot run here."""
+def default_backend(device=None, config=None) -> str:
+    """``torch`` on the CPU; on a GPU the available table measured fastest there (see
+    :func:`explain_default`)."""
+    return explain_default(device, config)[0]
+
+
+def get_backend(name: str | None = None, *, device=None, check: bool = True, config=None):
+    """The table called ``name`` (``None``: the default for ``device`` and ``config``).
+    ``"reference"`` is the plain form and has no table: asking for it here is an error. With
+    ``check``, raise :class:`BackendUnavailable` naming what is missing when the table cannot run
+    here."""
     if name is None:
-        name = default_backend(device)
+        name = default_backend(device, config)
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a name (str) or None, got {type(name).__name__}")
     if name == "reference":
@@ -94,10 +106,11 @@ def get_backend(name: str | None = None, *, device=None, check: bool = True):
     return _table(name)
 
 
-def resolve_backend(name: str | None, device=None) -> str:
-    """The name a call runs with: ``name`` checked (known and available), or the default."""
+def resolve_backend(name: str | None, device=None, config=None) -> str:
+    """The name a call runs with: ``name`` checked (known and available), or the default for the
+    device and the model's ``config``."""
     if name is None:
-        return default_backend(device)
+        return default_backend(device, config)
     if name != "reference":
         get_backend(name, device=device)
     return name

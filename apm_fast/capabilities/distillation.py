@@ -366,7 +366,7 @@ def distill(images, teacher, out, *, config=None, settings: DistillSettings = Di
                          "or set rgb_weight=0")
     paths = [str(p) for p in find_images(images if isinstance(images, (list, tuple)) else [images])]
     dev = torch.device(device) if device is not None else teacher.device
-    backend = resolve_backend(s.backend, dev)
+    backend = resolve_backend(s.backend, dev, cfg)
     amp = (s.precision or ("bf16" if dev.type == "cuda" else "fp32")) == "bf16"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser):
                         "model.safetensors), or the authors' state dict (.pth, config read off its shapes)")
     g.add_argument("--heads", type=common.positive_int, default=None,
                    help="the pool's heads of an authors' checkpoint with a pool (not in its shapes; default 8)")
-    g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: fastest available)")
+    g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: the measured fastest here; apm-fast info)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 

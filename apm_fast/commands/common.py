@@ -101,7 +101,7 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
                    help="Adam learning rate, in (0, 1] (default: %(default)s)")
     g.add_argument("--normalize-target", action="store_true", help="regress the unit-norm teacher embedding")
     g.add_argument("--topk", type=positive_int, default=5, help="classes reported per image (default: %(default)s)")
-    g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: fastest available)")
+    g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: the measured fastest here; apm-fast info)")
     g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "fp64"),
                    help="GEMM dtype of the training (default: bf16 on a GPU, fp32 on a CPU); Adam's "
                         "state stays fp32")

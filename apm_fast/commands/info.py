@@ -1,4 +1,5 @@
-"""``apm-fast info``: versions, the GPU, and which backends can run here."""
+"""``apm-fast info``: versions, the GPU, which backends can run here and which one each preset
+runs on by default (and the measurement behind it)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import platform
 import sys
 from importlib import metadata
 
-HELP = "print versions (python, torch, triton, open_clip, CUDA) and the available backends"
+HELP = "print versions (python, torch, triton, open_clip, CUDA), the available backends and the default one per preset"
 
 PACKAGES = ("apm-fast", "torch", "triton", "open_clip_torch", "torchvision", "numpy", "safetensors")
 
@@ -36,6 +37,22 @@ def _extension_row() -> str:
     return f"built for sm_{', sm_'.join(archs)}" if archs else "built (its SM targets are not recorded)"
 
 
+def _print_defaults(torch):
+    """The table each preset runs on by default here, and why (the measurement behind it)."""
+    from ..backends import explain_default
+    from ..config import PRESETS
+
+    if not torch.cuda.is_available():
+        name, why = explain_default("cpu")
+        print(f"default backend on cpu: {name} ({why})")
+        return
+    for dev in [torch.device("cuda", i) for i in range(torch.cuda.device_count())]:
+        print(f"default backend on {dev} ({torch.cuda.get_device_name(dev)}), per preset:")
+        for preset, cfg in PRESETS.items():
+            name, why = explain_default(dev, cfg)
+            print(f"  {preset:8s} {name}: {why}")
+
+
 def run(args) -> int:
     import torch
 
@@ -58,6 +75,7 @@ def run(args) -> int:
     print("backends:")
     for name, state in available_backends().items():
         print(f"  {name.ljust(width - 2)}  {state}")
+    _print_defaults(torch)
     if args.teachers:
         from .common import setup_errors
 

@@ -87,7 +87,7 @@ class TestTimeTrainer:
         self.steps, self.lr = steps, float(lr)
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
         self.normalize_target = bool(normalize_target)
-        self.backend = resolve_backend(backend, model.device)
+        self.backend = resolve_backend(backend, model.device, model.config)
         if self.backend == "reference" and (shards is not None or precision is not None):
             raise ValueError("backend='reference' trains the plain model in its own dtype on one device; "
                              "precision= and shards= need a table ('torch', 'triton', 'cuda')")

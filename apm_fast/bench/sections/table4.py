@@ -69,7 +69,7 @@ def _student(ctx, preset):
     row["flops"] = flops
     # peak memory of a whole TTT run (t_max steps), for the plain eager step and the package's
     # default backend on this device
-    fast = default_backend(ctx.device)
+    fast = default_backend(ctx.device, cfg)
     peaks = {}
     for label, backend in (("plain eager", "reference"), (f"{fast} backend", fast)):
         impl = None

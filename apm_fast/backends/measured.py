@@ -1,0 +1,133 @@
+"""The default backend on a GPU, from measurements: which table ran the TTT step fastest, per GPU
+model and preset, in the committed benchmark results.
+
+``apm_fast/data/fastest.json`` holds, for every GPU model with a committed ``ttt_step`` result
+(``benchmarks/results/<gpu>/suite/ttt_step.json``), the graph-replayed step time of every table at
+every preset measured there, with the commit and file it came from. It is written from those files
+by this module and nothing else (a test checks that it still equals what they give)::
+
+    python -m apm_fast.backends.measured benchmarks/results/*/suite/ttt_step.json
+
+:func:`choose` orders the available tables by that measurement: the preset's own row when the
+model's config is a preset, else the sum over the GPU's measured presets; a GPU that was never
+measured gets the fixed order :data:`FALLBACK` (the order every measurement so far agrees with).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+__all__ = ["FALLBACK", "record", "load", "preset_of", "choose"]
+
+# a GPU without a measurement: the order every committed measurement agrees with
+FALLBACK = ("triton", "cuda", "torch")
+PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "fastest.json")
+# the keys of a ttt_step row that time a table's graph-replayed step, preferred first: the engine
+# (what the TTT trainer runs), then the whole step captured in one graph (results from before the
+# engine had a row per table)
+_KEYS = ("engine/{}", "{}+graph")
+
+
+def record(files: Iterable[str]) -> dict:
+    """The table of ``fastest.json`` from ``ttt_step`` result files (one GPU model each; a later
+    file of the same GPU replaces an earlier one)."""
+    gpus: Dict[str, dict] = {}
+    for path in files:
+        with open(path) as f:
+            result = json.load(f)
+        if result.get("suite") != "ttt_step":
+            raise ValueError(f"{path}: expected a ttt_step result file, got suite {result.get('suite')!r}")
+        machine = result.get("machine") or {}
+        if machine.get("device") != "cuda":
+            continue                                   # CPU timings say nothing about the GPU tables
+        rows = {(r.get("preset"), r.get("key")): r for r in result.get("rows", [])
+                if r.get("status") == "ok" and isinstance(r.get("timing"), dict)}
+        presets: Dict[str, Dict[str, float]] = {}
+        key_used = None
+        for template in _KEYS:
+            for (preset, key), row in rows.items():
+                for name in FALLBACK:
+                    if key == template.format(name):
+                        presets.setdefault(preset, {})[name] = round(float(row["timing"]["median_ms"]), 4)
+            if presets:
+                key_used = template.format("<table>")
+                break
+        if presets:
+            gpus[machine["gpu"]] = {"commit": machine.get("commit"),
+                                    "file": os.path.normpath(path).replace(os.sep, "/"), "row": key_used,
+                                    "step_ms": {p: presets[p] for p in sorted(presets)}}
+    return {"what": "median ms of one graph-replayed TTT step at one image, per table",
+            "gpus": {g: gpus[g] for g in sorted(gpus)}}
+
+
+_LOADED: Optional[dict] = None
+
+
+def load() -> dict:
+    """The packaged table (empty when the file is missing or unreadable: the fallback order holds)."""
+    global _LOADED
+    if _LOADED is None:
+        try:
+            with open(PATH) as f:
+                _LOADED = json.load(f)
+        except (OSError, ValueError):
+            _LOADED = {"gpus": {}}
+    return _LOADED
+
+
+def preset_of(config) -> Optional[str]:
+    """The preset whose shapes ``config`` has (the init aside: it does not change the time), or None."""
+    if config is None:
+        return None
+    from ..config import PRESETS
+
+    shape = ("grid", "patch", "hidden", "dim", "heads", "pool", "rgb_head", "in_chans")
+    return next((name for name, cfg in PRESETS.items()
+                 if all(getattr(cfg, k) == getattr(config, k, None) for k in shape)), None)
+
+
+def choose(gpu: Optional[str], config, available: Sequence[str]) -> Tuple[str, str]:
+    """(the default table, why) among ``available`` for a GPU model name and a model config."""
+    if not available:
+        return "torch", "no GPU table is available here (apm-fast info says why)"
+    entry = load().get("gpus", {}).get(gpu or "")
+    preset = preset_of(config)
+    if entry is None:
+        name = next((n for n in FALLBACK if n in available), available[0])
+        return name, (f"no measurement for {gpu or 'this GPU'}; the fixed order {' > '.join(FALLBACK)} "
+                      f"(every measured GPU agrees with it)")
+    steps = entry["step_ms"]
+    src = f"{entry['file']} at {entry['commit']}"
+    if preset in steps:
+        times = {n: steps[preset][n] for n in available if n in steps[preset]}
+        where = f"{preset} on {gpu}"
+    else:
+        both = [n for n in available if all(n in s for s in steps.values())]
+        times = {n: sum(s[n] for s in steps.values()) for n in both}
+        where = (f"{gpu}, summed over its measured presets ({', '.join(steps)})"
+                 + ("" if config is None else "; this model is not a preset"))
+    if not times:
+        name = next((n for n in FALLBACK if n in available), available[0])
+        return name, f"none of the available tables was measured on {gpu}; the fixed order"
+    ranked: List[str] = sorted(times, key=times.get)
+    detail = ", ".join(f"{n} {times[n]:.3f} ms" for n in ranked)
+    return ranked[0], f"measured fastest for {where} (one TTT step: {detail}; {src})"
+
+
+def main(argv=None) -> int:
+    files = list(sys.argv[1:] if argv is None else argv)
+    if not files:
+        print("usage: python -m apm_fast.backends.measured RESULTS/ttt_step.json ...", file=sys.stderr)
+        return 2
+    table = record(files)
+    with open(PATH, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    print(f"wrote {PATH}: {', '.join(table['gpus']) or 'no GPU results'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""The default backend on a GPU is the table measured fastest there (apm_fast.backends.measured)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apm_fast import backends
+from apm_fast.backends import measured
+from apm_fast.config import preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _step_file(tmp_path, gpu, rows, device="cuda", name="ttt_step.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"suite": "ttt_step", "machine": {"device": device, "gpu": gpu, "commit": "abc1234"},
+                                "rows": rows}))
+    return str(path)
+
+
+def _row(p, key, ms, status="ok"):
+    return {"preset": p, "key": key, "status": status, "timing": {"median_ms": ms} if status == "ok" else None}
+
+
+@pytest.fixture
+def table(monkeypatch, tmp_path):
+    """A packaged table with one fake GPU where cuda wins at ttt-b16 and triton at ttt-l14."""
+    rows = [_row("ttt-b16", "engine/torch", 3.0), _row("ttt-b16", "engine/triton", 2.0),
+            _row("ttt-b16", "engine/cuda", 1.0), _row("ttt-l14", "engine/torch", 3.0),
+            _row("ttt-l14", "engine/triton", 1.0), _row("ttt-l14", "engine/cuda", 5.0),
+            _row("ttt-l14", "triton+graph", 0.1)]             # not the engine's row: ignored
+    t = measured.record([_step_file(tmp_path, "Fake GPU", rows)])
+    monkeypatch.setattr(measured, "_LOADED", t)
+    return t
+
+
+def test_the_packaged_table_is_what_the_committed_results_give(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    files = sorted(glob.glob("benchmarks/results/*/suite/ttt_step.json"))
+    assert files, "no committed ttt_step results"
+    with open(measured.PATH) as f:
+        packaged = json.load(f)
+    assert packaged == json.loads(json.dumps(measured.record(files))), \
+        "apm_fast/data/fastest.json is stale: python -m apm_fast.backends.measured " + " ".join(files)
+
+
+def test_record_prefers_engine_rows_and_skips_cpu_and_failed_rows(tmp_path):
+    gpu = _step_file(tmp_path, "G", [_row("ttt-l14", "engine/triton", 1.23456), _row("ttt-l14", "triton+graph", 9.0),
+                                     _row("ttt-l14", "engine/cuda", 0.5, status="error")], name="a.json")
+    old = _step_file(tmp_path, "H", [_row("ttt-b16", "cuda+graph", 2.0), _row("ttt-b16", "torch", 0.1)],
+                     name="b.json")
+    cpu = _step_file(tmp_path, "cpu", [_row("ttt-l14", "engine/torch", 1.0)], device="cpu", name="c.json")
+    t = measured.record([gpu, old, cpu])
+    assert set(t["gpus"]) == {"G", "H"}
+    assert t["gpus"]["G"]["step_ms"] == {"ttt-l14": {"triton": 1.2346}} and t["gpus"]["G"]["row"] == "engine/<table>"
+    assert t["gpus"]["H"]["step_ms"] == {"ttt-b16": {"cuda": 2.0}} and t["gpus"]["H"]["row"] == "<table>+graph"
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"suite": "forward", "rows": []}))
+    with pytest.raises(ValueError, match="expected a ttt_step result file"):
+        measured.record([str(bad)])
+
+
+def test_choose_follows_the_measurement_per_preset(table):
+    every = ["torch", "triton", "cuda"]
+    name, why = measured.choose("Fake GPU", preset("ttt-b16"), every)
+    assert name == "cuda" and "ttt-b16 on Fake GPU" in why and "cuda 1.000 ms" in why
+    assert measured.choose("Fake GPU", preset("ttt-l14"), every)[0] == "triton"
+    assert measured.choose("Fake GPU", preset("ttt-l14"), ["torch", "cuda"])[0] == "torch"   # triton not here
+    assert measured.choose("Fake GPU", preset("ttt-l14", init_std=0.5), every)[0] == "triton"  # init: same shapes
+    # not a preset: the sum over the GPU's presets (torch 6, triton 3, cuda 6)
+    name, why = measured.choose("Fake GPU", preset("ttt-l14", grid=8), every)
+    assert name == "triton" and "not a preset" in why
+    # a GPU never measured: the fixed order
+    name, why = measured.choose("Other GPU", preset("ttt-b16"), every)
+    assert name == measured.FALLBACK[0] and "no measurement for Other GPU" in why
+    assert measured.choose("Other GPU", None, ["cuda", "torch"])[0] == "cuda"
+
+
+def test_default_backend_on_a_gpu_uses_the_gpu_name_and_the_model(monkeypatch, table):
+    monkeypatch.setattr(backends, "_status", lambda name: (True, ""))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    assert backends.default_backend("cuda:0", preset("ttt-b16")) == "cuda"
+    assert backends.default_backend("cuda", preset("ttt-l14")) == "triton"
+    assert backends.resolve_backend(None, "cuda", preset("ttt-b16")) == "cuda"
+    assert backends.default_backend("cpu", preset("ttt-b16")) == "torch"
+    monkeypatch.setattr(backends, "_status", lambda name: (name == "torch", "missing"))
+    assert backends.default_backend("cuda", preset("ttt-b16")) == "torch"
+
+
+def test_info_says_the_default_and_why():
+    out = subprocess.run([sys.executable, "-m", "apm_fast", "info"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 0, out.stderr
+    assert "default backend on cpu: torch (on the CPU" in out.stdout

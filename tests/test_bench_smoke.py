@@ -98,6 +98,11 @@ def test_harness_end_to_end(tmp_path, one_thread):
     assert len(prims) >= 10 and all(r["status"] == "ok" and r["rel_err"] in (0.0, None) for r in prims)
     engine = {r["key"]: r for r in _load(tmp_path, "engine")["rows"]}
     assert engine["gate/torch"]["passed"] is True and engine["memory/torch"]["state_bytes_per_param"] >= 16
+    floor, lat = engine["floor"], engine["latency/torch/eager"]
+    assert floor["status"] == "ok" and floor["gemm_tflops"] > 0 and floor["copy_gbps"] > 0
+    assert floor["adam_bytes"] == floor["adam_bytes_per_param"] * engine["memory/torch"]["params"]
+    assert floor["floor_ms"] == pytest.approx(floor["compute_ms"] + floor["adam_ms"])
+    assert lat["vs_floor"] == pytest.approx(lat["ms_per_step"] / floor["floor_ms"])
     dist = _load(tmp_path, "distributed")["rows"]
     assert dist[0]["status"] == "absent" and "torchrun" in dist[0]["reason"]
 

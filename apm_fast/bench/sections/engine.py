@@ -14,6 +14,11 @@ over 20 repeats; eagerly the same.
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
+Floor: what one step cannot go below on this machine, from two rates measured in the same run: the
+step's FLOPs (rewritten form) at the rate of one large GEMM in the compute dtype, plus Adam's bytes
+(fp32 parameter, gradient and moments read, parameter and moments written, plus the compute copy
+written: 28 B per parameter, + 2 at bf16/fp16) at the rate of one large device copy; and the same
+with the two overlapped (the larger of the two). Each latency row says how far above it it is.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from ...model import APM
 from ...ttt import TestTimeTrainer
 from ...ttt.memory import count_params
 from ..flops import apm_flops
-from ..timing import autocast, summarize
+from ..timing import autocast, measure_graph, summarize
 
 __all__ = ["run", "NAME"]
 
@@ -117,6 +122,40 @@ def _latency(ctx, backend, graphs):
             "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
 
 
+def _floor(ctx):
+    """The step's floor from a GEMM rate and a copy bandwidth measured here (see the docstring)."""
+    o = ctx.options
+    model = ctx.model(o.engine_preset)
+    cdt = ctx.amp_dtype or model.dtype
+    cuda = ctx.device.type == "cuda"
+    side = 8192 if cuda and not o.quick else 512
+    a = torch.randn(side, side, device=ctx.device, dtype=cdt)
+    b = torch.randn(side, side, device=ctx.device, dtype=cdt)
+    with torch.no_grad():
+        mm = measure_graph(lambda: a @ b, device=ctx.device, repeats=o.repeats)
+    del a, b
+    nbytes = (1 << 30) if cuda and not o.quick else (32 << 20)
+    src = torch.empty(nbytes // 4, device=ctx.device)
+    dst = torch.empty_like(src)
+    cp = measure_graph(lambda: dst.copy_(src), device=ctx.device, repeats=o.repeats)
+    del src, dst
+    rate = 2 * side ** 3 / (mm.median_ms * 1e-3)
+    bandwidth = 2 * nbytes / (cp.median_ms * 1e-3)                       # read + write
+    flops = apm_flops(model.config, form="rewritten")["step"]
+    per_param = 28 + (0 if cdt == torch.float32 else torch.finfo(cdt).bits // 8)
+    adam_bytes = per_param * count_params(model.config)
+    compute_ms, adam_ms = flops / rate * 1e3, adam_bytes / bandwidth * 1e3
+    out = {"gemm": f"{side}^3 {str(cdt).replace('torch.', '')}", "gemm_tflops": rate / 1e12,
+           "copy_bytes": nbytes, "copy_gbps": bandwidth / 1e9, "step_flops": flops,
+           "adam_bytes_per_param": per_param, "adam_bytes": adam_bytes, "compute_ms": compute_ms,
+           "adam_ms": adam_ms, "floor_ms": compute_ms + adam_ms, "floor_overlapped_ms": max(compute_ms, adam_ms)}
+    ctx.log(f"  floor {out['floor_ms']:.3f} ms/step ({out['floor_overlapped_ms']:.3f} overlapped): "
+            f"{flops / 1e9:.1f} GF at {rate / 1e12:.0f} TFLOP/s measured ({out['gemm']}) = {compute_ms:.3f} ms, "
+            f"Adam {per_param} B x {count_params(model.config) / 1e6:.1f} M at {bandwidth / 1e9:.0f} GB/s "
+            f"measured copy = {adam_ms:.3f} ms")
+    return out
+
+
 def _memory(ctx, backend):
     model, x, y, trainer = _problem(ctx, backend, 1)
     out = {}
@@ -162,7 +201,8 @@ def _profile(ctx, backend, s):
 
 
 def run(ctx) -> dict:
-    rows = []
+    floor = ctx.row({"key": "floor", "backend": None}, "available", "floor", lambda: _floor(ctx))
+    rows = [floor]
     for name, status in ctx.fast_backends():
         rows.append(ctx.row({"key": f"gate/{name}", "backend": name}, status, name, lambda n=name: _gate(ctx, n)))
         for graphs in ((True, False) if ctx.device.type == "cuda" else (False,)):
@@ -172,6 +212,12 @@ def run(ctx) -> dict:
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,
                                 lambda n=name, s=s: _profile(ctx, n, s)))
+    if floor["status"] == "ok":
+        for r in rows:
+            if r["key"].startswith("latency/") and r["status"] == "ok":
+                r["vs_floor"] = r["ms_per_step"] / floor["floor_ms"]
+                r["vs_floor_overlapped"] = r["ms_per_step"] / floor["floor_overlapped_ms"]
     return {"rows": rows, "columns": [("what", "key"), ("gate passed", "passed"), ("ms/step", "ms_per_step"),
+                                      ("floor ms", "floor_ms"), ("x floor", "vs_floor"),
                                       ("TFLOP/s", "tflops"), ("peak", "peak_bytes"),
                                       ("state B/param", "state_bytes_per_param"), ("kernel ms", "total_ms")]}

@@ -55,6 +55,7 @@ class EvalSettings:
     lr: float = 1e-4
     seed: int = 0
     precision: Optional[str] = None
+    moments: str = "fp32"
     apm_templates: str = "ensemble"
     views: int = 64
     keep: float = 0.1
@@ -70,6 +71,8 @@ class EvalSettings:
             raise ValueError(f"methods: expected distinct names among {list(METHODS)}, got {list(self.methods)}")
         object.__setattr__(self, "methods", methods)
         check_training(steps=self.steps, lr=self.lr)
+        if self.moments not in ("fp32", "bf16"):
+            raise ValueError(f"moments: expected 'fp32' or 'bf16', got {self.moments!r}")
         if self.apm_templates not in ("single", "ensemble"):
             raise ValueError(f"apm_templates: expected 'single' or 'ensemble', got {self.apm_templates!r}")
         if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 2:
@@ -123,7 +126,8 @@ def _trainer(settings: EvalSettings, teacher, device):
     over = {k: v for k, v in (("grid", settings.grid), ("hidden", settings.hidden)) if v is not None}
     torch.manual_seed(settings.seed)
     model = APM(preset(name, dim=teacher.dim, **over), device=device)
-    return TestTimeTrainer(model, steps=settings.steps, lr=settings.lr, precision=settings.precision)
+    return TestTimeTrainer(model, steps=settings.steps, lr=settings.lr, precision=settings.precision,
+                           moments=settings.moments)
 
 
 def _methods(settings: EvalSettings, teacher, evalset, device):

@@ -5,7 +5,9 @@ Per element: m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
 exactly torch.optim.Adam's order of operations. ``step`` (t) and ``lr`` are read from device
 memory by every program, so the launch has no host value that changes between steps and the
 update can sit in a CUDA graph (the caller bumps ``step`` on the device). The optional low-precision
-copy (the bf16 weights the GEMMs read) is written in the same pass.
+copy (the bf16 weights the GEMMs read) is written in the same pass. The moments may be bf16
+(fp32 parameters): read into fp32, updated there, rounded once when stored (22 B per parameter
+moved instead of 30).
 
 1 - beta^t is computed in fp64 by binary powering from (1 - beta) (passed as its own fp32
 argument): the naive fp32 1 - exp2(t log2 beta) loses four digits at t = 1, beta2 = 0.999, and so
@@ -55,15 +57,15 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, step_ptr, lr_ptr,
     bc1 = _one_minus_pow(omb1, t)
     bc2_sqrt = tl.sqrt(_one_minus_pow(omb2, t))
     g = tl.load(g_ptr + s * sg_s + offs, mask=msk, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + s * sm_s + offs, mask=msk, other=0.0)
-    v = tl.load(v_ptr + s * sv_s + offs, mask=msk, other=0.0)
     p = tl.load(p_ptr + s * sp_s + offs, mask=msk, other=0.0)
+    m = tl.load(m_ptr + s * sm_s + offs, mask=msk, other=0.0).to(p.dtype)      # bf16 moments: widened
+    v = tl.load(v_ptr + s * sv_s + offs, mask=msk, other=0.0).to(p.dtype)
     m = beta1 * m + omb1 * g
     v = beta2 * v + omb2 * (g * g)
     denom = tl.sqrt(v) / bc2_sqrt + eps
     p = p - (lr / bc1) * (m / denom)
-    tl.store(m_ptr + s * sm_s + offs, m, mask=msk)
-    tl.store(v_ptr + s * sv_s + offs, v, mask=msk)
+    tl.store(m_ptr + s * sm_s + offs, m.to(m_ptr.dtype.element_ty), mask=msk)     # rounded once
+    tl.store(v_ptr + s * sv_s + offs, v.to(v_ptr.dtype.element_ty), mask=msk)
     tl.store(p_ptr + s * sp_s + offs, p, mask=msk)
     if HAS_LOWP:
         tl.store(lowp_ptr + s * sl_s + offs, p.to(lowp_ptr.dtype.element_ty), mask=msk)

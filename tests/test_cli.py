@@ -56,6 +56,7 @@ def test_ttt_skips_the_corrupt_file_and_writes_the_others(setup, tmp_path, capsy
         assert len(l["losses"]) == 3 and l["ttt_ms"] > 0
         assert l["run"]["teacher"] == "apm-test-tiny-clip" and l["run"]["random_teacher"] is False
         assert l["run"]["dim"] == 24 and l["run"]["grid"] == 4 and l["run"]["hidden"] == [32, 16]
+        assert l["run"]["precision"] == "fp32" and l["run"]["moments"] == "fp32"     # stated in every record
     # a rerun skips what is done (the unreadable file is tried again); same seed, same results
     assert _ttt(setup, "--topk", "2", out=out) == 1
     assert [json.loads(l) for l in out.read_text().splitlines()] == lines
@@ -63,6 +64,20 @@ def test_ttt_skips_the_corrupt_file_and_writes_the_others(setup, tmp_path, capsy
     assert _ttt(setup, "--topk", "2", out=other) == 1
     again = [json.loads(l) for l in other.read_text().splitlines()]
     assert again[0]["losses"] == pytest.approx(lines[0]["losses"])
+
+
+def test_ttt_with_bf16_moments_says_so_and_stays_close(setup, tmp_path, capsys):
+    full, half = tmp_path / "fp32.jsonl", tmp_path / "bf16.jsonl"
+    assert _ttt(setup, out=full) == 1 and _ttt(setup, "--moments", "bf16", out=half) == 1
+    a = [json.loads(l) for l in full.read_text().splitlines()]
+    b = [json.loads(l) for l in half.read_text().splitlines()]
+    assert [l["run"]["moments"] for l in b] == ["bf16", "bf16"]
+    for x, y in zip(a, b):
+        assert y["losses"][0] == pytest.approx(x["losses"][0])            # before the first update
+        assert y["losses"][-1] == pytest.approx(x["losses"][-1], rel=5e-2)
+    with pytest.raises(SystemExit):
+        main(["ttt", "x.png", "--moments", "fp8"])
+    assert "argument --moments: invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 def test_ttt_to_stdout_with_only_good_files(setup, capsys):

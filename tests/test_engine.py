@@ -77,7 +77,7 @@ def test_one_trainer_reference_loop_or_engine():
         assert torch.equal(p, auto.snapshot[k])
     with pytest.raises(ValueError, match="no compiled program"):
         plain.program(1)
-    with pytest.raises(ValueError, match="precision= and shards= need a table"):
+    with pytest.raises(ValueError, match="precision=, moments= and shards= need a table"):
         TestTimeTrainer(model, backend="reference", precision="bf16")
 
 
@@ -218,6 +218,58 @@ def test_torch_adam_matches_torch_optim():
         TorchPrimitives().adam_(p, g, m, v, step, lr, 0.8, 0.95, 1e-6, lowp=lowp)
     torch.testing.assert_close(p, ref.detach(), rtol=1e-13, atol=1e-15)
     assert torch.equal(lowp, p.float())
+
+
+def test_torch_adam_with_bf16_moments_is_the_fp32_update_rounded_once():
+    torch.manual_seed(1)
+    p, g = torch.randn(2, 41), torch.randn(2, 41)
+    m, v = torch.randn(2, 41).bfloat16(), torch.rand(2, 41).bfloat16()
+    p32, m32, v32 = p.clone(), m.float(), v.float()
+    step, lr = torch.full((1,), 3.0), torch.full((1,), 1e-3)
+    TorchPrimitives().adam_(p, g, m, v, step, lr, 0.9, 0.999, 1e-8)
+    TorchPrimitives().adam_(p32, g, m32, v32, step, lr, 0.9, 0.999, 1e-8)
+    assert m.dtype == v.dtype == torch.bfloat16
+    assert torch.equal(p, p32) and torch.equal(m, m32.bfloat16()) and torch.equal(v, v32.bfloat16())
+    with pytest.raises(ValueError, match="one dtype for both moments"):
+        TorchPrimitives().adam_(p, g, m, v.float(), step, lr, 0.9, 0.999, 1e-8)
+    with pytest.raises(TypeError, match="exp_avg"):
+        TorchPrimitives().adam_(p.double(), g, m, v, step, lr, 0.9, 0.999, 1e-8)   # fp64 masters: fp64 moments
+
+
+def test_bf16_moments_halve_the_moments_and_keep_the_result():
+    """moments='bf16': m and v stored in bf16 (4 B per parameter less), cls within a bf16 moment's
+    rounding of the fp32-moment run (Adam divides m by sqrt(v): both round at 2^-9 relative, so a
+    step moves by lr x ~1e-2 more or less; over 4 steps at lr 1e-2 a few 1e-3 of cls)."""
+    model, images, targets = _setup("three-layer", torch.float32, n=3)
+    full = _engine(model, students=3)
+    half = _engine(model, students=3, moments="bf16")
+    a, b = full.fit(images, targets), half.fit(images, targets)
+    assert half.moments == "bf16" and full.moments == "fp32" and half.precision == full.precision == "fp32"
+    st_a, st_b = full.engine.program(3).store, half.engine.program(3).store
+    assert st_b.exp_avg.dtype == st_b.exp_avg_sq.dtype == torch.bfloat16 and st_a.exp_avg.dtype == torch.float32
+    assert st_a.nbytes() - st_b.nbytes() == 2 * 2 * st_a.exp_avg.numel()
+    rel = float((b.cls - a.cls).norm() / a.cls.norm())
+    assert 0 < rel < 2e-2, rel
+    torch.testing.assert_close(b.losses[:, 0], a.losses[:, 0])          # the first loss: before any update
+    model64, images64, targets64 = _setup("two-layer", torch.float64, n=1)
+    with pytest.raises(ValueError, match="'bf16' moments need fp32 master weights"):
+        _engine(model64, moments="bf16")
+    with pytest.raises(ValueError, match="moments: expected 'fp32', 'bf16' or None, got 'int8'"):
+        _engine(model, moments="int8")
+
+
+def test_a_table_without_bf16_moments_refuses_them_at_construction(monkeypatch):
+    from apm_fast.ttt import engine as engine_mod
+
+    class NoHalfMoments(TorchPrimitives):
+        bf16_moments = False
+    monkeypatch.setattr(engine_mod, "get_backend", lambda name, device=None: NoHalfMoments())
+    model, _, _ = _setup("two-layer", torch.float32, n=1)
+    with pytest.raises(ValueError, match="Adam keeps fp32 moments; moments='bf16' runs on"):
+        _engine(model, moments="bf16")
+    _engine(model)                                                        # fp32 moments: fine
+    from apm_fast.backends.cuda import CudaPrimitives
+    assert CudaPrimitives.bf16_moments is False
 
 
 def test_memory_budget_formula_for_ttt_l14():

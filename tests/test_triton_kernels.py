@@ -220,6 +220,33 @@ def test_adam_matches_torch_over_several_steps():
         torch.testing.assert_close(lowp.float(), params, rtol=2 ** -7, atol=0)
 
 
+def test_adam_with_bf16_moments_matches_the_plain_table():
+    """bf16 moments: widened, updated in fp32, rounded once when stored; the same steps as the
+    plain table's (the oracle of the contract), parameters to fp32 rounding, moments within one
+    bf16 ulp (the interpreter truncates its casts, a GPU rounds to nearest as torch)."""
+    torch.manual_seed(9)
+    n = 1001
+    p0 = rand(2, n)
+    ours = [p0.clone(), torch.zeros(2, n, device=DEV, dtype=torch.bfloat16),
+            torch.zeros(2, n, device=DEV, dtype=torch.bfloat16)]
+    ref = [t.clone() for t in ours]
+    step = torch.zeros(1, device=DEV)
+    lr = torch.full((1,), 3e-3, device=DEV)
+    for _ in range(5):
+        g = rand(2, n)
+        step += 1
+        TP.adam_(ours[0], g, ours[1], ours[2], step, lr, 0.9, 0.999, 1e-8)
+        TorchPrimitives().adam_(ref[0], g, ref[1], ref[2], step, lr, 0.9, 0.999, 1e-8)
+        assert ours[1].dtype == ours[2].dtype == torch.bfloat16
+        ulp = 2 ** -7 if DEV != "cuda" else 2 ** -8
+        torch.testing.assert_close(ours[1].float(), ref[1].float(), rtol=ulp, atol=1e-30)
+        torch.testing.assert_close(ours[2].float(), ref[2].float(), rtol=ulp, atol=1e-30)
+        # the moments stored differ by an ulp at most, and Adam divides m by sqrt(v): lr x 1 %
+        torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=3e-3 * 2e-2)
+        ours[1].copy_(ref[1])
+        ours[2].copy_(ref[2])
+
+
 # ------------------------------------------------------------------------------------ whole model
 TINY = APMConfig(grid=5, patch=2, hidden=(40, 33, 17), dim=12, heads=3)
 

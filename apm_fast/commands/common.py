@@ -104,7 +104,10 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
     g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: the measured fastest here; apm-fast info)")
     g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "fp64"),
                    help="GEMM dtype of the training (default: bf16 on a GPU, fp32 on a CPU); Adam's "
-                        "state stays fp32")
+                        "state stays fp32 (see --moments)")
+    g.add_argument("--moments", default="fp32", choices=("fp32", "bf16"),
+                   help="Adam's moments: fp32 (torch.optim.Adam's, the default) or bf16 (half their memory "
+                        "and traffic; triton and torch backends; effect: docs/engine.md)")
     g.add_argument("--students", type=positive_int, default=None, metavar="N",
                    help="images trained side by side (default: as many as fit in memory on a GPU, 1 on a CPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -199,7 +202,7 @@ def build_trainer(config, args, device):
         model = APM(config, device=device)
         return TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=args.backend,
                                normalize_target=args.normalize_target, students=getattr(args, "students", None),
-                               precision=getattr(args, "precision", None))
+                               precision=getattr(args, "precision", None), moments=getattr(args, "moments", None))
 
 
 def eprint(*a):

@@ -47,6 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=common.learning_rate, default=1e-4, help="Adam learning rate (default: %(default)s)")
     g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "fp64"),
                    help="GEMM dtype of the training (default: bf16 on a GPU, fp32 on a CPU)")
+    g.add_argument("--moments", default="fp32", choices=("fp32", "bf16"),
+                   help="Adam's moments: fp32 (torch.optim.Adam's, the default) or bf16 (half their memory "
+                        "and traffic; triton and torch backends; effect: docs/engine.md)")
     g.add_argument("--apm-templates", default="ensemble", choices=("single", "ensemble"),
                    help="the class texts APM's feature is classified against (default: %(default)s)")
     b = p.add_argument_group("TPT and ZERO")
@@ -67,7 +70,7 @@ def run(args) -> int:
                                 pretrained=None if str(args.pretrained).lower() in ("none", "random", "")
                                 else args.pretrained,
                                 preset=args.preset, grid=args.grid, hidden=args.hidden, steps=args.steps,
-                                lr=args.lr, seed=args.seed, precision=args.precision,
+                                lr=args.lr, seed=args.seed, precision=args.precision, moments=args.moments,
                                 apm_templates=args.apm_templates, views=args.views, tpt_lr=args.tpt_lr)
     teacher = common.build_teacher(args.teacher, args.pretrained, device, args.seed)
     if teacher.random_weights:

@@ -72,7 +72,7 @@ def _run(args, paths, shards) -> int:
         "preset": preset_name, "grid": config.grid, "patch": config.patch, "hidden": list(config.hidden),
         "dim": config.dim, "steps": args.steps, "lr": args.lr, "templates": args.templates,
         "classes": len(classes), "backend": trainer.backend, "precision": trainer.precision,
-        "device": str(device), "seed": args.seed,
+        "moments": trainer.moments, "device": str(device), "seed": args.seed,
     }
     with common.setup_errors():  # class embeddings once, before the first image
         teacher.class_embeddings(classes, templates)

@@ -135,14 +135,14 @@ class ShardedQueryTrainer:
 
     def __init__(self, model, steps: int = 20, lr: float = 1e-4, group=None, *, backend: str = "torch",
                  betas=(0.9, 0.999), eps: float = 1e-8, normalize_target: bool = False,
-                 precision=None, sync_init: bool = True):
+                 precision=None, moments=None, sync_init: bool = True):
         if sync_init:
             broadcast_parameters(model, group)
         self.shards = QueryShards(group)
         self.group, self.rank, self.world_size = group, self.shards.rank, self.shards.world
         self.trainer = TestTimeTrainer(model, steps=steps, lr=lr, backend=backend, betas=betas, eps=eps,
                                        normalize_target=normalize_target, students=1, precision=precision,
-                                       shards=self.shards)
+                                       moments=moments, shards=self.shards)
 
     def fit(self, images: torch.Tensor, targets: torch.Tensor, *, progress=None) -> TTTResult:
         self._check_same_inputs(images, targets)

@@ -299,7 +299,9 @@ class Primitives:
     def adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lowp=None):
         """One Adam update (no weight decay) over flat buffers, in place; capturable.
 
-        params, grads, exp_avg, exp_avg_sq: (S, N) fp32 (or fp64). ``step`` and ``lr`` are
+        params, grads, exp_avg, exp_avg_sq: (S, N) fp32 (or fp64); the two moments may instead
+        both be bf16 (fp32 params only: read into fp32, updated there, rounded once when stored;
+        ``moments="bf16"`` of the trainer). ``step`` and ``lr`` are
         one-element device tensors read on the device, never on the host: ``step`` holds the
         number of this update (1 for the first), the caller increments it. When ``lowp`` ((S, N),
         e.g. bf16) is given it receives the updated parameters in its dtype in the same pass.
@@ -308,9 +310,13 @@ class Primitives:
         p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
         master = (torch.float32, torch.float64)
         _t("params", params, (2,), master, unit_last=True)
+        moments = (params.dtype, torch.bfloat16) if params.dtype == torch.float32 else (params.dtype,)
         for name, t in (("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-            _t(name, t, (2,), master if name != "grads" else _FLOATS, unit_last=True)
+            _t(name, t, (2,), moments if name != "grads" else _FLOATS, unit_last=True)
             _shape(name, t, tuple(params.shape))
+        if exp_avg.dtype != exp_avg_sq.dtype:
+            raise ValueError(f"exp_avg, exp_avg_sq: expected one dtype for both moments, got {exp_avg.dtype} "
+                             f"and {exp_avg_sq.dtype}")
         if lowp is not None:
             _t("lowp", lowp, (2,), unit_last=True)
             _shape("lowp", lowp, tuple(params.shape))
@@ -413,12 +419,17 @@ class TorchPrimitives(Primitives):
     def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp):
         t = step.to(params.dtype)
         grads = grads.to(params.dtype)
-        exp_avg.mul_(beta1).add_(grads, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
+        # bf16 moments: updated in the params' dtype, rounded once when stored back (as the kernels)
+        m, v = exp_avg.to(params.dtype), exp_avg_sq.to(params.dtype)
+        m.mul_(beta1).add_(grads, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
         # scalar ** tensor: no host-to-device copy of the betas, which CUDA graph capture forbids
         bc1 = 1 - torch.pow(beta1, t)
         bc2 = 1 - torch.pow(beta2, t)
-        denom = exp_avg_sq.sqrt() / bc2.sqrt() + eps
-        params.sub_(lr.to(params.dtype) / bc1 * exp_avg / denom)
+        denom = v.sqrt() / bc2.sqrt() + eps
+        params.sub_(lr.to(params.dtype) / bc1 * m / denom)
+        if m.data_ptr() != exp_avg.data_ptr():
+            exp_avg.copy_(m)
+            exp_avg_sq.copy_(v)
         if lowp is not None:
             lowp.copy_(params)

@@ -30,6 +30,18 @@ from .trainer import Pending, TTTResult
 __all__ = ["TTTEngine", "default_precision"]
 
 
+def parse_moments(moments, master_dtype: torch.dtype) -> torch.dtype:
+    """Adam's moment dtype from ``moments=`` (None or "fp32": the master dtype; "bf16")."""
+    if moments is None or moments == "fp32":
+        return master_dtype
+    if moments == "bf16":
+        if master_dtype != torch.float32:
+            raise ValueError(f"moments: 'bf16' moments need fp32 master weights, these are {master_dtype} "
+                             f"(an fp64 model or precision='fp64')")
+        return torch.bfloat16
+    raise ValueError(f"moments: expected 'fp32', 'bf16' or None, got {moments!r}")
+
+
 def default_precision(model_dtype: torch.dtype, device) -> torch.dtype:
     """bf16 GEMMs for an fp32 model on a GPU (the tensor cores pay); the model's dtype otherwise."""
     if model_dtype == torch.float32 and torch.device(device).type == "cuda":
@@ -43,14 +55,17 @@ class TTTEngine:
     model: an APM with a pool; ``snapshot`` (name -> tensor) the init every image starts from;
     the engine never writes the model. backend: a table's name. students: S, images trained side
     by side (None: as many as fit in memory, at most ``max_students``). precision: GEMM operand
-    dtype (None: :func:`default_precision`). graphs: capture the step as a CUDA graph (None: on
+    dtype (None: :func:`default_precision`). moments: Adam's m and v, "fp32" (None, the
+    default: the master dtype, as torch.optim.Adam) or "bf16" (half their memory and traffic;
+    fp32 masters only; the triton and torch tables). graphs: capture the step as a CUDA graph (None: on
     CUDA devices without shards; falls back to eager, with a warning, when capture fails).
     shards: one image's queries split over ranks (``apm_fast.distributed.QueryShards``).
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
                  snapshot: Dict[str, torch.Tensor], students: int | None = None, max_students: int = 64,
-                 precision=None, graphs: bool | None = None, reserve_bytes: int | None = None, shards=None):
+                 precision=None, graphs: bool | None = None, reserve_bytes: int | None = None, shards=None,
+                 moments=None):
         cfg = model.config
         self.config = cfg
         self.device = model.device
@@ -60,10 +75,14 @@ class TTTEngine:
         self.reserve_bytes = reserve_bytes
         self.compute_dtype = parse_precision(precision) or default_precision(model.dtype, self.device)
         self.master_dtype = torch.float64 if torch.float64 in (model.dtype, self.compute_dtype) else torch.float32
+        self.moment_dtype = parse_moments(moments, self.master_dtype)
         self.shards = shards
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
+        if self.moment_dtype == torch.bfloat16 and not getattr(self.prim, "bf16_moments", True):
+            raise ValueError(f"moments: the {backend} table's Adam keeps fp32 moments; moments='bf16' runs on "
+                             f"backend='triton' or 'torch'")
         names = weight_names(cfg)
         params = dict(model.named_parameters())
         self.snapshot = check_snapshot(snapshot, names, [tuple(params[n].shape) for n in names], self.device)
@@ -74,7 +93,7 @@ class TTTEngine:
     def student_memory(self) -> Dict[str, int]:
         """{"per_student": bytes, "shared": bytes} for this config/backend/dtype (measured on CUDA)."""
         per, shared = student_bytes(self.prim, self.config, self.compute_dtype, self.master_dtype,
-                                    self.device, self.snapshot)
+                                    self.device, self.snapshot, self.moment_dtype)
         return {"per_student": per, "shared": shared}
 
     def students_for(self, n_images: int) -> int:
@@ -99,7 +118,7 @@ class TTTEngine:
         if keep_grid and self.shards is not None:
             raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "
                              "watch them on one device (shards=None)")
-        key = (students, cdt, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid))
+        key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid))
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -108,7 +127,8 @@ class TTTEngine:
             prog = StudentProgram(self.prim, self.config, self.snapshot, students, self.steps, lr=self.lr,
                                   betas=self.betas, eps=self.eps, compute_dtype=cdt,
                                   master_dtype=self.master_dtype, device=self.device, graphs=self.graphs,
-                                  label=label, shards=self.shards, keep_grid=keep_grid)
+                                  label=label, shards=self.shards, keep_grid=keep_grid,
+                                  moment_dtype=self.moment_dtype)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

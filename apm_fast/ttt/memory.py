@@ -57,31 +57,35 @@ def _numel(c, name: str) -> int:
     return widths[i] * widths[i + 1] if name.endswith(".weight") else widths[i + 1]
 
 
-def estimate_student_bytes(config, compute_dtype: torch.dtype, master_dtype: torch.dtype = torch.float32) -> int:
+def estimate_student_bytes(config, compute_dtype: torch.dtype, master_dtype: torch.dtype = torch.float32,
+                           moment_dtype: torch.dtype | None = None) -> int:
     """Formula (see the module docstring): state + kept activations + the largest transient."""
     c = config
     n = count_params(c)
     msz = torch.empty((), dtype=master_dtype).element_size()
+    vsz = torch.empty((), dtype=moment_dtype or master_dtype).element_size()
     csz = torch.empty((), dtype=compute_dtype).element_size()
     asz = torch.empty((), dtype=acc_dtype_for(compute_dtype)).element_size()
     from .store import gemm_weight_names
     n_gemm = sum(_numel(c, name) for name in gemm_weight_names(c))
-    state = 4 * msz * n + (csz * n_gemm if compute_dtype != master_dtype else 0)
+    state = 2 * msz * n + 2 * vsz * n + (csz * n_gemm if compute_dtype != master_dtype else 0)
     L = c.queries
     kept = L * (sum(c.hidden) + c.dim) * csz + L * c.in_chans * c.patch ** 2 * asz
     transient = max(c.hidden[0] * c.pos_dim, max(a * b for a, b in zip(c.hidden, c.hidden[1:] + (c.dim,)))) * asz
     return state + kept + transient
 
 
-def student_bytes(prim, config, compute_dtype, master_dtype, device, snapshot) -> Tuple[int, int]:
+def student_bytes(prim, config, compute_dtype, master_dtype, device, snapshot,
+                  moment_dtype=None) -> Tuple[int, int]:
     """(bytes per student, bytes shared by all students) for this table/config/dtype.
 
     On CUDA: measured once per process and key (two eager steps at S = 1 and S = 2, peaks
     compared); elsewhere the formula, with no shared part."""
     dev = torch.device(device)
     if dev.type != "cuda":
-        return estimate_student_bytes(config, compute_dtype, master_dtype), 0
-    key = (config, type(prim).__qualname__, getattr(prim, "name", ""), compute_dtype, master_dtype, str(dev))
+        return estimate_student_bytes(config, compute_dtype, master_dtype, moment_dtype), 0
+    key = (config, type(prim).__qualname__, getattr(prim, "name", ""), compute_dtype, master_dtype, moment_dtype,
+           str(dev))
     if key not in _MEASURED:
         from .program import StudentProgram
         peaks = []
@@ -91,13 +95,13 @@ def student_bytes(prim, config, compute_dtype, master_dtype, device, snapshot) -
             torch.cuda.reset_peak_memory_stats(dev)
             prog = StudentProgram(prim, config, snapshot, s, 1, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
                                   compute_dtype=compute_dtype, master_dtype=master_dtype, device=dev,
-                                  graphs=False)
+                                  graphs=False, moment_dtype=moment_dtype)
             img = torch.zeros(s, config.in_chans, config.image_size, config.image_size, device=dev)
             prog.run(img, torch.zeros(s, config.dim, device=dev))
             torch.cuda.synchronize(dev)
             peaks.append(torch.cuda.max_memory_allocated(dev) - base)
             del prog, img
-        per = max(peaks[1] - peaks[0], estimate_student_bytes(config, compute_dtype, master_dtype) // 2)
+        per = max(peaks[1] - peaks[0], estimate_student_bytes(config, compute_dtype, master_dtype, moment_dtype) // 2)
         _MEASURED[key] = (per, max(0, peaks[0] - per))
     return _MEASURED[key]
 

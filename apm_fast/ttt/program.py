@@ -56,7 +56,7 @@ class StudentProgram:
     def __init__(self, prim, config, snapshot: Dict[str, torch.Tensor], students: int, steps: int, *,
                  lr: float, betas: Tuple[float, float], eps: float, compute_dtype: torch.dtype,
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
-                 keep_grid: bool = False):
+                 keep_grid: bool = False, moment_dtype: torch.dtype | None = None):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -71,7 +71,7 @@ class StudentProgram:
         with quiet_autograd(dev):
             self.store = ParamStore(names, shapes, s, master_dtype=master_dtype,
                                     compute_dtype=compute_dtype, device=dev,
-                                    lowp_names=gemm_weight_names(config))
+                                    lowp_names=gemm_weight_names(config), moment_dtype=moment_dtype)
             self.shards = shards
             # this program's rows of the queries: all of them (the shared cached codes), or one
             # rank's slice (shards)

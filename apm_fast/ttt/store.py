@@ -43,12 +43,13 @@ class ParamStore:
     models); compute_dtype: the GEMM operand dtype. When it differs from master_dtype, the
     parameters named in ``lowp_names`` (the GEMM operands) get a compute copy, refreshed by every
     Adam update; they are laid out first so that their copy is one prefix of the flat buffers
-    (the small rest needs no copy: 4.7 MB less per ``ttt-l14`` student).
+    (the small rest needs no copy: 4.7 MB less per ``ttt-l14`` student). moment_dtype: Adam's
+    m and v (None: the master dtype; bf16 halves them, fp32 masters only).
     """
 
     def __init__(self, names: Sequence[str], shapes: Sequence[Tuple[int, ...]], students: int, *,
                  master_dtype: torch.dtype, compute_dtype: torch.dtype, device,
-                 lowp_names: Sequence[str] = ()):
+                 lowp_names: Sequence[str] = (), moment_dtype: torch.dtype | None = None):
         if students < 1:
             raise ValueError(f"students: expected a positive integer, got {students!r}")
         shape_of = {n: tuple(int(x) for x in sh) for n, sh in zip(names, shapes)}
@@ -68,8 +69,13 @@ class ParamStore:
         kw = dict(dtype=master_dtype, device=self.device)
         self.master = torch.zeros(s * self.numel, **kw)
         self.grad = torch.zeros(s * self.numel, **kw)
-        self.exp_avg = torch.zeros(s * self.numel, **kw)
-        self.exp_avg_sq = torch.zeros(s * self.numel, **kw)
+        self.moment_dtype = moment_dtype or master_dtype
+        if self.moment_dtype not in (master_dtype, torch.bfloat16) or \
+                (self.moment_dtype == torch.bfloat16 and master_dtype != torch.float32):
+            raise ValueError(f"moments: expected the master dtype ({master_dtype}) or bf16 with fp32 masters, "
+                             f"got {self.moment_dtype}")
+        self.exp_avg = torch.zeros(s * self.numel, dtype=self.moment_dtype, device=self.device)
+        self.exp_avg_sq = torch.zeros(s * self.numel, dtype=self.moment_dtype, device=self.device)
         self.lowp = (torch.zeros(s * self.numel_lowp, dtype=compute_dtype, device=self.device)
                      if low else None)
         self.master_views = self._views(self.master)

@@ -71,15 +71,16 @@ class TestTimeTrainer:
     fastest here) trains on the engine (``apm_fast.ttt.engine``): flat parameter buffers, the
     step captured as a CUDA graph on a GPU, ``students`` images side by side (None: as many as fit
     in memory). ``precision``: the GEMM dtype of the engine ("bf16", "fp16", "fp32", "fp64";
-    None: bf16 for an fp32 model on a GPU, the model's dtype otherwise); Adam's state and the
-    master weights stay in fp32 (fp64 for fp64 models).
+    None: bf16 for an fp32 model on a GPU, the model's dtype otherwise); the master weights stay
+    in fp32 (fp64 for fp64 models), and so do Adam's moments unless ``moments="bf16"`` (half their
+    memory and traffic; the triton and torch tables; its effect: docs/engine.md).
     """
 
     __test__ = False  # not a pytest class despite the name
 
     def __init__(self, model, steps: int = 20, lr: float = 1e-4, backend: str | None = None, *,
                  betas=(0.9, 0.999), eps: float = 1e-8, normalize_target: bool = False,
-                 students: int | None = None, precision=None, shards=None):
+                 students: int | None = None, precision=None, shards=None, moments=None):
         if not model.config.pool:
             raise ValueError("model: TTT regresses the pooled feature, but this config has pool=False")
         check_training(steps=steps, lr=lr, betas=betas, eps=eps, students=students)
@@ -88,9 +89,10 @@ class TestTimeTrainer:
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
         self.normalize_target = bool(normalize_target)
         self.backend = resolve_backend(backend, model.device, model.config)
-        if self.backend == "reference" and (shards is not None or precision is not None):
+        if self.backend == "reference" and (shards is not None or precision is not None or
+                                            moments not in (None, "fp32")):
             raise ValueError("backend='reference' trains the plain model in its own dtype on one device; "
-                             "precision= and shards= need a table ('torch', 'triton', 'cuda')")
+                             "precision=, moments= and shards= need a table ('torch', 'triton', 'cuda')")
         self.snapshot = {k: p.detach().clone() for k, p in model.named_parameters()}
         self.engine = None
         if self.backend != "reference":
@@ -98,12 +100,18 @@ class TestTimeTrainer:
 
             self.engine = TTTEngine(model, steps=steps, lr=self.lr, betas=self.betas, eps=self.eps,
                                     backend=self.backend, students=students, precision=precision,
-                                    snapshot=self.snapshot, shards=shards)
+                                    snapshot=self.snapshot, shards=shards, moments=moments)
 
     @property
     def precision(self) -> str:
         """The GEMM dtype training runs in, by name (stated in every result)."""
         dt = self.engine.compute_dtype if self.engine is not None else self.model.dtype
+        return str(dt).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+
+    @property
+    def moments(self) -> str:
+        """The dtype of Adam's moments, by name (stated in every result beside the precision)."""
+        dt = self.engine.moment_dtype if self.engine is not None else self.model.dtype
         return str(dt).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
 
     def students_for(self, n_images: int) -> int:

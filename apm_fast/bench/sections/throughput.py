@@ -3,8 +3,9 @@
 * one image at a time through :class:`apm_fast.TestTimeTrainer` for every backend (``reference``:
   the autograd loop; a table: the engine at S = 1), from the per-image times it records;
 * students side by side on the engine, for every table and every S of ``students_list``
-  (teacher excluded), from whole ``fit`` calls;
-* end to end: :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
+  (teacher excluded), from whole ``fit`` calls; at the largest S also with bf16 Adam moments, with
+  their effect on ``cls`` against the fp32-moment run on the same images;
+* end to end (on the default table for the preset here): :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
   teacher of random weights (same cost as real ones), loader, teacher and students overlapped,
   beside the teacher alone at the same batch: ``images_per_s`` over the whole call (the loader's
   workers starting included), ``images_per_s_after_first_batch`` once the first batch's results
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ...backends import default_backend, get_backend
 from ...ttt import TestTimeTrainer
 from ..context import free_memory
 from ..timing import measure, peak_memory, summarize
@@ -31,10 +33,11 @@ def _targets(ctx, model, images):
     return torch.cat([ctx.targets(model, images[i:i + 1], offset=i) for i in range(images.shape[0])])
 
 
-def _trainer(ctx, model, backend, students):
+def _trainer(ctx, model, backend, students, moments=None):
     o = ctx.options
     prec = None if backend == "reference" else (ctx.amp_dtype or model.dtype)
-    return TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec)
+    return TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec,
+                           moments=moments)
 
 
 def _one_at_a_time(ctx, name, model, images, targets):
@@ -49,16 +52,30 @@ def _one_at_a_time(ctx, name, model, images, targets):
             "peak_bytes": pm.peak_bytes, "final_loss_median": float(result.losses[:, -1].median())}
 
 
-def _side_by_side(ctx, preset, name, model, s):
+def _side_by_side(ctx, preset, name, model, s, moments=None):
+    """Images/s of 2 S images, S side by side; with bf16 moments also how far their cls moves from
+    the fp32-moment run's on the same images (relative, and the share whose closest target changes)."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
+    effect = {}
+    if moments == "bf16":
+        full = _trainer(ctx, model, name, s).fit(images, targets).cls.float()
+        half = _trainer(ctx, model, name, s, moments).fit(images, targets).cls.float()
+        unit = torch.nn.functional.normalize(targets.float(), dim=-1)
+
+        def closest(c):
+            return (torch.nn.functional.normalize(c, dim=-1) @ unit.t()).argmax(1)
+        effect = {"cls_rel_vs_fp32_moments": float((half - full).norm() / full.norm()),
+                  "closest_changed": float((closest(half) != closest(full)).float().mean())}
+        free_memory(ctx.device)
     with peak_memory(ctx.device) as pm:
-        trainer = _trainer(ctx, model, name, s)
+        trainer = _trainer(ctx, model, name, s, moments)
         trainer.fit(images[:s], targets[:s])                # build, capture, warm
         timing = measure(lambda: trainer.fit(images, targets), device=ctx.device, warmup=0,
                          repeats=max(20, o.repeats))
-    return {"timing": timing.to_dict(), "images": 2 * s, "students": s, "precision": trainer.precision,
+    return {**effect, "timing": timing.to_dict(), "images": 2 * s, "students": s, "precision": trainer.precision,
+            "moments": trainer.moments,
             "images_per_s": 2 * s * 1e3 / timing.median_ms, "peak_bytes": pm.peak_bytes,
             "peak_bytes_per_student": None if pm.peak_bytes is None else pm.peak_bytes / s,
             "mode": trainer.engine.mode}
@@ -137,8 +154,17 @@ def run(ctx) -> dict:
                 rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}", backend=name,
                                          students=s, steps=o.ttt_steps, label=f"{s} students side by side, {name}"),
                                     ctx.backends[name], name, lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s)))
-        best = next((n for n in ("triton", "cuda", "torch")
-                     if ctx.backends.get(n) == "available" and not ctx.skipped(n)), None)
+        usable = [n for n in tables if ctx.backends[n] == "available" and not ctx.skipped(n)]
+        for name in usable:                        # bf16 moments, at the most students
+            if getattr(get_backend(name, device=ctx.device), "bf16_moments", True) and o.students_list:
+                s = max(o.students_list)
+                rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/bf16-moments", backend=name,
+                                         students=s, steps=o.ttt_steps,
+                                         label=f"{s} students side by side, {name}, bf16 moments"),
+                                    "available", name,
+                                    lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s, "bf16")))
+        fast = default_backend(ctx.device, ctx.config(preset))
+        best = fast if fast in usable else next(iter(usable), None)
         tower = dict(o.table4_pairs).get(preset)
         if best and tower and o.e2e_images:
             rows.append(ctx.row(dict(preset=preset, key=f"end-to-end/{best}", backend=best, steps=o.ttt_steps,

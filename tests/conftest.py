@@ -41,3 +41,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def config_path(tmp_path_factory):
+    """The tiny open_clip model config of the teacher tests (tests/tiny_clip.py), written once."""
+    from tiny_clip import write_config
+
+    return write_config(tmp_path_factory.mktemp("tiny_clip"))

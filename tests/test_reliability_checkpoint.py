@@ -1,5 +1,6 @@
 """Crafted or broken checkpoints: refused before anything is built or overwritten, with one line
 naming the file."""
+import contextlib
 import json
 import math
 import warnings
@@ -79,6 +80,15 @@ def test_not_a_safetensors_file_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------- the authors' layout
+@contextlib.contextmanager
+def _left_unchanged(model):
+    """Every parameter and buffer of ``model`` is as it was when the block ends."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    yield
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def _authors(model):
     from apm_fast.checkpoint import official_key_map
 
@@ -91,11 +101,9 @@ def test_non_floating_tensors_are_refused(dtype):
     model = _model()
     sd = _authors(model)
     sd["fc1.weight"] = sd["fc1.weight"].to(dtype)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TypeError, match=rf"'fc1.weight' has dtype {dtype}, expected a floating-point tensor"):
+    with _left_unchanged(model), \
+            pytest.raises(TypeError, match=rf"'fc1.weight' has dtype {dtype}, expected a floating-point tensor"):
         model.load_official_state_dict(sd)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
 
 
 def test_non_finite_weights_are_refused_and_nothing_is_overwritten(tmp_path):
@@ -104,17 +112,13 @@ def test_non_finite_weights_are_refused_and_nothing_is_overwritten(tmp_path):
     sd["feat_proj_head.bias"][3] = math.inf      # the last key checked: earlier ones would be copied
     path = tmp_path / "authors.pth"
     torch.save(sd, path)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"authors.pth'.*'feat_proj_head.bias'.*NaN/Inf"):
+    with _left_unchanged(model), pytest.raises(ValueError, match=r"authors.pth'.*'feat_proj_head.bias'.*NaN/Inf"):
         model.load_official_state_dict(path)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
 
 
 def test_a_failure_while_copying_leaves_every_parameter_as_it_was(monkeypatch):
     model = _model()
     sd = _authors(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
     real = torch.Tensor.copy_
 
@@ -124,12 +128,11 @@ def test_a_failure_while_copying_leaves_every_parameter_as_it_was(monkeypatch):
             raise RuntimeError("device lost (test)")
         return real(self, src, *a, **kw)
 
-    monkeypatch.setattr(torch.Tensor, "copy_", flaky)
-    with pytest.raises(RuntimeError, match="device lost"):
-        model.load_official_state_dict(sd)
-    monkeypatch.undo()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    with _left_unchanged(model):
+        monkeypatch.setattr(torch.Tensor, "copy_", flaky)
+        with pytest.raises(RuntimeError, match="device lost"):
+            model.load_official_state_dict(sd)
+        monkeypatch.undo()
 
 
 def test_a_pickle_with_python_objects_gets_one_line_without_torch_advice(tmp_path):

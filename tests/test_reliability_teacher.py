@@ -10,12 +10,7 @@ import torch
 from apm_fast._compat import import_open_clip
 from apm_fast.teachers import OpenCLIPTeacher, resolve_templates
 from apm_fast.teachers.base import TextCacheWarning
-from tiny_clip import TINY_NAME, counting_text_calls as _counting, random_teacher, write_config
-
-
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("tiny_clip_rel"))
+from tiny_clip import TINY_NAME, counting_text_calls as _counting, random_teacher
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ import torch.nn.functional as F
 from apm_fast._compat import TeacherDependencyError, import_open_clip
 from apm_fast.teachers import (OpenCLIPTeacher, RandomWeightsWarning, WeightsUnavailable,
                                resolve_classes, resolve_templates)
-from tiny_clip import TINY_DIM, TINY_NAME, counting_text_calls as _counting, photo, random_teacher, write_config
-
-
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory):
-    return write_config(tmp_path_factory.mktemp("tiny_clip"))
+from tiny_clip import TINY_DIM, TINY_NAME, counting_text_calls as _counting, photo, random_teacher
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 __all__ = ["SINGLE_TEMPLATE", "SIMPLE_TEMPLATES", "TEMPLATE_SETS", "resolve_classes", "resolve_templates",
            "imagenet_classnames", "fill"]
@@ -37,16 +37,15 @@ def imagenet_classnames() -> Tuple[str, ...]:
     return tuple(import_open_clip().IMAGENET_CLASSNAMES)
 
 
-def _first_duplicate(names) -> Optional[Tuple[int, int]]:
-    """(first, second) positions of the first repeated class name, or None. A repeated name is
-    refused: two identical prompts split one class's probability in two (and a wrong top-1 can
-    win by it)."""
+def _refuse_duplicates(names, source: str, places) -> None:
+    """Refuse the first repeated class name, saying where both are (``places(first, second)``): two
+    identical prompts split one class's probability in two (and a wrong top-1 can win by it)."""
     seen = {}
     for i, n in enumerate(names):
         if n in seen:
-            return seen[n], i
+            raise ValueError(f"classes: {source}{n!r} occurs twice ({places(seen[n], i)}); each class "
+                             f"name must be unique")
         seen[n] = i
-    return None
 
 
 def _read_class_file(path: Path) -> Tuple[str, ...]:
@@ -60,11 +59,7 @@ def _read_class_file(path: Path) -> Tuple[str, ...]:
     if not lines:
         raise ValueError(f"classes: file {str(path)!r} holds no class names (expected one per line)")
     names = tuple(n for _, n in lines)
-    dup = _first_duplicate(names)
-    if dup:
-        a, b = dup
-        raise ValueError(f"classes: file {str(path)!r}: {names[a]!r} occurs twice (lines {lines[a][0]} "
-                         f"and {lines[b][0]}); each class name must be unique")
+    _refuse_duplicates(names, f"file {str(path)!r}: ", lambda a, b: f"lines {lines[a][0]} and {lines[b][0]}")
     return names
 
 
@@ -89,11 +84,7 @@ def resolve_classes(classes: Union[str, os.PathLike, Sequence[str]]) -> Tuple[st
             if not isinstance(c, str) or not c.strip():
                 raise ValueError(f"classes[{i}]: expected a non-empty string, got {c!r}")
         names = tuple(c.strip() for c in classes)
-        dup = _first_duplicate(names)
-        if dup:
-            a, b = dup
-            raise ValueError(f"classes: {names[a]!r} occurs twice (classes[{a}] and classes[{b}]); each "
-                             f"class name must be unique")
+        _refuse_duplicates(names, "", lambda a, b: f"classes[{a}] and classes[{b}]")
         return names
     raise TypeError(f"classes: expected 'imagenet', a file path or a list of names, got {type(classes).__name__}")
 

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-__all__ = ["check_images", "check_targets", "check_finite"]
+__all__ = ["check_images", "check_targets", "check_finite", "refuse_repeats"]
 
 
 def _shape(t) -> str:
@@ -102,3 +102,12 @@ def check_training(*, steps, lr, betas=(0.9, 0.999), eps=1e-8, students=None):
             raise ValueError(f"betas[{i}]: expected a number in [0, 1), got {b!r}")
     _finite("eps", eps, 0.0, float("inf"), "a positive finite number")
     _positive_int("students", students, none_ok=True)
+
+
+def refuse_repeats(items, message) -> None:
+    """ValueError(``message(item, first, second)``) for the first item listed twice (positions)."""
+    seen = {}
+    for i, x in enumerate(items):
+        if x in seen:
+            raise ValueError(message(x, seen[x], i))
+        seen[x] = i

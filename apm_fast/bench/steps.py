@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..backends import get_backend
 from ..ops.autograd import fused_forward
-from ..ops.precision import compute_dtype
+from ..ops.precision import compute_dtype, precision_name
 from ..ttt import TestTimeTrainer
 from ..ttt.graph import capture_phases
 from .timing import autocast
@@ -34,10 +34,7 @@ __all__ = ["StepImpl", "EagerStep", "CompiledStep", "GraphStep", "AuthorsStyleSt
 
 
 def dtype_name(dtype) -> str:
-    if dtype is None:
-        return "fp32"
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-            torch.float64: "fp64"}.get(dtype, str(dtype).replace("torch.", ""))
+    return "fp32" if dtype is None else precision_name(dtype)
 
 
 def forward_fn(backend: str, device):

@@ -28,6 +28,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch.distributed as dist
 
+from ..validation import refuse_repeats
 from .env import cpu_group, init_distributed, launched_world_size
 from .results import (RecordWriter, existing_part_files, part_path, parts_dir, read_records,
                       write_records_atomic)
@@ -70,12 +71,8 @@ def input_keys(inputs: Sequence, key: Callable | None = None) -> List[str]:
         if not isinstance(k, str):
             raise TypeError(f"key: expected a string for inputs[{i}], got {type(k).__name__}")
         keys.append(k)
-    seen = {}
-    for i, k in enumerate(keys):
-        if k in seen:
-            raise ValueError(f"inputs: {k!r} is listed twice (positions {seen[k]} and {i}); each "
-                             f"input must appear once")
-        seen[k] = i
+    refuse_repeats(keys, lambda k, a, b: f"inputs: {k!r} is listed twice (positions {a} and {b}); each "
+                                         f"input must appear once")
     return keys
 
 

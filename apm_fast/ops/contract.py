@@ -428,7 +428,7 @@ class TorchPrimitives(Primitives):
         bc2 = 1 - torch.pow(beta2, t)
         denom = v.sqrt() / bc2.sqrt() + eps
         params.sub_(lr.to(params.dtype) / bc1 * m / denom)
-        if m.data_ptr() != exp_avg.data_ptr():
+        if m is not exp_avg:
             exp_avg.copy_(m)
             exp_avg_sq.copy_(v)
         if lowp is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_dtype", "PRECISIONS", "parse_precision"]
+__all__ = ["compute_dtype", "PRECISIONS", "parse_precision", "precision_name"]
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -30,3 +30,8 @@ def parse_precision(value, name: str = "precision"):
     if isinstance(value, str) and value in PRECISIONS:
         return PRECISIONS[value]
     raise ValueError(f"{name}: expected one of {sorted(PRECISIONS)} (or a torch dtype among them), got {value!r}")
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The name of a dtype as results state it ("bf16", "fp32", ...; others as torch spells them)."""
+    return next((k for k, v in PRECISIONS.items() if v == dtype), str(dtype).replace("torch.", ""))

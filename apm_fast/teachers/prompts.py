@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Sequence, Tuple, Union
 
+from ..validation import refuse_repeats
+
 __all__ = ["SINGLE_TEMPLATE", "SIMPLE_TEMPLATES", "TEMPLATE_SETS", "resolve_classes", "resolve_templates",
            "imagenet_classnames", "fill"]
 
@@ -40,12 +42,8 @@ def imagenet_classnames() -> Tuple[str, ...]:
 def _refuse_duplicates(names, source: str, places) -> None:
     """Refuse the first repeated class name, saying where both are (``places(first, second)``): two
     identical prompts split one class's probability in two (and a wrong top-1 can win by it)."""
-    seen = {}
-    for i, n in enumerate(names):
-        if n in seen:
-            raise ValueError(f"classes: {source}{n!r} occurs twice ({places(seen[n], i)}); each class "
-                             f"name must be unique")
-        seen[n] = i
+    refuse_repeats(names, lambda n, a, b: f"classes: {source}{n!r} occurs twice ({places(a, b)}); each class "
+                                          f"name must be unique")
 
 
 def _read_class_file(path: Path) -> Tuple[str, ...]:

@@ -69,11 +69,7 @@ class ParamStore:
         kw = dict(dtype=master_dtype, device=self.device)
         self.master = torch.zeros(s * self.numel, **kw)
         self.grad = torch.zeros(s * self.numel, **kw)
-        self.moment_dtype = moment_dtype or master_dtype
-        if self.moment_dtype not in (master_dtype, torch.bfloat16) or \
-                (self.moment_dtype == torch.bfloat16 and master_dtype != torch.float32):
-            raise ValueError(f"moments: expected the master dtype ({master_dtype}) or bf16 with fp32 masters, "
-                             f"got {self.moment_dtype}")
+        self.moment_dtype = moment_dtype or master_dtype      # checked by the engine (parse_moments)
         self.exp_avg = torch.zeros(s * self.numel, dtype=self.moment_dtype, device=self.device)
         self.exp_avg_sq = torch.zeros(s * self.numel, dtype=self.moment_dtype, device=self.device)
         self.lowp = (torch.zeros(s * self.numel_lowp, dtype=compute_dtype, device=self.device)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backends import resolve_backend
+from ..ops.precision import precision_name
 from ..validation import check_images, check_targets, check_training
 
 __all__ = ["TestTimeTrainer", "TTTResult", "Pending", "Trajectory"]
@@ -105,14 +106,12 @@ class TestTimeTrainer:
     @property
     def precision(self) -> str:
         """The GEMM dtype training runs in, by name (stated in every result)."""
-        dt = self.engine.compute_dtype if self.engine is not None else self.model.dtype
-        return str(dt).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+        return precision_name(self.engine.compute_dtype if self.engine is not None else self.model.dtype)
 
     @property
     def moments(self) -> str:
         """The dtype of Adam's moments, by name (stated in every result beside the precision)."""
-        dt = self.engine.moment_dtype if self.engine is not None else self.model.dtype
-        return str(dt).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+        return precision_name(self.engine.moment_dtype if self.engine is not None else self.model.dtype)
 
     def students_for(self, n_images: int) -> int:
         """Images trained side by side for a call with ``n_images`` images."""

@@ -91,8 +91,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(folder, tmp_path):
             "--no-progress", "--out", str(out)]
     code = ("import sys, time, torch; torch.set_num_threads(%d)\n"
             "import apm_fast.capabilities.distillation as d\n"
-            "step = d._step\n"
-            "d._step = lambda *a: (time.sleep(0.1), step(*a))[1]\n"
+            "step = d.train_step\n"
+            "d.train_step = lambda *a: (time.sleep(0.1), step(*a))[1]\n"
             "from apm_fast.cli import main, register_subcommand\n"
             "register_subcommand('distill', 'apm_fast.commands.distill')\n"
             "sys.exit(main(sys.argv[1:]))" % torch.get_num_threads())

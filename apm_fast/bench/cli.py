@@ -46,6 +46,8 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
                    help="students side by side in the throughput section (default: 1 8 32 64)")
     p.add_argument("--e2e-images", type=int, default=None, metavar="N",
                    help="images of the end-to-end run (default: 512; 0: not run)")
+    p.add_argument("--eval-images", type=int, default=None, metavar="N",
+                   help="images per teacher in the evaluation section (default: 128)")
     p.add_argument("--tpt-towers", nargs="*", default=None, metavar="MODEL",
                    help="open_clip towers for the TPT rows of Table 4 (default: ViT-B-16)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -81,6 +83,8 @@ def build_options(args):
         kw["students_list"] = tuple(args.students_list)
     if args.e2e_images is not None:
         kw["e2e_images"] = args.e2e_images
+    if args.eval_images is not None:
+        kw["eval_images"] = args.eval_images
     return BenchOptions.quick_defaults(**kw) if quick else BenchOptions(**kw)
 
 

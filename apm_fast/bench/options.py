@@ -89,6 +89,10 @@ class BenchOptions:
             raise ValueError(f"presets: unknown {bad}; expected some of {sorted(PRESETS)}")
         if self.repeats < 20:
             raise ValueError(f"repeats: the harness reports a spread from >= 20 samples, got {self.repeats}")
+        for name in ("eval_images", "eval_views"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
         if self.throughput_images < 20:
             raise ValueError("throughput_images: each image's time is one sample and the harness "
                              f"needs >= 20 samples, got {self.throughput_images}")

@@ -185,6 +185,13 @@ def run_suite(options: BenchOptions, log: Callable[[str], None] = print) -> Suit
             _write(path, _document(ctx, name, res, partial=False, started=started))
             suite.files.append(path)
     if out_dir is not None:
+        from .targets import collect, markdown
+
+        doc = collect(results, ctx.gate.passed, ctx.machine.get("commit"), machine_line(ctx.machine))
+        _write(out_dir / f"targets{suffix}.json", doc)
+        (out_dir / f"targets{suffix}.md").write_text(markdown(doc))
+        log("")
+        log(markdown(doc).rstrip())
         path = out_dir / f"gate{suffix}.json"
         _write(path, _document(ctx, "gate", {"seconds": round(gate_seconds, 3)}, partial=False,
                                started=started))

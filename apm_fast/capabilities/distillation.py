@@ -47,7 +47,7 @@ from .files import atomic_write as _atomic_write, write_json as _write_json
 from .inputs import INPUT_KINDS, cell_colours, student_input
 
 __all__ = ["DistillSettings", "DistillResult", "distill", "epoch_order", "export_official",
-           "official_state_dict", "STATE_FILE", "MODEL_FILE"]
+           "official_state_dict", "teacher_targets", "train_step", "STATE_FILE", "MODEL_FILE"]
 
 STATE_FILE = "state.safetensors"
 MODEL_FILE = "model.safetensors"
@@ -422,9 +422,9 @@ def distill(images, teacher, out, *, config=None, settings: DistillSettings = Di
                         skipped.add(paths[j])
                         bar.write(f"apm-fast distill: skipped {paths[j]}: {why}", file=sys.stderr)
                 if good:
-                    targets = _targets(teacher, tpix, cached, [paths[j] for j in good], cache, s, dev)
+                    targets = teacher_targets(teacher, tpix, cached, [paths[j] for j in good], cache, s, dev)
                     px = torch.stack(spix).to(dev, non_blocking=True)
-                    feat_loss, rgb_loss = _step(model, opt, px, targets, cfg, s, backend, amp)
+                    feat_loss, rgb_loss = train_step(model, opt, px, targets, cfg, s, backend, amp)
                     k = len(good)
                     sums += torch.stack([feat_loss * k, rgb_loss * k, (feat_loss + s.rgb_weight * rgb_loss) * k,
                                          torch.tensor(float(k), device=dev, dtype=torch.float64)])
@@ -481,7 +481,7 @@ def _loss_picture(path, history):
     pictures.save_png(pictures.strip(panels), path)
 
 
-def _targets(teacher, tpix, cached, names, cache, s, dev) -> torch.Tensor:
+def teacher_targets(teacher, tpix, cached, names, cache, s, dev) -> torch.Tensor:
     """k x L x D float32 targets on ``dev``: from the cache where it has them, else from the
     teacher (and then cached). With a cache, fresh targets are rounded to its fp16 first, so a
     step computes the same whatever epoch first computed them (a resumed run stays exact)."""
@@ -504,7 +504,7 @@ def _targets(teacher, tpix, cached, names, cache, s, dev) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _step(model, opt, px, targets, cfg, s, backend, amp):
+def train_step(model, opt, px, targets, cfg, s, backend, amp):
     """One AdamW step on a batch; returns the two losses (detached, float64, on the device)."""
     x = student_input(px, s.input)
     ctx = torch.autocast(px.device.type, dtype=torch.bfloat16) if amp else _null()

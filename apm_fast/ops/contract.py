@@ -33,7 +33,8 @@ from typing import Dict, Tuple
 
 import torch
 
-__all__ = ["PRIMITIVES", "Primitives", "TorchPrimitives", "acc_dtype_for", "empty", "OUTPUTS", "first_layer_act"]
+__all__ = ["PRIMITIVES", "Primitives", "TorchPrimitives", "acc_dtype_for", "bmm_acc", "empty", "OUTPUTS",
+           "first_layer_act"]
 
 # name -> the torch.library schema of the primitive (library.py registers one op per table and name)
 PRIMITIVES: Dict[str, str] = {
@@ -335,7 +336,7 @@ def _bcast(x: torch.Tensor, s: int) -> torch.Tensor:
     return x.unsqueeze(0).expand(s, *x.shape) if x.dim() == 2 else x
 
 
-def _mm(a, b, acc):
+def bmm_acc(a, b, acc):
     """bmm accumulated in ``acc``: 16-bit operands multiply on the tensor cores with an fp32
     result (as the kernels do) where torch has ``bmm.dtype``; otherwise in ``acc`` itself."""
     if a.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype and a.is_cuda \
@@ -361,7 +362,7 @@ class TorchPrimitives(Primitives):
 
     def _linear(self, x, w, b, relu, out_dtype):
         acc = acc_dtype_for(w.dtype)
-        y = _mm(_bcast(x, w.shape[0]).to(w.dtype), w.transpose(1, 2), acc)
+        y = bmm_acc(_bcast(x, w.shape[0]).to(w.dtype), w.transpose(1, 2), acc)
         if b is not None:
             y = y + b.to(acc)[:, None, :]
         if relu:
@@ -372,14 +373,14 @@ class TorchPrimitives(Primitives):
         return self._linear(first_layer_act(p, u), w, b, relu, out_dtype)
 
     def _linear_bwd_input(self, dy, w, mask, out_dtype):
-        dx = _mm(dy.to(w.dtype), w, acc_dtype_for(w.dtype))
+        dx = bmm_acc(dy.to(w.dtype), w, acc_dtype_for(w.dtype))
         if mask is not None:
             dx = dx * (mask > 0)
         return dx.to(out_dtype or w.dtype)
 
     def _linear_bwd_weight(self, dy, x, bias, out=None, out_db=None):
         acc = acc_dtype_for(dy.dtype)
-        dw = _mm(dy.transpose(1, 2), _bcast(x, dy.shape[0]).to(dy.dtype), acc)
+        dw = bmm_acc(dy.transpose(1, 2), _bcast(x, dy.shape[0]).to(dy.dtype), acc)
         db = dy.to(acc).sum(1) if bias else None
         return _copy_out(dw, out), _copy_out(db, out_db)
 
@@ -389,7 +390,7 @@ class TorchPrimitives(Primitives):
     def _first_layer_bwd_input(self, dy, w, p, u, out_dtype):
         s, l, h1 = p.shape
         acc = acc_dtype_for(w.dtype)
-        g = _mm(dy.to(w.dtype), w, acc)
+        g = bmm_acc(dy.to(w.dtype), w, acc)
         pre = p.to(acc)[:, None, :, :] + u.to(acc)[:, :, None, :]
         g = g.view(s, -1, l, h1) * (pre > 0)
         r = g.sum(2)

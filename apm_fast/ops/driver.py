@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..posenc import position_rows
-from .contract import acc_dtype_for
+from .contract import acc_dtype_for, bmm_acc
 
 __all__ = ["FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
            "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head"]
@@ -115,9 +115,15 @@ def trigger_split(w, images, config, acc):
 def trigger_u(w, t, config, acc):
     """u = W_T t + b1 (S, B, H1) of triggers t (S, B, d): all a column needs of its image. Any
     trigger will do, not only a conv's output (perceptual interpolation feeds mixed ones)."""
-    d = config.pos_dim
-    w1 = w["mlp.0.weight"]
-    return torch.bmm(t.to(acc), w1[:, :, :d].to(acc).transpose(1, 2)) + w["mlp.0.bias"].to(acc)[:, None, :]
+    w1t = _trigger_weight(w, config)
+    return bmm_acc(t.to(w1t.dtype), w1t.transpose(1, 2), acc) + w["mlp.0.bias"].to(acc)[:, None, :]
+
+
+def _trigger_weight(w, config):
+    """W_T, the first layer's trigger half (S, H1, d): a view, in whatever dtype ``w`` holds it.
+    Products with it run in that dtype with an ``acc`` result (bmm_acc): a 16-bit copy is read as
+    it is, never widened into a temporary (what autocast does with the first layer too)."""
+    return w["mlp.0.weight"][:, :, :config.pos_dim]
 
 
 def column_mlp(prim, w, config, p, u, cdt, *, acts=None):
@@ -260,12 +266,11 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         dz = dz.to(acc) / parts if parts > 1 else dz.to(acc)
         wq, wk_, wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
         wo = w["attn.out_proj.weight"].to(acc)
-        g["attn.out_proj.weight"] = torch.einsum("sbe,sbk->sek", dz, ctx.o)
-        g["attn.out_proj.bias"] = dz.sum(1)
+        # each gradient is written where it lives (its grad_out view) when there is one
+        _into(g, acc, "attn.out_proj.weight", lambda out: _outer_sum(dz, ctx.o, out))
+        _into(g, acc, "attn.out_proj.bias", lambda out: torch.sum(dz, 1, out=out))
         do = torch.einsum("sbe,sek->sbk", dz, wo)                                     # S B D
         wv_h = wv.reshape(s, heads, dh, dim)
-        dwv = torch.einsum("sbhd,sbhk->shdk", do.view(s, b, heads, dh), ctx.sbar).reshape(s, dim, dim)
-        dbv = do.sum(1)
         dsbar = torch.einsum("shdk,sbhd->sbhk", wv_h, do.view(s, b, heads, dh))
         if reduce is not None:
             reduce(dsbar)                     # the whole dL/dsbar on every slice
@@ -275,14 +280,27 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             ctx.f = None
         wk_h = wk_.reshape(s, heads, dh, dim)
         q_h = ctx.q.view(s, heads, dh)
-        dwk = torch.einsum("shd,shk->shdk", q_h, dkt).reshape(s, dim, dim)
         dq = torch.einsum("shdk,shk->shd", wk_h, dkt).reshape(s, dim)
         query = w["query"].to(acc)
-        dwq = torch.einsum("se,sk->sek", dq, query)
-        g["attn.in_proj_weight"] = torch.cat([dwq, dwk, dwv], dim=1)
-        dwq = dwk = dwv = None
-        g["attn.in_proj_bias"] = torch.cat([dq, torch.zeros_like(dq), dbv], dim=1)  # key bias cancels
-        g["query"] = torch.einsum("sek,se->sk", wq, dq)
+
+        def in_proj(out):                    # [dW_Q; dW_K; dW_V], each third written in place
+            out = torch.empty((s, 3 * dim, dim), dtype=acc, device=dz.device) if out is None else out
+            _outer_sum(dq[:, None], query[:, None], out[:, :dim])
+            _outer_sum(q_h[:, None], dkt[:, None], out[:, dim:2 * dim].view(s, heads, dh, dim))
+            _outer_sum(do.view(s, b, heads, dh), ctx.sbar, out[:, 2 * dim:].view(s, heads, dh, dim))
+            return out
+
+        def in_proj_bias(out):               # [dq; 0 (the key bias cancels); sum_b do]
+            out = torch.empty((s, 3 * dim), dtype=acc, device=dz.device) if out is None else out
+            out[:, :dim].copy_(dq)
+            out[:, dim:2 * dim].zero_()
+            torch.sum(do, 1, out=out[:, 2 * dim:])
+            return out
+
+        _into(g, acc, "attn.in_proj_weight", in_proj)
+        _into(g, acc, "attn.in_proj_bias", in_proj_bias)
+        _into(g, acc, "query", lambda out: torch.bmm(dq[:, None], wq, out=None if out is None else out[:, None])
+              .view(s, dim))
     if df_extra is not None:
         df = df_extra.to(acc) if df is None else df + df_extra.to(acc)
     if df is None:
@@ -316,19 +334,23 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
     wp_view = _direct(grad_out, acc, "mlp.0.weight")[0]
+    wt_view = wp_view[:, :, :d] if wp_view is not None else None
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
-    dwt = torch.einsum("sbh,sbk->shk", r, ctx.t)
-    if wp_view is not None:
-        grad_out["mlp.0.weight"][:, :, :d].copy_(dwt)
-    else:                                   # the two halves put together
+    dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                        # in place when it can
+    if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None
-    g["mlp.0.bias"] = r.sum(1)
-    dt = torch.einsum("sbh,shk->sbk", r, w["mlp.0.weight"][:, :, :d].to(acc))      # S B d
-    g["conv.weight"] = torch.einsum("sbl,sblk->sk", dt, ctx.patches).reshape(w["conv.weight"].shape)
-    g["conv.bias"] = dt.sum((1, 2)).reshape(w["conv.bias"].shape)
+    _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
+    w1t = _trigger_weight(w, config)
+    dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                       # S B d
+    conv_shape = w["conv.weight"].shape
+    _into(g, acc, "conv.weight", lambda out: torch.bmm(
+        dt.reshape(s, 1, -1), ctx.patches.reshape(s, -1, ctx.patches.shape[-1]),
+        out=None if out is None else out.view(s, 1, -1)).reshape(conv_shape))
+    _into(g, acc, "conv.bias", lambda out: torch.sum(
+        dt, (1, 2), out=None if out is None else out.view(s)).reshape(w["conv.bias"].shape))
     return grad_out if grad_out is not None else g
 
 
@@ -338,6 +360,24 @@ def _direct(grad_out, acc, *names):
     if grad_out is None or any(grad_out[n].dtype != acc for n in names):
         return [None] * len(names)
     return [grad_out[n] for n in names]
+
+
+def _outer_sum(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum_b a[:, b, ..., :, None] * b[:, b, ..., None, :]: a (S, B, ..., I), b (S, B, ..., J) ->
+    (S, ..., I, J), written into ``out`` (any strides) when given. One image: a product, no sum."""
+    if a.shape[1] == 1:
+        return torch.mul(a[:, 0, ..., :, None], b[:, 0, ..., None, :], out=out)
+    r = torch.einsum("sb...i,sb...j->s...ij", a, b)
+    return r if out is None else out.copy_(r)
+
+
+def _into(g, acc, name: str, fn: Callable):
+    """g[name] = fn(out): ``out`` is the gradient's own view of ``grad_out`` when it has the acc
+    dtype (``fn`` writes there and nothing is copied), else None (``fn`` returns a new tensor)."""
+    out = g.views[name] if isinstance(g, _GradSink) and g.views[name].dtype == acc else None
+    value = fn(out)
+    if out is None:
+        g[name] = value
 
 
 class _GradSink:

@@ -8,7 +8,8 @@
 // Kernels (each a simple pass; the pool moves ~1.5 MB per image, far from the GEMMs' cost):
 //   scores   one warp per cell l: all H dot products from one read of kv_l
 //   lse      one block per (image, head): log-sum-exp over L
-//   wsum     one block per (image, head, 128 columns): sbar = sum_l a kv_l, coalesced over d
+//   wsum     one block per (image, head, 128 columns), 8 row phases: sbar = sum_l a kv_l,
+//            coalesced over d
 //   rows     (backward) one warp per cell: a, c and df_l
 //   dkt      (backward) partial sums over row chunks, then a deterministic column sum
 #include "apm_kernels.h"
@@ -20,6 +21,7 @@ namespace {
 
 constexpr int kWarps = 8;  // warps per block of the per-cell kernels
 constexpr int kCols = 128; // columns per block of the column kernels
+constexpr int kSplit = 8;  // row phases per block of the forward's weighted sum
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -97,26 +99,41 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// sbar[(sb*H + h)*D + d] = sum_l exp(score - lse) kv[sb, l, d]; grid (S*B*H, column tiles).
+// sbar[(sb*H + h)*D + d] = sum_l exp(score - lse) kv[sb, l, d]; grid (S*B*H, column tiles),
+// blocks of kCols columns x kSplit row phases: thread (d, r) sums the rows l = r (mod kSplit),
+// then the kSplit partial sums of a column are added in a fixed order (deterministic). One
+// thread per column walking all L rows left ~70 blocks of serial loops at one image (latency
+// bound: 20 % of the cuda table's step); kSplit phases make the chains kSplit times shorter.
 template <typename T>
-__global__ void __launch_bounds__(kCols)
+__global__ void __launch_bounds__(kCols * kSplit)
     pool_wsum_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                      const float* __restrict__ score, const float* __restrict__ lse, PoolShape sh,
                      float* __restrict__ sbar) {
+  __shared__ float part[kSplit][kCols];
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kCols + threadIdx.x;
+  const int r = threadIdx.y;
   const int64_t n = sh.S * sh.B * sh.H;
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    if (d >= sh.D) break;
-    const int64_t sb = i / sh.H;
-    const float* srow = score + i * sh.L;
-    const float m = lse[i];
-    const T* fimg = f + sb * sh.L * sh.D;
     float acc = 0.0f;
-    for (int64_t l = 0; l < sh.L; ++l) {
-      const float a = expf(srow[l] - m);
-      acc = fmaf(a, to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]), acc);
+    if (d < sh.D) {
+      const int64_t sb = i / sh.H;
+      const float* srow = score + i * sh.L;
+      const float m = lse[i];
+      const T* fimg = f + sb * sh.L * sh.D;
+      for (int64_t l = r; l < sh.L; l += kSplit) {
+        const float a = expf(srow[l] - m);
+        acc = fmaf(a, to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]), acc);
+      }
     }
-    sbar[i * sh.D + d] = acc;
+    part[r][threadIdx.x] = acc;
+    __syncthreads();
+    if (r == 0 && d < sh.D) {
+      float t = part[0][threadIdx.x];
+#pragma unroll
+      for (int k = 1; k < kSplit; ++k) t += part[k][threadIdx.x];
+      sbar[i * sh.D + d] = t;
+    }
+    __syncthreads();
   }
 }
 
@@ -233,7 +250,7 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
     pool_lse_kernel<<<grid_cap(n), 256, 0, stream>>>(score, n, sh.L, lse);
     if ((e = launch_status()) != cudaSuccess) return e;
     const dim3 grid(grid_cap(n), static_cast<unsigned>(ceil_div(sh.D, kCols)));
-    pool_wsum_kernel<T><<<grid, kCols, 0, stream>>>(static_cast<const T*>(f),
+    pool_wsum_kernel<T><<<grid, dim3(kCols, kSplit), 0, stream>>>(static_cast<const T*>(f),
                                                     static_cast<const T*>(pos), score, lse, sh, sbar);
     return launch_status();
   });

@@ -197,7 +197,7 @@ def _profile(ctx, backend, s):
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows) or 1.0
     return {"students": s, "total_ms": total,
-            "top": [{"kernel": k[:120], "ms": ms, "share": ms / total, "calls": c} for k, ms, c in rows[:15]]}
+            "top": [{"kernel": k[:160], "ms": ms, "share": ms / total, "calls": c} for k, ms, c in rows[:25]]}
 
 
 def run(ctx) -> dict:

@@ -23,7 +23,7 @@ from apm_fast._ext import load_extension
 from apm_fast.ops.autograd import fused_forward
 from apm_fast.ops.contract import TorchPrimitives, first_layer_act
 from apm_fast.ops.precision import compute_dtype
-from helpers import precision
+from helpers import check_bf16_moment_adam, precision
 
 pytestmark = pytest.mark.gpu
 
@@ -190,6 +190,10 @@ def test_pool(prims, dtype, dims):
 
 
 # ---------------------------------------------------------------------------- Adam
+def test_adam_with_bf16_moments_matches_the_plain_table(prims):
+    check_bf16_moment_adam(prims, DEV)
+
+
 def test_adam_matches_torch_optim_and_replays_in_a_graph(prims):
     S, N, steps = 2, 100_003, 4
     lr, betas, eps = 1e-2, (0.9, 0.999), 1e-8

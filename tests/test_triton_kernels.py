@@ -27,7 +27,7 @@ from apm_fast.model import APM                                            # noqa
 from apm_fast.ops.contract import TorchPrimitives                          # noqa: E402
 from apm_fast.ops.driver import backward, forward, weight_names          # noqa: E402
 from apm_fast.ops.library import ops_for                                  # noqa: E402
-from helpers import precision                                             # noqa: E402
+from helpers import check_bf16_moment_adam, precision                                             # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TP = TritonPrimitives()
@@ -221,31 +221,7 @@ def test_adam_matches_torch_over_several_steps():
 
 
 def test_adam_with_bf16_moments_matches_the_plain_table():
-    """bf16 moments: widened, updated in fp32, rounded once when stored; the same steps as the
-    plain table's (the oracle of the contract): moments within one bf16 ulp (the interpreter
-    truncates its casts, a GPU rounds to nearest as torch, after fp32 arithmetic that may differ in
-    its last bit), parameters within what one ulp of a moment moves them."""
-    torch.manual_seed(9)
-    n = 1001
-    p0 = rand(2, n)
-    ours = [p0.clone(), torch.zeros(2, n, device=DEV, dtype=torch.bfloat16),
-            torch.zeros(2, n, device=DEV, dtype=torch.bfloat16)]
-    ref = [t.clone() for t in ours]
-    step = torch.zeros(1, device=DEV)
-    lr = torch.full((1,), 3e-3, device=DEV)
-    for _ in range(5):
-        g = rand(2, n)
-        step += 1
-        TP.adam_(ours[0], g, ours[1], ours[2], step, lr, 0.9, 0.999, 1e-8)
-        TorchPrimitives().adam_(ref[0], g, ref[1], ref[2], step, lr, 0.9, 0.999, 1e-8)
-        assert ours[1].dtype == ours[2].dtype == torch.bfloat16
-        ulp = 2 ** -7                          # one bf16 ulp, relative, at its widest
-        torch.testing.assert_close(ours[1].float(), ref[1].float(), rtol=ulp, atol=1e-30)
-        torch.testing.assert_close(ours[2].float(), ref[2].float(), rtol=ulp, atol=1e-30)
-        # the moments stored differ by an ulp at most, and Adam divides m by sqrt(v): lr x 1 %
-        torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=3e-3 * 2e-2)
-        ours[1].copy_(ref[1])
-        ours[2].copy_(ref[2])
+    check_bf16_moment_adam(TP, DEV)
 
 
 # ------------------------------------------------------------------------------------ whole model

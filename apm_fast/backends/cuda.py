@@ -53,7 +53,6 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 class CudaPrimitives(Primitives):
     """See :class:`apm_fast.ops.contract.Primitives` for the semantics of every primitive."""
 
-    bf16_moments = False          # its Adam keeps fp32 moments (the engine refuses moments='bf16' early)
 
     name = "cuda"
     opaque = True
@@ -127,9 +126,6 @@ class CudaPrimitives(Primitives):
     def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp):
         # In place over flat buffers. (S, n) views whose rows are padded (unit last stride, larger
         # row stride) are updated one row at a time; anything else the binding refuses, by name.
-        if exp_avg.dtype != torch.float32:
-            raise ValueError(f"exp_avg: the cuda table's Adam keeps fp32 moments, got {exp_avg.dtype}; "
-                             f"moments='bf16' runs on the triton or torch table")
         grads = grads.to(torch.float32)
         state = [params, exp_avg, exp_avg_sq] + ([lowp] if lowp is not None else [])
         args = (beta1, beta2, eps)

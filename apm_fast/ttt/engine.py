@@ -57,7 +57,7 @@ class TTTEngine:
     by side (None: as many as fit in memory, at most ``max_students``). precision: GEMM operand
     dtype (None: :func:`default_precision`). moments: Adam's m and v, "fp32" (None, the
     default: the master dtype, as torch.optim.Adam) or "bf16" (half their memory and traffic;
-    fp32 masters only; the triton and torch tables). graphs: capture the step as a CUDA graph (None: on
+    fp32 masters only; every table). graphs: capture the step as a CUDA graph (None: on
     CUDA devices without shards; falls back to eager, with a warning, when capture fails).
     shards: one image's queries split over ranks (``apm_fast.distributed.QueryShards``).
     """
@@ -82,7 +82,7 @@ class TTTEngine:
         self.prim = get_backend(backend, device=self.device)
         if self.moment_dtype == torch.bfloat16 and not getattr(self.prim, "bf16_moments", True):
             raise ValueError(f"moments: the {backend} table's Adam keeps fp32 moments; moments='bf16' runs on "
-                             f"backend='triton' or 'torch'")
+                             f"backend='triton', 'cuda' or 'torch'")
         names = weight_names(cfg)
         params = dict(model.named_parameters())
         self.snapshot = check_snapshot(snapshot, names, [tuple(params[n].shape) for n in names], self.device)

@@ -104,11 +104,12 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
                      int chunks, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
-// Adam (no weight decay) over flat fp32 buffers of n elements, in place, capturable: the update
-// number `step` (1 for the first) and `lr` are read from device memory. When `lowp` is not null it
-// receives the new parameters in dtype lowp_t.
-cudaError_t adam(float* params, const float* grads, float* exp_avg, float* exp_avg_sq, int64_t n,
-                 const float* step, const float* lr, double beta1, double beta2, double eps,
+// Adam (no weight decay) over flat fp32 parameters and gradients of n elements, in place,
+// capturable: the update number `step` (1 for the first) and `lr` are read from device memory.
+// The moments are fp32 or bf16 (moment_t). When `lowp` is not null it receives the new
+// parameters in dtype lowp_t.
+cudaError_t adam(float* params, const float* grads, void* exp_avg, void* exp_avg_sq, DType moment_t,
+                 int64_t n, const float* step, const float* lr, double beta1, double beta2, double eps,
                  void* lowp, DType lowp_t, cudaStream_t stream);
 
 }  // namespace apm

@@ -136,7 +136,13 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
       {&params, "params"}, {&grads, "grads"}, {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}};
   for (const auto& b : bufs) {
     check_same_device(*b.first, params, fn, b.second, "params");
-    check_dtype(*b.first, fn, b.second, {at::kFloat});
+    if (b.first == &exp_avg || b.first == &exp_avg_sq) {   // the moments: fp32 or bf16, alike
+      check_dtype(*b.first, fn, b.second, {at::kFloat, at::kBFloat16});
+      APM_CHECK_VALUE(b.first->scalar_type() == exp_avg.scalar_type(), fn, ": exp_avg_sq must have ",
+                      "exp_avg's dtype (", exp_avg.scalar_type(), "), got ", b.first->scalar_type());
+    } else {
+      check_dtype(*b.first, fn, b.second, {at::kFloat});
+    }
     check_contiguous(*b.first, fn, b.second);
     APM_CHECK_VALUE(b.first->numel() == params.numel(), fn, ": ", b.second, " must have as many ",
                       "elements as params (", params.numel(), "), got ", b.first->numel());
@@ -161,8 +167,8 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
   }
   if (params.numel() == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(params.device());
-  check_cuda_status(apm::adam(params.data_ptr<float>(), grads.data_ptr<float>(),
-                              exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), params.numel(),
+  check_cuda_status(apm::adam(params.data_ptr<float>(), grads.data_ptr<float>(), exp_avg.data_ptr(),
+                              exp_avg_sq.data_ptr(), to_apm_dtype(exp_avg, fn, "exp_avg"), params.numel(),
                               step.data_ptr<float>(), lr.data_ptr<float>(), beta1, beta2, eps, lp, lp_t,
                               current_stream(params)),
                     fn, "the kernel launch");

@@ -50,12 +50,17 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def _direct(out, out_db, bias) -> bool:
+    """Whether a weight gradient can be written straight into the given outputs."""
+    return out is not None and out.is_contiguous() and (not bias or (out_db is not None and out_db.is_contiguous()))
+
+
 class CudaPrimitives(Primitives):
     """See :class:`apm_fast.ops.contract.Primitives` for the semantics of every primitive."""
 
-
     name = "cuda"
     opaque = True
+    wgrad_out = True       # the weight-gradient kernels write into given contiguous buffers
 
     @property
     def ext(self):
@@ -93,14 +98,19 @@ class CudaPrimitives(Primitives):
         self.ext.linear_bwd_input(_rows(dy, cdt), _rows(w, cdt), None if mask is None else _rows(mask, cdt), out)
         return out
 
-    def _linear_bwd_weight(self, dy, x, bias):
+    def _linear_bwd_weight(self, dy, x, bias, out=None, out_db=None):
+        # written straight into out / out_db when they are contiguous (the engine's gradient
+        # views); any other layout gets a fresh buffer, copied in after
         cdt = _cdt(dy, "linear_bwd_weight")
-        dw, db = _outputs("linear_bwd_weight", dy, x, bias)
+        dw, db = _outputs("linear_bwd_weight", dy, x, bias) if not _direct(out, out_db, bias) else (out, out_db)
         self.ext.linear_bwd_weight(dy.contiguous(), x.to(cdt).contiguous(), dw, db if bias else None)
+        if dw is not out and out is not None:
+            dw = out.copy_(dw)
+            db = out_db.copy_(db) if bias and out_db is not None else db
         return dw, (db if bias else None)
 
-    def _first_layer_bwd_weight(self, dy, p, u, bias):
-        return self._linear_bwd_weight(dy, self._act(p, u), bias)
+    def _first_layer_bwd_weight(self, dy, p, u, bias, out=None, out_db=None):
+        return self._linear_bwd_weight(dy, self._act(p, u), bias, out, out_db)
 
     def _first_layer_bwd_input(self, dy, w, p, u, out_dtype):
         cdt = _cdt(w, "first_layer_bwd_input")

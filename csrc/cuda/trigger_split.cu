@@ -31,19 +31,65 @@ __global__ void first_layer_act_kernel(const T* __restrict__ p, const float* __r
   }
 }
 
+// The same, 16 bytes of P and of the activation per thread (8 bf16 / fp16 or 4 fp32 values):
+// the scalar kernel's 2-byte accesses left it at a fifth of the copy bandwidth.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kN = 16 / sizeof(T);
+  T x[kN];
+};
+
+template <typename T>
+__global__ void first_layer_act_vec_kernel(const T* __restrict__ p, const float* __restrict__ u,
+                                           T* __restrict__ a, int64_t S, int64_t B, int64_t L,
+                                           int64_t H) {
+  constexpr int kN = Pack<T>::kN;
+  const int64_t rows = S * B * L, hv = H / kN;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const int64_t l = row % L, sb = row / L, s = sb / B;
+    const Pack<T>* prow = reinterpret_cast<const Pack<T>*>(p + (s * L + l) * H);
+    const float4* urow = reinterpret_cast<const float4*>(u + sb * H);
+    Pack<T>* arow = reinterpret_cast<Pack<T>*>(a + row * H);
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < hv;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const Pack<T> pv = prow[j];
+      float uf[kN];
+#pragma unroll
+      for (int q = 0; q < kN / 4; ++q) {
+        const float4 u4 = urow[j * (kN / 4) + q];
+        uf[4 * q] = u4.x;
+        uf[4 * q + 1] = u4.y;
+        uf[4 * q + 2] = u4.z;
+        uf[4 * q + 3] = u4.w;
+      }
+      Pack<T> out;
+#pragma unroll
+      for (int k = 0; k < kN; ++k) out.x[k] = from_f32<T>(fmaxf(to_f32<T>(pv.x[k]) + uf[k], 0.0f));
+      arow[j] = out;
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t first_layer_act(const void* p, const float* u, void* a, DType t, int64_t S, int64_t B,
                             int64_t L, int64_t H, cudaStream_t stream) {
   if (S * B * L * H == 0) return cudaSuccess;
-  const int threads = 256;
-  const int64_t gx = ceil_div(H, threads);
   const int64_t rows = S * B * L;
-  const dim3 grid(static_cast<unsigned>(gx < 65535 ? gx : 65535),
-                  static_cast<unsigned>(rows < 65535 ? rows : 65535));
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   return APM_DISPATCH_DTYPE(t, T, [&] {
-    first_layer_act_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(p), u,
-                                                            static_cast<T*>(a), S, B, L, H);
+    constexpr int kN = Pack<T>::kN;
+    const bool vec = H % kN == 0 && aligned(p) && aligned(u) && aligned(a);
+    const int threads = vec ? 128 : 256;
+    const int64_t gx = ceil_div(vec ? H / kN : H, threads);
+    const dim3 grid(static_cast<unsigned>(gx < 65535 ? gx : 65535),
+                    static_cast<unsigned>(rows < 65535 ? rows : 65535));
+    if (vec)
+      first_layer_act_vec_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(p), u,
+                                                                  static_cast<T*>(a), S, B, L, H);
+    else
+      first_layer_act_kernel<T><<<grid, threads, 0, stream>>>(static_cast<const T*>(p), u,
+                                                              static_cast<T*>(a), S, B, L, H);
     return launch_status();
   });
 }

@@ -6,11 +6,11 @@
 //   df_l = sum_h a[h,l] dsbar_h + scale c[h,l] kt_h;   dkt_h = scale sum_{b,l} c[h,l] kv_l
 //
 // Kernels (each a simple pass; the pool moves ~1.5 MB per image, far from the GEMMs' cost):
-//   scores   one warp per cell l: all H dot products from one read of kv_l
+//   scores   one block per cell l: all H dot products from one read of kv_l
 //   lse      one block per (image, head): log-sum-exp over L
 //   wsum     one block per (image, head, 128 columns), 8 row phases: sbar = sum_l a kv_l,
 //            coalesced over d
-//   rows     (backward) one warp per cell: a, c and df_l
+//   rows     (backward) one block per cell: a, c and df_l
 //   dkt      (backward) partial sums over row chunks, then a deterministic column sum
 #include "apm_kernels.h"
 #include "dtype_util.cuh"
@@ -19,9 +19,10 @@ namespace apm {
 
 namespace {
 
-constexpr int kWarps = 8;  // warps per block of the per-cell kernels
+constexpr int kWarps = 8;  // warps per block of pool_sd (one warp per image and head)
 constexpr int kCols = 128; // columns per block of the column kernels
 constexpr int kSplit = 8;  // row phases per block of the forward's weighted sum
+constexpr int kRowThreads = 128;  // threads per block of the per-cell kernels (one cell each)
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -35,16 +36,39 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// score[(sb*H + h)*L + l] for every cell row = sb*L + l.
+// Sums over d of each thread's per-head partials, over the whole block: out[h] (shared memory,
+// h < kPoolMaxHeads) = sum over the block's threads of part[h], in a fixed order (deterministic).
+// Every thread must call it; `red` holds kPoolMaxHeads x (warps) floats.
+template <int kHeads>
+__device__ __forceinline__ void block_head_sums(float (&part)[kHeads], int H, float* red, float* out) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+  for (int h = 0; h < kHeads; ++h) {
+    if (h < H) {
+      const float t = warp_sum(part[h]);
+      if (lane == 0) red[h * warps + warp] = t;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < H) {
+    float t = 0.0f;
+    for (int w = 0; w < warps; ++w) t += red[threadIdx.x * warps + w];
+    out[threadIdx.x] = t;
+  }
+  __syncthreads();
+}
+
+// score[(sb*H + h)*L + l] for every cell row = sb*L + l: one block of kRowThreads per row, the
+// threads over d (one warp per row left ~8 warps per SM at one image: latency bound).
 template <typename T>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kRowThreads)
     pool_scores_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                        const float* __restrict__ kt, float scale, PoolShape sh,
                        float* __restrict__ score) {
-  const int lane = threadIdx.x % 32;
+  __shared__ float red[kPoolMaxHeads * (kRowThreads / 32)];
+  __shared__ float dots[kPoolMaxHeads];
   const int64_t rows = sh.S * sh.B * sh.L;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
     const T* frow = f + row * sh.D;
     const T* prow = pos + l * sh.D;
@@ -52,19 +76,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     float acc[kPoolMaxHeads];
 #pragma unroll
     for (int h = 0; h < kPoolMaxHeads; ++h) acc[h] = 0.0f;
-    for (int64_t d = lane; d < sh.D; d += 32) {
+    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
       const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
 #pragma unroll
       for (int h = 0; h < kPoolMaxHeads; ++h)
         if (h < sh.H) acc[h] = fmaf(v, k[h * sh.D + d], acc[h]);
     }
-#pragma unroll
-    for (int h = 0; h < kPoolMaxHeads; ++h) {
-      if (h < sh.H) {
-        const float t = warp_sum(acc[h]);
-        if (lane == 0) score[(sb * sh.H + h) * sh.L + l] = t * scale;
-      }
-    }
+    block_head_sums(acc, sh.H, red, dots);
+    if (threadIdx.x < sh.H) score[(sb * sh.H + threadIdx.x) * sh.L + l] = dots[threadIdx.x] * scale;
   }
 }
 
@@ -151,17 +170,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Per cell (warp per row sb*L + l): a[h], c[h] (stored), df_l.
+// Per cell (one block of kRowThreads per row sb*L + l, threads over d): a[h], c[h] (stored), df_l.
 template <typename T, typename TD>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kRowThreads)
     pool_bwd_rows_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh,
                          const float* __restrict__ lse, const float* __restrict__ dsbar,
                          const float* __restrict__ sd, TD* __restrict__ df, float* __restrict__ c) {
-  const int lane = threadIdx.x % 32;
+  __shared__ float red[kPoolMaxHeads * (kRowThreads / 32)];
+  __shared__ float dk[kPoolMaxHeads], dd[kPoolMaxHeads];
+  __shared__ float coef_a[kPoolMaxHeads], coef_c[kPoolMaxHeads];
   const int64_t rows = sh.S * sh.B * sh.L;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
     const T* frow = f + row * sh.D;
     const T* prow = pos + l * sh.D;
@@ -170,7 +190,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     float dot_k[kPoolMaxHeads], dot_d[kPoolMaxHeads];
 #pragma unroll
     for (int h = 0; h < kPoolMaxHeads; ++h) dot_k[h] = dot_d[h] = 0.0f;
-    for (int64_t d = lane; d < sh.D; d += 32) {
+    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
       const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
 #pragma unroll
       for (int h = 0; h < kPoolMaxHeads; ++h) {
@@ -180,27 +200,28 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
       }
     }
-    // a[h] and c[h] (all lanes hold them after the butterfly sums)
-#pragma unroll
-    for (int h = 0; h < kPoolMaxHeads; ++h) {
-      if (h < sh.H) {
-        const int64_t i = sb * sh.H + h;
-        const float a = expf(warp_sum(dot_k[h]) * scale - lse[i]);
-        const float ch = a * (warp_sum(dot_d[h]) - sd[i]);
-        if (lane == 0) c[i * sh.L + l] = ch;
-        dot_k[h] = a;
-        dot_d[h] = ch * scale;
-      }
+    block_head_sums(dot_k, sh.H, red, dk);
+    block_head_sums(dot_d, sh.H, red, dd);
+    if (threadIdx.x < sh.H) {
+      const int h = threadIdx.x;
+      const int64_t i = sb * sh.H + h;
+      const float a = expf(dk[h] * scale - lse[i]);
+      const float ch = a * (dd[h] - sd[i]);
+      c[i * sh.L + l] = ch;
+      coef_a[h] = a;
+      coef_c[h] = ch * scale;
     }
+    __syncthreads();
     TD* drow = df + row * sh.D;
-    for (int64_t d = lane; d < sh.D; d += 32) {
+    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
       float g = 0.0f;
 #pragma unroll
       for (int h = 0; h < kPoolMaxHeads; ++h) {
-        if (h < sh.H) g = fmaf(dot_k[h], ds[h * sh.D + d], fmaf(dot_d[h], k[h * sh.D + d], g));
+        if (h < sh.H) g = fmaf(coef_a[h], ds[h * sh.D + d], fmaf(coef_c[h], k[h * sh.D + d], g));
       }
       drow[d] = from_f32<TD>(g);
     }
+    __syncthreads();                       // the next row reuses the shared sums
   }
 }
 
@@ -243,7 +264,7 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
   if (!shape_ok(sh)) return cudaErrorInvalidValue;
   const int64_t rows = sh.S * sh.B * sh.L, n = sh.S * sh.B * sh.H;
   return APM_DISPATCH_DTYPE(t, T, [&] {
-    pool_scores_kernel<T><<<grid_cap(ceil_div(rows, kWarps)), kWarps * 32, 0, stream>>>(
+    pool_scores_kernel<T><<<grid_cap(rows), kRowThreads, 0, stream>>>(
         static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, score);
     cudaError_t e = launch_status();
     if (e != cudaSuccess) return e;
@@ -257,12 +278,13 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
 }
 
 int pool_bwd_chunks(PoolShape sh, int sm_count) {
-  // Chunks of at most 256 rows (each block's loop over its rows is serial) and at least two
-  // waves of the GPU, chunks of at least 64 rows, at most 1024 chunks.
+  // Chunks of at most 256 rows (each block's loop over its rows is serial) and at least eight
+  // blocks per SM (two left one image's 12 x 6 x 4 blocks walking 256 rows each: latency bound),
+  // chunks of at least 64 rows, at most 1024 chunks.
   const int64_t rows = sh.B * sh.L;
   int64_t want = ceil_div(rows, 256);
   const int64_t base = sh.S * sh.H * ceil_div(sh.D, kCols);
-  const int64_t waves = ceil_div(2 * static_cast<int64_t>(sm_count > 0 ? sm_count : 132), base);
+  const int64_t waves = ceil_div(8 * static_cast<int64_t>(sm_count > 0 ? sm_count : 132), base);
   if (want < waves) want = waves;
   const int64_t most = ceil_div(rows, 64);
   if (want > most) want = most;
@@ -281,7 +303,7 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   if (e != cudaSuccess) return e;
   e = APM_DISPATCH_DTYPE(t, T, [&] {
     return APM_DISPATCH_DTYPE(df_t, TD, [&] {
-      pool_bwd_rows_kernel<T, TD><<<grid_cap(ceil_div(rows, kWarps)), kWarps * 32, 0, stream>>>(
+      pool_bwd_rows_kernel<T, TD><<<grid_cap(rows), kRowThreads, 0, stream>>>(
           static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, lse, dsbar, sd,
           static_cast<TD*>(df), c);
       return launch_status();

@@ -121,7 +121,7 @@ def measure_graph(fn: Callable[[], object], *, device, inner: int = 5, warmup: i
     if graphs is None:
         return measure(fn, device=device, warmup=warmup, repeats=repeats, keep_samples=keep_samples)
     t = measure(graphs["calls"].replay, device=device, warmup=1, repeats=repeats, keep_samples=keep_samples)
-    scaled = {k: (v / inner if k.endswith("_ms") else v) for k, v in t.to_dict().items()}
+    scaled = {k: (v / inner if k.endswith("_ms") and isinstance(v, float) else v) for k, v in t.to_dict().items()}
     scaled["samples_ms"] = [v / inner for v in t.samples_ms]
     scaled["clock"] = f"cuda-graph replay of {inner} calls"
     return Timing(**scaled)

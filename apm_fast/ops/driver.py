@@ -190,6 +190,9 @@ def rgb_head(w, config, f, t, pos_in):
     return F.relu(F.linear(F.relu(h), w["rgb.4.weight"], w["rgb.4.bias"]))
 
 
+_FOLD = 64      # chunks whose pool results are kept before columns() folds them into one
+
+
 @torch.no_grad()
 def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: int = 4096,
             query_grid: int | None = None, rows: tuple | None = None, want_grid: bool = True,
@@ -214,12 +217,15 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
     dev = u.device
     b = u.shape[1]
     wp = w["mlp.0.weight"][:, :, c.pos_dim:].to(cdt)
+    # the column weights in the compute dtype once, not once per chunk
+    w = dict(w, **{n: t.to(cdt) for n, t in w.items() if n.startswith(("mlp.", "head.")) and n != "mlp.0.weight"})
     grid = torch.empty((b, stop - start, c.dim), device=dev, dtype=cdt) if want_grid else None
     kt = scale = None
     sbar = torch.zeros((1, b, c.heads, c.dim), device=dev, dtype=acc)
     lse = torch.full((1, b, c.heads), -math.inf, device=dev, dtype=acc)
     if c.pool:
         _, kt, scale = pool_query(w, c, acc)
+    parts = [], []                 # the chunks' (sbar, lse), put together by combine_pool in batches
     for a in range(start, stop, chunk):
         e = min(stop, a + chunk)
         p = prim.linear(position_rows(c.pos_dim, g, g, a, e, dtype=cdt, device=dev), wp, None, out_dtype=cdt)
@@ -229,8 +235,14 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
             grid[:, a - start:e - start] = f[0]
         if c.pool:
             part = prim.pool_fwd(f, position_rows(c.dim, g, g, a, e, dtype=cdt, device=dev), kt, scale)
-            sbar, lse = combine_pool(torch.stack([sbar, part[0].to(acc)]), torch.stack([lse, part[1].to(acc)]))
+            parts[0].append(part[0].to(acc))
+            parts[1].append(part[1].to(acc))
+            if len(parts[0]) == _FOLD:
+                sbar, lse = combine_pool(torch.stack([sbar] + parts[0]), torch.stack([lse] + parts[1]))
+                parts = [], []
         del f
+    if parts[0]:
+        sbar, lse = combine_pool(torch.stack([sbar] + parts[0]), torch.stack([lse] + parts[1]))
     if not c.pool:
         return None, grid
     if combine is not None:

@@ -68,6 +68,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
+from .teachers.prompts import imagenet_classnames  # the one ImageNet list
+
 __all__ = [
     "DATASETS", "DatasetSpec", "EvalSet", "DatasetError", "load_dataset", "IMAGE_EXTENSIONS",
     "IMAGENET_C_CORRUPTIONS", "IMAGENET_C_SEVERITIES", "imagenet_wnids", "imagenet_classnames",
@@ -227,17 +229,7 @@ def imagenet_subset_indices(subset: str) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=None)
-def imagenet_classnames() -> tuple[str, ...]:
-    """The 1000 CLIP ImageNet class names (``open_clip.IMAGENET_CLASSNAMES``), in label order.
 
-    Raises ``TeacherDependencyError`` (an ImportError) where open_clip is not installed.
-    """
-    from ._compat import import_open_clip
-
-    names = tuple(import_open_clip().IMAGENET_CLASSNAMES)
-    if len(names) != 1000:  # a future open_clip changing this would silently shift every label
-        raise DatasetError(f"open_clip.IMAGENET_CLASSNAMES has {len(names)} names, expected 1000")
-    return names
 
 
 @lru_cache(maxsize=None)

@@ -164,9 +164,16 @@ def test_eval_end_to_end_and_a_rerun_adds_nothing(root, tmp_path, capsys):
 
 def test_killed_run_resumes_with_nothing_lost_or_twice(root, tmp_path):
     """SIGKILL while records are being written, then the same command: every image exactly once,
-    no torn line, and the deterministic methods' records equal those of a run never killed."""
+    no torn line, and the deterministic methods' records equal those of a run never killed. The
+    killed process sleeps 0.2 s per record so that the kill lands mid-run on any machine."""
     out, ref = tmp_path / "killed", tmp_path / "whole"
-    cmd = [sys.executable, "-m", "apm_fast"] + _args(root, out, methods="zeroshot,apm")
+    code = ("import sys, time\n"
+            "import apm_fast.evaluation as e\n"
+            "record = e._record\n"
+            "e._record = lambda *a: (time.sleep(0.2), record(*a))[1]\n"
+            "from apm_fast.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", code] + _args(root, out, methods="zeroshot,apm")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = out / "records.jsonl"
     deadline = time.time() + 120

@@ -79,3 +79,16 @@ def test_the_builtin_imagenet_list_keeps_its_two_known_duplicates():
     names = resolve_classes("imagenet")
     assert names == imagenet_classnames() and len(names) == 1000
     assert sorted(n for n in set(names) if names.count(n) > 1) == ["missile", "sunglasses"]
+
+
+def test_the_builtin_imagenet_list_passes_as_a_list_and_other_repeats_are_refused():
+    """ImageNet's list repeats two names ('missile', 'sunglasses': distinct classes). Given by
+    name or passed on as the list itself (the evaluation's ImageNet sets do) it is accepted, in
+    label order; the same list with one more repeat, or any user list with a repeat, is not."""
+    names = imagenet_classnames()
+    assert len(set(names)) < len(names)
+    assert resolve_classes(list(names)) == names == resolve_classes("imagenet")
+    tampered = list(names)
+    tampered[1] = tampered[0]
+    with pytest.raises(ValueError, match=r"classes\[0\] and classes\[1\]"):
+        resolve_classes(tampered)

@@ -36,7 +36,21 @@ def imagenet_classnames() -> Tuple[str, ...]:
     since results name classes by index too; lists given by the user may not repeat a name."""
     from .._compat import import_open_clip
 
-    return tuple(import_open_clip().IMAGENET_CLASSNAMES)
+    names = tuple(import_open_clip().IMAGENET_CLASSNAMES)
+    if len(names) != 1000:  # a future open_clip changing this would silently shift every label
+        raise ValueError(f"open_clip.IMAGENET_CLASSNAMES has {len(names)} names, expected 1000")
+    return names
+
+
+def _is_builtin_imagenet(names: Tuple[str, ...]) -> bool:
+    """Whether ``names`` is the built-in ImageNet list (passed on as a list: the evaluation's
+    ImageNet sets do), whose two repeated names are distinct classes."""
+    if len(names) != 1000:
+        return False
+    try:
+        return names == imagenet_classnames()
+    except ImportError:
+        return False
 
 
 def _refuse_duplicates(names, source: str, places) -> None:
@@ -64,7 +78,8 @@ def _read_class_file(path: Path) -> Tuple[str, ...]:
 def resolve_classes(classes: Union[str, os.PathLike, Sequence[str]]) -> Tuple[str, ...]:
     """Class names from a list of names, ``"imagenet"``, or a UTF-8 text file (one name per line).
 
-    Names are stripped; a name given twice in a list or a file is refused (naming it and where).
+    Names are stripped; a name given twice in a list or a file is refused (naming it and where),
+    except in the built-in ImageNet list itself, given by name or as a list.
     """
     if isinstance(classes, str) and classes.strip().lower() == "imagenet":
         return imagenet_classnames()
@@ -82,7 +97,8 @@ def resolve_classes(classes: Union[str, os.PathLike, Sequence[str]]) -> Tuple[st
             if not isinstance(c, str) or not c.strip():
                 raise ValueError(f"classes[{i}]: expected a non-empty string, got {c!r}")
         names = tuple(c.strip() for c in classes)
-        _refuse_duplicates(names, "", lambda a, b: f"classes[{a}] and classes[{b}]")
+        if not _is_builtin_imagenet(names):
+            _refuse_duplicates(names, "", lambda a, b: f"classes[{a}] and classes[{b}]")
         return names
     raise TypeError(f"classes: expected 'imagenet', a file path or a list of names, got {type(classes).__name__}")
 

@@ -131,3 +131,38 @@ def test_time_budget_marks_what_did_not_start():
     rows = step.run(ctx)["rows"]
     assert rows and all(r["status"] in ("skipped", "absent") for r in rows)
     assert any("time budget" in r["reason"] for r in rows)
+
+
+def test_targets_are_read_from_the_sections_rows_and_judged():
+    """targets.json: each value from its section's row (the fastest side-by-side table at S = 64),
+    null with the reason where a row is missing or failed, and each target judged met or not."""
+    from apm_fast.bench.targets import collect, markdown
+
+    ok = dict(status="ok", preset="ttt-l14")
+    results = {
+        "engine": {"rows": [dict(ok, key="latency/triton/graph", ms_per_step=0.5),
+                            dict(ok, key="latency/cuda/graph", ms_per_step=0.25),
+                            dict(key="latency/torch/graph", status="error", reason="boom")]},
+        "throughput": {"rows": [dict(ok, key="side-by-side/triton/S=64", images_per_s=130.0),
+                                dict(ok, key="side-by-side/cuda/S=64", images_per_s=230.0),
+                                dict(ok, key="side-by-side/cuda/S=64/bf16-moments", images_per_s=290.0),
+                                dict(ok, key="end-to-end/cuda", images_per_s_after_first_batch=210.0)]},
+        "scaling": {"rows": [dict(status="ok", model="apm", queries=50176, timing={"median_ms": 11.0},
+                                  peak_bytes=400 * 2 ** 20),
+                             dict(status="ok", model="clip", queries=50176, timing={"median_ms": 1.0},
+                                  peak_bytes=1)]},
+    }
+    doc = collect(results, True, "abc1234", "machine")
+    assert doc["side_by_side_table"] == "cuda"
+    assert (doc["step_ms_triton"], doc["step_ms_cuda"], doc["side_by_side_img_s"]) == (0.5, 0.25, 230.0)
+    assert doc["side_by_side_img_s_bf16_moments"] == 290.0 and doc["end_to_end_img_s_l14"] == 210.0
+    assert doc["scaling_50176_ms"] == 11.0 and doc["scaling_50176_mb"] == 400.0
+    assert doc["step_ms_torch"] is None and "boom" in doc["missing"]["step_ms_torch"]
+    assert doc["step_ms_eager"] is None and "ttt_step" in doc["missing"]["step_ms_eager"]
+    assert doc["met"] == {"step_ms_triton": False, "side_by_side_img_s": True,
+                          "side_by_side_img_s_bf16_moments": False, "end_to_end_img_s_l14": True,
+                          "scaling_50176_ms": True, "scaling_50176_mb": False}
+    assert doc["commit"] == "abc1234" and doc["gate_passed"] is True
+    md = markdown(doc)
+    assert "| 64 students side by side, fp32 moments (images/s) | 230.0 | >= 220 | yes |" in md
+    assert "not measured" in md

@@ -203,3 +203,23 @@ def test_eval_refuses_a_root_without_the_dataset(root, tmp_path, capsys):
                  "--pretrained", "none", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "imagenet-a" in err and "error" in err
+
+
+def test_eval_on_an_imagenet_set_takes_its_1000_names_with_their_repeats(root, tmp_path):
+    """ImageNet's list repeats two names (distinct classes): an ImageNet set runs end to end, its
+    records name classes by index up to 999."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "data" / "imagenetv2-matched-frequency-format-val"
+    for k in range(1000):
+        (folder / str(k)).mkdir(parents=True)
+    for k in (3, 999):
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(folder / str(k) / "a.png")
+    out = tmp_path / "run"
+    assert main(["eval", str(tmp_path / "data"), "--dataset", "imagenet-v2", "--teacher", str(root["config"]),
+                 "--pretrained", "none", "--methods", "zeroshot,apm", "--grid", "4", "--hidden", "24,16",
+                 "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["label"] for r in records) == [3, 999]
+    for r in records:
+        for m in ("zeroshot", "apm"):
+            assert all(0 <= k < 1000 for k in r["methods"][m]["top5"])

@@ -67,6 +67,20 @@ def test_chunked_columns_equal_the_whole_image(chunk):
     assert rel_err(finer.cls, one.cls) < 1e-12
 
 
+def test_more_chunks_than_one_fold_equal_one_chunk():
+    """81 one-query chunks: the chunk loop folds its pools once after 64 chunks and once at the
+    end (combine_pool in batches); the result equals one chunk of all 81 queries."""
+    from apm_fast.ops import driver
+
+    assert driver._FOLD < 81
+    torch.manual_seed(11)
+    model = APM(preset("ttt-l14", init="pytorch", **ODD_CONFIGS[0]), dtype=torch.float64)
+    x = images_for(model, 2)
+    folded = model(x, backend="torch", chunk=1, query_grid=9)
+    one = model(x, backend="torch", chunk=81, query_grid=9)
+    assert rel_err(folded.cls, one.cls) < 1e-12 and rel_err(folded.grid, one.grid) < 1e-12
+
+
 def test_chunked_evaluation_says_what_it_cannot_do():
     model = APM(preset("ttt-l14", **ODD_CONFIGS[0]), dtype=torch.float64)
     x = images_for(model, 1)

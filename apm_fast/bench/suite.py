@@ -106,8 +106,17 @@ def _document(ctx, name, result, *, partial, started):
     return _jsonable({
         "schema": SCHEMA_VERSION, "suite": name, "partial": partial, "quick": o.quick,
         "started": started, "machine": ctx.machine, "machine_line": machine_line(ctx.machine),
-        "backends": ctx.backends, "gate": ctx.gate.to_dict(), "options": o.to_dict(),
+        "backends": ctx.backends, "gate": ctx.gate.to_dict(), "options": _options(o),
         "spec_h100": spec_numbers.as_dict(), **result})
+
+
+def _options(o) -> dict:
+    """The run's options as recorded: the output folder by its name only (a result file carries
+    no path of the machine that wrote it)."""
+    d = o.to_dict()
+    if d.get("out"):
+        d["out"] = Path(d["out"]).name
+    return d
 
 
 def _write(path: Path, doc: dict):

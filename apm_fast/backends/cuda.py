@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._ext import load_extension
-from ..ops.contract import OUTPUTS, Primitives, empty
+from ..ops.contract import OUTPUTS, Primitives, _copy_out, empty
 from . import BackendUnavailable
 
 __all__ = ["CudaPrimitives", "cuda_extension"]
@@ -102,11 +102,11 @@ class CudaPrimitives(Primitives):
         # written straight into out / out_db when they are contiguous (the engine's gradient
         # views); any other layout gets a fresh buffer, copied in after
         cdt = _cdt(dy, "linear_bwd_weight")
-        dw, db = _outputs("linear_bwd_weight", dy, x, bias) if not _direct(out, out_db, bias) else (out, out_db)
+        direct = _direct(out, out_db, bias)
+        dw, db = (out, out_db) if direct else _outputs("linear_bwd_weight", dy, x, bias)
         self.ext.linear_bwd_weight(dy.contiguous(), x.to(cdt).contiguous(), dw, db if bias else None)
-        if dw is not out and out is not None:
-            dw = out.copy_(dw)
-            db = out_db.copy_(db) if bias and out_db is not None else db
+        if not direct:
+            dw, db = _copy_out(dw, out), _copy_out(db, out_db if bias else None)
         return dw, (db if bias else None)
 
     def _first_layer_bwd_weight(self, dy, p, u, bias, out=None, out_db=None):

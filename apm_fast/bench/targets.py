@@ -46,10 +46,16 @@ def _find(results, section, key, field, preset=PRESET):
     r = rows[0]
     if r.get("status") != "ok":
         return None, f"{section}/{key}: {r.get('status')} ({r.get('reason', '')})"[:200]
-    v = r
+    v = _field(r, field)
+    return (None, f"{section}/{key}: no {field}") if v is None else (float(v), None)
+
+
+def _field(row: dict, field: str):
+    """``row``'s value at a dotted path (``"timing.median_ms"``), or None."""
+    v = row
     for part in field.split("."):
         v = v.get(part) if isinstance(v, dict) else None
-    return (None, f"{section}/{key}: no {field}") if v is None else (float(v), None)
+    return v
 
 
 def collect(results: Dict[str, dict], gate_passed: bool, commit: Optional[str], machine_line: str = "") -> dict:
@@ -96,9 +102,7 @@ def _scaling(results, field, scale):
         return None, "section 'scaling' not in this run"
     if not rows or rows[0].get("status") != "ok":
         return None, f"scaling: no measured APM point at {QUERIES} queries"
-    v = rows[0]
-    for part in field.split("."):
-        v = v.get(part) if isinstance(v, dict) else None
+    v = _field(rows[0], field)
     return (None, f"scaling: no {field}") if v is None else (float(v) * scale, None)
 
 

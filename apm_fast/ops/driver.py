@@ -226,6 +226,13 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
     if c.pool:
         _, kt, scale = pool_query(w, c, acc)
     parts = [], []                 # the chunks' (sbar, lse), put together by combine_pool in batches
+
+    def fold(sbar, lse):
+        out = combine_pool(torch.stack([sbar] + parts[0]), torch.stack([lse] + parts[1]))
+        parts[0].clear()
+        parts[1].clear()
+        return out
+
     for a in range(start, stop, chunk):
         e = min(stop, a + chunk)
         p = prim.linear(position_rows(c.pos_dim, g, g, a, e, dtype=cdt, device=dev), wp, None, out_dtype=cdt)
@@ -238,11 +245,10 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
             parts[0].append(part[0].to(acc))
             parts[1].append(part[1].to(acc))
             if len(parts[0]) == _FOLD:
-                sbar, lse = combine_pool(torch.stack([sbar] + parts[0]), torch.stack([lse] + parts[1]))
-                parts = [], []
+                sbar, lse = fold(sbar, lse)
         del f
     if parts[0]:
-        sbar, lse = combine_pool(torch.stack([sbar] + parts[0]), torch.stack([lse] + parts[1]))
+        sbar, lse = fold(sbar, lse)
     if not c.pool:
         return None, grid
     if combine is not None:
@@ -386,7 +392,7 @@ def _outer_sum(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = N
 def _into(g, acc, name: str, fn: Callable):
     """g[name] = fn(out): ``out`` is the gradient's own view of ``grad_out`` when it has the acc
     dtype (``fn`` writes there and nothing is copied), else None (``fn`` returns a new tensor)."""
-    out = g.views[name] if isinstance(g, _GradSink) and g.views[name].dtype == acc else None
+    out = _direct(g.views if isinstance(g, _GradSink) else None, acc, name)[0]
     value = fn(out)
     if out is None:
         g[name] = value

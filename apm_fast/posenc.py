@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-__all__ = ["position_code", "position_rows"]
+__all__ = ["position_code", "position_rows", "position_cells"]
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
@@ -68,12 +68,20 @@ def position_rows(d: int, height: int, width: int, start: int, stop: int, *, dty
     """
     if not 0 <= start <= stop <= height * width:
         raise ValueError(f"rows: expected 0 <= start <= stop <= {height * width}, got {start}:{stop}")
+    return position_cells(d, height, width, torch.arange(start, stop, device=device), dtype=dtype)
+
+
+def position_cells(d: int, height: int, width: int, cells: torch.Tensor, *, dtype=torch.float32) -> torch.Tensor:
+    """The rows ``cells`` (a long tensor of indices y * width + x, on the code's device) of
+    ``position_code(d, height, width)``, from the code's two halves (x and y parts, each a
+    function of one coordinate) so that the L x d code is never held. No value is read on the
+    host: the indices may be computed on the device (a captured chunk replayed at any offset)."""
+    device = cells.device
     if d % 4 != 0:  # the trimmed code of odd widths is only defined as a whole
-        return position_code(d, height, width, dtype=dtype, device=device)[start:stop]
+        return position_code(d, height, width, dtype=dtype, device=device)[cells]
     half = d // 2
     # position_code(d, 1, n)[:, :half] is [sin, cos](n' * freq_k) interleaved for n' < n: the x
     # half for x < width, and (same frequencies, same layout) the y half for y < height
     xs = position_code(d, 1, width, dtype=dtype, device=device)[:, :half]
     ys = position_code(d, 1, height, dtype=dtype, device=device)[:, :half]
-    cells = torch.arange(start, stop, device=xs.device)
     return torch.cat([xs[cells % width], ys[cells // width]], dim=1)

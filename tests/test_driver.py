@@ -81,6 +81,41 @@ def test_more_chunks_than_one_fold_equal_one_chunk():
     assert rel_err(folded.cls, one.cls) < 1e-12 and rel_err(folded.grid, one.grid) < 1e-12
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_replayed_chunk_equals_the_chunk_loop_and_follows_new_weights(device):
+    """columns(graphs=True): the full chunks from one chunk function replayed at device offsets,
+    its pool folded inside (captured as a CUDA graph on a GPU, run eagerly on the CPU), then the
+    partial chunk; equal to the plain chunk loop. A second call after the weights changed in
+    place reuses the captured chunk with the new weights."""
+    from apm_fast.ops import driver
+    from apm_fast.ops.driver import columns, weight_names
+
+    torch.manual_seed(12)
+    dt = torch.float64 if device == "cpu" else torch.float32
+    model = APM(preset("ttt-l14", init="pytorch", **ODD_CONFIGS[0]), dtype=dt, device=device)
+    x = images_for(model, 2).to(device)
+    w = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters() if n in weight_names(model.config)}
+    tol = 1e-12 if device == "cpu" else 1e-5
+
+    def both(chunk, g):
+        kw = dict(cdt=dt, chunk=chunk, query_grid=g)
+        return (columns(TP, w, x, model.config, graphs=True, **kw),
+                columns(TP, w, x, model.config, graphs=False, **kw))
+
+    for chunk, g in ((4, 7), (7, 7), (9, 6)):          # ragged tails, none (49 = 7 x 7), another grid
+        (cls, grid), (cls0, grid0) = both(chunk, g)
+        assert rel_err(cls, cls0) < tol and rel_err(grid, grid0) < tol
+    (kept,) = driver._CHUNK_GRAPH.values()
+    assert (kept.graph is not None) == (device == "cuda")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.25)
+    (cls, grid), (cls0, grid0) = both(9, 6)
+    assert driver._CHUNK_GRAPH and next(iter(driver._CHUNK_GRAPH.values())) is kept
+    assert rel_err(cls, cls0) < tol and rel_err(grid, grid0) < tol
+
+
 def test_chunked_evaluation_says_what_it_cannot_do():
     model = APM(preset("ttt-l14", **ODD_CONFIGS[0]), dtype=torch.float64)
     x = images_for(model, 1)

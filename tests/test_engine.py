@@ -174,9 +174,49 @@ def test_param_store_layout_and_reset():
     groups = st.adam_groups()                         # the compute-copy prefix, then the rest
     assert [g[4] is not None for g in groups] == [True, False]
     assert sum(g[0].numel() for g in groups) == st.master.numel() and all(g[0].shape[0] == 3 for g in groups)
+    # any subset: adjacent parameters in one group, split where the compute copy ends
+    some = ["mlp.1.weight", "head.weight", "head.bias", "mlp.0.bias", "conv.bias"]
+    parts = st.adam_groups(some)
+    assert sum(g[0].numel() for g in parts) == 3 * sum(params[n].numel() for n in some)
+    assert len(parts) < len(some) and [g[4] is not None for g in parts][:1] == [True]
+    st.master.zero_()
+    for g in parts:
+        g[0].fill_(1.0)
+    for n in names:
+        assert bool((st.master_views[n] == 1.0).all()) == (n in some), n
+    with pytest.raises(ValueError, match="unknown parameter"):
+        st.adam_groups(["nope"])
     # gradient views write into the one flat buffer that the optimizer sees
     st.grad_views["head.bias"].fill_(7.0)
     assert int((st.flat2d(st.grad) == 7.0).sum()) == 3 * params["head.bias"].numel()
+
+
+def test_backward_announces_each_gradient_once_when_it_is_final():
+    """on_done(names): every parameter once, and at that moment its gradient is already the final
+    one (the engine starts its Adam there)."""
+    model, images, _ = _setup("three-layer", torch.float64, n=2)
+    cfg, prim = model.config, TorchPrimitives()
+    names = weight_names(cfg)
+    params = dict(model.named_parameters())
+    w = {n: params[n].detach().unsqueeze(0).clone() for n in names}
+    pos_in, pos_out = model.pos_in(), model.pos_out()
+    z, _, ctx = forward(prim, w, images[:, None].transpose(0, 1), cfg, pos_in, pos_out, cdt=torch.float64)
+    dz = torch.randn_like(z)
+    out = {n: torch.zeros_like(w[n]) for n in names}
+    seen = {}
+
+    def on_done(done):
+        for n in done:
+            assert n not in seen, f"{n} announced twice"
+            seen[n] = out[n].clone()
+            w[n].fill_(float("nan"))              # the backward must not read it again
+
+    backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out, on_done=on_done)
+    assert sorted(seen) == sorted(names)
+    for n in names:
+        assert torch.isfinite(out[n]).all(), n
+        torch.testing.assert_close(seen[n], out[n], rtol=0, atol=0)
+    assert len({id(v) for v in seen.values()}) == len(names)
 
 
 def test_backward_grad_out_equals_returned_grads():

@@ -95,6 +95,22 @@ def test_side_by_side_equals_one_at_a_time(backend, dt):
     _close(shuffled.cls, alone.cls[perm], dt, "permuted cls")
 
 
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adam_beside_the_backward_changes_no_bit(backend, graphs):
+    """Each layer's Adam on the second stream (the default on CUDA) against the whole Adam after
+    the backward: the same kernels on the same numbers, so the same bits; and the stream is used."""
+    model, images, targets = _setup(n=3, seed=2)
+    kw = dict(steps=STEPS, lr=LR, backend=backend, students=3, compute_dtype=torch.bfloat16, graphs=graphs)
+    serial = TTTEngine(model, **kw)
+    serial.engine.overlap = False
+    early = TTTEngine(model, **kw)
+    a, b = serial.fit(images, targets), early.fit(images, targets)
+    assert early.engine.program(3).overlap == (backend != "torch")
+    assert not serial.engine.program(3).overlap
+    assert torch.equal(a.cls, b.cls) and torch.equal(a.losses, b.losses)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_size_l14_graph_equals_eager(backend):
     model, images, targets = _setup(cfg={}, n=2)

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..posenc import position_rows
+from ..posenc import position_cells
 from .contract import acc_dtype_for, bmm_acc
 
 __all__ = ["FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
@@ -193,10 +193,108 @@ def rgb_head(w, config, f, t, pos_in):
 _FOLD = 64      # chunks whose pool results are kept before columns() folds them into one
 
 
+def _column_names(w):
+    """The column weights columns() feeds to GEMMs in the compute dtype (all but the first layer)."""
+    return [n for n in w if n.startswith(("mlp.", "head.")) and n != "mlp.0.weight"]
+
+
+def _chunk(prim, w, wp, u, kt, scale, config, cdt, g, cells):
+    """One chunk of :func:`columns`: the features f (1, B, rows, D) of the query cells ``cells``
+    (indices into the g x g grid, on the device) and, with a pool, the chunk's (sbar, lse)."""
+    c = config
+    p = prim.linear(position_cells(c.pos_dim, g, g, cells, dtype=cdt), wp, None, out_dtype=cdt)
+    f = column_mlp(prim, w, c, p, u, cdt).view(1, u.shape[1], cells.numel(), c.dim)
+    del p
+    part = prim.pool_fwd(f, position_cells(c.dim, g, g, cells, dtype=cdt), kt, scale) if c.pool else None
+    return f, part
+
+
+class _ChunkGraph:
+    """One chunk of :func:`columns` captured once as a CUDA graph and replayed at any row offset:
+    the host enqueues one replay per chunk instead of the chunk's few dozen launches (the eager
+    chunk loop is bound by the host). It reads only its own static buffers: the compute-dtype
+    copies of the column weights, u and k~ (refreshed by :meth:`load` on every call) and the
+    offset (a device scalar); the pool's (sbar, lse) over the chunks replayed since ``load`` are
+    folded inside the graph. Without a capture (the CPU, a failed capture) :meth:`replay` runs
+    the same function eagerly."""
+
+    def __init__(self, prim, w, u, kt, scale, config, cdt, g, chunk):
+        from ..ttt.graph import capture_phases
+
+        c, dev = config, u.device
+        self.prim, self.config, self.cdt, self.g, self.scale = prim, config, cdt, g, scale
+        self.acc = acc = acc_dtype_for(cdt)
+        b = u.shape[1]
+        self.w = {n: torch.empty(w[n].shape, dtype=cdt, device=dev) for n in _column_names(w)}
+        wp = w["mlp.0.weight"][:, :, c.pos_dim:]
+        self.wp = torch.empty(wp.shape, dtype=cdt, device=dev)
+        self.u = torch.empty_like(u)
+        self.kt = None if kt is None else torch.empty_like(kt)
+        self.base = torch.zeros((), dtype=torch.long, device=dev)
+        self.steps = torch.arange(chunk, device=dev)
+        self.sbar = torch.zeros((1, b, c.heads, c.dim), device=dev, dtype=acc)
+        self.lse = torch.full((1, b, c.heads), -math.inf, device=dev, dtype=acc)
+        self.f = None
+        self.load(w, u, kt)
+        graphs = capture_phases({"chunk": self._run}, self.restart, dev,
+                                key=f"columns/{getattr(prim, 'name', '?')}/chunk={chunk}/grid={g}/B={b}")
+        self.graph = None if graphs is None else graphs["chunk"]
+
+    def load(self, w, u, kt):
+        """This call's inputs into the static buffers (cast to the compute dtype on the way)."""
+        for n, t in self.w.items():
+            t.copy_(w[n])
+        self.wp.copy_(w["mlp.0.weight"][:, :, self.config.pos_dim:])
+        self.u.copy_(u)
+        if kt is not None:
+            self.kt.copy_(kt)
+        self.restart()
+
+    def restart(self):
+        self.base.zero_()
+        self.sbar.zero_()
+        self.lse.fill_(-math.inf)
+
+    def _run(self):
+        f, part = _chunk(self.prim, self.w, self.wp, self.u, self.kt, self.scale, self.config, self.cdt, self.g,
+                         self.steps + self.base)
+        self.f = f
+        if part is not None:
+            sbar, lse = combine_pool(torch.stack([self.sbar, part[0].to(self.acc)]),
+                                     torch.stack([self.lse, part[1].to(self.acc)]))
+            self.sbar.copy_(sbar)
+            self.lse.copy_(lse)
+
+    def replay(self, a: int):
+        """The chunk of rows a : a + chunk; its features land in ``self.f``."""
+        self.base.fill_(a)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._run()
+
+
+_CHUNK_GRAPH: dict = {}      # the one captured chunk kept (its memory is a chunk's activations)
+
+
+def _chunk_graph(prim, w, u, kt, scale, config, cdt, g, chunk) -> _ChunkGraph:
+    """The captured chunk for these shapes, loaded with this call's inputs (built on a miss)."""
+    key = (getattr(prim, "name", "?"), id(prim), str(u.device), cdt, config, g, chunk, tuple(u.shape), u.dtype,
+           kt is None, torch.is_inference_mode_enabled())
+    got = _CHUNK_GRAPH.get(key)
+    if got is not None:
+        got.load(w, u, kt)
+        return got
+    _CHUNK_GRAPH.clear()                 # free the old one before capturing the new
+    got = _CHUNK_GRAPH[key] = _ChunkGraph(prim, w, u, kt, scale, config, cdt, g, chunk)
+    return got
+
+
 @torch.no_grad()
 def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: int = 4096,
             query_grid: int | None = None, rows: tuple | None = None, want_grid: bool = True,
-            combine: Optional[Callable] = None, trigger: Optional[torch.Tensor] = None):
+            combine: Optional[Callable] = None, trigger: Optional[torch.Tensor] = None,
+            graphs: bool | None = None):
     """Inference over any set of location queries, ``chunk`` at a time (memory bounded by the
     chunk, not by the number of queries): rows ``rows = (start, stop)`` (default: all) of a
     ``query_grid`` x ``query_grid`` grid (default: the model's). Per chunk: the position GEMM of
@@ -204,7 +302,9 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
     ``combine`` then puts slices computed elsewhere (other ranks) together.
     images (B, C, H, W); w: weights with S = 1. ``trigger`` (B, d): ask the columns with these
     triggers instead of the images' own (``images`` may then be None): the MLP only ever sees an
-    image through its trigger. Returns (cls (B, D) acc dtype or None, grid (B, stop - start, D)
+    image through its trigger. ``graphs``: replay the full chunks from one captured CUDA graph
+    (:class:`_ChunkGraph`; None: on CUDA when there are at least two full chunks; the last,
+    partial chunk runs eagerly). Returns (cls (B, D) acc dtype or None, grid (B, stop - start, D)
     in cdt or None)."""
     c = config
     g = c.grid if query_grid is None else query_grid
@@ -216,15 +316,21 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
         u = trigger_u(w, trigger.unsqueeze(0), c, acc)
     dev = u.device
     b = u.shape[1]
-    wp = w["mlp.0.weight"][:, :, c.pos_dim:].to(cdt)
-    # the column weights in the compute dtype once, not once per chunk
-    w = dict(w, **{n: t.to(cdt) for n, t in w.items() if n.startswith(("mlp.", "head.")) and n != "mlp.0.weight"})
-    grid = torch.empty((b, stop - start, c.dim), device=dev, dtype=cdt) if want_grid else None
     kt = scale = None
-    sbar = torch.zeros((1, b, c.heads, c.dim), device=dev, dtype=acc)
-    lse = torch.full((1, b, c.heads), -math.inf, device=dev, dtype=acc)
     if c.pool:
         _, kt, scale = pool_query(w, c, acc)
+    full = (stop - start) // chunk
+    if graphs is None:
+        graphs = dev.type == "cuda" and full >= 2
+    graph = _chunk_graph(prim, w, u, kt, scale, c, cdt, g, chunk) if graphs and full else None
+    if graph is not None:                # the partial chunk reads the same copies
+        cw, wp, u, kt = graph.w, graph.wp, graph.u, graph.kt
+    else:                                # the column weights in the compute dtype once, not per chunk
+        wp = w["mlp.0.weight"][:, :, c.pos_dim:].to(cdt)
+        cw = {n: w[n].to(cdt) for n in _column_names(w)}
+    grid = torch.empty((b, stop - start, c.dim), device=dev, dtype=cdt) if want_grid else None
+    sbar = torch.zeros((1, b, c.heads, c.dim), device=dev, dtype=acc)
+    lse = torch.full((1, b, c.heads), -math.inf, device=dev, dtype=acc)
     parts = [], []                 # the chunks' (sbar, lse), put together by combine_pool in batches
 
     def fold(sbar, lse):
@@ -233,15 +339,22 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
         parts[1].clear()
         return out
 
-    for a in range(start, stop, chunk):
+    a = start
+    if graph is not None:
+        for _ in range(full):
+            graph.replay(a)
+            if grid is not None:
+                grid[:, a - start:a - start + chunk] = graph.f[0]
+            a += chunk
+        if c.pool:
+            parts[0].append(graph.sbar)
+            parts[1].append(graph.lse)
+    for a in range(a, stop, chunk):
         e = min(stop, a + chunk)
-        p = prim.linear(position_rows(c.pos_dim, g, g, a, e, dtype=cdt, device=dev), wp, None, out_dtype=cdt)
-        f = column_mlp(prim, w, c, p, u, cdt).view(1, b, e - a, c.dim)
-        del p
+        f, part = _chunk(prim, cw, wp, u, kt, scale, c, cdt, g, torch.arange(a, e, device=dev))
         if grid is not None:
             grid[:, a - start:e - start] = f[0]
         if c.pool:
-            part = prim.pool_fwd(f, position_rows(c.dim, g, g, a, e, dtype=cdt, device=dev), kt, scale)
             parts[0].append(part[0].to(acc))
             parts[1].append(part[1].to(acc))
             if len(parts[0]) == _FOLD:
@@ -259,7 +372,8 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
 def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch.Tensor], config,
              pos_in, pos_out, *, df_extra: Optional[torch.Tensor] = None,
              grad_out: Optional[Dict[str, torch.Tensor]] = None, release: bool = False,
-             reduce: Optional[Callable] = None, parts: int = 1) -> Dict[str, torch.Tensor]:
+             reduce: Optional[Callable] = None, parts: int = 1,
+             on_done: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
     (a dict of preallocated views, e.g. into one flat buffer) the results land there, written in
@@ -269,7 +383,11 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     ``parts`` > 1: this call holds one of ``parts`` slices of the rows (the forward's ``combine``
     joined them); every gradient returned is then this slice's share, and the sum of the shares
     over all slices is the gradient. ``reduce(t)`` sums a tensor over the slices in place (the
-    one exchange the backward needs: dL/dsbar, whose shares the pool's backward needs whole)."""
+    one exchange the backward needs: dL/dsbar, whose shares the pool's backward needs whole).
+    ``on_done(names)`` is called, in the stream order of the work, as soon as the gradients of
+    ``names`` are final and the backward reads neither them nor those weights again (the engine
+    starts their optimizer update there, beside the rest of the backward); every name is
+    announced once, the last ones when the backward returns."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]
@@ -277,6 +395,11 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     # with grad_out, each gradient goes into its view as soon as it exists and is dropped: only
     # one layer's gradient is ever alive beside the flat buffer (peak memory of a TTT step)
     g: Dict[str, torch.Tensor] = {} if grad_out is None else _GradSink(grad_out)
+
+    def done(names):
+        if on_done is not None:
+            on_done([n for n in names if n in w])
+
     df = None
     if config.pool and dz is not None:
         heads = config.heads
@@ -319,6 +442,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         _into(g, acc, "attn.in_proj_bias", in_proj_bias)
         _into(g, acc, "query", lambda out: torch.bmm(dq[:, None], wq, out=None if out is None else out[:, None])
               .view(s, dim))
+        done(["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "query"])
     if df_extra is not None:
         df = df_extra.to(acc) if df is None else df + df_extra.to(acc)
     if df is None:
@@ -341,12 +465,14 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         x = ctx.acts[idx - 1]
         weight_grad(prim.linear_bwd_weight, idx, dy, x)
         dy = prim.linear_bwd_input(dy, wk.to(cdt), mask=x, out_dtype=cdt)
+        done([f"{names[idx]}.weight", f"{names[idx]}.bias"])
         if release:
             ctx.acts[idx - 1] = x = None
     # first consumer: its input ReLU(P + u) is rebuilt, never stored
     weight_grad(prim.first_layer_bwd_weight, 0, dy, ctx.p, ctx.u)
     g1, r = prim.first_layer_bwd_input(dy, layers[0][0].to(cdt), ctx.p, ctx.u, out_dtype=cdt)   # S BL H1, S B H1
     dy = None
+    done([f"{names[0]}.weight", f"{names[0]}.bias"])
     if release:
         ctx.p = None
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
@@ -363,12 +489,14 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
     w1t = _trigger_weight(w, config)
     dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                       # S B d
+    done(["mlp.0.weight", "mlp.0.bias"])
     conv_shape = w["conv.weight"].shape
     _into(g, acc, "conv.weight", lambda out: torch.bmm(
         dt.reshape(s, 1, -1), ctx.patches.reshape(s, -1, ctx.patches.shape[-1]),
         out=None if out is None else out.view(s, 1, -1)).reshape(conv_shape))
     _into(g, acc, "conv.bias", lambda out: torch.sum(
         dt, (1, 2), out=None if out is None else out.view(s)).reshape(w["conv.bias"].shape))
+    done(["conv.weight", "conv.bias"])
     return grad_out if grad_out is not None else g
 
 

@@ -60,12 +60,15 @@ class TTTEngine:
     fp32 masters only; every table). graphs: capture the step as a CUDA graph (None: on
     CUDA devices without shards; falls back to eager, with a warning, when capture fails).
     shards: one image's queries split over ranks (``apm_fast.distributed.QueryShards``).
+    overlap: run each layer's Adam on a second stream as soon as the backward is done with the
+    layer, beside the rest of the backward (None: on CUDA with a fused Adam and no shards; False:
+    the whole Adam after the backward, as before). The result is the same either way.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
                  snapshot: Dict[str, torch.Tensor], students: int | None = None, max_students: int = 64,
                  precision=None, graphs: bool | None = None, reserve_bytes: int | None = None, shards=None,
-                 moments=None):
+                 moments=None, overlap: bool | None = None):
         cfg = model.config
         self.config = cfg
         self.device = model.device
@@ -77,6 +80,7 @@ class TTTEngine:
         self.master_dtype = torch.float64 if torch.float64 in (model.dtype, self.compute_dtype) else torch.float32
         self.moment_dtype = parse_moments(moments, self.master_dtype)
         self.shards = shards
+        self.overlap = overlap
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
@@ -118,7 +122,8 @@ class TTTEngine:
         if keep_grid and self.shards is not None:
             raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "
                              "watch them on one device (shards=None)")
-        key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid))
+        key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid),
+               self.overlap)
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -128,7 +133,7 @@ class TTTEngine:
                                   betas=self.betas, eps=self.eps, compute_dtype=cdt,
                                   master_dtype=self.master_dtype, device=self.device, graphs=self.graphs,
                                   label=label, shards=self.shards, keep_grid=keep_grid,
-                                  moment_dtype=self.moment_dtype)
+                                  moment_dtype=self.moment_dtype, overlap=self.overlap)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

@@ -23,17 +23,19 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ["capture_phases", "say_once"]
+__all__ = ["capture_phases", "say_once", "side_stream"]
 
 log = logging.getLogger("apm_fast.engine")
 _SAID: set = set()
 _SIDE: dict = {}
 
 
-def _side_stream(device):
-    """One warm-up/capture stream per device for every capture: cuBLAS keeps a workspace per
-    stream it has seen, so a fresh stream per program would leave one more workspace each time."""
-    key = str(device)
+def side_stream(device, role: str = "capture"):
+    """One stream per device and role for every program: ``"capture"``, the warm-up/capture
+    stream; ``"adam"``, the stream the step's early optimizer updates run on beside the backward.
+    cuBLAS keeps a workspace per stream it has seen, so a fresh stream per program would leave
+    one more workspace each time."""
+    key = (str(device), role)
     if key not in _SIDE:
         _SIDE[key] = torch.cuda.Stream(device)
     return _SIDE[key]
@@ -66,7 +68,7 @@ def capture_phases(phases: Dict[str, Callable[[], None]], reset: Callable[[], No
     caller_stream = torch.cuda.current_stream(device)
     try:
         with torch.cuda.device(device):
-            side = _side_stream(device)
+            side = side_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(max(1, warmup)):

@@ -25,7 +25,7 @@ from ..ops.autograd import _no_autocast
 from ..ops.contract import TorchPrimitives, acc_dtype_for
 from ..ops.driver import backward, forward, weight_names
 from ..posenc import position_code
-from .graph import capture_phases
+from .graph import capture_phases, side_stream
 from .store import ParamStore, gemm_weight_names
 
 __all__ = ["StudentProgram", "quiet_autograd"]
@@ -56,7 +56,8 @@ class StudentProgram:
     def __init__(self, prim, config, snapshot: Dict[str, torch.Tensor], students: int, steps: int, *,
                  lr: float, betas: Tuple[float, float], eps: float, compute_dtype: torch.dtype,
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
-                 keep_grid: bool = False, moment_dtype: torch.dtype | None = None):
+                 keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
+                 overlap: bool | None = None):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -97,6 +98,10 @@ class StudentProgram:
             self.lr_t = torch.full((1,), float(lr), dtype=lr_dtype, device=dev)
             self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
             self.n_chunks = _adam_chunks(prim, s * self.store.numel)
+            # each layer's Adam on a second stream as soon as the backward is done with the layer,
+            # beside the rest of the backward (a fused Adam, one device, CUDA); off: after it
+            can = dev.type == "cuda" and self.n_chunks == 1 and shards is None
+            self.overlap = can if overlap is None else bool(overlap) and can
             self.reset()
             self.graphs: Optional[dict] = None
             if graphs:
@@ -126,17 +131,20 @@ class StudentProgram:
         loss = diff.square().mean(-1, keepdim=True)                             # S x 1
         self.losses.index_copy_(1, self.t_idx, loss)
         dz = (diff * (2.0 / c.dim)).unsqueeze(1)                                # d mean_D / dz
+        self.step_t.add_(1.0)           # the number of this update, read by Adam on the device
+        self.t_idx.add_(1)
+        early = _EarlyAdam(self) if self.overlap else None
         backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
-                 release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world)
+                 release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
+                 on_done=None if early is None else early.start)
         del ctx, z
         if sh is not None:
             sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange
-        self.step_t.add_(1.0)
-        self.t_idx.add_(1)
-        self._adam()
+        self._adam(None if early is None else early.join())
 
-    def _adam(self):
-        for p, g, m, v, lowp in self.store.adam_groups():
+    def _adam(self, names=None):
+        """Adam over the parameters ``names`` (default: all), on the current stream."""
+        for p, g, m, v, lowp in self.store.adam_groups(names):
             if self.n_chunks == 1:
                 self.prim.adam_(p, g, m, v, self.step_t, self.lr_t, self.beta1, self.beta2, self.eps, lowp=lowp)
                 continue
@@ -237,3 +245,30 @@ class StudentProgram:
         """Bytes of this program's own buffers (store and statics; not the graph pool)."""
         statics = [self.images, self.targets, self.losses, self.cls] + ([self.grid] if self.grid is not None else [])
         return self.store.nbytes() + sum(t.numel() * t.element_size() for t in statics)
+
+
+class _EarlyAdam:
+    """A step's Adam in pieces on the program's second stream: ``start(names)`` (the backward's
+    ``on_done``) queues the update of those parameters there after the work enqueued so far;
+    ``join()`` makes the main stream wait for all of it and returns the names not yet updated
+    (none when the backward announced every one). Captured into the step's graph as a fork and
+    a join, so the replayed step overlaps them the same way."""
+
+    def __init__(self, program: StudentProgram):
+        self.program = program
+        self.main = torch.cuda.current_stream(program.device)
+        self.side = side_stream(program.device, "adam")
+        self.left = list(program.store.names)
+
+    def start(self, names):
+        names = [n for n in names if n in self.left]
+        if not names:
+            return
+        self.left = [n for n in self.left if n not in names]
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            self.program._adam(names)
+
+    def join(self):
+        self.main.wait_stream(self.side)
+        return self.left

@@ -63,6 +63,7 @@ class ParamStore:
         for n in self.numels[:-1]:
             self.offsets.append(self.offsets[-1] + n)
         self.numel = sum(self.numels)                    # N, one student
+        self.n_lowp = len(low)                           # parameters with a compute copy: the first
         self.numel_lowp = sum(self.numels[:len(low)])    # the prefix with a compute copy
         self.master_dtype, self.compute_dtype = master_dtype, compute_dtype
         self.device = torch.device(device)
@@ -90,16 +91,31 @@ class ParamStore:
         """A flat buffer as the (S, N) tensor of the optimizer contract."""
         return flat.view(self.students, self.numel)
 
-    def adam_groups(self):
-        """[(params, grads, m, v, lowp or None)] as (S, n) views covering every element once:
-        the prefix with a compute copy, then the rest (one group when either is empty)."""
-        s, cut = self.students, self.students * self.numel_lowp
-        bufs = (self.master, self.grad, self.exp_avg, self.exp_avg_sq)
+    def adam_groups(self, names=None):
+        """[(params, grads, m, v, lowp or None)] as (S, n) views covering every element of the
+        parameters ``names`` (default: all) once: parameters adjacent in the layout form one group
+        (one launch), split where the compute copy ends (all of them: the prefix with a copy,
+        then the rest)."""
+        if names is None:
+            idx = list(range(len(self.names)))
+        else:
+            unknown = sorted(set(names) - set(self.names))
+            if unknown:
+                raise ValueError(f"names: unknown parameter(s) {unknown}; expected some of {self.names}")
+            idx = sorted({self.names.index(n) for n in names})
+        runs = []
+        for i in idx:
+            if runs and runs[-1][1] == i and i != self.n_lowp:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        s = self.students
         groups = []
-        if cut:
-            groups.append(tuple(b[:cut].view(s, -1) for b in bufs) + (self.lowp.view(s, -1),))
-        if cut < self.master.numel():
-            groups.append(tuple(b[cut:].view(s, -1) for b in bufs) + (None,))
+        for a, b in runs:
+            lo, hi = s * self.offsets[a], s * (self.offsets[b - 1] + self.numels[b - 1])
+            bufs = (self.master, self.grad, self.exp_avg, self.exp_avg_sq)
+            lowp = self.lowp[lo:hi].view(s, -1) if a < self.n_lowp else None
+            groups.append(tuple(t[lo:hi].view(s, -1) for t in bufs) + (lowp,))
         return groups
 
     def nbytes(self) -> int:

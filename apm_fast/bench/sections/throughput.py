@@ -33,11 +33,14 @@ def _targets(ctx, model, images):
     return torch.cat([ctx.targets(model, images[i:i + 1], offset=i) for i in range(images.shape[0])])
 
 
-def _trainer(ctx, model, backend, students, moments=None):
+def _trainer(ctx, model, backend, students, moments=None, overlap=None):
     o = ctx.options
     prec = None if backend == "reference" else (ctx.amp_dtype or model.dtype)
-    return TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec,
-                           moments=moments)
+    trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec,
+                              moments=moments)
+    if overlap is not None:
+        trainer.engine.overlap = overlap
+    return trainer
 
 
 def _one_at_a_time(ctx, name, model, images, targets):
@@ -52,9 +55,11 @@ def _one_at_a_time(ctx, name, model, images, targets):
             "peak_bytes": pm.peak_bytes, "final_loss_median": float(result.losses[:, -1].median())}
 
 
-def _side_by_side(ctx, preset, name, model, s, moments=None):
+def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None):
     """Images/s of 2 S images, S side by side; with bf16 moments also how far their cls moves from
-    the fp32-moment run's on the same images (relative, and the share whose closest target changes)."""
+    the fp32-moment run's on the same images (relative, and the share whose closest target changes).
+    ``overlap=False``: the whole Adam after the backward (the engine's default runs each layer's
+    beside the rest of the backward), to compare in one run."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
@@ -70,12 +75,12 @@ def _side_by_side(ctx, preset, name, model, s, moments=None):
                   "closest_changed": float((closest(half) != closest(full)).float().mean())}
         free_memory(ctx.device)
     with peak_memory(ctx.device) as pm:
-        trainer = _trainer(ctx, model, name, s, moments)
+        trainer = _trainer(ctx, model, name, s, moments, overlap)
         trainer.fit(images[:s], targets[:s])                # build, capture, warm
         timing = measure(lambda: trainer.fit(images, targets), device=ctx.device, warmup=0,
                          repeats=max(20, o.repeats))
     return {**effect, "timing": timing.to_dict(), "images": 2 * s, "students": s, "precision": trainer.precision,
-            "moments": trainer.moments,
+            "moments": trainer.moments, "adam_beside_backward": trainer.engine.program(s).overlap,
             "images_per_s": 2 * s * 1e3 / timing.median_ms, "peak_bytes": pm.peak_bytes,
             "peak_bytes_per_student": None if pm.peak_bytes is None else pm.peak_bytes / s,
             "mode": trainer.engine.mode}
@@ -163,6 +168,12 @@ def run(ctx) -> dict:
                                          label=f"{s} students side by side, {name}, bf16 moments"),
                                     "available", name,
                                     lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s, "bf16")))
+                if ctx.device.type == "cuda":           # the engine's Adam beside the backward, or not
+                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/adam-after-backward",
+                                             backend=name, students=s, steps=o.ttt_steps,
+                                             label=f"{s} students side by side, {name}, Adam after the backward"),
+                                        "available", name,
+                                        lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s, overlap=False)))
         fast = default_backend(ctx.device, ctx.config(preset))
         best = fast if fast in usable else next(iter(usable), None)
         tower = dict(o.table4_pairs).get(preset)

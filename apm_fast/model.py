@@ -118,7 +118,11 @@ class APM(nn.Module):
         ``chunk``: evaluate the location queries ``chunk`` at a time (inference, no gradients)
         with memory bounded by the chunk, not by L; ``query_grid``: ask about a G_q x G_q grid of
         locations instead of the model's own (implies chunked evaluation, default chunk 4096).
-        Chunked evaluation runs on the tables and returns no RGB."""
+        Chunked evaluation runs on the tables and returns no RGB.
+        On a CUDA device, inference (under ``torch.no_grad()`` / ``torch.inference_mode()``)
+        replays a captured CUDA graph from the second call with the same input shape on, and
+        chunked evaluation replays one captured chunk: the eager launches are bound by the host.
+        One of each is kept for the next call; ``apm_fast.ops.release_graphs()`` frees them."""
         images = check_images(images, self.config)
         name = resolve_backend(backend, images.device, self.config)
         chunked = chunk is not None or query_grid is not None

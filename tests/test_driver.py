@@ -168,3 +168,44 @@ def test_torch_compile_fullgraph_on_the_cpu_backends():
         torch._dynamo.reset()
         fn = torch.compile(lambda im: model(im, backend=backend).cls, fullgraph=True, backend="eager")
         torch.testing.assert_close(fn(x), model(x, backend=backend).cls)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_replayed_inference_forward_equals_the_autograd_forward(device):
+    """Inference on a GPU replays a captured forward from the second call with the same shape on
+    (graphs=True: from the first; on the CPU the same function runs eagerly): equal outputs,
+    fresh tensors, the model's in-place weight updates seen; a forward that records gradients
+    never replays."""
+    from apm_fast.backends import get_backend
+    from apm_fast.ops import autograd, release_graphs
+    from apm_fast.ops.autograd import fused_forward
+
+    release_graphs()
+    torch.manual_seed(13)
+    dt = torch.float64 if device == "cpu" else torch.float32
+    model = APM(preset("ttt-l14", init="pytorch", **ODD_CONFIGS[0]), dtype=dt, device=device)
+    x = images_for(model, 3).to(device)
+    prim = get_backend("torch", device=device)
+    tol = 1e-12 if device == "cpu" else 1e-5
+    auto = device == "cuda"
+    with torch.no_grad():
+        plain = fused_forward(prim, model, x, dt, graphs=False)
+        firsts = [fused_forward(prim, model, x, dt, graphs=None if auto else True) for _ in range(3)]
+    assert len(autograd._FORWARD) == 1
+    (kept,) = autograd._FORWARD.values()
+    assert (kept.graph is not None) == auto
+    for cls, grid in firsts:
+        assert rel_err(cls, plain[0]) < tol and rel_err(grid, plain[1]) < tol
+    firsts[1][1].zero_()                                      # outputs are the caller's own
+    assert rel_err(firsts[2][1], plain[1]) < tol
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.8)
+        moved = fused_forward(prim, model, x, dt, graphs=None if auto else True)
+        again = fused_forward(prim, model, x, dt, graphs=False)
+    assert next(iter(autograd._FORWARD.values())) is kept
+    assert rel_err(moved[0], again[0]) < tol and rel_err(moved[0], plain[0]) > 1e-3
+    release_graphs()
+    cls, _ = fused_forward(prim, model, x, dt, graphs=True)   # gradients recorded: never replayed
+    assert cls.requires_grad and not autograd._FORWARD

@@ -27,6 +27,9 @@ def error_text(exc: BaseException) -> str:
 
 
 def free_memory(device):
+    from ..ops import release_graphs
+
+    release_graphs()                 # the captured inference graphs kept for a next call
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

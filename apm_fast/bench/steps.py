@@ -38,15 +38,17 @@ def dtype_name(dtype) -> str:
 
 
 def forward_fn(backend: str, device):
-    """``fn(model, images, want_grid) -> (cls, grid)``: the model's forward through ``backend``
-    without the input checks (the caller has made them), in the dtype autocast says."""
+    """``fn(model, images, want_grid, graphs=None) -> (cls, grid)``: the model's forward through
+    ``backend`` without the input checks (the caller has made them), in the dtype autocast says;
+    a table's inference forward replays a captured graph from its second call on a GPU unless
+    ``graphs=False`` (``ops.autograd.fused_forward``)."""
     if backend == "reference":
-        return lambda model, images, want_grid=True: reference.forward(model, images, want_grid=want_grid,
-                                                                        want_rgb=False)[:2]
+        return lambda model, images, want_grid=True, graphs=None: reference.forward(
+            model, images, want_grid=want_grid, want_rgb=False)[:2]
     prim = get_backend(backend, device=device)
 
-    def fn(model, images, want_grid=True):
-        cls, f = fused_forward(prim, model, images, compute_dtype(model.dtype, images.device))
+    def fn(model, images, want_grid=True, graphs=None):
+        cls, f = fused_forward(prim, model, images, compute_dtype(model.dtype, images.device), graphs=graphs)
         return cls, f
     return fn
 

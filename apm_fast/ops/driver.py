@@ -26,7 +26,8 @@ from ..posenc import position_cells
 from .contract import acc_dtype_for, bmm_acc
 
 __all__ = ["FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
-           "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head"]
+           "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head",
+           "release_graphs"]
 
 
 def weight_names(config) -> List[str]:
@@ -275,6 +276,14 @@ class _ChunkGraph:
 
 
 _CHUNK_GRAPH: dict = {}      # the one captured chunk kept (its memory is a chunk's activations)
+_GRAPH_CACHES = [_CHUNK_GRAPH]          # every cache of captured inference graphs (see release_graphs)
+
+
+def release_graphs():
+    """Drop every captured inference graph kept for the next call (columns' chunk, the replayed
+    inference forward) and the memory they hold; the next call captures again when it needs to."""
+    for cache in _GRAPH_CACHES:
+        cache.clear()
 
 
 def _chunk_graph(prim, w, u, kt, scale, config, cdt, g, chunk) -> _ChunkGraph:

@@ -97,18 +97,28 @@ def test_side_by_side_equals_one_at_a_time(backend, dt):
 
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_adam_beside_the_backward_changes_no_bit(backend, graphs):
-    """Each layer's Adam on the second stream (the default on CUDA) against the whole Adam after
-    the backward: the same kernels on the same numbers, so the same bits; and the stream is used."""
+def test_adam_beside_the_backward_changes_nothing(backend, graphs):
+    """Each layer's Adam on the second stream (the default on CUDA with a fused Adam) against the
+    whole Adam after the backward: the same kernels on the same numbers. Where two runs of the
+    serial step agree bit for bit, so must the overlapped one; where a kernel's split-K atomics
+    make runs differ in the last bits, they agree to the bf16 tolerance like graph and eager."""
     model, images, targets = _setup(n=3, seed=2)
     kw = dict(steps=STEPS, lr=LR, backend=backend, students=3, compute_dtype=torch.bfloat16, graphs=graphs)
-    serial = TTTEngine(model, **kw)
-    serial.engine.overlap = False
-    early = TTTEngine(model, **kw)
-    a, b = serial.fit(images, targets), early.fit(images, targets)
-    assert early.engine.program(3).overlap == (backend != "torch")
-    assert not serial.engine.program(3).overlap
-    assert torch.equal(a.cls, b.cls) and torch.equal(a.losses, b.losses)
+
+    def fit(overlap):
+        t = TTTEngine(model, **kw)
+        t.engine.overlap = overlap
+        out = t.fit(images, targets)
+        return out, t.engine.program(3).overlap
+
+    (a, off), (a2, _), (b, on) = fit(False), fit(False), fit(None)
+    assert not off and on == (backend != "torch")
+    if torch.equal(a.cls, a2.cls) and torch.equal(a.losses, a2.losses):
+        assert torch.equal(a.cls, b.cls) and torch.equal(a.losses, b.losses)
+    else:
+        _close(b.cls, a.cls, "bf16", "cls")
+        _close(b.losses, a.losses, "bf16", "losses")
+    assert torch.equal(_classes(a.cls, targets), _classes(b.cls, targets))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -148,7 +148,7 @@ def test_targets_are_read_from_the_sections_rows_and_judged():
                                 dict(ok, key="side-by-side/cuda/S=64/bf16-moments", images_per_s=290.0),
                                 dict(ok, key="end-to-end/cuda", images_per_s_after_first_batch=210.0)]},
         "scaling": {"rows": [dict(status="ok", model="apm", queries=50176, timing={"median_ms": 11.0},
-                                  peak_bytes=400 * 2 ** 20),
+                                  peak_bytes=400 * 2 ** 20, first_call_peak_bytes=500 * 2 ** 20),
                              dict(status="ok", model="clip", queries=50176, timing={"median_ms": 1.0},
                                   peak_bytes=1)]},
     }
@@ -157,6 +157,7 @@ def test_targets_are_read_from_the_sections_rows_and_judged():
     assert (doc["step_ms_triton"], doc["step_ms_cuda"], doc["side_by_side_img_s"]) == (0.5, 0.25, 230.0)
     assert doc["side_by_side_img_s_bf16_moments"] == 290.0 and doc["end_to_end_img_s_l14"] == 210.0
     assert doc["scaling_50176_ms"] == 11.0 and doc["scaling_50176_mb"] == 400.0
+    assert doc["scaling_50176_first_call_mb"] == 500.0
     assert doc["step_ms_torch"] is None and "boom" in doc["missing"]["step_ms_torch"]
     assert doc["step_ms_eager"] is None and "ttt_step" in doc["missing"]["step_ms_eager"]
     assert doc["met"] == {"step_ms_triton": False, "side_by_side_img_s": True,

@@ -98,7 +98,7 @@ def test_side_by_side_equals_one_at_a_time(backend, dt):
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adam_beside_the_backward_changes_nothing(backend, graphs):
-    """Each layer's Adam on the second stream (the default on CUDA with a fused Adam) against the
+    """Each layer's Adam on the second stream (the Triton table's default) against the
     whole Adam after the backward: the same kernels on the same numbers. Where two runs of the
     serial step agree bit for bit, so must the overlapped one; where a kernel's split-K atomics
     make runs differ in the last bits, they agree to the bf16 tolerance like graph and eager."""
@@ -111,8 +111,9 @@ def test_adam_beside_the_backward_changes_nothing(backend, graphs):
         out = t.fit(images, targets)
         return out, t.engine.program(3).overlap
 
-    (a, off), (a2, _), (b, on) = fit(False), fit(False), fit(None)
+    (a, off), (a2, _), (b, on) = fit(False), fit(False), fit(True)
     assert not off and on
+    assert TTTEngine(model, **kw).engine.program(3).overlap == (backend == "triton")   # the default
     if torch.equal(a.cls, a2.cls) and torch.equal(a.losses, a2.losses):
         assert torch.equal(a.cls, b.cls) and torch.equal(a.losses, b.losses)
     else:

@@ -68,6 +68,15 @@ class Context:
         """Backends other than the reference, in a fixed order, with their status."""
         return [(n, s) for n, s in self.backends.items() if n != "reference"]
 
+    def other_adam(self, name: str):
+        """The engine setting a table does not use by default, to measure beside its default in
+        the same run: (overlap value, key suffix, words for labels)."""
+        from ..backends import get_backend
+
+        beside = not getattr(get_backend(name, device=self.device, check=False), "adam_beside_backward", False)
+        return (beside, "adam-beside-backward" if beside else "adam-after-backward",
+                "Adam beside the backward" if beside else "Adam after the backward")
+
     def said(self, reason: str) -> str:
         """``reason`` the first time it is logged in this run, a short reference afterwards (a
         missing backend's reason would otherwise fill the log once per row)."""

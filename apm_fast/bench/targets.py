@@ -24,7 +24,8 @@ TARGETS = {
     "side_by_side_img_s_bf16_moments": ("same, bf16 moments (images/s)", 300.0, ">="),
     "end_to_end_img_s_l14": ("end to end, ViT-L/14 teacher, after the first batch (images/s)", 200.0, ">="),
     "scaling_50176_ms": ("50,176 location queries, chunked forward (ms)", 12.0, "<="),
-    "scaling_50176_mb": ("same, peak memory (MB)", 350.0, "<="),
+    "scaling_50176_mb": ("same, peak memory of a call after the first, weights included (MB)", 350.0, "<="),
+    "scaling_50176_first_call_mb": ("same, the first call (one-time autotuning and capture) (MB)", None, None),
 }
 PRESET = "ttt-l14"
 STUDENTS = 64
@@ -80,6 +81,7 @@ def collect(results: Dict[str, dict], gate_passed: bool, commit: Optional[str], 
         if e2e else (None, "throughput: no end-to-end row"))
     put("scaling_50176_ms", _scaling(results, "timing.median_ms", 1.0))
     put("scaling_50176_mb", _scaling(results, "peak_bytes", 1.0 / 2 ** 20))
+    put("scaling_50176_first_call_mb", _scaling(results, "first_call_peak_bytes", 1.0 / 2 ** 20))
     doc = {"commit": commit, **got, "gate_passed": bool(gate_passed), "side_by_side_table": fastest,
            "preset": PRESET, "machine": machine_line, "missing": missing}
     doc["met"] = {k: _met(k, v) for k, v in got.items() if TARGETS[k][1] is not None}

@@ -150,6 +150,17 @@ class PeakMemory:
     def available(self) -> bool:
         return self.peak_bytes is not None
 
+    def restart(self) -> Optional[int]:
+        """The peak so far above the baseline (None on the CPU), then the peak counted afresh from
+        what is allocated now (the baseline stays: what was built meanwhile still counts)."""
+        if self.baseline_bytes is None:
+            return None
+        device = torch.device(self.device)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - self.baseline_bytes
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+
 
 @contextmanager
 def peak_memory(device):

@@ -156,12 +156,15 @@ class Primitives:
     """The boundary of a table: checks, then ``self._<primitive>(...)`` with the schema's
     positional arguments. ``opaque`` tables (compiled kernels) go through their generated
     ``torch.library`` ops while ``torch.compile`` traces (``use_custom_ops`` None) or always
-    (True); ``wgrad_out`` tables write weight gradients into ``out=`` themselves."""
+    (True); ``wgrad_out`` tables write weight gradients into ``out=`` themselves;
+    ``adam_beside_backward``: the engine's default for this table, each layer's Adam on a second
+    stream beside the rest of the backward (on where measured faster: the Triton table)."""
 
     name = "?"
     opaque = False
     wgrad_out = False
     use_custom_ops = None
+    adam_beside_backward = False
 
     def available(self) -> Tuple[bool, str]:
         return True, ""

@@ -61,8 +61,9 @@ class TTTEngine:
     CUDA devices without shards; falls back to eager, with a warning, when capture fails).
     shards: one image's queries split over ranks (``apm_fast.distributed.QueryShards``).
     overlap: run each layer's Adam on a second stream as soon as the backward is done with the
-    layer, beside the rest of the backward (None: on CUDA with a fused Adam and no shards; False:
-    the whole Adam after the backward, as before). The result is the same either way.
+    layer, beside the rest of the backward (None: where the table measured it faster, the Triton
+    table, on CUDA without shards; False: the whole Adam after the backward). The result is the
+    same either way.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,

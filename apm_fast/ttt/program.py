@@ -99,9 +99,11 @@ class StudentProgram:
             self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
             self.n_chunks = _adam_chunks(prim, s * self.store.numel)
             # each layer's Adam on a second stream as soon as the backward is done with the layer,
-            # beside the rest of the backward (a fused Adam, one device, CUDA); off: after it
+            # beside the rest of the backward (Adam in one launch, one device, CUDA; by default
+            # where the table says it pays); off: after it
             can = dev.type == "cuda" and self.n_chunks == 1 and shards is None
-            self.overlap = can if overlap is None else bool(overlap) and can
+            want = getattr(prim, "adam_beside_backward", False) if overlap is None else bool(overlap)
+            self.overlap = can and want
             self.reset()
             self.graphs: Optional[dict] = None
             if graphs:

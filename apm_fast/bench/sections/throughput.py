@@ -58,8 +58,8 @@ def _one_at_a_time(ctx, name, model, images, targets):
 def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None):
     """Images/s of 2 S images, S side by side; with bf16 moments also how far their cls moves from
     the fp32-moment run's on the same images (relative, and the share whose closest target changes).
-    ``overlap=False``: the whole Adam after the backward (the engine's default runs each layer's
-    beside the rest of the backward), to compare in one run."""
+    ``overlap``: each layer's Adam beside the rest of the backward (True) or the whole Adam after
+    it (False) instead of the table's default, to compare in one run."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
@@ -168,12 +168,13 @@ def run(ctx) -> dict:
                                          label=f"{s} students side by side, {name}, bf16 moments"),
                                     "available", name,
                                     lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s, "bf16")))
-                if ctx.device.type == "cuda":           # the engine's Adam beside the backward, or not
-                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/adam-after-backward",
+                if ctx.device.type == "cuda":           # the table's other Adam schedule, in the same run
+                    ov, suffix, words = ctx.other_adam(name)
+                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
                                              backend=name, students=s, steps=o.ttt_steps,
-                                             label=f"{s} students side by side, {name}, Adam after the backward"),
+                                             label=f"{s} students side by side, {name}, {words}"),
                                         "available", name,
-                                        lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s, overlap=False)))
+                                        lambda n=name, s=s, ov=ov: _side_by_side(ctx, preset, n, model, s, overlap=ov)))
         fast = default_backend(ctx.device, ctx.config(preset))
         best = fast if fast in usable else next(iter(usable), None)
         tower = dict(o.table4_pairs).get(preset)

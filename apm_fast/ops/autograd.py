@@ -49,7 +49,7 @@ def fused_forward(prim, model, images, cdt: torch.dtype, *, graphs: bool | None 
     Inference (no gradient recorded: ``torch.no_grad()``, ``torch.inference_mode()``, or no
     parameter requiring one) on a CUDA device replays a captured CUDA graph of the forward from
     the second call with the same model, table, dtype and input shape on (:class:`_ForwardGraph`:
-    the eager forward is bound by the host, ~1.4 ms of launches at one image); ``graphs=False``
+    the eager forward is bound by the host, ~1.3 ms of launches at one image); ``graphs=False``
     never does, ``True`` captures at the first call (on the CPU: the same function, eagerly). The
     outputs are fresh tensors either way."""
     cfg = model.config

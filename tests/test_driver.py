@@ -209,3 +209,42 @@ def test_replayed_inference_forward_equals_the_autograd_forward(device):
     release_graphs()
     cls, _ = fused_forward(prim, model, x, dt, graphs=True)   # gradients recorded: never replayed
     assert cls.requires_grad and not autograd._FORWARD
+
+
+def test_kept_graphs_serve_concurrent_callers_one_at_a_time():
+    """Threads sharing the kept chunk and the kept forward (their static inputs and outputs):
+    every call gets its own images' result (KeptGraph.exclusive)."""
+    import threading
+
+    from apm_fast.ops import release_graphs
+    from apm_fast.ops.autograd import fused_forward
+    from apm_fast.ops.driver import columns, weight_names
+
+    release_graphs()
+    torch.manual_seed(14)
+    model = APM(preset("ttt-l14", init="pytorch", **ODD_CONFIGS[0]), dtype=torch.float64)
+    w = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters() if n in weight_names(model.config)}
+    xs = [images_for(model, 2) * (1 + 0.3 * i) for i in range(4)]
+    kw = dict(cdt=torch.float64, chunk=7, query_grid=7)
+    with torch.no_grad():
+        want = [(columns(TP, w, x, model.config, graphs=False, **kw)[0],
+                 fused_forward(TP, model, x, torch.float64, graphs=False)[0]) for x in xs]
+    errors = []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    cls = columns(TP, w, xs[i], model.config, graphs=True, **kw)[0]
+                    z = fused_forward(TP, model, xs[i], torch.float64, graphs=True)[0]
+                    if rel_err(cls, want[i][0]) > 1e-12 or rel_err(z, want[i][1]) > 1e-12:
+                        errors.append(i)
+        except Exception as exc:          # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .driver import _GRAPH_CACHES, backward, forward, weight_names
+from .kept import CACHE_LOCK, KeptGraph
 
 __all__ = ["fused_forward"]
 
@@ -65,7 +66,7 @@ def fused_forward(prim, model, images, cdt: torch.dtype, *, graphs: bool | None 
     return (z if cfg.pool else None), f
 
 
-class _ForwardGraph:
+class _ForwardGraph(KeptGraph):
     """One model's inference forward on one input shape captured as a CUDA graph: it reads the
     model's parameters where they live (so in-place updates are seen), the input from a static
     copy; its outputs are cloned out after each replay."""
@@ -73,6 +74,7 @@ class _ForwardGraph:
     def __init__(self, prim, model, params, images, cdt):
         from ..ttt.graph import capture_phases
 
+        super().__init__(images.device)
         cfg = self.config = model.config
         self.prim, self.cdt = prim, cdt
         self.w = {n: p.detach().unsqueeze(0) for n, p in zip(weight_names(cfg), params)}
@@ -91,12 +93,13 @@ class _ForwardGraph:
         self.z, self.f = z, f
 
     def __call__(self, images):
-        self.images.copy_(images)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._run()
-        return (self.z[0].clone() if self.config.pool else None), self.f[0].clone()
+        with self.exclusive():
+            self.images.copy_(images)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._run()
+            return (self.z[0].clone() if self.config.pool else None), self.f[0].clone()
 
 
 _FORWARD: dict = {}          # the one captured forward kept, by key
@@ -108,12 +111,13 @@ def _replayed(prim, model, params, images, cdt, *, now: bool):
     """The replayed forward's outputs, or None where this call runs eagerly (a first call)."""
     key = (getattr(prim, "name", "?"), id(prim), id(model), cdt, model.config, tuple(images.shape), images.dtype,
            str(images.device), tuple((p.data_ptr(), p.dtype) for p in params), torch.is_inference_mode_enabled())
-    got = _FORWARD.get(key)
-    if got is None:
-        if not now and key not in _SEEN:
-            _SEEN.clear()
-            _SEEN[key] = True
-            return None
-        _FORWARD.clear()                 # free the old one before capturing the new
-        got = _FORWARD[key] = _ForwardGraph(prim, model, params, images, cdt)
+    with CACHE_LOCK:
+        got = _FORWARD.get(key)
+        if got is None:
+            if not now and key not in _SEEN:
+                _SEEN.clear()
+                _SEEN[key] = True
+                return None
+            _FORWARD.clear()             # free the old one before capturing the new
+            got = _FORWARD[key] = _ForwardGraph(prim, model, params, images, cdt)
     return got(images)

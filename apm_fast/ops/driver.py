@@ -15,6 +15,7 @@ bounded memory), and across ranks through ``combine=`` (``apm_fast.distributed``
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from ..posenc import position_cells
 from .contract import acc_dtype_for, bmm_acc
+from .kept import CACHE_LOCK, KeptGraph
 
 __all__ = ["FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
            "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head",
@@ -210,7 +212,7 @@ def _chunk(prim, w, wp, u, kt, scale, config, cdt, g, cells):
     return f, part
 
 
-class _ChunkGraph:
+class _ChunkGraph(KeptGraph):
     """One chunk of :func:`columns` captured once as a CUDA graph and replayed at any row offset:
     the host enqueues one replay per chunk instead of the chunk's few dozen launches (the eager
     chunk loop is bound by the host). It reads only its own static buffers: the compute-dtype
@@ -223,6 +225,7 @@ class _ChunkGraph:
         from ..ttt.graph import capture_phases
 
         c, dev = config, u.device
+        super().__init__(dev)
         self.prim, self.config, self.cdt, self.g, self.scale = prim, config, cdt, g, scale
         self.acc = acc = acc_dtype_for(cdt)
         b = u.shape[1]
@@ -287,16 +290,16 @@ def release_graphs():
 
 
 def _chunk_graph(prim, w, u, kt, scale, config, cdt, g, chunk) -> _ChunkGraph:
-    """The captured chunk for these shapes, loaded with this call's inputs (built on a miss)."""
+    """The captured chunk for these shapes (built, and captured on this call's inputs, on a miss);
+    the caller loads its inputs under ``exclusive()``."""
     key = (getattr(prim, "name", "?"), id(prim), str(u.device), cdt, config, g, chunk, tuple(u.shape), u.dtype,
            kt is None, torch.is_inference_mode_enabled())
-    got = _CHUNK_GRAPH.get(key)
-    if got is not None:
-        got.load(w, u, kt)
+    with CACHE_LOCK:
+        got = _CHUNK_GRAPH.get(key)
+        if got is None:
+            _CHUNK_GRAPH.clear()             # free the old one before capturing the new
+            got = _CHUNK_GRAPH[key] = _ChunkGraph(prim, w, u, kt, scale, config, cdt, g, chunk)
         return got
-    _CHUNK_GRAPH.clear()                 # free the old one before capturing the new
-    got = _CHUNK_GRAPH[key] = _ChunkGraph(prim, w, u, kt, scale, config, cdt, g, chunk)
-    return got
 
 
 @torch.no_grad()
@@ -332,45 +335,48 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
     if graphs is None:
         graphs = dev.type == "cuda" and full >= 2
     graph = _chunk_graph(prim, w, u, kt, scale, c, cdt, g, chunk) if graphs and full else None
-    if graph is not None:                # the partial chunk reads the same copies
-        cw, wp, u, kt = graph.w, graph.wp, graph.u, graph.kt
-    else:                                # the column weights in the compute dtype once, not per chunk
-        wp = w["mlp.0.weight"][:, :, c.pos_dim:].to(cdt)
-        cw = {n: w[n].to(cdt) for n in _column_names(w)}
-    grid = torch.empty((b, stop - start, c.dim), device=dev, dtype=cdt) if want_grid else None
-    sbar = torch.zeros((1, b, c.heads, c.dim), device=dev, dtype=acc)
-    lse = torch.full((1, b, c.heads), -math.inf, device=dev, dtype=acc)
-    parts = [], []                 # the chunks' (sbar, lse), put together by combine_pool in batches
+    # a kept graph's static buffers serve one call at a time (KeptGraph.exclusive)
+    with graph.exclusive() if graph is not None else contextlib.nullcontext():
+        if graph is not None:                # the partial chunk reads the same copies
+            graph.load(w, u, kt)
+            cw, wp, u, kt = graph.w, graph.wp, graph.u, graph.kt
+        else:                                # the column weights in the compute dtype once, not per chunk
+            wp = w["mlp.0.weight"][:, :, c.pos_dim:].to(cdt)
+            cw = {n: w[n].to(cdt) for n in _column_names(w)}
+        grid = torch.empty((b, stop - start, c.dim), device=dev, dtype=cdt) if want_grid else None
+        sbar = torch.zeros((1, b, c.heads, c.dim), device=dev, dtype=acc)
+        lse = torch.full((1, b, c.heads), -math.inf, device=dev, dtype=acc)
+        parts = [], []                 # the chunks' (sbar, lse), put together by combine_pool in batches
 
-    def fold(sbar, lse):
-        out = combine_pool(torch.stack([sbar] + parts[0]), torch.stack([lse] + parts[1]))
-        parts[0].clear()
-        parts[1].clear()
-        return out
+        def fold(sbar, lse):
+            out = combine_pool(torch.stack([sbar] + parts[0]), torch.stack([lse] + parts[1]))
+            parts[0].clear()
+            parts[1].clear()
+            return out
 
-    a = start
-    if graph is not None:
-        for _ in range(full):
-            graph.replay(a)
+        a = start
+        if graph is not None:
+            for _ in range(full):
+                graph.replay(a)
+                if grid is not None:
+                    grid[:, a - start:a - start + chunk] = graph.f[0]
+                a += chunk
+            if c.pool:
+                parts[0].append(graph.sbar)
+                parts[1].append(graph.lse)
+        for a in range(a, stop, chunk):
+            e = min(stop, a + chunk)
+            f, part = _chunk(prim, cw, wp, u, kt, scale, c, cdt, g, torch.arange(a, e, device=dev))
             if grid is not None:
-                grid[:, a - start:a - start + chunk] = graph.f[0]
-            a += chunk
-        if c.pool:
-            parts[0].append(graph.sbar)
-            parts[1].append(graph.lse)
-    for a in range(a, stop, chunk):
-        e = min(stop, a + chunk)
-        f, part = _chunk(prim, cw, wp, u, kt, scale, c, cdt, g, torch.arange(a, e, device=dev))
-        if grid is not None:
-            grid[:, a - start:e - start] = f[0]
-        if c.pool:
-            parts[0].append(part[0].to(acc))
-            parts[1].append(part[1].to(acc))
-            if len(parts[0]) == _FOLD:
-                sbar, lse = fold(sbar, lse)
-        del f
-    if parts[0]:
-        sbar, lse = fold(sbar, lse)
+                grid[:, a - start:e - start] = f[0]
+            if c.pool:
+                parts[0].append(part[0].to(acc))
+                parts[1].append(part[1].to(acc))
+                if len(parts[0]) == _FOLD:
+                    sbar, lse = fold(sbar, lse)
+            del f
+        if parts[0]:
+            sbar, lse = fold(sbar, lse)
     if not c.pool:
         return None, grid
     if combine is not None:

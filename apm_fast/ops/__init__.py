@@ -38,7 +38,8 @@ Around the primitives (``driver.py``, plain PyTorch, shared by every table):
 ``precision.py`` says which dtype the GEMMs run in.
 """
 from .contract import Primitives, TorchPrimitives, acc_dtype_for
-from .driver import backward, columns, combine_pool, forward, release_graphs, weight_names
+from .driver import backward, columns, combine_pool, forward, weight_names
+from .kept import release_graphs
 from .precision import compute_dtype
 
 __all__ = ["Primitives", "TorchPrimitives", "acc_dtype_for", "forward", "backward", "columns",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .driver import _GRAPH_CACHES, backward, forward, weight_names
-from .kept import CACHE_LOCK, KeptGraph
+from .driver import backward, forward, weight_names
+from .kept import LOCK, KeptGraph, cache, kept
 
 __all__ = ["fused_forward"]
 
@@ -72,8 +72,6 @@ class _ForwardGraph(KeptGraph):
     copy; its outputs are cloned out after each replay."""
 
     def __init__(self, prim, model, params, images, cdt):
-        from ..ttt.graph import capture_phases
-
         super().__init__(images.device)
         cfg = self.config = model.config
         self.prim, self.cdt = prim, cdt
@@ -82,9 +80,7 @@ class _ForwardGraph(KeptGraph):
         self.pos = (model.pos_in(dtype=cdt, device=dev), model.pos_out(dtype=cdt, device=dev))
         self.images = images.detach().clone()
         self.z = self.f = None
-        graphs = capture_phases({"forward": self._run}, lambda: None, dev,
-                                key=f"forward/{getattr(prim, 'name', '?')}/{tuple(images.shape)}")
-        self.graph = None if graphs is None else graphs["forward"]
+        self.capture(self._run, lambda: None, f"forward/{getattr(prim, 'name', '?')}/{tuple(images.shape)}")
 
     def _run(self):
         with torch.no_grad(), _no_autocast(self.images.device):
@@ -95,29 +91,21 @@ class _ForwardGraph(KeptGraph):
     def __call__(self, images):
         with self.exclusive():
             self.images.copy_(images)
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._run()
+            self.replay()
             return (self.z[0].clone() if self.config.pool else None), self.f[0].clone()
 
 
-_FORWARD: dict = {}          # the one captured forward kept, by key
-_SEEN: dict = {}             # the last inference call's key: a repeat is worth a capture
-_GRAPH_CACHES.extend([_FORWARD, _SEEN])
+_FORWARD = cache()           # the one captured forward kept, by key
+_SEEN = cache()              # the last inference call's key: a repeat is worth a capture
 
 
 def _replayed(prim, model, params, images, cdt, *, now: bool):
     """The replayed forward's outputs, or None where this call runs eagerly (a first call)."""
     key = (getattr(prim, "name", "?"), id(prim), id(model), cdt, model.config, tuple(images.shape), images.dtype,
            str(images.device), tuple((p.data_ptr(), p.dtype) for p in params), torch.is_inference_mode_enabled())
-    with CACHE_LOCK:
-        got = _FORWARD.get(key)
-        if got is None:
-            if not now and key not in _SEEN:
-                _SEEN.clear()
-                _SEEN[key] = True
-                return None
-            _FORWARD.clear()             # free the old one before capturing the new
-            got = _FORWARD[key] = _ForwardGraph(prim, model, params, images, cdt)
-    return got(images)
+    with LOCK:
+        if not (now or key in _FORWARD or key in _SEEN):
+            _SEEN.clear()
+            _SEEN[key] = True
+            return None
+    return kept(_FORWARD, key, lambda: _ForwardGraph(prim, model, params, images, cdt))(images)

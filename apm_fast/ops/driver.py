@@ -25,11 +25,10 @@ import torch.nn.functional as F
 
 from ..posenc import position_cells
 from .contract import acc_dtype_for, bmm_acc
-from .kept import CACHE_LOCK, KeptGraph
+from .kept import KeptGraph, cache, kept
 
 __all__ = ["FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
-           "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head",
-           "release_graphs"]
+           "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head"]
 
 
 def weight_names(config) -> List[str]:
@@ -222,8 +221,6 @@ class _ChunkGraph(KeptGraph):
     the same function eagerly."""
 
     def __init__(self, prim, w, u, kt, scale, config, cdt, g, chunk):
-        from ..ttt.graph import capture_phases
-
         c, dev = config, u.device
         super().__init__(dev)
         self.prim, self.config, self.cdt, self.g, self.scale = prim, config, cdt, g, scale
@@ -240,9 +237,7 @@ class _ChunkGraph(KeptGraph):
         self.lse = torch.full((1, b, c.heads), -math.inf, device=dev, dtype=acc)
         self.f = None
         self.load(w, u, kt)
-        graphs = capture_phases({"chunk": self._run}, self.restart, dev,
-                                key=f"columns/{getattr(prim, 'name', '?')}/chunk={chunk}/grid={g}/B={b}")
-        self.graph = None if graphs is None else graphs["chunk"]
+        self.capture(self._run, self.restart, f"columns/{getattr(prim, 'name', '?')}/chunk={chunk}/grid={g}/B={b}")
 
     def load(self, w, u, kt):
         """This call's inputs into the static buffers (cast to the compute dtype on the way)."""
@@ -269,24 +264,13 @@ class _ChunkGraph(KeptGraph):
             self.sbar.copy_(sbar)
             self.lse.copy_(lse)
 
-    def replay(self, a: int):
+    def rows(self, a: int):
         """The chunk of rows a : a + chunk; its features land in ``self.f``."""
         self.base.fill_(a)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._run()
+        self.replay()
 
 
-_CHUNK_GRAPH: dict = {}      # the one captured chunk kept (its memory is a chunk's activations)
-_GRAPH_CACHES = [_CHUNK_GRAPH]          # every cache of captured inference graphs (see release_graphs)
-
-
-def release_graphs():
-    """Drop every captured inference graph kept for the next call (columns' chunk, the replayed
-    inference forward) and the memory they hold; the next call captures again when it needs to."""
-    for cache in _GRAPH_CACHES:
-        cache.clear()
+_CHUNK_GRAPH = cache()       # the one captured chunk kept (its memory is a chunk's activations)
 
 
 def _chunk_graph(prim, w, u, kt, scale, config, cdt, g, chunk) -> _ChunkGraph:
@@ -294,12 +278,7 @@ def _chunk_graph(prim, w, u, kt, scale, config, cdt, g, chunk) -> _ChunkGraph:
     the caller loads its inputs under ``exclusive()``."""
     key = (getattr(prim, "name", "?"), id(prim), str(u.device), cdt, config, g, chunk, tuple(u.shape), u.dtype,
            kt is None, torch.is_inference_mode_enabled())
-    with CACHE_LOCK:
-        got = _CHUNK_GRAPH.get(key)
-        if got is None:
-            _CHUNK_GRAPH.clear()             # free the old one before capturing the new
-            got = _CHUNK_GRAPH[key] = _ChunkGraph(prim, w, u, kt, scale, config, cdt, g, chunk)
-        return got
+    return kept(_CHUNK_GRAPH, key, lambda: _ChunkGraph(prim, w, u, kt, scale, config, cdt, g, chunk))
 
 
 @torch.no_grad()
@@ -357,7 +336,7 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
         a = start
         if graph is not None:
             for _ in range(full):
-                graph.replay(a)
+                graph.rows(a)
                 if grid is not None:
                     grid[:, a - start:a - start + chunk] = graph.f[0]
                 a += chunk
@@ -413,7 +392,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
 
     def done(names):
         if on_done is not None:
-            on_done([n for n in names if n in w])
+            on_done(names)
 
     df = None
     if config.pool and dz is not None:

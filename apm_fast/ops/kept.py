@@ -1,21 +1,51 @@
-"""Captured graphs kept for later calls (``driver._ChunkGraph``, ``autograd._ForwardGraph``): their
-static buffers serve one call at a time."""
+"""Captured graphs kept for later calls (``driver._ChunkGraph``, ``autograd._ForwardGraph``): one
+per cache, found or built under one lock, serving one call at a time, all freed by
+:func:`release_graphs`."""
 from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Callable, Dict
 
 import torch
 
-__all__ = ["KeptGraph", "CACHE_LOCK"]
+__all__ = ["KeptGraph", "LOCK", "cache", "kept", "release_graphs"]
 
-CACHE_LOCK = threading.Lock()    # finding or building the kept graph of a cache, one thread at a time
+LOCK = threading.Lock()       # finding or building a cache's graph, one thread at a time
+_CACHES: list = []             # every cache of kept graphs (release_graphs)
+
+
+def cache() -> Dict:
+    """A new cache of kept graphs (key -> graph; one at a time), registered for release_graphs."""
+    c: Dict = {}
+    _CACHES.append(c)
+    return c
+
+
+def kept(store: Dict, key, build: Callable[[], "KeptGraph"]) -> "KeptGraph":
+    """``store``'s graph for ``key``; on a miss the old one is freed, then ``build()`` makes the new."""
+    with LOCK:
+        got = store.get(key)
+        if got is None:
+            store.clear()
+            got = store[key] = build()
+        return got
+
+
+def release_graphs():
+    """Drop every captured inference graph kept for the next call (columns' chunk, the replayed
+    inference forward) and the memory they hold; the next call captures again when it needs to."""
+    with LOCK:
+        for c in _CACHES:
+            c.clear()
 
 
 class KeptGraph:
-    """Base of a captured graph kept between calls. ``with kept.exclusive():`` one caller at a
-    time fills its static inputs, replays and reads its outputs: a host lock, and on CUDA the
-    caller's stream first waits for the previous caller's work on those buffers (an event
+    """Base of a captured graph kept between calls. :meth:`capture` records ``fn`` (a function of
+    the object's static buffers) as a CUDA graph, and :meth:`replay` replays it, or runs ``fn``
+    eagerly where there is no capture (the CPU, a failed capture). ``with kept.exclusive():`` one
+    caller at a time fills its static inputs, replays and reads its outputs: a host lock, and on
+    CUDA the caller's stream first waits for the previous caller's work on those buffers (an event
     recorded on that caller's stream when it left), so callers on different streams or threads
     never see each other's inputs."""
 
@@ -23,6 +53,20 @@ class KeptGraph:
         self._device = torch.device(device)
         self._lock = threading.Lock()
         self._left = None
+        self._fn = self.graph = None
+
+    def capture(self, fn: Callable[[], None], reset: Callable[[], None], key: str):
+        from ..ttt.graph import capture_phases
+
+        self._fn = fn
+        graphs = capture_phases({"graph": fn}, reset, self._device, key=key)
+        self.graph = None if graphs is None else graphs["graph"]
+
+    def replay(self):
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._fn()
 
     @contextlib.contextmanager
     def exclusive(self):

@@ -4,8 +4,8 @@ APM: one image's trigger, then G_q x G_q location queries streamed in chunks (me
 the chunk, ``apm_fast.ops.driver.columns``) through the default table for the preset here (the
 measured fastest), pooled output. On a GPU the full chunks are one captured CUDA graph replayed at
 each chunk's offset: the eager chunk loop is bound by the host (on the H200, ``ttt-b16``, 50,176
-queries in chunks of 4096: 19.0 ms eager against 5.3 ms replayed with the Triton table, 13.2 ms
-against 8.2 ms with the plain-PyTorch one). CLIP: open_clip's ViT image tower fed
+queries in chunks of 4096: 23.4 ms through the plain-PyTorch table's eager loop at 76405f6, 4.95 ms
+replayed with the Triton table at d3c3cb1; benchmarks/results/h200/). CLIP: open_clip's ViT image tower fed
 the same number of patch tokens (an image of G_q * patch pixels a side). Both at batch 1 under the
 run's precision; the peak counts the weights too (each model is built inside its window). APM's
 peak is that of the calls after a first eager one (``first_call_peak_bytes``: that call, with the

@@ -28,6 +28,7 @@ class FakeCudaExt:
 
     def __init__(self):
         self.calls = []
+        self.dw_ptrs = []
 
     def first_layer_act(self, p, u, a):
         _expect(u, (p.shape[0], u.shape[1], p.shape[2]), torch.float32, "u")
@@ -76,6 +77,8 @@ class FakeCudaExt:
         s, m, n = dy.shape
         assert x.shape[-2] == m and x.dtype == dy.dtype and dy.is_contiguous() and x.is_contiguous()
         _expect(dw, (s, n, x.shape[-1]), torch.float32, "dw")
+        assert dw.stride(-1) == 1, "the binding takes dw with unit-stride rows"
+        self.dw_ptrs.append(dw.data_ptr())
         rdw, rdb = TP.linear_bwd_weight(dy, x, bias=db is not None)
         dw.copy_(rdw)
         if db is not None:
@@ -129,6 +132,20 @@ def test_primitives_route_to_the_extension(fake):
                         TP.pool_bwd(f, pos, kt, 0.5, sbar, lse, dsbar)):
         torch.testing.assert_close(got, ref)
     assert {"linear", "linear_bwd_weight", "first_layer_bwd_input", "linear_bwd_input"} <= set(fake.calls)
+
+
+def test_weight_gradient_lands_in_a_column_slice_without_a_copy(fake):
+    """The first layer's position columns (grad[:, :, d:] of a wider gradient) are written in
+    place by the binding: no fresh buffer, no copy after."""
+    g = torch.Generator().manual_seed(2)
+    S, M, N, K, d = 2, 6, 5, 4, 3
+    dy, x = torch.randn(S, M, N, generator=g), torch.randn(M, K, generator=g)
+    wide = torch.full((S, N, d + K), 7.0)
+    view = wide[:, :, d:]
+    dw, db = cuda_backend.CudaPrimitives().linear_bwd_weight(dy, x, bias=False, out=view)
+    assert db is None and fake.dw_ptrs == [view.data_ptr()]
+    torch.testing.assert_close(view, TP.linear_bwd_weight(dy, x, bias=False)[0])
+    assert torch.equal(wide[:, :, :d], torch.full((S, N, d), 7.0))      # the other columns untouched
 
 
 def test_adam_on_padded_rows_matches_the_primitive(fake):

@@ -51,8 +51,11 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _direct(out, out_db, bias) -> bool:
-    """Whether a weight gradient can be written straight into the given outputs."""
-    return out is not None and out.is_contiguous() and (not bias or (out_db is not None and out_db.is_contiguous()))
+    """Whether a weight gradient can be written straight into the given outputs: unit-stride rows
+    for dw (a column slice of a wider gradient, e.g. the first layer's position columns, is
+    written in place), contiguous db."""
+    return (out is not None and out.stride(-1) == 1 and out.dim() == 3
+            and (not bias or (out_db is not None and out_db.is_contiguous())))
 
 
 class CudaPrimitives(Primitives):
@@ -99,8 +102,8 @@ class CudaPrimitives(Primitives):
         return out
 
     def _linear_bwd_weight(self, dy, x, bias, out=None, out_db=None):
-        # written straight into out / out_db when they are contiguous (the engine's gradient
-        # views); any other layout gets a fresh buffer, copied in after
+        # written straight into out / out_db when their rows have a unit stride (the engine's
+        # gradient views); any other layout gets a fresh buffer, copied in after
         cdt = _cdt(dy, "linear_bwd_weight")
         direct = _direct(out, out_db, bias)
         dw, db = (out, out_db) if direct else _outputs("linear_bwd_weight", dy, x, bias)

@@ -5,13 +5,16 @@
 // Backward, c[h,l] = a[h,l] (kv_l . dsbar_h - sbar_h . dsbar_h):
 //   df_l = sum_h a[h,l] dsbar_h + scale c[h,l] kt_h;   dkt_h = scale sum_{b,l} c[h,l] kv_l
 //
-// Kernels (each a simple pass; the pool moves ~1.5 MB per image, far from the GEMMs' cost):
-//   scores   one block per cell l: all H dot products from one read of kv_l
-//   lse      one block per (image, head): log-sum-exp over L
-//   wsum     one block per (image, head, 128 columns), 8 row phases: sbar = sum_l a kv_l,
-//            coalesced over d
-//   rows     (backward) one block per cell: a, c and df_l
-//   dkt      (backward) partial sums over row chunks, then a deterministic column sum
+// The pool moves ~1.5 MB per image: at one image it is bound by latency, not bandwidth, so every
+// kernel spreads its work over as many warps as the shape allows and the passes are few.
+//   forward   scores  one warp per cell: all H dot products from one read of kv_l
+//             wsum    one block per (image, head, 32 columns), 32 row phases: the softmax's max
+//                     and sum over L (so lse needs no launch of its own), then sbar = sum_l a kv_l
+//   backward  sd      one warp per (image, head): sbar . dsbar
+//             rows    one warp per cell: a, c (stored) and df_l
+//             dkt     one block per (student, 32 columns, row chunk): every head's partial sums
+//                     from one read of kv, then a deterministic column sum over the chunks
+// No atomics anywhere: the same inputs give the same bits.
 #include "apm_kernels.h"
 #include "dtype_util.cuh"
 
@@ -19,10 +22,10 @@ namespace apm {
 
 namespace {
 
-constexpr int kWarps = 8;  // warps per block of pool_sd (one warp per image and head)
-constexpr int kCols = 128; // columns per block of the column kernels
-constexpr int kSplit = 8;  // row phases per block of the forward's weighted sum
-constexpr int kRowThreads = 128;  // threads per block of the per-cell kernels (one cell each)
+constexpr int kWarps = 8;        // warps per block of the warp-per-item kernels
+constexpr int kCols = 32;        // columns per block of the column kernels (one warp wide)
+constexpr int kPhases = 32;      // row phases per block of the forward's weighted sum
+constexpr int kDktPhases = 8;    // row phases per block of the key gradient
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -36,39 +39,29 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Sums over d of each thread's per-head partials, over the whole block: out[h] (shared memory,
-// h < kPoolMaxHeads) = sum over the block's threads of part[h], in a fixed order (deterministic).
-// Every thread must call it; `red` holds kPoolMaxHeads x (warps) floats.
-template <int kHeads>
-__device__ __forceinline__ void block_head_sums(float (&part)[kHeads], int H, float* red, float* out) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+// The warp-wide sums of acc[h] for h < H, returned to lane h (every lane takes part).
+__device__ __forceinline__ float lane_head_sum(const float (&acc)[kPoolMaxHeads], int H, int lane) {
+  float mine = 0.0f;
 #pragma unroll
-  for (int h = 0; h < kHeads; ++h) {
+  for (int h = 0; h < kPoolMaxHeads; ++h) {
     if (h < H) {
-      const float t = warp_sum(part[h]);
-      if (lane == 0) red[h * warps + warp] = t;
+      const float t = warp_sum(acc[h]);
+      if (lane == h) mine = t;
     }
   }
-  __syncthreads();
-  if (threadIdx.x < H) {
-    float t = 0.0f;
-    for (int w = 0; w < warps; ++w) t += red[threadIdx.x * warps + w];
-    out[threadIdx.x] = t;
-  }
-  __syncthreads();
+  return mine;
 }
 
-// score[(sb*H + h)*L + l] for every cell row = sb*L + l: one block of kRowThreads per row, the
-// threads over d (one warp per row left ~8 warps per SM at one image: latency bound).
+// score[(sb*H + h)*L + l] for every cell row = sb*L + l: one warp per row, lanes over d.
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kWarps * 32)
     pool_scores_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                        const float* __restrict__ kt, float scale, PoolShape sh,
                        float* __restrict__ score) {
-  __shared__ float red[kPoolMaxHeads * (kRowThreads / 32)];
-  __shared__ float dots[kPoolMaxHeads];
+  const int lane = threadIdx.x % 32;
   const int64_t rows = sh.S * sh.B * sh.L;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
     const T* frow = f + row * sh.D;
     const T* prow = pos + l * sh.D;
@@ -76,71 +69,67 @@ __global__ void __launch_bounds__(kRowThreads)
     float acc[kPoolMaxHeads];
 #pragma unroll
     for (int h = 0; h < kPoolMaxHeads; ++h) acc[h] = 0.0f;
-    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
+    for (int64_t d = lane; d < sh.D; d += 32) {
       const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
 #pragma unroll
       for (int h = 0; h < kPoolMaxHeads; ++h)
-        if (h < sh.H) acc[h] = fmaf(v, k[h * sh.D + d], acc[h]);
+        if (h < sh.H) acc[h] = fmaf(v, __ldg(k + h * sh.D + d), acc[h]);
     }
-    block_head_sums(acc, sh.H, red, dots);
-    if (threadIdx.x < sh.H) score[(sb * sh.H + threadIdx.x) * sh.L + l] = dots[threadIdx.x] * scale;
+    const float t = lane_head_sum(acc, sh.H, lane);
+    if (lane < sh.H) score[(sb * sh.H + lane) * sh.L + l] = t * scale;
   }
 }
 
-// lse[i] = logsumexp(score[i, :L]) for i = sb*H + h; one block of 256 threads per i.
-__global__ void __launch_bounds__(256)
-    pool_lse_kernel(const float* __restrict__ score, int64_t n, int64_t L, float* __restrict__ lse) {
-  __shared__ float red[8];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    const float* row = score + i * L;
-    float m = -INFINITY;
-    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) m = fmaxf(m, row[l]);
-    m = warp_max(m);
-    if (lane == 0) red[warp] = m;
-    __syncthreads();
-    m = red[0];
-#pragma unroll
-    for (int w = 1; w < 8; ++w) m = fmaxf(m, red[w]);
-    __syncthreads();
-    float s = 0.0f;
-    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) s += expf(row[l] - m);
-    s = warp_sum(s);
-    if (lane == 0) red[warp] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float t = 0.0f;
-#pragma unroll
-      for (int w = 0; w < 8; ++w) t += red[w];
-      lse[i] = m + logf(t);
-    }
-    __syncthreads();
-  }
-}
-
-// sbar[(sb*H + h)*D + d] = sum_l exp(score - lse) kv[sb, l, d]; grid (S*B*H, column tiles),
-// blocks of kCols columns x kSplit row phases: thread (d, r) sums the rows l = r (mod kSplit),
-// then the kSplit partial sums of a column are added in a fixed order (deterministic). One
-// thread per column walking all L rows left ~70 blocks of serial loops at one image (latency
-// bound: 20 % of the cuda table's step); kSplit phases make the chains kSplit times shorter.
+// For i = sb*H + h: lse[i] = logsumexp_l score[i, l] and sbar[i*D + d] = sum_l exp(score - lse)
+// kv[sb, l, d]. Grid (S*B*H, column tiles); blocks of kCols columns x kPhases row phases. Each
+// block first reduces the score row to (max, sum) in one online pass (each column tile repeats
+// this small pass over L floats; the first writes lse), then thread (d, r) sums the rows
+// l = r (mod kPhases) and the kPhases partial sums of a column are added in a fixed order.
 template <typename T>
-__global__ void __launch_bounds__(kCols * kSplit)
+__global__ void __launch_bounds__(kCols * kPhases)
     pool_wsum_kernel(const T* __restrict__ f, const T* __restrict__ pos,
-                     const float* __restrict__ score, const float* __restrict__ lse, PoolShape sh,
-                     float* __restrict__ sbar) {
-  __shared__ float part[kSplit][kCols];
+                     const float* __restrict__ score, PoolShape sh, float* __restrict__ sbar,
+                     float* __restrict__ lse) {
+  __shared__ float part[kPhases][kCols + 1];
+  __shared__ float red_m[kCols * kPhases / 32], red_s[kCols * kPhases / 32];
+  __shared__ float stat[2];
+  const int tid = threadIdx.y * kCols + threadIdx.x;
+  const int lane = tid % 32, warp = tid / 32, warps = kCols * kPhases / 32;
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kCols + threadIdx.x;
   const int r = threadIdx.y;
   const int64_t n = sh.S * sh.B * sh.H;
   for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const float* srow = score + i * sh.L;
+    // (max, sum of exp) over the row: per thread online, then per warp, then per block
+    float m = -INFINITY, s = 0.0f;
+    for (int64_t l = tid; l < sh.L; l += kCols * kPhases) {
+      const float x = srow[l];
+      const float mn = fmaxf(m, x);
+      s = s * expf(m - mn) + expf(x - mn);
+      m = mn;
+    }
+    float wm = warp_max(m);
+    s = warp_sum(m == -INFINITY ? 0.0f : s * expf(m - wm));
+    if (lane == 0) { red_m[warp] = wm; red_s[warp] = s; }
+    __syncthreads();
+    if (tid == 0) {
+      float bm = -INFINITY;
+      for (int w = 0; w < warps; ++w) bm = fmaxf(bm, red_m[w]);
+      float bs = 0.0f;
+      for (int w = 0; w < warps; ++w)
+        if (red_m[w] != -INFINITY) bs += red_s[w] * expf(red_m[w] - bm);
+      stat[0] = bm + logf(bs);
+      if (blockIdx.y == 0) lse[i] = stat[0];
+    }
+    __syncthreads();
+    const float lse_i = stat[0];
     float acc = 0.0f;
     if (d < sh.D) {
       const int64_t sb = i / sh.H;
-      const float* srow = score + i * sh.L;
-      const float m = lse[i];
       const T* fimg = f + sb * sh.L * sh.D;
-      for (int64_t l = r; l < sh.L; l += kSplit) {
-        const float a = expf(srow[l] - m);
+#pragma unroll 4
+      for (int64_t l = r; l < sh.L; l += kPhases) {
+        const float a = expf(srow[l] - lse_i);
         acc = fmaf(a, to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]), acc);
       }
     }
@@ -149,7 +138,7 @@ __global__ void __launch_bounds__(kCols * kSplit)
     if (r == 0 && d < sh.D) {
       float t = part[0][threadIdx.x];
 #pragma unroll
-      for (int k = 1; k < kSplit; ++k) t += part[k][threadIdx.x];
+      for (int k = 1; k < kPhases; ++k) t += part[k][threadIdx.x];
       sbar[i * sh.D + d] = t;
     }
     __syncthreads();
@@ -170,18 +159,17 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Per cell (one block of kRowThreads per row sb*L + l, threads over d): a[h], c[h] (stored), df_l.
+// Per cell (one warp per row sb*L + l, lanes over d): a[h], c[h] (stored) and df_l.
 template <typename T, typename TD>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kWarps * 32)
     pool_bwd_rows_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh,
                          const float* __restrict__ lse, const float* __restrict__ dsbar,
                          const float* __restrict__ sd, TD* __restrict__ df, float* __restrict__ c) {
-  __shared__ float red[kPoolMaxHeads * (kRowThreads / 32)];
-  __shared__ float dk[kPoolMaxHeads], dd[kPoolMaxHeads];
-  __shared__ float coef_a[kPoolMaxHeads], coef_c[kPoolMaxHeads];
+  const int lane = threadIdx.x % 32;
   const int64_t rows = sh.S * sh.B * sh.L;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
     const T* frow = f + row * sh.D;
     const T* prow = pos + l * sh.D;
@@ -190,64 +178,85 @@ __global__ void __launch_bounds__(kRowThreads)
     float dot_k[kPoolMaxHeads], dot_d[kPoolMaxHeads];
 #pragma unroll
     for (int h = 0; h < kPoolMaxHeads; ++h) dot_k[h] = dot_d[h] = 0.0f;
-    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
+    for (int64_t d = lane; d < sh.D; d += 32) {
       const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
 #pragma unroll
       for (int h = 0; h < kPoolMaxHeads; ++h) {
         if (h < sh.H) {
-          dot_k[h] = fmaf(v, k[h * sh.D + d], dot_k[h]);
-          dot_d[h] = fmaf(v, ds[h * sh.D + d], dot_d[h]);
+          dot_k[h] = fmaf(v, __ldg(k + h * sh.D + d), dot_k[h]);
+          dot_d[h] = fmaf(v, __ldg(ds + h * sh.D + d), dot_d[h]);
         }
       }
     }
-    block_head_sums(dot_k, sh.H, red, dk);
-    block_head_sums(dot_d, sh.H, red, dd);
-    if (threadIdx.x < sh.H) {
-      const int h = threadIdx.x;
-      const int64_t i = sb * sh.H + h;
-      const float a = expf(dk[h] * scale - lse[i]);
-      const float ch = a * (dd[h] - sd[i]);
+    const float mk = lane_head_sum(dot_k, sh.H, lane);
+    const float md = lane_head_sum(dot_d, sh.H, lane);
+    float a = 0.0f, ch = 0.0f;
+    if (lane < sh.H) {
+      const int64_t i = sb * sh.H + lane;
+      a = expf(mk * scale - lse[i]);
+      ch = a * (md - sd[i]);
       c[i * sh.L + l] = ch;
-      coef_a[h] = a;
-      coef_c[h] = ch * scale;
     }
-    __syncthreads();
+    float coef_a[kPoolMaxHeads], coef_c[kPoolMaxHeads];
+#pragma unroll
+    for (int h = 0; h < kPoolMaxHeads; ++h) {
+      coef_a[h] = __shfl_sync(0xffffffffu, a, h);
+      coef_c[h] = __shfl_sync(0xffffffffu, ch, h) * scale;
+    }
     TD* drow = df + row * sh.D;
-    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
+    for (int64_t d = lane; d < sh.D; d += 32) {
       float g = 0.0f;
 #pragma unroll
       for (int h = 0; h < kPoolMaxHeads; ++h) {
-        if (h < sh.H) g = fmaf(coef_a[h], ds[h * sh.D + d], fmaf(coef_c[h], k[h * sh.D + d], g));
+        if (h < sh.H) g = fmaf(coef_a[h], __ldg(ds + h * sh.D + d), fmaf(coef_c[h], __ldg(k + h * sh.D + d), g));
       }
       drow[d] = from_f32<TD>(g);
     }
-    __syncthreads();                       // the next row reuses the shared sums
   }
 }
 
 // partial[((s*chunks + z)*H + h)*D + d] = scale sum over rows r of chunk z of c[s,b,h,l] kv[s,b,l,d]
-// (r = b*L + l); grid (S*H, column tiles, chunks).
+// (r = b*L + l); grid (S, column tiles, chunks), blocks of kCols columns x kDktPhases row
+// phases, every head accumulated from one read of kv; the phases are added in a fixed order.
 template <typename T>
-__global__ void __launch_bounds__(kCols)
+__global__ void __launch_bounds__(kCols * kDktPhases)
     pool_dkt_partial_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                             const float* __restrict__ c, float scale, PoolShape sh, int chunks,
                             float* __restrict__ partial) {
+  __shared__ float part[kDktPhases][kPoolMaxHeads][kCols];
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kCols + threadIdx.x;
-  if (d >= sh.D) return;
+  const int phase = threadIdx.y;
   const int64_t rows = sh.B * sh.L;
   const int64_t per = (rows + chunks - 1) / chunks;
   const int64_t r0 = blockIdx.z * per;
   const int64_t r1 = r0 + per < rows ? r0 + per : rows;
-  for (int64_t i = blockIdx.x; i < sh.S * sh.H; i += gridDim.x) {
-    const int64_t s = i / sh.H, h = i % sh.H;
-    float acc = 0.0f;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / sh.L, l = r % sh.L, sb = s * sh.B + b;
-      const float cv = c[(sb * sh.H + h) * sh.L + l];
-      const float v = to_f32<T>(f[(sb * sh.L + l) * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
-      acc = fmaf(cv, v, acc);
+  for (int64_t s = blockIdx.x; s < sh.S; s += gridDim.x) {
+    float acc[kPoolMaxHeads];
+#pragma unroll
+    for (int h = 0; h < kPoolMaxHeads; ++h) acc[h] = 0.0f;
+    if (d < sh.D) {
+      for (int64_t r = r0 + phase; r < r1; r += kDktPhases) {
+        const int64_t b = r / sh.L, l = r % sh.L, sb = s * sh.B + b;
+        const float v = to_f32<T>(f[(sb * sh.L + l) * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
+        const float* crow = c + sb * sh.H * sh.L + l;
+#pragma unroll
+        for (int h = 0; h < kPoolMaxHeads; ++h)
+          if (h < sh.H) acc[h] = fmaf(crow[h * sh.L], v, acc[h]);
+      }
     }
-    partial[((s * chunks + blockIdx.z) * sh.H + h) * sh.D + d] = acc * scale;
+#pragma unroll
+    for (int h = 0; h < kPoolMaxHeads; ++h)
+      if (h < sh.H) part[phase][h][threadIdx.x] = acc[h];
+    __syncthreads();
+    if (d < sh.D) {
+      for (int h = phase; h < sh.H; h += kDktPhases) {
+        float t = part[0][h][threadIdx.x];
+#pragma unroll
+        for (int k = 1; k < kDktPhases; ++k) t += part[k][h][threadIdx.x];
+        partial[((s * chunks + blockIdx.z) * sh.H + h) * sh.D + d] = t * scale;
+      }
+    }
+    __syncthreads();
   }
 }
 
@@ -264,26 +273,24 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
   if (!shape_ok(sh)) return cudaErrorInvalidValue;
   const int64_t rows = sh.S * sh.B * sh.L, n = sh.S * sh.B * sh.H;
   return APM_DISPATCH_DTYPE(t, T, [&] {
-    pool_scores_kernel<T><<<grid_cap(rows), kRowThreads, 0, stream>>>(
+    pool_scores_kernel<T><<<grid_cap(ceil_div(rows, kWarps)), kWarps * 32, 0, stream>>>(
         static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, score);
-    cudaError_t e = launch_status();
+    const cudaError_t e = launch_status();
     if (e != cudaSuccess) return e;
-    pool_lse_kernel<<<grid_cap(n), 256, 0, stream>>>(score, n, sh.L, lse);
-    if ((e = launch_status()) != cudaSuccess) return e;
     const dim3 grid(grid_cap(n), static_cast<unsigned>(ceil_div(sh.D, kCols)));
-    pool_wsum_kernel<T><<<grid, dim3(kCols, kSplit), 0, stream>>>(static_cast<const T*>(f),
-                                                    static_cast<const T*>(pos), score, lse, sh, sbar);
+    pool_wsum_kernel<T><<<grid, dim3(kCols, kPhases), 0, stream>>>(
+        static_cast<const T*>(f), static_cast<const T*>(pos), score, sh, sbar, lse);
     return launch_status();
   });
 }
 
 int pool_bwd_chunks(PoolShape sh, int sm_count) {
-  // Chunks of at most 256 rows (each block's loop over its rows is serial) and at least eight
-  // blocks per SM (two left one image's 12 x 6 x 4 blocks walking 256 rows each: latency bound),
-  // chunks of at least 64 rows, at most 1024 chunks.
+  // Chunks of at most 256 rows (each thread's loop over its rows is serial) and at least eight
+  // blocks per SM (one image has only S x D / kCols = 24 column tiles), chunks of at least 64
+  // rows, at most 1024 chunks.
   const int64_t rows = sh.B * sh.L;
   int64_t want = ceil_div(rows, 256);
-  const int64_t base = sh.S * sh.H * ceil_div(sh.D, kCols);
+  const int64_t base = sh.S * ceil_div(sh.D, kCols);
   const int64_t waves = ceil_div(8 * static_cast<int64_t>(sm_count > 0 ? sm_count : 132), base);
   if (want < waves) want = waves;
   const int64_t most = ceil_div(rows, 64);
@@ -303,7 +310,7 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   if (e != cudaSuccess) return e;
   e = APM_DISPATCH_DTYPE(t, T, [&] {
     return APM_DISPATCH_DTYPE(df_t, TD, [&] {
-      pool_bwd_rows_kernel<T, TD><<<grid_cap(rows), kRowThreads, 0, stream>>>(
+      pool_bwd_rows_kernel<T, TD><<<grid_cap(ceil_div(rows, kWarps)), kWarps * 32, 0, stream>>>(
           static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, lse, dsbar, sd,
           static_cast<TD*>(df), c);
       return launch_status();
@@ -311,9 +318,9 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   });
   if (e != cudaSuccess) return e;
   e = APM_DISPATCH_DTYPE(t, T, [&] {
-    const dim3 grid(grid_cap(sh.S * sh.H), static_cast<unsigned>(ceil_div(sh.D, kCols)),
+    const dim3 grid(grid_cap(sh.S), static_cast<unsigned>(ceil_div(sh.D, kCols)),
                     static_cast<unsigned>(chunks));
-    pool_dkt_partial_kernel<T><<<grid, kCols, 0, stream>>>(
+    pool_dkt_partial_kernel<T><<<grid, dim3(kCols, kDktPhases), 0, stream>>>(
         static_cast<const T*>(f), static_cast<const T*>(pos), c, scale, sh, chunks, partial);
     return launch_status();
   });

@@ -3,6 +3,8 @@
 // Outputs are passed in (the Python layer allocates them) and written completely.
 #include <atomic>
 
+#include <ATen/ops/bmm.h>
+
 #include "cuda_common.h"
 
 namespace apm_glue {
@@ -12,6 +14,7 @@ namespace {
 std::atomic<int> g_policy{0};
 std::atomic<long long> g_sm90_launches{0};
 std::atomic<long long> g_portable_launches{0};
+std::atomic<long long> g_cublas_launches{0};
 
 // A (S, M, K) or shared (M, K) operand: its batch stride (0 when shared) and row stride.
 int64_t batch_stride(const at::Tensor& t) { return t.dim() == 3 ? t.stride(0) : 0; }
@@ -34,11 +37,14 @@ void set_gemm_policy(int policy) {
 
 void count_gemm(bool sm90) { (sm90 ? g_sm90_launches : g_portable_launches).fetch_add(1); }
 
-std::vector<long long> gemm_counts() { return {g_sm90_launches.load(), g_portable_launches.load()}; }
+std::vector<long long> gemm_counts() {
+  return {g_sm90_launches.load(), g_portable_launches.load(), g_cublas_launches.load()};
+}
 
 void reset_gemm_counts() {
   g_sm90_launches.store(0);
   g_portable_launches.store(0);
+  g_cublas_launches.store(0);
 }
 
 bool sm90_available(const at::Tensor& like) {
@@ -187,7 +193,8 @@ int plan_splits(int64_t S, int64_t M, int64_t N, int64_t K, int sms) {
 }  // namespace
 
 // dw = sum_m dy[m]^T x[m] (fp32), db = sum_m dy[m] (fp32, optional).
-// dy (S, M, N); x (S, M, K) or shared (M, K); dw (S, N, K); db (S, N).
+// dy (S, M, N); x (S, M, K) or shared (M, K); dw (S, N, K) with unit-stride rows (e.g. the
+// position columns of the first layer's gradient, written in place); db (S, N) contiguous.
 void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dw,
                        const c10::optional<at::Tensor>& db) {
   const char* fn = "linear_bwd_weight";
@@ -205,7 +212,7 @@ void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_same_device(dw, dy, fn, "dw", "dy");
   check_dtype(dw, fn, "dw", {at::kFloat});
   check_shape(dw, fn, "dw", "(S, N, K)", {S, N, K});
-  check_contiguous(dw, fn, "dw");
+  check_rows_contiguous(dw, fn, "dw");   // rows may be a column slice of a wider matrix
   const bool want_db = db.has_value() && db->defined();
   if (want_db) {
     check_cuda(*db, fn, "db");
@@ -234,12 +241,20 @@ void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   p.in = in;
   p.out = apm::DType::kFloat32;
   int splits = 1;
-  const bool packed = dy.is_contiguous() && x.dim() == 3 && x.is_contiguous();
+  const bool packed = dy.is_contiguous() && x.dim() == 3 && x.is_contiguous() && dw.is_contiguous();
   if (packed && gemm_policy() != 1 && apm::sm90_device_ok(dev) &&
       apm::sm90_family(p) != apm::Sm90Family::kNone) {
     splits = plan_splits(S, M, N, K, sms);
   }
-  if (splits == 1) {
+  if (splits > 1 && gemm_policy() == 0) {
+    // Too few output tiles to fill the GPU: cuBLAS (through ATen's bmm with an fp32 result) splits
+    // the reduction inside one launch, where slicing M into batches and summing them costs a
+    // second pass (the head's dW at one image, 768 x 1024 over 1024 rows: 14.6 us against 41 us
+    // on the H200, benchmarks/results/h200/73ff6f9-primitives/). Forced paths keep CUTLASS.
+    at::Tensor out = dw;
+    at::bmm_out(out, dy.transpose(1, 2), x, at::kFloat);
+    g_cublas_launches.fetch_add(1);
+  } else if (splits == 1) {
     run_gemm(p, dy, fn);
   } else {
     // slices of M as extra batches (dy and x are packed, so slice i of student s is batch

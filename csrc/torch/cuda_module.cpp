@@ -60,7 +60,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("lowp"));
   m.def("gemm_policy", guarded(&gemm_policy), "0 auto, 1 portable only, 2 SM90 only");
   m.def("set_gemm_policy", guarded(&set_gemm_policy), py::arg("policy"));
-  m.def("gemm_counts", guarded(&gemm_counts), "[SM90 launches, portable launches] since the last reset");
+  m.def("gemm_counts", guarded(&gemm_counts), "[SM90 launches, portable launches, cuBLAS launches] since the last reset");
   m.def("reset_gemm_counts", guarded(&reset_gemm_counts));
   m.def("sm90_available", guarded(&sm90_available),
         "whether like's GPU runs this build's SM90 kernels", py::arg("like"));

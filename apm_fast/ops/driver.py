@@ -476,10 +476,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
-    if b == 1:      # an outer product: one elementwise pass straight into the strided view
-        dwt = torch.mul(r.transpose(1, 2), ctx.t, **({} if wt_view is None else {"out": wt_view}))
-    else:
-        dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                    # in place when it can
+    dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                        # in place when it can
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None

@@ -6,12 +6,14 @@
 //   df_l = sum_h a[h,l] dsbar_h + scale c[h,l] kt_h;   dkt_h = scale sum_{b,l} c[h,l] kv_l
 //
 // The pool moves ~1.5 MB per image: at one image it is bound by latency, not bandwidth, so every
-// kernel spreads its work over as many warps as the shape allows and the passes are few.
-//   forward   scores  one warp per cell: all H dot products from one read of kv_l
+// kernel spreads its work over as many warps as the shape allows and the passes are few
+// (timings: one image of `ttt-l14` on the H200).
+//   forward   scores  one block per cell: all H dot products from one read of kv_l (one warp
+//                     per cell left ~8 warps per SM at one image and ran slower: 22 against 13 us)
 //             wsum    one block per (image, head, 32 columns), 32 row phases: the softmax's max
 //                     and sum over L (so lse needs no launch of its own), then sbar = sum_l a kv_l
 //   backward  sd      one warp per (image, head): sbar . dsbar
-//             rows    one warp per cell: a, c (stored) and df_l
+//             rows    one block per cell: a, c (stored) and df_l (one warp per cell: 51 against 33 us)
 //             dkt     one block per (student, 32 columns, row chunk): every head's partial sums
 //                     from one read of kv, then a deterministic column sum over the chunks
 // No atomics anywhere: the same inputs give the same bits.
@@ -22,7 +24,8 @@ namespace apm {
 
 namespace {
 
-constexpr int kWarps = 8;        // warps per block of the warp-per-item kernels
+constexpr int kWarps = 8;        // warps per block of pool_sd (one warp per image and head)
+constexpr int kRowThreads = 128; // threads per block of the per-cell kernels (one cell each)
 constexpr int kCols = 32;        // columns per block of the column kernels (one warp wide)
 constexpr int kPhases = 32;      // row phases per block of the forward's weighted sum
 constexpr int kDktPhases = 8;    // row phases per block of the key gradient
@@ -39,29 +42,39 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// The warp-wide sums of acc[h] for h < H, returned to lane h (every lane takes part).
-__device__ __forceinline__ float lane_head_sum(const float (&acc)[kPoolMaxHeads], int H, int lane) {
-  float mine = 0.0f;
+// Sums over d of each thread's per-head partials, over the whole block: out[h] (shared memory,
+// h < kPoolMaxHeads) = sum over the block's threads of part[h], in a fixed order (deterministic).
+// Every thread must call it; `red` holds kPoolMaxHeads x (warps) floats.
+template <int kHeads>
+__device__ __forceinline__ void block_head_sums(float (&part)[kHeads], int H, float* red, float* out) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
 #pragma unroll
-  for (int h = 0; h < kPoolMaxHeads; ++h) {
+  for (int h = 0; h < kHeads; ++h) {
     if (h < H) {
-      const float t = warp_sum(acc[h]);
-      if (lane == h) mine = t;
+      const float t = warp_sum(part[h]);
+      if (lane == 0) red[h * warps + warp] = t;
     }
   }
-  return mine;
+  __syncthreads();
+  if (threadIdx.x < H) {
+    float t = 0.0f;
+    for (int w = 0; w < warps; ++w) t += red[threadIdx.x * warps + w];
+    out[threadIdx.x] = t;
+  }
+  __syncthreads();
 }
 
-// score[(sb*H + h)*L + l] for every cell row = sb*L + l: one warp per row, lanes over d.
+// score[(sb*H + h)*L + l] for every cell row = sb*L + l: one block of kRowThreads per row, the
+// threads over d (one warp per row left ~8 warps per SM at one image: latency bound).
 template <typename T>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kRowThreads)
     pool_scores_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                        const float* __restrict__ kt, float scale, PoolShape sh,
                        float* __restrict__ score) {
-  const int lane = threadIdx.x % 32;
+  __shared__ float red[kPoolMaxHeads * (kRowThreads / 32)];
+  __shared__ float dots[kPoolMaxHeads];
   const int64_t rows = sh.S * sh.B * sh.L;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
     const T* frow = f + row * sh.D;
     const T* prow = pos + l * sh.D;
@@ -69,14 +82,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     float acc[kPoolMaxHeads];
 #pragma unroll
     for (int h = 0; h < kPoolMaxHeads; ++h) acc[h] = 0.0f;
-    for (int64_t d = lane; d < sh.D; d += 32) {
+    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
       const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
 #pragma unroll
       for (int h = 0; h < kPoolMaxHeads; ++h)
-        if (h < sh.H) acc[h] = fmaf(v, __ldg(k + h * sh.D + d), acc[h]);
+        if (h < sh.H) acc[h] = fmaf(v, k[h * sh.D + d], acc[h]);
     }
-    const float t = lane_head_sum(acc, sh.H, lane);
-    if (lane < sh.H) score[(sb * sh.H + lane) * sh.L + l] = t * scale;
+    block_head_sums(acc, sh.H, red, dots);
+    if (threadIdx.x < sh.H) score[(sb * sh.H + threadIdx.x) * sh.L + l] = dots[threadIdx.x] * scale;
   }
 }
 
@@ -159,17 +172,18 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Per cell (one warp per row sb*L + l, lanes over d): a[h], c[h] (stored) and df_l.
+// Per cell (one block of kRowThreads per row sb*L + l, threads over d): a[h], c[h] (stored), df_l.
 template <typename T, typename TD>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kRowThreads)
     pool_bwd_rows_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh,
                          const float* __restrict__ lse, const float* __restrict__ dsbar,
                          const float* __restrict__ sd, TD* __restrict__ df, float* __restrict__ c) {
-  const int lane = threadIdx.x % 32;
+  __shared__ float red[kPoolMaxHeads * (kRowThreads / 32)];
+  __shared__ float dk[kPoolMaxHeads], dd[kPoolMaxHeads];
+  __shared__ float coef_a[kPoolMaxHeads], coef_c[kPoolMaxHeads];
   const int64_t rows = sh.S * sh.B * sh.L;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
     const T* frow = f + row * sh.D;
     const T* prow = pos + l * sh.D;
@@ -178,40 +192,38 @@ __global__ void __launch_bounds__(kWarps * 32)
     float dot_k[kPoolMaxHeads], dot_d[kPoolMaxHeads];
 #pragma unroll
     for (int h = 0; h < kPoolMaxHeads; ++h) dot_k[h] = dot_d[h] = 0.0f;
-    for (int64_t d = lane; d < sh.D; d += 32) {
+    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
       const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
 #pragma unroll
       for (int h = 0; h < kPoolMaxHeads; ++h) {
         if (h < sh.H) {
-          dot_k[h] = fmaf(v, __ldg(k + h * sh.D + d), dot_k[h]);
-          dot_d[h] = fmaf(v, __ldg(ds + h * sh.D + d), dot_d[h]);
+          dot_k[h] = fmaf(v, k[h * sh.D + d], dot_k[h]);
+          dot_d[h] = fmaf(v, ds[h * sh.D + d], dot_d[h]);
         }
       }
     }
-    const float mk = lane_head_sum(dot_k, sh.H, lane);
-    const float md = lane_head_sum(dot_d, sh.H, lane);
-    float a = 0.0f, ch = 0.0f;
-    if (lane < sh.H) {
-      const int64_t i = sb * sh.H + lane;
-      a = expf(mk * scale - lse[i]);
-      ch = a * (md - sd[i]);
+    block_head_sums(dot_k, sh.H, red, dk);
+    block_head_sums(dot_d, sh.H, red, dd);
+    if (threadIdx.x < sh.H) {
+      const int h = threadIdx.x;
+      const int64_t i = sb * sh.H + h;
+      const float a = expf(dk[h] * scale - lse[i]);
+      const float ch = a * (dd[h] - sd[i]);
       c[i * sh.L + l] = ch;
+      coef_a[h] = a;
+      coef_c[h] = ch * scale;
     }
-    float coef_a[kPoolMaxHeads], coef_c[kPoolMaxHeads];
-#pragma unroll
-    for (int h = 0; h < kPoolMaxHeads; ++h) {
-      coef_a[h] = __shfl_sync(0xffffffffu, a, h);
-      coef_c[h] = __shfl_sync(0xffffffffu, ch, h) * scale;
-    }
+    __syncthreads();
     TD* drow = df + row * sh.D;
-    for (int64_t d = lane; d < sh.D; d += 32) {
+    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
       float g = 0.0f;
 #pragma unroll
       for (int h = 0; h < kPoolMaxHeads; ++h) {
-        if (h < sh.H) g = fmaf(coef_a[h], __ldg(ds + h * sh.D + d), fmaf(coef_c[h], __ldg(k + h * sh.D + d), g));
+        if (h < sh.H) g = fmaf(coef_a[h], ds[h * sh.D + d], fmaf(coef_c[h], k[h * sh.D + d], g));
       }
       drow[d] = from_f32<TD>(g);
     }
+    __syncthreads();                       // the next row reuses the shared sums
   }
 }
 
@@ -273,7 +285,7 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
   if (!shape_ok(sh)) return cudaErrorInvalidValue;
   const int64_t rows = sh.S * sh.B * sh.L, n = sh.S * sh.B * sh.H;
   return APM_DISPATCH_DTYPE(t, T, [&] {
-    pool_scores_kernel<T><<<grid_cap(ceil_div(rows, kWarps)), kWarps * 32, 0, stream>>>(
+    pool_scores_kernel<T><<<grid_cap(rows), kRowThreads, 0, stream>>>(
         static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, score);
     const cudaError_t e = launch_status();
     if (e != cudaSuccess) return e;
@@ -310,7 +322,7 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   if (e != cudaSuccess) return e;
   e = APM_DISPATCH_DTYPE(t, T, [&] {
     return APM_DISPATCH_DTYPE(df_t, TD, [&] {
-      pool_bwd_rows_kernel<T, TD><<<grid_cap(ceil_div(rows, kWarps)), kWarps * 32, 0, stream>>>(
+      pool_bwd_rows_kernel<T, TD><<<grid_cap(rows), kRowThreads, 0, stream>>>(
           static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, lse, dsbar, sd,
           static_cast<TD*>(df), c);
       return launch_status();

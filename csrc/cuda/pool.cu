@@ -10,13 +10,16 @@
 // (timings: one image of `ttt-l14` on the H200).
 //   forward   scores  one block per cell: all H dot products from one read of kv_l (one warp
 //                     per cell left ~8 warps per SM at one image and ran slower: 22 against 13 us)
-//             wsum    one block per (image, head, 32 columns), 32 row phases: the softmax's max
+//             wsum    one block per (image, head, 32 columns), 16 row phases: the softmax's max
 //                     and sum over L (so lse needs no launch of its own), then sbar = sum_l a kv_l
 //   backward  sd      one warp per (image, head): sbar . dsbar
 //             rows    one block per cell: a, c (stored) and df_l (one warp per cell: 51 against 33 us)
 //             dkt     one block per (student, 32 columns, row chunk): every head's partial sums
 //                     from one read of kv, then a deterministic column sum over the chunks
-// No atomics anywhere: the same inputs give the same bits.
+// The per-cell and key-gradient kernels keep a register per head: they are compiled for at most
+// 8 heads (every preset) and for kPoolMaxHeads (16 per-head registers of each kind took the
+// per-cell kernel to 126 registers and 24 % occupancy). No atomics anywhere: the same inputs give
+// the same bits.
 #include "apm_kernels.h"
 #include "dtype_util.cuh"
 
@@ -27,7 +30,7 @@ namespace {
 constexpr int kWarps = 8;        // warps per block of pool_sd (one warp per image and head)
 constexpr int kRowThreads = 128; // threads per block of the per-cell kernels (one cell each)
 constexpr int kCols = 32;        // columns per block of the column kernels (one warp wide)
-constexpr int kPhases = 32;      // row phases per block of the forward's weighted sum
+constexpr int kPhases = 16;      // row phases per block of the forward's weighted sum
 constexpr int kDktPhases = 8;    // row phases per block of the key gradient
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -66,26 +69,26 @@ __device__ __forceinline__ void block_head_sums(float (&part)[kHeads], int H, fl
 
 // score[(sb*H + h)*L + l] for every cell row = sb*L + l: one block of kRowThreads per row, the
 // threads over d (one warp per row left ~8 warps per SM at one image: latency bound).
-template <typename T>
+template <typename T, int NH>
 __global__ void __launch_bounds__(kRowThreads)
     pool_scores_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                        const float* __restrict__ kt, float scale, PoolShape sh,
                        float* __restrict__ score) {
-  __shared__ float red[kPoolMaxHeads * (kRowThreads / 32)];
-  __shared__ float dots[kPoolMaxHeads];
+  __shared__ float red[NH * (kRowThreads / 32)];
+  __shared__ float dots[NH];
   const int64_t rows = sh.S * sh.B * sh.L;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
     const T* frow = f + row * sh.D;
     const T* prow = pos + l * sh.D;
     const float* k = kt + s * sh.H * sh.D;
-    float acc[kPoolMaxHeads];
+    float acc[NH];
 #pragma unroll
-    for (int h = 0; h < kPoolMaxHeads; ++h) acc[h] = 0.0f;
+    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
     for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
       const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
 #pragma unroll
-      for (int h = 0; h < kPoolMaxHeads; ++h)
+      for (int h = 0; h < NH; ++h)
         if (h < sh.H) acc[h] = fmaf(v, k[h * sh.D + d], acc[h]);
     }
     block_head_sums(acc, sh.H, red, dots);
@@ -173,15 +176,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // Per cell (one block of kRowThreads per row sb*L + l, threads over d): a[h], c[h] (stored), df_l.
-template <typename T, typename TD>
+template <typename T, typename TD, int NH>
 __global__ void __launch_bounds__(kRowThreads)
     pool_bwd_rows_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh,
                          const float* __restrict__ lse, const float* __restrict__ dsbar,
                          const float* __restrict__ sd, TD* __restrict__ df, float* __restrict__ c) {
-  __shared__ float red[kPoolMaxHeads * (kRowThreads / 32)];
-  __shared__ float dk[kPoolMaxHeads], dd[kPoolMaxHeads];
-  __shared__ float coef_a[kPoolMaxHeads], coef_c[kPoolMaxHeads];
+  __shared__ float red[NH * (kRowThreads / 32)];
+  __shared__ float dk[NH], dd[NH];
+  __shared__ float coef_a[NH], coef_c[NH];
   const int64_t rows = sh.S * sh.B * sh.L;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
@@ -189,13 +192,13 @@ __global__ void __launch_bounds__(kRowThreads)
     const T* prow = pos + l * sh.D;
     const float* k = kt + s * sh.H * sh.D;
     const float* ds = dsbar + sb * sh.H * sh.D;
-    float dot_k[kPoolMaxHeads], dot_d[kPoolMaxHeads];
+    float dot_k[NH], dot_d[NH];
 #pragma unroll
-    for (int h = 0; h < kPoolMaxHeads; ++h) dot_k[h] = dot_d[h] = 0.0f;
+    for (int h = 0; h < NH; ++h) dot_k[h] = dot_d[h] = 0.0f;
     for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
       const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
 #pragma unroll
-      for (int h = 0; h < kPoolMaxHeads; ++h) {
+      for (int h = 0; h < NH; ++h) {
         if (h < sh.H) {
           dot_k[h] = fmaf(v, k[h * sh.D + d], dot_k[h]);
           dot_d[h] = fmaf(v, ds[h * sh.D + d], dot_d[h]);
@@ -218,7 +221,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
       float g = 0.0f;
 #pragma unroll
-      for (int h = 0; h < kPoolMaxHeads; ++h) {
+      for (int h = 0; h < NH; ++h) {
         if (h < sh.H) g = fmaf(coef_a[h], ds[h * sh.D + d], fmaf(coef_c[h], k[h * sh.D + d], g));
       }
       drow[d] = from_f32<TD>(g);
@@ -230,12 +233,12 @@ __global__ void __launch_bounds__(kRowThreads)
 // partial[((s*chunks + z)*H + h)*D + d] = scale sum over rows r of chunk z of c[s,b,h,l] kv[s,b,l,d]
 // (r = b*L + l); grid (S, column tiles, chunks), blocks of kCols columns x kDktPhases row
 // phases, every head accumulated from one read of kv; the phases are added in a fixed order.
-template <typename T>
+template <typename T, int NH>
 __global__ void __launch_bounds__(kCols * kDktPhases)
     pool_dkt_partial_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                             const float* __restrict__ c, float scale, PoolShape sh, int chunks,
                             float* __restrict__ partial) {
-  __shared__ float part[kDktPhases][kPoolMaxHeads][kCols];
+  __shared__ float part[kDktPhases][NH][kCols];
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kCols + threadIdx.x;
   const int phase = threadIdx.y;
   const int64_t rows = sh.B * sh.L;
@@ -243,21 +246,21 @@ __global__ void __launch_bounds__(kCols * kDktPhases)
   const int64_t r0 = blockIdx.z * per;
   const int64_t r1 = r0 + per < rows ? r0 + per : rows;
   for (int64_t s = blockIdx.x; s < sh.S; s += gridDim.x) {
-    float acc[kPoolMaxHeads];
+    float acc[NH];
 #pragma unroll
-    for (int h = 0; h < kPoolMaxHeads; ++h) acc[h] = 0.0f;
+    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
     if (d < sh.D) {
       for (int64_t r = r0 + phase; r < r1; r += kDktPhases) {
         const int64_t b = r / sh.L, l = r % sh.L, sb = s * sh.B + b;
         const float v = to_f32<T>(f[(sb * sh.L + l) * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
         const float* crow = c + sb * sh.H * sh.L + l;
 #pragma unroll
-        for (int h = 0; h < kPoolMaxHeads; ++h)
+        for (int h = 0; h < NH; ++h)
           if (h < sh.H) acc[h] = fmaf(crow[h * sh.L], v, acc[h]);
       }
     }
 #pragma unroll
-    for (int h = 0; h < kPoolMaxHeads; ++h)
+    for (int h = 0; h < NH; ++h)
       if (h < sh.H) part[phase][h][threadIdx.x] = acc[h];
     __syncthreads();
     if (d < sh.D) {
@@ -285,8 +288,13 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
   if (!shape_ok(sh)) return cudaErrorInvalidValue;
   const int64_t rows = sh.S * sh.B * sh.L, n = sh.S * sh.B * sh.H;
   return APM_DISPATCH_DTYPE(t, T, [&] {
-    pool_scores_kernel<T><<<grid_cap(rows), kRowThreads, 0, stream>>>(
-        static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, score);
+    if (sh.H <= 8) {
+      pool_scores_kernel<T, 8><<<grid_cap(rows), kRowThreads, 0, stream>>>(
+          static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, score);
+    } else {
+      pool_scores_kernel<T, kPoolMaxHeads><<<grid_cap(rows), kRowThreads, 0, stream>>>(
+          static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, score);
+    }
     const cudaError_t e = launch_status();
     if (e != cudaSuccess) return e;
     const dim3 grid(grid_cap(n), static_cast<unsigned>(ceil_div(sh.D, kCols)));
@@ -322,9 +330,15 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   if (e != cudaSuccess) return e;
   e = APM_DISPATCH_DTYPE(t, T, [&] {
     return APM_DISPATCH_DTYPE(df_t, TD, [&] {
-      pool_bwd_rows_kernel<T, TD><<<grid_cap(rows), kRowThreads, 0, stream>>>(
-          static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, lse, dsbar, sd,
-          static_cast<TD*>(df), c);
+      if (sh.H <= 8) {
+        pool_bwd_rows_kernel<T, TD, 8><<<grid_cap(rows), kRowThreads, 0, stream>>>(
+            static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, lse, dsbar, sd,
+            static_cast<TD*>(df), c);
+      } else {
+        pool_bwd_rows_kernel<T, TD, kPoolMaxHeads><<<grid_cap(rows), kRowThreads, 0, stream>>>(
+            static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, lse, dsbar, sd,
+            static_cast<TD*>(df), c);
+      }
       return launch_status();
     });
   });
@@ -332,8 +346,13 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   e = APM_DISPATCH_DTYPE(t, T, [&] {
     const dim3 grid(grid_cap(sh.S), static_cast<unsigned>(ceil_div(sh.D, kCols)),
                     static_cast<unsigned>(chunks));
-    pool_dkt_partial_kernel<T><<<grid, dim3(kCols, kDktPhases), 0, stream>>>(
-        static_cast<const T*>(f), static_cast<const T*>(pos), c, scale, sh, chunks, partial);
+    if (sh.H <= 8) {
+      pool_dkt_partial_kernel<T, 8><<<grid, dim3(kCols, kDktPhases), 0, stream>>>(
+          static_cast<const T*>(f), static_cast<const T*>(pos), c, scale, sh, chunks, partial);
+    } else {
+      pool_dkt_partial_kernel<T, kPoolMaxHeads><<<grid, dim3(kCols, kDktPhases), 0, stream>>>(
+          static_cast<const T*>(f), static_cast<const T*>(pos), c, scale, sh, chunks, partial);
+    }
     return launch_status();
   });
   if (e != cudaSuccess) return e;

@@ -54,8 +54,7 @@ def _direct(out, out_db, bias) -> bool:
     """Whether a weight gradient can be written straight into the given outputs: unit-stride rows
     for dw (a column slice of a wider gradient, e.g. the first layer's position columns, is
     written in place), contiguous db."""
-    return (out is not None and out.stride(-1) == 1 and out.dim() == 3
-            and (not bias or (out_db is not None and out_db.is_contiguous())))
+    return out is not None and out.stride(-1) == 1 and (not bias or (out_db is not None and out_db.is_contiguous()))
 
 
 class CudaPrimitives(Primitives):

@@ -20,6 +20,8 @@
 // 8 heads (every preset) and for kPoolMaxHeads (16 per-head registers of each kind took the
 // per-cell kernel to 126 registers and 24 % occupancy). No atomics anywhere: the same inputs give
 // the same bits.
+#include <type_traits>
+
 #include "apm_kernels.h"
 #include "dtype_util.cuh"
 
@@ -108,7 +110,7 @@ __global__ void __launch_bounds__(kCols * kPhases)
                      float* __restrict__ lse) {
   __shared__ float part[kPhases][kCols + 1];
   __shared__ float red_m[kCols * kPhases / 32], red_s[kCols * kPhases / 32];
-  __shared__ float stat[2];
+  __shared__ float block_lse;
   const int tid = threadIdx.y * kCols + threadIdx.x;
   const int lane = tid % 32, warp = tid / 32, warps = kCols * kPhases / 32;
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kCols + threadIdx.x;
@@ -134,11 +136,11 @@ __global__ void __launch_bounds__(kCols * kPhases)
       float bs = 0.0f;
       for (int w = 0; w < warps; ++w)
         if (red_m[w] != -INFINITY) bs += red_s[w] * expf(red_m[w] - bm);
-      stat[0] = bm + logf(bs);
-      if (blockIdx.y == 0) lse[i] = stat[0];
+      block_lse = bm + logf(bs);
+      if (blockIdx.y == 0) lse[i] = block_lse;
     }
     __syncthreads();
-    const float lse_i = stat[0];
+    const float lse_i = block_lse;
     float acc = 0.0f;
     if (d < sh.D) {
       const int64_t sb = i / sh.H;
@@ -281,6 +283,17 @@ bool shape_ok(const PoolShape& sh) {
   return sh.S > 0 && sh.B > 0 && sh.L > 0 && sh.D > 0 && sh.H > 0 && sh.H <= kPoolMaxHeads;
 }
 
+// fn(std::integral_constant<int, NH>{}) with NH the per-head register count the kernels are built
+// for: 8 when H <= 8 (every preset), kPoolMaxHeads otherwise.
+template <typename Fn>
+void with_heads(int64_t H, Fn&& fn) {
+  if (H <= 8) {
+    fn(std::integral_constant<int, 8>{});
+  } else {
+    fn(std::integral_constant<int, kPoolMaxHeads>{});
+  }
+}
+
 }  // namespace
 
 cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, float scale,
@@ -288,13 +301,10 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
   if (!shape_ok(sh)) return cudaErrorInvalidValue;
   const int64_t rows = sh.S * sh.B * sh.L, n = sh.S * sh.B * sh.H;
   return APM_DISPATCH_DTYPE(t, T, [&] {
-    if (sh.H <= 8) {
-      pool_scores_kernel<T, 8><<<grid_cap(rows), kRowThreads, 0, stream>>>(
+    with_heads(sh.H, [&](auto nh) {
+      pool_scores_kernel<T, decltype(nh)::value><<<grid_cap(rows), kRowThreads, 0, stream>>>(
           static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, score);
-    } else {
-      pool_scores_kernel<T, kPoolMaxHeads><<<grid_cap(rows), kRowThreads, 0, stream>>>(
-          static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, score);
-    }
+    });
     const cudaError_t e = launch_status();
     if (e != cudaSuccess) return e;
     const dim3 grid(grid_cap(n), static_cast<unsigned>(ceil_div(sh.D, kCols)));
@@ -330,15 +340,11 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   if (e != cudaSuccess) return e;
   e = APM_DISPATCH_DTYPE(t, T, [&] {
     return APM_DISPATCH_DTYPE(df_t, TD, [&] {
-      if (sh.H <= 8) {
-        pool_bwd_rows_kernel<T, TD, 8><<<grid_cap(rows), kRowThreads, 0, stream>>>(
+      with_heads(sh.H, [&](auto nh) {
+        pool_bwd_rows_kernel<T, TD, decltype(nh)::value><<<grid_cap(rows), kRowThreads, 0, stream>>>(
             static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, lse, dsbar, sd,
             static_cast<TD*>(df), c);
-      } else {
-        pool_bwd_rows_kernel<T, TD, kPoolMaxHeads><<<grid_cap(rows), kRowThreads, 0, stream>>>(
-            static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, lse, dsbar, sd,
-            static_cast<TD*>(df), c);
-      }
+      });
       return launch_status();
     });
   });
@@ -346,13 +352,10 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   e = APM_DISPATCH_DTYPE(t, T, [&] {
     const dim3 grid(grid_cap(sh.S), static_cast<unsigned>(ceil_div(sh.D, kCols)),
                     static_cast<unsigned>(chunks));
-    if (sh.H <= 8) {
-      pool_dkt_partial_kernel<T, 8><<<grid, dim3(kCols, kDktPhases), 0, stream>>>(
+    with_heads(sh.H, [&](auto nh) {
+      pool_dkt_partial_kernel<T, decltype(nh)::value><<<grid, dim3(kCols, kDktPhases), 0, stream>>>(
           static_cast<const T*>(f), static_cast<const T*>(pos), c, scale, sh, chunks, partial);
-    } else {
-      pool_dkt_partial_kernel<T, kPoolMaxHeads><<<grid, dim3(kCols, kDktPhases), 0, stream>>>(
-          static_cast<const T*>(f), static_cast<const T*>(pos), c, scale, sh, chunks, partial);
-    }
+    });
     return launch_status();
   });
   if (e != cudaSuccess) return e;

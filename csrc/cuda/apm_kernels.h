@@ -89,19 +89,21 @@ struct PoolShape {
   int64_t S, B, L, D, H;
 };
 
-// Scratch (fp32): score (S, B, H, L).
+// Both directions work on tiles of `tile_rows` rows of one image (pool_tile_rows picks it for the
+// shape and GPU; a multiple of 8, at most 64): pool_tiles(sh, tile_rows) tiles per image.
+int pool_tile_rows(PoolShape sh, int sm_count);
+int64_t pool_tiles(PoolShape sh, int tile_rows);
+
+// Scratch (fp32), per image and tile: part_m, part_s (S*B, tiles, H), part_acc (S*B, tiles, H, D).
 cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, float scale,
-                     PoolShape sh, float* score, float* sbar, float* lse, cudaStream_t stream);
+                     PoolShape sh, int tile_rows, float* part_m, float* part_s, float* part_acc,
+                     float* sbar, float* lse, cudaStream_t stream);
 
-// Number of row chunks pool_bwd splits the (B*L) rows into for the dkt reduction.
-int pool_bwd_chunks(PoolShape sh, int sm_count);
-
-// df (S, B, L, D) of dtype df_t; dkt (S, H, D) fp32. Scratch (fp32): sd (S, B, H),
-// c (S, B, H, L), partial (S, chunks, H, D).
+// df (S, B, L, D) of dtype df_t; dkt (S, H, D) fp32. Scratch (fp32): partial (S*B, tiles, H, D).
 cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, float scale,
                      PoolShape sh, const float* sbar, const float* lse, const float* dsbar,
-                     void* df, DType df_t, float* dkt, float* sd, float* c, float* partial,
-                     int chunks, cudaStream_t stream);
+                     void* df, DType df_t, float* dkt, int tile_rows, float* partial,
+                     cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
 // Adam (no weight decay) over flat fp32 parameters and gradients of n elements, in place,

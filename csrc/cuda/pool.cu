@@ -5,21 +5,21 @@
 // Backward, c[h,l] = a[h,l] (kv_l . dsbar_h - sbar_h . dsbar_h):
 //   df_l = sum_h a[h,l] dsbar_h + scale c[h,l] kt_h;   dkt_h = scale sum_{b,l} c[h,l] kv_l
 //
-// The pool moves ~1.5 MB per image: at one image it is bound by latency, not bandwidth, so every
-// kernel spreads its work over as many warps as the shape allows and the passes are few
-// (timings: one image of `ttt-l14` on the H200).
-//   forward   scores  one block per cell: all H dot products from one read of kv_l (one warp
-//                     per cell left ~8 warps per SM at one image and ran slower: 22 against 13 us)
-//             wsum    one block per (image, head, 32 columns), 16 row phases: the softmax's max
-//                     and sum over L (so lse needs no launch of its own), then sbar = sum_l a kv_l
-//   backward  sd      one warp per (image, head): sbar . dsbar
-//             rows    one block per cell: a, c (stored) and df_l (one warp per cell: 51 against 33 us)
-//             dkt     one block per (student, 32 columns, row chunk): every head's partial sums
-//                     from one read of kv, then a deterministic column sum over the chunks
-// The per-cell and key-gradient kernels keep a register per head: they are compiled for at most
-// 8 heads (every preset) and for kPoolMaxHeads (16 per-head registers of each kind took the
-// per-cell kernel to 126 registers and 24 % occupancy). No atomics anywhere: the same inputs give
-// the same bits.
+// The pool moves ~1.5 MB per image: at one image it is bound by latency, not bandwidth. Both
+// directions run one block per *tile* of rows of one image (pool_tile_rows: 8 rows at one image,
+// 128 blocks; up to 64 rows when there are images enough to fill the GPU), in two launches:
+//   forward   tile     kt staged in shared memory; one warp per row: every head's score from one
+//                      read of kv_l; then, per head, the tile's max, sum of exp and exp-weighted
+//                      sum of kv over its rows (a partial softmax, written per tile)
+//             combine  per (image, head, 32 columns): the tiles' partials merged exactly
+//                      (rescaled to the overall max), giving lse and sbar
+//   backward  tile     kt and dsbar staged in shared memory, sbar . dsbar per head; one warp per
+//                      row: a, c and df_l; then the tile's partial key gradient sum_l c kv_l
+//             colsum   the tiles' partial key gradients summed per student (colsum.cu)
+// Staging reads kt (and dsbar) once per block instead of once per row from L2 (the per-row
+// kernels this replaces: 21 and 41 us at one image of `ttt-l14` on the H200). Each thread keeps a
+// register per head: the kernels are compiled for at most 8 heads (every preset) and for
+// kPoolMaxHeads. No atomics anywhere: the same inputs give the same bits.
 #include <type_traits>
 
 #include "apm_kernels.h"
@@ -29,11 +29,12 @@ namespace apm {
 
 namespace {
 
-constexpr int kWarps = 8;        // warps per block of pool_sd (one warp per image and head)
-constexpr int kRowThreads = 128; // threads per block of the per-cell kernels (one cell each)
-constexpr int kCols = 32;        // columns per block of the column kernels (one warp wide)
-constexpr int kPhases = 16;      // row phases per block of the forward's weighted sum
-constexpr int kDktPhases = 8;    // row phases per block of the key gradient
+constexpr int kTileWarps = 8;                    // warps per block of the tile kernels
+constexpr int kTileThreads = kTileWarps * 32;
+constexpr int kMaxTileRows = 64;                 // rows per tile: a multiple of kTileWarps
+constexpr int kCols = 32;                        // columns per block of the combine kernel
+constexpr int kPhases = 8;                       // tile phases per block of the combine kernel
+constexpr int kMaxStagedBytes = 160 * 1024;      // larger kt (and dsbar) are read from L2
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -41,243 +42,221 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
+// The block's copy of n floats from src (when staged), else src itself.
+__device__ __forceinline__ const float* stage(const float* __restrict__ src, int64_t n, bool staged,
+                                              float* dst) {
+  if (!staged) return src;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+  return dst;
 }
 
-// Sums over d of each thread's per-head partials, over the whole block: out[h] (shared memory,
-// h < kPoolMaxHeads) = sum over the block's threads of part[h], in a fixed order (deterministic).
-// Every thread must call it; `red` holds kPoolMaxHeads x (warps) floats.
-template <int kHeads>
-__device__ __forceinline__ void block_head_sums(float (&part)[kHeads], int H, float* red, float* out) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-#pragma unroll
-  for (int h = 0; h < kHeads; ++h) {
-    if (h < H) {
-      const float t = warp_sum(part[h]);
-      if (lane == 0) red[h * warps + warp] = t;
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < H) {
-    float t = 0.0f;
-    for (int w = 0; w < warps; ++w) t += red[threadIdx.x * warps + w];
-    out[threadIdx.x] = t;
-  }
-  __syncthreads();
-}
-
-// score[(sb*H + h)*L + l] for every cell row = sb*L + l: one block of kRowThreads per row, the
-// threads over d (one warp per row left ~8 warps per SM at one image: latency bound).
+// Forward, one block per (image sb, tile of rows): per head h, over the tile's rows,
+// m = max score, s = sum exp(score - m), acc[d] = sum exp(score - m) kv[d]; written to
+// part_m / part_s ((S*B, tiles, H)) and part_acc ((S*B, tiles, H, D)).
 template <typename T, int NH>
-__global__ void __launch_bounds__(kRowThreads)
-    pool_scores_kernel(const T* __restrict__ f, const T* __restrict__ pos,
-                       const float* __restrict__ kt, float scale, PoolShape sh,
-                       float* __restrict__ score) {
-  __shared__ float red[NH * (kRowThreads / 32)];
-  __shared__ float dots[NH];
-  const int64_t rows = sh.S * sh.B * sh.L;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
-    const T* frow = f + row * sh.D;
-    const T* prow = pos + l * sh.D;
-    const float* k = kt + s * sh.H * sh.D;
+__global__ void __launch_bounds__(kTileThreads)
+    pool_fwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
+                         const float* __restrict__ kt, float scale, PoolShape sh, int tile_rows,
+                         int64_t tiles, bool staged, float* __restrict__ part_m,
+                         float* __restrict__ part_s, float* __restrict__ part_acc) {
+  extern __shared__ float staged_kt[];
+  __shared__ float w[kMaxTileRows][NH];          // scores, then their exp weights
+  __shared__ float head_m[NH];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t tile = blockIdx.x % tiles, sb = blockIdx.x / tiles, s = sb / sh.B;
+  const int64_t l0 = tile * tile_rows;
+  const int rows = static_cast<int>(sh.L - l0 < tile_rows ? sh.L - l0 : tile_rows);
+  const float* K = stage(kt + s * sh.H * sh.D, sh.H * sh.D, staged, staged_kt);
+  __syncthreads();
+  const T* fimg = f + sb * sh.L * sh.D;
+  for (int r = warp; r < rows; r += kTileWarps) {
+    const int64_t l = l0 + r;
     float acc[NH];
 #pragma unroll
     for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
-    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
-      const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
+    for (int64_t d = lane; d < sh.D; d += 32) {
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
 #pragma unroll
       for (int h = 0; h < NH; ++h)
-        if (h < sh.H) acc[h] = fmaf(v, k[h * sh.D + d], acc[h]);
+        if (h < sh.H) acc[h] = fmaf(v, K[h * sh.D + d], acc[h]);
     }
-    block_head_sums(acc, sh.H, red, dots);
-    if (threadIdx.x < sh.H) score[(sb * sh.H + threadIdx.x) * sh.L + l] = dots[threadIdx.x] * scale;
-  }
-}
-
-// For i = sb*H + h: lse[i] = logsumexp_l score[i, l] and sbar[i*D + d] = sum_l exp(score - lse)
-// kv[sb, l, d]. Grid (S*B*H, column tiles); blocks of kCols columns x kPhases row phases. Each
-// block first reduces the score row to (max, sum) in one online pass (each column tile repeats
-// this small pass over L floats; the first writes lse), then thread (d, r) sums the rows
-// l = r (mod kPhases) and the kPhases partial sums of a column are added in a fixed order.
-template <typename T>
-__global__ void __launch_bounds__(kCols * kPhases)
-    pool_wsum_kernel(const T* __restrict__ f, const T* __restrict__ pos,
-                     const float* __restrict__ score, PoolShape sh, float* __restrict__ sbar,
-                     float* __restrict__ lse) {
-  __shared__ float part[kPhases][kCols + 1];
-  __shared__ float red_m[kCols * kPhases / 32], red_s[kCols * kPhases / 32];
-  __shared__ float block_lse;
-  const int tid = threadIdx.y * kCols + threadIdx.x;
-  const int lane = tid % 32, warp = tid / 32, warps = kCols * kPhases / 32;
-  const int64_t d = static_cast<int64_t>(blockIdx.y) * kCols + threadIdx.x;
-  const int r = threadIdx.y;
-  const int64_t n = sh.S * sh.B * sh.H;
-  for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
-    const float* srow = score + i * sh.L;
-    // (max, sum of exp) over the row: per thread online, then per warp, then per block
-    float m = -INFINITY, s = 0.0f;
-    for (int64_t l = tid; l < sh.L; l += kCols * kPhases) {
-      const float x = srow[l];
-      const float mn = fmaxf(m, x);
-      s = s * expf(m - mn) + expf(x - mn);
-      m = mn;
-    }
-    float wm = warp_max(m);
-    s = warp_sum(m == -INFINITY ? 0.0f : s * expf(m - wm));
-    if (lane == 0) { red_m[warp] = wm; red_s[warp] = s; }
-    __syncthreads();
-    if (tid == 0) {
-      float bm = -INFINITY;
-      for (int w = 0; w < warps; ++w) bm = fmaxf(bm, red_m[w]);
-      float bs = 0.0f;
-      for (int w = 0; w < warps; ++w)
-        if (red_m[w] != -INFINITY) bs += red_s[w] * expf(red_m[w] - bm);
-      block_lse = bm + logf(bs);
-      if (blockIdx.y == 0) lse[i] = block_lse;
-    }
-    __syncthreads();
-    const float lse_i = block_lse;
-    float acc = 0.0f;
-    if (d < sh.D) {
-      const int64_t sb = i / sh.H;
-      const T* fimg = f + sb * sh.L * sh.D;
-#pragma unroll 4
-      for (int64_t l = r; l < sh.L; l += kPhases) {
-        const float a = expf(srow[l] - lse_i);
-        acc = fmaf(a, to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]), acc);
-      }
-    }
-    part[r][threadIdx.x] = acc;
-    __syncthreads();
-    if (r == 0 && d < sh.D) {
-      float t = part[0][threadIdx.x];
 #pragma unroll
-      for (int k = 1; k < kPhases; ++k) t += part[k][threadIdx.x];
-      sbar[i * sh.D + d] = t;
-    }
-    __syncthreads();
-  }
-}
-
-// sd[i] = sbar[i] . dsbar[i] over D, i = sb*H + h; one warp per i.
-__global__ void __launch_bounds__(kWarps * 32)
-    pool_sd_kernel(const float* __restrict__ sbar, const float* __restrict__ dsbar, int64_t n,
-                   int64_t D, float* __restrict__ sd) {
-  const int lane = threadIdx.x % 32;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kWarps) {
-    float acc = 0.0f;
-    for (int64_t d = lane; d < D; d += 32) acc = fmaf(sbar[i * D + d], dsbar[i * D + d], acc);
-    acc = warp_sum(acc);
-    if (lane == 0) sd[i] = acc;
-  }
-}
-
-// Per cell (one block of kRowThreads per row sb*L + l, threads over d): a[h], c[h] (stored), df_l.
-template <typename T, typename TD, int NH>
-__global__ void __launch_bounds__(kRowThreads)
-    pool_bwd_rows_kernel(const T* __restrict__ f, const T* __restrict__ pos,
-                         const float* __restrict__ kt, float scale, PoolShape sh,
-                         const float* __restrict__ lse, const float* __restrict__ dsbar,
-                         const float* __restrict__ sd, TD* __restrict__ df, float* __restrict__ c) {
-  __shared__ float red[NH * (kRowThreads / 32)];
-  __shared__ float dk[NH], dd[NH];
-  __shared__ float coef_a[NH], coef_c[NH];
-  const int64_t rows = sh.S * sh.B * sh.L;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t l = row % sh.L, sb = row / sh.L, s = sb / sh.B;
-    const T* frow = f + row * sh.D;
-    const T* prow = pos + l * sh.D;
-    const float* k = kt + s * sh.H * sh.D;
-    const float* ds = dsbar + sb * sh.H * sh.D;
-    float dot_k[NH], dot_d[NH];
+    for (int h = 0; h < NH; ++h) acc[h] = warp_sum(acc[h]);
+    if (lane == 0) {
 #pragma unroll
-    for (int h = 0; h < NH; ++h) dot_k[h] = dot_d[h] = 0.0f;
-    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
-      const float v = to_f32<T>(frow[d]) + to_f32<T>(prow[d]);
-#pragma unroll
-      for (int h = 0; h < NH; ++h) {
-        if (h < sh.H) {
-          dot_k[h] = fmaf(v, k[h * sh.D + d], dot_k[h]);
-          dot_d[h] = fmaf(v, ds[h * sh.D + d], dot_d[h]);
-        }
-      }
+      for (int h = 0; h < NH; ++h)
+        if (h < sh.H) w[r][h] = acc[h] * scale;
     }
-    block_head_sums(dot_k, sh.H, red, dk);
-    block_head_sums(dot_d, sh.H, red, dd);
-    if (threadIdx.x < sh.H) {
-      const int h = threadIdx.x;
-      const int64_t i = sb * sh.H + h;
-      const float a = expf(dk[h] * scale - lse[i]);
-      const float ch = a * (dd[h] - sd[i]);
-      c[i * sh.L + l] = ch;
-      coef_a[h] = a;
-      coef_c[h] = ch * scale;
-    }
-    __syncthreads();
-    TD* drow = df + row * sh.D;
-    for (int64_t d = threadIdx.x; d < sh.D; d += kRowThreads) {
-      float g = 0.0f;
-#pragma unroll
-      for (int h = 0; h < NH; ++h) {
-        if (h < sh.H) g = fmaf(coef_a[h], ds[h * sh.D + d], fmaf(coef_c[h], k[h * sh.D + d], g));
-      }
-      drow[d] = from_f32<TD>(g);
-    }
-    __syncthreads();                       // the next row reuses the shared sums
   }
-}
-
-// partial[((s*chunks + z)*H + h)*D + d] = scale sum over rows r of chunk z of c[s,b,h,l] kv[s,b,l,d]
-// (r = b*L + l); grid (S, column tiles, chunks), blocks of kCols columns x kDktPhases row
-// phases, every head accumulated from one read of kv; the phases are added in a fixed order.
-template <typename T, int NH>
-__global__ void __launch_bounds__(kCols * kDktPhases)
-    pool_dkt_partial_kernel(const T* __restrict__ f, const T* __restrict__ pos,
-                            const float* __restrict__ c, float scale, PoolShape sh, int chunks,
-                            float* __restrict__ partial) {
-  __shared__ float part[kDktPhases][NH][kCols];
-  const int64_t d = static_cast<int64_t>(blockIdx.y) * kCols + threadIdx.x;
-  const int phase = threadIdx.y;
-  const int64_t rows = sh.B * sh.L;
-  const int64_t per = (rows + chunks - 1) / chunks;
-  const int64_t r0 = blockIdx.z * per;
-  const int64_t r1 = r0 + per < rows ? r0 + per : rows;
-  for (int64_t s = blockIdx.x; s < sh.S; s += gridDim.x) {
+  __syncthreads();
+  const int64_t part = (sb * tiles + tile) * sh.H;
+  if (threadIdx.x < sh.H) {
+    const int h = threadIdx.x;
+    float m = -INFINITY;
+    for (int r = 0; r < rows; ++r) m = fmaxf(m, w[r][h]);
+    float sum = 0.0f;
+    for (int r = 0; r < rows; ++r) sum += expf(w[r][h] - m);
+    head_m[h] = m;
+    part_m[part + h] = m;
+    part_s[part + h] = sum;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < rows * sh.H; i += kTileThreads) {
+    const int r = i / static_cast<int>(sh.H), h = i % static_cast<int>(sh.H);
+    w[r][h] = expf(w[r][h] - head_m[h]);
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < sh.D; d += kTileThreads) {
     float acc[NH];
 #pragma unroll
     for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
-    if (d < sh.D) {
-      for (int64_t r = r0 + phase; r < r1; r += kDktPhases) {
-        const int64_t b = r / sh.L, l = r % sh.L, sb = s * sh.B + b;
-        const float v = to_f32<T>(f[(sb * sh.L + l) * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
-        const float* crow = c + sb * sh.H * sh.L + l;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t l = l0 + r;
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
 #pragma unroll
-        for (int h = 0; h < NH; ++h)
-          if (h < sh.H) acc[h] = fmaf(crow[h * sh.L], v, acc[h]);
-      }
+      for (int h = 0; h < NH; ++h)
+        if (h < sh.H) acc[h] = fmaf(w[r][h], v, acc[h]);
     }
 #pragma unroll
     for (int h = 0; h < NH; ++h)
-      if (h < sh.H) part[phase][h][threadIdx.x] = acc[h];
-    __syncthreads();
-    if (d < sh.D) {
-      for (int h = phase; h < sh.H; h += kDktPhases) {
-        float t = part[0][h][threadIdx.x];
-#pragma unroll
-        for (int k = 1; k < kDktPhases; ++k) t += part[k][h][threadIdx.x];
-        partial[((s * chunks + blockIdx.z) * sh.H + h) * sh.D + d] = t * scale;
-      }
-    }
-    __syncthreads();
+      if (h < sh.H) part_acc[(part + h) * sh.D + d] = acc[h];
   }
 }
 
-unsigned grid_cap(int64_t n) { return static_cast<unsigned>(n < 65535 ? (n > 0 ? n : 1) : 65535); }
+// For i = sb*H + h: m = max over tiles of part_m, den = sum_t part_s[t] exp(part_m[t] - m),
+// lse[i] = m + log(den), sbar[i, d] = sum_t exp(part_m[t] - m) part_acc[t, d] / den. Grid
+// (S*B*H, column tiles); blocks of kCols columns x kPhases tile phases, added in a fixed order.
+__global__ void __launch_bounds__(kCols * kPhases)
+    pool_fwd_combine_kernel(const float* __restrict__ part_m, const float* __restrict__ part_s,
+                            const float* __restrict__ part_acc, PoolShape sh, int64_t tiles,
+                            float* __restrict__ sbar, float* __restrict__ lse) {
+  __shared__ float red[kPhases][kCols + 1];
+  __shared__ float m_all, den_all;
+  const int tid = threadIdx.y * kCols + threadIdx.x;
+  const int64_t i = blockIdx.x, sb = i / sh.H, h = i % sh.H;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kCols + threadIdx.x;
+  const float* pm = part_m + sb * tiles * sh.H + h;      // tile t at pm[t * H]
+  const float* ps = part_s + sb * tiles * sh.H + h;
+  if (tid < 32) {
+    float m = -INFINITY;
+    for (int64_t t = tid; t < tiles; t += 32) m = fmaxf(m, pm[t * sh.H]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float den = 0.0f;
+    for (int64_t t = tid; t < tiles; t += 32) den += ps[t * sh.H] * expf(pm[t * sh.H] - m);
+    den = warp_sum(den);
+    if (tid == 0) {
+      m_all = m;
+      den_all = den;
+      if (blockIdx.y == 0) lse[i] = m + logf(den);
+    }
+  }
+  __syncthreads();
+  const float m = m_all;
+  float acc = 0.0f;
+  if (d < sh.D) {
+    for (int64_t t = threadIdx.y; t < tiles; t += kPhases)
+      acc = fmaf(expf(pm[t * sh.H] - m), part_acc[((sb * tiles + t) * sh.H + h) * sh.D + d], acc);
+  }
+  red[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && d < sh.D) {
+    float t = red[0][threadIdx.x];
+#pragma unroll
+    for (int k = 1; k < kPhases; ++k) t += red[k][threadIdx.x];
+    sbar[i * sh.D + d] = t / den_all;
+  }
+}
+
+// Backward, one block per (image sb, tile of rows): per row (one warp each) a[h], c[h] and df_l;
+// then partial[(sb*tiles + tile), h, d] = sum over the tile's rows of scale c[h,l] kv[l, d].
+template <typename T, typename TD, int NH>
+__global__ void __launch_bounds__(kTileThreads)
+    pool_bwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
+                         const float* __restrict__ kt, float scale, PoolShape sh,
+                         const float* __restrict__ sbar, const float* __restrict__ lse,
+                         const float* __restrict__ dsbar, int tile_rows, int64_t tiles, bool staged,
+                         TD* __restrict__ df, float* __restrict__ partial) {
+  extern __shared__ float staged_kd[];
+  __shared__ float cs[kMaxTileRows][NH];         // scale * c of the tile's rows
+  __shared__ float sd[NH], lse_h[NH];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t tile = blockIdx.x % tiles, sb = blockIdx.x / tiles, s = sb / sh.B;
+  const int64_t l0 = tile * tile_rows;
+  const int rows = static_cast<int>(sh.L - l0 < tile_rows ? sh.L - l0 : tile_rows);
+  const int64_t hd = sh.H * sh.D;
+  const float* K = stage(kt + s * hd, hd, staged, staged_kd);
+  const float* DS = stage(dsbar + sb * hd, hd, staged, staged_kd + hd);
+  for (int64_t h = warp; h < sh.H; h += kTileWarps) {    // sbar_h . dsbar_h
+    const float* a = sbar + (sb * sh.H + h) * sh.D;
+    const float* b = dsbar + (sb * sh.H + h) * sh.D;
+    float acc = 0.0f;
+    for (int64_t d = lane; d < sh.D; d += 32) acc = fmaf(a[d], b[d], acc);
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      sd[h] = acc;
+      lse_h[h] = lse[sb * sh.H + h];
+    }
+  }
+  __syncthreads();
+  const T* fimg = f + sb * sh.L * sh.D;
+  TD* dimg = df + sb * sh.L * sh.D;
+  for (int r = warp; r < rows; r += kTileWarps) {
+    const int64_t l = l0 + r;
+    float dk[NH], dd[NH];
+#pragma unroll
+    for (int h = 0; h < NH; ++h) dk[h] = dd[h] = 0.0f;
+    for (int64_t d = lane; d < sh.D; d += 32) {
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
+#pragma unroll
+      for (int h = 0; h < NH; ++h) {
+        if (h < sh.H) {
+          dk[h] = fmaf(v, K[h * sh.D + d], dk[h]);
+          dd[h] = fmaf(v, DS[h * sh.D + d], dd[h]);
+        }
+      }
+    }
+    float ca[NH], cc[NH];
+#pragma unroll
+    for (int h = 0; h < NH; ++h) {
+      ca[h] = cc[h] = 0.0f;
+      if (h < sh.H) {
+        const float a = expf(warp_sum(dk[h]) * scale - lse_h[h]);
+        ca[h] = a;
+        cc[h] = a * (warp_sum(dd[h]) - sd[h]) * scale;
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int h = 0; h < NH; ++h)
+        if (h < sh.H) cs[r][h] = cc[h];
+    }
+    for (int64_t d = lane; d < sh.D; d += 32) {
+      float g = 0.0f;
+#pragma unroll
+      for (int h = 0; h < NH; ++h)
+        if (h < sh.H) g = fmaf(ca[h], DS[h * sh.D + d], fmaf(cc[h], K[h * sh.D + d], g));
+      dimg[l * sh.D + d] = from_f32<TD>(g);
+    }
+  }
+  __syncthreads();
+  const int64_t part = (sb * tiles + tile) * sh.H;
+  for (int64_t d = threadIdx.x; d < sh.D; d += kTileThreads) {
+    float acc[NH];
+#pragma unroll
+    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t l = l0 + r;
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
+#pragma unroll
+      for (int h = 0; h < NH; ++h)
+        if (h < sh.H) acc[h] = fmaf(cs[r][h], v, acc[h]);
+    }
+#pragma unroll
+    for (int h = 0; h < NH; ++h)
+      if (h < sh.H) partial[(part + h) * sh.D + d] = acc[h];
+  }
+}
 
 bool shape_ok(const PoolShape& sh) {
   return sh.S > 0 && sh.B > 0 && sh.L > 0 && sh.D > 0 && sh.H > 0 && sh.H <= kPoolMaxHeads;
@@ -294,73 +273,93 @@ void with_heads(int64_t H, Fn&& fn) {
   }
 }
 
-}  // namespace
-
-cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, float scale,
-                     PoolShape sh, float* score, float* sbar, float* lse, cudaStream_t stream) {
-  if (!shape_ok(sh)) return cudaErrorInvalidValue;
-  const int64_t rows = sh.S * sh.B * sh.L, n = sh.S * sh.B * sh.H;
-  return APM_DISPATCH_DTYPE(t, T, [&] {
-    with_heads(sh.H, [&](auto nh) {
-      pool_scores_kernel<T, decltype(nh)::value><<<grid_cap(rows), kRowThreads, 0, stream>>>(
-          static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, score);
-    });
-    const cudaError_t e = launch_status();
-    if (e != cudaSuccess) return e;
-    const dim3 grid(grid_cap(n), static_cast<unsigned>(ceil_div(sh.D, kCols)));
-    pool_wsum_kernel<T><<<grid, dim3(kCols, kPhases), 0, stream>>>(
-        static_cast<const T*>(f), static_cast<const T*>(pos), score, sh, sbar, lse);
-    return launch_status();
-  });
+// Dynamic shared memory of a launch (kt, or kt and dsbar, staged) and whether it is staged.
+int staged_bytes(PoolShape sh, int copies, bool* staged) {
+  const int64_t bytes = copies * sh.H * sh.D * static_cast<int64_t>(sizeof(float));
+  *staged = bytes <= kMaxStagedBytes;
+  return *staged ? static_cast<int>(bytes) : 0;
 }
 
-int pool_bwd_chunks(PoolShape sh, int sm_count) {
-  // Chunks of at most 256 rows (each thread's loop over its rows is serial) and at least eight
-  // blocks per SM (one image has only S x D / kCols = 24 column tiles), chunks of at least 64
-  // rows, at most 1024 chunks.
-  const int64_t rows = sh.B * sh.L;
-  int64_t want = ceil_div(rows, 256);
-  const int64_t base = sh.S * ceil_div(sh.D, kCols);
-  const int64_t waves = ceil_div(8 * static_cast<int64_t>(sm_count > 0 ? sm_count : 132), base);
-  if (want < waves) want = waves;
-  const int64_t most = ceil_div(rows, 64);
-  if (want > most) want = most;
-  if (want > 1024) want = 1024;
-  return static_cast<int>(want < 1 ? 1 : want);
+// Opts a kernel into more than the default 48 KB of dynamic shared memory (per launch: the
+// attribute is per device; a host call, legal while a stream is captured).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+}  // namespace
+
+int pool_tile_rows(PoolShape sh, int sm_count) {
+  // 8 rows (one per warp) while the tiles of all images do not fill two waves of blocks; larger
+  // tiles (fewer partials to merge) when there are images enough
+  const int64_t images = sh.S * sh.B, want = 2 * static_cast<int64_t>(sm_count > 0 ? sm_count : 132);
+  int rows = kTileWarps;
+  while (rows < kMaxTileRows && images * ceil_div(sh.L, 2 * rows) >= want) rows *= 2;
+  return rows;
+}
+
+int64_t pool_tiles(PoolShape sh, int tile_rows) { return ceil_div(sh.L, tile_rows); }
+
+cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, float scale,
+                     PoolShape sh, int tile_rows, float* part_m, float* part_s, float* part_acc,
+                     float* sbar, float* lse, cudaStream_t stream) {
+  if (!shape_ok(sh) || tile_rows < kTileWarps || tile_rows > kMaxTileRows || tile_rows % kTileWarps)
+    return cudaErrorInvalidValue;
+  const int64_t tiles = pool_tiles(sh, tile_rows), blocks = sh.S * sh.B * tiles;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  bool staged = false;
+  const int smem = staged_bytes(sh, 1, &staged);
+  cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
+    cudaError_t err = cudaSuccess;
+    with_heads(sh.H, [&](auto nh) {
+      auto kernel = pool_fwd_tile_kernel<T, decltype(nh)::value>;
+      err = allow_smem(kernel, smem);
+      if (err == cudaSuccess) {
+        kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, stream>>>(
+            static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, tile_rows, tiles, staged,
+            part_m, part_s, part_acc);
+        err = launch_status();
+      }
+    });
+    return err;
+  });
+  if (e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>(sh.S * sh.B * sh.H), static_cast<unsigned>(ceil_div(sh.D, kCols)));
+  pool_fwd_combine_kernel<<<grid, dim3(kCols, kPhases), 0, stream>>>(part_m, part_s, part_acc, sh, tiles,
+                                                                     sbar, lse);
+  return launch_status();
 }
 
 cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, float scale,
                      PoolShape sh, const float* sbar, const float* lse, const float* dsbar,
-                     void* df, DType df_t, float* dkt, float* sd, float* c, float* partial,
-                     int chunks, cudaStream_t stream) {
-  if (!shape_ok(sh) || chunks < 1 || chunks > 65535) return cudaErrorInvalidValue;
-  const int64_t rows = sh.S * sh.B * sh.L, n = sh.S * sh.B * sh.H;
-  pool_sd_kernel<<<grid_cap(ceil_div(n, kWarps)), kWarps * 32, 0, stream>>>(sbar, dsbar, n, sh.D, sd);
-  cudaError_t e = launch_status();
-  if (e != cudaSuccess) return e;
-  e = APM_DISPATCH_DTYPE(t, T, [&] {
+                     void* df, DType df_t, float* dkt, int tile_rows, float* partial,
+                     cudaStream_t stream) {
+  if (!shape_ok(sh) || tile_rows < kTileWarps || tile_rows > kMaxTileRows || tile_rows % kTileWarps)
+    return cudaErrorInvalidValue;
+  const int64_t tiles = pool_tiles(sh, tile_rows), blocks = sh.S * sh.B * tiles;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  bool staged = false;
+  const int smem = staged_bytes(sh, 2, &staged);
+  cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
     return APM_DISPATCH_DTYPE(df_t, TD, [&] {
+      cudaError_t err = cudaSuccess;
       with_heads(sh.H, [&](auto nh) {
-        pool_bwd_rows_kernel<T, TD, decltype(nh)::value><<<grid_cap(rows), kRowThreads, 0, stream>>>(
-            static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, lse, dsbar, sd,
-            static_cast<TD*>(df), c);
+        auto kernel = pool_bwd_tile_kernel<T, TD, decltype(nh)::value>;
+        err = allow_smem(kernel, smem);
+        if (err == cudaSuccess) {
+          kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, stream>>>(
+              static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar, lse, dsbar,
+              tile_rows, tiles, staged, static_cast<TD*>(df), partial);
+          err = launch_status();
+        }
       });
-      return launch_status();
+      return err;
     });
   });
   if (e != cudaSuccess) return e;
-  e = APM_DISPATCH_DTYPE(t, T, [&] {
-    const dim3 grid(grid_cap(sh.S), static_cast<unsigned>(ceil_div(sh.D, kCols)),
-                    static_cast<unsigned>(chunks));
-    with_heads(sh.H, [&](auto nh) {
-      pool_dkt_partial_kernel<T, decltype(nh)::value><<<grid, dim3(kCols, kDktPhases), 0, stream>>>(
-          static_cast<const T*>(f), static_cast<const T*>(pos), c, scale, sh, chunks, partial);
-    });
-    return launch_status();
-  });
-  if (e != cudaSuccess) return e;
-  // dkt[s] = sum over chunks of partial[s, chunk] (H*D columns)
-  return colsum(partial, DType::kFloat32, sh.S, chunks, sh.H * sh.D, dkt, sh.H * sh.D, nullptr, 1,
+  // dkt[s] = sum over the B * tiles partials of student s (H*D columns)
+  return colsum(partial, DType::kFloat32, sh.S, sh.B * tiles, sh.H * sh.D, dkt, sh.H * sh.D, nullptr, 1,
                 1.0f, stream);
 }
 

@@ -82,10 +82,15 @@ void pool_fwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, 
     return;
   }
   const c10::cuda::OptionalCUDAGuard guard(f.device());
-  at::Tensor score = at::empty({sh.S, sh.B, sh.H, sh.L}, kt.options());
+  const int rows = apm::pool_tile_rows(sh, sm_count(f.get_device()));
+  const int64_t tiles = apm::pool_tiles(sh, rows);
+  at::Tensor part_m = at::empty({sh.S * sh.B, tiles, sh.H}, kt.options());
+  at::Tensor part_s = at::empty({sh.S * sh.B, tiles, sh.H}, kt.options());
+  at::Tensor part_acc = at::empty({sh.S * sh.B, tiles, sh.H, sh.D}, kt.options());
   check_cuda_status(apm::pool_fwd(f.data_ptr(), pos.data_ptr(), to_apm_dtype(f, fn, "f"),
-                                  kt.data_ptr<float>(), static_cast<float>(scale), sh,
-                                  score.data_ptr<float>(), sbar.data_ptr<float>(),
+                                  kt.data_ptr<float>(), static_cast<float>(scale), sh, rows,
+                                  part_m.data_ptr<float>(), part_s.data_ptr<float>(),
+                                  part_acc.data_ptr<float>(), sbar.data_ptr<float>(),
                                   lse.data_ptr<float>(), current_stream(f)),
                     fn, "the pool kernels");
 }
@@ -112,16 +117,13 @@ void pool_bwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, 
     return;
   }
   const c10::cuda::OptionalCUDAGuard guard(f.device());
-  const int chunks = apm::pool_bwd_chunks(sh, sm_count(f.get_device()));
-  at::Tensor sd = at::empty({sh.S, sh.B, sh.H}, kt.options());
-  at::Tensor c = at::empty({sh.S, sh.B, sh.H, sh.L}, kt.options());
-  at::Tensor partial = at::empty({sh.S, chunks, sh.H, sh.D}, kt.options());
+  const int rows = apm::pool_tile_rows(sh, sm_count(f.get_device()));
+  at::Tensor partial = at::empty({sh.S * sh.B, apm::pool_tiles(sh, rows), sh.H, sh.D}, kt.options());
   check_cuda_status(
       apm::pool_bwd(f.data_ptr(), pos.data_ptr(), to_apm_dtype(f, fn, "f"), kt.data_ptr<float>(),
                     static_cast<float>(scale), sh, sbar.data_ptr<float>(), lse.data_ptr<float>(),
-                    dsbar.data_ptr<float>(), df.data_ptr(), df_t, dkt.data_ptr<float>(),
-                    sd.data_ptr<float>(), c.data_ptr<float>(), partial.data_ptr<float>(), chunks,
-                    current_stream(f)),
+                    dsbar.data_ptr<float>(), df.data_ptr(), df_t, dkt.data_ptr<float>(), rows,
+                    partial.data_ptr<float>(), current_stream(f)),
       fn, "the pool backward kernels");
 }
 

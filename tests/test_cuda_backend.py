@@ -172,8 +172,10 @@ def test_first_layer(prims, dtype, dims):
 # ---------------------------------------------------------------------------- pool
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("dims", [dict(S=2, B=3, L=64, D=64, H=8), dict(S=2, B=2, L=37, D=44, H=4),
-                                  dict(S=1, B=1, L=1024, D=768, H=8), dict(S=3, B=2, L=1100, D=40, H=16)],
-                         ids=["aligned", "odd", "ttt-l14", "long-rows-16-heads"])
+                                  dict(S=1, B=1, L=1024, D=768, H=8), dict(S=3, B=2, L=1100, D=40, H=16),
+                                  dict(S=40, B=2, L=300, D=64, H=8), dict(S=1, B=1, L=70, D=1400, H=16)],
+                         ids=["aligned", "odd", "ttt-l14", "long-rows-16-heads", "many-images-large-tiles",
+                              "kt-too-wide-to-stage"])
 def test_pool(prims, dtype, dims):
     S, B, L, D, H = dims["S"], dims["B"], dims["L"], dims["D"], dims["H"]
     f = rnd(S, B, L, D, dtype=dtype, seed=14)

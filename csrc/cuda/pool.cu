@@ -280,11 +280,12 @@ int staged_bytes(PoolShape sh, int copies, bool* staged) {
   return *staged ? static_cast<int>(bytes) : 0;
 }
 
-// Opts a kernel into more than the default 48 KB of dynamic shared memory (per launch: the
-// attribute is per device; a host call, legal while a stream is captured).
+// Opts a kernel into `bytes` of dynamic shared memory: beyond 48 KB *with* the static shared
+// memory a launch fails without it (per launch: the attribute is per device; a host call, legal
+// while a stream is captured).
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, int bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
+  if (bytes == 0) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 

@@ -80,6 +80,19 @@ def test_choose_follows_the_measurement_per_preset(table):
     assert measured.choose("Other GPU", None, ["cuda", "torch"])[0] == "cuda"
 
 
+def test_tables_measured_within_the_noise_are_tied_and_the_fixed_order_decides(monkeypatch, tmp_path):
+    rows = [_row("ttt-l14", "engine/triton", 0.6193), _row("ttt-l14", "engine/cuda", 0.6172),
+            _row("ttt-l14", "engine/torch", 1.66), _row("ttt-b16", "engine/triton", 1.0),
+            _row("ttt-b16", "engine/cuda", 0.95)]
+    monkeypatch.setattr(measured, "_LOADED", measured.record([_step_file(tmp_path, "G", rows)]))
+    every = ["torch", "triton", "cuda"]
+    name, why = measured.choose("G", preset("ttt-l14"), every)        # cuda 0.3 % faster: a tie
+    assert name == "triton" and "within 2%" in why and "cuda 0.617 ms, triton 0.619 ms" in why
+    assert measured.choose("G", preset("ttt-l14"), ["torch", "cuda"])[0] == "cuda"
+    name, why = measured.choose("G", preset("ttt-b16"), every)        # 5 % faster: measured fastest
+    assert name == "cuda" and why.startswith("measured fastest")
+
+
 def test_default_backend_on_a_gpu_uses_the_gpu_name_and_the_model(monkeypatch, table):
     monkeypatch.setattr(backends, "_status", lambda name: (True, ""))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")

@@ -25,8 +25,6 @@
 // image for fc2 (1024 x 2048 -> 128 tiles) and keeps the instantiations (compile time) few.
 // Split-K for the weight gradient is done by the caller (csrc/torch/cuda_gemm_ops.cpp), which
 // batches the contraction.
-#include <cstdlib>
-
 #include "apm_kernels.h"
 
 #if defined(APM_FAST_SM90A) && !defined(APM_FAST_NO_CUTLASS)
@@ -62,20 +60,10 @@ int device_attr(cudaDeviceAttr attr, int device) {
 }  // namespace
 
 namespace sm90 {
-// The SMs a persistent GEMM spreads its CTAs over: all of them, or at most APM_FAST_GEMM_SMS
-// (read once; leaves SMs to work on another stream, e.g. Adam beside the backward).
 int sm_count_cached(int device) {
   static int counts[64] = {0};
-  static const int cap = [] {
-    const char* v = std::getenv("APM_FAST_GEMM_SMS");
-    return v != nullptr ? std::atoi(v) : 0;
-  }();
-  auto count = [&] {
-    const int n = device_attr(cudaDevAttrMultiProcessorCount, device);
-    return cap > 0 && cap < n ? cap : n;
-  };
-  if (device < 0 || device >= 64) return count();
-  if (counts[device] == 0) counts[device] = count();
+  if (device < 0 || device >= 64) return device_attr(cudaDevAttrMultiProcessorCount, device);
+  if (counts[device] == 0) counts[device] = device_attr(cudaDevAttrMultiProcessorCount, device);
   return counts[device];
 }
 }  // namespace sm90

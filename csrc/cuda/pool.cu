@@ -292,6 +292,19 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
+// The grid of a tile kernel: tiles per image and blocks (one per image and tile); false when the
+// shape or the tile is out of range.
+bool tile_grid(PoolShape sh, int tile_rows, int64_t* tiles, int64_t* blocks);
+
+// kernel<<<blocks, kTileThreads, smem>>>(args...) with `smem` bytes of staged operands allowed.
+template <typename Kernel, typename... Args>
+cudaError_t launch_tiles(Kernel kernel, int64_t blocks, int smem, cudaStream_t stream, Args... args) {
+  const cudaError_t e = allow_smem(kernel, smem);
+  if (e != cudaSuccess) return e;
+  kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, stream>>>(args...);
+  return launch_status();
+}
+
 }  // namespace
 
 int pool_tile_rows(PoolShape sh, int sm_count) {
@@ -305,26 +318,28 @@ int pool_tile_rows(PoolShape sh, int sm_count) {
 
 int64_t pool_tiles(PoolShape sh, int tile_rows) { return ceil_div(sh.L, tile_rows); }
 
+namespace {
+bool tile_grid(PoolShape sh, int tile_rows, int64_t* tiles, int64_t* blocks) {
+  if (!shape_ok(sh) || tile_rows < kTileWarps || tile_rows > kMaxTileRows || tile_rows % kTileWarps) return false;
+  *tiles = pool_tiles(sh, tile_rows);
+  *blocks = sh.S * sh.B * *tiles;
+  return *blocks <= 0x7fffffff;
+}
+}  // namespace
+
 cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, float scale,
                      PoolShape sh, int tile_rows, float* part_m, float* part_s, float* part_acc,
                      float* sbar, float* lse, cudaStream_t stream) {
-  if (!shape_ok(sh) || tile_rows < kTileWarps || tile_rows > kMaxTileRows || tile_rows % kTileWarps)
-    return cudaErrorInvalidValue;
-  const int64_t tiles = pool_tiles(sh, tile_rows), blocks = sh.S * sh.B * tiles;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  int64_t tiles = 0, blocks = 0;
+  if (!tile_grid(sh, tile_rows, &tiles, &blocks)) return cudaErrorInvalidValue;
   bool staged = false;
   const int smem = staged_bytes(sh, 1, &staged);
   cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
     cudaError_t err = cudaSuccess;
     with_heads(sh.H, [&](auto nh) {
-      auto kernel = pool_fwd_tile_kernel<T, decltype(nh)::value>;
-      err = allow_smem(kernel, smem);
-      if (err == cudaSuccess) {
-        kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, stream>>>(
-            static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, tile_rows, tiles, staged,
-            part_m, part_s, part_acc);
-        err = launch_status();
-      }
+      err = launch_tiles(pool_fwd_tile_kernel<T, decltype(nh)::value>, blocks, smem, stream,
+                         static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, tile_rows, tiles,
+                         staged, part_m, part_s, part_acc);
     });
     return err;
   });
@@ -339,24 +354,17 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
                      PoolShape sh, const float* sbar, const float* lse, const float* dsbar,
                      void* df, DType df_t, float* dkt, int tile_rows, float* partial,
                      cudaStream_t stream) {
-  if (!shape_ok(sh) || tile_rows < kTileWarps || tile_rows > kMaxTileRows || tile_rows % kTileWarps)
-    return cudaErrorInvalidValue;
-  const int64_t tiles = pool_tiles(sh, tile_rows), blocks = sh.S * sh.B * tiles;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  int64_t tiles = 0, blocks = 0;
+  if (!tile_grid(sh, tile_rows, &tiles, &blocks)) return cudaErrorInvalidValue;
   bool staged = false;
   const int smem = staged_bytes(sh, 2, &staged);
   cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
     return APM_DISPATCH_DTYPE(df_t, TD, [&] {
       cudaError_t err = cudaSuccess;
       with_heads(sh.H, [&](auto nh) {
-        auto kernel = pool_bwd_tile_kernel<T, TD, decltype(nh)::value>;
-        err = allow_smem(kernel, smem);
-        if (err == cudaSuccess) {
-          kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, stream>>>(
-              static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar, lse, dsbar,
-              tile_rows, tiles, staged, static_cast<TD*>(df), partial);
-          err = launch_status();
-        }
+        err = launch_tiles(pool_bwd_tile_kernel<T, TD, decltype(nh)::value>, blocks, smem, stream,
+                           static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar, lse, dsbar,
+                           tile_rows, tiles, staged, static_cast<TD*>(df), partial);
       });
       return err;
     });

@@ -30,9 +30,9 @@ class TritonPrimitives(Primitives):
     name = "triton"
     opaque = True
     wgrad_out = True       # the weight-gradient kernels write straight into given buffers
-    # each layer's Adam beside the rest of the backward: on the H200 0.546 against 0.552 ms a step
-    # at one image, 134.7 against 133.3 images/s at S = 64 (the cuda table: 0.712 against 0.676,
-    # slower; the torch table: no change), benchmarks/results/h200/0412806/
+    # each layer's Adam beside the rest of the backward: on the H200 0.538 against 0.541 ms a step
+    # at one image, 132.9 against 131.5 images/s at S = 64 (the cuda table: 0.612 against 0.576,
+    # slower; the torch table: no change), benchmarks/results/h200/suite/ (ae446fa)
     adam_beside_backward = True
 
     def __init__(self, use_custom_ops: bool | None = None):

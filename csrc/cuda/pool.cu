@@ -53,6 +53,29 @@ __device__ __forceinline__ const float* stage(const float* __restrict__ src, int
   return dst;
 }
 
+// out[h * D + d] = sum over the tile's rows r of weight[r][h] kv[l0 + r, d], every head h < H: the
+// forward's exp-weighted sums and the backward's key-gradient partials (threads over d).
+template <typename T, int NH>
+__device__ __forceinline__ void tile_weighted_sums(const T* __restrict__ fimg, const T* __restrict__ pos,
+                                                   const PoolShape& sh, int64_t l0, int rows,
+                                                   const float (*weight)[NH], float* __restrict__ out) {
+  for (int64_t d = threadIdx.x; d < sh.D; d += kTileThreads) {
+    float acc[NH];
+#pragma unroll
+    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t l = l0 + r;
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
+#pragma unroll
+      for (int h = 0; h < NH; ++h)
+        if (h < sh.H) acc[h] = fmaf(weight[r][h], v, acc[h]);
+    }
+#pragma unroll
+    for (int h = 0; h < NH; ++h)
+      if (h < sh.H) out[h * sh.D + d] = acc[h];
+  }
+}
+
 // Forward, one block per (image sb, tile of rows): per head h, over the tile's rows,
 // m = max score, s = sum exp(score - m), acc[d] = sum exp(score - m) kv[d]; written to
 // part_m / part_s ((S*B, tiles, H)) and part_acc ((S*B, tiles, H, D)).
@@ -109,21 +132,7 @@ __global__ void __launch_bounds__(kTileThreads)
     w[r][h] = expf(w[r][h] - head_m[h]);
   }
   __syncthreads();
-  for (int64_t d = threadIdx.x; d < sh.D; d += kTileThreads) {
-    float acc[NH];
-#pragma unroll
-    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
-    for (int r = 0; r < rows; ++r) {
-      const int64_t l = l0 + r;
-      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
-#pragma unroll
-      for (int h = 0; h < NH; ++h)
-        if (h < sh.H) acc[h] = fmaf(w[r][h], v, acc[h]);
-    }
-#pragma unroll
-    for (int h = 0; h < NH; ++h)
-      if (h < sh.H) part_acc[(part + h) * sh.D + d] = acc[h];
-  }
+  tile_weighted_sums<T, NH>(fimg, pos, sh, l0, rows, w, part_acc + part * sh.D);
 }
 
 // For i = sb*H + h: m = max over tiles of part_m, den = sum_t part_s[t] exp(part_m[t] - m),
@@ -244,21 +253,7 @@ __global__ void __launch_bounds__(kTileThreads)
   }
   __syncthreads();
   const int64_t part = (sb * tiles + tile) * sh.H;
-  for (int64_t d = threadIdx.x; d < sh.D; d += kTileThreads) {
-    float acc[NH];
-#pragma unroll
-    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
-    for (int r = 0; r < rows; ++r) {
-      const int64_t l = l0 + r;
-      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
-#pragma unroll
-      for (int h = 0; h < NH; ++h)
-        if (h < sh.H) acc[h] = fmaf(cs[r][h], v, acc[h]);
-    }
-#pragma unroll
-    for (int h = 0; h < NH; ++h)
-      if (h < sh.H) partial[(part + h) * sh.D + d] = acc[h];
-  }
+  tile_weighted_sums<T, NH>(fimg, pos, sh, l0, rows, cs, partial + part * sh.D);
 }
 
 bool shape_ok(const PoolShape& sh) {

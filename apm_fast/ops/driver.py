@@ -78,17 +78,19 @@ def _layers(w, config):
 
 def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_in, pos_out, *,
             cdt: torch.dtype, need_pool: bool = True, save: bool = True,
-            combine: Optional[Callable] = None):
+            combine: Optional[Callable] = None, patches: Optional[torch.Tensor] = None):
     """z (S, B, D) in the acc dtype (None without pool), f (S, B, L, D) in cdt, and the ctx.
 
     images: (S, B, C, S_px, S_px); pos_in (L, d) and pos_out (L, D) in cdt: the rows computed
     (the whole grid, or a slice); ``combine(sbar, lse) -> (sbar, lse)`` puts the pool's slices
     together (across ranks) before the output projections. w: weights (S, *shape) in any float
-    dtype (cast to cdt for the GEMMs, to acc for the small pieces).
+    dtype (cast to cdt for the GEMMs, to acc for the small pieces). ``patches``: the images
+    already unfolded (``unfold_patches``, acc dtype), for a caller that keeps them across steps
+    (``images`` is then not read and may be None).
     """
     acc = acc_dtype_for(cdt)
-    s, b = images.shape[:2]
-    patches, t, u = trigger_split(w, images, config, acc)
+    patches, t, u = trigger_split(w, images, config, acc, patches=patches)
+    s, b = patches.shape[:2]
     p = prim.linear(pos_in, w["mlp.0.weight"][:, :, config.pos_dim:].to(cdt), None, out_dtype=cdt)  # S L H1
     acts = []
     h = column_mlp(prim, w, config, p, u, cdt, acts=acts)
@@ -104,11 +106,12 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     return z, f, ctx
 
 
-def trigger_split(w, images, config, acc):
-    """The per-image pieces in the acc dtype: patches (S, B, L, C p p), the trigger t (S, B, d)
-    and u = W_T t + b1 (S, B, H1)."""
-    s = images.shape[0]
-    patches = unfold_patches(images.to(acc), config.patch)                        # S B L Cpp
+def trigger_split(w, images, config, acc, *, patches=None):
+    """The per-image pieces in the acc dtype: patches (S, B, L, C p p) (unfolded from ``images``
+    unless given), the trigger t (S, B, d) and u = W_T t + b1 (S, B, H1)."""
+    if patches is None:
+        patches = unfold_patches(images.to(acc), config.patch)                    # S B L Cpp
+    s = patches.shape[0]
     cw = w["conv.weight"].reshape(s, -1).to(acc)
     t = torch.einsum("sblk,sk->sbl", patches, cw) + w["conv.bias"].reshape(s, 1, 1).to(acc)
     return patches, t, trigger_u(w, t, config, acc)
@@ -476,7 +479,8 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
-    dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                        # in place when it can
+    # in place when it can; one image: an outer product (cuBLAS's K = 1 GEMM is a slow SIMT kernel)
+    dwt = _outer_sum(r, ctx.t, wt_view) if b == 1 else torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None

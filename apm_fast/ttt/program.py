@@ -23,7 +23,7 @@ import torch
 
 from ..ops.autograd import _no_autocast
 from ..ops.contract import TorchPrimitives, acc_dtype_for
-from ..ops.driver import backward, forward, weight_names
+from ..ops.driver import backward, forward, unfold_patches, weight_names
 from ..posenc import position_code
 from .graph import capture_phases, side_stream
 from .store import ParamStore, gemm_weight_names
@@ -81,8 +81,8 @@ class StudentProgram:
             if shards is not None:
                 a, b = shards.rows(c.queries)
                 self.pos_in, self.pos_out = self.pos_in[a:b], self.pos_out[a:b]
-            px = c.image_size
-            self.images = torch.zeros(s, 1, c.in_chans, px, px, dtype=self.acc, device=dev)
+            # the images as the trigger conv reads them, unfolded once per batch (not per step)
+            self.patches = torch.zeros(s, 1, c.queries, c.in_chans * c.patch ** 2, dtype=self.acc, device=dev)
             self.targets = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
             self.losses = torch.zeros(s, self.steps, dtype=self.acc, device=dev)
             self.cls = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
@@ -126,8 +126,8 @@ class StudentProgram:
 
     def _step(self):
         c, st, sh = self.config, self.store, self.shards
-        z, f, ctx = forward(self.prim, st.weights, self.images, c, self.pos_in, self.pos_out, cdt=self.cdt,
-                            combine=None if sh is None else sh.combine)
+        z, f, ctx = forward(self.prim, st.weights, None, c, self.pos_in, self.pos_out, cdt=self.cdt,
+                            combine=None if sh is None else sh.combine, patches=self.patches)
         del f                      # ctx holds it until the backward is done with it
         diff = z[:, 0] - self.targets                                         # S x D, acc dtype
         loss = diff.square().mean(-1, keepdim=True)                             # S x 1
@@ -160,8 +160,8 @@ class StudentProgram:
 
     def _eval(self):
         sh = self.shards
-        z, f, _ = forward(self.prim, self.store.weights, self.images, self.config, self.pos_in, self.pos_out,
-                          cdt=self.cdt, save=False, combine=None if sh is None else sh.combine)
+        z, f, _ = forward(self.prim, self.store.weights, None, self.config, self.pos_in, self.pos_out,
+                          cdt=self.cdt, save=False, combine=None if sh is None else sh.combine, patches=self.patches)
         self.cls.copy_(z[:, 0])
         if self.grid is not None:
             self.grid.copy_(f[:, 0])
@@ -173,10 +173,11 @@ class StudentProgram:
         if not 1 <= k <= self.students:
             raise ValueError(f"images: expected 1 to {self.students} images for this program, got {k}")
         with quiet_autograd(self.device):
-            self.images[:k, 0].copy_(images, non_blocking=True)
+            x = images.to(self.device, self.acc, non_blocking=True)
+            self.patches[:k, 0].copy_(unfold_patches(x[:, None], self.config.patch)[:, 0])
             self.targets[:k].copy_(targets, non_blocking=True)
             if k < self.students:                  # padding students: any finite input will do
-                self.images[k:].zero_()
+                self.patches[k:].zero_()
                 self.targets[k:].zero_()
             self.reset()
 
@@ -245,7 +246,7 @@ class StudentProgram:
 
     def nbytes(self) -> int:
         """Bytes of this program's own buffers (store and statics; not the graph pool)."""
-        statics = [self.images, self.targets, self.losses, self.cls] + ([self.grid] if self.grid is not None else [])
+        statics = [self.patches, self.targets, self.losses, self.cls] + ([self.grid] if self.grid is not None else [])
         return self.store.nbytes() + sum(t.numel() * t.element_size() for t in statics)
 
 

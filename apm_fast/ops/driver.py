@@ -479,8 +479,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
-    # in place when it can; one image: an outer product (cuBLAS's K = 1 GEMM is a slow SIMT kernel)
-    dwt = _outer_sum(r, ctx.t, wt_view) if b == 1 else torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)
+    dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                        # in place when it can
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None

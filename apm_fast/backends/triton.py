@@ -30,9 +30,9 @@ class TritonPrimitives(Primitives):
     name = "triton"
     opaque = True
     wgrad_out = True       # the weight-gradient kernels write straight into given buffers
-    # each layer's Adam beside the rest of the backward: on the H200 0.538 against 0.541 ms a step
-    # at one image, 132.9 against 131.5 images/s at S = 64 (the cuda table: 0.612 against 0.576,
-    # slower; the torch table: no change), benchmarks/results/h200/suite/ (ae446fa)
+    # each layer's Adam beside the rest of the backward: on the H200 0.512 against 0.529 ms a step
+    # at one image, 134.5 against 132.3 images/s at S = 64 (the cuda table: 0.577 against 0.568,
+    # slower; the torch table: no change), benchmarks/results/h200/suite/ (48c6bec)
     adam_beside_backward = True
 
     def __init__(self, use_custom_ops: bool | None = None):

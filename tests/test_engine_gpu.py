@@ -122,6 +122,17 @@ def test_adam_beside_the_backward_changes_nothing(backend, graphs):
     assert torch.equal(_classes(a.cls, targets), _classes(b.cls, targets))
 
 
+def test_the_step_is_captured_above_the_adam_stream():
+    """The capture stream outranks the stream of the Adam updates beside the backward (what lets
+    the replayed backward's kernels take the SMs first), and the Adam stream keeps the default."""
+    from apm_fast.ttt.graph import side_stream
+
+    cap, adam = side_stream("cuda", "capture"), side_stream("cuda", "adam")
+    assert adam.priority == torch.cuda.Stream().priority          # a new stream's default
+    assert cap.priority < adam.priority                             # lower numbers run first
+    assert torch.cuda.Stream(priority=cap.priority - 1).priority == cap.priority   # the highest
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_size_l14_graph_equals_eager(backend):
     model, images, targets = _setup(cfg={}, n=2)

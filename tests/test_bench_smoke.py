@@ -102,6 +102,11 @@ def test_harness_end_to_end(tmp_path, one_thread):
     engine = {r["key"]: r for r in _load(tmp_path, "engine")["rows"]}
     assert engine["gate/torch"]["passed"] is True and engine["memory/torch"]["state_bytes_per_param"] >= 16
     floor, lat = engine["floor"], engine["latency/torch/eager"]
+    step = engine["profile/torch/S=1"]["step"]           # one step's ops in the order they started
+    starts = [e["start_us"] for e in step["timeline"]]
+    assert step["kernels"] == len(starts) > 10 and starts == sorted(starts) and starts[0] == 0
+    assert step["sum_us"] == pytest.approx(sum(e["us"] for e in step["timeline"]))
+    assert 0 < step["span_us"] and any("mm" in e["kernel"] for e in step["timeline"])
     assert floor["status"] == "ok" and floor["gemm_tflops"] > 0 and floor["copy_gbps"] > 0
     assert floor["adam_bytes"] == floor["adam_bytes_per_param"] * engine["memory/torch"]["params"]
     assert floor["floor_ms"] == pytest.approx(floor["compute_ms"] + floor["adam_ms"])

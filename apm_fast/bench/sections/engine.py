@@ -200,7 +200,33 @@ def _profile(ctx, backend, s):
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows) or 1.0
     return {"students": s, "total_ms": total,
-            "top": [{"kernel": k[:160], "ms": ms, "share": ms / total, "calls": c} for k, ms, c in rows[:25]]}
+            "top": [{"kernel": k[:160], "ms": ms, "share": ms / total, "calls": c} for k, ms, c in rows[:25]],
+            "step": _step_timeline(ctx, trainer.program(s), profile, acts)}
+
+
+def _step_timeline(ctx, prog, profile, acts) -> dict:
+    """One step alone (the captured graph replayed once on CUDA), kernel by kernel in the order
+    they started: which stream, when, for how long. ``span_us`` against ``sum_us`` is how much of
+    the step ran side by side (the Adam updates beside the backward). On the CPU: the top-level
+    ops of an eager step."""
+    cuda = ctx.device.type == "cuda"
+    prog.reset()                  # its images are loaded by the fit before; the step counter back to 0
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        prog.step()
+        if cuda:
+            torch.cuda.synchronize()
+    evs = [e for e in prof.events()
+           if (e.device_type == torch.autograd.DeviceType.CUDA if cuda else e.cpu_parent is None)]
+    evs.sort(key=lambda e: e.time_range.start)
+    if not evs:
+        return {"kernels": 0, "sum_us": 0.0, "span_us": 0.0, "timeline": []}
+    t0 = evs[0].time_range.start
+    end = max(e.time_range.end for e in evs)
+    return {"kernels": len(evs), "sum_us": float(sum(e.time_range.elapsed_us() for e in evs)), "span_us": float(end - t0),
+            "timeline": [{"kernel": e.name[:100], "stream": int(e.device_resource_id), "start_us": float(e.time_range.start - t0),
+                          "us": float(e.time_range.elapsed_us())} for e in evs]}
 
 
 def run(ctx) -> dict:

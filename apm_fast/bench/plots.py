@@ -46,6 +46,15 @@ def _wrap(text: str, width: int = 110) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
 
 
+def _save(plt, fig, doc, path, *, layout: bool = True):
+    """The run's machine line as the figure's title (unless the caller placed it), then the PNG."""
+    if layout:
+        fig.suptitle(_wrap(_subtitle(doc)), fontsize=8)
+        fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_scaling(doc, path: Path):
     plt = _plt()
     rows = doc.get("rows", [])
@@ -91,10 +100,7 @@ def plot_scaling(doc, path: Path):
                   va="center", transform=ax_m.transAxes, fontsize=9)
     ax_t.set_title("time vs number of queries")
     ax_m.set_title("peak memory vs number of queries")
-    fig.suptitle(_wrap(_subtitle(doc)), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, doc, path)
 
 
 def plot_step(doc, path: Path):
@@ -132,10 +138,7 @@ def plot_step(doc, path: Path):
         ax.grid(True, axis="x", which="both", alpha=0.3)
         ax.set_title(f"one TTT step at B = 1, {preset}", fontsize=10)
     axes[-1, 0].set_xlabel("milliseconds per step (median, whiskers p20-p80)")
-    fig.suptitle(_wrap(_subtitle(doc)), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, doc, path)
 
 
 def plot_forward(doc, path: Path):
@@ -162,10 +165,7 @@ def plot_forward(doc, path: Path):
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("forward per image")
-    fig.suptitle(_wrap(_subtitle(doc)), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, doc, path)
     return True
 
 
@@ -213,8 +213,7 @@ def plot_table4(doc, path: Path):
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(_wrap(_subtitle(doc), 160), fontsize=8, y=1 - 0.1 / height, va="top")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, doc, path, layout=False)
 
 
 _PLOTTERS = {"scaling": plot_scaling, "ttt_step": plot_step, "forward": plot_forward,

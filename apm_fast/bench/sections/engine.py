@@ -225,7 +225,7 @@ def _step_timeline(ctx, prog, profile, acts) -> dict:
     t0 = evs[0].time_range.start
     end = max(e.time_range.end for e in evs)
     return {"kernels": len(evs), "sum_us": float(sum(e.time_range.elapsed_us() for e in evs)), "span_us": float(end - t0),
-            "timeline": [{"kernel": e.name[:100], "stream": int(e.device_resource_id), "start_us": float(e.time_range.start - t0),
+            "timeline": [{"kernel": e.name[:100], "stream": int(getattr(e, "device_resource_id", -1)), "start_us": float(e.time_range.start - t0),
                           "us": float(e.time_range.elapsed_us())} for e in evs]}
 
 

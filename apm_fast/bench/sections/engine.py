@@ -201,14 +201,16 @@ def _profile(ctx, backend, s):
     total = sum(r[1] for r in rows) or 1.0
     return {"students": s, "total_ms": total,
             "top": [{"kernel": k[:160], "ms": ms, "share": ms / total, "calls": c} for k, ms, c in rows[:25]],
-            "step": _step_timeline(ctx, trainer.program(s), profile, acts)}
+            "step": _step_timeline(ctx, trainer.program(s), acts)}
 
 
-def _step_timeline(ctx, prog, profile, acts) -> dict:
+def _step_timeline(ctx, prog, acts) -> dict:
     """One step alone (the captured graph replayed once on CUDA), kernel by kernel in the order
     they started: which stream, when, for how long. ``span_us`` against ``sum_us`` is how much of
     the step ran side by side (the Adam updates beside the backward). On the CPU: the top-level
-    ops of an eager step."""
+    ops of an eager step. ``acts``: the profiler activities of ``_profile``."""
+    from torch.profiler import profile
+
     cuda = ctx.device.type == "cuda"
     prog.reset()                  # its images are loaded by the fit before; the step counter back to 0
     if cuda:

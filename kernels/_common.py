@@ -175,3 +175,72 @@ def pick(key, ranked, run, device):
             best, best_t = cfg, t
     _PICKED[key] = best
     return best
+
+
+# ------------------------------------------------- device code shared by the pointer and TMA variants
+@triton.jit
+def gemm_epilogue(acc, offs_l, offs_n, in_l, in_n, bias_s, m_sb, u_row, r_sb, sm_l, sm_n, su_x,
+                  HAS_BIAS: tl.constexpr, RELU: tl.constexpr, EPI_MASK: tl.constexpr, ZERO_ROWS: tl.constexpr):
+    """A GEMM tile's epilogue (gemm.py, gemm_tma.py): + bias, ReLU, and the input gradient's
+    mask: EPI_MASK 1: C *= (m > 0); 2: C *= (m + u > 0) and r += the tile's column sums (one image
+    per row segment). ``bias_s``, ``m_sb``, ``r_sb``: the bases of this student (and segment).
+    ZERO_ROWS: the mask zeroes the rows past L as well (a TMA tile may hold the next image's rows
+    there; the pointer kernel's load them as 0 already, and the extra predicate costs it code).
+    Returns (C, the tile's in-bounds mask)."""
+    if HAS_BIAS:
+        bias = tl.load(bias_s + offs_n, mask=in_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tile_mask = in_l[:, None] & in_n[None, :]
+    if EPI_MASK != 0:
+        m = tl.load(m_sb + offs_l[:, None] * sm_l + offs_n[None, :] * sm_n, mask=tile_mask, other=0.0).to(tl.float32)
+        if EPI_MASK == 2:
+            u = tl.load(u_row + offs_n * su_x, mask=in_n, other=0.0)
+            m = m + u.to(tl.float32)[None, :]
+        if ZERO_ROWS:
+            acc = tl.where(tile_mask & (m > 0), acc, 0.0)
+        else:
+            acc = tl.where(m > 0, acc, 0.0)
+        if EPI_MASK == 2:
+            tl.atomic_add(r_sb + offs_n, tl.sum(acc, axis=0), mask=in_n)
+    return acc, tile_mask
+
+
+@triton.jit
+def wgrad_share(pid, L, NSEG, N, K, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """A weight-gradient program's share of the work (wgrad.py, wgrad_tma.py): its output tile
+    (pid_n, pid_k), the row tiles per segment, and the chunks of BLOCK_M rows [c_lo, c_hi) it
+    sums (its split of them). The split index varies slowest: programs running together read the
+    same rows (L2 reuse)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_k = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_n * num_k
+    split = pid // num_tiles
+    tile = pid % num_tiles
+    tiles_l = tl.cdiv(L, BLOCK_M)
+    chunks = NSEG * tiles_l
+    per = tl.cdiv(chunks, SPLIT)
+    c_lo = split * per
+    c_hi = tl.minimum(c_lo + per, chunks)
+    return tile // num_k, tile % num_k, tiles_l, c_lo, c_hi
+
+
+@triton.jit
+def wgrad_store(dw_s, db_s, offs_n, offs_k, in_n, in_k, sw_n, sw_k, acc, db, pid_k,
+                HAS_DB: tl.constexpr, SPLIT: tl.constexpr):
+    """A weight-gradient tile written (split-K: added) at this student's ``dw_s``; db by the
+    programs of the first column tile."""
+    w_ptrs = dw_s + offs_n[:, None] * sw_n + offs_k[None, :] * sw_k
+    out_mask = in_n[:, None] & in_k[None, :]
+    if SPLIT == 1:
+        tl.store(w_ptrs, acc, mask=out_mask)
+    else:
+        tl.atomic_add(w_ptrs, acc, mask=out_mask)
+    if HAS_DB:
+        if pid_k == 0:
+            if SPLIT == 1:
+                tl.store(db_s + offs_n, db, mask=in_n)
+            else:
+                tl.atomic_add(db_s + offs_n, db, mask=in_n)

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import _common as _c
-from ._common import INTERPRET, as_rows, cdiv, descriptor, dot_precision, sm_count, tl_dtype, tma_ok
+from ._common import INTERPRET, as_rows, cdiv, descriptor, dot_precision, gemm_epilogue, sm_count, tl_dtype, tma_ok
 from .configs import GEMM_INTERP, SMEM_BUDGET, GemmCfg, gemm_candidates, known_bad, rank_gemm, tuned_entry
 from .gemm_tma import first_layer_act_kernel, gemm_tma_kernel
 
@@ -108,23 +108,10 @@ def gemm_kernel(
         a_ptrs += BLOCK_K * sa_k
         b_ptrs += BLOCK_K * sb_k
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + pid_s * sbias_s + offs_n, mask=in_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    tile_mask = in_l[:, None] & in_n[None, :]
-    if EPI_MASK != 0:
-        m = tl.load(m_ptr + pid_s * sm_s + seg * sm_b + offs_l[:, None] * sm_l + offs_n[None, :] * sm_n,
-                    mask=tile_mask, other=0.0).to(tl.float32)
-        if EPI_MASK == 2:
-            u = tl.load(u_row + offs_n * su_x, mask=in_n, other=0.0)
-            m = m + u.to(tl.float32)[None, :]
-        # (rows and columns outside the problem hold 0 already: their A rows / B columns load as 0)
-        acc = tl.where(m > 0, acc, 0.0)
-        if EPI_MASK == 2:
-            # r[s, b] = sum over the image's L rows; each row tile adds its part
-            tl.atomic_add(r_ptr + pid_s * sr_s + seg * sr_b + offs_n, tl.sum(acc, axis=0), mask=in_n)
+    # r[s, b] (EPI_MASK 2) = sum over the image's L rows; each row tile adds its part
+    acc, tile_mask = gemm_epilogue(acc, offs_l, offs_n, in_l, in_n, bias_ptr + pid_s * sbias_s,
+                                   m_ptr + pid_s * sm_s + seg * sm_b, u_row, r_ptr + pid_s * sr_s + seg * sr_b,
+                                   sm_l, sm_n, su_x, HAS_BIAS, RELU, EPI_MASK, False)
     y_ptrs = y_ptr + pid_s * sy_s + seg * sy_b + offs_l[:, None] * sy_l + offs_n[None, :] * sy_n
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tile_mask)
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import gemm_epilogue
+
 __all__ = ["gemm_tma_kernel", "first_layer_act_kernel"]
 
 
@@ -89,22 +91,10 @@ def gemm_tma_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_l = offs_l < L
         in_n = offs_n < N
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + s64 * sbias_s + offs_n, mask=in_n, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        if RELU:
-            acc = tl.maximum(acc, 0.0)
-        tile_mask = in_l[:, None] & in_n[None, :]
-        if EPI_MASK != 0:
-            m = tl.load(m_ptr + s64 * sm_s + seg64 * sm_b + offs_l[:, None] * sm_l + offs_n[None, :] * sm_n,
-                        mask=tile_mask, other=0.0).to(tl.float32)
-            if EPI_MASK == 2:
-                u = tl.load(u_row + offs_n * su_x, mask=in_n, other=0.0)
-                m = m + u.to(tl.float32)[None, :]
-            # rows past L may hold another image's products here (TMA rows): zero them explicitly
-            acc = tl.where(tile_mask & (m > 0), acc, 0.0)
-            if EPI_MASK == 2:
-                tl.atomic_add(r_ptr + s64 * sr_s + seg64 * sr_b + offs_n, tl.sum(acc, axis=0), mask=in_n)
+        # rows past L may hold another image's products here (TMA rows): the mask zeroes them
+        acc, tile_mask = gemm_epilogue(acc, offs_l, offs_n, in_l, in_n, bias_ptr + s64 * sbias_s,
+                                       m_ptr + s64 * sm_s + seg64 * sm_b, u_row, r_ptr + s64 * sr_s + seg64 * sr_b,
+                                       sm_l, sm_n, su_x, HAS_BIAS, RELU, EPI_MASK, True)
         if Y_TMA:
             y_desc.store([(s * NSEG + seg) * L + l0, n0], acc.to(y_ptr.dtype.element_ty))
         else:

@@ -43,7 +43,8 @@ import triton.language as tl
 import os
 
 from . import _common as _c
-from ._common import INTERPRET, as_rows, cdiv, descriptor, dot_precision, next_pow2, sm_count, tl_dtype, tma_ok
+from ._common import (INTERPRET, as_rows, cdiv, descriptor, dot_precision, next_pow2, sm_count, tl_dtype, tma_ok,
+                      wgrad_share, wgrad_store)
 from .configs import WGRAD_INTERP, WgradCfg, rank_wgrad, tuned_entry, wgrad_candidates
 from .wgrad_tma import wgrad_tma_kernel
 
@@ -67,22 +68,8 @@ def wgrad_kernel(
     PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_s = tl.program_id(1).to(tl.int64)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_k = tl.cdiv(K, BLOCK_K)
-    num_tiles = num_n * num_k
-    # the split index varies slowest: programs running together read the same rows (L2 reuse)
-    split = pid // num_tiles
-    tile = pid % num_tiles
-    pid_n = tile // num_k
-    pid_k = tile % num_k
-    tiles_l = tl.cdiv(L, BLOCK_M)
-    chunks = NSEG * tiles_l
-    per = tl.cdiv(chunks, SPLIT)
-    c_lo = split * per
-    c_hi = tl.minimum(c_lo + per, chunks)
-
+    pid_n, pid_k, tiles_l, c_lo, c_hi = wgrad_share(tl.program_id(0), L, NSEG, N, K, SPLIT, BLOCK_N, BLOCK_K, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
@@ -115,18 +102,8 @@ def wgrad_kernel(
         if HAS_DB:
             db += tl.sum(d.to(tl.float32), axis=1)
 
-    out_mask = in_n[:, None] & in_k[None, :]
-    w_ptrs = dw_ptr + pid_s * sw_s + offs_n[:, None] * sw_n + offs_k[None, :] * sw_k
-    if SPLIT == 1:
-        tl.store(w_ptrs, acc, mask=out_mask)
-    else:
-        tl.atomic_add(w_ptrs, acc, mask=out_mask)
-    if HAS_DB:
-        if pid_k == 0:
-            if SPLIT == 1:
-                tl.store(db_ptr + pid_s * sdb_s + offs_n, db, mask=in_n)
-            else:
-                tl.atomic_add(db_ptr + pid_s * sdb_s + offs_n, db, mask=in_n)
+    wgrad_store(dw_ptr + pid_s * sw_s, db_ptr + pid_s * sdb_s, offs_n, offs_k, in_n, in_k, sw_n, sw_k, acc, db, pid_k,
+                HAS_DB, SPLIT)
 
 
 INTERP_TILE = 16

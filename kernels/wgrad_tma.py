@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import wgrad_share, wgrad_store
+
 __all__ = ["wgrad_tma_kernel"]
 
 
@@ -33,21 +35,8 @@ def wgrad_tma_kernel(
     PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     s = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_k = tl.cdiv(K, BLOCK_K)
-    num_tiles = num_n * num_k
-    # the split index varies slowest: programs running together read the same rows (L2 reuse)
-    split = pid // num_tiles
-    tile = pid % num_tiles
-    pid_n = tile // num_k
-    pid_k = tile % num_k
-    tiles_l = tl.cdiv(L, BLOCK_M)
-    chunks = NSEG * tiles_l
-    per = tl.cdiv(chunks, SPLIT)
-    c_lo = split * per
-    c_hi = tl.minimum(c_lo + per, chunks)
+    pid_n, pid_k, tiles_l, c_lo, c_hi = wgrad_share(tl.program_id(0), L, NSEG, N, K, SPLIT, BLOCK_N, BLOCK_K, BLOCK_M)
     n0 = pid_n * BLOCK_N
     k0 = pid_k * BLOCK_K
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -71,15 +60,5 @@ def wgrad_tma_kernel(
         if HAS_DB:
             db += tl.sum(d.to(tl.float32), axis=0)
 
-    out_mask = in_n[:, None] & in_k[None, :]
-    w_ptrs = dw_ptr + s64 * sw_s + offs_n[:, None] * sw_n + offs_k[None, :] * sw_k
-    if SPLIT == 1:
-        tl.store(w_ptrs, acc, mask=out_mask)
-    else:
-        tl.atomic_add(w_ptrs, acc, mask=out_mask)
-    if HAS_DB:
-        if pid_k == 0:
-            if SPLIT == 1:
-                tl.store(db_ptr + s64 * sdb_s + offs_n, db, mask=in_n)
-            else:
-                tl.atomic_add(db_ptr + s64 * sdb_s + offs_n, db, mask=in_n)
+    wgrad_store(dw_ptr + s64 * sw_s, db_ptr + s64 * sdb_s, offs_n, offs_k, in_n, in_k, sw_n, sw_k, acc, db, pid_k,
+                HAS_DB, SPLIT)

@@ -88,7 +88,7 @@ def expect_path(ext, counts, dtype, shape):
     fill the GPU (SPLITK) goes to cuBLAS instead."""
     sm90 = ext.sm90_available(torch.empty(1, device=DEV))
     if dtype == torch.bfloat16 and shape is SPLITK and sm90:
-        assert counts[:3] == [0, 0, 1], f"expected one cuBLAS launch, got counts {counts}"
+        assert counts == [0, 0, 1], f"expected one cuBLAS launch, got counts {counts}"
     elif dtype == torch.bfloat16 and shape is ALIGNED and sm90:
         assert counts[0] > 0 and counts[1] == 0 and counts[2] == 0, f"expected the SM90 kernels, got counts {counts}"
     elif dtype != torch.bfloat16 or shape is ODD:
@@ -142,53 +142,6 @@ def test_linear_bwd_weight(prims, ext, dtype, shape, shared):
     assert rel_err(db, db_ref) < 1e-5 * max(1.0, math.sqrt(M / 100))
     if shape is not ODD:      # a shared x is never split: the SM90 kernel whatever the shape
         expect_path(ext, counts, dtype, ALIGNED if shared else shape)
-
-
-@pytest.fixture
-def stream_k(ext):
-    """Restores the SM90 GEMMs' stream-K switch after the test."""
-    was = ext.stream_k()
-    yield
-    ext.set_stream_k(was)
-
-
-# one image's shapes: few output tiles (4), a long K loop (32 steps of 64): stream-K's case
-NARROW = dict(S=1, M=256, N=256, K=2048)
-
-
-@pytest.mark.parametrize("op", ["linear", "linear_bwd_input"])
-def test_stream_k_matches_data_parallel(prims, ext, stream_k, op):
-    """A problem with too few output tiles for the GPU runs stream-K (its K loop shared over SMs,
-    the partial tiles reduced in a fixed order, then the fused epilogue): as accurate as the
-    data-parallel kernel, the same bits on every call, and the epilogue (bias + ReLU, the ReLU
-    mask read by TMA) applied once, after the reduction."""
-    if not ext.sm90_available(torch.empty(1, device=DEV)):
-        pytest.skip("needs the SM90 kernels (an sm_90a build on a compute capability 9.0 GPU)")
-    S, M, N, K = NARROW["S"], NARROW["M"], NARROW["N"], NARROW["K"]
-    bf = torch.bfloat16
-    if op == "linear":
-        x, w, b = rnd(S, M, K, dtype=bf, seed=21), rnd(S, N, K, dtype=bf, seed=22, scale=K ** -0.5), \
-            rnd(S, N, dtype=bf, seed=23)
-        run = lambda: prims.linear(x, w, b, relu=True)  # noqa: E731
-        ref = TP.linear(*d64(x, w, b), relu=True)
-    else:                          # dx = (dy w) * (mask > 0): contraction over N = 2048
-        dy, w = rnd(S, M, K, dtype=bf, seed=24), rnd(S, K, N, dtype=bf, seed=25, scale=K ** -0.5)
-        mask = torch.relu(rnd(S, M, N, dtype=bf, seed=26))
-        run = lambda: prims.linear_bwd_input(dy, w, mask=mask)  # noqa: E731
-        ref = TP.linear_bwd_input(*d64(dy, w), mask=mask.double())
-    out = {}
-    for on in (True, False):
-        ext.set_stream_k(on)
-        first, counts = gemm_counts_delta(ext, run)
-        again = run()
-        torch.cuda.synchronize()
-        assert counts[0] == 1 and counts[1:3] == [0, 0], f"expected one SM90 launch, got {counts}"
-        assert counts[3] == (1 if on else 0), f"stream-K {'on' if on else 'off'}: counts {counts}"
-        assert torch.equal(first, again), "the same inputs gave different bits"
-        assert rel_err(first, ref) < TOL[bf]
-        out[on] = first
-    assert torch.equal(out[True] == 0, out[False] == 0), "the ReLU (mask) applied differently"
-    assert rel_err(out[True], out[False].double()) < TOL[bf]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -281,8 +281,13 @@ def test_chunked_column_evaluation_equals_the_whole_image(chunk):
 def test_weight_gradient_route_switch(monkeypatch):
     """cuBLAS takes the weight gradients only on a GPU with 16-bit operands and no explicit config;
     a bad APM_FAST_WGRAD value is named."""
-    dy, x = rand(1, 8, 4).to(torch.bfloat16), rand(1, 8, 6).to(torch.bfloat16)
+    dy, x = torch.ones(1, 8, 4, dtype=torch.bfloat16), torch.ones(1, 8, 6, dtype=torch.bfloat16)
     assert not wgrad.use_cublas(dy, x, None, None)          # CPU tensors: the Triton kernels
+    if torch.cuda.is_available() and not wgrad.INTERPRET:
+        assert wgrad.use_cublas(dy.cuda(), x.cuda(), None, None)
+        assert not wgrad.use_cublas(dy.cuda(), x.cuda(), 2, None)      # an explicit split: Triton
+        monkeypatch.setenv("APM_FAST_WGRAD", "triton")
+        assert not wgrad.use_cublas(dy.cuda(), x.cuda(), None, None)
     monkeypatch.setenv("APM_FAST_WGRAD", "fastest")
     with pytest.raises(ValueError, match="APM_FAST_WGRAD: expected auto, cublas or triton, got 'fastest'"):
         wgrad.use_cublas(dy, x, None, None)

@@ -57,12 +57,7 @@ Sm90Family sm90_family(const GemmParams& p);
 // True when `device` can run this build's sm_90a kernels (compute capability 9.0 exactly).
 bool sm90_device_ok(int device);
 
-// Stream-K decomposition of the SM90 GEMMs (on by default): CUTLASS's heuristic splits the K loop
-// of a problem with too few output tiles over the idle SMs. Off: every tile data-parallel.
-void set_sm90_stream_k(bool enabled);
-bool sm90_stream_k();
-
-// Workspace bytes gemm_sm90 needs for `p` (stream-K's partial tiles and barriers; 0 otherwise).
+// Workspace bytes gemm_sm90 needs for `p` (0 for the kernels used here; kept general).
 size_t gemm_sm90_workspace_size(const GemmParams& p, int device);
 
 // Runs `p` with the SM90 kernel of sm90_family(p). Returns cudaErrorNotSupported when the family

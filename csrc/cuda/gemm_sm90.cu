@@ -21,16 +21,11 @@
 // once per student: TMA descriptors describe a strided batch, not a broadcast one.
 //
 // Tile 128 x 128 x 64, cooperative schedule (two consumer warp groups on one tile; pipeline
-// stages fill the rest of shared memory), cluster 1 x 1, stream-K tile scheduler: at one image
-// (256 rows) the layers have 12 to 64 output tiles for 132 SMs, and CUTLASS's heuristic then
-// shares each tile's K loop out over several SMs (at least 8 K steps each) and reduces the
-// partial tiles in a fixed order before the one fused epilogue; problems that fill the GPU run
-// data-parallel. set_sm90_stream_k(false) forces data-parallel (for comparisons).
+// stages fill the rest of shared memory), cluster 1 x 1: it already fills the 132 SMs at one
+// image for fc2 (1024 x 2048 -> 128 tiles) and keeps the instantiations (compile time) few.
 // Split-K for the weight gradient is done by the caller (csrc/torch/cuda_gemm_ops.cpp), which
 // batches the contraction.
 #include "apm_kernels.h"
-
-#include <atomic>
 
 #if defined(APM_FAST_SM90A) && !defined(APM_FAST_NO_CUTLASS)
 #define APM_FAST_HAVE_SM90_GEMM 1
@@ -65,12 +60,6 @@ int device_attr(cudaDeviceAttr attr, int device) {
 }  // namespace
 
 namespace sm90 {
-namespace {
-std::atomic<bool> g_stream_k{true};
-}  // namespace
-
-bool stream_k_enabled() { return g_stream_k.load(std::memory_order_relaxed); }
-
 int sm_count_cached(int device) {
   static int counts[64] = {0};
   if (device < 0 || device >= 64) return device_attr(cudaDevAttrMultiProcessorCount, device);
@@ -134,10 +123,6 @@ Sm90Family sm90_family(const GemmParams& p) {
 
 #ifndef APM_FAST_HAVE_SM90_GEMM
 
-void set_sm90_stream_k(bool) {}
-
-bool sm90_stream_k() { return false; }
-
 size_t gemm_sm90_workspace_size(const GemmParams&, int) { return 0; }
 
 cudaError_t gemm_sm90(const GemmParams&, int, void*, cudaStream_t) { return cudaErrorNotSupported; }
@@ -182,10 +167,6 @@ cudaError_t dispatch(const GemmParams& p, int device, void* workspace, cudaStrea
 }
 
 }  // namespace
-
-void set_sm90_stream_k(bool enabled) { sm90::g_stream_k.store(enabled); }
-
-bool sm90_stream_k() { return sm90::stream_k_enabled(); }
 
 size_t gemm_sm90_workspace_size(const GemmParams& p, int device) {
   size_t s = 0;

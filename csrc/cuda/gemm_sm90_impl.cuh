@@ -29,7 +29,6 @@ using namespace cute;
 using bf16 = cutlass::bfloat16_t;
 
 int sm_count_cached(int device);  // gemm_sm90.cu
-bool stream_k_enabled();           // gemm_sm90.cu
 
 template <class LayoutA, class LayoutB, class ElementD, class FusionOp>
 struct Sm90Gemm {
@@ -51,12 +50,8 @@ struct Sm90Gemm {
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
 
-  // Stream-K tile scheduler: a problem with fewer output tiles than SMs (one image: 12 to 64
-  // tiles) has its K loop shared out across the idle SMs, the partial tiles reduced in a fixed
-  // order (deterministic); a problem that fills the GPU runs data-parallel (see make_args).
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue,
-                                                      cutlass::gemm::StreamKScheduler>;
+                                                      CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::StrideA;
   using StrideB = typename Kernel::StrideB;
@@ -96,12 +91,6 @@ typename G::Gemm::Arguments make_args(const GemmParams& p, int device) {
   args.epilogue.thread.beta = 0.0f;
   args.hw_info.device_id = device;
   args.hw_info.sm_count = sm_count_cached(device);
-  using Sched = typename G::Kernel::TileScheduler;
-  args.scheduler.reduction_mode = Sched::ReductionMode::Deterministic;
-  // Heuristic: stream-K only when the output tiles leave SMs idle and each SM still gets at least
-  // 8 K steps; otherwise the same persistent data-parallel loop as without stream-K
-  args.scheduler.decomposition_mode = stream_k_enabled() ? Sched::DecompositionMode::Heuristic
-                                                         : Sched::DecompositionMode::DataParallel;
   return args;
 }
 

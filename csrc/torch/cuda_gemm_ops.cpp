@@ -15,7 +15,6 @@ std::atomic<int> g_policy{0};
 std::atomic<long long> g_sm90_launches{0};
 std::atomic<long long> g_portable_launches{0};
 std::atomic<long long> g_cublas_launches{0};
-std::atomic<long long> g_stream_k_launches{0};
 
 // A (S, M, K) or shared (M, K) operand: its batch stride (0 when shared) and row stride.
 int64_t batch_stride(const at::Tensor& t) { return t.dim() == 3 ? t.stride(0) : 0; }
@@ -36,22 +35,16 @@ void set_gemm_policy(int policy) {
   g_policy.store(policy);
 }
 
-bool stream_k() { return apm::sm90_stream_k(); }
-
-void set_stream_k(bool enabled) { apm::set_sm90_stream_k(enabled); }
-
 void count_gemm(bool sm90) { (sm90 ? g_sm90_launches : g_portable_launches).fetch_add(1); }
 
 std::vector<long long> gemm_counts() {
-  return {g_sm90_launches.load(), g_portable_launches.load(), g_cublas_launches.load(),
-          g_stream_k_launches.load()};
+  return {g_sm90_launches.load(), g_portable_launches.load(), g_cublas_launches.load()};
 }
 
 void reset_gemm_counts() {
   g_sm90_launches.store(0);
   g_portable_launches.store(0);
   g_cublas_launches.store(0);
-  g_stream_k_launches.store(0);
 }
 
 bool sm90_available(const at::Tensor& like) {
@@ -71,8 +64,6 @@ void run_gemm(const apm::GemmParams& p, const at::Tensor& like, const char* fn) 
     const cudaError_t e = apm::gemm_sm90(p, dev, ws_bytes > 0 ? ws.data_ptr() : nullptr, stream);
     if (e == cudaSuccess) {
       count_gemm(true);
-      // stream-K is the only user of the workspace: a stream-K launch needs its partial tiles
-      if (ws_bytes > 0) g_stream_k_launches.fetch_add(1);
       return;
     }
     if (e != cudaErrorNotSupported) check_cuda_status(e, fn, "the SM90 GEMM launch");

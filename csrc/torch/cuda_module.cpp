@@ -20,8 +20,6 @@ void first_layer_bwd_input(const at::Tensor&, const at::Tensor&, const at::Tenso
                            const at::Tensor&, const at::Tensor&, const at::Tensor&);
 int gemm_policy();
 void set_gemm_policy(int);
-bool stream_k();
-void set_stream_k(bool);
 std::vector<long long> gemm_counts();
 void reset_gemm_counts();
 bool sm90_available(const at::Tensor&);
@@ -62,9 +60,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("lowp"));
   m.def("gemm_policy", guarded(&gemm_policy), "0 auto, 1 portable only, 2 SM90 only");
   m.def("set_gemm_policy", guarded(&set_gemm_policy), py::arg("policy"));
-  m.def("stream_k", guarded(&stream_k), "whether the SM90 GEMMs may use stream-K (CUTLASS's heuristic)");
-  m.def("set_stream_k", guarded(&set_stream_k), "False: every SM90 GEMM tile data-parallel", py::arg("enabled"));
-  m.def("gemm_counts", guarded(&gemm_counts), "[SM90 launches, portable launches, cuBLAS launches, SM90 launches with stream-K] since the last reset");
+  m.def("gemm_counts", guarded(&gemm_counts), "[SM90 launches, portable launches, cuBLAS launches] since the last reset");
   m.def("reset_gemm_counts", guarded(&reset_gemm_counts));
   m.def("sm90_available", guarded(&sm90_available),
         "whether like's GPU runs this build's SM90 kernels", py::arg("like"));

@@ -10,8 +10,7 @@ first steps amplify the rounding of tiny gradients for any bf16 code, so the bou
 that measured loss, not a constant.
 Latency: one image, ``ttt_steps`` steps replayed back to back between two events (the device
 never waits for the host; the reset to the snapshot before each repeat is not timed), median
-over 20 repeats; eagerly the same. Each table's other Adam schedule, and the cuda table with its
-SM90 GEMMs data-parallel (stream-K off), are timed in the same run beside the defaults.
+over 20 repeats; eagerly the same.
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -122,19 +121,6 @@ def _latency(ctx, backend, graphs, overlap=None):
     ms = t.median_ms / o.ttt_steps
     return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "adam_beside_backward": prog.overlap,
             "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
-
-
-def _without_stream_k(ctx):
-    """The cuda table's step with every SM90 GEMM tile data-parallel (stream-K off)."""
-    from ...backends.cuda import cuda_extension
-
-    ext = cuda_extension()
-    was = ext.stream_k()
-    ext.set_stream_k(False)
-    try:
-        return {**_latency(ctx, "cuda", True), "stream_k": False}
-    finally:
-        ext.set_stream_k(was)
 
 
 def _floor(ctx):
@@ -257,9 +243,6 @@ def run(ctx) -> dict:
             ov, suffix, _ = ctx.other_adam(name)
             rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
                                 lambda n=name, ov=ov: _latency(ctx, n, True, overlap=ov)))
-            if name == "cuda":                    # its GEMMs without stream-K, in the same run
-                rows.append(ctx.row({"key": "latency/cuda/graph/data-parallel", "backend": name}, status, name,
-                                    lambda: _without_stream_k(ctx)))
         rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,

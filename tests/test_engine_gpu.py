@@ -95,25 +95,29 @@ def test_side_by_side_equals_one_at_a_time(backend, dt):
     _close(shuffled.cls, alone.cls[perm], dt, "permuted cls")
 
 
+@pytest.mark.parametrize("switch", ["overlap", "beside"])
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_adam_beside_the_backward_changes_nothing(backend, graphs):
-    """Each layer's Adam on the second stream (the Triton table's default) against the
-    whole Adam after the backward: the same kernels on the same numbers. Where two runs of the
-    serial step agree bit for bit, so must the overlapped one; where a kernel's split-K atomics
-    make runs differ in the last bits, they agree to the bf16 tolerance like graph and eager."""
+def test_work_on_a_second_stream_changes_nothing(backend, graphs, switch):
+    """``overlap``: each layer's Adam on a second stream (the Triton table's default) against the
+    whole Adam after the backward; ``beside`` (every table's default): the trigger, the pool's
+    projections and parameter gradients and the first layer's trigger half on a second stream
+    against everything on one. The same kernels on the same numbers: where two runs on one
+    stream agree bit for bit, so must the other; where a kernel's split-K atomics make runs
+    differ in the last bits, they agree to the bf16 tolerance like graph and eager."""
     model, images, targets = _setup(n=3, seed=2)
     kw = dict(steps=STEPS, lr=LR, backend=backend, students=3, compute_dtype=torch.bfloat16, graphs=graphs)
 
-    def fit(overlap):
+    def fit(on):
         t = TTTEngine(model, **kw)
-        t.engine.overlap = overlap
+        setattr(t.engine, switch, on)
         out = t.fit(images, targets)
-        return out, t.engine.program(3).overlap
+        return out, getattr(t.engine.program(3), switch)
 
     (a, off), (a2, _), (b, on) = fit(False), fit(False), fit(True)
     assert not off and on
-    assert TTTEngine(model, **kw).engine.program(3).overlap == (backend == "triton")   # the default
+    default = TTTEngine(model, **kw).engine.program(3)
+    assert default.overlap == (backend == "triton") and default.beside
     if torch.equal(a.cls, a2.cls) and torch.equal(a.losses, a2.losses):
         assert torch.equal(a.cls, b.cls) and torch.equal(a.losses, b.losses)
     else:

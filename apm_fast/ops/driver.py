@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from ..posenc import position_cells
 from .contract import acc_dtype_for, bmm_acc
-from .kept import KeptGraph, cache, kept
+from .kept import KeptGraph, cache, kept, side_stream
 
-__all__ = ["FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
+__all__ = ["Beside", "FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
            "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head"]
 
 
@@ -49,6 +49,58 @@ def unfold_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
     g_h, g_w = hh // patch, ww // patch
     x = images.reshape(s, b, c, g_h, patch, g_w, patch)
     return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(s, b, g_h * g_w, c * patch * patch)
+
+
+class Beside:
+    """Small work that does not need the main stream's latest kernels, run on a second stream
+    (``side_stream(device, "beside")``, as high a priority as the main one) so that it overlaps
+    them instead of waiting its turn: at one image the forward's trigger and u run beside the
+    position GEMM, the pool's query projections beside the column MLP, the pool parameters'
+    gradients beside the MLP's backward and the first layer's trigger half beside its position
+    half. Captured into a graph, each block is a fork and a join. Off (asked so, or not CUDA), the
+    blocks run inline, in the same order, with the same results.
+
+    ``with beside(*reads):`` runs the block on the side stream after everything enqueued on the
+    main stream so far; ``reads``: main-stream tensors the block reads (the allocator keeps them
+    from reuse until the block has run). ``mark()`` (inside a block): a point of the side stream
+    to join later. ``join(*made, upto=None)``: the main stream waits for the side stream (up to
+    the mark ``upto``); ``made``: side-stream tensors the main stream reads from then on."""
+
+    def __init__(self, device, on: bool):
+        self.on = bool(on) and torch.device(device).type == "cuda"
+        if self.on:
+            self.main = torch.cuda.current_stream(device)
+            self.side = side_stream(device, "beside")
+
+    @contextlib.contextmanager
+    def __call__(self, *reads):
+        if not self.on:
+            yield
+            return
+        self.side.wait_stream(self.main)
+        for t in reads:
+            if t is not None:
+                t.record_stream(self.side)
+        with torch.cuda.stream(self.side):
+            yield
+
+    def mark(self):
+        if not self.on:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    def join(self, *made, upto=None):
+        if not self.on:
+            return
+        if upto is None:
+            self.main.wait_stream(self.side)
+        else:
+            self.main.wait_event(upto)
+        for t in made:
+            if t is not None:
+                t.record_stream(self.main)
 
 
 @dataclass
@@ -78,7 +130,8 @@ def _layers(w, config):
 
 def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_in, pos_out, *,
             cdt: torch.dtype, need_pool: bool = True, save: bool = True,
-            combine: Optional[Callable] = None, patches: Optional[torch.Tensor] = None):
+            combine: Optional[Callable] = None, patches: Optional[torch.Tensor] = None,
+            beside: bool = False):
     """z (S, B, D) in the acc dtype (None without pool), f (S, B, L, D) in cdt, and the ctx.
 
     images: (S, B, C, S_px, S_px); pos_in (L, d) and pos_out (L, D) in cdt: the rows computed
@@ -86,18 +139,28 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     together (across ranks) before the output projections. w: weights (S, *shape) in any float
     dtype (cast to cdt for the GEMMs, to acc for the small pieces). ``patches``: the images
     already unfolded (``unfold_patches``, acc dtype), for a caller that keeps them across steps
-    (``images`` is then not read and may be None).
+    (``images`` is then not read and may be None). ``beside``: the trigger, u and the pool's query
+    projections on a second stream beside the GEMMs (:class:`Beside`; CUDA only).
     """
     acc = acc_dtype_for(cdt)
-    patches, t, u = trigger_split(w, images, config, acc, patches=patches)
-    s, b = patches.shape[:2]
+    side = Beside(pos_in.device, beside)
+    pool = config.pool and need_pool
+    with side():                         # neither needs the position GEMM
+        patches, t, u = trigger_split(w, images, config, acc, patches=patches)
+        have_u = side.mark()
+        if pool:
+            q, kt, scale = pool_query(w, config, acc)
     p = prim.linear(pos_in, w["mlp.0.weight"][:, :, config.pos_dim:].to(cdt), None, out_dtype=cdt)  # S L H1
+    side.join(patches, t, u, upto=have_u)
+    s, b = patches.shape[:2]
     acts = []
     h = column_mlp(prim, w, config, p, u, cdt, acts=acts)
     f = h.view(s, b, pos_in.shape[0], config.dim)
-    z = q = kt = sbar = lse = o = None
-    if config.pool and need_pool:
-        q, kt, scale = pool_query(w, config, acc)
+    z = sbar = lse = o = None
+    if not pool:
+        q = kt = None
+    side.join(q, kt)
+    if pool:
         sbar, lse = prim.pool_fwd(f, pos_out, kt, scale)
         if combine is not None:
             sbar, lse = combine(sbar, lse)
@@ -370,7 +433,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
              pos_in, pos_out, *, df_extra: Optional[torch.Tensor] = None,
              grad_out: Optional[Dict[str, torch.Tensor]] = None, release: bool = False,
              reduce: Optional[Callable] = None, parts: int = 1,
-             on_done: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
+             on_done: Optional[Callable] = None, beside: bool = False) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
     (a dict of preallocated views, e.g. into one flat buffer) the results land there, written in
@@ -383,8 +446,12 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     one exchange the backward needs: dL/dsbar, whose shares the pool's backward needs whole).
     ``on_done(names)`` is called, in the stream order of the work, as soon as the gradients of
     ``names`` are final and the backward reads neither them nor those weights again (the engine
-    starts their optimizer update there, beside the rest of the backward); every name is
-    announced once, the last ones when the backward returns."""
+    starts their optimizer update there, beside the rest of the backward), on the stream that
+    did that work (the current stream when it is called); every name is announced once, the last
+    ones when the backward returns.
+    ``beside`` (with ``grad_out``): the pool parameters' gradients and the first layer's trigger
+    half on a second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only); the main stream
+    has waited for all of it when the backward returns."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]
@@ -392,6 +459,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     # with grad_out, each gradient goes into its view as soon as it exists and is dropped: only
     # one layer's gradient is ever alive beside the flat buffer (peak memory of a TTT step)
     g: Dict[str, torch.Tensor] = {} if grad_out is None else _GradSink(grad_out)
+    side = Beside(ctx.t.device, beside and grad_out is not None)
 
     def done(names):
         if on_done is not None:
@@ -405,8 +473,9 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         wq, wk_, wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
         wo = w["attn.out_proj.weight"].to(acc)
         # each gradient is written where it lives (its grad_out view) when there is one
-        _into(g, acc, "attn.out_proj.weight", lambda out: _outer_sum(dz, ctx.o, out))
-        _into(g, acc, "attn.out_proj.bias", lambda out: torch.sum(dz, 1, out=out))
+        with side(dz, ctx.o):
+            _into(g, acc, "attn.out_proj.weight", lambda out: _outer_sum(dz, ctx.o, out))
+            _into(g, acc, "attn.out_proj.bias", lambda out: torch.sum(dz, 1, out=out))
         do = torch.einsum("sbe,sek->sbk", dz, wo)                                     # S B D
         wv_h = wv.reshape(s, heads, dh, dim)
         dsbar = torch.einsum("shdk,sbhd->sbhk", wv_h, do.view(s, b, heads, dh))
@@ -416,30 +485,9 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
                                 out_dtype=acc if df_extra is not None else cdt)
         if release:
             ctx.f = None
-        wk_h = wk_.reshape(s, heads, dh, dim)
-        q_h = ctx.q.view(s, heads, dh)
-        dq = torch.einsum("shdk,shk->shd", wk_h, dkt).reshape(s, dim)
-        query = w["query"].to(acc)
-
-        def in_proj(out):                    # [dW_Q; dW_K; dW_V], each third written in place
-            out = torch.empty((s, 3 * dim, dim), dtype=acc, device=dz.device) if out is None else out
-            _outer_sum(dq[:, None], query[:, None], out[:, :dim])
-            _outer_sum(q_h[:, None], dkt[:, None], out[:, dim:2 * dim].view(s, heads, dh, dim))
-            _outer_sum(do.view(s, b, heads, dh), ctx.sbar, out[:, 2 * dim:].view(s, heads, dh, dim))
-            return out
-
-        def in_proj_bias(out):               # [dq; 0 (the key bias cancels); sum_b do]
-            out = torch.empty((s, 3 * dim), dtype=acc, device=dz.device) if out is None else out
-            out[:, :dim].copy_(dq)
-            out[:, dim:2 * dim].zero_()
-            torch.sum(do, 1, out=out[:, 2 * dim:])
-            return out
-
-        _into(g, acc, "attn.in_proj_weight", in_proj)
-        _into(g, acc, "attn.in_proj_bias", in_proj_bias)
-        _into(g, acc, "query", lambda out: torch.bmm(dq[:, None], wq, out=None if out is None else out[:, None])
-              .view(s, dim))
-        done(["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "query"])
+        # the pool parameters' gradients: nothing after them needs them (beside the MLP's backward)
+        with side(dkt, do, ctx.sbar, ctx.q):
+            _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done)
     if df_extra is not None:
         df = df_extra.to(acc) if df is None else df + df_extra.to(acc)
     if df is None:
@@ -473,28 +521,60 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     if release:
         ctx.p = None
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
-    g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
     wp_view = _direct(grad_out, acc, "mlp.0.weight")[0]
     wt_view = wp_view[:, :, :d] if wp_view is not None else None
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
+    with side(r, ctx.t):                 # the trigger half and the conv: beside the dW_P GEMM
+        dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                    # in place when it can
+        _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
+        w1t = _trigger_weight(w, config)
+        dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                   # S B d
+        conv_shape = w["conv.weight"].shape
+        _into(g, acc, "conv.weight", lambda out: torch.bmm(
+            dt.reshape(s, 1, -1), ctx.patches.reshape(s, -1, ctx.patches.shape[-1]),
+            out=None if out is None else out.view(s, 1, -1)).reshape(conv_shape))
+        _into(g, acc, "conv.bias", lambda out: torch.sum(
+            dt, (1, 2), out=None if out is None else out.view(s)).reshape(w["conv.bias"].shape))
+        done(["conv.weight", "conv.bias"])
+    g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
-    dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                        # in place when it can
+    side.join(dwt)
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None
-    _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
-    w1t = _trigger_weight(w, config)
-    dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                       # S B d
     done(["mlp.0.weight", "mlp.0.bias"])
-    conv_shape = w["conv.weight"].shape
-    _into(g, acc, "conv.weight", lambda out: torch.bmm(
-        dt.reshape(s, 1, -1), ctx.patches.reshape(s, -1, ctx.patches.shape[-1]),
-        out=None if out is None else out.view(s, 1, -1)).reshape(conv_shape))
-    _into(g, acc, "conv.bias", lambda out: torch.sum(
-        dt, (1, 2), out=None if out is None else out.view(s)).reshape(w["conv.bias"].shape))
-    done(["conv.weight", "conv.bias"])
     return grad_out if grad_out is not None else g
+
+
+def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done):
+    """The gradients of the pool's query and in-projection (their shares given dk~ (S, H, D) and
+    do = dL/do (S, B, D)) into ``g``; then every pool parameter is announced done."""
+    s, b, heads, dim = do.shape[0], do.shape[1], dkt.shape[1], do.shape[2]
+    dh = dim // heads
+    q_h = ctx.q.view(s, heads, dh)
+    dq = torch.einsum("shdk,shk->shd", wk_.reshape(s, heads, dh, dim), dkt).reshape(s, dim)
+    query = w["query"].to(acc)
+
+    def in_proj(out):                    # [dW_Q; dW_K; dW_V], each third written in place
+        out = torch.empty((s, 3 * dim, dim), dtype=acc, device=do.device) if out is None else out
+        _outer_sum(dq[:, None], query[:, None], out[:, :dim])
+        _outer_sum(q_h[:, None], dkt[:, None], out[:, dim:2 * dim].view(s, heads, dh, dim))
+        _outer_sum(do.view(s, b, heads, dh), ctx.sbar, out[:, 2 * dim:].view(s, heads, dh, dim))
+        return out
+
+    def in_proj_bias(out):               # [dq; 0 (the key bias cancels); sum_b do]
+        out = torch.empty((s, 3 * dim), dtype=acc, device=do.device) if out is None else out
+        out[:, :dim].copy_(dq)
+        out[:, dim:2 * dim].zero_()
+        torch.sum(do, 1, out=out[:, 2 * dim:])
+        return out
+
+    _into(g, acc, "attn.in_proj_weight", in_proj)
+    _into(g, acc, "attn.in_proj_bias", in_proj_bias)
+    _into(g, acc, "query", lambda out: torch.bmm(dq[:, None], wq, out=None if out is None else out[:, None])
+          .view(s, dim))
+    done(["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "query"])
 
 
 def _direct(grad_out, acc, *names):

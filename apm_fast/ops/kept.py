@@ -1,6 +1,6 @@
 """Captured graphs kept for later calls (``driver._ChunkGraph``, ``autograd._ForwardGraph``): one
 per cache, found or built under one lock, serving one call at a time, all freed by
-:func:`release_graphs`."""
+:func:`release_graphs`; and the few streams captured work runs on (:func:`side_stream`)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +9,11 @@ from typing import Callable, Dict
 
 import torch
 
-__all__ = ["KeptGraph", "LOCK", "cache", "kept", "release_graphs"]
+__all__ = ["KeptGraph", "LOCK", "cache", "kept", "release_graphs", "side_stream"]
 
 LOCK = threading.Lock()       # finding or building a cache's graph, one thread at a time
 _CACHES: list = []             # every cache of kept graphs (release_graphs)
+_SIDE: dict = {}               # (device, role) -> stream (side_stream)
 
 
 def cache() -> Dict:
@@ -80,3 +81,21 @@ class KeptGraph:
                 if cuda:
                     self._left = torch.cuda.Event()
                     self._left.record(torch.cuda.current_stream(self._device))
+
+
+def side_stream(device, role: str = "capture"):
+    """One stream per device and role for every caller: ``"capture"``, the warm-up/capture stream
+    of the TTT programs; ``"adam"``, the stream a step's early optimizer updates run on beside the
+    backward; ``"beside"``, the driver's small independent work beside its main stream
+    (``driver.Beside``). cuBLAS keeps a workspace per stream it has seen, so a fresh stream per
+    program would leave one more workspace each time.
+
+    Every stream but ``"adam"`` has the device's highest priority, ``"adam"`` the default (the
+    lowest): PyTorch instantiates graphs with each kernel's priority from capture time, so in a
+    replayed step the SMs that free up go to the forward's and backward's kernels first and the
+    Adam updates beside them fill the rest, instead of a large update holding the GPU while the
+    backward waits."""
+    key = (str(device), role)
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device, priority=0 if role == "adam" else -100)   # clamped
+    return _SIDE[key]

@@ -63,7 +63,9 @@ class TTTEngine:
     overlap: run each layer's Adam on a second stream as soon as the backward is done with the
     layer, beside the rest of the backward (None: where the table measured it faster, the Triton
     table, on CUDA without shards; False: the whole Adam after the backward). The result is the
-    same either way.
+    same either way. The attribute ``beside`` (True; False for comparisons) runs the step's small
+    independent pieces (trigger, the pool's projections and parameter gradients, the first
+    layer's trigger half) on a second CUDA stream beside the GEMMs (``driver.Beside``).
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -82,6 +84,7 @@ class TTTEngine:
         self.moment_dtype = parse_moments(moments, self.master_dtype)
         self.shards = shards
         self.overlap = overlap
+        self.beside = True
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
@@ -124,7 +127,7 @@ class TTTEngine:
             raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "
                              "watch them on one device (shards=None)")
         key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid),
-               self.overlap)
+               self.overlap, self.beside)
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -134,7 +137,7 @@ class TTTEngine:
                                   betas=self.betas, eps=self.eps, compute_dtype=cdt,
                                   master_dtype=self.master_dtype, device=self.device, graphs=self.graphs,
                                   label=label, shards=self.shards, keep_grid=keep_grid,
-                                  moment_dtype=self.moment_dtype, overlap=self.overlap)
+                                  moment_dtype=self.moment_dtype, overlap=self.overlap, beside=self.beside)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

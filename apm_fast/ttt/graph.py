@@ -23,27 +23,12 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ..ops.kept import side_stream
+
 __all__ = ["capture_phases", "say_once", "side_stream"]
 
 log = logging.getLogger("apm_fast.engine")
 _SAID: set = set()
-_SIDE: dict = {}
-
-
-def side_stream(device, role: str = "capture"):
-    """One stream per device and role for every program: ``"capture"``, the warm-up/capture
-    stream; ``"adam"``, the stream the step's early optimizer updates run on beside the backward.
-    cuBLAS keeps a workspace per stream it has seen, so a fresh stream per program would leave
-    one more workspace each time.
-
-    The capture stream has the device's highest priority, the others the default (the lowest):
-    PyTorch instantiates graphs with each kernel's priority from capture time, so in a replayed
-    step the SMs that free up go to the backward's kernels first and the Adam updates beside them
-    fill the rest, instead of a large update holding the GPU while the backward waits."""
-    key = (str(device), role)
-    if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(device, priority=-100 if role == "capture" else 0)   # clamped
-    return _SIDE[key]
 
 
 def say_once(key, message: str, *, warn: bool = True):

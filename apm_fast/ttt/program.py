@@ -57,7 +57,7 @@ class StudentProgram:
                  lr: float, betas: Tuple[float, float], eps: float, compute_dtype: torch.dtype,
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, beside: bool = True):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -104,6 +104,8 @@ class StudentProgram:
             can = dev.type == "cuda" and self.n_chunks == 1 and shards is None
             want = getattr(prim, "adam_beside_backward", False) if overlap is None else bool(overlap)
             self.overlap = can and want
+            # the small independent pieces of forward and backward on a second stream (CUDA)
+            self.beside = bool(beside) and dev.type == "cuda"
             self.reset()
             self.graphs: Optional[dict] = None
             if graphs:
@@ -127,7 +129,7 @@ class StudentProgram:
     def _step(self):
         c, st, sh = self.config, self.store, self.shards
         z, f, ctx = forward(self.prim, st.weights, None, c, self.pos_in, self.pos_out, cdt=self.cdt,
-                            combine=None if sh is None else sh.combine, patches=self.patches)
+                            combine=None if sh is None else sh.combine, patches=self.patches, beside=self.beside)
         del f                      # ctx holds it until the backward is done with it
         diff = z[:, 0] - self.targets                                         # S x D, acc dtype
         loss = diff.square().mean(-1, keepdim=True)                             # S x 1
@@ -138,7 +140,7 @@ class StudentProgram:
         early = _EarlyAdam(self) if self.overlap else None
         backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
                  release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
-                 on_done=None if early is None else early.start)
+                 on_done=None if early is None else early.start, beside=self.beside)
         del ctx, z
         if sh is not None:
             sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange
@@ -161,7 +163,8 @@ class StudentProgram:
     def _eval(self):
         sh = self.shards
         z, f, _ = forward(self.prim, self.store.weights, None, self.config, self.pos_in, self.pos_out,
-                          cdt=self.cdt, save=False, combine=None if sh is None else sh.combine, patches=self.patches)
+                          cdt=self.cdt, save=False, combine=None if sh is None else sh.combine, patches=self.patches,
+                          beside=self.beside)
         self.cls.copy_(z[:, 0])
         if self.grid is not None:
             self.grid.copy_(f[:, 0])
@@ -252,7 +255,8 @@ class StudentProgram:
 
 class _EarlyAdam:
     """A step's Adam in pieces on the program's second stream: ``start(names)`` (the backward's
-    ``on_done``) queues the update of those parameters there after the work enqueued so far;
+    ``on_done``) queues the update of those parameters there after the work enqueued so far on
+    the current stream (the main one, or the driver's ``Beside`` stream that made them);
     ``join()`` makes the main stream wait for all of it and returns the names not yet updated
     (none when the backward announced every one). Captured into the step's graph as a fork and
     a join, so the replayed step overlaps them the same way."""
@@ -268,7 +272,8 @@ class _EarlyAdam:
         if not names:
             return
         self.left = [n for n in self.left if n not in names]
-        self.side.wait_stream(self.main)
+        # after the work that made these gradients: the backward announces them on its stream
+        self.side.wait_stream(torch.cuda.current_stream(self.program.device))
         with torch.cuda.stream(self.side):
             self.program._adam(names)
 

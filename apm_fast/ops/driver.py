@@ -527,6 +527,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     with side(r, ctx.t):                 # the trigger half and the conv: beside the dW_P GEMM
         dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                    # in place when it can
         _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
+        first_done = side.mark()         # the first layer's update need not wait for the conv's
         w1t = _trigger_weight(w, config)
         dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                   # S B d
         conv_shape = w["conv.weight"].shape
@@ -539,11 +540,12 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
-    side.join(dwt)
+    side.join(dwt, upto=first_done)
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None
     done(["mlp.0.weight", "mlp.0.bias"])
+    side.join()                             # the conv's gradients too, before the backward returns
     return grad_out if grad_out is not None else g
 
 

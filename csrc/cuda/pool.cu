@@ -16,8 +16,7 @@
 //   backward  tile     kt and dsbar staged in shared memory, sbar . dsbar per head; one warp per
 //                      row: a, c and df_l; then the tile's partial key gradient sum_l c kv_l
 //             colsum   the tiles' partial key gradients summed per student (colsum.cu)
-// Staging reads kt (and dsbar) once per block instead of once per row from L2 (16-byte copies);
-// rows of f and pos_out are read 16 bytes per lane when D and the pointers allow it. On the H200 at
+// Staging reads kt (and dsbar) once per block instead of once per row from L2. On the H200 at
 // `ttt-l14`'s shape (benchmarks/results/h200/suite/primitives.json), against the per-row kernels
 // this replaced: one image, forward 18.8 us (19.4), backward 31.5 us (41.4; the Triton table's:
 // 13.0 and 18.5, so one image is still bound by the chain of dependent loads of 8 warps per SM);
@@ -46,70 +45,41 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The block's copy of n floats from src (when staged), else src itself; 16-byte copies when both
-// ends allow them (a quarter of the dependent L2 round trips before the block can start).
+// The block's copy of n floats from src (when staged), else src itself.
 __device__ __forceinline__ const float* stage(const float* __restrict__ src, int64_t n, bool staged,
                                               float* dst) {
   if (!staged) return src;
-  if ((n & 3) == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
-    const float4* s4 = reinterpret_cast<const float4*>(src);
-    float4* d4 = reinterpret_cast<float4*>(dst);
-    for (int64_t i = threadIdx.x; i < n / 4; i += blockDim.x) d4[i] = s4[i];
-  } else {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
-  }
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
   return dst;
-}
-
-// v[i] = f[i] + pos[i] for V adjacent elements: one load of each (16 bytes when V > 1; the
-// caller guarantees the alignment: D a multiple of V, f and pos 16-byte aligned).
-template <typename T, int V>
-__device__ __forceinline__ void load_kv(const T* __restrict__ f, const T* __restrict__ pos, float (&v)[V]) {
-  struct alignas(sizeof(T) * V) Pack {
-    T x[V];
-  };
-  const Pack a = *reinterpret_cast<const Pack*>(f);
-  const Pack b = *reinterpret_cast<const Pack*>(pos);
-#pragma unroll
-  for (int i = 0; i < V; ++i) v[i] = to_f32<T>(a.x[i]) + to_f32<T>(b.x[i]);
 }
 
 // out[h * D + d] = sum over the tile's rows r of weight[r][h] kv[l0 + r, d], every head h < H: the
 // forward's exp-weighted sums and the backward's key-gradient partials (threads over d).
-template <typename T, int NH, int V>
+template <typename T, int NH>
 __device__ __forceinline__ void tile_weighted_sums(const T* __restrict__ fimg, const T* __restrict__ pos,
                                                    const PoolShape& sh, int64_t l0, int rows,
                                                    const float (*weight)[NH], float* __restrict__ out) {
-  for (int64_t d = static_cast<int64_t>(threadIdx.x) * V; d < sh.D; d += kTileThreads * V) {
-    float acc[NH][V];
+  for (int64_t d = threadIdx.x; d < sh.D; d += kTileThreads) {
+    float acc[NH];
 #pragma unroll
-    for (int h = 0; h < NH; ++h)
-#pragma unroll
-      for (int i = 0; i < V; ++i) acc[h][i] = 0.0f;
+    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
     for (int r = 0; r < rows; ++r) {
       const int64_t l = l0 + r;
-      float v[V];
-      load_kv<T, V>(fimg + l * sh.D + d, pos + l * sh.D + d, v);
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
 #pragma unroll
       for (int h = 0; h < NH; ++h)
-        if (h < sh.H) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) acc[h][i] = fmaf(weight[r][h], v[i], acc[h][i]);
-        }
+        if (h < sh.H) acc[h] = fmaf(weight[r][h], v, acc[h]);
     }
 #pragma unroll
     for (int h = 0; h < NH; ++h)
-      if (h < sh.H) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) out[h * sh.D + d + i] = acc[h][i];
-      }
+      if (h < sh.H) out[h * sh.D + d] = acc[h];
   }
 }
 
 // Forward, one block per (image sb, tile of rows): per head h, over the tile's rows,
 // m = max score, s = sum exp(score - m), acc[d] = sum exp(score - m) kv[d]; written to
 // part_m / part_s ((S*B, tiles, H)) and part_acc ((S*B, tiles, H, D)).
-template <typename T, int NH, int V>
+template <typename T, int NH>
 __global__ void __launch_bounds__(kTileThreads)
     pool_fwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh, int tile_rows,
@@ -130,15 +100,11 @@ __global__ void __launch_bounds__(kTileThreads)
     float acc[NH];
 #pragma unroll
     for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
-    for (int64_t d = static_cast<int64_t>(lane) * V; d < sh.D; d += 32 * V) {
-      float v[V];
-      load_kv<T, V>(fimg + l * sh.D + d, pos + l * sh.D + d, v);
+    for (int64_t d = lane; d < sh.D; d += 32) {
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
 #pragma unroll
       for (int h = 0; h < NH; ++h)
-        if (h < sh.H) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) acc[h] = fmaf(v[i], K[h * sh.D + d + i], acc[h]);
-        }
+        if (h < sh.H) acc[h] = fmaf(v, K[h * sh.D + d], acc[h]);
     }
 #pragma unroll
     for (int h = 0; h < NH; ++h) acc[h] = warp_sum(acc[h]);
@@ -166,7 +132,7 @@ __global__ void __launch_bounds__(kTileThreads)
     w[r][h] = expf(w[r][h] - head_m[h]);
   }
   __syncthreads();
-  tile_weighted_sums<T, NH, V>(fimg, pos, sh, l0, rows, w, part_acc + part * sh.D);
+  tile_weighted_sums<T, NH>(fimg, pos, sh, l0, rows, w, part_acc + part * sh.D);
 }
 
 // For i = sb*H + h: m = max over tiles of part_m, den = sum_t part_s[t] exp(part_m[t] - m),
@@ -216,7 +182,7 @@ __global__ void __launch_bounds__(kCols * kPhases)
 
 // Backward, one block per (image sb, tile of rows): per row (one warp each) a[h], c[h] and df_l;
 // then partial[(sb*tiles + tile), h, d] = sum over the tile's rows of scale c[h,l] kv[l, d].
-template <typename T, typename TD, int NH, int V>
+template <typename T, typename TD, int NH>
 __global__ void __launch_bounds__(kTileThreads)
     pool_bwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh,
@@ -252,17 +218,13 @@ __global__ void __launch_bounds__(kTileThreads)
     float dk[NH], dd[NH];
 #pragma unroll
     for (int h = 0; h < NH; ++h) dk[h] = dd[h] = 0.0f;
-    for (int64_t d = static_cast<int64_t>(lane) * V; d < sh.D; d += 32 * V) {
-      float v[V];
-      load_kv<T, V>(fimg + l * sh.D + d, pos + l * sh.D + d, v);
+    for (int64_t d = lane; d < sh.D; d += 32) {
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
 #pragma unroll
       for (int h = 0; h < NH; ++h) {
         if (h < sh.H) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            dk[h] = fmaf(v[i], K[h * sh.D + d + i], dk[h]);
-            dd[h] = fmaf(v[i], DS[h * sh.D + d + i], dd[h]);
-          }
+          dk[h] = fmaf(v, K[h * sh.D + d], dk[h]);
+          dd[h] = fmaf(v, DS[h * sh.D + d], dd[h]);
         }
       }
     }
@@ -291,7 +253,7 @@ __global__ void __launch_bounds__(kTileThreads)
   }
   __syncthreads();
   const int64_t part = (sb * tiles + tile) * sh.H;
-  tile_weighted_sums<T, NH, V>(fimg, pos, sh, l0, rows, cs, partial + part * sh.D);
+  tile_weighted_sums<T, NH>(fimg, pos, sh, l0, rows, cs, partial + part * sh.D);
 }
 
 bool shape_ok(const PoolShape& sh) {
@@ -306,18 +268,6 @@ void with_heads(int64_t H, Fn&& fn) {
     fn(std::integral_constant<int, 8>{});
   } else {
     fn(std::integral_constant<int, kPoolMaxHeads>{});
-  }
-}
-
-// fn(std::integral_constant<int, V>{}) with V the elements per load of f and pos: 16 bytes' worth
-// when every row of both starts 16-byte aligned, else 1.
-template <typename T, typename Fn>
-void with_vec(const void* f, const void* pos, int64_t D, Fn&& fn) {
-  constexpr int V = 16 / sizeof(T);
-  if (D % V == 0 && (reinterpret_cast<uintptr_t>(f) & 15) == 0 && (reinterpret_cast<uintptr_t>(pos) & 15) == 0) {
-    fn(std::integral_constant<int, V>{});
-  } else {
-    fn(std::integral_constant<int, 1>{});
   }
 }
 
@@ -382,11 +332,9 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
   cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
     cudaError_t err = cudaSuccess;
     with_heads(sh.H, [&](auto nh) {
-      with_vec<T>(f, pos, sh.D, [&](auto v) {
-        err = launch_tiles(pool_fwd_tile_kernel<T, decltype(nh)::value, decltype(v)::value>, blocks, smem,
-                           stream, static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh,
-                           tile_rows, tiles, staged, part_m, part_s, part_acc);
-      });
+      err = launch_tiles(pool_fwd_tile_kernel<T, decltype(nh)::value>, blocks, smem, stream,
+                         static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, tile_rows, tiles,
+                         staged, part_m, part_s, part_acc);
     });
     return err;
   });
@@ -409,11 +357,9 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
     return APM_DISPATCH_DTYPE(df_t, TD, [&] {
       cudaError_t err = cudaSuccess;
       with_heads(sh.H, [&](auto nh) {
-        with_vec<T>(f, pos, sh.D, [&](auto v) {
-          err = launch_tiles(pool_bwd_tile_kernel<T, TD, decltype(nh)::value, decltype(v)::value>, blocks, smem,
-                             stream, static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar,
-                             lse, dsbar, tile_rows, tiles, staged, static_cast<TD*>(df), partial);
-        });
+        err = launch_tiles(pool_bwd_tile_kernel<T, TD, decltype(nh)::value>, blocks, smem, stream,
+                           static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar, lse, dsbar,
+                           tile_rows, tiles, staged, static_cast<TD*>(df), partial);
       });
       return err;
     });

@@ -30,9 +30,9 @@ class TritonPrimitives(Primitives):
     name = "triton"
     opaque = True
     wgrad_out = True       # the weight-gradient kernels write straight into given buffers
-    # each layer's Adam beside the rest of the backward: on the H200 0.512 against 0.529 ms a step
-    # at one image, 134.5 against 132.3 images/s at S = 64 (the cuda table: 0.577 against 0.568,
-    # slower; the torch table: no change), benchmarks/results/h200/suite/ (48c6bec)
+    # each layer's Adam beside the rest of the backward: on the H200 0.503 against 0.507 ms a step
+    # at one image, 137.6 against 135.4 images/s at S = 64 (the cuda table: 0.567 against 0.551,
+    # slower; the torch table: no change), benchmarks/results/h200/suite/ (08b2704)
     adam_beside_backward = True
 
     def __init__(self, use_custom_ops: bool | None = None):

@@ -5,7 +5,8 @@
 engine can keep them as views of one flat buffer. The backward is written out by hand (no
 autograd): it is the sequence of launches a CUDA graph captures. The small per-image pieces
 (trigger conv, u = W_T T + b1, the pool's q/k~/value/output projections) stay in PyTorch: they
-are a few hundred KFLOP.
+are a few hundred KFLOP; with ``beside=True`` (the engine) the ones that need no GEMM just
+launched run on a second CUDA stream beside the GEMMs (:class:`Beside`).
 
 Any slice of the location queries can be computed: the rows are those of the position codes
 passed in (``pos_in``, ``pos_out``: the model's whole grid, a slice of it, or another grid). The

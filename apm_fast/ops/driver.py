@@ -61,24 +61,26 @@ class Beside:
     half. Captured into a graph, each block is a fork and a join. Off (asked so, or not CUDA), the
     blocks run inline, in the same order, with the same results.
 
-    ``with beside(*reads):`` runs the block on the side stream after everything enqueued on the
-    main stream so far; ``reads``: main-stream tensors the block reads (the allocator keeps them
-    from reuse until the block has run). ``mark()`` (inside a block): a point of the side stream
-    to join later. ``join(*made, upto=None)``: the main stream waits for the side stream (up to
-    the mark ``upto``); ``made``: side-stream tensors the main stream reads from then on."""
+    ``with beside(*reads):`` runs the block on the side stream after everything enqueued so far on
+    the current stream (the main one, where the driver opens its blocks); ``reads``: tensors of
+    that stream the block reads (the allocator keeps them from reuse until the block has run).
+    ``mark()`` (inside a block): a point of the side stream to join later. ``join(*made,
+    upto=None)``: the main stream waits for the side stream (up to the mark ``upto``); ``made``:
+    side-stream tensors the main stream reads from then on. ``role``: which of
+    :func:`side_stream`'s streams is the side one (the engine's early Adam uses ``"adam"``)."""
 
-    def __init__(self, device, on: bool):
+    def __init__(self, device, on: bool, role: str = "beside"):
         self.on = bool(on) and torch.device(device).type == "cuda"
         if self.on:
             self.main = torch.cuda.current_stream(device)
-            self.side = side_stream(device, "beside")
+            self.side = side_stream(device, role)
 
     @contextlib.contextmanager
     def __call__(self, *reads):
         if not self.on:
             yield
             return
-        self.side.wait_stream(self.main)
+        self.side.wait_stream(torch.cuda.current_stream(self.side.device))
         for t in reads:
             if t is not None:
                 t.record_stream(self.side)
@@ -146,6 +148,7 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     acc = acc_dtype_for(cdt)
     side = Beside(pos_in.device, beside)
     pool = config.pool and need_pool
+    q = kt = None
     with side():                         # neither needs the position GEMM
         patches, t, u = trigger_split(w, images, config, acc, patches=patches)
         have_u = side.mark()
@@ -158,8 +161,6 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     h = column_mlp(prim, w, config, p, u, cdt, acts=acts)
     f = h.view(s, b, pos_in.shape[0], config.dim)
     z = sbar = lse = o = None
-    if not pool:
-        q = kt = None
     side.join(q, kt)
     if pool:
         sbar, lse = prim.pool_fwd(f, pos_out, kt, scale)

@@ -23,9 +23,9 @@ import torch
 
 from ..ops.autograd import _no_autocast
 from ..ops.contract import TorchPrimitives, acc_dtype_for
-from ..ops.driver import backward, forward, unfold_patches, weight_names
+from ..ops.driver import Beside, backward, forward, unfold_patches, weight_names
 from ..posenc import position_code
-from .graph import capture_phases, side_stream
+from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
 
 __all__ = ["StudentProgram", "quiet_autograd"]
@@ -254,17 +254,16 @@ class StudentProgram:
 
 
 class _EarlyAdam:
-    """A step's Adam in pieces on the program's second stream: ``start(names)`` (the backward's
-    ``on_done``) queues the update of those parameters there after the work enqueued so far on
-    the current stream (the main one, or the driver's ``Beside`` stream that made them);
-    ``join()`` makes the main stream wait for all of it and returns the names not yet updated
-    (none when the backward announced every one). Captured into the step's graph as a fork and
-    a join, so the replayed step overlaps them the same way."""
+    """A step's Adam in pieces on the program's second stream (a :class:`Beside` on the "adam"
+    stream): ``start(names)`` (the backward's ``on_done``) queues the update of those parameters
+    there after the work enqueued so far on the current stream (the main one, or the driver's
+    "beside" stream that made them); ``join()`` makes the main stream wait for all of it and
+    returns the names not yet updated (none when the backward announced every one). Captured into
+    the step's graph as a fork and a join, so the replayed step overlaps them the same way."""
 
     def __init__(self, program: StudentProgram):
         self.program = program
-        self.main = torch.cuda.current_stream(program.device)
-        self.side = side_stream(program.device, "adam")
+        self.adam = Beside(program.device, True, role="adam")
         self.left = list(program.store.names)
 
     def start(self, names):
@@ -272,11 +271,9 @@ class _EarlyAdam:
         if not names:
             return
         self.left = [n for n in self.left if n not in names]
-        # after the work that made these gradients: the backward announces them on its stream
-        self.side.wait_stream(torch.cuda.current_stream(self.program.device))
-        with torch.cuda.stream(self.side):
+        with self.adam():
             self.program._adam(names)
 
     def join(self):
-        self.main.wait_stream(self.side)
+        self.adam.join()
         return self.left

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -218,7 +219,7 @@ def pool_query(w, config, acc):
     wq, wk_, _ = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
     bq = w["attn.in_proj_bias"].to(acc).chunk(3, dim=1)[0]
     q = torch.einsum("sek,sk->se", wq, w["query"].to(acc)) + bq                 # S D
-    kt = torch.einsum("shd,shdk->shk", q.view(s, heads, dh), wk_.reshape(s, heads, dh, dim))
+    kt = _rows_of_heads(q.view(s, 1, heads, dh), wk_)[:, 0]
     return q, kt, 1.0 / math.sqrt(dh)
 
 
@@ -230,10 +231,9 @@ def pool_output(w, config, sbar, acc):
     dh = dim // heads
     wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)[2]
     bv = w["attn.in_proj_bias"].to(acc).chunk(3, dim=1)[2]
-    o = torch.einsum("shdk,sbhk->sbhd", wv.reshape(s, heads, dh, dim), sbar.to(acc)).reshape(s, b, dim) \
-        + bv[:, None, :]
+    o = _cols_of_heads(sbar.to(acc), wv).reshape(s, b, dim) + bv[:, None, :]
     wo, bo = w["attn.out_proj.weight"].to(acc), w["attn.out_proj.bias"].to(acc)
-    z = torch.einsum("sbk,sek->sbe", o, wo) + bo[:, None, :]
+    z = torch.baddbmm(bo[:, None, :], o, wo.transpose(1, 2))
     return o, z
 
 
@@ -479,8 +479,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             _into(g, acc, "attn.out_proj.weight", lambda out: _outer_sum(dz, ctx.o, out))
             _into(g, acc, "attn.out_proj.bias", lambda out: torch.sum(dz, 1, out=out))
         do = torch.einsum("sbe,sek->sbk", dz, wo)                                     # S B D
-        wv_h = wv.reshape(s, heads, dh, dim)
-        dsbar = torch.einsum("shdk,sbhd->sbhk", wv_h, do.view(s, b, heads, dh))
+        dsbar = _rows_of_heads(do.view(s, b, heads, dh), wv)
         if reduce is not None:
             reduce(dsbar)                     # the whole dL/dsbar on every slice
         df, dkt = prim.pool_bwd(ctx.f, pos_out, ctx.kt, 1.0 / math.sqrt(dh), ctx.sbar, ctx.lse, dsbar,
@@ -506,20 +505,27 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         if into[0] is None:
             g[f"{names[idx]}.weight"], g[f"{names[idx]}.bias"] = dw, db
 
-    # layers after the first consumer, last to first: their inputs are stored activations
+    # layers after the first consumer, last to first: their inputs are stored activations. Each
+    # weight gradient runs beside the input gradient (both read dy); a layer is announced on the
+    # side stream once both are done (its weights are read by the input gradient)
+    wside = side if _WGRAD_BESIDE else Beside(ctx.t.device, False)
     for idx in range(len(layers) - 1, 0, -1):
         wk = layers[idx][0]
         x = ctx.acts[idx - 1]
-        weight_grad(prim.linear_bwd_weight, idx, dy, x)
+        with wside(dy, x):
+            weight_grad(prim.linear_bwd_weight, idx, dy, x)
         dy = prim.linear_bwd_input(dy, wk.to(cdt), mask=x, out_dtype=cdt)
-        done([f"{names[idx]}.weight", f"{names[idx]}.bias"])
+        with wside():
+            done([f"{names[idx]}.weight", f"{names[idx]}.bias"])
         if release:
             ctx.acts[idx - 1] = x = None
     # first consumer: its input ReLU(P + u) is rebuilt, never stored
-    weight_grad(prim.first_layer_bwd_weight, 0, dy, ctx.p, ctx.u)
+    with wside(dy, ctx.p, ctx.u):
+        weight_grad(prim.first_layer_bwd_weight, 0, dy, ctx.p, ctx.u)
     g1, r = prim.first_layer_bwd_input(dy, layers[0][0].to(cdt), ctx.p, ctx.u, out_dtype=cdt)   # S BL H1, S B H1
     dy = None
-    done([f"{names[0]}.weight", f"{names[0]}.bias"])
+    with wside():
+        done([f"{names[0]}.weight", f"{names[0]}.bias"])
     if release:
         ctx.p = None
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
@@ -551,13 +557,16 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     return grad_out if grad_out is not None else g
 
 
+_WGRAD_BESIDE = os.environ.get("APM_FAST_EXP_WGRAD_BESIDE", "1") == "1"   # experiment switch (temporary)
+
+
 def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done):
     """The gradients of the pool's query and in-projection (their shares given dk~ (S, H, D) and
     do = dL/do (S, B, D)) into ``g``; then every pool parameter is announced done."""
     s, b, heads, dim = do.shape[0], do.shape[1], dkt.shape[1], do.shape[2]
     dh = dim // heads
     q_h = ctx.q.view(s, heads, dh)
-    dq = torch.einsum("shdk,shk->shd", wk_.reshape(s, heads, dh, dim), dkt).reshape(s, dim)
+    dq = _cols_of_heads(dkt[:, None], wk_).reshape(s, dim)
     query = w["query"].to(acc)
 
     def in_proj(out):                    # [dW_Q; dW_K; dW_V], each third written in place
@@ -587,6 +596,32 @@ def _direct(grad_out, acc, *names):
     if grad_out is None or any(grad_out[n].dtype != acc for n in names):
         return [None] * len(names)
     return [grad_out[n] for n in names]
+
+
+def _rows_of_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out[s, n, h, k] = sum_d x[s, n, h, d] w[s, h dh + d, k]: x (S, N, H, dh), w (S, D, D) (a
+    chunk of the in-projection: any student stride) -> (S, N, H, D). One student: one product per
+    head (its rows are one stride apart). Several: one product per student against x spread on
+    the block diagonal (H rows per n, zero outside its head), so w is read as it lies instead of
+    being copied into a (student, head) batch."""
+    s, n, h, dh = x.shape
+    if s == 1:
+        return torch.einsum("shdk,snhd->snhk", w.reshape(s, h, dh, -1), x)
+    eye = torch.eye(h, dtype=x.dtype, device=x.device)
+    blk = (x[:, :, :, None, :] * eye[:, :, None]).reshape(s, n * h, h * dh)
+    return torch.bmm(blk, w).view(s, n, h, -1)
+
+
+def _cols_of_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out[s, n, h, d] = sum_k w[s, h dh + d, k] x[s, n, h, k]: x (S, N, H, D), w (S, D, D) ->
+    (S, N, H, dh) (a view). Several students: every head's x against all of w, one product per
+    student, and the head's own block kept (see :func:`_rows_of_heads`)."""
+    s, n, h, dim = x.shape
+    dh = dim // h
+    if s == 1:
+        return torch.einsum("shdk,snhk->snhd", w.reshape(s, h, dh, dim), x)
+    r = torch.bmm(x.reshape(s, n * h, dim), w.transpose(1, 2)).view(s, n, h, h, dh)
+    return r.diagonal(dim1=2, dim2=3).transpose(-1, -2)
 
 
 def _outer_sum(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

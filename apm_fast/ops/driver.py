@@ -508,7 +508,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     # layers after the first consumer, last to first: their inputs are stored activations. Each
     # weight gradient runs beside the input gradient (both read dy); a layer is announced on the
     # side stream once both are done (its weights are read by the input gradient)
-    wside = side if _WGRAD_BESIDE else Beside(ctx.t.device, False)
+    wside = side if _WGRAD_BESIDE == "1" else Beside(ctx.t.device, side.on and _WGRAD_BESIDE == "2", role="wgrad")
     for idx in range(len(layers) - 1, 0, -1):
         wk = layers[idx][0]
         x = ctx.acts[idx - 1]
@@ -557,7 +557,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     return grad_out if grad_out is not None else g
 
 
-_WGRAD_BESIDE = os.environ.get("APM_FAST_EXP_WGRAD_BESIDE", "1") == "1"   # experiment switch (temporary)
+_WGRAD_BESIDE = os.environ.get("APM_FAST_EXP_WGRAD_BESIDE", "1")   # experiment switch (temporary)
 
 
 def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done):

@@ -132,12 +132,16 @@ class StudentProgram:
                             combine=None if sh is None else sh.combine, patches=self.patches, beside=self.beside)
         del f                      # ctx holds it until the backward is done with it
         diff = z[:, 0] - self.targets                                         # S x D, acc dtype
-        loss = diff.square().mean(-1, keepdim=True)                             # S x 1
-        self.losses.index_copy_(1, self.t_idx, loss)
         dz = (diff * (2.0 / c.dim)).unsqueeze(1)                                # d mean_D / dz
-        self.step_t.add_(1.0)           # the number of this update, read by Adam on the device
-        self.t_idx.add_(1)
-        early = _EarlyAdam(self) if self.overlap else None
+        side = Beside(self.device, self.beside)
+        with side(diff):                # the loss record and the counters: beside the backward
+            loss = diff.square().mean(-1, keepdim=True)                         # S x 1
+            self.losses.index_copy_(1, self.t_idx, loss)
+            self.step_t.add_(1.0)       # the number of this update, read by Adam on the device
+            self.t_idx.add_(1)
+        # Adam reads step_t: the early updates wait for this mark, the whole-step one (below) runs
+        # after the backward, which joins the side stream before it returns
+        early = _EarlyAdam(self, after=side.mark()) if self.overlap else None
         backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
                  release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
                  on_done=None if early is None else early.start, beside=self.beside)
@@ -257,13 +261,15 @@ class _EarlyAdam:
     """A step's Adam in pieces on the program's second stream (a :class:`Beside` on the "adam"
     stream): ``start(names)`` (the backward's ``on_done``) queues the update of those parameters
     there after the work enqueued so far on the current stream (the main one, or the driver's
-    "beside" stream that made them); ``join()`` makes the main stream wait for all of it and
+    "beside" stream that made them) and after ``after`` (an event: the step counter's update);
+    ``join()`` makes the main stream wait for all of it and
     returns the names not yet updated (none when the backward announced every one). Captured into
     the step's graph as a fork and a join, so the replayed step overlaps them the same way."""
 
-    def __init__(self, program: StudentProgram):
+    def __init__(self, program: StudentProgram, after=None):
         self.program = program
         self.adam = Beside(program.device, True, role="adam")
+        self.after = after          # an event every update also waits for (the step counter's)
         self.left = list(program.store.names)
 
     def start(self, names):
@@ -272,6 +278,8 @@ class _EarlyAdam:
             return
         self.left = [n for n in self.left if n not in names]
         with self.adam():
+            if self.after is not None:
+                self.adam.side.wait_event(self.after)
             self.program._adam(names)
 
     def join(self):

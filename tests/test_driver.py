@@ -254,7 +254,8 @@ def test_kept_graphs_serve_concurrent_callers_one_at_a_time():
     not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_work_beside_the_gemms_gives_the_same_gradients_announced_in_order(device):
     """forward/backward with ``beside`` (the trigger, the pool's projections and parameter
-    gradients and the first layer's trigger half on a second CUDA stream) give what they give
+    gradients, the first layer's trigger half and, with ``wgrad_beside`` or not, the weight
+    gradients on a second CUDA stream) give what they give
     without it, and every ``on_done`` announcement comes after its gradients are written on the
     stream it is made on: a copy taken there at that moment equals the final gradient (the
     gradients start as NaN). On the CPU ``beside`` changes nothing."""
@@ -270,7 +271,7 @@ def test_work_beside_the_gemms_gives_the_same_gradients_announced_in_order(devic
     pos_in = position_code(c.pos_dim, c.grid, c.grid, device=device)
     pos_out = position_code(c.dim, c.grid, c.grid, device=device)
 
-    def run(beside):
+    def run(beside, wgrad_beside=True):
         grads = {n: torch.full_like(w[n], float("nan")) for n in names}
         seen = {}
 
@@ -279,16 +280,18 @@ def test_work_beside_the_gemms_gives_the_same_gradients_announced_in_order(devic
 
         z, f, ctx = forward(TP, w, x, c, pos_in, pos_out, cdt=torch.float32, beside=beside)
         backward(TP, w, ctx, torch.cos(z), c, pos_in, pos_out, grad_out=grads, on_done=on_done,
-                 beside=beside, release=True)
+                 beside=beside, wgrad_beside=wgrad_beside, release=True)
         if device == "cuda":
             torch.cuda.synchronize()
         return z, grads, seen
 
     z0, g0, seen0 = run(False)
-    z1, g1, seen1 = run(True)
-    assert sorted(seen1) == sorted(names) and sorted(seen0) == sorted(names)
-    assert rel_err(z1, z0) < 1e-6
-    for n in names:
-        assert torch.isfinite(g1[n]).all(), n
-        assert rel_err(g1[n], g0[n]) < 1e-6, n
-        assert torch.equal(seen1[n], g1[n]), f"{n} was announced before its gradient was written"
+    assert sorted(seen0) == sorted(names)
+    for wgrad_beside in (True, False):
+        z1, g1, seen1 = run(True, wgrad_beside)
+        assert sorted(seen1) == sorted(names)
+        assert rel_err(z1, z0) < 1e-6
+        for n in names:
+            assert torch.isfinite(g1[n]).all(), n
+            assert rel_err(g1[n], g0[n]) < 1e-6, n
+            assert torch.equal(seen1[n], g1[n]), f"{n} was announced before its gradient was written"

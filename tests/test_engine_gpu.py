@@ -95,14 +95,15 @@ def test_side_by_side_equals_one_at_a_time(backend, dt):
     _close(shuffled.cls, alone.cls[perm], dt, "permuted cls")
 
 
-@pytest.mark.parametrize("switch", ["overlap", "beside"])
+@pytest.mark.parametrize("switch", ["overlap", "beside", "wgrad_beside"])
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_work_on_a_second_stream_changes_nothing(backend, graphs, switch):
     """``overlap``: each layer's Adam on a second stream (the Triton table's default) against the
     whole Adam after the backward; ``beside`` (every table's default): the trigger, the pool's
     projections and parameter gradients and the first layer's trigger half on a second stream
-    against everything on one. The same kernels on the same numbers: where two runs on one
+    against everything on one; ``wgrad_beside`` (with ``beside``): the weight gradients beside
+    the input gradients too, against after them on the main stream. The same kernels on the same numbers: where two runs on one
     stream agree bit for bit, so must the other; where a kernel's split-K atomics make runs
     differ in the last bits, they agree to the bf16 tolerance like graph and eager."""
     model, images, targets = _setup(n=3, seed=2)
@@ -117,7 +118,7 @@ def test_work_on_a_second_stream_changes_nothing(backend, graphs, switch):
     (a, off), (a2, _), (b, on) = fit(False), fit(False), fit(True)
     assert not off and on
     default = TTTEngine(model, **kw).engine.program(3)
-    assert default.overlap == (backend == "triton") and default.beside
+    assert default.overlap == (backend == "triton") and default.beside and default.wgrad_beside
     if torch.equal(a.cls, a2.cls) and torch.equal(a.losses, a2.losses):
         assert torch.equal(a.cls, b.cls) and torch.equal(a.losses, b.losses)
     else:

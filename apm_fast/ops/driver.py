@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -435,7 +434,8 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
              pos_in, pos_out, *, df_extra: Optional[torch.Tensor] = None,
              grad_out: Optional[Dict[str, torch.Tensor]] = None, release: bool = False,
              reduce: Optional[Callable] = None, parts: int = 1,
-             on_done: Optional[Callable] = None, beside: bool = False) -> Dict[str, torch.Tensor]:
+             on_done: Optional[Callable] = None, beside: bool = False,
+             wgrad_beside: bool = True) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
     (a dict of preallocated views, e.g. into one flat buffer) the results land there, written in
@@ -452,8 +452,10 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     did that work (the current stream when it is called); every name is announced once, the last
     ones when the backward returns.
     ``beside`` (with ``grad_out``): the pool parameters' gradients and the first layer's trigger
-    half on a second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only); the main stream
-    has waited for all of it when the backward returns."""
+    half on a second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only), and with
+    ``wgrad_beside`` each layer's weight gradient too, beside its input gradient (the layer is
+    then announced on that stream once both are done); the main stream has waited for all of it
+    when the backward returns."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]
@@ -508,7 +510,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     # layers after the first consumer, last to first: their inputs are stored activations. Each
     # weight gradient runs beside the input gradient (both read dy); a layer is announced on the
     # side stream once both are done (its weights are read by the input gradient)
-    wside = side if _WGRAD_BESIDE == "1" else Beside(ctx.t.device, side.on and _WGRAD_BESIDE == "2", role="wgrad")
+    wside = side if wgrad_beside else Beside(ctx.t.device, False)
     for idx in range(len(layers) - 1, 0, -1):
         wk = layers[idx][0]
         x = ctx.acts[idx - 1]
@@ -555,9 +557,6 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     done(["mlp.0.weight", "mlp.0.bias"])
     side.join()                             # the conv's gradients too, before the backward returns
     return grad_out if grad_out is not None else g
-
-
-_WGRAD_BESIDE = os.environ.get("APM_FAST_EXP_WGRAD_BESIDE", "1")   # experiment switch (temporary)
 
 
 def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done):

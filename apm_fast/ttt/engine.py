@@ -65,7 +65,9 @@ class TTTEngine:
     table, on CUDA without shards; False: the whole Adam after the backward). The result is the
     same either way. The attribute ``beside`` (True; False for comparisons) runs the step's small
     independent pieces (trigger, the pool's projections and parameter gradients, the first
-    layer's trigger half) on a second CUDA stream beside the GEMMs (``driver.Beside``).
+    layer's trigger half, the loss record) on a second CUDA stream beside the GEMMs
+    (``driver.Beside``); with it, ``wgrad_beside`` (True; False for comparisons) also runs each
+    layer's weight gradient there, beside its input gradient.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -85,6 +87,7 @@ class TTTEngine:
         self.shards = shards
         self.overlap = overlap
         self.beside = True
+        self.wgrad_beside = True
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
@@ -127,7 +130,7 @@ class TTTEngine:
             raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "
                              "watch them on one device (shards=None)")
         key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid),
-               self.overlap, self.beside)
+               self.overlap, self.beside, self.wgrad_beside)
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -137,7 +140,8 @@ class TTTEngine:
                                   betas=self.betas, eps=self.eps, compute_dtype=cdt,
                                   master_dtype=self.master_dtype, device=self.device, graphs=self.graphs,
                                   label=label, shards=self.shards, keep_grid=keep_grid,
-                                  moment_dtype=self.moment_dtype, overlap=self.overlap, beside=self.beside)
+                                  moment_dtype=self.moment_dtype, overlap=self.overlap, beside=self.beside,
+                                  wgrad_beside=self.wgrad_beside)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

@@ -57,7 +57,7 @@ class StudentProgram:
                  lr: float, betas: Tuple[float, float], eps: float, compute_dtype: torch.dtype,
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
-                 overlap: bool | None = None, beside: bool = True):
+                 overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -106,6 +106,7 @@ class StudentProgram:
             self.overlap = can and want
             # the small independent pieces of forward and backward on a second stream (CUDA)
             self.beside = bool(beside) and dev.type == "cuda"
+            self.wgrad_beside = bool(wgrad_beside)     # the weight gradients too (when beside)
             self.reset()
             self.graphs: Optional[dict] = None
             if graphs:
@@ -144,7 +145,8 @@ class StudentProgram:
         early = _EarlyAdam(self, after=side.mark()) if self.overlap else None
         backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
                  release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
-                 on_done=None if early is None else early.start, beside=self.beside)
+                 on_done=None if early is None else early.start, beside=self.beside,
+                 wgrad_beside=self.wgrad_beside)
         del ctx, z
         if sh is not None:
             sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange

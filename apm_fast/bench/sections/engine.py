@@ -10,8 +10,9 @@ first steps amplify the rounding of tiny gradients for any bf16 code, so the bou
 that measured loss, not a constant.
 Latency: one image, ``ttt_steps`` steps replayed back to back between two events (the device
 never waits for the host; the reset to the snapshot before each repeat is not timed), median
-over 20 repeats; eagerly the same. In the same run, each table's other Adam schedule and the step
-with everything on one stream (``one-stream``: the small independent pieces not beside the GEMMs).
+over 20 repeats; eagerly the same. In the same run, each table's other Adam schedule, the step with
+the weight gradients after the input gradients on the main stream (``wgrad-inline``: only the small
+pieces beside) and the step with everything on one stream (``one-stream``).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -92,12 +93,13 @@ def _problem(ctx, backend, students):
     return model, x, y, trainer
 
 
-def _latency(ctx, backend, graphs, overlap=None, beside=True):
+def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True):
     o = ctx.options
     model, x, y, trainer = _problem(ctx, backend, 1)
     trainer.engine.graphs = graphs
     trainer.engine.overlap = overlap
     trainer.engine.beside = beside
+    trainer.engine.wgrad_beside = wgrad_beside
     prog = trainer.program(1)
     prog.load(x, y)
 
@@ -122,7 +124,7 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True):
                   "perf_counter", warmup=1)
     ms = t.median_ms / o.ttt_steps
     return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "adam_beside_backward": prog.overlap,
-            "small_work_beside": prog.beside,
+            "small_work_beside": prog.beside, "weight_grads_beside": prog.beside and prog.wgrad_beside,
             "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
 
 
@@ -246,6 +248,8 @@ def run(ctx) -> dict:
             ov, suffix, _ = ctx.other_adam(name)
             rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
                                 lambda n=name, ov=ov: _latency(ctx, n, True, overlap=ov)))
+            rows.append(ctx.row({"key": f"latency/{name}/graph/wgrad-inline", "backend": name}, status, name,
+                                lambda n=name: _latency(ctx, n, True, wgrad_beside=False)))
             rows.append(ctx.row({"key": f"latency/{name}/graph/one-stream", "backend": name}, status, name,
                                 lambda n=name: _latency(ctx, n, True, beside=False)))
         rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))

@@ -571,8 +571,8 @@ def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done):
     def in_proj(out):                    # [dW_Q; dW_K; dW_V], each third written in place
         out = torch.empty((s, 3 * dim, dim), dtype=acc, device=do.device) if out is None else out
         _outer_sum(dq[:, None], query[:, None], out[:, :dim])
-        _outer_sum(q_h[:, None], dkt[:, None], out[:, dim:2 * dim].view(s, heads, dh, dim))
-        _outer_sum(do.view(s, b, heads, dh), ctx.sbar, out[:, 2 * dim:].view(s, heads, dh, dim))
+        _outer_sum(_head_blocks(q_h[:, None]), dkt[:, None].reshape(s, heads, dim), out[:, dim:2 * dim])
+        _outer_sum(_head_blocks(do.view(s, b, heads, dh)), ctx.sbar.reshape(s, b * heads, dim), out[:, 2 * dim:])
         return out
 
     def in_proj_bias(out):               # [dq; 0 (the key bias cancels); sum_b do]
@@ -606,9 +606,15 @@ def _rows_of_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     s, n, h, dh = x.shape
     if s == 1:
         return torch.einsum("shdk,snhd->snhk", w.reshape(s, h, dh, -1), x)
+    return torch.bmm(_head_blocks(x), w).view(s, n, h, -1)
+
+
+def _head_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (S, N, H, dh) spread on the block diagonal: (S, N H, H dh), row (n, h) holding x[:, n, h]
+    in head h's columns and zeros elsewhere."""
+    s, n, h, dh = x.shape
     eye = torch.eye(h, dtype=x.dtype, device=x.device)
-    blk = (x[:, :, :, None, :] * eye[:, :, None]).reshape(s, n * h, h * dh)
-    return torch.bmm(blk, w).view(s, n, h, -1)
+    return (x[:, :, :, None, :] * eye[:, :, None]).reshape(s, n * h, h * dh)
 
 
 def _cols_of_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -624,12 +630,10 @@ def _cols_of_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _outer_sum(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sum_b a[:, b, ..., :, None] * b[:, b, ..., None, :]: a (S, B, ..., I), b (S, B, ..., J) ->
-    (S, ..., I, J), written into ``out`` (any strides) when given. One image: a product, no sum."""
-    if a.shape[1] == 1:
-        return torch.mul(a[:, 0, ..., :, None], b[:, 0, ..., None, :], out=out)
-    r = torch.einsum("sb...i,sb...j->s...ij", a, b)
-    return r if out is None else out.copy_(r)
+    """sum_r a[:, r, :, None] * b[:, r, None, :]: a (S, R, I), b (S, R, J) -> (S, I, J), one
+    product per student written into ``out`` when given (a (S, I, J) view with unit inner stride,
+    any row and student strides, is written in place: the in-projection's thirds)."""
+    return torch.bmm(a.transpose(1, 2), b, out=out)
 
 
 def _into(g, acc, name: str, fn: Callable):

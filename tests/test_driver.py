@@ -295,3 +295,33 @@ def test_work_beside_the_gemms_gives_the_same_gradients_announced_in_order(devic
             assert torch.isfinite(g1[n]).all(), n
             assert rel_err(g1[n], g0[n]) < 1e-6, n
             assert torch.equal(seen1[n], g1[n]), f"{n} was announced before its gradient was written"
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_several_students_equal_each_alone_f64(b):
+    """Several students take other code paths than one (the pool's per-head products and outer
+    sums as one product per student against block-diagonal rows): every student's output and
+    gradients equal what it gets alone, in float64, with one image or several."""
+    from apm_fast.ops.driver import backward, forward, weight_names
+    from apm_fast.posenc import position_code
+
+    torch.manual_seed(0)
+    model = APM(preset("ttt-l14", grid=4, patch=2, hidden=(16, 12), dim=16, heads=4, init="pytorch")).double()
+    c, names = model.config, weight_names(model.config)
+    params = dict(model.named_parameters())
+    pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=torch.float64)
+    pos_out = position_code(c.dim, c.grid, c.grid, dtype=torch.float64)
+    scales = [1.0, 1.1, 0.9]
+    x = torch.randn(len(scales), b, 3, c.image_size, c.image_size, dtype=torch.float64)
+
+    def run(idx):
+        w = {n: torch.stack([scales[i] * params[n].detach() for i in idx]) for n in names}
+        z, _, ctx = forward(TP, w, x[idx], c, pos_in, pos_out, cdt=torch.float64)
+        return z, backward(TP, w, ctx, torch.cos(z), c, pos_in, pos_out)
+
+    z_all, g_all = run([0, 1, 2])
+    for i in range(len(scales)):
+        z1, g1 = run([i])
+        assert rel_err(z_all[i], z1[0]) < 1e-12
+        for n in names:
+            assert rel_err(g_all[n][i], g1[n][0]) < 1e-12, (n, i)

@@ -571,8 +571,8 @@ def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done):
     def in_proj(out):                    # [dW_Q; dW_K; dW_V], each third written in place
         out = torch.empty((s, 3 * dim, dim), dtype=acc, device=do.device) if out is None else out
         _outer_sum(dq[:, None], query[:, None], out[:, :dim])
-        _outer_sum(_head_blocks(q_h[:, None]), dkt[:, None].reshape(s, heads, dim), out[:, dim:2 * dim])
-        _outer_sum(_head_blocks(do.view(s, b, heads, dh)), ctx.sbar.reshape(s, b * heads, dim), out[:, 2 * dim:])
+        _head_outer_sum(q_h[:, None], dkt[:, None], out[:, dim:2 * dim])
+        _head_outer_sum(do.view(s, b, heads, dh), ctx.sbar, out[:, 2 * dim:])
         return out
 
     def in_proj_bias(out):               # [dq; 0 (the key bias cancels); sum_b do]
@@ -630,10 +630,27 @@ def _cols_of_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _outer_sum(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """sum_r a[:, r, :, None] * b[:, r, None, :]: a (S, R, I), b (S, R, J) -> (S, I, J), one
-    product per student written into ``out`` when given (a (S, I, J) view with unit inner stride,
-    any row and student strides, is written in place: the in-projection's thirds)."""
-    return torch.bmm(a.transpose(1, 2), b, out=out)
+    """sum_r a[:, r, ..., :, None] * b[:, r, ..., None, :]: a (S, R, ..., I), b (S, R, ..., J) ->
+    (S, ..., I, J), written into ``out`` (any strides) when given. One student: a product (one
+    image) or a sum of them; several (3-D operands): one matrix product per student, written in
+    place into a view with unit inner stride (the in-projection's thirds), not an element-wise
+    kernel over broadcast strides."""
+    if a.shape[0] > 1 and a.dim() == 3:
+        return torch.bmm(a.transpose(1, 2), b, out=out)
+    if a.shape[1] == 1:
+        return torch.mul(a[:, 0, ..., :, None], b[:, 0, ..., None, :], out=out)
+    r = torch.einsum("sb...i,sb...j->s...ij", a, b)
+    return r if out is None else out.copy_(r)
+
+
+def _head_outer_sum(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[s, h dh + d, k] = sum_b x[s, b, h, d] y[s, b, h, k]: x (S, B, H, dh), y (S, B, H, D),
+    out (S, D, D) (a view). Several students: the block-diagonal rows of x (:func:`_head_blocks`)
+    against y, one product per student."""
+    s, b, h, dh = x.shape
+    if s == 1:
+        return _outer_sum(x, y, out.view(s, h, dh, -1))
+    return _outer_sum(_head_blocks(x), y.reshape(s, b * h, -1), out)
 
 
 def _into(g, acc, name: str, fn: Callable):

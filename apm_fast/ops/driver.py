@@ -510,7 +510,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     # layers after the first consumer, last to first: their inputs are stored activations. Each
     # weight gradient runs beside the input gradient (both read dy); a layer is announced on the
     # side stream once both are done (its weights are read by the input gradient)
-    wside = side if wgrad_beside else Beside(ctx.t.device, False)
+    wside = Beside(ctx.t.device, side.on and wgrad_beside)     # the same stream as side, or inline
     for idx in range(len(layers) - 1, 0, -1):
         wk = layers[idx][0]
         x = ctx.acts[idx - 1]

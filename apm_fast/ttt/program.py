@@ -106,7 +106,7 @@ class StudentProgram:
             self.overlap = can and want
             # the small independent pieces of forward and backward on a second stream (CUDA)
             self.beside = bool(beside) and dev.type == "cuda"
-            self.wgrad_beside = bool(wgrad_beside)     # the weight gradients too (when beside)
+            self.wgrad_beside = self.beside and bool(wgrad_beside)     # the weight gradients too
             self.reset()
             self.graphs: Optional[dict] = None
             if graphs:

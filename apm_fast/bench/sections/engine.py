@@ -124,7 +124,7 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True)
                   "perf_counter", warmup=1)
     ms = t.median_ms / o.ttt_steps
     return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "adam_beside_backward": prog.overlap,
-            "small_work_beside": prog.beside, "weight_grads_beside": prog.beside and prog.wgrad_beside,
+            "small_work_beside": prog.beside, "weight_grads_beside": prog.wgrad_beside,
             "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
 
 

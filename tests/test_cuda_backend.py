@@ -71,6 +71,7 @@ def rel_err(x, ref):
 # accumulate in fp32 (K <= 300 here: ~1e-6). Errors are compared as relative Frobenius norms.
 TOL = {torch.bfloat16: 8e-3, torch.float32: 2e-5}
 ALIGNED = dict(S=2, M=200, N=136, K=264)   # SM90-eligible: every row a multiple of 16 bytes
+WIDE = dict(S=1, M=1024, N=2048, K=64)     # SM90 on 128 x 128 tiles (ALIGNED's few fill 128 x 64 ones)
 ODD = dict(S=2, M=37, N=29, K=45)          # portable kernel
 SPLITK = dict(S=1, M=4096, N=64, K=72)     # one output tile: the weight gradient's cuBLAS route
 
@@ -89,7 +90,7 @@ def expect_path(ext, counts, dtype, shape):
     sm90 = ext.sm90_available(torch.empty(1, device=DEV))
     if dtype == torch.bfloat16 and shape is SPLITK and sm90:
         assert counts == [0, 0, 1], f"expected one cuBLAS launch, got counts {counts}"
-    elif dtype == torch.bfloat16 and shape is ALIGNED and sm90:
+    elif dtype == torch.bfloat16 and (shape is ALIGNED or shape is WIDE) and sm90:
         assert counts[0] > 0 and counts[1] == 0 and counts[2] == 0, f"expected the SM90 kernels, got counts {counts}"
     elif dtype != torch.bfloat16 or shape is ODD:
         assert counts[0] == 0 and counts[2] == 0, f"expected the portable kernel, got counts {counts}"
@@ -97,7 +98,7 @@ def expect_path(ext, counts, dtype, shape):
 
 # ---------------------------------------------------------------------------- GEMM primitives
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("shape", [ALIGNED, ODD], ids=["aligned", "odd"])
+@pytest.mark.parametrize("shape", [ALIGNED, WIDE, ODD], ids=["aligned", "wide", "odd"])
 @pytest.mark.parametrize("bias,relu,shared", [(True, True, False), (True, False, False), (False, False, True)])
 def test_linear(prims, ext, dtype, shape, bias, relu, shared):
     S, M, N, K = shape["S"], shape["M"], shape["N"], shape["K"]
@@ -112,7 +113,7 @@ def test_linear(prims, ext, dtype, shape, bias, relu, shared):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("shape", [ALIGNED, ODD], ids=["aligned", "odd"])
+@pytest.mark.parametrize("shape", [ALIGNED, WIDE, ODD], ids=["aligned", "wide", "odd"])
 @pytest.mark.parametrize("masked", [True, False])
 def test_linear_bwd_input(prims, ext, dtype, shape, masked):
     S, M, N, K = shape["S"], shape["M"], shape["N"], shape["K"]

@@ -453,9 +453,9 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     ones when the backward returns.
     ``beside`` (with ``grad_out``): the pool parameters' gradients and the first layer's trigger
     half on a second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only), and with
-    ``wgrad_beside`` each layer's weight gradient too, beside its input gradient (the layer is
-    then announced on that stream once both are done); the main stream has waited for all of it
-    when the backward returns."""
+    ``wgrad_beside`` each layer's weight gradient on a third one, beside its input gradient (the
+    layer is then announced on that stream once both are done); the main stream has waited for
+    all of it when the backward returns."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]
@@ -509,8 +509,10 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
 
     # layers after the first consumer, last to first: their inputs are stored activations. Each
     # weight gradient runs beside the input gradient (both read dy); a layer is announced on the
-    # side stream once both are done (its weights are read by the input gradient)
-    wside = Beside(ctx.t.device, side.on and wgrad_beside)     # the same stream as side, or inline
+    # weight-gradient stream once both are done (its weights are read by the input gradient).
+    # That stream is not the small work's: queued behind the pool parameters' gradients (tens of
+    # small kernels) the head's weight gradient would start only after them
+    wside = Beside(ctx.t.device, side.on and wgrad_beside, role="wgrad")
     for idx in range(len(layers) - 1, 0, -1):
         wk = layers[idx][0]
         x = ctx.acts[idx - 1]
@@ -556,6 +558,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     dwt = dwp = None
     done(["mlp.0.weight", "mlp.0.bias"])
     side.join()                             # the conv's gradients too, before the backward returns
+    wside.join()                            # and every weight gradient
     return grad_out if grad_out is not None else g
 
 

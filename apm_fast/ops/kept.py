@@ -87,7 +87,7 @@ def side_stream(device, role: str = "capture"):
     """One stream per device and role for every caller: ``"capture"``, the warm-up/capture stream
     of the TTT programs; ``"adam"``, the stream a step's early optimizer updates run on beside the
     backward; ``"beside"``, the driver's small independent work beside its main stream
-    (``driver.Beside``). cuBLAS keeps a workspace per stream it has seen, so a fresh stream per
+    (``driver.Beside``); ``"wgrad"``, the backward's weight gradients beside its input gradients. cuBLAS keeps a workspace per stream it has seen, so a fresh stream per
     program would leave one more workspace each time.
 
     Every stream but ``"adam"`` has the device's highest priority, ``"adam"`` the default (the

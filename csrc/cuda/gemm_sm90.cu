@@ -21,8 +21,11 @@
 // once per student: TMA descriptors describe a strided batch, not a broadcast one.
 //
 // Tile 128 x 128 x 64, cooperative schedule (two consumer warp groups on one tile; pipeline
-// stages fill the rest of shared memory), cluster 1 x 1: it already fills the 132 SMs at one
-// image for fc2 (1024 x 2048 -> 128 tiles) and keeps the instantiations (compile time) few.
+// stages fill the rest of shared memory), cluster 1 x 1: it fills the 132 SMs at one image for
+// fc2 (1024 x 2048 -> 128 tiles). Forward and input-gradient problems whose 128 x 128 tiles would
+// fill at most half of the SMs (at one image fc3's 1024 x 1024 and the head's 1024 x 768, 64 and
+// 48 tiles) run on 128 x 64 tiles instead (narrow_tiles in gemm_sm90_impl.cuh): twice the SMs
+// at work. Two instantiations per family keep the compile time small.
 // Split-K for the weight gradient is done by the caller (csrc/torch/cuda_gemm_ops.cpp), which
 // batches the contraction.
 #include "apm_kernels.h"

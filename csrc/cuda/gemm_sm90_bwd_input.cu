@@ -28,19 +28,28 @@ struct ReluMaskGrad<cutlass::Array<T, N>> {
 };
 
 // A = dy (M x N_out, K-major), B = w (N_out x K_in read as K_in x N_out: N-major), D = dx bf16.
+template <int TileN>
 using BwdInputGemm = Sm90Gemm<
     cutlass::layout::RowMajor, cutlass::layout::RowMajor, bf16,
     cutlass::epilogue::fusion::LinCombDeEltAct<cutlass::layout::RowMajor, ReluMaskGrad, bf16, float,
-                                               bf16, void, float>>;
+                                               bf16, void, float>, TileN>;
+
+template <int TileN>
+cudaError_t run_backward_input_tiles(const GemmParams& p, int device, void* workspace,
+                                     cudaStream_t stream, size_t* workspace_size) {
+  return run_one<BwdInputGemm<TileN>>(p, device, workspace, stream, workspace_size, [&](auto& args) {
+    args.epilogue.thread.aux_ptr = static_cast<const bf16*>(p.mask);
+    args.epilogue.thread.dAux = make_stride(p.mask_sm, _1{}, p.mask_sb);
+  });
+}
 
 }  // namespace
 
 cudaError_t run_backward_input(const GemmParams& p, int device, void* workspace,
                                cudaStream_t stream, size_t* workspace_size) {
-  return run_one<BwdInputGemm>(p, device, workspace, stream, workspace_size, [&](auto& args) {
-    args.epilogue.thread.aux_ptr = static_cast<const bf16*>(p.mask);
-    args.epilogue.thread.dAux = make_stride(p.mask_sm, _1{}, p.mask_sb);
-  });
+  return narrow_tiles(p, device)
+             ? run_backward_input_tiles<64>(p, device, workspace, stream, workspace_size)
+             : run_backward_input_tiles<128>(p, device, workspace, stream, workspace_size);
 }
 
 }  // namespace sm90

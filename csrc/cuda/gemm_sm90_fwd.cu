@@ -35,19 +35,27 @@ struct MaybeRelu<cutlass::Array<T, N>> {
 };
 
 // A = x (M x K, K-major), B = w (N x K, K-major), D = y (M x N) bf16; bias per column (per student).
+template <int TileN>
 using FwdGemm = Sm90Gemm<
     cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, bf16,
-    cutlass::epilogue::fusion::LinCombPerColBiasEltAct<MaybeRelu, bf16, float, bf16, void, float>>;
+    cutlass::epilogue::fusion::LinCombPerColBiasEltAct<MaybeRelu, bf16, float, bf16, void, float>, TileN>;
+
+template <int TileN>
+cudaError_t run_forward_tiles(const GemmParams& p, int device, void* workspace, cudaStream_t stream,
+                              size_t* workspace_size) {
+  return run_one<FwdGemm<TileN>>(p, device, workspace, stream, workspace_size, [&](auto& args) {
+    args.epilogue.thread.bias_ptr = static_cast<const bf16*>(p.bias);  // null: no bias
+    args.epilogue.thread.dBias = make_stride(_0{}, _1{}, p.bias_sb);
+    args.epilogue.thread.activation.enabled = p.relu ? 1 : 0;
+  });
+}
 
 }  // namespace
 
 cudaError_t run_forward(const GemmParams& p, int device, void* workspace, cudaStream_t stream,
                         size_t* workspace_size) {
-  return run_one<FwdGemm>(p, device, workspace, stream, workspace_size, [&](auto& args) {
-    args.epilogue.thread.bias_ptr = static_cast<const bf16*>(p.bias);  // null: no bias
-    args.epilogue.thread.dBias = make_stride(_0{}, _1{}, p.bias_sb);
-    args.epilogue.thread.activation.enabled = p.relu ? 1 : 0;
-  });
+  return narrow_tiles(p, device) ? run_forward_tiles<64>(p, device, workspace, stream, workspace_size)
+                                 : run_forward_tiles<128>(p, device, workspace, stream, workspace_size);
 }
 
 }  // namespace sm90

@@ -30,9 +30,12 @@ using bf16 = cutlass::bfloat16_t;
 
 int sm_count_cached(int device);  // gemm_sm90.cu
 
-template <class LayoutA, class LayoutB, class ElementD, class FusionOp>
+// TileN: 128 (the default), or 64 for problems whose 128 x 128 tiles leave most SMs idle (at one
+// image, fc3 (1024 x 1024: 64 tiles) and the head (1024 x 768: 48 tiles) on 132 SMs); see
+// narrow_tiles().
+template <class LayoutA, class LayoutB, class ElementD, class FusionOp, int TileN = 128>
 struct Sm90Gemm {
-  using TileShape = Shape<_128, _128, _64>;
+  using TileShape = Shape<_128, Int<TileN>, _64>;
   using ClusterShape = Shape<_1, _1, _1>;
   static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
 
@@ -58,6 +61,13 @@ struct Sm90Gemm {
   using StrideC = typename Kernel::StrideC;
   using StrideD = typename Kernel::StrideD;
 };
+
+// Whether a problem runs on 128 x 64 tiles: its 128 x 128 tiles fill at most half of the SMs
+// (one partial wave of less than half the GPU), so halving the tile width doubles the SMs at work.
+inline bool narrow_tiles(const GemmParams& p, int device) {
+  const int64_t tiles = p.batch * ((p.m + 127) / 128) * ((p.n + 127) / 128);
+  return 2 * tiles <= sm_count_cached(device);
+}
 
 // Strides as CUTLASS wants them: (row, column, batch) with the unit one static.
 template <class S>

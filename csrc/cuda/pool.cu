@@ -23,9 +23,7 @@
 // 64 images, forward 0.32 ms (0.72), backward 0.73 ms (1.97). Each thread keeps a register per
 // head: the kernels are compiled for at most 8 heads (every preset) and for kPoolMaxHeads. No
 // atomics anywhere: the same inputs give the same bits.
-#include <initializer_list>
 #include <type_traits>
-#include <utility>
 
 #include "apm_kernels.h"
 #include "dtype_util.cuh"
@@ -47,22 +45,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// V adjacent elements, loaded or stored as one access (16 bytes when V = 16 / sizeof(T)).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T x[V];
-};
-
-// kv = f + pos at row l, columns [c, c + V) (c a multiple of V), in fp32.
-template <typename T, int V>
-__device__ __forceinline__ void load_kv(const T* __restrict__ fimg, const T* __restrict__ pos, int64_t l,
-                                        int64_t D, int64_t c, float (&kv)[V]) {
-  const Pack<T, V> a = *reinterpret_cast<const Pack<T, V>*>(fimg + l * D + c);
-  const Pack<T, V> b = *reinterpret_cast<const Pack<T, V>*>(pos + l * D + c);
-#pragma unroll
-  for (int k = 0; k < V; ++k) kv[k] = to_f32<T>(a.x[k]) + to_f32<T>(b.x[k]);
-}
-
 // The block's copy of n floats from src (when staged), else src itself.
 __device__ __forceinline__ const float* stage(const float* __restrict__ src, int64_t n, bool staged,
                                               float* dst) {
@@ -72,43 +54,32 @@ __device__ __forceinline__ const float* stage(const float* __restrict__ src, int
 }
 
 // out[h * D + d] = sum over the tile's rows r of weight[r][h] kv[l0 + r, d], every head h < H: the
-// forward's exp-weighted sums and the backward's key-gradient partials (threads over groups of V
-// columns; every row's loads of a thread are independent, so they are all in flight at once).
-template <typename T, int NH, int V>
+// forward's exp-weighted sums and the backward's key-gradient partials (threads over d).
+template <typename T, int NH>
 __device__ __forceinline__ void tile_weighted_sums(const T* __restrict__ fimg, const T* __restrict__ pos,
                                                    const PoolShape& sh, int64_t l0, int rows,
                                                    const float (*weight)[NH], float* __restrict__ out) {
-  for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < sh.D; c += kTileThreads * V) {
-    float acc[NH][V];
+  for (int64_t d = threadIdx.x; d < sh.D; d += kTileThreads) {
+    float acc[NH];
 #pragma unroll
-    for (int h = 0; h < NH; ++h)
-#pragma unroll
-      for (int k = 0; k < V; ++k) acc[h][k] = 0.0f;
-#pragma unroll 2
+    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
     for (int r = 0; r < rows; ++r) {
-      float v[V];
-      load_kv<T, V>(fimg, pos, l0 + r, sh.D, c, v);
+      const int64_t l = l0 + r;
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
 #pragma unroll
       for (int h = 0; h < NH; ++h)
-        if (h < sh.H)
-#pragma unroll
-          for (int k = 0; k < V; ++k) acc[h][k] = fmaf(weight[r][h], v[k], acc[h][k]);
+        if (h < sh.H) acc[h] = fmaf(weight[r][h], v, acc[h]);
     }
 #pragma unroll
     for (int h = 0; h < NH; ++h)
-      if (h < sh.H) {
-        Pack<float, V> o;
-#pragma unroll
-        for (int k = 0; k < V; ++k) o.x[k] = acc[h][k];
-        *reinterpret_cast<Pack<float, V>*>(out + h * sh.D + c) = o;
-      }
+      if (h < sh.H) out[h * sh.D + d] = acc[h];
   }
 }
 
 // Forward, one block per (image sb, tile of rows): per head h, over the tile's rows,
 // m = max score, s = sum exp(score - m), acc[d] = sum exp(score - m) kv[d]; written to
 // part_m / part_s ((S*B, tiles, H)) and part_acc ((S*B, tiles, H, D)).
-template <typename T, int NH, int V>
+template <typename T, int NH>
 __global__ void __launch_bounds__(kTileThreads)
     pool_fwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh, int tile_rows,
@@ -129,15 +100,11 @@ __global__ void __launch_bounds__(kTileThreads)
     float acc[NH];
 #pragma unroll
     for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
-#pragma unroll 4
-    for (int64_t c = static_cast<int64_t>(lane) * V; c < sh.D; c += 32 * V) {
-      float v[V];
-      load_kv<T, V>(fimg, pos, l, sh.D, c, v);
+    for (int64_t d = lane; d < sh.D; d += 32) {
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
 #pragma unroll
       for (int h = 0; h < NH; ++h)
-        if (h < sh.H)
-#pragma unroll
-          for (int k = 0; k < V; ++k) acc[h] = fmaf(v[k], K[h * sh.D + c + k], acc[h]);
+        if (h < sh.H) acc[h] = fmaf(v, K[h * sh.D + d], acc[h]);
     }
 #pragma unroll
     for (int h = 0; h < NH; ++h) acc[h] = warp_sum(acc[h]);
@@ -165,7 +132,7 @@ __global__ void __launch_bounds__(kTileThreads)
     w[r][h] = expf(w[r][h] - head_m[h]);
   }
   __syncthreads();
-  tile_weighted_sums<T, NH, V>(fimg, pos, sh, l0, rows, w, part_acc + part * sh.D);
+  tile_weighted_sums<T, NH>(fimg, pos, sh, l0, rows, w, part_acc + part * sh.D);
 }
 
 // For i = sb*H + h: m = max over tiles of part_m, den = sum_t part_s[t] exp(part_m[t] - m),
@@ -215,7 +182,7 @@ __global__ void __launch_bounds__(kCols * kPhases)
 
 // Backward, one block per (image sb, tile of rows): per row (one warp each) a[h], c[h] and df_l;
 // then partial[(sb*tiles + tile), h, d] = sum over the tile's rows of scale c[h,l] kv[l, d].
-template <typename T, typename TD, int NH, int V>
+template <typename T, typename TD, int NH>
 __global__ void __launch_bounds__(kTileThreads)
     pool_bwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh,
@@ -251,18 +218,13 @@ __global__ void __launch_bounds__(kTileThreads)
     float dk[NH], dd[NH];
 #pragma unroll
     for (int h = 0; h < NH; ++h) dk[h] = dd[h] = 0.0f;
-#pragma unroll 4
-    for (int64_t c = static_cast<int64_t>(lane) * V; c < sh.D; c += 32 * V) {
-      float v[V];
-      load_kv<T, V>(fimg, pos, l, sh.D, c, v);
+    for (int64_t d = lane; d < sh.D; d += 32) {
+      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
 #pragma unroll
       for (int h = 0; h < NH; ++h) {
         if (h < sh.H) {
-#pragma unroll
-          for (int k = 0; k < V; ++k) {
-            dk[h] = fmaf(v[k], K[h * sh.D + c + k], dk[h]);
-            dd[h] = fmaf(v[k], DS[h * sh.D + c + k], dd[h]);
-          }
+          dk[h] = fmaf(v, K[h * sh.D + d], dk[h]);
+          dd[h] = fmaf(v, DS[h * sh.D + d], dd[h]);
         }
       }
     }
@@ -281,60 +243,32 @@ __global__ void __launch_bounds__(kTileThreads)
       for (int h = 0; h < NH; ++h)
         if (h < sh.H) cs[r][h] = cc[h];
     }
-    for (int64_t c = static_cast<int64_t>(lane) * V; c < sh.D; c += 32 * V) {
-      float acc[V];
-#pragma unroll
-      for (int k = 0; k < V; ++k) acc[k] = 0.0f;
+    for (int64_t d = lane; d < sh.D; d += 32) {
+      float g = 0.0f;
 #pragma unroll
       for (int h = 0; h < NH; ++h)
-        if (h < sh.H)
-#pragma unroll
-          for (int k = 0; k < V; ++k)
-            acc[k] = fmaf(ca[h], DS[h * sh.D + c + k], fmaf(cc[h], K[h * sh.D + c + k], acc[k]));
-      Pack<TD, V> g;
-#pragma unroll
-      for (int k = 0; k < V; ++k) g.x[k] = from_f32<TD>(acc[k]);
-      *reinterpret_cast<Pack<TD, V>*>(dimg + l * sh.D + c) = g;
+        if (h < sh.H) g = fmaf(ca[h], DS[h * sh.D + d], fmaf(cc[h], K[h * sh.D + d], g));
+      dimg[l * sh.D + d] = from_f32<TD>(g);
     }
   }
   __syncthreads();
   const int64_t part = (sb * tiles + tile) * sh.H;
-  tile_weighted_sums<T, NH, V>(fimg, pos, sh, l0, rows, cs, partial + part * sh.D);
+  tile_weighted_sums<T, NH>(fimg, pos, sh, l0, rows, cs, partial + part * sh.D);
 }
 
 bool shape_ok(const PoolShape& sh) {
   return sh.S > 0 && sh.B > 0 && sh.L > 0 && sh.D > 0 && sh.H > 0 && sh.H <= kPoolMaxHeads;
 }
 
-// fn(std::integral_constant<int, NH>{}, std::integral_constant<int, V>{}) with NH the per-head
-// register count the kernels are built for (8 when H <= 8, every preset; kPoolMaxHeads otherwise)
-// and V the columns per access: 16 bytes of T (8 bf16 / fp16, 4 fp32) when `wide`, else 1.
-template <typename T, typename Fn>
-void with_heads(int64_t H, bool wide, Fn&& fn) {
-  constexpr int kWide = 16 / sizeof(T);
-  auto heads = [&](auto v) {
-    if (H <= 8) {
-      fn(std::integral_constant<int, 8>{}, v);
-    } else {
-      fn(std::integral_constant<int, kPoolMaxHeads>{}, v);
-    }
-  };
-  if (wide) {
-    heads(std::integral_constant<int, kWide>{});
+// fn(std::integral_constant<int, NH>{}) with NH the per-head register count the kernels are built
+// for: 8 when H <= 8 (every preset), kPoolMaxHeads otherwise.
+template <typename Fn>
+void with_heads(int64_t H, Fn&& fn) {
+  if (H <= 8) {
+    fn(std::integral_constant<int, 8>{});
   } else {
-    heads(std::integral_constant<int, 1>{});
+    fn(std::integral_constant<int, kPoolMaxHeads>{});
   }
-}
-
-// Whether 16-byte accesses of T fit: D a multiple of 16 / sizeof(T) and every row base aligned
-// (each pointer to the widest access made through it: the fp32 partials get V floats at a time).
-template <typename T>
-bool wide_ok(const PoolShape& sh, std::initializer_list<std::pair<const void*, size_t>> ptrs) {
-  constexpr int64_t kWide = 16 / sizeof(T);
-  if (sh.D % kWide != 0) return false;
-  for (const auto& pa : ptrs)
-    if (reinterpret_cast<uintptr_t>(pa.first) % (pa.second * kWide) != 0) return false;
-  return true;
 }
 
 // Dynamic shared memory of a launch (kt, or kt and dsbar, staged) and whether it is staged.
@@ -397,9 +331,8 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
   const int smem = staged_bytes(sh, 1, &staged);
   cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
     cudaError_t err = cudaSuccess;
-    const bool wide = wide_ok<T>(sh, {{f, sizeof(T)}, {pos, sizeof(T)}, {part_acc, sizeof(float)}});
-    with_heads<T>(sh.H, wide, [&](auto nh, auto v) {
-      err = launch_tiles(pool_fwd_tile_kernel<T, decltype(nh)::value, decltype(v)::value>, blocks, smem, stream,
+    with_heads(sh.H, [&](auto nh) {
+      err = launch_tiles(pool_fwd_tile_kernel<T, decltype(nh)::value>, blocks, smem, stream,
                          static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, tile_rows, tiles,
                          staged, part_m, part_s, part_acc);
     });
@@ -423,9 +356,8 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
     return APM_DISPATCH_DTYPE(df_t, TD, [&] {
       cudaError_t err = cudaSuccess;
-      const bool wide = wide_ok<T>(sh, {{f, sizeof(T)}, {pos, sizeof(T)}, {df, sizeof(TD)}, {partial, sizeof(float)}});
-      with_heads<T>(sh.H, wide, [&](auto nh, auto v) {
-        err = launch_tiles(pool_bwd_tile_kernel<T, TD, decltype(nh)::value, decltype(v)::value>, blocks, smem, stream,
+      with_heads(sh.H, [&](auto nh) {
+        err = launch_tiles(pool_bwd_tile_kernel<T, TD, decltype(nh)::value>, blocks, smem, stream,
                            static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar, lse, dsbar,
                            tile_rows, tiles, staged, static_cast<TD*>(df), partial);
       });

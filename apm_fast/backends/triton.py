@@ -30,9 +30,10 @@ class TritonPrimitives(Primitives):
     name = "triton"
     opaque = True
     wgrad_out = True       # the weight-gradient kernels write straight into given buffers
-    # each layer's Adam beside the rest of the backward: on the H200 0.503 against 0.507 ms a step
-    # at one image, 137.6 against 135.4 images/s at S = 64 (the cuda table: 0.567 against 0.551,
-    # slower; the torch table: no change), benchmarks/results/h200/suite/ (08b2704)
+    # each layer's Adam beside the rest of the backward: on the H200 137.0 against 135.0 images/s
+    # at S = 64, and 0.479 against 0.474 ms a step at one image, within the run-to-run spread (the
+    # cuda table: 0.544 against 0.505, slower; the torch table: no change),
+    # benchmarks/results/h200/suite/ (616cd66)
     adam_beside_backward = True
 
     def __init__(self, use_custom_ops: bool | None = None):

@@ -67,7 +67,7 @@ class TTTEngine:
     independent pieces (trigger, the pool's projections and parameter gradients, the first
     layer's trigger half, the loss record) on a second CUDA stream beside the GEMMs
     (``driver.Beside``); with it, ``wgrad_beside`` (True; False for comparisons) also runs each
-    layer's weight gradient there, beside its input gradient.
+    layer's weight gradient beside its input gradient, on a third stream.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,

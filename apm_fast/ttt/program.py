@@ -263,7 +263,7 @@ class _EarlyAdam:
     """A step's Adam in pieces on the program's second stream (a :class:`Beside` on the "adam"
     stream): ``start(names)`` (the backward's ``on_done``) queues the update of those parameters
     there after the work enqueued so far on the current stream (the main one, or the driver's
-    "beside" stream that made them) and after ``after`` (an event: the step counter's update);
+    "beside" or "wgrad" stream that made them) and after ``after`` (an event: the step counter's update);
     ``join()`` makes the main stream wait for all of it and
     returns the names not yet updated (none when the backward announced every one). Captured into
     the step's graph as a fork and a join, so the replayed step overlaps them the same way."""

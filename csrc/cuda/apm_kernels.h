@@ -84,6 +84,7 @@ cudaError_t first_layer_act(const void* p, const float* u, void* a, DType t, int
 // Single-query attention pool (spec section 3), forward and backward; see TorchPrimitives.pool_fwd.
 // f (S, B, L, D) dtype t, pos (L, D) dtype t, kt (S, H, D) fp32; outputs fp32 unless said.
 constexpr int kPoolMaxHeads = 16;
+constexpr int kPoolMaxWidth = 2048;   // D: a lane holds D / 32 values of a row in registers
 
 struct PoolShape {
   int64_t S, B, L, D, H;
@@ -99,7 +100,7 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
                      PoolShape sh, int tile_rows, float* part_m, float* part_s, float* part_acc,
                      float* sbar, float* lse, cudaStream_t stream);
 
-// df (S, B, L, D) of dtype df_t; dkt (S, H, D) fp32. Scratch (fp32): partial (S*B, tiles, H, D).
+// df (S, B, L, D) of dtype df_t (t or fp32); dkt (S, H, D) fp32. Scratch (fp32): partial (S*B, tiles, H, D).
 cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, float scale,
                      PoolShape sh, const float* sbar, const float* lse, const float* dsbar,
                      void* df, DType df_t, float* dkt, int tile_rows, float* partial,

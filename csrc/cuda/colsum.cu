@@ -8,7 +8,7 @@ namespace apm {
 
 namespace {
 
-constexpr int kLanes = 32, kRowLanes = 8;
+constexpr int kLanes = 32, kRowLanes = 8, kBatch = 4;
 
 // Block (32 column lanes) x (8 row lanes); each lane sums V adjacent columns (V = 1, or 16 bytes'
 // worth when the rows allow it: a warp then reads 512 contiguous bytes of a row per load instead
@@ -36,10 +36,22 @@ __global__ void __launch_bounds__(kLanes* kRowLanes)
     for (int i = 0; i < V; ++i) acc[i] = 0.0f;
     if (c < C) {   // V > 1 only when C is a multiple of V: a lane's columns are all in range
       const T* col = in + g * R * C + c;
-      for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowLanes) {
-        const Pack v = *reinterpret_cast<const Pack*>(col + r * C);
+      // kBatch rows' loads in flight together (a plain loop waits for each before the next);
+      // the additions stay in row order
+      for (int64_t rb = r0 + threadIdx.y; rb < r1; rb += kBatch * kRowLanes) {
+        Pack v[kBatch];
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] += to_f32<T>(v.x[i]);
+        for (int u = 0; u < kBatch; ++u) {
+          const int64_t r = rb + u * kRowLanes;
+          if (r < r1) v[u] = *reinterpret_cast<const Pack*>(col + r * C);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (rb + u * kRowLanes < r1) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[i] += to_f32<T>(v[u].x[i]);
+          }
+        }
       }
     }
 #pragma unroll

@@ -5,24 +5,27 @@
 // Backward, c[h,l] = a[h,l] (kv_l . dsbar_h - sbar_h . dsbar_h):
 //   df_l = sum_h a[h,l] dsbar_h + scale c[h,l] kt_h;   dkt_h = scale sum_{b,l} c[h,l] kv_l
 //
-// The pool moves ~1.5 MB per image: at one image it is bound by latency, not bandwidth. Both
-// directions run one block per *tile* of rows of one image (pool_tile_rows: 8 rows at one image,
-// 128 blocks; up to 64 rows when there are images enough to fill the GPU), in two launches:
-//   forward   tile     kt staged in shared memory; one warp per row: every head's score from one
-//                      read of kv_l; then, per head, the tile's max, sum of exp and exp-weighted
-//                      sum of kv over its rows (a partial softmax, written per tile)
+// The pool moves ~1.5 MB per image: at one image it is bound by latency, not bandwidth, so the
+// kernels are written to keep many loads in flight: every loop over a row's columns is unrolled
+// at compile time (a lane holds up to kPoolMaxWidth / 32 values of its row in registers), and the
+// staging of kt (and dsbar) issues eight independent loads per thread at a time. Both directions
+// run one block of 8 warps per *tile* of rows of one image (pool_tile_rows: 8 rows at one image,
+// 128 blocks; up to 64 rows when there are images enough to fill the GPU), in rounds of 8 rows,
+// one row per warp:
+//   forward   tile     every head's score of the round's rows from one read of kv_l (kt staged in
+//                      shared memory); the rows' kv go to shared memory, and the threads, each
+//                      owning a few columns, keep every head's exp-weighted sum with an online
+//                      (running-max) softmax across rounds: one read of kv per tile and head set;
+//                      the tile's (max, sum of exp, weighted sum) per head is its partial
 //             combine  per (image, head, 32 columns): the tiles' partials merged exactly
 //                      (rescaled to the overall max), giving lse and sbar
-//   backward  tile     kt and dsbar staged in shared memory, sbar . dsbar per head; one warp per
-//                      row: a, c and df_l; then the tile's partial key gradient sum_l c kv_l
+//   backward  tile     kt and dsbar staged, sbar . dsbar per head; per row a, c and df_l; the
+//                      round's kv and c in shared memory, the threads (a few columns each) keep
+//                      the tile's partial key gradient sum_l c kv_l in registers
 //             colsum   the tiles' partial key gradients summed per student (colsum.cu)
-// Staging reads kt (and dsbar) once per block instead of once per row from L2. On the H200 at
-// `ttt-l14`'s shape (benchmarks/results/h200/suite/primitives.json), against the per-row kernels
-// this replaced: one image, forward 18.8 us (19.4), backward 31.5 us (41.4; the Triton table's:
-// 13.0 and 18.5, so one image is still bound by the chain of dependent loads of 8 warps per SM);
-// 64 images, forward 0.32 ms (0.72), backward 0.73 ms (1.97). Each thread keeps a register per
-// head: the kernels are compiled for at most 8 heads (every preset) and for kPoolMaxHeads. No
-// atomics anywhere: the same inputs give the same bits.
+// Each thread keeps registers per head: the kernels are compiled for at most 8 heads (every
+// preset) and for kPoolMaxHeads, and for rows of at most 512, 1024 and kPoolMaxWidth values.
+// No atomics anywhere: every sum has a fixed order, so the same inputs give the same bits.
 #include <type_traits>
 
 #include "apm_kernels.h"
@@ -32,12 +35,14 @@ namespace apm {
 
 namespace {
 
-constexpr int kTileWarps = 8;                    // warps per block of the tile kernels
+constexpr int kTileWarps = 8;                    // warps per block of the tile kernels = rows per round
 constexpr int kTileThreads = kTileWarps * 32;
 constexpr int kMaxTileRows = 64;                 // rows per tile: a multiple of kTileWarps
 constexpr int kCols = 32;                        // columns per block of the combine kernel
 constexpr int kPhases = 8;                       // tile phases per block of the combine kernel
-constexpr int kMaxStagedBytes = 160 * 1024;      // larger kt (and dsbar) are read from L2
+constexpr int kMaxSmemBytes = 200 * 1024;       // dynamic shared memory of a tile block, at most
+constexpr int kStageBatch = 8;                   // loads in flight per thread while staging
+constexpr int kBatch = 4;                        // vectors in flight per lane while loading a row
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -45,99 +50,190 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The block's copy of n floats from src (when staged), else src itself.
-__device__ __forceinline__ const float* stage(const float* __restrict__ src, int64_t n, bool staged,
-                                              float* dst) {
-  if (!staged) return src;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
-  return dst;
-}
-
-// out[h * D + d] = sum over the tile's rows r of weight[r][h] kv[l0 + r, d], every head h < H: the
-// forward's exp-weighted sums and the backward's key-gradient partials (threads over d).
-template <typename T, int NH>
-__device__ __forceinline__ void tile_weighted_sums(const T* __restrict__ fimg, const T* __restrict__ pos,
-                                                   const PoolShape& sh, int64_t l0, int rows,
-                                                   const float (*weight)[NH], float* __restrict__ out) {
-  for (int64_t d = threadIdx.x; d < sh.D; d += kTileThreads) {
-    float acc[NH];
+// Copies n floats from src to dst (shared memory), kStageBatch independent loads per thread at a
+// time (a plain loop would wait for each load before issuing the next).
+__device__ __forceinline__ void stage(const float* __restrict__ src, int64_t n, float* __restrict__ dst) {
+  for (int64_t i0 = threadIdx.x; i0 < n; i0 += kStageBatch * kTileThreads) {
+    float r[kStageBatch];
 #pragma unroll
-    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
-    for (int r = 0; r < rows; ++r) {
-      const int64_t l = l0 + r;
-      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
-#pragma unroll
-      for (int h = 0; h < NH; ++h)
-        if (h < sh.H) acc[h] = fmaf(weight[r][h], v, acc[h]);
+    for (int u = 0; u < kStageBatch; ++u) {
+      const int64_t i = i0 + u * kTileThreads;
+      r[u] = i < n ? src[i] : 0.0f;
     }
 #pragma unroll
-    for (int h = 0; h < NH; ++h)
-      if (h < sh.H) out[h * sh.D + d] = acc[h];
+    for (int u = 0; u < kStageBatch; ++u) {
+      const int64_t i = i0 + u * kTileThreads;
+      if (i < n) dst[i] = r[u];
+    }
   }
+}
+
+// Row l of kv = f + pos, in fp32, to the warp's row `out` of shared memory. A lane loads V
+// adjacent elements at a time (16 bytes when the rows allow it), kBatch such vectors of f and of
+// pos in flight together: one wait for a row of up to 32 V kBatch columns.
+template <typename T, int V>
+__device__ __forceinline__ void load_row(const T* __restrict__ frow, const T* __restrict__ prow, int64_t D,
+                                         int lane, float* __restrict__ out) {
+  struct alignas(sizeof(T) * V) Pack {
+    T x[V];
+  };
+  for (int64_t c0 = lane * V; c0 < D; c0 += 32 * V * kBatch) {
+    Pack a[kBatch], b[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t c = c0 + u * 32 * V;
+      if (c < D) {               // V > 1 only when D is a multiple of V: the whole vector is in range
+        a[u] = *reinterpret_cast<const Pack*>(frow + c);
+        b[u] = *reinterpret_cast<const Pack*>(prow + c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t c = c0 + u * 32 * V;
+      if (c < D) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) out[c + e] = to_f32<T>(a[u].x[e]) + to_f32<T>(b[u].x[e]);
+      }
+    }
+  }
+}
+
+// dk[h] = sum_d row[d] M1[h * D + d] (and dd[h] with M2 when M2 is given) over the lane's columns
+// d = lane + 32 i, every head h < H; not yet summed over the warp.
+template <int NH>
+__device__ __forceinline__ void head_dots(const float* __restrict__ row, const float* __restrict__ M1,
+                                          const float* __restrict__ M2, int64_t D, int64_t H, int lane,
+                                          float (&dk)[NH], float (&dd)[NH]) {
+#pragma unroll
+  for (int h = 0; h < NH; ++h) dk[h] = dd[h] = 0.0f;
+#pragma unroll 2
+  for (int64_t c = lane; c < D; c += 32) {
+    const float v = row[c];
+#pragma unroll
+    for (int h = 0; h < NH; ++h) {
+      if (h < H) {
+        dk[h] = fmaf(v, M1[h * D + c], dk[h]);
+        if (M2) dd[h] = fmaf(v, M2[h * D + c], dd[h]);
+      }
+    }
+  }
+}
+
+// acc[h * D + d] = acc[h * D + d] * rescale[h] + sum over the round's nr rows r of
+// w[r][h] kvs[r * D + d], every column d (threads over d, each its own columns: no races) and
+// head h < H; rescale null: 1.
+template <int NH>
+__device__ __forceinline__ void round_sums(const float* __restrict__ kvs, const float (*w)[NH],
+                                           const float* rescale, int nr, int64_t D, int64_t H,
+                                           float* __restrict__ acc) {
+  for (int64_t d = threadIdx.x; d < D; d += kTileThreads) {
+    float x[kTileWarps];
+#pragma unroll
+    for (int r = 0; r < kTileWarps; ++r) x[r] = r < nr ? kvs[r * D + d] : 0.0f;
+#pragma unroll
+    for (int h = 0; h < NH; ++h) {
+      if (h < H) {
+        float a = rescale ? acc[h * D + d] * rescale[h] : acc[h * D + d];
+#pragma unroll
+        for (int r = 0; r < kTileWarps; ++r)
+          if (r < nr) a = fmaf(w[r][h], x[r], a);
+        acc[h * D + d] = a;
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void zero(float* __restrict__ p, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n; i += kTileThreads) p[i] = 0.0f;
+}
+
+__device__ __forceinline__ void copy_out(const float* __restrict__ src, int64_t n, float* __restrict__ dst) {
+  for (int64_t i = threadIdx.x; i < n; i += kTileThreads) dst[i] = src[i];
 }
 
 // Forward, one block per (image sb, tile of rows): per head h, over the tile's rows,
 // m = max score, s = sum exp(score - m), acc[d] = sum exp(score - m) kv[d]; written to
-// part_m / part_s ((S*B, tiles, H)) and part_acc ((S*B, tiles, H, D)).
-template <typename T, int NH>
+// part_m / part_s ((S*B, tiles, H)) and part_acc ((S*B, tiles, H, D)). Dynamic shared memory:
+// [kt of the student (H*D, when staged)][acc (H*D)][the round's kv rows (kTileWarps*D)].
+template <typename T, int V, int NH>
 __global__ void __launch_bounds__(kTileThreads)
     pool_fwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh, int tile_rows,
                          int64_t tiles, bool staged, float* __restrict__ part_m,
                          float* __restrict__ part_s, float* __restrict__ part_acc) {
-  extern __shared__ float staged_kt[];
-  __shared__ float w[kMaxTileRows][NH];          // scores, then their exp weights
-  __shared__ float head_m[NH];
+  extern __shared__ float smem[];
+  __shared__ float w[kTileWarps][NH];            // the round's scores (log2 domain), then weights
+  __shared__ float head_m[NH], head_s[NH], alpha[NH];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t tile = blockIdx.x % tiles, sb = blockIdx.x / tiles, s = sb / sh.B;
+  const int64_t D = sh.D, H = sh.H;
   const int64_t l0 = tile * tile_rows;
   const int rows = static_cast<int>(sh.L - l0 < tile_rows ? sh.L - l0 : tile_rows);
-  const float* K = stage(kt + s * sh.H * sh.D, sh.H * sh.D, staged, staged_kt);
+  const float* K = kt + s * H * D;
+  float* acc = smem;
+  if (staged) {
+    stage(K, H * D, smem);
+    K = smem;
+    acc = smem + H * D;
+  }
+  float* kvs = acc + H * D;
+  zero(acc, H * D);
+  if (threadIdx.x < NH) {
+    head_m[threadIdx.x] = -INFINITY;
+    head_s[threadIdx.x] = 0.0f;
+  }
+  const float scale2 = scale * 1.4426950408889634f;   // exp2 is the native instruction
+  const T* fimg = f + sb * sh.L * D;
   __syncthreads();
-  const T* fimg = f + sb * sh.L * sh.D;
-  for (int r = warp; r < rows; r += kTileWarps) {
-    const int64_t l = l0 + r;
-    float acc[NH];
+  for (int r0 = 0; r0 < rows; r0 += kTileWarps) {
+    const int nr = rows - r0 < kTileWarps ? rows - r0 : kTileWarps;
+    if (warp < nr) {
+      const int64_t l = l0 + r0 + warp;
+      float* row = kvs + warp * D;
+      load_row<T, V>(fimg + l * D, pos + l * D, D, lane, row);
+      __syncwarp();
+      float dot[NH], unused[NH];
+      head_dots<NH>(row, K, nullptr, D, H, lane, dot, unused);
 #pragma unroll
-    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
-    for (int64_t d = lane; d < sh.D; d += 32) {
-      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
+      for (int h = 0; h < NH; ++h) dot[h] = warp_sum(dot[h]);
+      if (lane == 0) {
 #pragma unroll
-      for (int h = 0; h < NH; ++h)
-        if (h < sh.H) acc[h] = fmaf(v, K[h * sh.D + d], acc[h]);
+        for (int h = 0; h < NH; ++h)
+          if (h < H) w[warp][h] = dot[h] * scale2;
+      }
     }
-#pragma unroll
-    for (int h = 0; h < NH; ++h) acc[h] = warp_sum(acc[h]);
-    if (lane == 0) {
-#pragma unroll
-      for (int h = 0; h < NH; ++h)
-        if (h < sh.H) w[r][h] = acc[h] * scale;
+    __syncthreads();
+    if (threadIdx.x < H) {                       // the online softmax's step, per head
+      const int h = threadIdx.x;
+      float m = head_m[h];
+      for (int r = 0; r < nr; ++r) m = fmaxf(m, w[r][h]);
+      const float a = exp2f(head_m[h] - m);      // 0 on the first round (-inf)
+      float sum = head_s[h] * a;
+      for (int r = 0; r < nr; ++r) {
+        const float p = exp2f(w[r][h] - m);
+        w[r][h] = p;
+        sum += p;
+      }
+      head_m[h] = m;
+      head_s[h] = sum;
+      alpha[h] = a;
     }
+    __syncthreads();
+    round_sums<NH>(kvs, w, alpha, nr, D, H, acc);
+    __syncthreads();                             // before the next round overwrites kvs and w
   }
-  __syncthreads();
-  const int64_t part = (sb * tiles + tile) * sh.H;
-  if (threadIdx.x < sh.H) {
-    const int h = threadIdx.x;
-    float m = -INFINITY;
-    for (int r = 0; r < rows; ++r) m = fmaxf(m, w[r][h]);
-    float sum = 0.0f;
-    for (int r = 0; r < rows; ++r) sum += expf(w[r][h] - m);
-    head_m[h] = m;
-    part_m[part + h] = m;
-    part_s[part + h] = sum;
+  const int64_t part = (sb * tiles + tile) * H;
+  if (threadIdx.x < H) {
+    part_m[part + threadIdx.x] = head_m[threadIdx.x] * 0.6931471805599453f;   // natural log domain
+    part_s[part + threadIdx.x] = head_s[threadIdx.x];
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < rows * sh.H; i += kTileThreads) {
-    const int r = i / static_cast<int>(sh.H), h = i % static_cast<int>(sh.H);
-    w[r][h] = expf(w[r][h] - head_m[h]);
-  }
-  __syncthreads();
-  tile_weighted_sums<T, NH>(fimg, pos, sh, l0, rows, w, part_acc + part * sh.D);
+  copy_out(acc, H * D, part_acc + part * D);
 }
 
 // For i = sb*H + h: m = max over tiles of part_m, den = sum_t part_s[t] exp(part_m[t] - m),
 // lse[i] = m + log(den), sbar[i, d] = sum_t exp(part_m[t] - m) part_acc[t, d] / den. Grid
-// (S*B*H, column tiles); blocks of kCols columns x kPhases tile phases, added in a fixed order.
+// (S*B*H, column tiles); blocks of kCols columns x kPhases tile phases, added in a fixed order
+// (each phase's loads four at a time).
 __global__ void __launch_bounds__(kCols * kPhases)
     pool_fwd_combine_kernel(const float* __restrict__ part_m, const float* __restrict__ part_s,
                             const float* __restrict__ part_acc, PoolShape sh, int64_t tiles,
@@ -167,8 +263,18 @@ __global__ void __launch_bounds__(kCols * kPhases)
   const float m = m_all;
   float acc = 0.0f;
   if (d < sh.D) {
-    for (int64_t t = threadIdx.y; t < tiles; t += kPhases)
-      acc = fmaf(expf(pm[t * sh.H] - m), part_acc[((sb * tiles + t) * sh.H + h) * sh.D + d], acc);
+    constexpr int U = 4;
+    for (int64_t t0 = threadIdx.y; t0 < tiles; t0 += U * kPhases) {
+      float wt[U], x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t t = t0 + u * kPhases;
+        wt[u] = t < tiles ? pm[t * sh.H] : -INFINITY;
+        x[u] = t < tiles ? part_acc[((sb * tiles + t) * sh.H + h) * sh.D + d] : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) acc = fmaf(expf(wt[u] - m), x[u], acc);
+    }
   }
   red[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
@@ -181,101 +287,131 @@ __global__ void __launch_bounds__(kCols * kPhases)
 }
 
 // Backward, one block per (image sb, tile of rows): per row (one warp each) a[h], c[h] and df_l;
-// then partial[(sb*tiles + tile), h, d] = sum over the tile's rows of scale c[h,l] kv[l, d].
-template <typename T, typename TD, int NH>
+// the tile's partial[(sb*tiles + tile), h, d] = sum over its rows of scale c[h,l] kv[l, d].
+// Dynamic shared memory: [kt, dsbar (2*H*D, when staged)][acc (H*D)][the round's kv rows
+// (kTileWarps*D)]. df is written in f's dtype, or as float when df_f32.
+template <typename T, int V, int NH>
 __global__ void __launch_bounds__(kTileThreads)
     pool_bwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh,
                          const float* __restrict__ sbar, const float* __restrict__ lse,
                          const float* __restrict__ dsbar, int tile_rows, int64_t tiles, bool staged,
-                         TD* __restrict__ df, float* __restrict__ partial) {
-  extern __shared__ float staged_kd[];
-  __shared__ float cs[kMaxTileRows][NH];         // scale * c of the tile's rows
+                         void* __restrict__ df, bool df_f32, float* __restrict__ partial) {
+  extern __shared__ float smem[];
+  __shared__ float cs[kTileWarps][NH];           // scale * c of the round's rows
   __shared__ float sd[NH], lse_h[NH];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t tile = blockIdx.x % tiles, sb = blockIdx.x / tiles, s = sb / sh.B;
+  const int64_t D = sh.D, H = sh.H, hd = H * D;
   const int64_t l0 = tile * tile_rows;
   const int rows = static_cast<int>(sh.L - l0 < tile_rows ? sh.L - l0 : tile_rows);
-  const int64_t hd = sh.H * sh.D;
-  const float* K = stage(kt + s * hd, hd, staged, staged_kd);
-  const float* DS = stage(dsbar + sb * hd, hd, staged, staged_kd + hd);
-  for (int64_t h = warp; h < sh.H; h += kTileWarps) {    // sbar_h . dsbar_h
-    const float* a = sbar + (sb * sh.H + h) * sh.D;
-    const float* b = dsbar + (sb * sh.H + h) * sh.D;
-    float acc = 0.0f;
-    for (int64_t d = lane; d < sh.D; d += 32) acc = fmaf(a[d], b[d], acc);
-    acc = warp_sum(acc);
+  const float* K = kt + s * hd;
+  const float* DS = dsbar + sb * hd;
+  float* acc = smem;
+  if (staged) {
+    stage(K, hd, smem);
+    stage(DS, hd, smem + hd);
+    K = smem;
+    DS = smem + hd;
+    acc = smem + 2 * hd;
+  }
+  float* kvs = acc + hd;
+  zero(acc, hd);
+  for (int64_t h = warp; h < H; h += kTileWarps) {     // sbar_h . dsbar_h
+    const float* a = sbar + (sb * H + h) * D;
+    const float* b = dsbar + (sb * H + h) * D;
+    float dot = 0.0f;
+#pragma unroll 8
+    for (int64_t c = lane; c < D; c += 32) dot = fmaf(a[c], b[c], dot);
+    dot = warp_sum(dot);
     if (lane == 0) {
-      sd[h] = acc;
-      lse_h[h] = lse[sb * sh.H + h];
+      sd[h] = dot;
+      lse_h[h] = lse[sb * H + h];
     }
   }
+  const T* fimg = f + sb * sh.L * D;
   __syncthreads();
-  const T* fimg = f + sb * sh.L * sh.D;
-  TD* dimg = df + sb * sh.L * sh.D;
-  for (int r = warp; r < rows; r += kTileWarps) {
-    const int64_t l = l0 + r;
-    float dk[NH], dd[NH];
-#pragma unroll
-    for (int h = 0; h < NH; ++h) dk[h] = dd[h] = 0.0f;
-    for (int64_t d = lane; d < sh.D; d += 32) {
-      const float v = to_f32<T>(fimg[l * sh.D + d]) + to_f32<T>(pos[l * sh.D + d]);
+  for (int r0 = 0; r0 < rows; r0 += kTileWarps) {
+    const int nr = rows - r0 < kTileWarps ? rows - r0 : kTileWarps;
+    if (warp < nr) {
+      const int64_t l = l0 + r0 + warp;
+      float* row = kvs + warp * D;
+      load_row<T, V>(fimg + l * D, pos + l * D, D, lane, row);
+      __syncwarp();
+      float ca[NH], cc[NH];
+      head_dots<NH>(row, K, DS, D, H, lane, ca, cc);
 #pragma unroll
       for (int h = 0; h < NH; ++h) {
-        if (h < sh.H) {
-          dk[h] = fmaf(v, K[h * sh.D + d], dk[h]);
-          dd[h] = fmaf(v, DS[h * sh.D + d], dd[h]);
+        float a = 0.0f, c = 0.0f;
+        if (h < H) {
+          a = expf(warp_sum(ca[h]) * scale - lse_h[h]);
+          c = a * (warp_sum(cc[h]) - sd[h]) * scale;
+        }
+        ca[h] = a;
+        cc[h] = c;
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int h = 0; h < NH; ++h)
+          if (h < H) cs[warp][h] = cc[h];
+      }
+      const int64_t out = (sb * sh.L + l) * D;
+#pragma unroll 2
+      for (int64_t c = lane; c < D; c += 32) {
+        float g = 0.0f;
+#pragma unroll
+        for (int h = 0; h < NH; ++h)
+          if (h < H) g = fmaf(ca[h], DS[h * D + c], fmaf(cc[h], K[h * D + c], g));
+        if (df_f32) {
+          static_cast<float*>(df)[out + c] = g;
+        } else {
+          static_cast<T*>(df)[out + c] = from_f32<T>(g);
         }
       }
     }
-    float ca[NH], cc[NH];
-#pragma unroll
-    for (int h = 0; h < NH; ++h) {
-      ca[h] = cc[h] = 0.0f;
-      if (h < sh.H) {
-        const float a = expf(warp_sum(dk[h]) * scale - lse_h[h]);
-        ca[h] = a;
-        cc[h] = a * (warp_sum(dd[h]) - sd[h]) * scale;
-      }
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int h = 0; h < NH; ++h)
-        if (h < sh.H) cs[r][h] = cc[h];
-    }
-    for (int64_t d = lane; d < sh.D; d += 32) {
-      float g = 0.0f;
-#pragma unroll
-      for (int h = 0; h < NH; ++h)
-        if (h < sh.H) g = fmaf(ca[h], DS[h * sh.D + d], fmaf(cc[h], K[h * sh.D + d], g));
-      dimg[l * sh.D + d] = from_f32<TD>(g);
-    }
+    __syncthreads();
+    round_sums<NH>(kvs, cs, nullptr, nr, D, H, acc);
+    __syncthreads();                             // before the next round overwrites kvs and cs
   }
-  __syncthreads();
-  const int64_t part = (sb * tiles + tile) * sh.H;
-  tile_weighted_sums<T, NH>(fimg, pos, sh, l0, rows, cs, partial + part * sh.D);
+  copy_out(acc, hd, partial + (sb * tiles + tile) * hd);
 }
 
 bool shape_ok(const PoolShape& sh) {
-  return sh.S > 0 && sh.B > 0 && sh.L > 0 && sh.D > 0 && sh.H > 0 && sh.H <= kPoolMaxHeads;
+  // kPoolMaxWidth with kPoolMaxHeads: (16 + 8) * 2048 floats = 192 KB of accumulators and rows
+  static_assert((kPoolMaxHeads + kTileWarps) * kPoolMaxWidth * sizeof(float) <= kMaxSmemBytes, "");
+  return sh.S > 0 && sh.B > 0 && sh.L > 0 && sh.D > 0 && sh.D <= kPoolMaxWidth && sh.H > 0 &&
+         sh.H <= kPoolMaxHeads;
 }
 
-// fn(std::integral_constant<int, NH>{}) with NH the per-head register count the kernels are built
-// for: 8 when H <= 8 (every preset), kPoolMaxHeads otherwise.
-template <typename Fn>
-void with_heads(int64_t H, Fn&& fn) {
-  if (H <= 8) {
-    fn(std::integral_constant<int, 8>{});
+// fn(V, NH) as std::integral_constants: V elements per load (16 bytes when D is a multiple of
+// that and both row arrays are 16-byte aligned, else 1), NH heads of registers (8 when H <= 8,
+// every preset; else kPoolMaxHeads).
+template <typename T, typename Fn>
+void with_layout(const PoolShape& sh, const void* f, const void* pos, Fn&& fn) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = sh.D % kVec == 0 && reinterpret_cast<uintptr_t>(f) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(pos) % 16 == 0;
+  auto heads = [&](auto v) {
+    if (sh.H <= 8) {
+      fn(v, std::integral_constant<int, 8>{});
+    } else {
+      fn(v, std::integral_constant<int, kPoolMaxHeads>{});
+    }
+  };
+  if (vec) {
+    heads(std::integral_constant<int, kVec>{});
   } else {
-    fn(std::integral_constant<int, kPoolMaxHeads>{});
+    heads(std::integral_constant<int, 1>{});
   }
 }
 
-// Dynamic shared memory of a launch (kt, or kt and dsbar, staged) and whether it is staged.
-int staged_bytes(PoolShape sh, int copies, bool* staged) {
-  const int64_t bytes = copies * sh.H * sh.D * static_cast<int64_t>(sizeof(float));
-  *staged = bytes <= kMaxStagedBytes;
-  return *staged ? static_cast<int>(bytes) : 0;
+// Dynamic shared memory of a tile launch: the accumulators (H*D) and a round's kv rows
+// (kTileWarps*D), plus `copies` H*D operands when they fit too (*staged says whether).
+int smem_bytes(PoolShape sh, int copies, bool* staged) {
+  const int64_t f = static_cast<int64_t>(sizeof(float));
+  const int64_t base = (sh.H + kTileWarps) * sh.D * f, operands = copies * sh.H * sh.D * f;
+  *staged = base + operands <= kMaxSmemBytes;
+  return static_cast<int>(base + (*staged ? operands : 0));
 }
 
 // Opts a kernel into `bytes` of dynamic shared memory: beyond 48 KB *with* the static shared
@@ -283,7 +419,6 @@ int staged_bytes(PoolShape sh, int copies, bool* staged) {
 // while a stream is captured).
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, int bytes) {
-  if (bytes == 0) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
@@ -291,7 +426,7 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 // shape or the tile is out of range.
 bool tile_grid(PoolShape sh, int tile_rows, int64_t* tiles, int64_t* blocks);
 
-// kernel<<<blocks, kTileThreads, smem>>>(args...) with `smem` bytes of staged operands allowed.
+// kernel<<<blocks, kTileThreads, smem>>>(args...) with `smem` bytes of dynamic shared memory allowed.
 template <typename Kernel, typename... Args>
 cudaError_t launch_tiles(Kernel kernel, int64_t blocks, int smem, cudaStream_t stream, Args... args) {
   const cudaError_t e = allow_smem(kernel, smem);
@@ -303,7 +438,7 @@ cudaError_t launch_tiles(Kernel kernel, int64_t blocks, int smem, cudaStream_t s
 }  // namespace
 
 int pool_tile_rows(PoolShape sh, int sm_count) {
-  // 8 rows (one per warp) while the tiles of all images do not fill two waves of blocks; larger
+  // 8 rows (one round) while the tiles of all images do not fill two waves of blocks; larger
   // tiles (fewer partials to merge) when there are images enough
   const int64_t images = sh.S * sh.B, want = 2 * static_cast<int64_t>(sm_count > 0 ? sm_count : 132);
   int rows = kTileWarps;
@@ -328,11 +463,11 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
   int64_t tiles = 0, blocks = 0;
   if (!tile_grid(sh, tile_rows, &tiles, &blocks)) return cudaErrorInvalidValue;
   bool staged = false;
-  const int smem = staged_bytes(sh, 1, &staged);
+  const int smem = smem_bytes(sh, 1, &staged);
   cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
     cudaError_t err = cudaSuccess;
-    with_heads(sh.H, [&](auto nh) {
-      err = launch_tiles(pool_fwd_tile_kernel<T, decltype(nh)::value>, blocks, smem, stream,
+    with_layout<T>(sh, f, pos, [&](auto v, auto nh) {
+      err = launch_tiles(pool_fwd_tile_kernel<T, decltype(v)::value, decltype(nh)::value>, blocks, smem, stream,
                          static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, tile_rows, tiles,
                          staged, part_m, part_s, part_acc);
     });
@@ -351,18 +486,17 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
                      cudaStream_t stream) {
   int64_t tiles = 0, blocks = 0;
   if (!tile_grid(sh, tile_rows, &tiles, &blocks)) return cudaErrorInvalidValue;
+  if (df_t != t && df_t != DType::kFloat32) return cudaErrorInvalidValue;
   bool staged = false;
-  const int smem = staged_bytes(sh, 2, &staged);
+  const int smem = smem_bytes(sh, 2, &staged);
   cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
-    return APM_DISPATCH_DTYPE(df_t, TD, [&] {
-      cudaError_t err = cudaSuccess;
-      with_heads(sh.H, [&](auto nh) {
-        err = launch_tiles(pool_bwd_tile_kernel<T, TD, decltype(nh)::value>, blocks, smem, stream,
-                           static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar, lse, dsbar,
-                           tile_rows, tiles, staged, static_cast<TD*>(df), partial);
-      });
-      return err;
+    cudaError_t err = cudaSuccess;
+    with_layout<T>(sh, f, pos, [&](auto v, auto nh) {
+      err = launch_tiles(pool_bwd_tile_kernel<T, decltype(v)::value, decltype(nh)::value>, blocks, smem, stream,
+                         static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar, lse, dsbar,
+                         tile_rows, tiles, staged, df, df_t == DType::kFloat32, partial);
     });
+    return err;
   });
   if (e != cudaSuccess) return e;
   // dkt[s] = sum over the B * tiles partials of student s (H*D columns)

@@ -29,6 +29,8 @@ apm::PoolShape check_pool_inputs(const char* fn, const at::Tensor& f, const at::
   check_contiguous(kt, fn, "kt");
   APM_CHECK_VALUE(H >= 1 && H <= apm::kPoolMaxHeads, fn, ": the CUDA pool supports 1 to ",
                     apm::kPoolMaxHeads, " heads, got H = ", H);
+  APM_CHECK_VALUE(D <= apm::kPoolMaxWidth, fn, ": the CUDA pool supports a feature width D of at most ",
+                  apm::kPoolMaxWidth, ", got D = ", D, " (backend='triton' or 'torch' take any D)");
   return apm::PoolShape{S, B, L, D, H};
 }
 
@@ -107,6 +109,8 @@ void pool_bwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, 
   check_f32_out(dsbar, f, fn, "dsbar", "(S, B, H, D)", {sh.S, sh.B, sh.H, sh.D});
   check_same_device(df, f, fn, "df", "f");
   const apm::DType df_t = to_apm_dtype(df, fn, "df");
+  APM_CHECK_VALUE(df.scalar_type() == f.scalar_type() || df.scalar_type() == at::kFloat, fn,
+                  ": df must have f's dtype (", f.scalar_type(), ") or float32, got ", df.scalar_type());
   check_shape(df, fn, "df", "(S, B, L, D)", {sh.S, sh.B, sh.L, sh.D});
   check_contiguous(df, fn, "df");
   check_f32_out(dkt, f, fn, "dkt", "(S, H, D)", {sh.S, sh.H, sh.D});

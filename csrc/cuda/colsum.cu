@@ -8,7 +8,7 @@ namespace apm {
 
 namespace {
 
-constexpr int kLanes = 32, kRowLanes = 8, kBatch = 4;
+constexpr int kLanes = 32, kRowLanes = 8, kBatch = 8;
 
 // Block (32 column lanes) x (8 row lanes); each lane sums V adjacent columns (V = 1, or 16 bytes'
 // worth when the rows allow it: a warp then reads 512 contiguous bytes of a row per load instead

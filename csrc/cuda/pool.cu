@@ -41,8 +41,13 @@ constexpr int kMaxTileRows = 64;                 // rows per tile: a multiple of
 constexpr int kCols = 32;                        // columns per block of the combine kernel
 constexpr int kPhases = 8;                       // tile phases per block of the combine kernel
 constexpr int kMaxSmemBytes = 200 * 1024;       // dynamic shared memory of a tile block, at most
-constexpr int kStageBatch = 8;                   // loads in flight per thread while staging
-constexpr int kBatch = 4;                        // vectors in flight per lane while loading a row
+constexpr int kStageBatch = 12;                  // loads in flight per thread and array while staging
+constexpr int kDotBatch = 24;                   // columns in flight per lane in sbar . dsbar
+constexpr int kBatch = 2;                        // vectors in flight per lane and array while loading a row
+
+// Two blocks per SM (at most 128 registers per thread) for the usual head counts.
+template <int NH>
+constexpr int kBlocksPerSm = NH <= 8 ? 2 : 1;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -50,21 +55,45 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Copies n floats from src to dst (shared memory), kStageBatch independent loads per thread at a
-// time (a plain loop would wait for each load before issuing the next).
-__device__ __forceinline__ void stage(const float* __restrict__ src, int64_t n, float* __restrict__ dst) {
-  for (int64_t i0 = threadIdx.x; i0 < n; i0 += kStageBatch * kTileThreads) {
-    float r[kStageBatch];
+// Copies n floats from src to dst (shared memory), and n from src2 to dst2 when src2 is given:
+// every thread keeps kStageBatch loads (16 bytes each when the arrays allow it) of each array in
+// flight at a time (a plain loop would wait for each load before issuing the next).
+template <typename Vec>
+__device__ __forceinline__ void stage_as(const float* __restrict__ src, float* __restrict__ dst,
+                                         const float* __restrict__ src2, float* __restrict__ dst2, int64_t n) {
+  constexpr int kPer = sizeof(Vec) / sizeof(float);
+  const Vec* a = reinterpret_cast<const Vec*>(src);
+  const Vec* b = reinterpret_cast<const Vec*>(src2);
+  const int64_t nv = n / kPer;
+  for (int64_t i0 = threadIdx.x; i0 < nv; i0 += kStageBatch * kTileThreads) {
+    Vec ra[kStageBatch], rb[kStageBatch];
 #pragma unroll
     for (int u = 0; u < kStageBatch; ++u) {
       const int64_t i = i0 + u * kTileThreads;
-      r[u] = i < n ? src[i] : 0.0f;
+      if (i < nv) {
+        ra[u] = a[i];
+        if (src2) rb[u] = b[i];
+      }
     }
 #pragma unroll
     for (int u = 0; u < kStageBatch; ++u) {
       const int64_t i = i0 + u * kTileThreads;
-      if (i < n) dst[i] = r[u];
+      if (i < nv) {
+        reinterpret_cast<Vec*>(dst)[i] = ra[u];
+        if (src2) reinterpret_cast<Vec*>(dst2)[i] = rb[u];
+      }
     }
+  }
+}
+
+__device__ __forceinline__ void stage(const float* __restrict__ src, float* __restrict__ dst,
+                                      const float* __restrict__ src2, float* __restrict__ dst2, int64_t n) {
+  const bool vec = n % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                   (!src2 || reinterpret_cast<uintptr_t>(src2) % 16 == 0);
+  if (vec) {
+    stage_as<float4>(src, dst, src2, dst2, n);   // the shared arrays start 16-byte aligned (H*D % 4 == 0)
+  } else {
+    stage_as<float>(src, dst, src2, dst2, n);
   }
 }
 
@@ -156,7 +185,7 @@ __device__ __forceinline__ void copy_out(const float* __restrict__ src, int64_t 
 // part_m / part_s ((S*B, tiles, H)) and part_acc ((S*B, tiles, H, D)). Dynamic shared memory:
 // [kt of the student (H*D, when staged)][acc (H*D)][the round's kv rows (kTileWarps*D)].
 template <typename T, int V, int NH>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, kBlocksPerSm<NH>)
     pool_fwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh, int tile_rows,
                          int64_t tiles, bool staged, float* __restrict__ part_m,
@@ -172,7 +201,7 @@ __global__ void __launch_bounds__(kTileThreads)
   const float* K = kt + s * H * D;
   float* acc = smem;
   if (staged) {
-    stage(K, H * D, smem);
+    stage(K, smem, nullptr, nullptr, H * D);
     K = smem;
     acc = smem + H * D;
   }
@@ -233,7 +262,7 @@ __global__ void __launch_bounds__(kTileThreads)
 // For i = sb*H + h: m = max over tiles of part_m, den = sum_t part_s[t] exp(part_m[t] - m),
 // lse[i] = m + log(den), sbar[i, d] = sum_t exp(part_m[t] - m) part_acc[t, d] / den. Grid
 // (S*B*H, column tiles); blocks of kCols columns x kPhases tile phases, added in a fixed order
-// (each phase's loads four at a time).
+// (each phase's loads 16 at a time).
 __global__ void __launch_bounds__(kCols * kPhases)
     pool_fwd_combine_kernel(const float* __restrict__ part_m, const float* __restrict__ part_s,
                             const float* __restrict__ part_acc, PoolShape sh, int64_t tiles,
@@ -263,7 +292,7 @@ __global__ void __launch_bounds__(kCols * kPhases)
   const float m = m_all;
   float acc = 0.0f;
   if (d < sh.D) {
-    constexpr int U = 4;
+    constexpr int U = 16;
     for (int64_t t0 = threadIdx.y; t0 < tiles; t0 += U * kPhases) {
       float wt[U], x[U];
 #pragma unroll
@@ -291,7 +320,7 @@ __global__ void __launch_bounds__(kCols * kPhases)
 // Dynamic shared memory: [kt, dsbar (2*H*D, when staged)][acc (H*D)][the round's kv rows
 // (kTileWarps*D)]. df is written in f's dtype, or as float when df_f32.
 template <typename T, int V, int NH>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, kBlocksPerSm<NH>)
     pool_bwd_tile_kernel(const T* __restrict__ f, const T* __restrict__ pos,
                          const float* __restrict__ kt, float scale, PoolShape sh,
                          const float* __restrict__ sbar, const float* __restrict__ lse,
@@ -309,8 +338,7 @@ __global__ void __launch_bounds__(kTileThreads)
   const float* DS = dsbar + sb * hd;
   float* acc = smem;
   if (staged) {
-    stage(K, hd, smem);
-    stage(DS, hd, smem + hd);
+    stage(K, smem, DS, smem + hd, hd);
     K = smem;
     DS = smem + hd;
     acc = smem + 2 * hd;
@@ -321,8 +349,17 @@ __global__ void __launch_bounds__(kTileThreads)
     const float* a = sbar + (sb * H + h) * D;
     const float* b = dsbar + (sb * H + h) * D;
     float dot = 0.0f;
-#pragma unroll 8
-    for (int64_t c = lane; c < D; c += 32) dot = fmaf(a[c], b[c], dot);
+    for (int64_t c0 = lane; c0 < D; c0 += 32 * kDotBatch) {   // kDotBatch columns' loads in flight
+      float x[kDotBatch], y[kDotBatch];
+#pragma unroll
+      for (int u = 0; u < kDotBatch; ++u) {
+        const int64_t c = c0 + u * 32;
+        x[u] = c < D ? a[c] : 0.0f;
+        y[u] = c < D ? b[c] : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kDotBatch; ++u) dot = fmaf(x[u], y[u], dot);
+    }
     dot = warp_sum(dot);
     if (lane == 0) {
       sd[h] = dot;

@@ -174,9 +174,10 @@ def test_first_layer(prims, dtype, dims):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("dims", [dict(S=2, B=3, L=64, D=64, H=8), dict(S=2, B=2, L=37, D=44, H=4),
                                   dict(S=1, B=1, L=1024, D=768, H=8), dict(S=3, B=2, L=1100, D=40, H=16),
-                                  dict(S=40, B=2, L=300, D=64, H=8), dict(S=1, B=1, L=70, D=1400, H=16)],
+                                  dict(S=40, B=2, L=300, D=64, H=8), dict(S=1, B=1, L=70, D=1400, H=16),
+                                  dict(S=1, B=2, L=20, D=2048, H=16)],
                          ids=["aligned", "odd", "ttt-l14", "long-rows-16-heads", "many-images-large-tiles",
-                              "kt-too-wide-to-stage"])
+                              "kt-too-wide-to-stage", "widest"])
 def test_pool(prims, dtype, dims):
     S, B, L, D, H = dims["S"], dims["B"], dims["L"], dims["D"], dims["H"]
     f = rnd(S, B, L, D, dtype=dtype, seed=14)
@@ -253,6 +254,15 @@ def test_bad_arguments_raise_clear_errors(prims, ext):
                    torch.empty(1, 4, 9, dtype=torch.bfloat16, device=DEV))
     with pytest.raises(TypeError, match="float64"):
         prims.linear(torch.zeros(1, 4, 16, dtype=torch.float64, device=DEV), w.double())
+    f, kt = torch.zeros(1, 1, 4, 2049, device=DEV), torch.zeros(1, 8, 2049, device=DEV)
+    with pytest.raises(ValueError, match="pool_fwd: the CUDA pool supports a feature width D of at most 2048, got D = 2049"):
+        prims.pool_fwd(f, torch.zeros(4, 2049, device=DEV), kt, 0.1)
+    f = rnd(1, 1, 4, 16, dtype=torch.bfloat16, seed=1)
+    kt, sbar, dsbar = (torch.zeros(1, 2, 16, device=DEV) for _ in range(3))
+    with pytest.raises(ValueError, match="pool_bwd: df must have f's dtype"):
+        ext.pool_bwd(f, torch.zeros(4, 16, dtype=torch.bfloat16, device=DEV), kt, 0.1, sbar[None],
+                     torch.zeros(1, 1, 2, device=DEV), dsbar[None], torch.empty(1, 1, 4, 16, dtype=torch.float16, device=DEV),
+                     torch.empty(1, 2, 16, device=DEV))
 
 
 # ---------------------------------------------------------------------------- whole model

@@ -155,6 +155,13 @@ template <int NH>
 __device__ __forceinline__ void round_sums(const float* __restrict__ kvs, const float (*w)[NH],
                                            const float* rescale, int nr, int64_t D, int64_t H,
                                            float* __restrict__ acc) {
+  float wr[kTileWarps][NH], sc[NH];              // the round's weights, read once per thread
+#pragma unroll
+  for (int h = 0; h < NH; ++h) {
+    sc[h] = rescale && h < H ? rescale[h] : 1.0f;
+#pragma unroll
+    for (int r = 0; r < kTileWarps; ++r) wr[r][h] = r < nr && h < H ? w[r][h] : 0.0f;
+  }
   for (int64_t d = threadIdx.x; d < D; d += kTileThreads) {
     float x[kTileWarps];
 #pragma unroll
@@ -162,10 +169,10 @@ __device__ __forceinline__ void round_sums(const float* __restrict__ kvs, const 
 #pragma unroll
     for (int h = 0; h < NH; ++h) {
       if (h < H) {
-        float a = rescale ? acc[h * D + d] * rescale[h] : acc[h * D + d];
+        float a = acc[h * D + d] * sc[h];
 #pragma unroll
         for (int r = 0; r < kTileWarps; ++r)
-          if (r < nr) a = fmaf(w[r][h], x[r], a);
+          if (r < nr) a = fmaf(wr[r][h], x[r], a);
         acc[h * D + d] = a;
       }
     }

@@ -155,6 +155,18 @@ __device__ __forceinline__ void head_dots(const float* __restrict__ row, const f
   }
 }
 
+// A warp's share of a round: row l of kv (image fimg) to `row` in shared memory, then its head
+// dot products with M1 (and M2) as head_dots gives them.
+template <typename T, int V, int NH>
+__device__ __forceinline__ void row_dots(const T* __restrict__ fimg, const T* __restrict__ pos, int64_t l,
+                                         float* __restrict__ row, const float* __restrict__ M1,
+                                         const float* __restrict__ M2, int64_t D, int64_t H, int lane,
+                                         float (&dk)[NH], float (&dd)[NH]) {
+  load_row<T, V>(fimg + l * D, pos + l * D, D, lane, row);
+  __syncwarp();
+  head_dots<NH>(row, M1, M2, D, H, lane, dk, dd);
+}
+
 // acc[h * D + d] = acc[h * D + d] * rescale[h] + sum over the round's nr rows r of
 // w[r][h] kvs[r * D + d], every column d (threads over d, each its own columns: no races) and
 // head h < H; rescale null: 1.
@@ -231,12 +243,8 @@ __global__ void __launch_bounds__(kTileThreads, kBlocksPerSm<NH>)
   for (int r0 = 0; r0 < rows; r0 += kTileWarps) {
     const int nr = rows - r0 < kTileWarps ? rows - r0 : kTileWarps;
     if (warp < nr) {
-      const int64_t l = l0 + r0 + warp;
-      float* row = kvs + warp * D;
-      load_row<T, V>(fimg + l * D, pos + l * D, D, lane, row);
-      __syncwarp();
       float dot[NH], unused[NH];
-      head_dots<NH>(row, K, nullptr, D, H, lane, dot, unused);
+      row_dots<T, V, NH>(fimg, pos, l0 + r0 + warp, kvs + warp * D, K, nullptr, D, H, lane, dot, unused);
 #pragma unroll
       for (int h = 0; h < NH; ++h) dot[h] = warp_sum(dot[h]);
       if (lane == 0) {
@@ -386,11 +394,8 @@ __global__ void __launch_bounds__(kTileThreads, kBlocksPerSm<NH>)
     const int nr = rows - r0 < kTileWarps ? rows - r0 : kTileWarps;
     if (warp < nr) {
       const int64_t l = l0 + r0 + warp;
-      float* row = kvs + warp * D;
-      load_row<T, V>(fimg + l * D, pos + l * D, D, lane, row);
-      __syncwarp();
       float ca[NH], cc[NH];
-      head_dots<NH>(row, K, DS, D, H, lane, ca, cc);
+      row_dots<T, V, NH>(fimg, pos, l, kvs + warp * D, K, DS, D, H, lane, ca, cc);
 #pragma unroll
       for (int h = 0; h < NH; ++h) {
         float a = 0.0f, c = 0.0f;

@@ -84,7 +84,7 @@ cudaError_t first_layer_act(const void* p, const float* u, void* a, DType t, int
 // Single-query attention pool (spec section 3), forward and backward; see TorchPrimitives.pool_fwd.
 // f (S, B, L, D) dtype t, pos (L, D) dtype t, kt (S, H, D) fp32; outputs fp32 unless said.
 constexpr int kPoolMaxHeads = 16;
-constexpr int kPoolMaxWidth = 2048;   // D: a lane holds D / 32 values of a row in registers
+constexpr int kPoolMaxWidth = 2048;   // D: shared memory holds a tile's H*D sums and 8 rows of D
 
 struct PoolShape {
   int64_t S, B, L, D, H;

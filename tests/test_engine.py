@@ -193,7 +193,9 @@ def test_param_store_layout_and_reset():
 
 def test_backward_announces_each_gradient_once_when_it_is_final():
     """on_done(names): every parameter once, and at that moment its gradient is already the final
-    one (the engine starts its Adam there)."""
+    one (the engine starts its Adam there); in the order the gradients are made (the updates
+    queue in that order): the head and the MLP's layers last to first, the pool's parameters (made
+    beside the MLP's GEMMs) after all but the first layer, not at the pool's backward."""
     model, images, _ = _setup("three-layer", torch.float64, n=2)
     cfg, prim = model.config, TorchPrimitives()
     names = weight_names(cfg)
@@ -213,6 +215,11 @@ def test_backward_announces_each_gradient_once_when_it_is_final():
 
     backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out, on_done=on_done)
     assert sorted(seen) == sorted(names)
+    order = list(seen)
+    assert cfg.pool and len(cfg.hidden) >= 2
+    mlp = [order.index(f"mlp.{i}.weight") for i in range(len(cfg.hidden))]
+    assert order.index("head.weight") < mlp[-1] and mlp == sorted(mlp, reverse=True), order
+    assert mlp[1] < order.index("attn.in_proj_weight") < mlp[0], order
     for n in names:
         assert torch.isfinite(out[n]).all(), n
         torch.testing.assert_close(seen[n], out[n], rtol=0, atol=0)

@@ -94,6 +94,16 @@ class Beside:
         event.record(self.side)
         return event
 
+    @contextlib.contextmanager
+    def resume(self):
+        """Back on the side stream, after its own work only (not the main stream's since): to
+        enqueue what follows that work there, e.g. an announcement of what it made."""
+        if not self.on:
+            yield
+            return
+        with torch.cuda.stream(self.side):
+            yield
+
     def join(self, *made, upto=None):
         if not self.on:
             return
@@ -446,11 +456,13 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     joined them); every gradient returned is then this slice's share, and the sum of the shares
     over all slices is the gradient. ``reduce(t)`` sums a tensor over the slices in place (the
     one exchange the backward needs: dL/dsbar, whose shares the pool's backward needs whole).
-    ``on_done(names)`` is called, in the stream order of the work, as soon as the gradients of
+    ``on_done(names)`` is called, in the stream order of the work, once the gradients of
     ``names`` are final and the backward reads neither them nor those weights again (the engine
     starts their optimizer update there, beside the rest of the backward), on the stream that
     did that work (the current stream when it is called); every name is announced once, the last
-    ones when the backward returns.
+    ones when the backward returns. Layers are announced in the order their gradients are done:
+    the head and the MLP's layers last to first, the pool's parameters (made beside the MLP's
+    GEMMs) before the first layer.
     ``beside`` (with ``grad_out``): the pool parameters' gradients and the first layer's trigger
     half on a second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only), and with
     ``wgrad_beside`` each layer's weight gradient on a third one, beside its input gradient (the
@@ -490,7 +502,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             ctx.f = None
         # the pool parameters' gradients: nothing after them needs them (beside the MLP's backward)
         with side(dkt, do, ctx.sbar, ctx.q):
-            _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done)
+            _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc)
     if df_extra is not None:
         df = df_extra.to(acc) if df is None else df + df_extra.to(acc)
     if df is None:
@@ -530,6 +542,13 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     dy = None
     with wside():
         done([f"{names[0]}.weight", f"{names[0]}.bias"])
+    if config.pool and dz is not None:
+        # the pool's parameters are announced only now, on the stream that made their gradients
+        # (beside the MLP's GEMMs): an announcement queues its update behind the earlier ones on
+        # one stream, and these gradients are done after the later layers' (announced first, at
+        # the pool's backward, the whole chain of updates waited for them)
+        with side.resume():
+            done(list(_POOL_PARAMS))
     if release:
         ctx.p = None
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
@@ -537,7 +556,10 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     wt_view = wp_view[:, :, :d] if wp_view is not None else None
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
     with side(r, ctx.t):                 # the trigger half and the conv: beside the dW_P GEMM
-        dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                    # in place when it can
+        # in place when it can; one image a student: an outer product, the same numbers as the
+        # bmm (one product each) without cuBLAS's K = 1 kernel (fp32 SIMT, 22 us at one image)
+        dwt = (torch.mul(r.transpose(1, 2), ctx.t, out=wt_view) if b == 1
+               else torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view))
         _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
         first_done = side.mark()         # the first layer's update need not wait for the conv's
         w1t = _trigger_weight(w, config)
@@ -562,9 +584,12 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     return grad_out if grad_out is not None else g
 
 
-def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done):
+_POOL_PARAMS = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "query")
+
+
+def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc):
     """The gradients of the pool's query and in-projection (their shares given dk~ (S, H, D) and
-    do = dL/do (S, B, D)) into ``g``; then every pool parameter is announced done."""
+    do = dL/do (S, B, D)) into ``g``."""
     s, b, heads, dim = do.shape[0], do.shape[1], dkt.shape[1], do.shape[2]
     dh = dim // heads
     q_h = ctx.q.view(s, heads, dh)
@@ -589,7 +614,6 @@ def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, done):
     _into(g, acc, "attn.in_proj_bias", in_proj_bias)
     _into(g, acc, "query", lambda out: torch.bmm(dq[:, None], wq, out=None if out is None else out[:, None])
           .view(s, dim))
-    done(["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "query"])
 
 
 def _direct(grad_out, acc, *names):

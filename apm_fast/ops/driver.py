@@ -461,8 +461,8 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     starts their optimizer update there, beside the rest of the backward), on the stream that
     did that work (the current stream when it is called); every name is announced once, the last
     ones when the backward returns. Layers are announced in the order their gradients are done:
-    the head and the MLP's layers last to first, the pool's parameters (made beside the MLP's
-    GEMMs) before the first layer.
+    the head and the MLP's layers last to first but the first layer before the first consumer
+    (the layer after it), then the pool's parameters and the conv (made beside the GEMMs).
     ``beside`` (with ``grad_out``): the pool parameters' gradients and the first layer's trigger
     half on a second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only), and with
     ``wgrad_beside`` each layer's weight gradient on a third one, beside its input gradient (the
@@ -540,28 +540,13 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         weight_grad(prim.first_layer_bwd_weight, 0, dy, ctx.p, ctx.u)
     g1, r = prim.first_layer_bwd_input(dy, layers[0][0].to(cdt), ctx.p, ctx.u, out_dtype=cdt)   # S BL H1, S B H1
     dy = None
-    with wside():
-        done([f"{names[0]}.weight", f"{names[0]}.bias"])
-    if config.pool and dz is not None:
-        # the pool's parameters are announced only now, on the stream that made their gradients
-        # (beside the MLP's GEMMs): an announcement queues its update behind the earlier ones on
-        # one stream, and these gradients are done after the later layers' (announced first, at
-        # the pool's backward, the whole chain of updates waited for them)
-        with side.resume():
-            done(list(_POOL_PARAMS))
     if release:
         ctx.p = None
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
     wp_view = _direct(grad_out, acc, "mlp.0.weight")[0]
     wt_view = wp_view[:, :, :d] if wp_view is not None else None
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
-    with side(r, ctx.t):                 # the trigger half and the conv: beside the dW_P GEMM
-        # in place when it can; one image a student: an outer product, the same numbers as the
-        # bmm (one product each) without cuBLAS's K = 1 kernel (fp32 SIMT, 22 us at one image)
-        dwt = (torch.mul(r.transpose(1, 2), ctx.t, out=wt_view) if b == 1
-               else torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view))
-        _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
-        first_done = side.mark()         # the first layer's update need not wait for the conv's
+    with side(r, ctx.t):                 # the conv's gradients: beside the first layer's
         w1t = _trigger_weight(w, config)
         dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                   # S B d
         conv_shape = w["conv.weight"].shape
@@ -570,15 +555,27 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             out=None if out is None else out.view(s, 1, -1)).reshape(conv_shape))
         _into(g, acc, "conv.bias", lambda out: torch.sum(
             dt, (1, 2), out=None if out is None else out.view(s)).reshape(w["conv.bias"].shape))
-        done(["conv.weight", "conv.bias"])
+    # the first layer's gradients on the main stream (its update, the largest with the first
+    # consumer's, starts when they are done: beside, starved by the GEMMs and the updates, they
+    # finished ~70 us after the dW_P GEMM at one image)
+    dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                        # in place when it can
+    _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
-    side.join(dwt, upto=first_done)
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None
+    # announced in the order their gradients are done (the updates queue in that order on one
+    # stream): the first layer, then the first consumer (its weight gradient, beside the first
+    # layer's GEMMs, is done later), then what the side stream made: the pool's parameters
+    # (beside the MLP's GEMMs, starved by them; announced at the pool's backward, they held up
+    # every update after them) and the conv
     done(["mlp.0.weight", "mlp.0.bias"])
+    with wside():                           # after its input gradient too (it reads the weights)
+        done([f"{names[0]}.weight", f"{names[0]}.bias"])
+    with side.resume():
+        done((list(_POOL_PARAMS) if config.pool and dz is not None else []) + ["conv.weight", "conv.bias"])
     side.join()                             # the conv's gradients too, before the backward returns
     wside.join()                            # and every weight gradient
     return grad_out if grad_out is not None else g

@@ -194,9 +194,9 @@ def test_param_store_layout_and_reset():
 def test_backward_announces_each_gradient_once_when_it_is_final():
     """on_done(names): every parameter once, and at that moment its gradient is already the final
     one (the engine starts its Adam there); in the order the gradients are made (the updates
-    queue in that order): the head, the MLP's layers last to first but the first layer before the
-    first consumer, then the pool's parameters and the conv (made beside the GEMMs), not the pool's
-    at the pool's backward."""
+    queue in that order): the head, the MLP's layers last to first, the pool's parameters (made
+    beside the GEMMs) before the first consumer, not at the pool's backward, the first layer before
+    the first consumer, the conv last."""
     model, images, _ = _setup("three-layer", torch.float64, n=2)
     cfg, prim = model.config, TorchPrimitives()
     names = weight_names(cfg)
@@ -221,7 +221,7 @@ def test_backward_announces_each_gradient_once_when_it_is_final():
     assert len(cfg.hidden) >= 3
     mlp = [order.index(f"mlp.{i}.weight") for i in range(len(cfg.hidden))]
     assert order.index("head.weight") < mlp[-1] and mlp[2:] == sorted(mlp[2:], reverse=True), order
-    assert mlp[2] < mlp[0] < mlp[1] < order.index("attn.in_proj_weight") < order.index("conv.weight"), order
+    assert mlp[2] < order.index("attn.in_proj_weight") < mlp[0] < mlp[1] < order.index("conv.weight"), order
     for n in names:
         assert torch.isfinite(out[n]).all(), n
         torch.testing.assert_close(seen[n], out[n], rtol=0, atol=0)

@@ -461,8 +461,9 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     starts their optimizer update there, beside the rest of the backward), on the stream that
     did that work (the current stream when it is called); every name is announced once, the last
     ones when the backward returns. Layers are announced in the order their gradients are done:
-    the head and the MLP's layers last to first but the first layer before the first consumer
-    (the layer after it), then the pool's parameters and the conv (made beside the GEMMs).
+    the head and the MLP's layers last to first, the pool's parameters (made beside the GEMMs)
+    before the first consumer (the layer after the first), the first layer before the first
+    consumer, the conv last.
     ``beside`` (with ``grad_out``): the pool parameters' gradients and the first layer's trigger
     half on a second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only), and with
     ``wgrad_beside`` each layer's weight gradient on a third one, beside its input gradient (the
@@ -535,6 +536,12 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             done([f"{names[idx]}.weight", f"{names[idx]}.bias"])
         if release:
             ctx.acts[idx - 1] = x = None
+    if config.pool and dz is not None:
+        # the pool's parameters, on the stream that made their gradients (beside the MLP's GEMMs,
+        # starved by them): announced at the pool's backward, they held up every update queued
+        # after theirs; here, they are done before the first layers' gradients are
+        with side.resume():
+            done(list(_POOL_PARAMS))
     # first consumer: its input ReLU(P + u) is rebuilt, never stored
     with wside(dy, ctx.p, ctx.u):
         weight_grad(prim.first_layer_bwd_weight, 0, dy, ctx.p, ctx.u)
@@ -549,6 +556,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     with side(r, ctx.t):                 # the conv's gradients: beside the first layer's
         w1t = _trigger_weight(w, config)
         dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                   # S B d
+        wt_read = side.mark()            # the last read of the first layer's weights
         conv_shape = w["conv.weight"].shape
         _into(g, acc, "conv.weight", lambda out: torch.bmm(
             dt.reshape(s, 1, -1), ctx.patches.reshape(s, -1, ctx.patches.shape[-1]),
@@ -566,16 +574,12 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None
-    # announced in the order their gradients are done (the updates queue in that order on one
-    # stream): the first layer, then the first consumer (its weight gradient, beside the first
-    # layer's GEMMs, is done later), then what the side stream made: the pool's parameters
-    # (beside the MLP's GEMMs, starved by them; announced at the pool's backward, they held up
-    # every update after them) and the conv
+    side.join(upto=wt_read)                 # dt has read W_T: the first layer's update may start
     done(["mlp.0.weight", "mlp.0.bias"])
     with wside():                           # after its input gradient too (it reads the weights)
         done([f"{names[0]}.weight", f"{names[0]}.bias"])
     with side.resume():
-        done((list(_POOL_PARAMS) if config.pool and dz is not None else []) + ["conv.weight", "conv.bias"])
+        done(["conv.weight", "conv.bias"])
     side.join()                             # the conv's gradients too, before the backward returns
     wside.join()                            # and every weight gradient
     return grad_out if grad_out is not None else g

@@ -85,17 +85,17 @@ class KeptGraph:
 
 def side_stream(device, role: str = "capture"):
     """One stream per device and role for every caller: ``"capture"``, the warm-up/capture stream
-    of the TTT programs; ``"adam"``, the stream a step's early optimizer updates run on beside the
+    of the TTT programs; ``"adam"`` and ``"adam.2"``, the streams a step's early optimizer updates run on beside the
     backward; ``"beside"``, the driver's small independent work beside its main stream
     (``driver.Beside``); ``"wgrad"``, the backward's weight gradients beside its input gradients. cuBLAS keeps a workspace per stream it has seen, so a fresh stream per
     program would leave one more workspace each time.
 
-    Every stream but ``"adam"`` has the device's highest priority, ``"adam"`` the default (the
+    Every stream but the updates' has the device's highest priority, theirs the default (the
     lowest): PyTorch instantiates graphs with each kernel's priority from capture time, so in a
     replayed step the SMs that free up go to the forward's and backward's kernels first and the
     Adam updates beside them fill the rest, instead of a large update holding the GPU while the
     backward waits."""
     key = (str(device), role)
     if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(device, priority=0 if role == "adam" else -100)   # clamped
+        _SIDE[key] = torch.cuda.Stream(device, priority=0 if role.startswith("adam") else -100)   # clamped
     return _SIDE[key]

@@ -98,7 +98,7 @@ class StudentProgram:
             self.lr_t = torch.full((1,), float(lr), dtype=lr_dtype, device=dev)
             self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
             self.n_chunks = _adam_chunks(prim, s * self.store.numel)
-            # each layer's Adam on a second stream as soon as the backward is done with the layer,
+            # each layer's Adam on the update streams as soon as the backward is done with the layer,
             # beside the rest of the backward (Adam in one launch, one device, CUDA; by default
             # where the table says it pays); off: after it
             can = dev.type == "cuda" and self.n_chunks == 1 and shards is None
@@ -260,17 +260,21 @@ class StudentProgram:
 
 
 class _EarlyAdam:
-    """A step's Adam in pieces on the program's second stream (a :class:`Beside` on the "adam"
-    stream): ``start(names)`` (the backward's ``on_done``) queues the update of those parameters
-    there after the work enqueued so far on the current stream (the main one, or the driver's
-    "beside" or "wgrad" stream that made them) and after ``after`` (an event: the step counter's update);
-    ``join()`` makes the main stream wait for all of it and
-    returns the names not yet updated (none when the backward announced every one). Captured into
-    the step's graph as a fork and a join, so the replayed step overlaps them the same way."""
+    """A step's Adam in pieces on the program's update streams (:class:`Beside` blocks on the
+    "adam" and "adam.2" streams): ``start(names)`` (the backward's ``on_done``) queues the update of
+    those parameters after the work enqueued so far on the current stream (the main one, or the
+    driver's "beside" or "wgrad" stream that made them) and after ``after`` (an event: the step
+    counter's update), on the stream with the fewer parameters queued so far: updates queue one
+    behind the other on a stream, and the two largest (the first layer's and the first
+    consumer's, 8.4 M parameters each for ``ttt-l14``) are announced last, close together, in
+    either order of being ready; ``join()`` makes the main stream wait for all of it and returns
+    the names not yet updated (none when the backward announced every one). Captured into the
+    step's graph as forks and joins, so the replayed step overlaps them the same way."""
 
     def __init__(self, program: StudentProgram, after=None):
         self.program = program
-        self.adam = Beside(program.device, True, role="adam")
+        self.lanes = [Beside(program.device, True, role=role) for role in ("adam", "adam.2")]
+        self.queued = [0] * len(self.lanes)
         self.after = after          # an event every update also waits for (the step counter's)
         self.left = list(program.store.names)
 
@@ -279,11 +283,16 @@ class _EarlyAdam:
         if not names:
             return
         self.left = [n for n in self.left if n not in names]
-        with self.adam():
+        st = self.program.store
+        i = min(range(len(self.lanes)), key=self.queued.__getitem__)
+        self.queued[i] += sum(st.numels[st.names.index(n)] for n in names)
+        lane = self.lanes[i]
+        with lane():
             if self.after is not None:
-                self.adam.side.wait_event(self.after)
+                lane.side.wait_event(self.after)
             self.program._adam(names)
 
     def join(self):
-        self.adam.join()
+        for lane in self.lanes:
+            lane.join()
         return self.left

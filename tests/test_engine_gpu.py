@@ -128,12 +128,13 @@ def test_work_on_a_second_stream_changes_nothing(backend, graphs, switch):
 
 
 def test_the_step_is_captured_above_the_adam_stream():
-    """The capture stream outranks the stream of the Adam updates beside the backward (what lets
-    the replayed backward's kernels take the SMs first), and the Adam stream keeps the default."""
+    """The capture stream outranks the streams of the Adam updates beside the backward (what lets
+    the replayed backward's kernels take the SMs first), and the Adam streams keep the default."""
     from apm_fast.ttt.graph import side_stream
 
     cap, adam = side_stream("cuda", "capture"), side_stream("cuda", "adam")
     assert adam.priority == torch.cuda.Stream().priority          # a new stream's default
+    assert side_stream("cuda", "adam.2").priority == adam.priority
     assert cap.priority < adam.priority                             # lower numbers run first
     assert torch.cuda.Stream(priority=cap.priority - 1).priority == cap.priority   # the highest
 

@@ -254,7 +254,7 @@ def test_kept_graphs_serve_concurrent_callers_one_at_a_time():
     not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_work_beside_the_gemms_gives_the_same_gradients_announced_in_order(device):
     """forward/backward with ``beside`` (the trigger, the pool's projections and parameter
-    gradients and the first layer's trigger half on a second CUDA stream and, with
+    gradients and the conv's gradients on a second CUDA stream and, with
     ``wgrad_beside``, the weight gradients on a third; without it, after the input gradients)
     give what they give
     without it, and every ``on_done`` announcement comes after its gradients are written on the

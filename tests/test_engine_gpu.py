@@ -101,7 +101,7 @@ def test_side_by_side_equals_one_at_a_time(backend, dt):
 def test_work_on_a_second_stream_changes_nothing(backend, graphs, switch):
     """``overlap``: each layer's Adam on a second stream (the Triton table's default) against the
     whole Adam after the backward; ``beside`` (every table's default): the trigger, the pool's
-    projections and parameter gradients and the first layer's trigger half on a second stream
+    projections and parameter gradients and the conv's gradients on a second stream
     against everything on one; ``wgrad_beside`` (with ``beside``): the weight gradients beside
     the input gradients too, against after them on the main stream. The same kernels on the same numbers: where two runs on one
     stream agree bit for bit, so must the other; where a kernel's split-K atomics make runs

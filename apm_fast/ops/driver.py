@@ -57,8 +57,7 @@ class Beside:
     (``side_stream(device, "beside")``, as high a priority as the main one) so that it overlaps
     them instead of waiting its turn: at one image the forward's trigger and u run beside the
     position GEMM, the pool's query projections beside the column MLP, the pool parameters'
-    gradients beside the MLP's backward and the first layer's trigger half beside its position
-    half. Captured into a graph, each block is a fork and a join. Off (asked so, or not CUDA), the
+    gradients beside the MLP's backward and the conv's gradients beside the first layer's. Captured into a graph, each block is a fork and a join. Off (asked so, or not CUDA), the
     blocks run inline, in the same order, with the same results.
 
     ``with beside(*reads):`` runs the block on the side stream after everything enqueued so far on

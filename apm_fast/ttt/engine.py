@@ -64,8 +64,8 @@ class TTTEngine:
     layer, beside the rest of the backward (None: where the table measured it faster, the Triton
     table, on CUDA without shards; False: the whole Adam after the backward). The result is the
     same either way. The attribute ``beside`` (True; False for comparisons) runs the step's small
-    independent pieces (trigger, the pool's projections and parameter gradients, the first
-    layer's trigger half, the loss record) on a second CUDA stream beside the GEMMs
+    independent pieces (trigger, the pool's projections and parameter gradients, the conv's
+    gradients, the loss record) on a second CUDA stream beside the GEMMs
     (``driver.Beside``); with it, ``wgrad_beside`` (True; False for comparisons) also runs each
     layer's weight gradient beside its input gradient, on a third stream.
     """

@@ -113,6 +113,7 @@ def test_work_on_a_second_stream_changes_nothing(backend, graphs, switch):
         t = TTTEngine(model, **kw)
         setattr(t.engine, switch, on)
         out = t.fit(images, targets)
+        assert t.engine.mode == ("graph" if graphs else "eager"), (switch, on)   # captured, not fallen back
         return out, getattr(t.engine.program(3), switch)
 
     (a, off), (a2, _), (b, on) = fit(False), fit(False), fit(True)

@@ -57,7 +57,8 @@ class Beside:
     (``side_stream(device, "beside")``, as high a priority as the main one) so that it overlaps
     them instead of waiting its turn: at one image the forward's trigger and u run beside the
     position GEMM, the pool's query projections beside the column MLP, the pool parameters'
-    gradients beside the MLP's backward and the conv's gradients beside the first layer's. Captured into a graph, each block is a fork and a join. Off (asked so, or not CUDA), the
+    gradients beside the MLP's backward and the conv's gradients beside the first layer's.
+    Captured into a graph, each block is a fork and a join. Off (asked so, or not CUDA), the
     blocks run inline, in the same order, with the same results.
 
     ``with beside(*reads):`` runs the block on the side stream after everything enqueued so far on
@@ -463,8 +464,8 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     the head and the MLP's layers last to first, the pool's parameters (made beside the GEMMs)
     before the first consumer (the layer after the first), the first layer before the first
     consumer, the conv last.
-    ``beside`` (with ``grad_out``): the pool parameters' gradients and the first layer's trigger
-    half on a second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only), and with
+    ``beside`` (with ``grad_out``): the pool parameters' gradients and the conv's gradients on a
+    second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only), and with
     ``wgrad_beside`` each layer's weight gradient on a third one, beside its input gradient (the
     layer is then announced on that stream once both are done); the main stream has waited for
     all of it when the backward returns."""
@@ -564,7 +565,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             dt, (1, 2), out=None if out is None else out.view(s)).reshape(w["conv.bias"].shape))
     # the first layer's gradients on the main stream (its update, the largest with the first
     # consumer's, starts when they are done: beside, starved by the GEMMs and the updates, they
-    # finished ~70 us after the dW_P GEMM at one image)
+    # finished ~60 us after the dW_P GEMM at one image)
     dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                        # in place when it can
     _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)

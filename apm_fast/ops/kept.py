@@ -85,10 +85,11 @@ class KeptGraph:
 
 def side_stream(device, role: str = "capture"):
     """One stream per device and role for every caller: ``"capture"``, the warm-up/capture stream
-    of the TTT programs; ``"adam"`` and ``"adam.2"``, the streams a step's early optimizer updates run on beside the
-    backward; ``"beside"``, the driver's small independent work beside its main stream
-    (``driver.Beside``); ``"wgrad"``, the backward's weight gradients beside its input gradients. cuBLAS keeps a workspace per stream it has seen, so a fresh stream per
-    program would leave one more workspace each time.
+    of the TTT programs; ``"adam"`` and ``"adam.2"``, the streams a step's early optimizer updates
+    run on beside the backward; ``"beside"``, the driver's small independent work beside its main
+    stream (``driver.Beside``); ``"wgrad"``, the backward's weight gradients beside its input
+    gradients. cuBLAS keeps a workspace per stream it has seen, so a fresh stream per program
+    would leave one more workspace each time.
 
     Every stream but the updates' has the device's highest priority, theirs the default (the
     lowest): PyTorch instantiates graphs with each kernel's priority from capture time, so in a

@@ -30,10 +30,9 @@ class TritonPrimitives(Primitives):
     name = "triton"
     opaque = True
     wgrad_out = True       # the weight-gradient kernels write straight into given buffers
-    # each layer's Adam beside the rest of the backward: on the H200 137.0 against 135.0 images/s
-    # at S = 64, and 0.479 against 0.474 ms a step at one image, within the run-to-run spread (the
-    # cuda table: 0.544 against 0.505, slower; the torch table: no change),
-    # benchmarks/results/h200/suite/ (616cd66)
+    # each layer's Adam beside the rest of the backward: on the H200 137.3 against 136.0 images/s
+    # at S = 64, and 0.473 against 0.475 ms a step at one image, within the run-to-run spread (the
+    # cuda table: 0.509 against 0.482, slower), benchmarks/results/h200/e84f14e-step-engine-throughput/
     adam_beside_backward = True
 
     def __init__(self, use_custom_ops: bool | None = None):

@@ -157,8 +157,8 @@ class Primitives:
     positional arguments. ``opaque`` tables (compiled kernels) go through their generated
     ``torch.library`` ops while ``torch.compile`` traces (``use_custom_ops`` None) or always
     (True); ``wgrad_out`` tables write weight gradients into ``out=`` themselves;
-    ``adam_beside_backward``: the engine's default for this table, each layer's Adam on a second
-    stream beside the rest of the backward (on where measured faster: the Triton table)."""
+    ``adam_beside_backward``: the engine's default for this table, each layer's Adam on the update
+    streams beside the rest of the backward (on where measured faster: the Triton table)."""
 
     name = "?"
     opaque = False

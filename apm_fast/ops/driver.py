@@ -483,7 +483,8 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             on_done(names)
 
     df = None
-    if config.pool and dz is not None:
+    pool_grads = bool(config.pool) and dz is not None
+    if pool_grads:
         heads = config.heads
         dh = dim // heads
         dz = dz.to(acc) / parts if parts > 1 else dz.to(acc)
@@ -536,7 +537,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             done([f"{names[idx]}.weight", f"{names[idx]}.bias"])
         if release:
             ctx.acts[idx - 1] = x = None
-    if config.pool and dz is not None:
+    if pool_grads:
         # the pool's parameters, on the stream that made their gradients (beside the MLP's GEMMs,
         # starved by them): announced at the pool's backward, they held up every update queued
         # after theirs; here, they are done before the first layers' gradients are

@@ -47,39 +47,61 @@ def _one_minus_pow(one_minus_beta, t):
 
 
 @triton.jit
-def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, step_ptr, lr_ptr,
-                N, sp_s, sg_s, sm_s, sv_s, sl_s,
+def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr_ptr,
+                C, NCB, K, sp_s, sp_r, sg_s, sg_r, sm_s, sm_r, sv_s, sv_r, sl_s, sl_r, sa_s, sa_k, sb_s, sb_k,
                 beta1, beta2, omb1, omb2, eps,
-                HAS_LOWP: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_LOWP: tl.constexpr, OUTER: tl.constexpr, BLOCK: tl.constexpr):
+    # program (row * NCB + column block, student): BLOCK elements of one row of (S, R, C) buffers
     pid = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    msk = offs < N
+    row = (pid // NCB).to(tl.int64)
+    offs = (pid % NCB) * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < C
     t = tl.load(step_ptr).to(tl.int32)
     lr = tl.load(lr_ptr).to(tl.float32)
     bc1 = _one_minus_pow(omb1, t)
     bc2_sqrt = tl.sqrt(_one_minus_pow(omb2, t))
-    g = tl.load(g_ptr + s * sg_s + offs, mask=msk, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + s * sp_s + offs, mask=msk, other=0.0)
-    m = tl.load(m_ptr + s * sm_s + offs, mask=msk, other=0.0).to(p.dtype)      # bf16 moments: widened
-    v = tl.load(v_ptr + s * sv_s + offs, mask=msk, other=0.0).to(p.dtype)
+    p = tl.load(p_ptr + s * sp_s + row * sp_r + offs, mask=msk, other=0.0)
+    if OUTER:          # the gradient from its factors: sum_k a[s, k, row] b[s, k, offs]
+        g = tl.zeros([BLOCK], p.dtype)
+        for k in range(K):
+            a = tl.load(a_ptr + s * sa_s + k * sa_k + row)
+            g += a * tl.load(b_ptr + s * sb_s + k * sb_k + offs, mask=msk, other=0.0)
+    else:
+        g = tl.load(g_ptr + s * sg_s + row * sg_r + offs, mask=msk, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + s * sm_s + row * sm_r + offs, mask=msk, other=0.0).to(p.dtype)   # bf16 moments: widened
+    v = tl.load(v_ptr + s * sv_s + row * sv_r + offs, mask=msk, other=0.0).to(p.dtype)
     m = beta1 * m + omb1 * g
     v = beta2 * v + omb2 * (g * g)
     denom = tl.sqrt(v) / bc2_sqrt + eps
     p = p - (lr / bc1) * (m / denom)
-    tl.store(m_ptr + s * sm_s + offs, m.to(m_ptr.dtype.element_ty), mask=msk)     # rounded once
-    tl.store(v_ptr + s * sv_s + offs, v.to(v_ptr.dtype.element_ty), mask=msk)
-    tl.store(p_ptr + s * sp_s + offs, p, mask=msk)
+    tl.store(m_ptr + s * sm_s + row * sm_r + offs, m.to(m_ptr.dtype.element_ty), mask=msk)     # rounded once
+    tl.store(v_ptr + s * sv_s + row * sv_r + offs, v.to(v_ptr.dtype.element_ty), mask=msk)
+    tl.store(p_ptr + s * sp_s + row * sp_r + offs, p, mask=msk)
     if HAS_LOWP:
-        tl.store(lowp_ptr + s * sl_s + offs, p.to(lowp_ptr.dtype.element_ty), mask=msk)
+        tl.store(lowp_ptr + s * sl_s + row * sl_r + offs, p.to(lowp_ptr.dtype.element_ty), mask=msk)
 
 
-def adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lowp=None):
-    """In place on (S, N) fp32 buffers with unit stride along N; see TorchPrimitives.adam_."""
-    S, N = params.shape
+def _rows(t):
+    """(student stride, row stride) of an (S, N) or (S, R, C) buffer (None: (0, 0))."""
+    if t is None:
+        return 0, 0
+    return t.stride(0), (t.stride(1) if t.dim() == 3 else 0)
+
+
+def adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lowp=None, outer=None):
+    """In place on (S, N) or (S, R, C) fp32 buffers with unit stride along the last dimension;
+    ``outer=(a, b)`` instead of ``grads``: the gradient's factors; see TorchPrimitives.adam_."""
+    S, C = params.shape[0], params.shape[-1]
+    R = params.shape[1] if params.dim() == 3 else 1
+    a, b = outer if outer is not None else (None, None)
     lp = lowp if lowp is not None else params
-    grid = (cdiv(N, BLOCK), S)
-    adam_kernel[grid](params, grads, exp_avg, exp_avg_sq, lp, step, lr, N,
-                      params.stride(0), grads.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0), lp.stride(0),
+    ncb = cdiv(C, BLOCK)
+    grid = (R * ncb, S)
+    adam_kernel[grid](params, grads if grads is not None else params, exp_avg, exp_avg_sq, lp,
+                      a if a is not None else params, b if b is not None else params, step, lr,
+                      C, ncb, a.shape[1] if a is not None else 0,
+                      *_rows(params), *_rows(grads), *_rows(exp_avg), *_rows(exp_avg_sq), *_rows(lp),
+                      *(a.stride()[:2] if a is not None else (0, 0)), *(b.stride()[:2] if b is not None else (0, 0)),
                       float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps),
-                      HAS_LOWP=lowp is not None, BLOCK=BLOCK, num_warps=WARPS)
+                      HAS_LOWP=lowp is not None, OUTER=a is not None, BLOCK=BLOCK, num_warps=WARPS)

@@ -68,3 +68,47 @@ def check_bf16_moment_adam(table, device, n=1001):
         torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=3e-3 * 2e-2)
         ours[1].copy_(ref[1])
         ours[2].copy_(ref[2])
+
+
+def check_block_adam(table, device, moments=torch.float32):
+    """A table's Adam over column blocks of a weight ((S, R, C) views with a row stride: the first
+    layer's trigger and position columns), the first block's gradient given by its factors
+    (``outer``), takes the plain table's steps over the whole weight with the gradient written
+    out: the update is elementwise, so splitting it into blocks changes nothing but the launches.
+    K = 2 factors, odd widths (vectorized kernels run their tails, rows are not 16-byte
+    multiples), with a bf16 copy."""
+    from apm_fast.ops.contract import TorchPrimitives
+
+    gen = torch.Generator().manual_seed(11)
+    s, r, c, w, k = 2, 37, 13, 30, 2
+    p0 = torch.randn(s, r, w, generator=gen).to(device)
+    ours = [p0.clone(), torch.zeros(s, r, w, device=device, dtype=moments),
+            torch.zeros(s, r, w, device=device, dtype=moments),
+            torch.full((s, r, w), float("nan"), device=device, dtype=torch.bfloat16)]
+    ref = [t.clone() for t in ours]
+    step = torch.zeros(1, device=device)
+    lr = torch.full((1,), 3e-3, device=device)
+    for _ in range(3):
+        a = torch.randn(s, k, r, generator=gen).to(device)
+        b = torch.randn(s, k, c, generator=gen).to(device)
+        g = torch.randn(s, r, w, generator=gen).to(device)
+        g[:, :, :c] = torch.bmm(a.transpose(1, 2), b)
+        g[:, :, c:] *= 10.0 ** torch.randint(-3, 3, (s, r, w - c), generator=gen).to(device)
+        step += 1
+        blocks = [[t[:, :, :c] for t in ours], [t[:, :, c:] for t in ours]]
+        table.adam_(blocks[0][0], None, blocks[0][1], blocks[0][2], step, lr, 0.9, 0.999, 1e-8,
+                    lowp=blocks[0][3], outer=(a, b))
+        table.adam_(blocks[1][0], g[:, :, c:], blocks[1][1], blocks[1][2], step, lr, 0.9, 0.999, 1e-8,
+                    lowp=blocks[1][3])
+        flat = [t.view(s, -1) for t in ref]
+        TorchPrimitives().adam_(flat[0], g.view(s, -1), flat[1], flat[2], step, lr, 0.9, 0.999, 1e-8, lowp=flat[3])
+        # fp32 arithmetic in the same order (the factors' product is one rounding, as the bmm's):
+        # a few ulps; bf16 moments and the bf16 copy: one bf16 ulp (the interpreter truncates),
+        # and one ulp of a moment moves the parameter by lr x 1 % at most
+        tol = 1e-6 if moments == torch.float32 else 3e-3 * 2e-2
+        torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=tol)
+        for x, y in zip(ours[1:], ref[1:]):
+            torch.testing.assert_close(x.float(), y.float(), rtol=2 ** -7, atol=1e-30)
+        for x, y in zip(ours, ref):     # the next step from the same state (no drift of an ulp a step)
+            x.copy_(y)
+    assert not ours[3].float().isnan().any()

@@ -49,10 +49,18 @@ class FakeCudaExt:
         df.copy_(rdf)
         dkt.copy_(rdkt)
 
-    def adam_(self, params, grads, m, v, step, lr, b1, b2, eps, lowp):
+    def adam_(self, params, grads, m, v, step, lr, b1, b2, eps, lowp, outer_a=None, outer_b=None):
+        # as the binding: rows of the last dimension, one row stride apart, params' shape
         for name, t in (("params", params), ("grads", grads), ("exp_avg", m), ("exp_avg_sq", v), ("lowp", lowp)):
-            assert t is None or t.is_contiguous(), f"{name}: the binding takes contiguous buffers"
-        TP._adam_(params, grads, m, v, step, lr, b1, b2, eps, lowp)
+            if t is None:
+                continue
+            assert t.shape == params.shape and t.stride(-1) == 1, name
+            assert all(t.shape[d] == 1 or t.stride(d) == t.shape[d + 1] * t.stride(d + 1)
+                       for d in range(t.dim() - 2)), f"{name}: rows not one stride apart"
+        assert (grads is None) == (outer_a is not None) and (outer_a is None) == (outer_b is None)
+        for t in (outer_a, outer_b):
+            assert t is None or (t.dtype == torch.float32 and t.stride(-1) == 1)
+        TP._adam_(params, grads, m, v, step, lr, b1, b2, eps, lowp, outer_a, outer_b)
 
     def linear(self, x, w, bias, relu, out):
         self.calls.append("linear")
@@ -149,7 +157,8 @@ def test_weight_gradient_lands_in_a_column_slice_without_a_copy(fake):
 
 
 def test_adam_on_padded_rows_matches_the_primitive(fake):
-    """(S, n) views with padded rows (as a slice of a wider buffer) are updated row by row."""
+    """(S, n) views with padded rows (as a slice of a wider buffer) go to the kernel as they are
+    (rows one stride apart)."""
     g = torch.Generator().manual_seed(1)
     wide = [torch.randn(3, 11, generator=g) for _ in range(4)]
     wide[3] = wide[3].abs()                                # exp_avg_sq >= 0
@@ -186,3 +195,12 @@ def test_whole_model_through_the_cuda_layer(fake):
     ref = dict(m64.named_parameters())
     for name, p in m32.named_parameters():
         torch.testing.assert_close(p.grad.double(), ref[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_adam_over_column_blocks_and_from_factors_reaches_the_binding(fake, moments):
+    """Column blocks of a weight ((S, R, C) views, rows one stride apart) and a gradient given by
+    its factors go to the binding as they are: the plain table's update over the whole weight."""
+    from helpers import check_block_adam
+
+    check_block_adam(cuda_backend.CudaPrimitives(), "cpu", moments)

@@ -14,6 +14,7 @@ import torch
 
 from apm_fast import APM, TestTimeTrainer, preset
 from apm_fast.ops import TorchPrimitives, backward, forward, weight_names
+from apm_fast.ops.driver import TRIGGER_COLUMNS
 from apm_fast.ttt import program as program_mod
 from apm_fast.ttt.memory import choose_students, count_params, estimate_student_bytes
 from apm_fast.ttt.store import ParamStore
@@ -149,6 +150,26 @@ def test_adam_slices_equal_one_pass(monkeypatch):
     assert torch.equal(one.cls, sliced.cls) and torch.equal(one.losses, sliced.losses)
 
 
+def test_the_trigger_columns_are_updated_from_their_factors_and_never_written():
+    """The engine's step gives the first layer's trigger columns to Adam by their gradient's
+    factors: their part of the flat gradient buffer is never written (the position columns' is),
+    and the training equals the autograd trainer's (test_engine_equals_autograd_trainer) with
+    these columns moving."""
+    model, images, targets = _setup("three-layer", torch.float64, n=2)
+    t = _engine(model, students=2)
+    t.fit(images, targets)
+    prog = t.engine._program
+    a, b = prog.factors["mlp.0.weight"]
+    d = model.config.pos_dim
+    assert a.shape == (2, 1, model.config.hidden[0]) and b.shape == (2, 1, d)
+    grad = prog.store.grad_views["mlp.0.weight"]
+    assert bool((grad[:, :, :d] == 0).all()) and bool((grad[:, :, d:] != 0).any())
+    moved = prog.store.master_views["mlp.0.weight"] - dict(model.named_parameters())["mlp.0.weight"].detach()
+    assert bool((moved[:, :, :d] != 0).any())
+    assert prog._numel(TRIGGER_COLUMNS) + prog._numel("mlp.0.weight") == prog.store.numels[
+        prog.store.names.index("mlp.0.weight")]
+
+
 def test_param_store_layout_and_reset():
     model, _, _ = _setup("two-layer", torch.float64)
     names = weight_names(model.config)
@@ -191,12 +212,15 @@ def test_param_store_layout_and_reset():
     assert int((st.flat2d(st.grad) == 7.0).sum()) == 3 * params["head.bias"].numel()
 
 
-def test_backward_announces_each_gradient_once_when_it_is_final():
+@pytest.mark.parametrize("factored", [False, True], ids=["written", "factored"])
+def test_backward_announces_each_gradient_once_when_it_is_final(factored):
     """on_done(names): every parameter once, and at that moment its gradient is already the final
     one (the engine starts its Adam there); in the order the gradients are made (the updates
     queue in that order): the head, the MLP's layers last to first, the pool's parameters (made
     beside the GEMMs) before the first consumer, not at the pool's backward, the first layer before
-    the first consumer, the conv last."""
+    the first consumer, the conv last. ``trigger_factors``: the first layer's trigger columns by
+    their gradient's factors, announced (with the first bias) before the rest of the first layer,
+    never written into grad_out."""
     model, images, _ = _setup("three-layer", torch.float64, n=2)
     cfg, prim = model.config, TorchPrimitives()
     names = weight_names(cfg)
@@ -205,27 +229,46 @@ def test_backward_announces_each_gradient_once_when_it_is_final():
     pos_in, pos_out = model.pos_in(), model.pos_out()
     z, _, ctx = forward(prim, w, images[:, None].transpose(0, 1), cfg, pos_in, pos_out, cdt=torch.float64)
     dz = torch.randn_like(z)
-    out = {n: torch.zeros_like(w[n]) for n in names}
+    whole = backward(prim, {n: v.clone() for n, v in w.items()}, ctx, dz, cfg, pos_in, pos_out)
+    z, _, ctx = forward(prim, w, images[:, None].transpose(0, 1), cfg, pos_in, pos_out, cdt=torch.float64)
+    out = {n: torch.full_like(w[n], 5.0) for n in names}
+    factors = {} if factored else None
+    d = cfg.pos_dim
     seen = {}
 
     def on_done(done):
         for n in done:
             assert n not in seen, f"{n} announced twice"
+            if n == TRIGGER_COLUMNS:
+                a, b = factors["mlp.0.weight"]
+                seen[n] = torch.bmm(a.transpose(1, 2), b)
+                w["mlp.0.weight"][:, :, :d] = float("nan")     # the backward must not read W_T again
+                continue
             seen[n] = out[n].clone()
+            if n == "mlp.0.weight" and factored:             # the position columns, then
+                seen[n] = seen[n][:, :, d:]
+                w[n][:, :, d:] = float("nan")
+                continue
             w[n].fill_(float("nan"))              # the backward must not read it again
 
-    backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out, on_done=on_done)
-    assert sorted(seen) == sorted(names)
+    backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out, on_done=on_done, trigger_factors=factors)
+    assert sorted(seen) == sorted(names + ([TRIGGER_COLUMNS] if factored else []))
     order = list(seen)
-    assert cfg.pool and len(cfg.hidden) >= 2
-    assert len(cfg.hidden) >= 3
+    assert cfg.pool and len(cfg.hidden) >= 3
     mlp = [order.index(f"mlp.{i}.weight") for i in range(len(cfg.hidden))]
     assert order.index("head.weight") < mlp[-1] and mlp[2:] == sorted(mlp[2:], reverse=True), order
     assert mlp[2] < order.index("attn.in_proj_weight") < mlp[0] < mlp[1] < order.index("conv.weight"), order
+    if factored:
+        trigger = order.index(TRIGGER_COLUMNS)
+        assert order.index("attn.in_proj_weight") < trigger < mlp[0], order
+        assert order.index("mlp.0.bias") == trigger + 1, order      # announced together
+        torch.testing.assert_close(seen[TRIGGER_COLUMNS], whole["mlp.0.weight"][:, :, :d], rtol=1e-12, atol=0)
+        assert bool((out["mlp.0.weight"][:, :, :d] == 5.0).all()), "the trigger columns were written"
     for n in names:
-        assert torch.isfinite(out[n]).all(), n
-        torch.testing.assert_close(seen[n], out[n], rtol=0, atol=0)
-    assert len({id(v) for v in seen.values()}) == len(names)
+        cols = (slice(None), slice(None), slice(d, None)) if n == "mlp.0.weight" and factored else ...
+        torch.testing.assert_close(seen[n], whole[n][cols], rtol=1e-12, atol=0)
+        torch.testing.assert_close(seen[n], out[n][cols], rtol=0, atol=0)    # not written after
+    assert len({id(v) for v in seen.values()}) == len(seen)
 
 
 def test_backward_grad_out_equals_returned_grads():
@@ -283,6 +326,32 @@ def test_torch_adam_with_bf16_moments_is_the_fp32_update_rounded_once():
         TorchPrimitives().adam_(p, g, m, v.float(), step, lr, 0.9, 0.999, 1e-8)
     with pytest.raises(TypeError, match="exp_avg"):
         TorchPrimitives().adam_(p.double(), g, m, v, step, lr, 0.9, 0.999, 1e-8)   # fp64 masters: fp64 moments
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_torch_adam_over_column_blocks_and_from_factors(moments):
+    from helpers import check_block_adam
+
+    check_block_adam(TorchPrimitives(), "cpu", moments)
+
+
+def test_adam_says_which_gradient_argument_is_wrong():
+    p, g, m, v = (torch.zeros(2, 5, 3) for _ in range(4))
+    step, lr = torch.ones(1), torch.full((1,), 1e-3)
+    a, b = torch.zeros(2, 1, 5), torch.zeros(2, 1, 3)
+    adam = TorchPrimitives().adam_
+    with pytest.raises(ValueError, match="grads, outer: expected exactly one.*both"):
+        adam(p, g, m, v, step, lr, 0.9, 0.999, 1e-8, outer=(a, b))
+    with pytest.raises(ValueError, match="grads, outer: expected exactly one.*neither"):
+        adam(p, None, m, v, step, lr, 0.9, 0.999, 1e-8)
+    with pytest.raises(ValueError, match="outer: expected a pair"):
+        adam(p.view(2, 15), None, m.view(2, 15), v.view(2, 15), step, lr, 0.9, 0.999, 1e-8, outer=(a, b))
+    with pytest.raises(ValueError, match=r"outer\[1\]: expected shape \(2, 1, 3\), got \(2, 1, 4\)"):
+        adam(p, None, m, v, step, lr, 0.9, 0.999, 1e-8, outer=(a, torch.zeros(2, 1, 4)))
+    with pytest.raises(TypeError, match=r"outer\[0\]: expected dtype"):
+        adam(p, None, m, v, step, lr, 0.9, 0.999, 1e-8, outer=(a.double(), b))
+    with pytest.raises(ValueError, match="exp_avg: expected 3 dimensions"):
+        adam(p, g, m.view(2, 15), v, step, lr, 0.9, 0.999, 1e-8)
 
 
 def test_bf16_moments_halve_the_moments_and_keep_the_result():

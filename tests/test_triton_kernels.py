@@ -27,7 +27,7 @@ from apm_fast.model import APM                                            # noqa
 from apm_fast.ops.contract import TorchPrimitives                          # noqa: E402
 from apm_fast.ops.driver import backward, forward, weight_names          # noqa: E402
 from apm_fast.ops.library import ops_for                                  # noqa: E402
-from helpers import check_bf16_moment_adam, precision                                             # noqa: E402
+from helpers import check_bf16_moment_adam, check_block_adam, precision        # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TP = TritonPrimitives()
@@ -222,6 +222,11 @@ def test_adam_matches_torch_over_several_steps():
 
 def test_adam_with_bf16_moments_matches_the_plain_table():
     check_bf16_moment_adam(TP, DEV)
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(moments):
+    check_block_adam(TP, DEV, moments)
 
 
 # ------------------------------------------------------------------------------------ whole model
@@ -442,8 +447,10 @@ def _compile_variants():
          ("qk_scale",), 8, 2, False),
         ("pool_combine", pool.pool_combine_kernel, {}, dict(BLOCK_P=16, BLOCK_D=1024), (), (), 4, 2, False),
         ("pool_bwd", pool.pool_bwd_kernel, p_ptr, dict(BLOCK_L=8, BLOCK_D=1024), p_unit, ("scale",), 8, 2, False),
-        ("adam", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, BLOCK=2048), (),
-         ("beta1", "beta2", "omb1", "omb2", "eps"), 8, 2, False),
+        ("adam", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, OUTER=False, BLOCK=1024), (),
+         ("beta1", "beta2", "omb1", "omb2", "eps"), 4, 2, False),
+        ("adam from factors", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, OUTER=True, BLOCK=1024), (),
+         ("beta1", "beta2", "omb1", "omb2", "eps"), 4, 2, False),
     ]
 
 

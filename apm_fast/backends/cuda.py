@@ -135,16 +135,10 @@ class CudaPrimitives(Primitives):
                           _f32(dsbar), df, dkt)
         return df, dkt
 
-    def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp):
-        # In place over flat buffers. (S, n) views whose rows are padded (unit last stride, larger
-        # row stride) are updated one row at a time; anything else the binding refuses, by name.
-        grads = grads.to(torch.float32)
-        state = [params, exp_avg, exp_avg_sq] + ([lowp] if lowp is not None else [])
-        args = (beta1, beta2, eps)
-        if all(t.is_contiguous() for t in state) or params.dim() != 2 or \
-                any(t.dim() != 2 or t.stride(-1) != 1 for t in state):
-            self.ext.adam_(params, grads.contiguous(), exp_avg, exp_avg_sq, step, lr, *args, lowp)
-            return
-        for i in range(params.shape[0]):
-            self.ext.adam_(params[i], grads[i].contiguous(), exp_avg[i], exp_avg_sq[i], step, lr, *args,
-                           None if lowp is None else lowp[i])
+    def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp, outer_a=None,
+               outer_b=None):
+        # In place. The kernel walks rows of the last dimension, each buffer with its own row
+        # stride (flat buffers, padded (S, n) rows, (S, R, C) blocks of a weight's columns); a
+        # layout it cannot walk so, the binding refuses, by name.
+        grads = None if grads is None else grads.to(torch.float32)
+        self.ext.adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp, outer_a, outer_b)

@@ -82,5 +82,7 @@ class TritonPrimitives(Primitives):
     def _pool_bwd(self, f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype):
         return _kernels()[3].pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype=out_dtype)
 
-    def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp):
-        _kernels()[4].adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp=lowp)
+    def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp, outer_a=None,
+               outer_b=None):
+        _kernels()[4].adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp=lowp,
+                            outer=None if outer_a is None else (outer_a, outer_b))

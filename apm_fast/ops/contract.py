@@ -47,8 +47,9 @@ PRIMITIVES: Dict[str, str] = {
     "pool_fwd": "(Tensor f, Tensor pos_out, Tensor kt, float scale) -> (Tensor, Tensor)",
     "pool_bwd": ("(Tensor f, Tensor pos_out, Tensor kt, float scale, Tensor sbar, Tensor lse, Tensor dsbar, "
                  "ScalarType? out_dtype) -> (Tensor, Tensor)"),
-    "adam_": ("(Tensor(a!) params, Tensor grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor step, "
-              "Tensor lr, float beta1, float beta2, float eps, Tensor(d!)? lowp) -> ()"),
+    "adam_": ("(Tensor(a!) params, Tensor? grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor step, "
+              "Tensor lr, float beta1, float beta2, float eps, Tensor(d!)? lowp, Tensor? outer_a, "
+              "Tensor? outer_b) -> ()"),
 }
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -300,39 +301,57 @@ class Primitives:
         return self._route("pool_bwd", f, pos_out, kt, float(scale), sbar, lse, dsbar, out_dtype)
 
     # ---------------------------------------------------------------- optimizer
-    def adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lowp=None):
-        """One Adam update (no weight decay) over flat buffers, in place; capturable.
+    def adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lowp=None, outer=None):
+        """One Adam update (no weight decay), in place; capturable.
 
-        params, grads, exp_avg, exp_avg_sq: (S, N) fp32 (or fp64); the two moments may instead
-        both be bf16 (fp32 params only: read into fp32, updated there, rounded once when stored;
-        ``moments="bf16"`` of the trainer). ``step`` and ``lr`` are
+        params, grads, exp_avg, exp_avg_sq: (S, N) fp32 (or fp64) flat buffers, or (S, R, C) views
+        of them with unit last stride (a block of columns of a weight: any row stride); the two
+        moments may instead both be bf16 (fp32 params only: read into fp32, updated there,
+        rounded once when stored; ``moments="bf16"`` of the trainer). ``step`` and ``lr`` are
         one-element device tensors read on the device, never on the host: ``step`` holds the
-        number of this update (1 for the first), the caller increments it. When ``lowp`` ((S, N),
-        e.g. bf16) is given it receives the updated parameters in its dtype in the same pass.
+        number of this update (1 for the first), the caller increments it. When ``lowp`` (params'
+        shape, e.g. bf16) is given it receives the updated parameters in its dtype in the same pass.
+        ``outer=(a, b)`` with ``grads=None`` (3-D params only): the gradient is given by its
+        factors, grad[s] = sum_k a[s, k]^T b[s, k] with a (S, K, R), b (S, K, C) in params' dtype (a
+        rank-K weight gradient, e.g. the first layer's trigger columns: never written to memory).
         Matches torch.optim.Adam:
         m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
         p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
         master = (torch.float32, torch.float64)
-        _t("params", params, (2,), master, unit_last=True)
+        _t("params", params, (2, 3), master, unit_last=True)
         moments = (params.dtype, torch.bfloat16) if params.dtype == torch.float32 else (params.dtype,)
-        for name, t in (("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-            _t(name, t, (2,), moments if name != "grads" else _FLOATS, unit_last=True)
+        if (grads is None) == (outer is None):
+            raise ValueError("grads, outer: expected exactly one of them (the gradient, or its factors (a, b)), "
+                             f"got {'both' if grads is not None else 'neither'}")
+        outer_a = outer_b = None
+        if outer is not None:
+            if params.dim() != 3 or not isinstance(outer, (tuple, list)) or len(outer) != 2:
+                raise ValueError("outer: expected a pair (a, b) of factors with 3-D params (S, R, C), got "
+                                 f"{type(outer).__name__} with params of shape {tuple(params.shape)}")
+            outer_a, outer_b = outer
+            s, r, c = params.shape
+            _t("outer[0]", outer_a, (3,), (params.dtype,), unit_last=True)
+            _shape("outer[0]", outer_a, (s, None, r))
+            _t("outer[1]", outer_b, (3,), (params.dtype,), unit_last=True)
+            _shape("outer[1]", outer_b, (s, outer_a.shape[1], c))
+        state = (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)) + ((("grads", grads),) if grads is not None else ())
+        for name, t in state:
+            _t(name, t, (params.dim(),), moments if name != "grads" else _FLOATS, unit_last=True)
             _shape(name, t, tuple(params.shape))
         if exp_avg.dtype != exp_avg_sq.dtype:
             raise ValueError(f"exp_avg, exp_avg_sq: expected one dtype for both moments, got {exp_avg.dtype} "
                              f"and {exp_avg_sq.dtype}")
         if lowp is not None:
-            _t("lowp", lowp, (2,), unit_last=True)
+            _t("lowp", lowp, (params.dim(),), unit_last=True)
             _shape("lowp", lowp, tuple(params.shape))
         for name, t in (("step", step), ("lr", lr)):
             if not isinstance(t, torch.Tensor) or t.numel() != 1:
                 raise ValueError(f"{name}: expected a one-element tensor on the device (read there, never "
                                  f"on the host), got {t if not isinstance(t, torch.Tensor) else tuple(t.shape)}")
         _same_device(params=params, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, step=step, lr=lr,
-                     lowp=lowp)
+                     lowp=lowp, outer_a=outer_a, outer_b=outer_b)
         self._route("adam_", params, grads, exp_avg, exp_avg_sq, step, lr, float(beta1), float(beta2),
-                    float(eps), lowp)
-
+                    float(eps), lowp, outer_a, outer_b)
 
 def _bcast(x: torch.Tensor, s: int) -> torch.Tensor:
     """(M, K) shared operand -> (S, M, K) view; (S, M, K) unchanged."""
@@ -420,9 +439,10 @@ class TorchPrimitives(Primitives):
         dkt = scale * torch.einsum("sbhl,sbld->shd", c, kv)
         return df.to(out_dtype or f.dtype), dkt
 
-    def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp):
+    def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp, outer_a=None,
+               outer_b=None):
         t = step.to(params.dtype)
-        grads = grads.to(params.dtype)
+        grads = torch.bmm(outer_a.transpose(1, 2), outer_b) if grads is None else grads.to(params.dtype)
         # bf16 moments: updated in the params' dtype, rounded once when stored back (as the kernels)
         m, v = exp_avg.to(params.dtype), exp_avg_sq.to(params.dtype)
         m.mul_(beta1).add_(grads, alpha=1 - beta1)

@@ -29,7 +29,7 @@ from .contract import acc_dtype_for, bmm_acc
 from .kept import KeptGraph, cache, kept, side_stream
 
 __all__ = ["Beside", "FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
-           "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head"]
+           "trigger_u", "column_mlp", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS"]
 
 
 def weight_names(config) -> List[str]:
@@ -445,7 +445,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
              grad_out: Optional[Dict[str, torch.Tensor]] = None, release: bool = False,
              reduce: Optional[Callable] = None, parts: int = 1,
              on_done: Optional[Callable] = None, beside: bool = False,
-             wgrad_beside: bool = True) -> Dict[str, torch.Tensor]:
+             wgrad_beside: bool = True, trigger_factors: Optional[dict] = None) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
     (a dict of preallocated views, e.g. into one flat buffer) the results land there, written in
@@ -468,7 +468,14 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only), and with
     ``wgrad_beside`` each layer's weight gradient on a third one, beside its input gradient (the
     layer is then announced on that stream once both are done); the main stream has waited for
-    all of it when the backward returns."""
+    all of it when the backward returns.
+    ``trigger_factors`` (a dict, with ``grad_out`` in the acc dtype): the first layer's trigger
+    columns' gradient, dW_T = sum_b r_b T_b^T (rank B), is not written: its factors (r (S, B, H1),
+    T (S, B, d)) go to ``trigger_factors["mlp.0.weight"]`` (for ``adam_``'s ``outer``) and
+    :data:`TRIGGER_COLUMNS` is announced, with the first bias, as soon as they are final and the
+    backward no longer reads W_T (beside the rest of the first layer's backward); "mlp.0.weight"
+    then stands for its position columns only, and its trigger columns in ``grad_out`` are left
+    as they were. Nothing is put there when the gradient cannot be left out (no such views)."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]
@@ -554,10 +561,15 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     wp_view = _direct(grad_out, acc, "mlp.0.weight")[0]
     wt_view = wp_view[:, :, :d] if wp_view is not None else None
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
+    factored = trigger_factors is not None and wp_view is not None
     with side(r, ctx.t):                 # the conv's gradients: beside the first layer's
         w1t = _trigger_weight(w, config)
         dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                   # S B d
         wt_read = side.mark()            # the last read of the first layer's weights
+        if factored:                     # dW_T by its factors, final now: its update may start
+            trigger_factors["mlp.0.weight"] = (r, ctx.t)
+            _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
+            done([TRIGGER_COLUMNS, "mlp.0.bias"])
         conv_shape = w["conv.weight"].shape
         _into(g, acc, "conv.weight", lambda out: torch.bmm(
             dt.reshape(s, 1, -1), ctx.patches.reshape(s, -1, ctx.patches.shape[-1]),
@@ -567,16 +579,18 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     # the first layer's gradients on the main stream (its update, the largest with the first
     # consumer's, starts when they are done: beside, starved by the GEMMs and the updates, they
     # finished ~60 us after the dW_P GEMM at one image)
-    dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                        # in place when it can
-    _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
+    if not factored:
+        dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                    # in place when it can
+        _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None
-    side.join(upto=wt_read)                 # dt has read W_T: the first layer's update may start
-    done(["mlp.0.weight", "mlp.0.bias"])
+    if not factored:
+        side.join(upto=wt_read)             # dt has read W_T: the first layer's update may start
+    done(["mlp.0.weight"] if factored else ["mlp.0.weight", "mlp.0.bias"])
     with wside():                           # after its input gradient too (it reads the weights)
         done([f"{names[0]}.weight", f"{names[0]}.bias"])
     with side.resume():
@@ -585,6 +599,10 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     wside.join()                            # and every weight gradient
     return grad_out if grad_out is not None else g
 
+
+# what ``backward`` announces for the first layer's trigger columns when it gives their gradient
+# by its factors (``trigger_factors``)
+TRIGGER_COLUMNS = "mlp.0.weight[trigger]"
 
 _POOL_PARAMS = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "query")
 

@@ -67,7 +67,10 @@ class TTTEngine:
     independent pieces (trigger, the pool's projections and parameter gradients, the conv's
     gradients, the loss record) on a second CUDA stream beside the GEMMs
     (``driver.Beside``); with it, ``wgrad_beside`` (True; False for comparisons) also runs each
-    layer's weight gradient beside its input gradient, on a third stream.
+    layer's weight gradient beside its input gradient, on a third stream. ``trigger_factors``
+    (True; False for comparisons): the first layer's trigger columns are updated from their
+    gradient's factors (rank one per image: never written to memory, and their update starts
+    before the rest of the first layer's backward is done); without shards.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -88,6 +91,7 @@ class TTTEngine:
         self.overlap = overlap
         self.beside = True
         self.wgrad_beside = True
+        self.trigger_factors = True
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
@@ -130,7 +134,7 @@ class TTTEngine:
             raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "
                              "watch them on one device (shards=None)")
         key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid),
-               self.overlap, self.beside, self.wgrad_beside)
+               self.overlap, self.beside, self.wgrad_beside, self.trigger_factors)
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -141,7 +145,7 @@ class TTTEngine:
                                   master_dtype=self.master_dtype, device=self.device, graphs=self.graphs,
                                   label=label, shards=self.shards, keep_grid=keep_grid,
                                   moment_dtype=self.moment_dtype, overlap=self.overlap, beside=self.beside,
-                                  wgrad_beside=self.wgrad_beside)
+                                  wgrad_beside=self.wgrad_beside, trigger_factors=self.trigger_factors)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

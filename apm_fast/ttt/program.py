@@ -23,12 +23,14 @@ import torch
 
 from ..ops.autograd import _no_autocast
 from ..ops.contract import TorchPrimitives, acc_dtype_for
-from ..ops.driver import Beside, backward, forward, unfold_patches, weight_names
+from ..ops.driver import TRIGGER_COLUMNS, Beside, backward, forward, unfold_patches, weight_names
 from ..posenc import position_code
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
 
 __all__ = ["StudentProgram", "quiet_autograd"]
+
+_FIRST = "mlp.0.weight"          # the first layer's weight: trigger columns, then position columns
 
 
 @contextlib.contextmanager
@@ -57,7 +59,8 @@ class StudentProgram:
                  lr: float, betas: Tuple[float, float], eps: float, compute_dtype: torch.dtype,
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
-                 overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True):
+                 overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True,
+                 trigger_factors: bool = True):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -98,6 +101,10 @@ class StudentProgram:
             self.lr_t = torch.full((1,), float(lr), dtype=lr_dtype, device=dev)
             self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
             self.n_chunks = _adam_chunks(prim, s * self.store.numel)
+            # the first layer's trigger columns updated from their gradient's factors (the backward
+            # fills this each step), never written out; not sharded: a sharded step sums every
+            # gradient, whole, across the ranks (off: written out, for comparisons)
+            self.factors: Optional[dict] = {} if shards is None and trigger_factors else None
             # each layer's Adam on the update streams as soon as the backward is done with the layer,
             # beside the rest of the backward (Adam in one launch, one device, CUDA; by default
             # where the table says it pays); off: after it
@@ -146,7 +153,7 @@ class StudentProgram:
         backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
                  release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
                  on_done=None if early is None else early.start, beside=self.beside,
-                 wgrad_beside=self.wgrad_beside)
+                 wgrad_beside=self.wgrad_beside, trigger_factors=self.factors)
         del ctx, z
         if sh is not None:
             sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange
@@ -154,17 +161,53 @@ class StudentProgram:
 
     def _adam(self, names=None):
         """Adam over the parameters ``names`` (default: all), on the current stream."""
-        for p, g, m, v, lowp in self.store.adam_groups(names):
+        for p, g, m, v, lowp, outer in self._updates(names):
             if self.n_chunks == 1:
-                self.prim.adam_(p, g, m, v, self.step_t, self.lr_t, self.beta1, self.beta2, self.eps, lowp=lowp)
+                self.prim.adam_(p, g, m, v, self.step_t, self.lr_t, self.beta1, self.beta2, self.eps, lowp=lowp,
+                                outer=outer)
                 continue
-            # plain-PyTorch table: column slices bound its temporaries (elementwise, so any split works)
+            # plain-PyTorch table: slices of dim 1 (a flat group's columns, a block's rows) bound its
+            # temporaries (elementwise, so any split works)
             n = p.shape[1]
             per = -(-n // self.n_chunks)
             for a in range(0, n, per):
                 sl = slice(a, min(n, a + per))
-                self.prim.adam_(p[:, sl], g[:, sl], m[:, sl], v[:, sl], self.step_t, self.lr_t, self.beta1,
-                                self.beta2, self.eps, lowp=None if lowp is None else lowp[:, sl])
+                self.prim.adam_(p[:, sl], None if g is None else g[:, sl], m[:, sl], v[:, sl], self.step_t,
+                                self.lr_t, self.beta1, self.beta2, self.eps,
+                                lowp=None if lowp is None else lowp[:, sl],
+                                outer=None if outer is None else (outer[0][:, :, sl], outer[1]))
+
+    def _updates(self, names=None):
+        """[(params, grads or None, m, v, lowp or None, outer or None)]: the ``adam_`` calls that
+        update ``names`` (default: all). When this step's backward gave the first layer's trigger
+        columns by their gradient's factors, :data:`TRIGGER_COLUMNS` names those columns (updated
+        from the factors) and "mlp.0.weight" the position columns."""
+        st = self.store
+        names = list(st.names) + [TRIGGER_COLUMNS] if names is None else list(names)
+        updates = []
+        factors = self.factors.get(_FIRST) if self.factors else None
+        if factors is not None:
+            d = factors[1].shape[-1]
+            if TRIGGER_COLUMNS in names:
+                p, _, m, v, lowp = st.column_block(_FIRST, 0, d)
+                updates.append((p, None, m, v, lowp, factors))
+            if _FIRST in names:
+                updates.append(st.column_block(_FIRST, d) + (None,))
+                names.remove(_FIRST)
+        names = [n for n in names if n != TRIGGER_COLUMNS]
+        if names:
+            updates += [group + (None,) for group in st.adam_groups(names)]
+        return updates
+
+    def _numel(self, name: str) -> int:
+        """Parameters one student's update of ``name`` covers (see :meth:`_updates`)."""
+        st = self.store
+        factors = self.factors.get(_FIRST) if self.factors else None
+        trigger = 0 if factors is None else st.shapes[st.names.index(_FIRST)][0] * factors[1].shape[-1]
+        if name == TRIGGER_COLUMNS:
+            return trigger
+        n = st.numels[st.names.index(name)]
+        return n - trigger if name == _FIRST else n
 
     def _eval(self):
         sh = self.shards
@@ -276,18 +319,20 @@ class _EarlyAdam:
         self.lanes = [Beside(program.device, True, role=role) for role in ("adam", "adam.2")]
         self.queued = [0] * len(self.lanes)
         self.after = after          # an event every update also waits for (the step counter's)
-        self.left = list(program.store.names)
+        self.left = list(program.store.names) + ([TRIGGER_COLUMNS] if program.factors is not None else [])
 
     def start(self, names):
         names = [n for n in names if n in self.left]
         if not names:
             return
         self.left = [n for n in self.left if n not in names]
-        st = self.program.store
+        prog = self.program
         i = min(range(len(self.lanes)), key=self.queued.__getitem__)
-        self.queued[i] += sum(st.numels[st.names.index(n)] for n in names)
+        self.queued[i] += sum(prog._numel(n) for n in names)
         lane = self.lanes[i]
-        with lane():
+        # the factors of the trigger columns' gradient are the backward's tensors: kept from reuse
+        reads = prog.factors.get(_FIRST, ()) if TRIGGER_COLUMNS in names and prog.factors else ()
+        with lane(*reads):
             if self.after is not None:
                 lane.side.wait_event(self.after)
             self.program._adam(names)

@@ -118,6 +118,20 @@ class ParamStore:
             groups.append(tuple(t[lo:hi].view(s, -1) for t in bufs) + (lowp,))
         return groups
 
+    def column_block(self, name: str, start: int, stop=None):
+        """(params, grads, m, v, lowp or None) of the columns [start, stop) of the 2-D parameter
+        ``name``, as (S, rows, columns) views (rows one row stride apart): one of ``adam_``'s
+        column blocks, e.g. the first layer's trigger columns."""
+        i = self.names.index(name)
+        s, o, k, sh = self.students, self.offsets[i], self.numels[i], self.shapes[i]
+        if len(sh) != 2:
+            raise ValueError(f"name: expected a 2-D parameter, got {name!r} of shape {sh}")
+        cols = slice(start, stop)
+        bufs = (self.master, self.grad, self.exp_avg, self.exp_avg_sq)
+        views = [t[s * o: s * (o + k)].view(s, *sh)[:, :, cols] for t in bufs]
+        lowp = self.lowp[s * o: s * (o + k)].view(s, *sh)[:, :, cols] if i < self.n_lowp else None
+        return (*views, lowp)
+
     def nbytes(self) -> int:
         bufs = [self.master, self.grad, self.exp_avg, self.exp_avg_sq] + ([self.lowp] if self.lowp is not None else [])
         return sum(b.numel() * b.element_size() for b in bufs)

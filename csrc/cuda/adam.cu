@@ -10,6 +10,12 @@
 // thread and iteration through 16-byte loads and stores (8-byte for the 16-bit moments and copy)
 // where every buffer is aligned for them, element by element otherwise. The moments are fp32 or
 // bf16: read into fp32, updated there, rounded once when stored.
+//
+// The buffers are rows of `cols` contiguous elements with a row stride each (a flat buffer is
+// one row, or one per student; a block of a weight's columns is one row per student and weight
+// row). The gradient is read, or built from its factors (a rank-K weight gradient: the first
+// layer's trigger columns, sum_k a_k b_k^T) and never stored: 26 B per parameter instead of 30
+// plus the 4 B its own kernel would have written.
 #include "apm_kernels.h"
 #include "dtype_util.cuh"
 
@@ -32,10 +38,60 @@ __device__ __forceinline__ void adam_one(const AdamCoef& c, float g, float& p, f
   p = p - c.step_size * m / (sqrtf(v) / c.bc2_sqrt + c.eps);
 }
 
-template <typename TM, typename TL>
-__global__ void __launch_bounds__(256)
-    adam_kernel(float* __restrict__ p, const float* __restrict__ g, TM* __restrict__ m,
-                TM* __restrict__ v, TL* __restrict__ lowp, int64_t n,
+constexpr int kThreads = 256;
+constexpr int kTile = 4 * kThreads;   // elements of one row a block updates per iteration
+
+// One buffer of the update seen as rows of `cols` contiguous elements, `ld` apart.
+template <typename T>
+struct Rows {
+  T* ptr;
+  int64_t ld;
+  __device__ __forceinline__ T* at(int64_t row, int64_t col) const { return ptr + row * ld + col; }
+};
+
+// The gradient of element (row, col): read from `g`, or (OUTER) built from its factors,
+// sum_k a[s, k, i] b[s, k, col] with row = s * rows_per_student + i.
+struct GradSrc {
+  Rows<const float> g;
+  const float* a;
+  const float* b;
+  int64_t a_s, a_k, b_s, b_k, rows_per_student;
+  int k;
+};
+
+template <bool OUTER>
+__device__ __forceinline__ void grad4(const GradSrc& src, int64_t row, int64_t col, int count, float gf[4]) {
+  if (!OUTER) {
+    if (count == 4) {
+      const float4 gv = *reinterpret_cast<const float4*>(src.g.at(row, col));
+      gf[0] = gv.x; gf[1] = gv.y; gf[2] = gv.z; gf[3] = gv.w;
+    } else {
+      for (int e = 0; e < count; ++e) gf[e] = *src.g.at(row, col + e);
+    }
+    return;
+  }
+  const int64_t s = row / src.rows_per_student, i = row - s * src.rows_per_student;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) gf[e] = 0.0f;
+  for (int k = 0; k < src.k; ++k) {
+    const float a = src.a[s * src.a_s + k * src.a_k + i];
+    const float* b = src.b + s * src.b_s + k * src.b_k + col;
+    if (count == 4) {
+      const float4 bv = *reinterpret_cast<const float4*>(b);
+      gf[0] = fmaf(a, bv.x, gf[0]); gf[1] = fmaf(a, bv.y, gf[1]);
+      gf[2] = fmaf(a, bv.z, gf[2]); gf[3] = fmaf(a, bv.w, gf[3]);
+    } else {
+      for (int e = 0; e < count; ++e) gf[e] = fmaf(a, b[e], gf[e]);
+    }
+  }
+}
+
+// Every (row, tile of kTile columns) once, grid-striding over them; a thread updates 4
+// consecutive elements through 16-byte loads and stores (8-byte for the 16-bit moments and
+// copy) when `vec` (every buffer's rows aligned for them), element by element otherwise.
+template <typename TM, typename TL, bool OUTER>
+__global__ void __launch_bounds__(kThreads)
+    adam_kernel(Rows<float> p, GradSrc g, Rows<TM> m, Rows<TM> v, Rows<TL> lowp, int64_t rows, int64_t cols,
                 const float* __restrict__ step, const float* __restrict__ lr, double beta1,
                 double beta2, float omb1, float omb2, float eps, bool vec) {
   // The bias corrections in double, once per thread (as torch computes them on the host).
@@ -44,18 +100,20 @@ __global__ void __launch_bounds__(256)
   const double bc2 = 1.0 - pow(beta2, t);
   const AdamCoef c{static_cast<float>(beta1), static_cast<float>(beta2), omb1, omb2, eps,
                    static_cast<float>(static_cast<double>(*lr) / bc1), static_cast<float>(sqrt(bc2))};
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t done = 0;
-  if (vec) {
-    const int64_t n4 = n / 4;
-    for (int64_t j = first; j < n4; j += stride) {
-      const float4 gv = reinterpret_cast<const float4*>(g)[j];
-      float4 pv = reinterpret_cast<float4*>(p)[j];
-      Vec4<TM> mv = reinterpret_cast<Vec4<TM>*>(m)[j];
-      Vec4<TM> vv = reinterpret_cast<Vec4<TM>*>(v)[j];
+  const int64_t tiles_per_row = ceil_div(cols, kTile);
+  const int64_t tiles = rows * tiles_per_row;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t row = tile / tiles_per_row;
+    const int64_t base = (tile - row * tiles_per_row) * kTile;
+    if (vec) {
+      const int64_t col = base + 4 * threadIdx.x;
+      if (col >= cols) continue;                    // cols % 4 == 0: all four or none
+      float gf[4];
+      grad4<OUTER>(g, row, col, 4, gf);
+      float4 pv = *reinterpret_cast<float4*>(p.at(row, col));
+      Vec4<TM> mv = *reinterpret_cast<Vec4<TM>*>(m.at(row, col));
+      Vec4<TM> vv = *reinterpret_cast<Vec4<TM>*>(v.at(row, col));
       float pf[4] = {pv.x, pv.y, pv.z, pv.w};
-      const float gf[4] = {gv.x, gv.y, gv.z, gv.w};
       Vec4<TL> lv;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -65,20 +123,24 @@ __global__ void __launch_bounds__(256)
         vv.x[k] = from_f32<TM>(vk);
         lv.x[k] = from_f32<TL>(pf[k]);
       }
-      reinterpret_cast<float4*>(p)[j] = make_float4(pf[0], pf[1], pf[2], pf[3]);
-      reinterpret_cast<Vec4<TM>*>(m)[j] = mv;
-      reinterpret_cast<Vec4<TM>*>(v)[j] = vv;
-      if (lowp != nullptr) reinterpret_cast<Vec4<TL>*>(lowp)[j] = lv;
+      *reinterpret_cast<float4*>(p.at(row, col)) = make_float4(pf[0], pf[1], pf[2], pf[3]);
+      *reinterpret_cast<Vec4<TM>*>(m.at(row, col)) = mv;
+      *reinterpret_cast<Vec4<TM>*>(v.at(row, col)) = vv;
+      if (lowp.ptr != nullptr) *reinterpret_cast<Vec4<TL>*>(lowp.at(row, col)) = lv;
+    } else {
+      for (int e = 0; e < 4; ++e) {
+        const int64_t col = base + threadIdx.x + e * kThreads;
+        if (col >= cols) break;
+        float gf[4];
+        grad4<OUTER>(g, row, col, 1, gf);
+        float pi = *p.at(row, col), mi = to_f32<TM>(*m.at(row, col)), vi = to_f32<TM>(*v.at(row, col));
+        adam_one(c, gf[0], pi, mi, vi);
+        *m.at(row, col) = from_f32<TM>(mi);
+        *v.at(row, col) = from_f32<TM>(vi);
+        *p.at(row, col) = pi;
+        if (lowp.ptr != nullptr) *lowp.at(row, col) = from_f32<TL>(pi);
+      }
     }
-    done = n4 * 4;
-  }
-  for (int64_t i = done + first; i < n; i += stride) {
-    float pi = p[i], mi = to_f32<TM>(m[i]), vi = to_f32<TM>(v[i]);
-    adam_one(c, g[i], pi, mi, vi);
-    m[i] = from_f32<TM>(mi);
-    v[i] = from_f32<TM>(vi);
-    p[i] = pi;
-    if (lowp != nullptr) lowp[i] = from_f32<TL>(pi);
   }
 }
 
@@ -90,25 +152,41 @@ size_t dtype_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 }  // namespace
 
-cudaError_t adam(float* params, const float* grads, void* exp_avg, void* exp_avg_sq, DType moment_t,
-                 int64_t n, const float* step, const float* lr, double beta1, double beta2, double eps,
-                 void* lowp, DType lowp_t, cudaStream_t stream) {
-  if (n <= 0) return cudaSuccess;
-  if (moment_t == DType::kFloat16) return cudaErrorInvalidValue;   // fp32 or bf16 moments
-  const bool vec = aligned(params, 16) && aligned(grads, 16) &&
-                   aligned(exp_avg, 4 * dtype_bytes(moment_t)) && aligned(exp_avg_sq, 4 * dtype_bytes(moment_t)) &&
-                   aligned(lowp, 4 * dtype_bytes(lowp_t));
-  const int threads = 256;
-  // a few waves of blocks, each thread striding over the rest (memory bound)
-  const int64_t work = vec ? ceil_div(n, 4) : n;
-  const int64_t blocks = ceil_div(work, threads) < 4096 ? ceil_div(work, threads) : 4096;
-  return APM_DISPATCH_DTYPE(moment_t, TM, [&] {
-    return APM_DISPATCH_DTYPE(lowp_t, TL, [&] {
-      adam_kernel<TM, TL><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-          params, grads, static_cast<TM*>(exp_avg), static_cast<TM*>(exp_avg_sq), static_cast<TL*>(lowp), n,
-          step, lr, beta1, beta2,
-          // 1 - beta in double, then rounded (as torch does): 1.0f - 0.999f is off by 1e-5 relative
-          static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2), static_cast<float>(eps), vec);
+cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* step, const float* lr,
+                 double beta1, double beta2, double eps, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  if (b.moment_t == DType::kFloat16) return cudaErrorInvalidValue;   // fp32 or bf16 moments
+  const bool outer = b.grads == nullptr;
+  if (outer && (b.a == nullptr || b.b == nullptr || b.k < 0 || b.rows_per_student <= 0)) return cudaErrorInvalidValue;
+  const size_t mb = 4 * dtype_bytes(b.moment_t), lb = 4 * dtype_bytes(b.lowp_t);
+  // 16-byte access of 4 elements: every row's start aligned (base and row stride), cols % 4 == 0
+  auto rows_aligned = [](const void* ptr, int64_t ld, size_t elem, size_t bytes) {
+    return ptr == nullptr || (aligned(ptr, bytes) && (ld * static_cast<int64_t>(elem)) % static_cast<int64_t>(bytes) == 0);
+  };
+  const bool vec = cols % 4 == 0 && rows_aligned(b.params, b.ld_p, 4, 16) &&
+                   (outer ? rows_aligned(b.b, b.b_k, 4, 16) && rows_aligned(b.b, b.b_s, 4, 16)
+                          : rows_aligned(b.grads, b.ld_g, 4, 16)) &&
+                   rows_aligned(b.exp_avg, b.ld_m, dtype_bytes(b.moment_t), mb) &&
+                   rows_aligned(b.exp_avg_sq, b.ld_v, dtype_bytes(b.moment_t), mb) &&
+                   rows_aligned(b.lowp, b.ld_l, dtype_bytes(b.lowp_t), lb);
+  // a few waves of blocks, each striding over the rest (memory bound)
+  const int64_t tiles = rows * ceil_div(cols, kTile);
+  const unsigned blocks = static_cast<unsigned>(tiles < 4096 ? tiles : 4096);
+  const GradSrc src{{b.grads, b.ld_g}, b.a, b.b, b.a_s, b.a_k, b.b_s, b.b_k, b.rows_per_student, b.k};
+  const Rows<float> p{b.params, b.ld_p};
+  // 1 - beta in double, then rounded (as torch does): 1.0f - 0.999f is off by 1e-5 relative
+  const float omb1 = static_cast<float>(1.0 - beta1), omb2 = static_cast<float>(1.0 - beta2);
+  return APM_DISPATCH_DTYPE(b.moment_t, TM, [&] {
+    return APM_DISPATCH_DTYPE(b.lowp_t, TL, [&] {
+      const Rows<TM> m{static_cast<TM*>(b.exp_avg), b.ld_m}, v{static_cast<TM*>(b.exp_avg_sq), b.ld_v};
+      const Rows<TL> l{static_cast<TL*>(b.lowp), b.ld_l};
+      if (outer) {
+        adam_kernel<TM, TL, true><<<blocks, kThreads, 0, stream>>>(p, src, m, v, l, rows, cols, step, lr, beta1,
+                                                                   beta2, omb1, omb2, static_cast<float>(eps), vec);
+      } else {
+        adam_kernel<TM, TL, false><<<blocks, kThreads, 0, stream>>>(p, src, m, v, l, rows, cols, step, lr, beta1,
+                                                                    beta2, omb1, omb2, static_cast<float>(eps), vec);
+      }
       return launch_status();
     });
   });

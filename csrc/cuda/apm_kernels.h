@@ -107,12 +107,32 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
                      cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
-// Adam (no weight decay) over flat fp32 parameters and gradients of n elements, in place,
-// capturable: the update number `step` (1 for the first) and `lr` are read from device memory.
-// The moments are fp32 or bf16 (moment_t). When `lowp` is not null it receives the new
-// parameters in dtype lowp_t.
-cudaError_t adam(float* params, const float* grads, void* exp_avg, void* exp_avg_sq, DType moment_t,
-                 int64_t n, const float* step, const float* lr, double beta1, double beta2, double eps,
-                 void* lowp, DType lowp_t, cudaStream_t stream);
+// Adam (no weight decay), in place, capturable: the update number `step` (1 for the first) and
+// `lr` are read from device memory. Every buffer is `rows` rows of `cols` contiguous elements,
+// its own row stride (ld_*) apart. Parameters fp32; moments fp32 or bf16 (moment_t); when `lowp`
+// is not null it receives the new parameters in dtype lowp_t. The gradient is `grads` (fp32) or,
+// when `grads` is null, built from its factors: row r = s * rows_per_student + i gets
+// sum_{k < k} a[s a_s + k a_k + i] b[s b_s + k b_k + col] (fp32; a rank-k weight gradient).
+struct AdamBuffers {
+  float* params;
+  int64_t ld_p;
+  const float* grads;
+  int64_t ld_g;
+  void* exp_avg;
+  int64_t ld_m;
+  void* exp_avg_sq;
+  int64_t ld_v;
+  DType moment_t;
+  void* lowp;
+  int64_t ld_l;
+  DType lowp_t;
+  const float* a;
+  const float* b;
+  int64_t a_s, a_k, b_s, b_k, rows_per_student;
+  int k;
+};
+
+cudaError_t adam(const AdamBuffers& buffers, int64_t rows, int64_t cols, const float* step, const float* lr,
+                 double beta1, double beta2, double eps, cudaStream_t stream);
 
 }  // namespace apm

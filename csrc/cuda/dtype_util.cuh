@@ -29,7 +29,7 @@ __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2hal
 // The error of the launch just enqueued (cudaGetLastError also clears a non-sticky one).
 inline cudaError_t launch_status() { return cudaGetLastError(); }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace apm
 

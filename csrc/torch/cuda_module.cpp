@@ -29,8 +29,9 @@ void pool_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, c
               const at::Tensor&);
 void pool_bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
-void adam_(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+void adam_(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
            const at::Tensor&, const at::Tensor&, double, double, double,
+           const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
            const c10::optional<at::Tensor>&);
 }  // namespace apm_glue
 
@@ -55,9 +56,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_bwd", guarded(&pool_bwd), "single-query pool backward", py::arg("f"), py::arg("pos_out"),
         py::arg("kt"), py::arg("scale"), py::arg("sbar"), py::arg("lse"), py::arg("dsbar"),
         py::arg("df"), py::arg("dkt"));
-  m.def("adam_", guarded(&adam_), "one Adam step over flat fp32 buffers (capturable)", py::arg("params"),
-        py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
-        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("lowp"));
+  m.def("adam_", guarded(&adam_), "one Adam step over fp32 buffers, the gradient or its factors (capturable)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("lowp"),
+        py::arg("outer_a") = py::none(), py::arg("outer_b") = py::none());
   m.def("gemm_policy", guarded(&gemm_policy), "0 auto, 1 portable only, 2 SM90 only");
   m.def("set_gemm_policy", guarded(&set_gemm_policy), py::arg("policy"));
   m.def("gemm_counts", guarded(&gemm_counts), "[SM90 launches, portable launches, cuBLAS launches] since the last reset");

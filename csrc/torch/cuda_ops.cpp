@@ -2,6 +2,7 @@
 // the single-query pool (forward, backward) and the flat Adam update. Outputs are passed in and
 // written completely; scratch buffers come from PyTorch's caching allocator (capture-safe).
 #include <cmath>
+#include <vector>
 
 #include "cuda_common.h"
 
@@ -131,15 +132,42 @@ void pool_bwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, 
       fn, "the pool backward kernels");
 }
 
-// One Adam step over flat fp32 buffers (any shape, all the same number of elements, contiguous);
-// step and lr are one-element fp32 device tensors; lowp (optional) receives the new parameters.
-void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
+namespace {
+
+// The row stride of t seen as rows of its last dimension (unit stride), every row the same
+// stride apart: a flat buffer, (S, n) rows of a padded one, or an (S, R, C) block of a weight's
+// columns (student stride = R row strides); refused otherwise, by name.
+int64_t row_stride(const at::Tensor& t, const char* fn, const char* name) {
+  check_rows_contiguous(t, fn, name);
+  if (t.dim() < 2) return t.numel();
+  for (int64_t d = 0; d + 2 < t.dim(); ++d) {
+    APM_CHECK_VALUE(t.size(d) == 1 || t.stride(d) == t.size(d + 1) * t.stride(d + 1), fn, ": ", name,
+                    " must be rows one stride apart (a flat buffer or a block of columns of one), got shape ",
+                    sizes_str(t), " and strides ", strides_str(t));
+  }
+  return t.size(-2) == 1 ? t.size(-1) : t.stride(-2);
+}
+
+}  // namespace
+
+// One Adam step, in place: params, grads, exp_avg, exp_avg_sq (and lowp) of one shape, each rows
+// of its last dimension one row stride apart (flat buffers, or (S, R, C) blocks of a weight's
+// columns); step and lr are one-element fp32 device tensors; lowp (optional) receives the new
+// parameters. grads may be None when outer_a (S, K, R) and outer_b (S, K, C) (fp32, params
+// (S, R, C)) give the gradient by its factors, sum_k outer_a[:, k]^T outer_b[:, k].
+void adam_(const at::Tensor& params, const c10::optional<at::Tensor>& grads, const at::Tensor& exp_avg,
            const at::Tensor& exp_avg_sq, const at::Tensor& step, const at::Tensor& lr, double beta1,
-           double beta2, double eps, const c10::optional<at::Tensor>& lowp) {
+           double beta2, double eps, const c10::optional<at::Tensor>& lowp,
+           const c10::optional<at::Tensor>& outer_a, const c10::optional<at::Tensor>& outer_b) {
   const char* fn = "adam_";
   check_cuda(params, fn, "params");
-  const std::pair<const at::Tensor*, const char*> bufs[] = {
-      {&params, "params"}, {&grads, "grads"}, {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}};
+  const bool has_g = grads.has_value() && grads->defined();
+  const bool has_outer = outer_a.has_value() && outer_a->defined() && outer_b.has_value() && outer_b->defined();
+  APM_CHECK_VALUE(has_g != has_outer, fn, ": expected exactly one of grads and (outer_a, outer_b), got ",
+                  has_g ? "both" : "neither");
+  std::vector<std::pair<const at::Tensor*, const char*>> bufs = {
+      {&params, "params"}, {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}};
+  if (has_g) bufs.emplace_back(&*grads, "grads");
   for (const auto& b : bufs) {
     check_same_device(*b.first, params, fn, b.second, "params");
     if (b.first == &exp_avg || b.first == &exp_avg_sq) {   // the moments: fp32 or bf16, alike
@@ -149,9 +177,8 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
     } else {
       check_dtype(*b.first, fn, b.second, {at::kFloat});
     }
-    check_contiguous(*b.first, fn, b.second);
-    APM_CHECK_VALUE(b.first->numel() == params.numel(), fn, ": ", b.second, " must have as many ",
-                      "elements as params (", params.numel(), "), got ", b.first->numel());
+    APM_CHECK_VALUE(b.first->sizes() == params.sizes(), fn, ": ", b.second, " must have params' shape ",
+                    sizes_str(params), ", got ", sizes_str(*b.first));
   }
   for (const auto& b : {std::make_pair(&step, "step"), std::make_pair(&lr, "lr")}) {
     check_same_device(*b.first, params, fn, b.second, "params");
@@ -161,22 +188,55 @@ void adam_(const at::Tensor& params, const at::Tensor& grads, const at::Tensor& 
   APM_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, fn, ": beta1 must be in [0, 1), got ", beta1);
   APM_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, fn, ": beta2 must be in [0, 1), got ", beta2);
   APM_CHECK_VALUE(eps > 0.0, fn, ": eps must be positive, got ", eps);
-  void* lp = nullptr;
-  apm::DType lp_t = apm::DType::kFloat32;
+  apm::AdamBuffers b{};
+  b.params = params.data_ptr<float>();
+  b.ld_p = row_stride(params, fn, "params");
+  b.exp_avg = exp_avg.data_ptr();
+  b.ld_m = row_stride(exp_avg, fn, "exp_avg");
+  b.exp_avg_sq = exp_avg_sq.data_ptr();
+  b.ld_v = row_stride(exp_avg_sq, fn, "exp_avg_sq");
+  b.moment_t = to_apm_dtype(exp_avg, fn, "exp_avg");
+  b.lowp_t = apm::DType::kFloat32;
   if (lowp.has_value() && lowp->defined()) {
     check_same_device(*lowp, params, fn, "lowp", "params");
-    lp_t = to_apm_dtype(*lowp, fn, "lowp");
-    check_contiguous(*lowp, fn, "lowp");
-    APM_CHECK_VALUE(lowp->numel() == params.numel(), fn, ": lowp must have as many elements as ",
-                      "params (", params.numel(), "), got ", lowp->numel());
-    lp = lowp->data_ptr();
+    APM_CHECK_VALUE(lowp->sizes() == params.sizes(), fn, ": lowp must have params' shape ", sizes_str(params),
+                    ", got ", sizes_str(*lowp));
+    b.lowp_t = to_apm_dtype(*lowp, fn, "lowp");
+    b.lowp = lowp->data_ptr();
+    b.ld_l = row_stride(*lowp, fn, "lowp");
+  }
+  if (has_g) {
+    b.grads = grads->data_ptr<float>();
+    b.ld_g = row_stride(*grads, fn, "grads");
+  } else {
+    check_dim(params, fn, "params", "(S, R, C) with the gradient's factors", 3);
+    const at::Tensor& a = *outer_a;
+    const at::Tensor& f = *outer_b;
+    for (const auto& t : {std::make_pair(&a, "outer_a"), std::make_pair(&f, "outer_b")}) {
+      check_same_device(*t.first, params, fn, t.second, "params");
+      check_dtype(*t.first, fn, t.second, {at::kFloat});
+      check_dim(*t.first, fn, t.second, "(S, K, R) / (S, K, C)", 3);
+      check_rows_contiguous(*t.first, fn, t.second);
+    }
+    APM_CHECK_VALUE(a.size(0) == params.size(0) && a.size(2) == params.size(1), fn, ": outer_a must have shape (",
+                    params.size(0), ", K, ", params.size(1), "), got ", sizes_str(a));
+    APM_CHECK_VALUE(f.size(0) == params.size(0) && f.size(1) == a.size(1) && f.size(2) == params.size(2), fn,
+                    ": outer_b must have shape (", params.size(0), ", ", a.size(1), ", ", params.size(2), "), got ",
+                    sizes_str(f));
+    b.a = a.data_ptr<float>();
+    b.b = f.data_ptr<float>();
+    b.a_s = a.stride(0);
+    b.a_k = a.stride(1);
+    b.b_s = f.stride(0);
+    b.b_k = f.stride(1);
+    b.rows_per_student = params.size(1);
+    b.k = static_cast<int>(a.size(1));
   }
   if (params.numel() == 0) return;
+  const int64_t cols = params.dim() == 0 ? 1 : params.size(-1);
   const c10::cuda::OptionalCUDAGuard guard(params.device());
-  check_cuda_status(apm::adam(params.data_ptr<float>(), grads.data_ptr<float>(), exp_avg.data_ptr(),
-                              exp_avg_sq.data_ptr(), to_apm_dtype(exp_avg, fn, "exp_avg"), params.numel(),
-                              step.data_ptr<float>(), lr.data_ptr<float>(), beta1, beta2, eps, lp, lp_t,
-                              current_stream(params)),
+  check_cuda_status(apm::adam(b, params.numel() / cols, cols, step.data_ptr<float>(), lr.data_ptr<float>(), beta1,
+                              beta2, eps, current_stream(params)),
                     fn, "the kernel launch");
 }
 

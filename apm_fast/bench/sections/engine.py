@@ -12,7 +12,9 @@ Latency: one image, ``ttt_steps`` steps replayed back to back between two events
 never waits for the host; the reset to the snapshot before each repeat is not timed), median
 over 20 repeats; eagerly the same. In the same run, each table's other Adam schedule, the step with
 the weight gradients after the input gradients on the main stream (``wgrad-inline``: only the small
-pieces beside) and the step with everything on one stream (``one-stream``).
+pieces beside), the step with everything on one stream (``one-stream``) and the step with the first
+layer's trigger-column gradient written out and read by Adam (``trigger-written``; by default Adam
+builds it from its rank-one factors).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -93,13 +95,14 @@ def _problem(ctx, backend, students):
     return model, x, y, trainer
 
 
-def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True):
+def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True, trigger_factors=True):
     o = ctx.options
     model, x, y, trainer = _problem(ctx, backend, 1)
     trainer.engine.graphs = graphs
     trainer.engine.overlap = overlap
     trainer.engine.beside = beside
     trainer.engine.wgrad_beside = wgrad_beside
+    trainer.engine.trigger_factors = trigger_factors
     prog = trainer.program(1)
     prog.load(x, y)
 
@@ -125,6 +128,7 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True)
     ms = t.median_ms / o.ttt_steps
     return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "adam_beside_backward": prog.overlap,
             "small_work_beside": prog.beside, "weight_grads_beside": prog.wgrad_beside,
+            "trigger_from_factors": prog.factors is not None,
             "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
 
 
@@ -252,6 +256,8 @@ def run(ctx) -> dict:
                                 lambda n=name: _latency(ctx, n, True, wgrad_beside=False)))
             rows.append(ctx.row({"key": f"latency/{name}/graph/one-stream", "backend": name}, status, name,
                                 lambda n=name: _latency(ctx, n, True, beside=False)))
+            rows.append(ctx.row({"key": f"latency/{name}/graph/trigger-written", "backend": name}, status, name,
+                                lambda n=name: _latency(ctx, n, True, trigger_factors=False)))
         rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,

@@ -94,12 +94,18 @@ __global__ void __launch_bounds__(kThreads)
     adam_kernel(Rows<float> p, GradSrc g, Rows<TM> m, Rows<TM> v, Rows<TL> lowp, int64_t rows, int64_t cols,
                 const float* __restrict__ step, const float* __restrict__ lr, double beta1,
                 double beta2, float omb1, float omb2, float eps, bool vec) {
-  // The bias corrections in double, once per thread (as torch computes them on the host).
-  const double t = static_cast<double>(*step);
-  const double bc1 = 1.0 - pow(beta1, t);
-  const double bc2 = 1.0 - pow(beta2, t);
-  const AdamCoef c{static_cast<float>(beta1), static_cast<float>(beta2), omb1, omb2, eps,
-                   static_cast<float>(static_cast<double>(*lr) / bc1), static_cast<float>(sqrt(bc2))};
+  // The bias corrections in double (as torch computes them on the host), once per block: two
+  // double pow() per thread cost as much as a small update's memory traffic
+  __shared__ AdamCoef coef;
+  if (threadIdx.x == 0) {
+    const double t = static_cast<double>(*step);
+    const double bc1 = 1.0 - pow(beta1, t);
+    const double bc2 = 1.0 - pow(beta2, t);
+    coef = AdamCoef{static_cast<float>(beta1), static_cast<float>(beta2), omb1, omb2, eps,
+                    static_cast<float>(static_cast<double>(*lr) / bc1), static_cast<float>(sqrt(bc2))};
+  }
+  __syncthreads();
+  const AdamCoef c = coef;
   const int64_t tiles_per_row = ceil_div(cols, kTile);
   const int64_t tiles = rows * tiles_per_row;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -169,9 +175,11 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
                    rows_aligned(b.exp_avg, b.ld_m, dtype_bytes(b.moment_t), mb) &&
                    rows_aligned(b.exp_avg_sq, b.ld_v, dtype_bytes(b.moment_t), mb) &&
                    rows_aligned(b.lowp, b.ld_l, dtype_bytes(b.lowp_t), lb);
-  // a few waves of blocks, each striding over the rest (memory bound)
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
   const int64_t tiles = rows * ceil_div(cols, kTile);
-  const unsigned blocks = static_cast<unsigned>(tiles < 4096 ? tiles : 4096);
   const GradSrc src{{b.grads, b.ld_g}, b.a, b.b, b.a_s, b.a_k, b.b_s, b.b_k, b.rows_per_student, b.k};
   const Rows<float> p{b.params, b.ld_p};
   // 1 - beta in double, then rounded (as torch does): 1.0f - 0.999f is off by 1e-5 relative
@@ -180,13 +188,16 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
     return APM_DISPATCH_DTYPE(b.lowp_t, TL, [&] {
       const Rows<TM> m{static_cast<TM*>(b.exp_avg), b.ld_m}, v{static_cast<TM*>(b.exp_avg_sq), b.ld_v};
       const Rows<TL> l{static_cast<TL*>(b.lowp), b.ld_l};
-      if (outer) {
-        adam_kernel<TM, TL, true><<<blocks, kThreads, 0, stream>>>(p, src, m, v, l, rows, cols, step, lr, beta1,
-                                                                   beta2, omb1, omb2, static_cast<float>(eps), vec);
-      } else {
-        adam_kernel<TM, TL, false><<<blocks, kThreads, 0, stream>>>(p, src, m, v, l, rows, cols, step, lr, beta1,
-                                                                    beta2, omb1, omb2, static_cast<float>(eps), vec);
-      }
+      auto* kernel = outer ? adam_kernel<TM, TL, true> : adam_kernel<TM, TL, false>;
+      // as many blocks as are resident at once, each striding over the tiles: no tail wave, and
+      // the coefficients computed once per block (memory bound)
+      int per_sm = 0;
+      const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+      if (occ != cudaSuccess) return occ;
+      const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
+      const unsigned blocks = static_cast<unsigned>(tiles < resident ? tiles : resident);
+      kernel<<<blocks, kThreads, 0, stream>>>(p, src, m, v, l, rows, cols, step, lr, beta1, beta2, omb1, omb2,
+                                              static_cast<float>(eps), vec);
       return launch_status();
     });
   });

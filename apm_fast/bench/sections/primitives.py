@@ -87,8 +87,10 @@ def _cases(cfg, w, fctx, pos_in, pos_out, cdt):
     return out
 
 
-def _adam_case(cfg, device, cdt):
-    """Adam over one student's flat buffers with the compute copy: 30 B per parameter moved."""
+def _adam_cases(cfg, device, cdt):
+    """Adam over one student's flat buffers with the compute copy (30 B per parameter moved), and
+    over the first layer's trigger columns with the gradient from its factors (a block of columns
+    of the weight, one image: 26 B per parameter, no gradient read)."""
     from ...ttt.memory import count_params
 
     n = count_params(cfg)
@@ -96,11 +98,19 @@ def _adam_case(cfg, device, cdt):
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     lowp = torch.empty(1, n, device=device, dtype=cdt)
     step, lr = torch.ones(1, device=device), torch.full((1,), 1e-4, device=device)
+    rows, d = cfg.hidden[0], cfg.pos_dim
+    block = [t[:, :rows * 2 * d].view(1, rows, 2 * d)[:, :, :d] for t in (p, m, v, lowp)]
+    factors = (torch.randn(1, 1, rows, device=device), torch.randn(1, 1, d, device=device))
 
-    def call(t):
+    def flat(t):
         t.adam_(p, g, m, v, step, lr, 0.9, 0.999, 1e-8, lowp=lowp)
         return p
-    return ("adam_ (flat, + compute copy)", 30 * n, "GB/s", call)
+
+    def trigger(t):
+        t.adam_(block[0], None, block[1], block[2], step, lr, 0.9, 0.999, 1e-8, lowp=block[3], outer=factors)
+        return p
+    return [("adam_ (flat, + compute copy)", 30 * n, "GB/s", flat),
+            ("adam_ (trigger columns from factors)", 26 * rows * d, "GB/s", trigger)]
 
 
 def _first(x):
@@ -116,7 +126,7 @@ def run(ctx) -> dict:
     rows = []
     for b in o.primitive_batches:
         w, fctx, pos_in, pos_out = _operands(ctx, cfg, b, cdt)
-        cases = _cases(cfg, w, fctx, pos_in, pos_out, cdt) + ([_adam_case(cfg, ctx.device, cdt)] if b == 1 else [])
+        cases = _cases(cfg, w, fctx, pos_in, pos_out, cdt) + (_adam_cases(cfg, ctx.device, cdt) if b == 1 else [])
         for name, work, unit, call in cases:
             want = None
             if not name.startswith("adam_"):

@@ -70,17 +70,22 @@ def check_bf16_moment_adam(table, device, n=1001):
         ours[2].copy_(ref[2])
 
 
-def check_block_adam(table, device, moments=torch.float32):
+# (S, rows, trigger columns, width) of check_block_adam: odd widths (rows are not 16-byte
+# multiples: element by element), and widths whose rows all start 16-byte aligned (vectorized,
+# with a tail of 2 in the position block's rows)
+BLOCK_SHAPES = [(2, 37, 13, 30), (3, 21, 16, 38)]
+
+
+def check_block_adam(table, device, moments=torch.float32, shape=BLOCK_SHAPES[0]):
     """A table's Adam over column blocks of a weight ((S, R, C) views with a row stride: the first
     layer's trigger and position columns), the first block's gradient given by its factors
     (``outer``), takes the plain table's steps over the whole weight with the gradient written
     out: the update is elementwise, so splitting it into blocks changes nothing but the launches.
-    K = 2 factors, odd widths (vectorized kernels run their tails, rows are not 16-byte
-    multiples), with a bf16 copy."""
+    K = 2 factors, with a bf16 copy."""
     from apm_fast.ops.contract import TorchPrimitives
 
     gen = torch.Generator().manual_seed(11)
-    s, r, c, w, k = 2, 37, 13, 30, 2
+    (s, r, c, w), k = shape, 2
     p0 = torch.randn(s, r, w, generator=gen).to(device)
     ours = [p0.clone(), torch.zeros(s, r, w, device=device, dtype=moments),
             torch.zeros(s, r, w, device=device, dtype=moments),

@@ -23,7 +23,7 @@ from apm_fast._ext import load_extension
 from apm_fast.ops.autograd import fused_forward
 from apm_fast.ops.contract import TorchPrimitives, first_layer_act
 from apm_fast.ops.precision import compute_dtype
-from helpers import check_bf16_moment_adam, check_block_adam, precision
+from helpers import BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, precision
 
 pytestmark = pytest.mark.gpu
 
@@ -204,9 +204,10 @@ def test_adam_with_bf16_moments_matches_the_plain_table(prims):
     check_bf16_moment_adam(prims, DEV)
 
 
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
-def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(prims, moments):
-    check_block_adam(prims, DEV, moments)
+def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(prims, moments, shape):
+    check_block_adam(prims, DEV, moments, shape)
 
 
 def test_adam_matches_torch_optim_and_replays_in_a_graph(prims):

@@ -14,6 +14,7 @@ from apm_fast import APM, APMConfig
 from apm_fast.backends import cuda as cuda_backend
 from apm_fast.ops.autograd import fused_forward
 from apm_fast.ops.contract import TorchPrimitives, first_layer_act
+from helpers import BLOCK_SHAPES, check_block_adam
 
 TP = TorchPrimitives()
 
@@ -197,10 +198,9 @@ def test_whole_model_through_the_cuda_layer(fake):
         torch.testing.assert_close(p.grad.double(), ref[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
-def test_adam_over_column_blocks_and_from_factors_reaches_the_binding(fake, moments):
+def test_adam_over_column_blocks_and_from_factors_reaches_the_binding(fake, moments, shape):
     """Column blocks of a weight ((S, R, C) views, rows one stride apart) and a gradient given by
     its factors go to the binding as they are: the plain table's update over the whole weight."""
-    from helpers import check_block_adam
-
-    check_block_adam(cuda_backend.CudaPrimitives(), "cpu", moments)
+    check_block_adam(cuda_backend.CudaPrimitives(), "cpu", moments, shape)

@@ -18,6 +18,7 @@ from apm_fast.ops.driver import TRIGGER_COLUMNS
 from apm_fast.ttt import program as program_mod
 from apm_fast.ttt.memory import choose_students, count_params, estimate_student_bytes
 from apm_fast.ttt.store import ParamStore
+from helpers import BLOCK_SHAPES, check_block_adam
 
 STEPS = 4
 LR = 1e-2
@@ -328,11 +329,10 @@ def test_torch_adam_with_bf16_moments_is_the_fp32_update_rounded_once():
         TorchPrimitives().adam_(p.double(), g, m, v, step, lr, 0.9, 0.999, 1e-8)   # fp64 masters: fp64 moments
 
 
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
-def test_torch_adam_over_column_blocks_and_from_factors(moments):
-    from helpers import check_block_adam
-
-    check_block_adam(TorchPrimitives(), "cpu", moments)
+def test_torch_adam_over_column_blocks_and_from_factors(moments, shape):
+    check_block_adam(TorchPrimitives(), "cpu", moments, shape)
 
 
 def test_adam_says_which_gradient_argument_is_wrong():

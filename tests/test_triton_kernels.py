@@ -27,7 +27,7 @@ from apm_fast.model import APM                                            # noqa
 from apm_fast.ops.contract import TorchPrimitives                          # noqa: E402
 from apm_fast.ops.driver import backward, forward, weight_names          # noqa: E402
 from apm_fast.ops.library import ops_for                                  # noqa: E402
-from helpers import check_bf16_moment_adam, check_block_adam, precision        # noqa: E402
+from helpers import BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, precision  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TP = TritonPrimitives()
@@ -224,9 +224,10 @@ def test_adam_with_bf16_moments_matches_the_plain_table():
     check_bf16_moment_adam(TP, DEV)
 
 
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
-def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(moments):
-    check_block_adam(TP, DEV, moments)
+def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(moments, shape):
+    check_block_adam(TP, DEV, moments, shape)
 
 
 # ------------------------------------------------------------------------------------ whole model

@@ -70,7 +70,9 @@ __device__ __forceinline__ void grad4(const GradSrc& src, int64_t row, int64_t c
     }
     return;
   }
-  const int64_t s = row / src.rows_per_student, i = row - s * src.rows_per_student;
+  // rows < 2^31 (the launcher checks): a 32-bit division, not the 64-bit one's ~100 instructions
+  const int64_t s = static_cast<uint32_t>(row) / static_cast<uint32_t>(src.rows_per_student);
+  const int64_t i = row - s * src.rows_per_student;
 #pragma unroll
   for (int e = 0; e < 4; ++e) gf[e] = 0.0f;
   for (int k = 0; k < src.k; ++k) {
@@ -106,14 +108,34 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const AdamCoef c = coef;
+  // tile = row * tiles_per_row + column tile, advanced by gridDim.x tiles an iteration without
+  // a division (the update is instruction bound enough that a 64-bit one a tile shows)
   const int64_t tiles_per_row = ceil_div(cols, kTile);
-  const int64_t tiles = rows * tiles_per_row;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t row = tile / tiles_per_row;
-    const int64_t base = (tile - row * tiles_per_row) * kTile;
+  const int64_t rows_step = gridDim.x / tiles_per_row, tiles_step = gridDim.x - rows_step * tiles_per_row;
+  int64_t row = blockIdx.x / tiles_per_row, col_tile = blockIdx.x - row * tiles_per_row;
+  for (; row < rows; row += rows_step, col_tile += tiles_step) {
+    if (col_tile >= tiles_per_row) {
+      col_tile -= tiles_per_row;
+      if (++row >= rows) break;
+    }
+    const int64_t base = col_tile * kTile;
+    // one element, read and written alone (unaligned buffers, a row's last elements)
+    auto scalar = [&](int64_t col) {
+      float gf[4];
+      grad4<OUTER>(g, row, col, 1, gf);
+      float pi = *p.at(row, col), mi = to_f32<TM>(*m.at(row, col)), vi = to_f32<TM>(*v.at(row, col));
+      adam_one(c, gf[0], pi, mi, vi);
+      *m.at(row, col) = from_f32<TM>(mi);
+      *v.at(row, col) = from_f32<TM>(vi);
+      *p.at(row, col) = pi;
+      if (lowp.ptr != nullptr) *lowp.at(row, col) = from_f32<TL>(pi);
+    };
     if (vec) {
       const int64_t col = base + 4 * threadIdx.x;
-      if (col >= cols) continue;                    // cols % 4 == 0: all four or none
+      if (col + 4 > cols) {                          // the row's last 1-3 elements, or none
+        for (int64_t e = col; e < cols; ++e) scalar(e);
+        continue;
+      }
       float gf[4];
       grad4<OUTER>(g, row, col, 4, gf);
       float4 pv = *reinterpret_cast<float4*>(p.at(row, col));
@@ -137,14 +159,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < 4; ++e) {
         const int64_t col = base + threadIdx.x + e * kThreads;
         if (col >= cols) break;
-        float gf[4];
-        grad4<OUTER>(g, row, col, 1, gf);
-        float pi = *p.at(row, col), mi = to_f32<TM>(*m.at(row, col)), vi = to_f32<TM>(*v.at(row, col));
-        adam_one(c, gf[0], pi, mi, vi);
-        *m.at(row, col) = from_f32<TM>(mi);
-        *v.at(row, col) = from_f32<TM>(vi);
-        *p.at(row, col) = pi;
-        if (lowp.ptr != nullptr) *lowp.at(row, col) = from_f32<TL>(pi);
+        scalar(col);
       }
     }
   }
@@ -163,14 +178,23 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   if (b.moment_t == DType::kFloat16) return cudaErrorInvalidValue;   // fp32 or bf16 moments
   const bool outer = b.grads == nullptr;
-  if (outer && (b.a == nullptr || b.b == nullptr || b.k < 0 || b.rows_per_student <= 0)) return cudaErrorInvalidValue;
+  if (outer && (b.a == nullptr || b.b == nullptr || b.k < 0 || b.rows_per_student <= 0 || rows >= (int64_t{1} << 31))) {
+    return cudaErrorInvalidValue;
+  }
+  if (!outer && b.ld_p == cols && b.ld_g == cols && b.ld_m == cols && b.ld_v == cols &&
+      (b.lowp == nullptr || b.ld_l == cols)) {
+    cols *= rows;   // every buffer contiguous: one row (the flat buffers' case)
+    rows = 1;
+  }
   const size_t mb = 4 * dtype_bytes(b.moment_t), lb = 4 * dtype_bytes(b.lowp_t);
-  // 16-byte access of 4 elements: every row's start aligned (base and row stride), cols % 4 == 0
-  auto rows_aligned = [](const void* ptr, int64_t ld, size_t elem, size_t bytes) {
-    return ptr == nullptr || (aligned(ptr, bytes) && (ld * static_cast<int64_t>(elem)) % static_cast<int64_t>(bytes) == 0);
+  // 16-byte access of 4 elements: every row's start aligned (the base, and the row stride when
+  // there are several rows); a row's last elements past a multiple of 4 go one by one
+  auto rows_aligned = [rows](const void* ptr, int64_t ld, size_t elem, size_t bytes) {
+    return ptr == nullptr ||
+           (aligned(ptr, bytes) && (rows == 1 || (ld * static_cast<int64_t>(elem)) % static_cast<int64_t>(bytes) == 0));
   };
-  const bool vec = cols % 4 == 0 && rows_aligned(b.params, b.ld_p, 4, 16) &&
-                   (outer ? rows_aligned(b.b, b.b_k, 4, 16) && rows_aligned(b.b, b.b_s, 4, 16)
+  const bool vec = rows_aligned(b.params, b.ld_p, 4, 16) &&
+                   (outer ? aligned(b.b, 16) && b.b_k % 4 == 0 && b.b_s % 4 == 0
                           : rows_aligned(b.grads, b.ld_g, 4, 16)) &&
                    rows_aligned(b.exp_avg, b.ld_m, dtype_bytes(b.moment_t), mb) &&
                    rows_aligned(b.exp_avg_sq, b.ld_v, dtype_bytes(b.moment_t), mb) &&

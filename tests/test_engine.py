@@ -141,13 +141,18 @@ def test_graphs_requested_on_cpu_run_eagerly_without_warning():
     assert torch.equal(got.cls, ref.cls)
 
 
-def test_adam_slices_equal_one_pass(monkeypatch):
+@pytest.mark.parametrize("factors", [None, True], ids=["written", "factored"])
+def test_adam_slices_equal_one_pass(monkeypatch, factors):
     model, images, targets = _setup("three-layer", torch.float64, n=2)
-    one = _engine(model, students=2).fit(images, targets)
+    whole_engine = _engine(model, students=2)
+    whole_engine.engine.trigger_factors = factors
+    one = whole_engine.fit(images, targets)
     monkeypatch.setattr(program_mod, "_adam_chunks", lambda prim, total: 3)
     sliced_engine = _engine(model, students=2)
+    sliced_engine.engine.trigger_factors = factors
     sliced = sliced_engine.fit(images, targets)
     assert sliced_engine.engine._program.n_chunks == 3
+    assert (sliced_engine.engine._program.factors is not None) == bool(factors)
     assert torch.equal(one.cls, sliced.cls) and torch.equal(one.losses, sliced.losses)
 
 
@@ -158,6 +163,8 @@ def test_the_trigger_columns_are_updated_from_their_factors_and_never_written():
     these columns moving."""
     model, images, targets = _setup("three-layer", torch.float64, n=2)
     t = _engine(model, students=2)
+    assert t.engine.trigger_factors is None and TorchPrimitives.adam_from_factors is False   # the table's default
+    t.engine.trigger_factors = True
     t.fit(images, targets)
     prog = t.engine._program
     a, b = prog.factors["mlp.0.weight"]
@@ -169,6 +176,12 @@ def test_the_trigger_columns_are_updated_from_their_factors_and_never_written():
     assert bool((moved[:, :, :d] != 0).any())
     assert prog._numel(TRIGGER_COLUMNS) + prog._numel("mlp.0.weight") == prog.store.numels[
         prog.store.names.index("mlp.0.weight")]
+    factored = t.fit(images, targets)
+    t.engine.trigger_factors = None                  # the torch table's default: written out
+    written = t.fit(images, targets)
+    assert t.engine._program.factors is None
+    torch.testing.assert_close(factored.cls, written.cls, rtol=1e-12, atol=0)
+    torch.testing.assert_close(factored.losses, written.losses, rtol=1e-12, atol=0)
 
 
 def test_param_store_layout_and_reset():

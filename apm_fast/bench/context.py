@@ -77,6 +77,13 @@ class Context:
         return (beside, "adam-beside-backward" if beside else "adam-after-backward",
                 "Adam beside the backward" if beside else "Adam after the backward")
 
+    def factored_by_default(self, name: str) -> bool:
+        """Whether the engine updates the first layer's trigger columns from their gradient's
+        factors by default on table ``name``."""
+        from ..backends import get_backend
+
+        return bool(getattr(get_backend(name, device=self.device, check=False), "adam_from_factors", True))
+
     def said(self, reason: str) -> str:
         """``reason`` the first time it is logged in this run, a short reference afterwards (a
         missing backend's reason would otherwise fill the log once per row)."""

@@ -159,13 +159,16 @@ class Primitives:
     ``torch.library`` ops while ``torch.compile`` traces (``use_custom_ops`` None) or always
     (True); ``wgrad_out`` tables write weight gradients into ``out=`` themselves;
     ``adam_beside_backward``: the engine's default for this table, each layer's Adam on the update
-    streams beside the rest of the backward (on where measured faster: the Triton table)."""
+    streams beside the rest of the backward (on where measured faster: the Triton table).
+    ``adam_from_factors``: the engine's default for this table, the first layer's trigger columns
+    updated from their gradient's factors (``adam_``'s ``outer``; on for the kernel tables)."""
 
     name = "?"
     opaque = False
     wgrad_out = False
     use_custom_ops = None
     adam_beside_backward = False
+    adam_from_factors = True
 
     def available(self) -> Tuple[bool, str]:
         return True, ""
@@ -381,6 +384,10 @@ class TorchPrimitives(Primitives):
 
     name = "torch"
     wgrad_out = True
+    # it materializes the gradient anyway, and its elementwise update over the column blocks
+    # (strided views) is slower than over the flat buffers: the step took 1.85 ms against 1.41
+    # (H200; b377a5b against 10b1643, benchmarks/results/h200/README.md)
+    adam_from_factors = False
 
     def _linear(self, x, w, b, relu, out_dtype):
         acc = acc_dtype_for(w.dtype)

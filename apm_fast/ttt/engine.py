@@ -67,10 +67,11 @@ class TTTEngine:
     independent pieces (trigger, the pool's projections and parameter gradients, the conv's
     gradients, the loss record) on a second CUDA stream beside the GEMMs
     (``driver.Beside``); with it, ``wgrad_beside`` (True; False for comparisons) also runs each
-    layer's weight gradient beside its input gradient, on a third stream. ``trigger_factors``
-    (True; False for comparisons): the first layer's trigger columns are updated from their
-    gradient's factors (rank one per image: never written to memory, and their update starts
-    before the rest of the first layer's backward is done); without shards.
+    layer's weight gradient beside its input gradient, on a third stream. The attribute
+    ``trigger_factors`` (None: the table's ``adam_from_factors``, on for the kernel tables; a bool
+    for comparisons): the first layer's trigger columns are updated from their gradient's factors
+    (rank one per image: never written to memory, and their update starts before the rest of the
+    first layer's backward is done); without shards.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -91,7 +92,7 @@ class TTTEngine:
         self.overlap = overlap
         self.beside = True
         self.wgrad_beside = True
-        self.trigger_factors = True
+        self.trigger_factors = None
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)

@@ -60,7 +60,7 @@ class StudentProgram:
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
                  overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True,
-                 trigger_factors: bool = True):
+                 trigger_factors: bool | None = None):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -103,8 +103,9 @@ class StudentProgram:
             self.n_chunks = _adam_chunks(prim, s * self.store.numel)
             # the first layer's trigger columns updated from their gradient's factors (the backward
             # fills this each step), never written out; not sharded: a sharded step sums every
-            # gradient, whole, across the ranks (off: written out, for comparisons)
-            self.factors: Optional[dict] = {} if shards is None and trigger_factors else None
+            # gradient, whole, across the ranks (None: the table's default; off: written out)
+            factored = getattr(prim, "adam_from_factors", True) if trigger_factors is None else trigger_factors
+            self.factors: Optional[dict] = {} if shards is None and factored else None
             # each layer's Adam on the update streams as soon as the backward is done with the layer,
             # beside the rest of the backward (Adam in one launch, one device, CUDA; by default
             # where the table says it pays); off: after it

@@ -13,8 +13,8 @@ never waits for the host; the reset to the snapshot before each repeat is not ti
 over 20 repeats; eagerly the same. In the same run, each table's other Adam schedule, the step with
 the weight gradients after the input gradients on the main stream (``wgrad-inline``: only the small
 pieces beside), the step with everything on one stream (``one-stream``) and the step with the first
-layer's trigger-column gradient written out and read by Adam (``trigger-written``; by default Adam
-builds it from its rank-one factors).
+layer's trigger-column gradient written out and read by Adam (``trigger-written``, for the tables
+whose Adam builds it from its rank-one factors by default).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -95,7 +95,7 @@ def _problem(ctx, backend, students):
     return model, x, y, trainer
 
 
-def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True, trigger_factors=True):
+def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True, trigger_factors=None):
     o = ctx.options
     model, x, y, trainer = _problem(ctx, backend, 1)
     trainer.engine.graphs = graphs
@@ -256,8 +256,9 @@ def run(ctx) -> dict:
                                 lambda n=name: _latency(ctx, n, True, wgrad_beside=False)))
             rows.append(ctx.row({"key": f"latency/{name}/graph/one-stream", "backend": name}, status, name,
                                 lambda n=name: _latency(ctx, n, True, beside=False)))
-            rows.append(ctx.row({"key": f"latency/{name}/graph/trigger-written", "backend": name}, status, name,
-                                lambda n=name: _latency(ctx, n, True, trigger_factors=False)))
+            if ctx.factored_by_default(name):
+                rows.append(ctx.row({"key": f"latency/{name}/graph/trigger-written", "backend": name}, status,
+                                    name, lambda n=name: _latency(ctx, n, True, trigger_factors=False)))
         rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,

@@ -40,8 +40,9 @@ def table(monkeypatch, tmp_path):
 
 def test_the_packaged_table_is_what_the_committed_results_give(monkeypatch):
     monkeypatch.chdir(ROOT)
-    files = sorted(glob.glob("benchmarks/results/*/suite/ttt_step.json"))
-    assert files, "no committed ttt_step results"
+    files = sorted(glob.glob("benchmarks/results/*/suite/engine.json")) + \
+        sorted(glob.glob("benchmarks/results/*/suite/ttt_step.json"))
+    assert files, "no committed engine or ttt_step results"
     with open(measured.PATH) as f:
         packaged = json.load(f)
     assert packaged == json.loads(json.dumps(measured.record(files))), \
@@ -60,8 +61,29 @@ def test_record_prefers_engine_rows_and_skips_cpu_and_failed_rows(tmp_path):
     assert t["gpus"]["H"]["step_ms"] == {"ttt-b16": {"cuda": 2.0}} and t["gpus"]["H"]["row"] == "<table>+graph"
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"suite": "forward", "rows": []}))
-    with pytest.raises(ValueError, match="expected a ttt_step result file"):
+    with pytest.raises(ValueError, match="expected an engine or ttt_step result file"):
         measured.record([str(bad)])
+
+
+def test_record_prefers_the_engine_sections_back_to_back_steps(tmp_path):
+    """For one GPU, the engine section's latency rows (20 steps back to back, as the trainer runs
+    them; their preset is the section's engine_preset) win over the step section's rows, in
+    either order of the files; a GPU with only step results keeps those."""
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps({
+        "suite": "engine", "machine": {"device": "cuda", "gpu": "G", "commit": "def5678"},
+        "options": {"engine_preset": "ttt-l14"},
+        "rows": [{"key": "latency/triton/graph", "status": "ok", "ms_per_step": 0.471},
+                 {"key": "latency/cuda/graph", "status": "ok", "ms_per_step": 0.488},
+                 {"key": "latency/cuda/graph/trigger-written", "status": "ok", "ms_per_step": 0.3},
+                 {"key": "latency/torch/graph", "status": "skipped"}]}))
+    step = _step_file(tmp_path, "G", [_row("ttt-l14", "engine/triton", 0.566), _row("ttt-l14", "engine/cuda", 0.537)])
+    other = _step_file(tmp_path, "H", [_row("ttt-l14", "engine/cuda", 0.5)], name="h.json")
+    for files in ([str(engine), step, other], [step, str(engine), other]):
+        t = measured.record(files)
+        assert t["gpus"]["G"] == {"commit": "def5678", "file": os.path.normpath(str(engine)).replace(os.sep, "/"),
+                                  "row": "latency/<table>/graph", "step_ms": {"ttt-l14": {"triton": 0.471, "cuda": 0.488}}}
+        assert t["gpus"]["H"]["row"] == "engine/<table>"
 
 
 def test_choose_follows_the_measurement_per_preset(table):

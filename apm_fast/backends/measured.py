@@ -1,12 +1,20 @@
 """The default backend on a GPU, from measurements: which table ran the TTT step fastest, per GPU
 model and preset, in the committed benchmark results.
 
-``apm_fast/data/fastest.json`` holds, for every GPU model with a committed ``ttt_step`` result
-(``benchmarks/results/<gpu>/suite/ttt_step.json``), the graph-replayed step time of every table at
-every preset measured there, with the commit and file it came from. It is written from those files
-by this module and nothing else (a test checks that it still equals what they give)::
+``apm_fast/data/fastest.json`` holds, for every GPU model with a committed result, the
+graph-replayed step time of every table at every preset measured there, with the commit, file and
+row it came from. It is written from those files by this module and nothing else (a test checks
+that it still equals what they give)::
 
-    python -m apm_fast.backends.measured benchmarks/results/*/suite/ttt_step.json
+    python -m apm_fast.backends.measured benchmarks/results/*/suite/engine.json benchmarks/results/*/suite/ttt_step.json
+
+The rows, preferred first: the engine section's ``latency/<table>/graph`` (``engine.json``: one
+image's 20 steps replayed back to back, as the TTT trainer runs them), then the step section's
+``engine/<table>`` (``ttt_step.json``: one step at a time, its loss read after each, so launch
+and host time weigh in: on the H200 at b377a5b 0.566 ms for the triton table against 0.471 back
+to back, and the two tables' order differed between the two), then ``<table>+graph`` (results
+from before the engine had a row per table). A GPU takes its rows from the most preferred kind
+any of its files has.
 
 :func:`choose` orders the available tables by that measurement: the preset's own row when the
 model's config is a preset, else the sum over the GPU's measured presets; a GPU that was never
@@ -29,42 +37,53 @@ FALLBACK = ("triton", "cuda", "torch")
 # relative difference below which two measured tables count as equally fast
 TIE = 0.02
 PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "fastest.json")
-# the keys of a ttt_step row that time a table's graph-replayed step, preferred first: the engine
-# (what the TTT trainer runs), then the whole step captured in one graph (results from before the
-# engine had a row per table)
-_KEYS = ("engine/{}", "{}+graph")
+# (suite, key of a table's row, where its ms per step is), preferred first (see the docstring)
+_ROWS = (("engine", "latency/{}/graph", "ms_per_step"), ("ttt_step", "engine/{}", "timing"),
+         ("ttt_step", "{}+graph", "timing"))
+
+
+def _step_ms(row: dict, field: str) -> Optional[float]:
+    value = row.get(field)
+    if field == "timing":
+        value = value.get("median_ms") if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def record(files: Iterable[str]) -> dict:
-    """The table of ``fastest.json`` from ``ttt_step`` result files (one GPU model each; a later
-    file of the same GPU replaces an earlier one)."""
-    gpus: Dict[str, dict] = {}
+    """The table of ``fastest.json`` from ``engine`` and ``ttt_step`` result files (one GPU model
+    each; for one GPU, a file with a more preferred kind of row wins, and of two with the same
+    kind the later one)."""
+    gpus: Dict[str, Tuple[int, dict]] = {}
     for path in files:
         with open(path) as f:
             result = json.load(f)
-        if result.get("suite") != "ttt_step":
-            raise ValueError(f"{path}: expected a ttt_step result file, got suite {result.get('suite')!r}")
+        suite = result.get("suite")
+        if suite not in {s for s, _, _ in _ROWS}:
+            raise ValueError(f"{path}: expected an engine or ttt_step result file, got suite {suite!r}")
         machine = result.get("machine") or {}
         if machine.get("device") != "cuda":
             continue                                   # CPU timings say nothing about the GPU tables
-        rows = {(r.get("preset"), r.get("key")): r for r in result.get("rows", [])
-                if r.get("status") == "ok" and isinstance(r.get("timing"), dict)}
-        presets: Dict[str, Dict[str, float]] = {}
-        key_used = None
-        for template in _KEYS:
-            for (preset, key), row in rows.items():
+        default_preset = (result.get("options") or {}).get("engine_preset")
+        for rank, (kind, template, field) in enumerate(_ROWS):
+            if kind != suite:
+                continue
+            presets: Dict[str, Dict[str, float]] = {}
+            for row in result.get("rows", []):
+                ms = _step_ms(row, field) if row.get("status") == "ok" else None
+                preset = row.get("preset", default_preset)
                 for name in FALLBACK:
-                    if key == template.format(name):
-                        presets.setdefault(preset, {})[name] = round(float(row["timing"]["median_ms"]), 4)
+                    if ms is not None and preset and row.get("key") == template.format(name):
+                        presets.setdefault(preset, {})[name] = round(ms, 4)
             if presets:
-                key_used = template.format("<table>")
+                gpu = machine["gpu"]
+                if gpu not in gpus or rank <= gpus[gpu][0]:
+                    gpus[gpu] = (rank, {"commit": machine.get("commit"),
+                                        "file": os.path.normpath(path).replace(os.sep, "/"),
+                                        "row": template.format("<table>"),
+                                        "step_ms": {p: presets[p] for p in sorted(presets)}})
                 break
-        if presets:
-            gpus[machine["gpu"]] = {"commit": machine.get("commit"),
-                                    "file": os.path.normpath(path).replace(os.sep, "/"), "row": key_used,
-                                    "step_ms": {p: presets[p] for p in sorted(presets)}}
     return {"what": "median ms of one graph-replayed TTT step at one image, per table",
-            "gpus": {g: gpus[g] for g in sorted(gpus)}}
+            "gpus": {g: gpus[g][1] for g in sorted(gpus)}}
 
 
 _LOADED: Optional[dict] = None
@@ -131,7 +150,8 @@ def choose(gpu: Optional[str], config, available: Sequence[str]) -> Tuple[str, s
 def main(argv=None) -> int:
     files = list(sys.argv[1:] if argv is None else argv)
     if not files:
-        print("usage: python -m apm_fast.backends.measured RESULTS/ttt_step.json ...", file=sys.stderr)
+        print("usage: python -m apm_fast.backends.measured RESULTS/engine.json RESULTS/ttt_step.json ...",
+              file=sys.stderr)
         return 2
     table = record(files)
     with open(PATH, "w") as f:

@@ -5,7 +5,7 @@ On a GPU a table's inference forward is a replayed CUDA graph from its second ca
 ``model(x)`` under ``torch.no_grad()`` does): that is the row's timing; ``eager`` beside it is the
 same forward launched op by op, bound by the host (``ttt-l14`` on the H200, Triton table:
 0.053 ms per image eager against 0.046 replayed at B = 64, 1.50 against 0.22 ms at B = 1;
-benchmarks/results/h200/suite/forward.json)."""
+an earlier suite run, benchmarks/results/h200/history/*/suite/forward.json)."""
 from __future__ import annotations
 
 import torch

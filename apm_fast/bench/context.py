@@ -68,21 +68,22 @@ class Context:
         """Backends other than the reference, in a fixed order, with their status."""
         return [(n, s) for n, s in self.backends.items() if n != "reference"]
 
+    def _table(self, name: str):
+        from ..backends import get_backend
+
+        return get_backend(name, device=self.device, check=False)
+
     def other_adam(self, name: str):
         """The engine setting a table does not use by default, to measure beside its default in
         the same run: (overlap value, key suffix, words for labels)."""
-        from ..backends import get_backend
-
-        beside = not getattr(get_backend(name, device=self.device, check=False), "adam_beside_backward", False)
+        beside = not getattr(self._table(name), "adam_beside_backward", False)
         return (beside, "adam-beside-backward" if beside else "adam-after-backward",
                 "Adam beside the backward" if beside else "Adam after the backward")
 
     def factored_by_default(self, name: str) -> bool:
         """Whether the engine updates the first layer's trigger columns from their gradient's
         factors by default on table ``name``."""
-        from ..backends import get_backend
-
-        return bool(getattr(get_backend(name, device=self.device, check=False), "adam_from_factors", True))
+        return bool(getattr(self._table(name), "adam_from_factors", True))
 
     def said(self, reason: str) -> str:
         """``reason`` the first time it is logged in this run, a short reference afterwards (a

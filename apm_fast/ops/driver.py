@@ -565,10 +565,10 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     with side(r, ctx.t):                 # the conv's gradients: beside the first layer's
         w1t = _trigger_weight(w, config)
         dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                   # S B d
-        wt_read = side.mark()            # the last read of the first layer's weights
+        _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))        # db1
+        wt_read = side.mark()            # the last read of the first layer's weights; db1 made
         if factored:                     # dW_T by its factors, final now: its update may start
             trigger_factors["mlp.0.weight"] = (r, ctx.t)
-            _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
             done([TRIGGER_COLUMNS, "mlp.0.bias"])
         conv_shape = w["conv.weight"].shape
         _into(g, acc, "conv.weight", lambda out: torch.bmm(
@@ -576,12 +576,11 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             out=None if out is None else out.view(s, 1, -1)).reshape(conv_shape))
         _into(g, acc, "conv.bias", lambda out: torch.sum(
             dt, (1, 2), out=None if out is None else out.view(s)).reshape(w["conv.bias"].shape))
-    # the first layer's gradients on the main stream (its update, the largest with the first
-    # consumer's, starts when they are done: beside, starved by the GEMMs and the updates, they
-    # finished ~60 us after the dW_P GEMM at one image)
+    # the first layer's weight gradients on the main stream (its update, the largest with the
+    # first consumer's, starts when they are done: beside, starved by the GEMMs and the updates,
+    # they finished ~60 us after the dW_P GEMM at one image)
     if not factored:
         dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                    # in place when it can
-        _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
     dwp, _ = prim.linear_bwd_weight(g1_sum_b.to(cdt), pos_in, bias=False, out=wp_view)
     g1 = g1_sum_b = None
@@ -589,7 +588,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
     dwt = dwp = None
     if not factored:
-        side.join(upto=wt_read)             # dt has read W_T: the first layer's update may start
+        side.join(upto=wt_read)             # dt has read W_T and db1 is made: the update may start
     done(["mlp.0.weight"] if factored else ["mlp.0.weight", "mlp.0.bias"])
     with wside():                           # after its input gradient too (it reads the weights)
         done([f"{names[0]}.weight", f"{names[0]}.bias"])

@@ -186,7 +186,7 @@ class StudentProgram:
         st = self.store
         names = list(st.names) + [TRIGGER_COLUMNS] if names is None else list(names)
         updates = []
-        factors = self.factors.get(_FIRST) if self.factors else None
+        factors = self._trigger_factors()
         if factors is not None:
             d = factors[1].shape[-1]
             if TRIGGER_COLUMNS in names:
@@ -200,10 +200,14 @@ class StudentProgram:
             updates += [group + (None,) for group in st.adam_groups(names)]
         return updates
 
+    def _trigger_factors(self):
+        """(r, T) of this step's first-layer trigger columns, when the backward gave them so."""
+        return self.factors.get(_FIRST) if self.factors else None
+
     def _numel(self, name: str) -> int:
         """Parameters one student's update of ``name`` covers (see :meth:`_updates`)."""
         st = self.store
-        factors = self.factors.get(_FIRST) if self.factors else None
+        factors = self._trigger_factors()
         trigger = 0 if factors is None else st.shapes[st.names.index(_FIRST)][0] * factors[1].shape[-1]
         if name == TRIGGER_COLUMNS:
             return trigger
@@ -332,7 +336,7 @@ class _EarlyAdam:
         self.queued[i] += sum(prog._numel(n) for n in names)
         lane = self.lanes[i]
         # the factors of the trigger columns' gradient are the backward's tensors: kept from reuse
-        reads = prog.factors.get(_FIRST, ()) if TRIGGER_COLUMNS in names and prog.factors else ()
+        reads = (prog._trigger_factors() or ()) if TRIGGER_COLUMNS in names else ()
         with lane(*reads):
             if self.after is not None:
                 lane.side.wait_event(self.after)

@@ -83,9 +83,12 @@ class ParamStore:
 
     # ------------------------------------------------------------------ layout
     def _views(self, flat: torch.Tensor, count: int | None = None) -> Dict[str, torch.Tensor]:
-        s = self.students
-        rows = list(zip(self.names, self.offsets, self.numels, self.shapes))[:count]
-        return {n: flat[s * o: s * (o + k)].view(s, *sh) for n, o, k, sh in rows}
+        return {n: self._view(flat, i) for i, n in enumerate(self.names[:count])}
+
+    def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter ``i``'s (S, *shape) block of a flat buffer."""
+        s, o, k = self.students, self.offsets[i], self.numels[i]
+        return flat[s * o: s * (o + k)].view(s, *self.shapes[i])
 
     def flat2d(self, flat: torch.Tensor) -> torch.Tensor:
         """A flat buffer as the (S, N) tensor of the optimizer contract."""
@@ -123,14 +126,11 @@ class ParamStore:
         ``name``, as (S, rows, columns) views (rows one row stride apart): one of ``adam_``'s
         column blocks, e.g. the first layer's trigger columns."""
         i = self.names.index(name)
-        s, o, k, sh = self.students, self.offsets[i], self.numels[i], self.shapes[i]
-        if len(sh) != 2:
-            raise ValueError(f"name: expected a 2-D parameter, got {name!r} of shape {sh}")
+        if len(self.shapes[i]) != 2:
+            raise ValueError(f"name: expected a 2-D parameter, got {name!r} of shape {self.shapes[i]}")
         cols = slice(start, stop)
-        bufs = (self.master, self.grad, self.exp_avg, self.exp_avg_sq)
-        views = [t[s * o: s * (o + k)].view(s, *sh)[:, :, cols] for t in bufs]
-        lowp = self.lowp[s * o: s * (o + k)].view(s, *sh)[:, :, cols] if i < self.n_lowp else None
-        return (*views, lowp)
+        views = [self._view(t, i)[:, :, cols] for t in (self.master, self.grad, self.exp_avg, self.exp_avg_sq)]
+        return (*views, self._view(self.lowp, i)[:, :, cols] if i < self.n_lowp else None)
 
     def nbytes(self) -> int:
         bufs = [self.master, self.grad, self.exp_avg, self.exp_avg_sq] + ([self.lowp] if self.lowp is not None else [])

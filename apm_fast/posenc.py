@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-__all__ = ["position_code", "position_rows", "position_cells"]
+__all__ = ["position_code", "position_rows", "position_cells", "position_halves"]
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
@@ -71,17 +71,30 @@ def position_rows(d: int, height: int, width: int, start: int, stop: int, *, dty
     return position_cells(d, height, width, torch.arange(start, stop, device=device), dtype=dtype)
 
 
+def position_halves(d: int, height: int, width: int, *, dtype=torch.float32, device=None):
+    """The code's two halves: (X (width, hx), Y (height, d - hx)), with row y * width + x of
+    ``position_code(d, height, width)`` equal to [X[x] | Y[y]] exactly (the first channels are
+    a function of x alone, the rest of y alone; for widths d not divisible by 4 the y half is
+    the part the trim keeps). Cached like the code; treat them as read-only."""
+    key = ("halves", int(d), int(height), int(width), dtype, torch.device("cpu") if device is None
+           else torch.device(device))
+    halves = _CACHE.get(key)
+    if halves is None:
+        hx = min(d, 2 * ((d + 3) // 4))
+        # x varies along a 1 x width grid (y = 0), y along a height x 1 grid (x = 0)
+        xs = position_code(d, 1, width, dtype=dtype, device=device)[:, :hx].contiguous()
+        ys = position_code(d, height, 1, dtype=dtype, device=device)[:, hx:].contiguous()
+        halves = (xs, ys)
+        if not torch.compiler.is_compiling():
+            with _LOCK:
+                halves = _CACHE.setdefault(key, halves)
+    return halves
+
+
 def position_cells(d: int, height: int, width: int, cells: torch.Tensor, *, dtype=torch.float32) -> torch.Tensor:
     """The rows ``cells`` (a long tensor of indices y * width + x, on the code's device) of
-    ``position_code(d, height, width)``, from the code's two halves (x and y parts, each a
-    function of one coordinate) so that the L x d code is never held. No value is read on the
-    host: the indices may be computed on the device (a captured chunk replayed at any offset)."""
-    device = cells.device
-    if d % 4 != 0:  # the trimmed code of odd widths is only defined as a whole
-        return position_code(d, height, width, dtype=dtype, device=device)[cells]
-    half = d // 2
-    # position_code(d, 1, n)[:, :half] is [sin, cos](n' * freq_k) interleaved for n' < n: the x
-    # half for x < width, and (same frequencies, same layout) the y half for y < height
-    xs = position_code(d, 1, width, dtype=dtype, device=device)[:, :half]
-    ys = position_code(d, 1, height, dtype=dtype, device=device)[:, :half]
+    ``position_code(d, height, width)``, from the code's two halves (:func:`position_halves`)
+    so that the L x d code is never held. No value is read on the host: the indices may be
+    computed on the device (a captured chunk replayed at any offset)."""
+    xs, ys = position_halves(d, height, width, dtype=dtype, device=cells.device)
     return torch.cat([xs[cells % width], ys[cells // width]], dim=1)

@@ -326,3 +326,35 @@ def test_several_students_equal_each_alone_f64(b):
         assert rel_err(z_all[i], z1[0]) < 1e-12
         for n in names:
             assert rel_err(g_all[n][i], g1[n][0]) < 1e-12, (n, i)
+
+
+@pytest.mark.parametrize("d, height, width", [(24, 4, 6), (25, 5, 5), (2, 3, 4)])
+def test_position_products_from_the_codes_halves(d, height, width):
+    """P = pos W_P^T and dW_P = g1^T pos computed from the code's two halves (pos_grid) equal the
+    one-GEMM forms in float64 (trimmed widths and a code with no y half included); in bf16 they
+    are no further from the float64 values than the one-GEMM forms; a pos_in that is not the
+    grid's is refused by name."""
+    from apm_fast.ops.driver import position_product, position_weight_grad
+    from apm_fast.posenc import position_code
+
+    torch.manual_seed(3)
+    s, h1, L = 2, 16, height * width
+    wp, g1 = torch.randn(s, h1, d, dtype=torch.float64), torch.randn(s, L, h1, dtype=torch.float64)
+    pos = position_code(d, height, width, dtype=torch.float64)
+    exact_p, exact_dw = torch.einsum("ld,shd->slh", pos, wp), torch.einsum("slh,ld->shd", g1, pos)
+    grid = (height, width)
+    assert rel_err(position_product(TP, wp, pos, torch.float64, grid=grid), exact_p) < 1e-14
+    assert rel_err(position_weight_grad(TP, g1, pos, grid=grid), exact_dw) < 1e-14
+    out = torch.zeros(s, h1, 2 * d, dtype=torch.float64)[:, :, d:]         # a column block, written in place
+    assert position_weight_grad(TP, g1, pos, grid=grid, out=out) is out and rel_err(out, exact_dw) < 1e-14
+    # bf16: the errors of both forms against the float64 products of the same rounded operands
+    bf = torch.bfloat16
+    pos16, wp16, g16 = position_code(d, height, width, dtype=bf), wp.to(bf), g1.to(bf)
+    ref_p = torch.einsum("ld,shd->slh", pos, wp16.double())
+    ref_dw = torch.einsum("slh,ld->shd", g16.double(), pos)
+    errs = {k: (rel_err(position_product(TP, wp16, pos16, bf, grid=k).double(), ref_p),
+                rel_err(position_weight_grad(TP, g16, pos16, grid=k).double(), ref_dw)) for k in (None, grid)}
+    halves, gemm = errs[grid], errs[None]
+    assert 0 < halves[0] < 1.1 * gemm[0] and 0 < halves[1] < 1.1 * gemm[1], errs
+    with pytest.raises(ValueError, match="pos_grid"):
+        position_product(TP, wp, pos[:-1], torch.float64, grid=grid)

@@ -71,7 +71,10 @@ class TTTEngine:
     ``trigger_factors`` (None: the table's ``adam_from_factors``, on for the kernel tables; a bool
     for comparisons): the first layer's trigger columns are updated from their gradient's factors
     (rank one per image: never written to memory, and their update starts before the rest of the
-    first layer's backward is done); without shards.
+    first layer's backward is done); without shards. The attribute ``position_halves`` (True; False
+    for comparisons): the position products P = pos W_P^T and dW_P over the whole grid from the
+    code's two halves (``driver.position_product``: 0.27 instead of 8.6 GFLOP each for
+    ``ttt-l14``); without shards.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -93,6 +96,7 @@ class TTTEngine:
         self.beside = True
         self.wgrad_beside = True
         self.trigger_factors = None
+        self.position_halves = True
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
@@ -135,7 +139,7 @@ class TTTEngine:
             raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "
                              "watch them on one device (shards=None)")
         key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid),
-               self.overlap, self.beside, self.wgrad_beside, self.trigger_factors)
+               self.overlap, self.beside, self.wgrad_beside, self.trigger_factors, self.position_halves)
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -146,7 +150,8 @@ class TTTEngine:
                                   master_dtype=self.master_dtype, device=self.device, graphs=self.graphs,
                                   label=label, shards=self.shards, keep_grid=keep_grid,
                                   moment_dtype=self.moment_dtype, overlap=self.overlap, beside=self.beside,
-                                  wgrad_beside=self.wgrad_beside, trigger_factors=self.trigger_factors)
+                                  wgrad_beside=self.wgrad_beside, trigger_factors=self.trigger_factors,
+                                  position_halves=self.position_halves)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

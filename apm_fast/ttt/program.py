@@ -60,7 +60,7 @@ class StudentProgram:
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
                  overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True,
-                 trigger_factors: bool | None = None):
+                 trigger_factors: bool | None = None, position_halves: bool = True):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -81,9 +81,12 @@ class StudentProgram:
             # rank's slice (shards)
             self.pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
             self.pos_out = position_code(c.dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
+            # the whole grid: the position products from the code's halves (driver.position_product)
+            self.pos_grid = (c.grid, c.grid) if position_halves else None
             if shards is not None:
                 a, b = shards.rows(c.queries)
                 self.pos_in, self.pos_out = self.pos_in[a:b], self.pos_out[a:b]
+                self.pos_grid = None
             # the images as the trigger conv reads them, unfolded once per batch (not per step)
             self.patches = torch.zeros(s, 1, c.queries, c.in_chans * c.patch ** 2, dtype=self.acc, device=dev)
             self.targets = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
@@ -138,7 +141,8 @@ class StudentProgram:
     def _step(self):
         c, st, sh = self.config, self.store, self.shards
         z, f, ctx = forward(self.prim, st.weights, None, c, self.pos_in, self.pos_out, cdt=self.cdt,
-                            combine=None if sh is None else sh.combine, patches=self.patches, beside=self.beside)
+                            combine=None if sh is None else sh.combine, patches=self.patches, beside=self.beside,
+                            pos_grid=self.pos_grid)
         del f                      # ctx holds it until the backward is done with it
         diff = z[:, 0] - self.targets                                         # S x D, acc dtype
         dz = (diff * (2.0 / c.dim)).unsqueeze(1)                                # d mean_D / dz
@@ -154,7 +158,7 @@ class StudentProgram:
         backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
                  release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
                  on_done=None if early is None else early.start, beside=self.beside,
-                 wgrad_beside=self.wgrad_beside, trigger_factors=self.factors)
+                 wgrad_beside=self.wgrad_beside, trigger_factors=self.factors, pos_grid=self.pos_grid)
         del ctx, z
         if sh is not None:
             sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange
@@ -218,7 +222,7 @@ class StudentProgram:
         sh = self.shards
         z, f, _ = forward(self.prim, self.store.weights, None, self.config, self.pos_in, self.pos_out,
                           cdt=self.cdt, save=False, combine=None if sh is None else sh.combine, patches=self.patches,
-                          beside=self.beside)
+                          beside=self.beside, pos_grid=self.pos_grid)
         self.cls.copy_(z[:, 0])
         if self.grid is not None:
             self.grid.copy_(f[:, 0])

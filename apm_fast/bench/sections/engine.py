@@ -14,7 +14,9 @@ over 20 repeats; eagerly the same. In the same run, each table's other Adam sche
 the weight gradients after the input gradients on the main stream (``wgrad-inline``: only the small
 pieces beside), the step with everything on one stream (``one-stream``) and the step with the first
 layer's trigger-column gradient written out and read by Adam (``trigger-written``, for the tables
-whose Adam builds it from its rank-one factors by default).
+whose Adam builds it from its rank-one factors by default), and the step with the position
+products P = pos W_P^T and dW_P as one GEMM each over the L rows (``position-gemm``) instead of
+from the code's two halves. The TFLOP/s column counts the rewritten form's FLOPs (halves included).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -95,7 +97,8 @@ def _problem(ctx, backend, students):
     return model, x, y, trainer
 
 
-def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True, trigger_factors=None):
+def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True, trigger_factors=None,
+             position_halves=True):
     o = ctx.options
     model, x, y, trainer = _problem(ctx, backend, 1)
     trainer.engine.graphs = graphs
@@ -103,6 +106,7 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True,
     trainer.engine.beside = beside
     trainer.engine.wgrad_beside = wgrad_beside
     trainer.engine.trigger_factors = trigger_factors
+    trainer.engine.position_halves = position_halves
     prog = trainer.program(1)
     prog.load(x, y)
 
@@ -128,7 +132,7 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True,
     ms = t.median_ms / o.ttt_steps
     return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "adam_beside_backward": prog.overlap,
             "small_work_beside": prog.beside, "weight_grads_beside": prog.wgrad_beside,
-            "trigger_from_factors": prog.factors is not None,
+            "trigger_from_factors": prog.factors is not None, "position_halves": prog.pos_grid is not None,
             "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
 
 
@@ -259,6 +263,8 @@ def run(ctx) -> dict:
             if ctx.factored_by_default(name):
                 rows.append(ctx.row({"key": f"latency/{name}/graph/trigger-written", "backend": name}, status,
                                     name, lambda n=name: _latency(ctx, n, True, trigger_factors=False)))
+            rows.append(ctx.row({"key": f"latency/{name}/graph/position-gemm", "backend": name}, status, name,
+                                lambda n=name: _latency(ctx, n, True, position_halves=False)))
         rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,

@@ -4,7 +4,9 @@
   the autograd loop; a table: the engine at S = 1), from the per-image times it records;
 * students side by side on the engine, for every table and every S of ``students_list``
   (teacher excluded), from whole ``fit`` calls; at the largest S also with bf16 Adam moments, with
-  their effect on ``cls`` against the fp32-moment run on the same images;
+  their effect on ``cls`` against the fp32-moment run on the same images, with the table's other
+  Adam schedule, and with the position products as one GEMM each over the L rows
+  (``position-gemm``) instead of from the code's two halves;
 * end to end (on the default table for the preset here): :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
   teacher of random weights (same cost as real ones), loader, teacher and students overlapped,
   beside the teacher alone at the same batch: ``images_per_s`` over the whole call (the loader's
@@ -33,13 +35,15 @@ def _targets(ctx, model, images):
     return torch.cat([ctx.targets(model, images[i:i + 1], offset=i) for i in range(images.shape[0])])
 
 
-def _trainer(ctx, model, backend, students, moments=None, overlap=None):
+def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=True):
     o = ctx.options
     prec = None if backend == "reference" else (ctx.amp_dtype or model.dtype)
     trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec,
                               moments=moments)
     if overlap is not None:
         trainer.engine.overlap = overlap
+    if backend != "reference":
+        trainer.engine.position_halves = position_halves
     return trainer
 
 
@@ -55,11 +59,12 @@ def _one_at_a_time(ctx, name, model, images, targets):
             "peak_bytes": pm.peak_bytes, "final_loss_median": float(result.losses[:, -1].median())}
 
 
-def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None):
+def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, position_halves=True):
     """Images/s of 2 S images, S side by side; with bf16 moments also how far their cls moves from
     the fp32-moment run's on the same images (relative, and the share whose closest target changes).
     ``overlap``: each layer's Adam beside the rest of the backward (True) or the whole Adam after
-    it (False) instead of the table's default, to compare in one run."""
+    it (False) instead of the table's default, to compare in one run; ``position_halves=False``: the
+    position products as one GEMM each over the L rows (the ``position-gemm`` rows)."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
@@ -75,12 +80,13 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None):
                   "closest_changed": float((closest(half) != closest(full)).float().mean())}
         free_memory(ctx.device)
     with peak_memory(ctx.device) as pm:
-        trainer = _trainer(ctx, model, name, s, moments, overlap)
+        trainer = _trainer(ctx, model, name, s, moments, overlap, position_halves)
         trainer.fit(images[:s], targets[:s])                # build, capture, warm
         timing = measure(lambda: trainer.fit(images, targets), device=ctx.device, warmup=0,
                          repeats=max(20, o.repeats))
     return {**effect, "timing": timing.to_dict(), "images": 2 * s, "students": s, "precision": trainer.precision,
             "moments": trainer.moments, "adam_beside_backward": trainer.engine.program(s).overlap,
+            "position_halves": trainer.engine.program(s).pos_grid is not None,
             "images_per_s": 2 * s * 1e3 / timing.median_ms, "peak_bytes": pm.peak_bytes,
             "peak_bytes_per_student": None if pm.peak_bytes is None else pm.peak_bytes / s,
             "mode": trainer.engine.mode}
@@ -175,6 +181,12 @@ def run(ctx) -> dict:
                                              label=f"{s} students side by side, {name}, {words}"),
                                         "available", name,
                                         lambda n=name, s=s, ov=ov: _side_by_side(ctx, preset, n, model, s, overlap=ov)))
+                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/position-gemm",
+                                             backend=name, students=s, steps=o.ttt_steps,
+                                             label=f"{s} students side by side, {name}, position products as GEMMs"),
+                                        "available", name,
+                                        lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s,
+                                                                          position_halves=False)))
         fast = default_backend(ctx.device, ctx.config(preset))
         best = fast if fast in usable else next(iter(usable), None)
         tower = dict(o.table4_pairs).get(preset)

@@ -184,6 +184,25 @@ def test_the_trigger_columns_are_updated_from_their_factors_and_never_written():
     torch.testing.assert_close(factored.losses, written.losses, rtol=1e-12, atol=0)
 
 
+def test_position_products_from_the_codes_halves_train_the_same(monkeypatch):
+    """The engine with the position products from the code's separable form trains exactly as
+    with one GEMM each (float64); the default follows the table, with several students only."""
+    model, images, targets = _setup("three-layer", torch.float64, n=3)
+    t = _engine(model, students=3)
+    t.fit(images, targets)
+    assert t.engine.position_halves is None and t.engine._program.pos_grid is None   # the torch table's default
+    gemm = t.fit(images, targets)
+    t.engine.position_halves = True
+    halves = t.fit(images, targets)
+    g = model.config.grid
+    assert t.engine._program.pos_grid == (g, g)
+    torch.testing.assert_close(halves.cls, gemm.cls, rtol=1e-12, atol=0)
+    torch.testing.assert_close(halves.losses, gemm.losses, rtol=1e-12, atol=0)
+    monkeypatch.setattr(TorchPrimitives, "position_halves", True, raising=False)   # a table that has them on
+    t.engine.position_halves = None
+    assert t.engine.program(3).pos_grid == (g, g) and t.engine.program(1).pos_grid is None
+
+
 def test_param_store_layout_and_reset():
     model, _, _ = _setup("two-layer", torch.float64)
     names = weight_names(model.config)

@@ -34,6 +34,10 @@ class TritonPrimitives(Primitives):
     # at S = 64, and 0.473 against 0.475 ms a step at one image, within the run-to-run spread (the
     # cuda table: 0.509 against 0.482, slower), benchmarks/results/h200/e84f14e-step-engine-throughput/
     adam_beside_backward = True
+    # the position products from the code's separable form with several students: on the H200 at
+    # S = 64 143.6 against 141.2 images/s; at one image slower (0.474 against 0.469 ms a step: six
+    # more launches), so the engine keeps the one GEMM there (b7e1beb, benchmarks/results/h200/)
+    position_halves = True
 
     def __init__(self, use_custom_ops: bool | None = None):
         self.use_custom_ops = use_custom_ops

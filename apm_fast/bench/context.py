@@ -80,6 +80,14 @@ class Context:
         return (beside, "adam-beside-backward" if beside else "adam-after-backward",
                 "Adam beside the backward" if beside else "Adam after the backward")
 
+    def other_position(self, name: str, students: int):
+        """The position products the engine does not use by default on table ``name`` at S =
+        ``students`` (from the code's separable form, or one GEMM over the L rows), to measure beside
+        its default in the same run: (position_halves value, key suffix, words for labels)."""
+        halves = not (getattr(self._table(name), "position_halves", False) and students > 1)
+        return (halves, "position-halves" if halves else "position-gemm",
+                "position products from the code's halves" if halves else "position products as one GEMM")
+
     def factored_by_default(self, name: str) -> bool:
         """Whether the engine updates the first layer's trigger columns from their gradient's
         factors by default on table ``name``."""

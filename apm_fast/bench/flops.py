@@ -3,13 +3,10 @@
 A multiply-add is 2 FLOPs. Like ``FlopCounterMode``, the analytic counts include matrix products
 and convolutions only (element-wise work, softmax and the optimizer are not counted), so the two
 can be compared line by line. For ``ttt-l14`` at L = 1024 the plain form gives 42.7 GF forward
-and 128.1 GF per TTT step; the rewritten form of spec section 3 gives 31.7 GF and 86.5 GF, and
-24.2 GF and 71.5 GF with the position products from the code's separable form (what the driver
-computes over a whole grid: 1.07 GF instead of 8.6 for P, the same for dW_P).
+and 128.1 GF per TTT step, the rewritten form 31.7 GF and 86.5 GF (spec section 3).
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Callable, Dict
 
@@ -23,13 +20,11 @@ def _linear(rows, fan_in, fan_out):
 
 
 def apm_flops(cfg, *, form: str = "plain", batch: int = 1, queries: int | None = None,
-              want_rgb: bool = False, separable: bool = True) -> Dict[str, object]:
+              want_rgb: bool = False) -> Dict[str, object]:
     """Forward and TTT-step (forward + backward) FLOPs of an APM, term by term.
 
     ``form``: "plain" (the reference: every column materialized, ``nn.MultiheadAttention``) or
-    "rewritten" (trigger split and single-query pool of spec section 3, and over a whole grid the
-    position products from the code's two halves, as the driver computes them; ``separable=False``:
-    over the L rows, as the chunked columns and the query shards compute them). ``queries``: L (default
+    "rewritten" (trigger split and single-query pool of spec section 3). ``queries``: L (default
     the config's G^2). The backward counts what is computed for the TTT loss (autograd for the
     plain form, the driver's hand-written backward for the rewritten one): the image needs no
     gradient, every parameter (the conv's included) does, so in the plain form the column's
@@ -51,15 +46,9 @@ def apm_flops(cfg, *, form: str = "plain", batch: int = 1, queries: int | None =
         fwd["fc1"] = _linear(B * L, 2 * d, widths[0])
         bwd["fc1"] = 2 * fwd["fc1"]                        # dW and the column's gradient
     else:
-        # P = pos W_P^T, shared by the batch; over a whole G x G grid from the code's separable
-        # form pos = E C (driver.position_product: Q = C W_P^T over the 2 G rows of the code's
-        # halves, then P = E Q), else one product over the L rows. (With 16-bit operands the
-        # products with E and C run on hi + lo terms, twice the columns: not counted here.)
-        g = math.isqrt(L)
-        fwd["fc1.P"] = (_linear(2 * g, d, widths[0]) + _linear(L, 2 * g, widths[0]) if separable and g * g == L
-                        else _linear(L, d, widths[0]))
+        fwd["fc1.P"] = _linear(L, d, widths[0])            # P = pos W_P^T, shared by the batch
         fwd["fc1.u"] = _linear(B, d, widths[0])            # u_b = W_T T_b + b1
-        bwd["fc1.P"] = fwd["fc1.P"]                        # dW_P = (sum_b g1_b)^T pos, the same way
+        bwd["fc1.P"] = fwd["fc1.P"]                        # dW_P = (sum_b g1_b)^T pos
         bwd["fc1.u"] = 2 * fwd["fc1.u"]                    # dW_T and dT
     for i in range(1, len(widths)):
         k = f"fc{i + 1}"

@@ -26,8 +26,7 @@ class _APMFused(torch.autograd.Function):
         w = {n: p.detach().unsqueeze(0) for n, p in zip(names, params)}
         pos_in = model.pos_in(dtype=cdt, device=images.device)
         pos_out = model.pos_out(dtype=cdt, device=images.device)
-        z, f, fctx = forward(prim, w, images.unsqueeze(0), cfg, pos_in, pos_out, cdt=cdt,
-                             pos_grid=(cfg.grid, cfg.grid))
+        z, f, fctx = forward(prim, w, images.unsqueeze(0), cfg, pos_in, pos_out, cdt=cdt)
         ctx.prim, ctx.cfg, ctx.names, ctx.w, ctx.fctx = prim, cfg, names, w, fctx
         ctx.pos = (pos_in, pos_out)
         zo = z[0] if z is not None else images.new_zeros(0)
@@ -39,7 +38,7 @@ class _APMFused(torch.autograd.Function):
         has_dz = cfg.pool and dz is not None and dz.numel() > 0
         with _no_autocast(df.device):
             g = backward(ctx.prim, ctx.w, ctx.fctx, dz.unsqueeze(0) if has_dz else None, cfg, *ctx.pos,
-                         df_extra=df.unsqueeze(0) if df is not None else None, pos_grid=(cfg.grid, cfg.grid))
+                         df_extra=df.unsqueeze(0) if df is not None else None)
         return (None, None, None, None) + tuple(g[n][0].to(ctx.w[n].dtype) for n in ctx.names)
 
 
@@ -86,7 +85,7 @@ class _ForwardGraph(KeptGraph):
     def _run(self):
         with torch.no_grad(), _no_autocast(self.images.device):
             z, f, _ = forward(self.prim, self.w, self.images.unsqueeze(0), self.config, *self.pos, cdt=self.cdt,
-                              save=False, pos_grid=(self.config.grid, self.config.grid))
+                              save=False)
         self.z, self.f = z, f
 
     def __call__(self, images):

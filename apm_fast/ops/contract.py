@@ -161,7 +161,10 @@ class Primitives:
     ``adam_beside_backward``: the engine's default for this table, each layer's Adam on the update
     streams beside the rest of the backward (on where measured faster: the Triton table).
     ``adam_from_factors``: the engine's default for this table, the first layer's trigger columns
-    updated from their gradient's factors (``adam_``'s ``outer``; on for the kernel tables)."""
+    updated from their gradient's factors (``adam_``'s ``outer``; on for the kernel tables).
+    ``position_halves``: the engine's default for this table with several students, the position
+    products from the code's separable form (``driver.position_product``; on where measured
+    faster: the Triton table)."""
 
     name = "?"
     opaque = False
@@ -169,6 +172,7 @@ class Primitives:
     use_custom_ops = None
     adam_beside_backward = False
     adam_from_factors = True
+    position_halves = False
 
     def available(self) -> Tuple[bool, str]:
         return True, ""

@@ -71,10 +71,11 @@ class TTTEngine:
     ``trigger_factors`` (None: the table's ``adam_from_factors``, on for the kernel tables; a bool
     for comparisons): the first layer's trigger columns are updated from their gradient's factors
     (rank one per image: never written to memory, and their update starts before the rest of the
-    first layer's backward is done); without shards. The attribute ``position_halves`` (True; False
-    for comparisons): the position products P = pos W_P^T and dW_P over the whole grid from the
-    code's separable form (``driver.position_product``: about 1.6 instead of 8.6 GFLOP each for
-    ``ttt-l14``); without shards.
+    first layer's backward is done); without shards. The attribute ``position_halves`` (None: the
+    table's ``position_halves`` with several students, on for the Triton table; a bool for
+    comparisons): the position products P = pos W_P^T and dW_P over the whole grid from the code's
+    separable form (``driver.position_product``: about 1.6 instead of 8.6 GFLOP each for
+    ``ttt-l14``, in four launches instead of one); without shards.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -96,7 +97,7 @@ class TTTEngine:
         self.beside = True
         self.wgrad_beside = True
         self.trigger_factors = None
-        self.position_halves = True
+        self.position_halves = None
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)

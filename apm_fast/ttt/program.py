@@ -60,7 +60,7 @@ class StudentProgram:
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
                  overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True,
-                 trigger_factors: bool | None = None, position_halves: bool = True):
+                 trigger_factors: bool | None = None, position_halves: bool | None = None):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -81,8 +81,11 @@ class StudentProgram:
             # rank's slice (shards)
             self.pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
             self.pos_out = position_code(c.dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
-            # the whole grid: the position products from the code's halves (driver.position_product)
-            self.pos_grid = (c.grid, c.grid) if position_halves else None
+            # the whole grid: the position products from the code's separable form
+            # (driver.position_product; None: the table's default, with several students only)
+            halves = (getattr(prim, "position_halves", False) and s > 1) if position_halves is None \
+                else bool(position_halves)
+            self.pos_grid = (c.grid, c.grid) if halves else None
             if shards is not None:
                 a, b = shards.rows(c.queries)
                 self.pos_in, self.pos_out = self.pos_in[a:b], self.pos_out[a:b]

@@ -58,7 +58,7 @@ def _apm_point(ctx, cfg, g):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"timing": timing.to_dict(), "peak_bytes": pm.peak_bytes, "first_call_peak_bytes": first,
             "weights_bytes": weights,
-            "flops": apm_flops(cfg, form="rewritten", queries=g * g, separable=False)["forward"], "backend": backend}
+            "flops": apm_flops(cfg, form="rewritten", queries=g * g)["forward"], "backend": backend}
 
 
 def _clip_point(ctx, g, patch):

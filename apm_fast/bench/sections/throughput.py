@@ -5,8 +5,8 @@
 * students side by side on the engine, for every table and every S of ``students_list``
   (teacher excluded), from whole ``fit`` calls; at the largest S also with bf16 Adam moments, with
   their effect on ``cls`` against the fp32-moment run on the same images, with the table's other
-  Adam schedule, and with the position products as one GEMM each over the L rows
-  (``position-gemm``) instead of from the code's two halves;
+  Adam schedule, and with the position products computed the other way (``position-halves`` /
+  ``position-gemm``: from the code's separable form, or one GEMM over the L rows);
 * end to end (on the default table for the preset here): :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
   teacher of random weights (same cost as real ones), loader, teacher and students overlapped,
   beside the teacher alone at the same batch: ``images_per_s`` over the whole call (the loader's
@@ -35,7 +35,7 @@ def _targets(ctx, model, images):
     return torch.cat([ctx.targets(model, images[i:i + 1], offset=i) for i in range(images.shape[0])])
 
 
-def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=True):
+def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=None):
     o = ctx.options
     prec = None if backend == "reference" else (ctx.amp_dtype or model.dtype)
     trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec,
@@ -59,12 +59,13 @@ def _one_at_a_time(ctx, name, model, images, targets):
             "peak_bytes": pm.peak_bytes, "final_loss_median": float(result.losses[:, -1].median())}
 
 
-def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, position_halves=True):
+def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, position_halves=None):
     """Images/s of 2 S images, S side by side; with bf16 moments also how far their cls moves from
     the fp32-moment run's on the same images (relative, and the share whose closest target changes).
     ``overlap``: each layer's Adam beside the rest of the backward (True) or the whole Adam after
-    it (False) instead of the table's default, to compare in one run; ``position_halves=False``: the
-    position products as one GEMM each over the L rows (the ``position-gemm`` rows)."""
+    it (False) instead of the table's default, to compare in one run; ``position_halves`` (a bool):
+    the position products from the code's separable form or as one GEMM over the L rows instead of
+    the table's default (the ``position-halves`` / ``position-gemm`` rows)."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
@@ -181,12 +182,13 @@ def run(ctx) -> dict:
                                              label=f"{s} students side by side, {name}, {words}"),
                                         "available", name,
                                         lambda n=name, s=s, ov=ov: _side_by_side(ctx, preset, n, model, s, overlap=ov)))
-                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/position-gemm",
+                    halves, suffix, words = ctx.other_position(name, s)
+                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
                                              backend=name, students=s, steps=o.ttt_steps,
-                                             label=f"{s} students side by side, {name}, position products as GEMMs"),
+                                             label=f"{s} students side by side, {name}, {words}"),
                                         "available", name,
-                                        lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s,
-                                                                          position_halves=False)))
+                                        lambda n=name, s=s, h=halves: _side_by_side(ctx, preset, n, model, s,
+                                                                                    position_halves=h)))
         fast = default_backend(ctx.device, ctx.config(preset))
         best = fast if fast in usable else next(iter(usable), None)
         tower = dict(o.table4_pairs).get(preset)

@@ -29,7 +29,8 @@ from .contract import acc_dtype_for, bmm_acc
 from .kept import KeptGraph, cache, kept, side_stream
 
 __all__ = ["Beside", "FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
-           "trigger_u", "column_mlp", "position_product", "position_weight_grad", "pool_query", "pool_output", "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS"]
+           "trigger_u", "column_mlp", "position_product", "position_weight_grad", "pool_query", "pool_output",
+           "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS"]
 
 
 def weight_names(config) -> List[str]:
@@ -156,7 +157,7 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     projections on a second stream beside the GEMMs (:class:`Beside`; CUDA only).
     ``pos_grid`` (height, width): ``pos_in`` is that whole grid of the position code, row
     y * width + x (``position_code(pos_dim, height, width)``); the position product is then
-    computed from the code's two halves (:func:`position_product`).
+    computed from the code's separable form (:func:`position_product`).
     """
     acc = acc_dtype_for(cdt)
     side = Beside(pos_in.device, beside)
@@ -561,7 +562,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     backward no longer reads W_T (beside the rest of the first layer's backward); "mlp.0.weight"
     then stands for its position columns only, and its trigger columns in ``grad_out`` are left
     as they were. Nothing is put there when the gradient cannot be left out (no such views).
-    ``pos_grid``: as :func:`forward`'s (dW_P from the code's halves, :func:`position_weight_grad`)."""
+    ``pos_grid``: as :func:`forward`'s (dW_P from the code's separable form, :func:`position_weight_grad`)."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]

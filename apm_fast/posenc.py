@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-__all__ = ["position_code", "position_rows", "position_cells", "position_halves"]
+__all__ = ["position_code", "position_rows", "position_cells", "position_halves", "position_factors"]
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
@@ -89,6 +89,31 @@ def position_halves(d: int, height: int, width: int, *, dtype=torch.float32, dev
             with _LOCK:
                 halves = _CACHE.setdefault(key, halves)
     return halves
+
+
+def position_factors(d: int, height: int, width: int, *, terms: int = 1, dtype=torch.float32, device=None):
+    """The code as a product, ``position_code(d, height, width) = E C`` (cached, read-only):
+    C ((width + height), d) holds the two halves (:func:`position_halves`) on the block diagonal,
+    [X 0; 0 Y], and E (height * width, width + height) is the 0/1 matrix that picks row x and row
+    width + y for cell y * width + x. With ``terms`` > 1, C's rows and E's columns are repeated
+    that many times ([C; C], [E | E] for two), for a middle operand split into that many terms."""
+    key = ("factors", int(d), int(height), int(width), int(terms), dtype,
+           torch.device("cpu") if device is None else torch.device(device))
+    got = _CACHE.get(key)
+    if got is None:
+        xs, ys = position_halves(d, height, width, dtype=torch.float64, device=device)
+        hx = xs.shape[1]
+        c = torch.zeros((width + height, d), dtype=torch.float64, device=device)
+        c[:width, :hx], c[width:, hx:] = xs, ys
+        cells = torch.arange(height * width, device=device)
+        e = torch.zeros((height * width, width + height), dtype=torch.float64, device=device)
+        e[cells, cells % width] = 1.0
+        e[cells, width + cells // width] = 1.0
+        got = (c.repeat(terms, 1).to(dtype), e.repeat(1, terms).to(dtype))
+        if not (torch.compiler.is_compiling() or (got[0].is_cuda and torch.cuda.is_current_stream_capturing())):
+            with _LOCK:
+                got = _CACHE.setdefault(key, got)
+    return got
 
 
 def position_cells(d: int, height: int, width: int, cells: torch.Tensor, *, dtype=torch.float32) -> torch.Tensor:

@@ -82,6 +82,24 @@ def test_position_code_odd_width_is_prefix_of_next_multiple_of_4():
                        position_code(28, 5, 5, dtype=torch.float64)[:, :25])
 
 
+@pytest.mark.parametrize("d, height, width", [(24, 4, 6), (25, 5, 5), (2, 3, 4), (1024, 32, 32)])
+def test_position_code_is_separable_bit_for_bit(d, height, width):
+    """Row y * width + x of the code is [X[x] | Y[y]] (its halves), so the code is E C exactly,
+    and position_cells rebuilds any rows from the halves (trimmed widths and no y half included)."""
+    from apm_fast.posenc import position_cells, position_factors, position_halves
+
+    code = position_code(d, height, width, dtype=torch.float64)
+    xs, ys = position_halves(d, height, width, dtype=torch.float64)
+    assert xs.shape[0] == width and ys.shape[0] == height and xs.shape[1] + ys.shape[1] == d
+    cells = torch.arange(height * width)
+    assert torch.equal(torch.cat([xs[cells % width], ys[cells // width]], dim=1), code)
+    assert torch.equal(position_cells(d, height, width, cells.flip(0), dtype=torch.float64), code.flip(0))
+    c, e = position_factors(d, height, width, dtype=torch.float64)
+    assert torch.equal(e @ c, code)
+    c2, e2 = position_factors(d, height, width, terms=2, dtype=torch.float64)
+    assert torch.equal(c2, torch.cat([c, c])) and torch.equal(e2, torch.cat([e, e], dim=1))
+
+
 def test_presets_and_overrides():
     c = preset("ttt-l14")
     assert (c.grid, c.patch, c.hidden, c.dim, c.heads, c.pool, c.rgb_head) == (32, 14, (4096, 2048, 1024), 768, 8, True, False)

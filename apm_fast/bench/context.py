@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..backends import available_backends
+from ..ttt.program import position_halves_by_default
 from ..model import APM
 from ..validation import check_images
 from .gate import GateReport
@@ -84,7 +85,7 @@ class Context:
         """The position products the engine does not use by default on table ``name`` at S =
         ``students`` (from the code's separable form, or one GEMM over the L rows), to measure beside
         its default in the same run: (position_halves value, key suffix, words for labels)."""
-        halves = not (getattr(self._table(name), "position_halves", False) and students > 1)
+        halves = not position_halves_by_default(self._table(name), students)
         return (halves, "position-halves" if halves else "position-gemm",
                 "position products from the code's halves" if halves else "position products as one GEMM")
 

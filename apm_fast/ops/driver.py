@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..posenc import position_cells, position_halves
+from ..posenc import position_cells, position_factors
 from .contract import acc_dtype_for, bmm_acc
 from .kept import KeptGraph, cache, kept, side_stream
 
@@ -203,32 +203,6 @@ def trigger_u(w, t, config, acc):
     return bmm_acc(t.to(w1t.dtype), w1t.transpose(1, 2), acc) + w["mlp.0.bias"].to(acc)[:, None, :]
 
 
-def _grid_codes(d: int, grid: tuple, dtype, device):
-    """For a height x width grid of the width-``d`` code: (C, C2, E, E2), cached.
-    C ((width + height), d): the code's halves on the block diagonal, [X 0; 0 Y], so that the code
-    is pos = E C with E (L, width + height) the 0/1 matrix that picks row x and row width + y for
-    cell y * width + x; C2 = [C; C] and E2 = [E | E] (16-bit hi + lo terms, :func:`_split_terms`)."""
-    key = ("grid-codes", int(d), tuple(grid), dtype, torch.device(device))
-    got = _GRID_CODES.get(key)
-    if got is None:
-        height, width = grid
-        xs, ys = position_halves(d, height, width, dtype=torch.float64, device=device)
-        hx = xs.shape[1]
-        c = torch.zeros((width + height, d), dtype=torch.float64, device=device)
-        c[:width, :hx], c[width:, hx:] = xs, ys
-        cells = torch.arange(height * width, device=device)
-        e = torch.zeros((height * width, width + height), dtype=torch.float64, device=device)
-        e[cells, cells % width] = 1.0
-        e[cells, width + cells // width] = 1.0
-        got = tuple(t.to(dtype) for t in (c, torch.cat([c, c]), e, torch.cat([e, e], dim=1)))
-        if not (torch.compiler.is_compiling() or (got[0].is_cuda and torch.cuda.is_current_stream_capturing())):
-            _GRID_CODES[key] = got
-    return got
-
-
-_GRID_CODES: dict = {}
-
-
 def _split_terms(x, dtype, out):
     """x (S, n, H1) in the acc dtype into ``out`` (S, 2 n, H1) in ``dtype`` (any strides): [hi; lo]
     with hi = x rounded and lo = x - hi rounded, so that hi + lo is x to about 2^-16 relative in
@@ -242,14 +216,15 @@ def _split_terms(x, dtype, out):
 def position_product(prim, wp, pos_in, cdt, *, grid: Optional[tuple] = None):
     """P = pos_in W_P^T (S, L, H1) in cdt, W_P = ``wp`` (S, H1, d): one GEMM over the L rows, or
     with ``grid`` (pos_in is that whole height x width grid of the code, row y * width + x) from
-    the code's separable form pos = E C (:func:`_grid_codes`): Q = C W_P^T, the (width + height)
+    the code's separable form pos = E C (:func:`apm_fast.posenc.position_factors`): Q = C W_P^T, the (width + height)
     rows P_x[x] and P_y[y], then P = E Q (P[y * width + x] = P_x[x] + P_y[y]; exact algebra). For
     ``ttt-l14``: 0.54 + 1.07 GFLOP in bf16 (Q, then a product with 128 columns: hi + lo terms)
     instead of 8.6."""
     if grid is None:
         return prim.linear(pos_in, wp.to(cdt), None, out_dtype=cdt)
     _grid_rows(pos_in, grid)
-    c, _, e, e2 = _grid_codes(wp.shape[-1], grid, cdt, wp.device)
+    height, width = grid
+    c, e = position_factors(wp.shape[-1], height, width, dtype=cdt, device=wp.device)
     acc = acc_dtype_for(cdt)
     q = prim.linear(c, wp.to(cdt), None, out_dtype=acc)                      # S (W + H) H1
     if acc == cdt:
@@ -257,6 +232,7 @@ def position_product(prim, wp, pos_in, cdt, *, grid: Optional[tuple] = None):
     s, n, h1 = q.shape
     qt = torch.empty((s, h1, 2 * n), dtype=cdt, device=q.device)            # [Q_hi; Q_lo]^T
     _split_terms(q, cdt, qt.transpose(1, 2))
+    e2 = position_factors(wp.shape[-1], height, width, terms=2, dtype=cdt, device=wp.device)[1]
     return prim.linear(e2, qt, None, out_dtype=cdt)
 
 
@@ -269,12 +245,14 @@ def position_weight_grad(prim, g1, pos_in, *, grid: Optional[tuple] = None, out=
     if grid is None:
         return prim.linear_bwd_weight(g1, pos_in, bias=False, out=out)[0]
     _grid_rows(pos_in, grid)
-    c, c2, e, _ = _grid_codes(pos_in.shape[1], grid, g1.dtype, g1.device)
+    height, width = grid
+    c, e = position_factors(pos_in.shape[1], height, width, dtype=g1.dtype, device=g1.device)
     gt = prim.linear_bwd_weight(g1, e, bias=False)[0]                        # G^T: S H1 (W + H), acc
     if gt.dtype == g1.dtype:
         return prim.linear_bwd_weight(gt.transpose(1, 2).contiguous(), c, bias=False, out=out)[0]
     s, h1, n = gt.shape
     g2 = _split_terms(gt.transpose(1, 2), g1.dtype, torch.empty((s, 2 * n, h1), dtype=g1.dtype, device=g1.device))
+    c2 = position_factors(pos_in.shape[1], height, width, terms=2, dtype=g1.dtype, device=g1.device)[0]
     return prim.linear_bwd_weight(g2, c2, bias=False, out=out)[0]
 
 

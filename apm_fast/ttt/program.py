@@ -28,7 +28,7 @@ from ..posenc import position_code
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
 
-__all__ = ["StudentProgram", "quiet_autograd"]
+__all__ = ["StudentProgram", "quiet_autograd", "position_halves_by_default"]
 
 _FIRST = "mlp.0.weight"          # the first layer's weight: trigger columns, then position columns
 
@@ -39,6 +39,13 @@ def quiet_autograd(device):
     legal later) and no autocast (the driver picks its dtypes itself)."""
     with torch.inference_mode(False), torch.no_grad(), _no_autocast(device):
         yield
+
+
+def position_halves_by_default(prim, students: int) -> bool:
+    """Whether a program of ``students`` students on table ``prim`` computes the position products
+    from the code's separable form by default: where the table says so, with several students
+    (at one image its extra launches cost more than they save)."""
+    return bool(getattr(prim, "position_halves", False)) and students > 1
 
 
 def _adam_chunks(prim, total: int) -> int:
@@ -83,8 +90,7 @@ class StudentProgram:
             self.pos_out = position_code(c.dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
             # the whole grid: the position products from the code's separable form
             # (driver.position_product; None: the table's default, with several students only)
-            halves = (getattr(prim, "position_halves", False) and s > 1) if position_halves is None \
-                else bool(position_halves)
+            halves = position_halves_by_default(prim, s) if position_halves is None else bool(position_halves)
             self.pos_grid = (c.grid, c.grid) if halves else None
             if shards is not None:
                 a, b = shards.rows(c.queries)

@@ -42,7 +42,7 @@ def _trainer(ctx, model, backend, students, moments=None, overlap=None, position
                               moments=moments)
     if overlap is not None:
         trainer.engine.overlap = overlap
-    if backend != "reference":
+    if position_halves is not None:
         trainer.engine.position_halves = position_halves
     return trainer
 

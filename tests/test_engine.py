@@ -167,7 +167,7 @@ def test_the_trigger_columns_are_updated_from_their_factors_and_never_written():
     t.engine.trigger_factors = True
     t.fit(images, targets)
     prog = t.engine._program
-    a, b = prog.factors[0]["mlp.0.weight"]
+    a, b = prog.factors["mlp.0.weight"]
     d = model.config.pos_dim
     assert a.shape == (2, 1, model.config.hidden[0]) and b.shape == (2, 1, d)
     grad = prog.store.grad_views["mlp.0.weight"]
@@ -201,51 +201,6 @@ def test_position_products_from_the_codes_halves_train_the_same(monkeypatch):
     monkeypatch.setattr(TorchPrimitives, "position_halves", True, raising=False)   # a table that has them on
     t.engine.position_halves = None
     assert t.engine.program(3).pos_grid == (g, g) and t.engine.program(1).pos_grid is None
-
-
-@pytest.mark.parametrize("factors", [None, True], ids=["written", "factored"])
-def test_the_pipelined_step_trains_the_same(monkeypatch, factors):
-    """The step pipelined over groups of students (each group's Adam beside the next group's
-    forward and backward, the last group's at the next step or before the weights are read)
-    trains every student as the plain step does (float64): in groups of 1 and 2 (S = 3, the last
-    batch ragged), of 2 and 3 with a third group, through a trajectory's intermediate grids, and
-    with Adam in slices; the default follows the table, with several students only."""
-    model, images, targets = _setup("three-layer", torch.float64, n=5)
-    t = _engine(model, students=3)
-    t.engine.trigger_factors = factors
-    plain = t.fit(images, targets)
-    assert t.engine.pipeline is None and not t.engine._program.pipeline      # the torch table's default
-    expect = {True: [slice(0, 1), slice(1, 3)], 3: [slice(0, 1), slice(1, 2), slice(2, 3)]}
-    for groups, rows in expect.items():
-        t.engine.pipeline = groups
-        piped = t.fit(images, targets)
-        prog = t.engine._program
-        assert prog.pipeline and prog.groups == rows
-        torch.testing.assert_close(piped.cls, plain.cls, rtol=1e-12, atol=0)
-        torch.testing.assert_close(piped.losses, plain.losses, rtol=1e-12, atol=0)
-    t.engine.pipeline = True
-    at = [0, 2, STEPS]
-    got = t.engine.trajectory(images[:3], targets[:3], at, weights=True)
-    t.engine.pipeline = False
-    want = t.engine.trajectory(images[:3], targets[:3], at, weights=True)
-    for a, b in zip(got[:2], want[:2]):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
-    for k in at:
-        torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-12, atol=0)
-    for n in want[3]:
-        torch.testing.assert_close(got[3][n], want[3][n], rtol=1e-12, atol=1e-12)
-    monkeypatch.setattr(program_mod, "_adam_chunks", lambda prim, total: 3)
-    t.engine.pipeline = True
-    sliced = t.fit(images, targets)
-    assert t.engine._program.n_chunks == 3 and t.engine._program.pipeline
-    torch.testing.assert_close(sliced.cls, plain.cls, rtol=1e-12, atol=0)
-    monkeypatch.setattr(TorchPrimitives, "pipeline", True, raising=False)   # a table that has it on
-    t.engine.pipeline = None
-    assert t.engine.program(3).pipeline and not t.engine.program(1).pipeline
-    for bad in (0, -2, 1.5, "yes"):
-        t.engine.pipeline = bad
-        with pytest.raises(ValueError, match="pipeline: expected None, a bool or a number of groups"):
-            t.engine.program(3)
 
 
 def test_param_store_layout_and_reset():

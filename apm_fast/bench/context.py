@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..backends import available_backends
-from ..ttt.program import pipeline_by_default, position_halves_by_default
+from ..ttt.program import position_halves_by_default
 from ..model import APM
 from ..validation import check_images
 from .gate import GateReport
@@ -88,14 +88,6 @@ class Context:
         halves = not position_halves_by_default(self._table(name), students)
         return (halves, "position-halves" if halves else "position-gemm",
                 "position products from the code's halves" if halves else "position products as one GEMM")
-
-    def other_pipeline(self, name: str, students: int):
-        """The step the engine does not run by default on table ``name`` at S = ``students``
-        (pipelined over groups of students, or not), to measure beside its default in the same
-        run: (pipeline value, key suffix, words for labels)."""
-        piped = not pipeline_by_default(self._table(name), students)
-        return (piped, "pipeline" if piped else "no-pipeline",
-                "step pipelined over two groups" if piped else "step not pipelined")
 
     def factored_by_default(self, name: str) -> bool:
         """Whether the engine updates the first layer's trigger columns from their gradient's

@@ -164,9 +164,7 @@ class Primitives:
     updated from their gradient's factors (``adam_``'s ``outer``; on for the kernel tables).
     ``position_halves``: the engine's default for this table with several students, the position
     products from the code's separable form (``driver.position_product``; on where measured
-    faster: the Triton table). ``pipeline``: the engine's default for this table with several
-    students, the step pipelined over two groups of students, each group's Adam beside the other
-    group's forward and backward (``apm_fast.ttt.program``)."""
+    faster: the Triton table)."""
 
     name = "?"
     opaque = False
@@ -175,7 +173,6 @@ class Primitives:
     adam_beside_backward = False
     adam_from_factors = True
     position_halves = False
-    pipeline = False
 
     def available(self) -> Tuple[bool, str]:
         return True, ""

@@ -75,10 +75,7 @@ class TTTEngine:
     table's ``position_halves`` with several students, on for the Triton table; a bool for
     comparisons): the position products P = pos W_P^T and dW_P over the whole grid from the code's
     separable form (``driver.position_product``: about 1.6 instead of 8.6 GFLOP each for
-    ``ttt-l14``, in four launches instead of one); without shards. The attribute ``pipeline``
-    (None: the table's ``pipeline`` with several students; a bool, or a number of groups, for
-    comparisons): the step pipelined over groups of students, each group's Adam beside the next
-    group's forward and backward (``program.py``; ``overlap`` then does not apply); without shards.
+    ``ttt-l14``, in four launches instead of one); without shards.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -101,7 +98,6 @@ class TTTEngine:
         self.wgrad_beside = True
         self.trigger_factors = None
         self.position_halves = None
-        self.pipeline = None
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
@@ -144,8 +140,7 @@ class TTTEngine:
             raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "
                              "watch them on one device (shards=None)")
         key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid),
-               self.overlap, self.beside, self.wgrad_beside, self.trigger_factors, self.position_halves,
-               self.pipeline)
+               self.overlap, self.beside, self.wgrad_beside, self.trigger_factors, self.position_halves)
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -157,7 +152,7 @@ class TTTEngine:
                                   label=label, shards=self.shards, keep_grid=keep_grid,
                                   moment_dtype=self.moment_dtype, overlap=self.overlap, beside=self.beside,
                                   wgrad_beside=self.wgrad_beside, trigger_factors=self.trigger_factors,
-                                  position_halves=self.position_halves, pipeline=self.pipeline)
+                                  position_halves=self.position_halves)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

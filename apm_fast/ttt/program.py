@@ -13,16 +13,6 @@ Both are captured once as CUDA graphs (see ``graph.py``) and replayed ``steps`` 
 batch of images; a batch starts with a device-to-device reset. Nothing in a batch's loop reads
 a value on the host, so the host only enqueues work. :meth:`StudentProgram.run_trajectory` also
 replays ``eval`` after chosen steps, to watch the grid features form (the islands of agreement).
-
-The pipelined step (``pipeline``): with several students, Adam's traffic (30 B per parameter,
-about as long as the GEMMs at 64 students) can only overlap the GEMMs of other work. So the
-students are split into groups (two: 0 and 1) whose steps alternate on the main stream, and each
-group's whole update runs on the "adam" stream beside the other group's forward and backward:
-``first`` (no update pending) = group 0's forward and backward, then [group 0's update | group 1's
-forward and backward]; ``step`` = [group 1's pending update | group 0's forward and backward],
-then as ``first``; ``flush`` = group 1's pending update, before the weights are read (the final
-forward, a trajectory's grid). Each student still takes the same updates in the same order (the
-result does not change); groups keep their own step counters.
 """
 from __future__ import annotations
 
@@ -38,8 +28,7 @@ from ..posenc import position_code
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
 
-__all__ = ["StudentProgram", "quiet_autograd", "position_halves_by_default", "pipeline_by_default",
-           "PIPELINE_GROUPS"]
+__all__ = ["StudentProgram", "quiet_autograd", "position_halves_by_default"]
 
 _FIRST = "mlp.0.weight"          # the first layer's weight: trigger columns, then position columns
 
@@ -57,16 +46,6 @@ def position_halves_by_default(prim, students: int) -> bool:
     from the code's separable form by default: where the table says so, with several students
     (at one image its extra launches cost more than they save)."""
     return bool(getattr(prim, "position_halves", False)) and students > 1
-
-
-PIPELINE_GROUPS = 2     # groups of students a pipelined step alternates between (``pipeline=True``)
-
-
-def pipeline_by_default(prim, students: int) -> bool:
-    """Whether a program of ``students`` students on table ``prim`` pipelines its step by default
-    (``StudentProgram``'s ``pipeline``): where the table says so (it measured it faster), with
-    enough students to split."""
-    return bool(getattr(prim, "pipeline", False)) and students >= PIPELINE_GROUPS
 
 
 def _adam_chunks(prim, total: int) -> int:
@@ -88,8 +67,7 @@ class StudentProgram:
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
                  overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True,
-                 trigger_factors: bool | None = None, position_halves: bool | None = None,
-                 pipeline: bool | int | None = None):
+                 trigger_factors: bool | None = None, position_halves: bool | None = None):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -127,47 +105,33 @@ class StudentProgram:
             self.keep_grid = bool(keep_grid)
             self.grid = (torch.zeros(s, self.pos_in.shape[0], c.dim, dtype=compute_dtype, device=dev)
                          if self.keep_grid else None)
-            # Adam's lr and step counts (below) live on the device (read there by adam_)
+            # Adam's step count and lr live on the device (read there by adam_); t indexes losses
+            self.step_t = torch.zeros(1, dtype=torch.float32, device=dev)
             # (fp32 as the adam_ contract says; fp64 for fp64 masters, whose tests compare to
             # torch.optim.Adam's Python-float lr at ~1e-12: an fp32 lr alone is 2e-8 off)
             lr_dtype = torch.float64 if master_dtype == torch.float64 else torch.float32
             self.lr_t = torch.full((1,), float(lr), dtype=lr_dtype, device=dev)
-            # the pipelined step (module docstring): the students in groups, each group's Adam beside
-            # the next group's forward and backward (None: the table's default); not with shards (a
-            # sharded step sums every gradient across the ranks before any update)
-            if not (pipeline is None or isinstance(pipeline, bool)) and (not isinstance(pipeline, int) or pipeline < 1):
-                raise ValueError(f"pipeline: expected None, a bool or a number of groups >= 1, got {pipeline!r}")
-            want = pipeline_by_default(prim, s) if pipeline is None else pipeline
-            n_groups = 1 if shards is not None or not want else min(s, PIPELINE_GROUPS if want is True else int(want))
-            self.groups = [slice(s * i // n_groups, s * (i + 1) // n_groups) for i in range(max(1, n_groups))]
-            self.pipeline = len(self.groups) > 1
-            # one step count and one losses column index (t) per group: a group's update may run
-            # beside the next group's step, which counts its own
-            self.step_t = torch.zeros(len(self.groups), dtype=torch.float32, device=dev)
-            self.t_idx = torch.zeros(len(self.groups), dtype=torch.long, device=dev)
+            self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
             self.n_chunks = _adam_chunks(prim, s * self.store.numel)
             # the first layer's trigger columns updated from their gradient's factors (the backward
             # fills this each step), never written out; not sharded: a sharded step sums every
             # gradient, whole, across the ranks (None: the table's default; off: written out)
             factored = getattr(prim, "adam_from_factors", True) if trigger_factors is None else trigger_factors
-            self.factors: Optional[list] = [{} for _ in self.groups] if shards is None and factored else None
-            # the factors the last group's update reads in the next phase (pipelined): static copies
-            self._held: Optional[tuple] = None
+            self.factors: Optional[dict] = {} if shards is None and factored else None
             # each layer's Adam on the update streams as soon as the backward is done with the layer,
             # beside the rest of the backward (Adam in one launch, one device, CUDA; by default
             # where the table says it pays); off: after it
             can = dev.type == "cuda" and self.n_chunks == 1 and shards is None
             want = getattr(prim, "adam_beside_backward", False) if overlap is None else bool(overlap)
-            self.overlap = can and want and not self.pipeline
+            self.overlap = can and want
             # the small independent pieces of forward and backward on a second stream (CUDA)
             self.beside = bool(beside) and dev.type == "cuda"
             self.wgrad_beside = self.beside and bool(wgrad_beside)     # the weight gradients too
             self.reset()
             self.graphs: Optional[dict] = None
             if graphs:
-                phases = ({"first": self._first, "step": self._steady, "flush": self._flush} if self.pipeline
-                          else {"step": self._step})
-                self.graphs = capture_phases({**phases, "eval": self._eval}, self.reset, dev, key=label or None)
+                self.graphs = capture_phases({"step": self._step, "eval": self._eval}, self.reset, dev,
+                                             key=label or None)
 
     @property
     def mode(self) -> str:
@@ -182,101 +146,38 @@ class StudentProgram:
         self.store.load_snapshot(self.snapshot)
         self.step_t.zero_()
         self.t_idx.zero_()
-        self._pending = False          # pipelined: the last group's update of the last step not run yet
 
     def _step(self):
-        """One step of every student: forward, backward and Adam (one group)."""
-        self._adam(self._forward_backward(0))
-
-    def _forward_backward(self, g: int):
-        """Forward, loss record and backward of group ``g``'s students, their gradients into the
-        flat buffers; with ``overlap``, each layer's update beside the rest of the backward.
-        Returns the names whose update is still to run (all: None)."""
-        c, st, sh, rows = self.config, self.store, self.shards, self.groups[g]
-        weights = st.rows(st.weights, rows)
-        z, f, ctx = forward(self.prim, weights, None, c, self.pos_in, self.pos_out, cdt=self.cdt,
-                            combine=None if sh is None else sh.combine, patches=self.patches[rows], beside=self.beside,
+        c, st, sh = self.config, self.store, self.shards
+        z, f, ctx = forward(self.prim, st.weights, None, c, self.pos_in, self.pos_out, cdt=self.cdt,
+                            combine=None if sh is None else sh.combine, patches=self.patches, beside=self.beside,
                             pos_grid=self.pos_grid)
         del f                      # ctx holds it until the backward is done with it
-        diff = z[:, 0] - self.targets[rows]                                   # S x D, acc dtype
+        diff = z[:, 0] - self.targets                                         # S x D, acc dtype
         dz = (diff * (2.0 / c.dim)).unsqueeze(1)                                # d mean_D / dz
         side = Beside(self.device, self.beside)
         with side(diff):                # the loss record and the counters: beside the backward
             loss = diff.square().mean(-1, keepdim=True)                         # S x 1
-            self.losses[rows].index_copy_(1, self.t_idx[g:g + 1], loss)
-            self.step_t[g:g + 1].add_(1.0)  # the number of this update, read by Adam on the device
-            self.t_idx[g:g + 1].add_(1)
+            self.losses.index_copy_(1, self.t_idx, loss)
+            self.step_t.add_(1.0)       # the number of this update, read by Adam on the device
+            self.t_idx.add_(1)
         # Adam reads step_t: the early updates wait for this mark, the whole-step one (below) runs
         # after the backward, which joins the side stream before it returns
         early = _EarlyAdam(self, after=side.mark()) if self.overlap else None
-        backward(self.prim, weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.rows(st.grad_views, rows),
+        backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
                  release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
                  on_done=None if early is None else early.start, beside=self.beside,
-                 wgrad_beside=self.wgrad_beside, trigger_factors=None if self.factors is None else self.factors[g],
-                 pos_grid=self.pos_grid)
+                 wgrad_beside=self.wgrad_beside, trigger_factors=self.factors, pos_grid=self.pos_grid)
         del ctx, z
         if sh is not None:
             sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange
-        return None if early is None else early.join()
+        self._adam(None if early is None else early.join())
 
-    # the pipelined step: group g's update beside group g + 1's forward and backward; the last
-    # group's update runs at the start of the next step (beside the first group's), or in "flush"
-    def _first(self):
-        """A step with no update pending: every group's forward and backward, each group's update
-        but the last's beside the next group's; the last group's update is left pending."""
-        self._groups(pending=False)
-
-    def _steady(self):
-        """A step after a step: the pending update of the last group first, beside the first
-        group's forward and backward, then as :meth:`_first`."""
-        self._groups(pending=True)
-
-    def _flush(self):
-        """The pending update of the last group (before the weights are read)."""
-        self._adam(None, len(self.groups) - 1)
-
-    def _groups(self, pending: bool):
-        last = len(self.groups) - 1
-        lane = Beside(self.device, True, role="adam")
-        done = None
-        if pending:
-            with lane(*self._factor_reads(last)):
-                self._adam(None, last)
-                done = lane.mark()
-        for g in range(last + 1):
-            if g == last and pending:
-                lane.join(upto=done)    # the last group's weights: updated by the pending update
-            self._forward_backward(g)
-            if g < last:
-                with lane(*self._factor_reads(g)):
-                    self._adam(None, g)
-        lane.join()
-        self._hold_factors(last)
-
-    def _factor_reads(self, g: int):
-        """The tensors of the step's backward that group ``g``'s update reads (its trigger factors)."""
-        factors = self._trigger_factors(g)
-        return () if factors is None else tuple(factors)
-
-    def _hold_factors(self, g: int):
-        """Group ``g``'s trigger factors copied into buffers of the program's own: its update runs in
-        the next phase, which a captured graph of this phase does not hold memory for."""
-        factors = self._trigger_factors(g)
-        if factors is None:
-            return
-        if self._held is None or any(h.shape != f.shape for h, f in zip(self._held, factors)):
-            self._held = tuple(torch.empty_like(f) for f in factors)
-        for h, f in zip(self._held, factors):
-            h.copy_(f)
-        self.factors[g][_FIRST] = self._held
-
-    def _adam(self, names=None, group: int = 0):
-        """Adam over the parameters ``names`` (default: all) of group ``group``'s students, on the
-        current stream."""
-        step = self.step_t[group:group + 1]
-        for p, g, m, v, lowp, outer in self._updates(names, group):
+    def _adam(self, names=None):
+        """Adam over the parameters ``names`` (default: all), on the current stream."""
+        for p, g, m, v, lowp, outer in self._updates(names):
             if self.n_chunks == 1:
-                self.prim.adam_(p, g, m, v, step, self.lr_t, self.beta1, self.beta2, self.eps, lowp=lowp,
+                self.prim.adam_(p, g, m, v, self.step_t, self.lr_t, self.beta1, self.beta2, self.eps, lowp=lowp,
                                 outer=outer)
                 continue
             # plain-PyTorch table: slices of dim 1 (a flat group's columns, a block's rows) bound its
@@ -285,37 +186,36 @@ class StudentProgram:
             per = -(-n // self.n_chunks)
             for a in range(0, n, per):
                 sl = slice(a, min(n, a + per))
-                self.prim.adam_(p[:, sl], None if g is None else g[:, sl], m[:, sl], v[:, sl], step,
+                self.prim.adam_(p[:, sl], None if g is None else g[:, sl], m[:, sl], v[:, sl], self.step_t,
                                 self.lr_t, self.beta1, self.beta2, self.eps,
                                 lowp=None if lowp is None else lowp[:, sl],
                                 outer=None if outer is None else (outer[0][:, :, sl], outer[1]))
 
-    def _updates(self, names=None, group: int = 0):
+    def _updates(self, names=None):
         """[(params, grads or None, m, v, lowp or None, outer or None)]: the ``adam_`` calls that
-        update ``names`` (default: all) of group ``group``'s students. When this step's backward
-        gave the first layer's trigger columns by their gradient's factors, :data:`TRIGGER_COLUMNS`
-        names those columns (updated from the factors) and "mlp.0.weight" the position columns."""
-        st, rows = self.store, self.groups[group]
+        update ``names`` (default: all). When this step's backward gave the first layer's trigger
+        columns by their gradient's factors, :data:`TRIGGER_COLUMNS` names those columns (updated
+        from the factors) and "mlp.0.weight" the position columns."""
+        st = self.store
         names = list(st.names) + [TRIGGER_COLUMNS] if names is None else list(names)
         updates = []
-        factors = self._trigger_factors(group)
+        factors = self._trigger_factors()
         if factors is not None:
             d = factors[1].shape[-1]
             if TRIGGER_COLUMNS in names:
-                p, _, m, v, lowp = st.column_block(_FIRST, 0, d, students=rows)
+                p, _, m, v, lowp = st.column_block(_FIRST, 0, d)
                 updates.append((p, None, m, v, lowp, factors))
             if _FIRST in names:
-                updates.append(st.column_block(_FIRST, d, students=rows) + (None,))
+                updates.append(st.column_block(_FIRST, d) + (None,))
                 names.remove(_FIRST)
         names = [n for n in names if n != TRIGGER_COLUMNS]
         if names:
-            updates += [upd + (None,) for upd in st.adam_groups(names, students=rows)]
+            updates += [group + (None,) for group in st.adam_groups(names)]
         return updates
 
-    def _trigger_factors(self, group: int = 0):
-        """(r, T) of group ``group``'s first-layer trigger columns in this step, when the backward
-        gave them so."""
-        return self.factors[group].get(_FIRST) if self.factors else None
+    def _trigger_factors(self):
+        """(r, T) of this step's first-layer trigger columns, when the backward gave them so."""
+        return self.factors.get(_FIRST) if self.factors else None
 
     def _numel(self, name: str) -> int:
         """Parameters one student's update of ``name`` covers (see :meth:`_updates`)."""
@@ -351,42 +251,15 @@ class StudentProgram:
                 self.targets[k:].zero_()
             self.reset()
 
-    def _phase(self, name: str):
-        """Run phase ``name`` ("step", "eval"; pipelined also "first" and "flush"): its captured
-        graph replayed, or its function eagerly."""
-        if self.graphs is not None:
-            self.graphs[name].replay()
-            return
-        fns = {"step": self._steady if self.pipeline else self._step, "first": self._first, "flush": self._flush,
-               "eval": self._eval}
-        fns[name]()
-
     def step(self):
         """One step of every student (forward, backward, Adam): the captured graph replayed, or
-        eagerly. Returns the losses buffer (S x steps; this step's column is the last written).
-        Pipelined, the last group's update of this step runs with the next step, or before the
-        weights are next read (:meth:`settle`)."""
+        eagerly. Returns the losses buffer (S x steps; this step's column is the last written)."""
         with quiet_autograd(self.device):
-            if self.pipeline:
-                self._phase("step" if self._pending else "first")
-                self._pending = True
+            if self.graphs is not None:
+                self.graphs["step"].replay()
             else:
-                self._phase("step")
+                self._step()
         return self.losses
-
-    def settle(self):
-        """Run the update a pipelined step left pending (nothing otherwise): every weight is then
-        the one after the last step."""
-        if self._pending:
-            with quiet_autograd(self.device):
-                self._phase("flush")
-            self._pending = False
-
-    def _final(self):
-        """The final forward (``cls``, and the grid when kept), after every update."""
-        self.settle()
-        with quiet_autograd(self.device):
-            self._phase("eval")
 
     def run(self, images: torch.Tensor, targets: torch.Tensor):
         """Train every student on its own image for ``steps`` steps, from the snapshot.
@@ -397,15 +270,21 @@ class StudentProgram:
         k = images.shape[0]
         self.load(images, targets)
         with quiet_autograd(self.device):
-            for _ in range(self.steps):
-                self.step()
-            self._final()
+            if self.graphs is not None:
+                step, ev = self.graphs["step"], self.graphs["eval"]
+                for _ in range(self.steps):
+                    step.replay()
+                ev.replay()
+            else:
+                for _ in range(self.steps):
+                    self._step()
+                self._eval()
             return self.cls[:k].clone(), self.losses[:k].clone()
 
     def run_trajectory(self, images: torch.Tensor, targets: torch.Tensor, at, *, weights: bool = False):
         """:meth:`run`, also keeping the grid features after each step count in ``at`` (0: the
         init, ``steps``: the end): the eval phase is replayed after those steps only, so the
-        other steps run exactly as in :meth:`run` (the same captured graphs). Needs a program
+        other steps run exactly as in :meth:`run` (the same captured graph). Needs a program
         built with ``keep_grid=True``.
 
         Returns device tensors (cls k x D, losses k x steps, {step: grid k x L x D in the compute
@@ -420,14 +299,16 @@ class StudentProgram:
         self.load(images, targets)
         grids = {}
         with quiet_autograd(self.device):
+            step, ev = ((self.graphs["step"].replay, self.graphs["eval"].replay) if self.graphs is not None
+                        else (self._step, self._eval))
             for t in range(self.steps + 1):
                 if t in at:
-                    self._final()
+                    ev()
                     grids[t] = self.grid[:k].clone()
                 if t < self.steps:
-                    self.step()
+                    step()
             if self.steps not in grids:
-                self._final()              # cls: z after the last update
+                ev()                   # cls: z after the last update
             out = (self.cls[:k].clone(), self.losses[:k].clone(), grids)
             if weights:
                 out += ({n: v[:k].clone() for n, v in self.store.master_views.items()},)

@@ -94,13 +94,11 @@ class ParamStore:
         """A flat buffer as the (S, N) tensor of the optimizer contract."""
         return flat.view(self.students, self.numel)
 
-    def adam_groups(self, names=None, students: slice | None = None):
+    def adam_groups(self, names=None):
         """[(params, grads, m, v, lowp or None)] as (S, n) views covering every element of the
         parameters ``names`` (default: all) once: parameters adjacent in the layout form one group
         (one launch), split where the compute copy ends (all of them: the prefix with a copy,
-        then the rest). ``students`` (a slice of the S students, None: all): only their rows, one
-        (S', n_k) view per parameter (a run of parameters is not one strided view of some
-        students' rows)."""
+        then the rest)."""
         if names is None:
             idx = list(range(len(self.names)))
         else:
@@ -108,11 +106,6 @@ class ParamStore:
             if unknown:
                 raise ValueError(f"names: unknown parameter(s) {unknown}; expected some of {self.names}")
             idx = sorted({self.names.index(n) for n in names})
-        if students is not None and not self._all(students):
-            return [tuple(self._view(t, i).view(self.students, -1)[students]
-                          for t in (self.master, self.grad, self.exp_avg, self.exp_avg_sq))
-                    + (self._view(self.lowp, i).view(self.students, -1)[students] if i < self.n_lowp else None,)
-                    for i in idx]
         runs = []
         for i in idx:
             if runs and runs[-1][1] == i and i != self.n_lowp:
@@ -128,26 +121,16 @@ class ParamStore:
             groups.append(tuple(t[lo:hi].view(s, -1) for t in bufs) + (lowp,))
         return groups
 
-    def column_block(self, name: str, start: int, stop=None, students: slice | None = None):
+    def column_block(self, name: str, start: int, stop=None):
         """(params, grads, m, v, lowp or None) of the columns [start, stop) of the 2-D parameter
         ``name``, as (S, rows, columns) views (rows one row stride apart): one of ``adam_``'s
-        column blocks, e.g. the first layer's trigger columns. ``students``: only those (a slice)."""
+        column blocks, e.g. the first layer's trigger columns."""
         i = self.names.index(name)
         if len(self.shapes[i]) != 2:
             raise ValueError(f"name: expected a 2-D parameter, got {name!r} of shape {self.shapes[i]}")
-        rows, cols = slice(None) if students is None else students, slice(start, stop)
-        views = [self._view(t, i)[rows, :, cols] for t in (self.master, self.grad, self.exp_avg, self.exp_avg_sq)]
-        return (*views, self._view(self.lowp, i)[rows, :, cols] if i < self.n_lowp else None)
-
-    def _all(self, students: slice) -> bool:
-        return students.indices(self.students) == (0, self.students, 1)
-
-    def rows(self, views: Dict[str, torch.Tensor], students: slice | None) -> Dict[str, torch.Tensor]:
-        """``views`` (name -> (S, ...) view, e.g. :attr:`weights` or :attr:`grad_views`) for the
-        students ``students`` only (a slice; None: all, the same dict)."""
-        if students is None or self._all(students):
-            return views
-        return {n: v[students] for n, v in views.items()}
+        cols = slice(start, stop)
+        views = [self._view(t, i)[:, :, cols] for t in (self.master, self.grad, self.exp_avg, self.exp_avg_sq)]
+        return (*views, self._view(self.lowp, i)[:, :, cols] if i < self.n_lowp else None)
 
     def nbytes(self) -> int:
         bufs = [self.master, self.grad, self.exp_avg, self.exp_avg_sq] + ([self.lowp] if self.lowp is not None else [])

@@ -5,10 +5,8 @@
 * students side by side on the engine, for every table and every S of ``students_list``
   (teacher excluded), from whole ``fit`` calls; at the largest S also with bf16 Adam moments, with
   their effect on ``cls`` against the fp32-moment run on the same images, with the table's other
-  Adam schedule, with the position products computed the other way (``position-halves`` /
-  ``position-gemm``: from the code's separable form, or one GEMM over the L rows), and with the
-  step pipelined over two groups of students or not (``pipeline`` / ``no-pipeline``, with fp32
-  and with bf16 moments);
+  Adam schedule, and with the position products computed the other way (``position-halves`` /
+  ``position-gemm``: from the code's separable form, or one GEMM over the L rows);
 * end to end (on the default table for the preset here): :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
   teacher of random weights (same cost as real ones), loader, teacher and students overlapped,
   beside the teacher alone at the same batch: ``images_per_s`` over the whole call (the loader's
@@ -37,7 +35,7 @@ def _targets(ctx, model, images):
     return torch.cat([ctx.targets(model, images[i:i + 1], offset=i) for i in range(images.shape[0])])
 
 
-def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=None, pipeline=None):
+def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=None):
     o = ctx.options
     prec = None if backend == "reference" else (ctx.amp_dtype or model.dtype)
     trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec,
@@ -46,8 +44,6 @@ def _trainer(ctx, model, backend, students, moments=None, overlap=None, position
         trainer.engine.overlap = overlap
     if position_halves is not None:
         trainer.engine.position_halves = position_halves
-    if pipeline is not None:
-        trainer.engine.pipeline = pipeline
     return trainer
 
 
@@ -63,22 +59,20 @@ def _one_at_a_time(ctx, name, model, images, targets):
             "peak_bytes": pm.peak_bytes, "final_loss_median": float(result.losses[:, -1].median())}
 
 
-def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, position_halves=None, pipeline=None):
+def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, position_halves=None):
     """Images/s of 2 S images, S side by side; with bf16 moments also how far their cls moves from
     the fp32-moment run's on the same images (relative, and the share whose closest target changes).
     ``overlap``: each layer's Adam beside the rest of the backward (True) or the whole Adam after
     it (False) instead of the table's default, to compare in one run; ``position_halves`` (a bool):
     the position products from the code's separable form or as one GEMM over the L rows instead of
-    the table's default (the ``position-halves`` / ``position-gemm`` rows); ``pipeline`` (a bool):
-    the step pipelined over two groups of students or not (the ``pipeline`` / ``no-pipeline`` rows,
-    with fp32 and with bf16 moments)."""
+    the table's default (the ``position-halves`` / ``position-gemm`` rows)."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
     effect = {}
     if moments == "bf16":
-        full = _trainer(ctx, model, name, s, pipeline=pipeline).fit(images, targets).cls.float()
-        half = _trainer(ctx, model, name, s, moments, pipeline=pipeline).fit(images, targets).cls.float()
+        full = _trainer(ctx, model, name, s).fit(images, targets).cls.float()
+        half = _trainer(ctx, model, name, s, moments).fit(images, targets).cls.float()
         unit = torch.nn.functional.normalize(targets.float(), dim=-1)
 
         def closest(c):
@@ -87,14 +81,13 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, posit
                   "closest_changed": float((closest(half) != closest(full)).float().mean())}
         free_memory(ctx.device)
     with peak_memory(ctx.device) as pm:
-        trainer = _trainer(ctx, model, name, s, moments, overlap, position_halves, pipeline)
+        trainer = _trainer(ctx, model, name, s, moments, overlap, position_halves)
         trainer.fit(images[:s], targets[:s])                # build, capture, warm
         timing = measure(lambda: trainer.fit(images, targets), device=ctx.device, warmup=0,
                          repeats=max(20, o.repeats))
     return {**effect, "timing": timing.to_dict(), "images": 2 * s, "students": s, "precision": trainer.precision,
             "moments": trainer.moments, "adam_beside_backward": trainer.engine.program(s).overlap,
             "position_halves": trainer.engine.program(s).pos_grid is not None,
-            "pipeline": trainer.engine.program(s).pipeline,
             "images_per_s": 2 * s * 1e3 / timing.median_ms, "peak_bytes": pm.peak_bytes,
             "peak_bytes_per_student": None if pm.peak_bytes is None else pm.peak_bytes / s,
             "mode": trainer.engine.mode}
@@ -196,15 +189,6 @@ def run(ctx) -> dict:
                                         "available", name,
                                         lambda n=name, s=s, h=halves: _side_by_side(ctx, preset, n, model, s,
                                                                                     position_halves=h)))
-                    piped, suffix, words = ctx.other_pipeline(name, s)
-                    for moments in (None, "bf16"):
-                        key = f"side-by-side/{name}/S={s}" + ("/bf16-moments" if moments else "") + f"/{suffix}"
-                        rows.append(ctx.row(dict(preset=preset, key=key, backend=name, students=s, steps=o.ttt_steps,
-                                                 label=f"{s} students side by side, {name}, {words}"
-                                                 + (", bf16 moments" if moments else "")),
-                                            "available", name,
-                                            lambda n=name, s=s, p=piped, m=moments: _side_by_side(
-                                                ctx, preset, n, model, s, m, pipeline=p)))
         fast = default_backend(ctx.device, ctx.config(preset))
         best = fast if fast in usable else next(iter(usable), None)
         tower = dict(o.table4_pairs).get(preset)

@@ -9,7 +9,31 @@ import torch
 __all__ = ["position_code", "position_rows", "position_cells", "position_halves", "position_factors"]
 
 _CACHE: dict = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()       # reentrant: a cached value may be built from another (the halves from the code)
+
+
+def _device(device) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def _cached(key, device: torch.device, build):
+    """``_CACHE[key]``, built by ``build()`` on the first call. Built outside any
+    inference_mode/no_grad context of the caller, so a cached tensor is an ordinary constant that
+    autograd and graph capture can both use. While ``torch.compile`` traces, or while a CUDA graph
+    is being captured on ``device``, before any eager call made it: built (in the graph) and not
+    kept (no lock, no global write, no tensor of a graph's private memory)."""
+    got = _CACHE.get(key)
+    if got is not None:
+        return got
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return build()
+    with _LOCK:
+        got = _CACHE.get(key)
+        if got is None:
+            with torch.inference_mode(False), torch.no_grad():
+                got = build()
+            _CACHE[key] = got
+    return got
 
 
 def _position_code_f64(d: int, height: int, width: int) -> torch.Tensor:
@@ -42,23 +66,9 @@ def position_code(d: int, height: int, width: int | None = None, *, dtype=torch.
     Computed once in float64 and cached per (d, grid, dtype, device); treat it as read-only.
     """
     width = height if width is None else width
-    device = torch.device("cpu") if device is None else torch.device(device)
-    key = (int(d), int(height), int(width), dtype, device)
-    code = _CACHE.get(key)
-    if code is None and torch.compiler.is_compiling():
-        # traced before any eager call made it: computed in the graph (no lock, no global write)
-        return _position_code_f64(int(d), int(height), int(width)).to(device=device, dtype=dtype)
-    if code is None:
-        with _LOCK:
-            code = _CACHE.get(key)
-            if code is None:
-                # Built outside any inference_mode/no_grad context of the caller, so the cached
-                # tensor is an ordinary constant that autograd and graph capture can both use.
-                with torch.inference_mode(False), torch.no_grad():
-                    code = _position_code_f64(int(d), int(height), int(width)).to(
-                        device=device, dtype=dtype)
-                _CACHE[key] = code
-    return code
+    device = _device(device)
+    return _cached((int(d), int(height), int(width), dtype, device), device,
+                   lambda: _position_code_f64(int(d), int(height), int(width)).to(device=device, dtype=dtype))
 
 
 def position_rows(d: int, height: int, width: int, start: int, stop: int, *, dtype=torch.float32,
@@ -76,19 +86,14 @@ def position_halves(d: int, height: int, width: int, *, dtype=torch.float32, dev
     ``position_code(d, height, width)`` equal to [X[x] | Y[y]] exactly (the first channels are
     a function of x alone, the rest of y alone; for widths d not divisible by 4 the y half is
     the part the trim keeps). Cached like the code; treat them as read-only."""
-    key = ("halves", int(d), int(height), int(width), dtype, torch.device("cpu") if device is None
-           else torch.device(device))
-    halves = _CACHE.get(key)
-    if halves is None:
+    device = _device(device)
+
+    def build():
         hx = min(d, 2 * ((d + 3) // 4))
         # x varies along a 1 x width grid (y = 0), y along a height x 1 grid (x = 0)
-        xs = position_code(d, 1, width, dtype=dtype, device=device)[:, :hx].contiguous()
-        ys = position_code(d, height, 1, dtype=dtype, device=device)[:, hx:].contiguous()
-        halves = (xs, ys)
-        if not torch.compiler.is_compiling():
-            with _LOCK:
-                halves = _CACHE.setdefault(key, halves)
-    return halves
+        return (position_code(d, 1, width, dtype=dtype, device=device)[:, :hx].contiguous(),
+                position_code(d, height, 1, dtype=dtype, device=device)[:, hx:].contiguous())
+    return _cached(("halves", int(d), int(height), int(width), dtype, device), device, build)
 
 
 def position_factors(d: int, height: int, width: int, *, terms: int = 1, dtype=torch.float32, device=None):
@@ -97,10 +102,9 @@ def position_factors(d: int, height: int, width: int, *, terms: int = 1, dtype=t
     [X 0; 0 Y], and E (height * width, width + height) is the 0/1 matrix that picks row x and row
     width + y for cell y * width + x. With ``terms`` > 1, C's rows and E's columns are repeated
     that many times ([C; C], [E | E] for two), for a middle operand split into that many terms."""
-    key = ("factors", int(d), int(height), int(width), int(terms), dtype,
-           torch.device("cpu") if device is None else torch.device(device))
-    got = _CACHE.get(key)
-    if got is None:
+    device = _device(device)
+
+    def build():
         xs, ys = position_halves(d, height, width, dtype=torch.float64, device=device)
         hx = xs.shape[1]
         c = torch.zeros((width + height, d), dtype=torch.float64, device=device)
@@ -109,11 +113,8 @@ def position_factors(d: int, height: int, width: int, *, terms: int = 1, dtype=t
         e = torch.zeros((height * width, width + height), dtype=torch.float64, device=device)
         e[cells, cells % width] = 1.0
         e[cells, width + cells // width] = 1.0
-        got = (c.repeat(terms, 1).to(dtype), e.repeat(1, terms).to(dtype))
-        if not (torch.compiler.is_compiling() or (got[0].is_cuda and torch.cuda.is_current_stream_capturing())):
-            with _LOCK:
-                got = _CACHE.setdefault(key, got)
-    return got
+        return c.repeat(terms, 1).to(dtype), e.repeat(1, terms).to(dtype)
+    return _cached(("factors", int(d), int(height), int(width), int(terms), dtype, device), device, build)
 
 
 def position_cells(d: int, height: int, width: int, cells: torch.Tensor, *, dtype=torch.float32) -> torch.Tensor:

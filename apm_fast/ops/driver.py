@@ -203,10 +203,11 @@ def trigger_u(w, t, config, acc):
     return bmm_acc(t.to(w1t.dtype), w1t.transpose(1, 2), acc) + w["mlp.0.bias"].to(acc)[:, None, :]
 
 
-def _split_terms(x, dtype, out):
-    """x (S, n, H1) in the acc dtype into ``out`` (S, 2 n, H1) in ``dtype`` (any strides): [hi; lo]
-    with hi = x rounded and lo = x - hi rounded, so that hi + lo is x to about 2^-16 relative in
-    bf16 (a product with [A | A] or [A; A] then sums both terms). Returns ``out``."""
+def _split_terms(x, out):
+    """x (S, n, H1) in the acc dtype into ``out`` (S, 2 n, H1) in the compute dtype (any
+    strides): [hi; lo] with hi = x rounded and lo = x - hi rounded, so that hi + lo is x to about
+    2^-16 relative in bf16 (a product with [A | A] or [A; A] then sums both terms). Returns
+    ``out``."""
     n = x.shape[1]
     out[:, :n].copy_(x)
     torch.sub(x, out[:, :n], out=out[:, n:])
@@ -231,7 +232,7 @@ def position_product(prim, wp, pos_in, cdt, *, grid: Optional[tuple] = None):
         return prim.linear(e, q.transpose(1, 2).contiguous(), None, out_dtype=cdt)
     s, n, h1 = q.shape
     qt = torch.empty((s, h1, 2 * n), dtype=cdt, device=q.device)            # [Q_hi; Q_lo]^T
-    _split_terms(q, cdt, qt.transpose(1, 2))
+    _split_terms(q, qt.transpose(1, 2))
     e2 = position_factors(wp.shape[-1], height, width, terms=2, dtype=cdt, device=wp.device)[1]
     return prim.linear(e2, qt, None, out_dtype=cdt)
 
@@ -251,7 +252,7 @@ def position_weight_grad(prim, g1, pos_in, *, grid: Optional[tuple] = None, out=
     if gt.dtype == g1.dtype:
         return prim.linear_bwd_weight(gt.transpose(1, 2).contiguous(), c, bias=False, out=out)[0]
     s, h1, n = gt.shape
-    g2 = _split_terms(gt.transpose(1, 2), g1.dtype, torch.empty((s, 2 * n, h1), dtype=g1.dtype, device=g1.device))
+    g2 = _split_terms(gt.transpose(1, 2), torch.empty((s, 2 * n, h1), dtype=g1.dtype, device=g1.device))
     c2 = position_factors(pos_in.shape[1], height, width, terms=2, dtype=g1.dtype, device=g1.device)[0]
     return prim.linear_bwd_weight(g2, c2, bias=False, out=out)[0]
 

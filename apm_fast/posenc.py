@@ -81,12 +81,17 @@ def position_rows(d: int, height: int, width: int, start: int, stop: int, *, dty
     return position_cells(d, height, width, torch.arange(start, stop, device=device), dtype=dtype)
 
 
-def position_halves(d: int, height: int, width: int, *, dtype=torch.float32, device=None):
+def position_halves(d: int, height: int, width: int, *, dtype=torch.float32, device=None, rounded=None):
     """The code's two halves: (X (width, hx), Y (height, d - hx)), with row y * width + x of
     ``position_code(d, height, width)`` equal to [X[x] | Y[y]] exactly (the first channels are
     a function of x alone, the rest of y alone; for widths d not divisible by 4 the y half is
-    the part the trim keeps). Cached like the code; treat them as read-only."""
+    the part the trim keeps). ``rounded`` (a dtype): the values as that dtype holds them (the code
+    a GEMM in it reads), held in ``dtype``. Cached like the code; treat them as read-only."""
     device = _device(device)
+    if rounded is not None and rounded != dtype:
+        return _cached(("halves", int(d), int(height), int(width), dtype, device, rounded), device,
+                       lambda: tuple(h.to(dtype) for h in position_halves(d, height, width, dtype=rounded,
+                                                                          device=device)))
 
     def build():
         hx = min(d, 2 * ((d + 3) // 4))

@@ -78,14 +78,17 @@ BLOCK_SHAPES = [(2, 37, 13, 30), (3, 21, 16, 38)]
 
 def check_block_adam(table, device, moments=torch.float32, shape=BLOCK_SHAPES[0]):
     """A table's Adam over column blocks of a weight ((S, R, C) views with a row stride: the first
-    layer's trigger and position columns), the first block's gradient given by its factors
-    (``outer``), takes the plain table's steps over the whole weight with the gradient written
-    out: the update is elementwise, so splitting it into blocks changes nothing but the launches.
-    K = 2 factors, with a bf16 copy."""
+    layer's trigger and position columns) takes the plain table's steps over the whole weight with
+    the gradient written out: the update is elementwise, so splitting it into blocks changes
+    nothing but the launches. The first block's gradient is given by its factors (``outer``, rank
+    2, each student's own: the trigger columns), the second's by factors of rank 5 whose second
+    factor every student shares (a stride-0 view) and whose first is a slice of a larger tensor (the
+    position columns from the code's halves), the rest is written out. With a bf16 copy."""
     from apm_fast.ops.contract import TorchPrimitives
 
     gen = torch.Generator().manual_seed(11)
-    (s, r, c, w), k = shape, 2
+    (s, r, c, w), k, k2 = shape, 2, 5
+    c2 = c + (w - c) // 2
     p0 = torch.randn(s, r, w, generator=gen).to(device)
     ours = [p0.clone(), torch.zeros(s, r, w, device=device, dtype=moments),
             torch.zeros(s, r, w, device=device, dtype=moments),
@@ -96,24 +99,28 @@ def check_block_adam(table, device, moments=torch.float32, shape=BLOCK_SHAPES[0]
     for _ in range(3):
         a = torch.randn(s, k, r, generator=gen).to(device)
         b = torch.randn(s, k, c, generator=gen).to(device)
+        a2 = torch.randn(s, k2 + 3, r, generator=gen).to(device)[:, 2:2 + k2]
+        b2 = torch.randn(k2, c2 - c, generator=gen).to(device).expand(s, k2, c2 - c)
         g = torch.randn(s, r, w, generator=gen).to(device)
         g[:, :, :c] = torch.bmm(a.transpose(1, 2), b)
-        g[:, :, c:] *= 10.0 ** torch.randint(-3, 3, (s, r, w - c), generator=gen).to(device)
+        g[:, :, c:c2] = torch.bmm(a2.transpose(1, 2), b2)
+        g[:, :, c2:] *= 10.0 ** torch.randint(-3, 3, (s, r, w - c2), generator=gen).to(device)
         step += 1
-        blocks = [[t[:, :, :c] for t in ours], [t[:, :, c:] for t in ours]]
-        table.adam_(blocks[0][0], None, blocks[0][1], blocks[0][2], step, lr, 0.9, 0.999, 1e-8,
-                    lowp=blocks[0][3], outer=(a, b))
-        table.adam_(blocks[1][0], g[:, :, c:], blocks[1][1], blocks[1][2], step, lr, 0.9, 0.999, 1e-8,
-                    lowp=blocks[1][3])
+        blocks = [[t[:, :, cols] for t in ours] for cols in (slice(0, c), slice(c, c2), slice(c2, w))]
+        for (pb, mb, vb, lb), outer in zip(blocks[:2], ((a, b), (a2, b2))):
+            table.adam_(pb, None, mb, vb, step, lr, 0.9, 0.999, 1e-8, lowp=lb, outer=outer)
+        table.adam_(blocks[2][0], g[:, :, c2:], blocks[2][1], blocks[2][2], step, lr, 0.9, 0.999, 1e-8,
+                    lowp=blocks[2][3])
         flat = [t.view(s, -1) for t in ref]
         TorchPrimitives().adam_(flat[0], g.view(s, -1), flat[1], flat[2], step, lr, 0.9, 0.999, 1e-8, lowp=flat[3])
-        # fp32 arithmetic in the same order (the factors' product is one rounding, as the bmm's):
-        # a few ulps; bf16 moments and the bf16 copy: one bf16 ulp (the interpreter truncates),
-        # and one ulp of a moment moves the parameter by lr x 1 % at most
+        # fp32 arithmetic in the same order but for the factors' sums (a few ulps of a gradient):
+        # a few ulps; bf16 moments and the bf16 copy: two bf16 ulps (one for the interpreter's
+        # truncation, one for values a few fp32 ulps apart rounding apart), and one ulp of a
+        # moment moves the parameter by lr x 1 % at most
         tol = 1e-6 if moments == torch.float32 else 3e-3 * 2e-2
         torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=tol)
         for x, y in zip(ours[1:], ref[1:]):
-            torch.testing.assert_close(x.float(), y.float(), rtol=2 ** -7, atol=1e-30)
+            torch.testing.assert_close(x.float(), y.float(), rtol=2 * 2 ** -7, atol=1e-30)
         for x, y in zip(ours, ref):     # the next step from the same state (no drift of an ulp a step)
             x.copy_(y)
     assert not ours[3].float().isnan().any()

@@ -14,7 +14,7 @@ import torch
 
 from apm_fast import APM, TestTimeTrainer, preset
 from apm_fast.ops import TorchPrimitives, backward, forward, weight_names
-from apm_fast.ops.driver import TRIGGER_COLUMNS
+from apm_fast.ops.driver import POSITION_COLUMNS, TRIGGER_COLUMNS
 from apm_fast.ttt import program as program_mod
 from apm_fast.ttt.memory import choose_students, count_params, estimate_student_bytes
 from apm_fast.ttt.store import ParamStore
@@ -141,15 +141,18 @@ def test_graphs_requested_on_cpu_run_eagerly_without_warning():
     assert torch.equal(got.cls, ref.cls)
 
 
-@pytest.mark.parametrize("factors", [None, True], ids=["written", "factored"])
-def test_adam_slices_equal_one_pass(monkeypatch, factors):
+@pytest.mark.parametrize("factors,halves", [(None, None), (True, None), (True, True)],
+                         ids=["written", "factored", "factored-halves"])
+def test_adam_slices_equal_one_pass(monkeypatch, factors, halves):
     model, images, targets = _setup("three-layer", torch.float64, n=2)
     whole_engine = _engine(model, students=2)
     whole_engine.engine.trigger_factors = factors
+    whole_engine.engine.position_halves = halves
     one = whole_engine.fit(images, targets)
     monkeypatch.setattr(program_mod, "_adam_chunks", lambda prim, total: 3)
     sliced_engine = _engine(model, students=2)
     sliced_engine.engine.trigger_factors = factors
+    sliced_engine.engine.position_halves = halves
     sliced = sliced_engine.fit(images, targets)
     assert sliced_engine.engine._program.n_chunks == 3
     assert (sliced_engine.engine._program.factors is not None) == bool(factors)
@@ -180,6 +183,31 @@ def test_the_trigger_columns_are_updated_from_their_factors_and_never_written():
     t.engine.trigger_factors = None                  # the torch table's default: written out
     written = t.fit(images, targets)
     assert t.engine._program.factors is None
+    torch.testing.assert_close(factored.cls, written.cls, rtol=1e-12, atol=0)
+    torch.testing.assert_close(factored.losses, written.losses, rtol=1e-12, atol=0)
+
+
+def test_with_the_halves_the_position_columns_are_updated_from_their_factors_too():
+    """With the code's halves and the trigger columns by their factors, the position columns'
+    gradient goes to Adam by its factors as well (G = E^T g1 with the halves, rank width +
+    height): no part of the first layer's flat gradient is written, its weights move, and the
+    training equals the written-out step's (float64)."""
+    model, images, targets = _setup("three-layer", torch.float64, n=2)
+    t = _engine(model, students=2)
+    t.engine.trigger_factors = t.engine.position_halves = True
+    factored = t.fit(images, targets)
+    prog = t.engine._program
+    g, d = model.config.grid, model.config.pos_dim
+    blocks = prog.factors[POSITION_COLUMNS]
+    assert [(c0, c1, tuple(a.shape), tuple(b.shape)) for c0, c1, a, b in blocks] == [
+        (0, blocks[0][1], (2, g, model.config.hidden[0]), (2, g, blocks[0][1])),
+        (blocks[0][1], d, (2, g, model.config.hidden[0]), (2, g, d - blocks[0][1]))]
+    assert bool((prog.store.grad_views["mlp.0.weight"] == 0).all())
+    moved = prog.store.master_views["mlp.0.weight"] - dict(model.named_parameters())["mlp.0.weight"].detach()
+    assert bool((moved[:, :, d:] != 0).all(-1).any())
+    t.engine.trigger_factors = t.engine.position_halves = False
+    written = t.fit(images, targets)
+    assert t.engine._program.factors is None and t.engine._program.pos_grid is None
     torch.testing.assert_close(factored.cls, written.cls, rtol=1e-12, atol=0)
     torch.testing.assert_close(factored.losses, written.losses, rtol=1e-12, atol=0)
 
@@ -245,15 +273,17 @@ def test_param_store_layout_and_reset():
     assert int((st.flat2d(st.grad) == 7.0).sum()) == 3 * params["head.bias"].numel()
 
 
-@pytest.mark.parametrize("factored", [False, True], ids=["written", "factored"])
-def test_backward_announces_each_gradient_once_when_it_is_final(factored):
+@pytest.mark.parametrize("factored,halves", [(False, False), (True, False), (True, True)],
+                         ids=["written", "factored", "factored-halves"])
+def test_backward_announces_each_gradient_once_when_it_is_final(factored, halves):
     """on_done(names): every parameter once, and at that moment its gradient is already the final
     one (the engine starts its Adam there); in the order the gradients are made (the updates
     queue in that order): the head, the MLP's layers last to first, the pool's parameters (made
     beside the GEMMs) before the first consumer, not at the pool's backward, the first layer before
-    the first consumer, the conv last. ``trigger_factors``: the first layer's trigger columns by
+    the first consumer, the conv last. ``factors``: the first layer's trigger columns by
     their gradient's factors, announced (with the first bias) before the rest of the first layer,
-    never written into grad_out."""
+    never written into grad_out; with the position code's halves (``pos_grid``) its position
+    columns by their factors too (two column blocks), never written either."""
     model, images, _ = _setup("three-layer", torch.float64, n=2)
     cfg, prim = model.config, TorchPrimitives()
     names = weight_names(cfg)
@@ -280,11 +310,16 @@ def test_backward_announces_each_gradient_once_when_it_is_final(factored):
             seen[n] = out[n].clone()
             if n == "mlp.0.weight" and factored:             # the position columns, then
                 seen[n] = seen[n][:, :, d:]
+                if halves:
+                    blocks = factors[POSITION_COLUMNS]
+                    assert [(c0, c1) for c0, c1, *_ in blocks] == [(0, blocks[0][1]), (blocks[0][1], d)]
+                    seen[n] = torch.cat([torch.bmm(a.transpose(1, 2), b) for *_, a, b in blocks], dim=2)
                 w[n][:, :, d:] = float("nan")
                 continue
             w[n].fill_(float("nan"))              # the backward must not read it again
 
-    backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out, on_done=on_done, trigger_factors=factors)
+    grid = (cfg.grid, cfg.grid) if halves else None
+    backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out, on_done=on_done, factors=factors, pos_grid=grid)
     assert sorted(seen) == sorted(names + ([TRIGGER_COLUMNS] if factored else []))
     order = list(seen)
     assert cfg.pool and len(cfg.hidden) >= 3
@@ -297,10 +332,13 @@ def test_backward_announces_each_gradient_once_when_it_is_final(factored):
         assert order.index("mlp.0.bias") == trigger + 1, order      # announced together
         torch.testing.assert_close(seen[TRIGGER_COLUMNS], whole["mlp.0.weight"][:, :, :d], rtol=1e-12, atol=0)
         assert bool((out["mlp.0.weight"][:, :, :d] == 5.0).all()), "the trigger columns were written"
+    if halves:
+        assert bool((out["mlp.0.weight"] == 5.0).all()), "the position columns were written"
     for n in names:
         cols = (slice(None), slice(None), slice(d, None)) if n == "mlp.0.weight" and factored else ...
         torch.testing.assert_close(seen[n], whole[n][cols], rtol=1e-12, atol=0)
-        torch.testing.assert_close(seen[n], out[n][cols], rtol=0, atol=0)    # not written after
+        if not (halves and n == "mlp.0.weight"):
+            torch.testing.assert_close(seen[n], out[n][cols], rtol=0, atol=0)    # not written after
     assert len({id(v) for v in seen.values()}) == len(seen)
 
 

@@ -448,10 +448,14 @@ def _compile_variants():
          ("qk_scale",), 8, 2, False),
         ("pool_combine", pool.pool_combine_kernel, {}, dict(BLOCK_P=16, BLOCK_D=1024), (), (), 4, 2, False),
         ("pool_bwd", pool.pool_bwd_kernel, p_ptr, dict(BLOCK_L=8, BLOCK_D=1024), p_unit, ("scale",), 8, 2, False),
-        ("adam", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, OUTER=False, BLOCK=1024), (),
+        ("adam", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, BLOCK=1024), (),
          ("beta1", "beta2", "omb1", "omb2", "eps"), 4, 2, False),
-        ("adam from factors", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, OUTER=True, BLOCK=1024), (),
-         ("beta1", "beta2", "omb1", "omb2", "eps"), 4, 2, False),
+        ("adam from factors, rank 1", adam.adam_outer_kernel, {"lowp_ptr": bf},
+         dict(K=1, HAS_LOWP=True, BR=adam.OUTER_BR, BC=adam.OUTER_BC), (), ("beta1", "beta2", "omb1", "omb2", "eps"),
+         adam.OUTER_WARPS, 2, False),
+        ("adam from factors, rank 32", adam.adam_outer_kernel, {"lowp_ptr": bf, "m_ptr": bf, "v_ptr": bf},
+         dict(K=32, HAS_LOWP=True, BR=adam.OUTER_BR, BC=adam.OUTER_BC), (), ("beta1", "beta2", "omb1", "omb2", "eps"),
+         adam.OUTER_WARPS, 2, False),
     ]
 
 

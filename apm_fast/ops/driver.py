@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..posenc import position_cells, position_factors
+from ..posenc import position_cells, position_factors, position_halves
 from .contract import acc_dtype_for, bmm_acc
 from .kept import KeptGraph, cache, kept, side_stream
 
@@ -255,6 +255,22 @@ def position_weight_grad(prim, g1, pos_in, *, grid: Optional[tuple] = None, out=
     g2 = _split_terms(gt.transpose(1, 2), torch.empty((s, 2 * n, h1), dtype=g1.dtype, device=g1.device))
     c2 = position_factors(pos_in.shape[1], height, width, terms=2, dtype=g1.dtype, device=g1.device)[0]
     return prim.linear_bwd_weight(g2, c2, bias=False, out=out)[0]
+
+
+def position_weight_factors(g1, d: int, grid: tuple, acc) -> List[tuple]:
+    """dW_P = g1^T pos (S, H1, d) by its factors, from the code's separable form (``grid`` and g1
+    as :func:`position_weight_grad`'s): [(c0, c1, a, b)], dW_P[:, :, c0:c1] = sum_k a[:, k]^T
+    b[:, k] (``adam_``'s ``outer``), nothing of dW_P written. G = E^T g1 (S, width + height, H1) in
+    ``acc``: its first ``width`` rows (the sums of g1 over each column x of the grid) pair with the
+    code's x half X (width, hx) on columns :hx, the rest (over each row y) with the y half on
+    hx:; the halves as g1's dtype rounds them (the code a GEMM in it reads), in ``acc``."""
+    height, width = grid
+    s = g1.shape[0]
+    et = position_factors(d, height, width, dtype=g1.dtype, device=g1.device)[1].t()       # (W + H) L
+    gg = bmm_acc(et.expand(s, *et.shape), g1, acc)                                           # S (W + H) H1
+    xs, ys = position_halves(d, height, width, dtype=acc, rounded=g1.dtype, device=g1.device)
+    hx = xs.shape[1]
+    return [(0, hx, gg[:, :width], xs.expand(s, *xs.shape)), (hx, d, gg[:, width:], ys.expand(s, *ys.shape))]
 
 
 def _grid_rows(pos_in, grid):
@@ -509,7 +525,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
              grad_out: Optional[Dict[str, torch.Tensor]] = None, release: bool = False,
              reduce: Optional[Callable] = None, parts: int = 1,
              on_done: Optional[Callable] = None, beside: bool = False,
-             wgrad_beside: bool = True, trigger_factors: Optional[dict] = None,
+             wgrad_beside: bool = True, factors: Optional[dict] = None,
              pos_grid: Optional[tuple] = None) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
@@ -534,13 +550,16 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     ``wgrad_beside`` each layer's weight gradient on a third one, beside its input gradient (the
     layer is then announced on that stream once both are done); the main stream has waited for
     all of it when the backward returns.
-    ``trigger_factors`` (a dict, with ``grad_out`` in the acc dtype): the first layer's trigger
+    ``factors`` (a dict, with ``grad_out`` in the acc dtype): the first layer's trigger
     columns' gradient, dW_T = sum_b r_b T_b^T (rank B), is not written: its factors (r (S, B, H1),
-    T (S, B, d)) go to ``trigger_factors["mlp.0.weight"]`` (for ``adam_``'s ``outer``) and
+    T (S, B, d)) go to ``factors["mlp.0.weight"]`` (for ``adam_``'s ``outer``) and
     :data:`TRIGGER_COLUMNS` is announced, with the first bias, as soon as they are final and the
     backward no longer reads W_T (beside the rest of the first layer's backward); "mlp.0.weight"
     then stands for its position columns only, and its trigger columns in ``grad_out`` are left
-    as they were. Nothing is put there when the gradient cannot be left out (no such views).
+    as they were. With ``pos_grid`` the position columns' gradient is not written either: its
+    factors (:func:`position_weight_factors`, two column blocks of rank width and height) go to
+    ``factors[POSITION_COLUMNS]``. Nothing is put there when the gradient cannot be left out
+    (no such views).
     ``pos_grid``: as :func:`forward`'s (dW_P from the code's separable form, :func:`position_weight_grad`)."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
@@ -627,14 +646,14 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     wp_view = _direct(grad_out, acc, "mlp.0.weight")[0]
     wt_view = wp_view[:, :, :d] if wp_view is not None else None
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
-    factored = trigger_factors is not None and wp_view is not None
+    factored = factors is not None and wp_view is not None
     with side(r, ctx.t):                 # the conv's gradients: beside the first layer's
         w1t = _trigger_weight(w, config)
         dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                   # S B d
         _into(g, acc, "mlp.0.bias", lambda out: torch.sum(r, 1, out=out))        # db1
         wt_read = side.mark()            # the last read of the first layer's weights; db1 made
         if factored:                     # dW_T by its factors, final now: its update may start
-            trigger_factors["mlp.0.weight"] = (r, ctx.t)
+            factors["mlp.0.weight"] = (r, ctx.t)
             done([TRIGGER_COLUMNS, "mlp.0.bias"])
         conv_shape = w["conv.weight"].shape
         _into(g, acc, "conv.weight", lambda out: torch.bmm(
@@ -648,7 +667,11 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     if not factored:
         dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                    # in place when it can
     g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
-    dwp = position_weight_grad(prim, g1_sum_b.to(cdt), pos_in, grid=pos_grid, out=wp_view)
+    if factored and pos_grid is not None:   # dW_P by its factors too: never written
+        factors[POSITION_COLUMNS] = position_weight_factors(g1_sum_b.to(cdt), pos_in.shape[1], pos_grid, acc)
+        dwp = None
+    else:
+        dwp = position_weight_grad(prim, g1_sum_b.to(cdt), pos_in, grid=pos_grid, out=wp_view)
     g1 = g1_sum_b = None
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)
@@ -666,8 +689,11 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
 
 
 # what ``backward`` announces for the first layer's trigger columns when it gives their gradient
-# by its factors (``trigger_factors``)
+# by its factors (``factors``)
 TRIGGER_COLUMNS = "mlp.0.weight[trigger]"
+# the key of ``factors`` that holds the first layer's position columns' gradient by its factors
+# (announced as "mlp.0.weight")
+POSITION_COLUMNS = "mlp.0.weight[position]"
 
 _POOL_PARAMS = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "query")
 

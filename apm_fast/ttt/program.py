@@ -23,7 +23,7 @@ import torch
 
 from ..ops.autograd import _no_autocast
 from ..ops.contract import TorchPrimitives, acc_dtype_for
-from ..ops.driver import TRIGGER_COLUMNS, Beside, backward, forward, unfold_patches, weight_names
+from ..ops.driver import POSITION_COLUMNS, TRIGGER_COLUMNS, Beside, backward, forward, unfold_patches, weight_names
 from ..posenc import position_code
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
@@ -167,7 +167,7 @@ class StudentProgram:
         backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
                  release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
                  on_done=None if early is None else early.start, beside=self.beside,
-                 wgrad_beside=self.wgrad_beside, trigger_factors=self.factors, pos_grid=self.pos_grid)
+                 wgrad_beside=self.wgrad_beside, factors=self.factors, pos_grid=self.pos_grid)
         del ctx, z
         if sh is not None:
             sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange
@@ -195,7 +195,8 @@ class StudentProgram:
         """[(params, grads or None, m, v, lowp or None, outer or None)]: the ``adam_`` calls that
         update ``names`` (default: all). When this step's backward gave the first layer's trigger
         columns by their gradient's factors, :data:`TRIGGER_COLUMNS` names those columns (updated
-        from the factors) and "mlp.0.weight" the position columns."""
+        from the factors) and "mlp.0.weight" the position columns (from their own factors when the
+        backward gave them so: two column blocks)."""
         st = self.store
         names = list(st.names) + [TRIGGER_COLUMNS] if names is None else list(names)
         updates = []
@@ -206,7 +207,12 @@ class StudentProgram:
                 p, _, m, v, lowp = st.column_block(_FIRST, 0, d)
                 updates.append((p, None, m, v, lowp, factors))
             if _FIRST in names:
-                updates.append(st.column_block(_FIRST, d) + (None,))
+                blocks = self.factors.get(POSITION_COLUMNS)
+                if blocks is None:
+                    updates.append(st.column_block(_FIRST, d) + (None,))
+                for c0, c1, a, b in blocks or ():
+                    p, _, m, v, lowp = st.column_block(_FIRST, d + c0, d + c1)
+                    updates.append((p, None, m, v, lowp, (a, b)))
                 names.remove(_FIRST)
         names = [n for n in names if n != TRIGGER_COLUMNS]
         if names:
@@ -216,6 +222,16 @@ class StudentProgram:
     def _trigger_factors(self):
         """(r, T) of this step's first-layer trigger columns, when the backward gave them so."""
         return self.factors.get(_FIRST) if self.factors else None
+
+    def _factor_tensors(self, names) -> tuple:
+        """The backward's tensors the updates of ``names`` read as factors (kept from reuse while
+        an update stream reads them)."""
+        reads = ()
+        if self.factors and TRIGGER_COLUMNS in names:
+            reads += tuple(self.factors.get(_FIRST) or ())
+        if self.factors and _FIRST in names:
+            reads += tuple(t for *_, a, b in self.factors.get(POSITION_COLUMNS) or () for t in (a, b))
+        return reads
 
     def _numel(self, name: str) -> int:
         """Parameters one student's update of ``name`` covers (see :meth:`_updates`)."""
@@ -348,9 +364,8 @@ class _EarlyAdam:
         i = min(range(len(self.lanes)), key=self.queued.__getitem__)
         self.queued[i] += sum(prog._numel(n) for n in names)
         lane = self.lanes[i]
-        # the factors of the trigger columns' gradient are the backward's tensors: kept from reuse
-        reads = (prog._trigger_factors() or ()) if TRIGGER_COLUMNS in names else ()
-        with lane(*reads):
+        # the factors of the first layer's gradient are the backward's tensors: kept from reuse
+        with lane(*prog._factor_tensors(names)):
             if self.after is not None:
                 lane.side.wait_event(self.after)
             self.program._adam(names)

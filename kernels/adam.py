@@ -18,6 +18,12 @@ saved and restored. 1024 elements per program with 4 warps: on the H200, 145 us 
 fp32 parameters with a bf16 copy (4.05 TB/s of the 4.23 a device copy reaches), against 148 us
 for 2048 with 8 warps (the former setting) and 168 us for 4096
 (``benchmarks/results/h200/measured-not-kept/9e245fd-fused-wgrad-adam.json``, key "adam").
+
+A block of a weight's columns whose gradient is given by its factors (``outer``: the first
+layer's trigger columns, rank one per image, and with the position code's halves its position
+columns, rank width + height) is updated by tiles of rows and columns, the gradient made in
+registers from the factors' slices and never stored: 26 B per parameter instead of 30 plus the
+4 B the gradient's own kernel would have written.
 """
 from __future__ import annotations
 
@@ -31,8 +37,13 @@ __all__ = ["adam_"]
 BLOCK = 1024
 WARPS = 4
 # the gradient from its factors: (rows x columns) tiles, so that a factor's slice serves a whole
-# tile (rank K = 32 for the position columns of ``ttt-l14``: about 5 B of cache reads an element)
-OUTER_BR, OUTER_BC, OUTER_WARPS = 32, 128, 8
+# tile (rank K = 32 for the position columns of ``ttt-l14``: about 6 B of cache reads an element),
+# as one product of the factors' slices, BK terms at a time (at least 16, a tl.dot's least).
+# 32 x 64 with 4 warps was the best or within 1 % of it of eight tiles on the H200 at 1 and 64
+# students (the trigger columns, rank 1, 64 students: 1.88 ms against 2.83 at 32 x 128 with 8
+# warps and 2.02 for the plain update of the written gradient; the x half of the position
+# columns, rank 32: 0.95 against 1.15 ms; ``benchmarks/results/h200/adam-factors/``)
+OUTER_BR, OUTER_BC, OUTER_BK, OUTER_WARPS = 32, 64, 32, 4
 
 
 @triton.jit
@@ -93,12 +104,12 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, step_ptr, lr_ptr,
 
 @triton.jit
 def adam_outer_kernel(p_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr_ptr,
-                      R, C, sp_s, sp_r, sm_s, sm_r, sv_s, sv_r, sl_s, sl_r, sa_s, sa_k, sb_s, sb_k,
+                      R, C, K, sp_s, sp_r, sm_s, sm_r, sv_s, sv_r, sl_s, sl_r, sa_s, sa_k, sb_s, sb_k,
                       beta1, beta2, omb1, omb2, eps,
-                      K: tl.constexpr, HAS_LOWP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+                      HAS_LOWP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     # program (column tile, row tile, student): a (BR, BC) tile of (S, R, C) buffers whose gradient
-    # is sum_k a[s, k, rows] b[s, k, cols]: each of a's K row slices and b's K column slices read
-    # once per tile (not once per element), the K terms unrolled so that their loads overlap
+    # is sum_k a[s, k, rows] b[s, k, cols]: a product of a's (BR, BK) and b's (BK, BC) slices (each
+    # read once a tile, not once an element), summed in p's dtype by fma ("ieee": no tf32)
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     s = tl.program_id(2).to(tl.int64)
@@ -109,14 +120,18 @@ def adam_outer_kernel(p_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr_
     msk = in_r[:, None] & in_c[None, :]
     r64 = rows.to(tl.int64)[:, None]
     step_size, bc2_sqrt = _coefficients(step_ptr, lr_ptr, omb1, omb2)
+    # the state's loads first: in flight while the gradient is made
     p = tl.load(p_ptr + s * sp_s + r64 * sp_r + cols[None, :], mask=msk, other=0.0)
-    g = tl.zeros([BR, BC], p.dtype)
-    for k in tl.static_range(K):
-        a = tl.load(a_ptr + s * sa_s + k * sa_k + rows, mask=in_r, other=0.0)
-        b = tl.load(b_ptr + s * sb_s + k * sb_k + cols, mask=in_c, other=0.0)
-        g += a[:, None] * b[None, :]
     m = tl.load(m_ptr + s * sm_s + r64 * sm_r + cols[None, :], mask=msk, other=0.0).to(p.dtype)
     v = tl.load(v_ptr + s * sv_s + r64 * sv_r + cols[None, :], mask=msk, other=0.0).to(p.dtype)
+    g = tl.zeros([BR, BC], p.dtype)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(a_ptr + s * sa_s + ks[None, :] * sa_k + rows[:, None], mask=in_r[:, None] & (ks[None, :] < K),
+                    other=0.0)
+        b = tl.load(b_ptr + s * sb_s + ks[:, None] * sb_k + cols[None, :], mask=(ks[:, None] < K) & in_c[None, :],
+                    other=0.0)
+        g = tl.dot(a.to(p.dtype), b.to(p.dtype), g, input_precision="ieee")
     p, m, v = _update(p, g, m, v, beta1, beta2, omb1, omb2, eps, step_size, bc2_sqrt)
     tl.store(m_ptr + s * sm_s + r64 * sm_r + cols[None, :], m.to(m_ptr.dtype.element_ty), mask=msk)
     tl.store(v_ptr + s * sv_s + r64 * sv_r + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=msk)
@@ -147,6 +162,8 @@ def adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lo
                                   HAS_LOWP=lowp is not None, BLOCK=BLOCK, num_warps=WARPS)
         return
     a, b = outer
+    K = a.shape[1]
     adam_outer_kernel[(cdiv(C, OUTER_BC), cdiv(R, OUTER_BR), S)](
-        params, exp_avg, exp_avg_sq, lp, a, b, step, lr, R, C, *state, *a.stride()[:2], *b.stride()[:2], *coefs,
-        K=a.shape[1], HAS_LOWP=lowp is not None, BR=OUTER_BR, BC=OUTER_BC, num_warps=OUTER_WARPS)
+        params, exp_avg, exp_avg_sq, lp, a, b, step, lr, R, C, K, *state, *a.stride()[:2], *b.stride()[:2], *coefs,
+        HAS_LOWP=lowp is not None, BR=OUTER_BR, BC=OUTER_BC, BK=min(OUTER_BK, max(16, triton.next_power_of_2(K))),
+        num_warps=OUTER_WARPS)

@@ -451,11 +451,11 @@ def _compile_variants():
         ("adam", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, BLOCK=1024), (),
          ("beta1", "beta2", "omb1", "omb2", "eps"), 4, 2, False),
         ("adam from factors, rank 1", adam.adam_outer_kernel, {"lowp_ptr": bf},
-         dict(K=1, HAS_LOWP=True, BR=adam.OUTER_BR, BC=adam.OUTER_BC), (), ("beta1", "beta2", "omb1", "omb2", "eps"),
+         dict(HAS_LOWP=True, BR=adam.OUTER_BR, BC=adam.OUTER_BC, BK=16), (), ("beta1", "beta2", "omb1", "omb2", "eps"),
          adam.OUTER_WARPS, 2, False),
         ("adam from factors, rank 32", adam.adam_outer_kernel, {"lowp_ptr": bf, "m_ptr": bf, "v_ptr": bf},
-         dict(K=32, HAS_LOWP=True, BR=adam.OUTER_BR, BC=adam.OUTER_BC), (), ("beta1", "beta2", "omb1", "omb2", "eps"),
-         adam.OUTER_WARPS, 2, False),
+         dict(HAS_LOWP=True, BR=adam.OUTER_BR, BC=adam.OUTER_BC, BK=adam.OUTER_BK), (),
+         ("beta1", "beta2", "omb1", "omb2", "eps"), adam.OUTER_WARPS, 2, False),
     ]
 
 

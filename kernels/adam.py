@@ -36,14 +36,17 @@ __all__ = ["adam_"]
 
 BLOCK = 1024
 WARPS = 4
-# the gradient from its factors: (rows x columns) tiles, so that a factor's slice serves a whole
-# tile (rank K = 32 for the position columns of ``ttt-l14``: about 6 B of cache reads an element),
-# as one product of the factors' slices, BK terms at a time (at least 16, a tl.dot's least).
-# 32 x 64 with 4 warps was the best or within 1 % of it of eight tiles on the H200 at 1 and 64
-# students (the trigger columns, rank 1, 64 students: 1.88 ms against 2.83 at 32 x 128 with 8
-# warps and 2.02 for the plain update of the written gradient; the x half of the position
-# columns, rank 32: 0.95 against 1.15 ms; ``benchmarks/results/h200/adam-factors/``)
+# The gradient from its factors (``outer``). Below rank OUTER_TILED_RANK, one row at a time like
+# the stored gradient, with a loop over the factors (the trigger columns, rank one: by tiles it
+# made the one-image step slower, 0.474 ms against 0.468 with the gradient written, H200). From
+# that rank on (the position columns from the code's halves, rank 32 for ``ttt-l14``), by
+# (rows x columns) tiles, so that a factor's slice serves a whole tile (about 6 B of cache reads
+# an element instead of 128), as one product of the factors' slices, BK terms at a time (at
+# least 16, a tl.dot's least). 32 x 64 with 4 warps was the best of eight tiles on the H200 or
+# within 1 % of it (the x half of the position columns at 64 students: 0.95 ms against 1.15 for
+# the plain update of the written gradient; ``benchmarks/results/h200/adam-factors/``).
 OUTER_BR, OUTER_BC, OUTER_BK, OUTER_WARPS = 32, 64, 32, 4
+OUTER_TILED_RANK = 16
 
 
 @triton.jit
@@ -79,10 +82,10 @@ def _update(p, g, m, v, beta1, beta2, omb1, omb2, eps, step_size, bc2_sqrt):
 
 
 @triton.jit
-def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, step_ptr, lr_ptr,
-                C, NCB, sp_s, sp_r, sg_s, sg_r, sm_s, sm_r, sv_s, sv_r, sl_s, sl_r,
+def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr_ptr,
+                C, NCB, K, sp_s, sp_r, sg_s, sg_r, sm_s, sm_r, sv_s, sv_r, sl_s, sl_r, sa_s, sa_k, sb_s, sb_k,
                 beta1, beta2, omb1, omb2, eps,
-                HAS_LOWP: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_LOWP: tl.constexpr, OUTER: tl.constexpr, BLOCK: tl.constexpr):
     # program (row * NCB + column block, student): BLOCK elements of one row of (S, R, C) buffers
     pid = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
@@ -91,7 +94,13 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, step_ptr, lr_ptr,
     msk = offs < C
     step_size, bc2_sqrt = _coefficients(step_ptr, lr_ptr, omb1, omb2)
     p = tl.load(p_ptr + s * sp_s + row * sp_r + offs, mask=msk, other=0.0)
-    g = tl.load(g_ptr + s * sg_s + row * sg_r + offs, mask=msk, other=0.0).to(p.dtype)
+    if OUTER:          # the gradient from its factors of low rank: sum_k a[s, k, row] b[s, k, offs]
+        g = tl.zeros([BLOCK], p.dtype)
+        for k in range(K):
+            a = tl.load(a_ptr + s * sa_s + k * sa_k + row)
+            g += a * tl.load(b_ptr + s * sb_s + k * sb_k + offs, mask=msk, other=0.0)
+    else:
+        g = tl.load(g_ptr + s * sg_s + row * sg_r + offs, mask=msk, other=0.0).to(p.dtype)
     m = tl.load(m_ptr + s * sm_s + row * sm_r + offs, mask=msk, other=0.0).to(p.dtype)   # bf16 moments: widened
     v = tl.load(v_ptr + s * sv_s + row * sv_r + offs, mask=msk, other=0.0).to(p.dtype)
     p, m, v = _update(p, g, m, v, beta1, beta2, omb1, omb2, eps, step_size, bc2_sqrt)
@@ -155,14 +164,17 @@ def adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lo
     lp = lowp if lowp is not None else params
     coefs = (float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(eps))
     state = (*_rows(params), *_rows(exp_avg), *_rows(exp_avg_sq), *_rows(lp))
-    if outer is None:
+    a, b = outer if outer is not None else (None, None)
+    K = a.shape[1] if a is not None else 0
+    if K < OUTER_TILED_RANK:      # the gradient as stored, or from factors of a rank below
         ncb = cdiv(C, BLOCK)
-        adam_kernel[(R * ncb, S)](params, grads, exp_avg, exp_avg_sq, lp, step, lr, C, ncb,
-                                  *_rows(params), *_rows(grads), *state[2:], *coefs,
-                                  HAS_LOWP=lowp is not None, BLOCK=BLOCK, num_warps=WARPS)
+        adam_kernel[(R * ncb, S)](params, grads if grads is not None else params, exp_avg, exp_avg_sq, lp,
+                                  a if a is not None else params, b if b is not None else params, step, lr, C, ncb, K,
+                                  *_rows(params), *_rows(grads), *state[2:],
+                                  *(a.stride()[:2] if a is not None else (0, 0)),
+                                  *(b.stride()[:2] if b is not None else (0, 0)), *coefs,
+                                  HAS_LOWP=lowp is not None, OUTER=a is not None, BLOCK=BLOCK, num_warps=WARPS)
         return
-    a, b = outer
-    K = a.shape[1]
     adam_outer_kernel[(cdiv(C, OUTER_BC), cdiv(R, OUTER_BR), S)](
         params, exp_avg, exp_avg_sq, lp, a, b, step, lr, R, C, K, *state, *a.stride()[:2], *b.stride()[:2], *coefs,
         HAS_LOWP=lowp is not None, BR=OUTER_BR, BC=OUTER_BC, BK=min(OUTER_BK, max(16, triton.next_power_of_2(K))),

@@ -81,13 +81,14 @@ def check_block_adam(table, device, moments=torch.float32, shape=BLOCK_SHAPES[0]
     layer's trigger and position columns) takes the plain table's steps over the whole weight with
     the gradient written out: the update is elementwise, so splitting it into blocks changes
     nothing but the launches. The first block's gradient is given by its factors (``outer``, rank
-    2, each student's own: the trigger columns), the second's by factors of rank 5 whose second
-    factor every student shares (a stride-0 view) and whose first is a slice of a larger tensor (the
-    position columns from the code's halves), the rest is written out. With a bf16 copy."""
+    2, each student's own: the trigger columns), the second's by factors of rank 17 (past the
+    Triton table's 16, where it goes by tiles) whose second factor every student shares (a
+    stride-0 view) and whose first is a slice of a larger tensor (the position columns from the
+    code's halves), the rest is written out. With a bf16 copy."""
     from apm_fast.ops.contract import TorchPrimitives
 
     gen = torch.Generator().manual_seed(11)
-    (s, r, c, w), k, k2 = shape, 2, 5
+    (s, r, c, w), k, k2 = shape, 2, 17
     c2 = c + (w - c) // 2
     p0 = torch.randn(s, r, w, generator=gen).to(device)
     ours = [p0.clone(), torch.zeros(s, r, w, device=device, dtype=moments),

@@ -214,7 +214,8 @@ def test_with_the_halves_the_position_columns_are_updated_from_their_factors_too
 
 def test_position_products_from_the_codes_halves_train_the_same(monkeypatch):
     """The engine with the position products from the code's separable form trains exactly as
-    with one GEMM each (float64); the default follows the table, with several students only."""
+    with one GEMM each (float64); the default follows the table, with several students, or at one
+    image when the first layer's gradient goes by its factors."""
     model, images, targets = _setup("three-layer", torch.float64, n=3)
     t = _engine(model, students=3)
     t.fit(images, targets)
@@ -229,6 +230,12 @@ def test_position_products_from_the_codes_halves_train_the_same(monkeypatch):
     monkeypatch.setattr(TorchPrimitives, "position_halves", True, raising=False)   # a table that has them on
     t.engine.position_halves = None
     assert t.engine.program(3).pos_grid == (g, g) and t.engine.program(1).pos_grid is None
+    # ... at one image too where dW_P goes to Adam by its factors (the table's default or asked for)
+    t.engine.trigger_factors = True
+    assert t.engine.program(1).pos_grid == (g, g)
+    t.engine.trigger_factors = None
+    monkeypatch.setattr(TorchPrimitives, "adam_from_factors", True, raising=False)
+    assert t.engine.program(1).pos_grid == (g, g)
 
 
 def test_param_store_layout_and_reset():

@@ -162,9 +162,10 @@ class Primitives:
     streams beside the rest of the backward (on where measured faster: the Triton table).
     ``adam_from_factors``: the engine's default for this table, the first layer's trigger columns
     updated from their gradient's factors (``adam_``'s ``outer``; on for the kernel tables).
-    ``position_halves``: the engine's default for this table with several students, the position
-    products from the code's separable form (``driver.position_product``; on where measured
-    faster: the Triton table)."""
+    ``position_halves``: the engine's default for this table with several students, and at one
+    image when the first layer's gradient goes to Adam by its factors, the position products from
+    the code's separable form (``driver.position_product``; on where measured faster: the Triton
+    table)."""
 
     name = "?"
     opaque = False

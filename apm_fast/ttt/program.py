@@ -41,11 +41,15 @@ def quiet_autograd(device):
         yield
 
 
-def position_halves_by_default(prim, students: int) -> bool:
+def position_halves_by_default(prim, students: int, factored: bool | None = None) -> bool:
     """Whether a program of ``students`` students on table ``prim`` computes the position products
-    from the code's separable form by default: where the table says so, with several students
-    (at one image its extra launches cost more than they save)."""
-    return bool(getattr(prim, "position_halves", False)) and students > 1
+    from the code's separable form by default: where the table says so, with several students, or
+    at one image when the first layer's gradient goes to Adam by its factors (``factored``; None:
+    the table's ``adam_from_factors``). At one image with dW_P written, the halves' extra launches
+    cost more than they save (H200, ``ttt-l14``, Triton table: 0.471 against 0.466 ms a step);
+    with dW_P by its factors, they save its GEMM (0.459 against 0.466)."""
+    factored = bool(getattr(prim, "adam_from_factors", True)) if factored is None else bool(factored)
+    return bool(getattr(prim, "position_halves", False)) and (students > 1 or factored)
 
 
 def _adam_chunks(prim, total: int) -> int:
@@ -88,9 +92,15 @@ class StudentProgram:
             # rank's slice (shards)
             self.pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
             self.pos_out = position_code(c.dim, c.grid, c.grid, dtype=compute_dtype, device=dev)
+            # the first layer's trigger columns updated from their gradient's factors (the backward
+            # fills this each step), never written out, and with the halves below its position
+            # columns too; not sharded: a sharded step sums every gradient, whole, across the ranks
+            # (None: the table's default; off: written out)
+            factored = getattr(prim, "adam_from_factors", True) if trigger_factors is None else trigger_factors
             # the whole grid: the position products from the code's separable form
-            # (driver.position_product; None: the table's default, with several students only)
-            halves = position_halves_by_default(prim, s) if position_halves is None else bool(position_halves)
+            # (driver.position_product; None: the table's default, position_halves_by_default)
+            halves = (position_halves_by_default(prim, s, factored and shards is None) if position_halves is None
+                      else bool(position_halves))
             self.pos_grid = (c.grid, c.grid) if halves else None
             if shards is not None:
                 a, b = shards.rows(c.queries)
@@ -113,10 +123,6 @@ class StudentProgram:
             self.lr_t = torch.full((1,), float(lr), dtype=lr_dtype, device=dev)
             self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
             self.n_chunks = _adam_chunks(prim, s * self.store.numel)
-            # the first layer's trigger columns updated from their gradient's factors (the backward
-            # fills this each step), never written out; not sharded: a sharded step sums every
-            # gradient, whole, across the ranks (None: the table's default; off: written out)
-            factored = getattr(prim, "adam_from_factors", True) if trigger_factors is None else trigger_factors
             self.factors: Optional[dict] = {} if shards is None and factored else None
             # each layer's Adam on the update streams as soon as the backward is done with the layer,
             # beside the rest of the backward (Adam in one launch, one device, CUDA; by default

@@ -21,9 +21,10 @@ for 2048 with 8 warps (the former setting) and 168 us for 4096
 
 A block of a weight's columns whose gradient is given by its factors (``outer``: the first
 layer's trigger columns, rank one per image, and with the position code's halves its position
-columns, rank width + height) is updated by tiles of rows and columns, the gradient made in
-registers from the factors' slices and never stored: 26 B per parameter instead of 30 plus the
-4 B the gradient's own kernel would have written.
+columns, two blocks of rank width and height) is updated with the gradient made in registers
+from the factors and never stored (row by row below rank OUTER_TILED_RANK, by tiles of rows and
+columns from it on): 26 B per parameter instead of 30, plus the 4 B the gradient's own kernel
+would have written.
 """
 from __future__ import annotations
 

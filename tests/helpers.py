@@ -121,7 +121,10 @@ def check_block_adam(table, device, moments=torch.float32, shape=BLOCK_SHAPES[0]
         tol = 1e-6 if moments == torch.float32 else 3e-3 * 2e-2
         torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=tol)
         for x, y in zip(ours[1:], ref[1:]):
-            torch.testing.assert_close(x.float(), y.float(), rtol=2 * 2 ** -7, atol=1e-30)
+            if x.dtype == torch.bfloat16:
+                torch.testing.assert_close(x.float(), y.float(), rtol=2 * 2 ** -7, atol=1e-30)
+            else:       # fp32 moments: a sum of 17 products that cancel is a few ulps of its terms off
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
         for x, y in zip(ours, ref):     # the next step from the same state (no drift of an ulp a step)
             x.copy_(y)
     assert not ours[3].float().isnan().any()

@@ -322,9 +322,9 @@ class Primitives:
         ``outer=(a, b)`` with ``grads=None`` (3-D params only): the gradient is given by its
         factors, grad[s] = sum_k a[s, k]^T b[s, k] with a (S, K, R), b (S, K, C) in params' dtype, unit
         stride along their last dimension, any other strides (b may be one tensor every student
-        shares, a stride-0 view): a
-        rank-K weight gradient never written to memory (the first layer's trigger columns, rank B;
-        with the position code's halves its position columns, rank width or height).
+        shares, a stride-0 view): a rank-K weight gradient never written to memory (the first
+        layer's trigger columns, rank B; with the position code's halves its position columns,
+        rank width or height).
         Matches torch.optim.Adam:
         m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
         p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""

@@ -34,9 +34,11 @@ class TritonPrimitives(Primitives):
     # at S = 64, and 0.473 against 0.475 ms a step at one image, within the run-to-run spread (the
     # cuda table: 0.509 against 0.482, slower), benchmarks/results/h200/e84f14e-step-engine-throughput/
     adam_beside_backward = True
-    # the position products from the code's separable form with several students: on the H200 at
-    # S = 64 143.6 against 141.2 images/s; at one image slower (0.474 against 0.469 ms a step: six
-    # more launches), so the engine keeps the one GEMM there (b7e1beb, benchmarks/results/h200/)
+    # the position products from the code's separable form (with dW_P to Adam by its factors): on
+    # the H200 at S = 64 144.5 against 138.5 images/s with one GEMM each, at one image 0.459
+    # against 0.466 ms a step (02d9635); with dW_P written, at one image slower (0.474 against
+    # 0.469 ms: six more launches), so there the engine keeps the one GEMM (b7e1beb; both in
+    # benchmarks/results/h200/; ttt.program.position_halves_by_default)
     position_halves = True
 
     def __init__(self, use_custom_ops: bool | None = None):

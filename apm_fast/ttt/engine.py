@@ -71,11 +71,13 @@ class TTTEngine:
     ``trigger_factors`` (None: the table's ``adam_from_factors``, on for the kernel tables; a bool
     for comparisons): the first layer's trigger columns are updated from their gradient's factors
     (rank one per image: never written to memory, and their update starts before the rest of the
-    first layer's backward is done); without shards. The attribute ``position_halves`` (None: the
-    table's ``position_halves`` with several students, on for the Triton table; a bool for
+    first layer's backward is done), and with the halves below its position columns too; without
+    shards. The attribute ``position_halves`` (None: the table's ``position_halves`` with several
+    students, or at one image with ``trigger_factors``, on for the Triton table; a bool for
     comparisons): the position products P = pos W_P^T and dW_P over the whole grid from the code's
     separable form (``driver.position_product``: about 1.6 instead of 8.6 GFLOP each for
-    ``ttt-l14``, in four launches instead of one); without shards.
+    ``ttt-l14``, in four launches instead of one; dW_P by its factors where the trigger columns'
+    gradient goes so); without shards.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,

@@ -239,38 +239,45 @@ def position_product(prim, wp, pos_in, cdt, *, grid: Optional[tuple] = None):
 
 def position_weight_grad(prim, g1, pos_in, *, grid: Optional[tuple] = None, out=None):
     """dW_P = g1^T pos_in (S, H1, d) in the acc dtype (into ``out`` when given) from g1 (S, L, H1):
-    one GEMM over the L rows, or with ``grid`` (as :func:`position_product`) dW_P = (E^T g1)^T C:
-    G = E^T g1, the (width + height) sums G_x[x] = sum_y g1[y * width + x] and G_y[y] = sum_x
-    g1[y * width + x], then G^T C. With 16-bit g1, G (fp32) enters its product as hi + lo terms,
-    so dW_P is as accurate as the one GEMM's."""
+    one GEMM over the L rows, or with ``grid`` (as :func:`position_product`) dW_P = G^T C from
+    G = E^T g1 (:func:`_grid_sums`). With 16-bit g1, G (fp32) enters its product as hi + lo
+    terms, so dW_P is as accurate as the one GEMM's."""
     if grid is None:
         return prim.linear_bwd_weight(g1, pos_in, bias=False, out=out)[0]
     _grid_rows(pos_in, grid)
     height, width = grid
-    c, e = position_factors(pos_in.shape[1], height, width, dtype=g1.dtype, device=g1.device)
-    gt = prim.linear_bwd_weight(g1, e, bias=False)[0]                        # G^T: S H1 (W + H), acc
-    if gt.dtype == g1.dtype:
-        return prim.linear_bwd_weight(gt.transpose(1, 2).contiguous(), c, bias=False, out=out)[0]
-    s, h1, n = gt.shape
-    g2 = _split_terms(gt.transpose(1, 2), torch.empty((s, 2 * n, h1), dtype=g1.dtype, device=g1.device))
-    c2 = position_factors(pos_in.shape[1], height, width, terms=2, dtype=g1.dtype, device=g1.device)[0]
+    d = pos_in.shape[1]
+    gg = _grid_sums(g1, d, grid, acc_dtype_for(g1.dtype))                   # S (W + H) H1
+    if gg.dtype == g1.dtype:
+        c = position_factors(d, height, width, dtype=g1.dtype, device=g1.device)[0]
+        return prim.linear_bwd_weight(gg, c, bias=False, out=out)[0]
+    s, n, h1 = gg.shape
+    g2 = _split_terms(gg, torch.empty((s, 2 * n, h1), dtype=g1.dtype, device=g1.device))
+    c2 = position_factors(d, height, width, terms=2, dtype=g1.dtype, device=g1.device)[0]
     return prim.linear_bwd_weight(g2, c2, bias=False, out=out)[0]
 
 
 def position_weight_factors(g1, d: int, grid: tuple, acc) -> List[tuple]:
     """dW_P = g1^T pos (S, H1, d) by its factors, from the code's separable form (``grid`` and g1
     as :func:`position_weight_grad`'s): [(c0, c1, a, b)], dW_P[:, :, c0:c1] = sum_k a[:, k]^T
-    b[:, k] (``adam_``'s ``outer``), nothing of dW_P written. G = E^T g1 (S, width + height, H1) in
-    ``acc``: its first ``width`` rows (the sums of g1 over each column x of the grid) pair with the
-    code's x half X (width, hx) on columns :hx, the rest (over each row y) with the y half on
-    hx:; the halves as g1's dtype rounds them (the code a GEMM in it reads), in ``acc``."""
+    b[:, k] (``adam_``'s ``outer``), nothing of dW_P written. G = E^T g1 (:func:`_grid_sums`):
+    its first ``width`` rows pair with the code's x half X (width, hx) on columns :hx, the rest
+    with the y half on hx:; the halves as g1's dtype rounds them (the code a GEMM in it reads),
+    in ``acc``."""
     height, width = grid
     s = g1.shape[0]
-    et = position_factors(d, height, width, dtype=g1.dtype, device=g1.device)[1].t()       # (W + H) L
-    gg = bmm_acc(et.expand(s, *et.shape), g1, acc)                                           # S (W + H) H1
+    gg = _grid_sums(g1, d, grid, acc)
     xs, ys = position_halves(d, height, width, dtype=acc, rounded=g1.dtype, device=g1.device)
     hx = xs.shape[1]
     return [(0, hx, gg[:, :width], xs.expand(s, *xs.shape)), (hx, d, gg[:, width:], ys.expand(s, *ys.shape))]
+
+
+def _grid_sums(g1, d: int, grid: tuple, acc) -> torch.Tensor:
+    """G = E^T g1 (S, width + height, H1) in ``acc`` from g1 (S, L, H1) over the whole grid: the
+    sums of g1 over each column x of the grid (the first ``width`` rows), then over each row y;
+    one product with the code's shared 0/1 factor E (:func:`apm_fast.posenc.position_factors`)."""
+    et = position_factors(d, grid[0], grid[1], dtype=g1.dtype, device=g1.device)[1].t()    # (W + H) L
+    return bmm_acc(et.expand(g1.shape[0], *et.shape), g1, acc)
 
 
 def _grid_rows(pos_in, grid):
@@ -666,12 +673,12 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     # they finished ~60 us after the dW_P GEMM at one image)
     if not factored:
         dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                    # in place when it can
-    g1_sum_b = g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)
+    g1_sum_b = (g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)).to(cdt)
     if factored and pos_grid is not None:   # dW_P by its factors too: never written
-        factors[POSITION_COLUMNS] = position_weight_factors(g1_sum_b.to(cdt), pos_in.shape[1], pos_grid, acc)
+        factors[POSITION_COLUMNS] = position_weight_factors(g1_sum_b, pos_in.shape[1], pos_grid, acc)
         dwp = None
     else:
-        dwp = position_weight_grad(prim, g1_sum_b.to(cdt), pos_in, grid=pos_grid, out=wp_view)
+        dwp = position_weight_grad(prim, g1_sum_b, pos_in, grid=pos_grid, out=wp_view)
     g1 = g1_sum_b = None
     if wp_view is None:                     # the two halves put together
         g["mlp.0.weight"] = torch.cat([dwt, dwp.to(acc)], dim=2)

@@ -112,6 +112,20 @@ def test_linear(prims, ext, dtype, shape, bias, relu, shared):
     expect_path(ext, counts, dtype, shape)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-x", "per-student-x"])
+def test_linear_with_an_fp32_output(prims, ext, shared):
+    """bf16 operands, fp32 out, no epilogue (the position code's Q = C W_P^T): on an SM90 build and
+    GPU, cuBLAS; the result to fp32 accumulation's rounding, not bf16's."""
+    S, M, N, K = 3, 64, 4096, 768
+    x = rnd(M, K, dtype=torch.bfloat16, seed=1) if shared else rnd(S, M, K, dtype=torch.bfloat16, seed=1)
+    w = rnd(S, N, K, dtype=torch.bfloat16, seed=2, scale=K ** -0.5)
+    y, counts = gemm_counts_delta(ext, lambda: prims.linear(x, w, None, out_dtype=torch.float32))
+    assert y.shape == (S, M, N) and y.dtype == torch.float32
+    assert rel_err(y, TP.linear(*d64(x, w, None))) < 1e-5
+    if ext.sm90_available(torch.empty(1, device=DEV)):
+        assert counts == [0, 0, 1], f"expected one cuBLAS launch, got counts {counts}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", [ALIGNED, WIDE, ODD], ids=["aligned", "wide", "odd"])
 @pytest.mark.parametrize("masked", [True, False])

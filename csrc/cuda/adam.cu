@@ -14,8 +14,9 @@
 // The buffers are rows of `cols` contiguous elements with a row stride each (a flat buffer is
 // one row, or one per student; a block of a weight's columns is one row per student and weight
 // row). The gradient is read, or built from its factors (a rank-K weight gradient: the first
-// layer's trigger columns, sum_k a_k b_k^T) and never stored: 26 B per parameter instead of 30
-// plus the 4 B its own kernel would have written.
+// layer's trigger columns, sum_k a_k b_k^T, and the position columns' two blocks with the code's
+// halves) and never stored: 26 B per parameter instead of 30 plus the 4 B its own kernel would
+// have written.
 #include "apm_kernels.h"
 #include "dtype_util.cuh"
 
@@ -165,6 +166,97 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// From rank kTiledRank on, the gradient from its factors by tiles of kTileRows x kTileCols of one
+// student: the tile's slices of a (K x rows) and b (K x cols) staged in shared memory once, each
+// of 128 threads makes 4 x 4 elements' gradients from them (a slice serves the whole tile: a few
+// bytes of shared-memory reads an element instead of K cache reads of b), then updates them as
+// the row kernel does. (The position columns from the code's halves, rank 32 for ttt-l14; the
+// trigger columns, rank one, stay row by row, as in the Triton table.)
+constexpr int kTiledRank = 16, kMaxTiledRank = 64;
+constexpr int kTileRows = 32, kTileCols = 64, kTileThreads = 128;
+
+template <typename TM, typename TL>
+__global__ void __launch_bounds__(kTileThreads)
+    adam_tiles_kernel(Rows<float> p, GradSrc g, Rows<TM> m, Rows<TM> v, Rows<TL> lowp, int64_t students,
+                      int64_t cols, const float* __restrict__ step, const float* __restrict__ lr, double beta1,
+                      double beta2, float omb1, float omb2, float eps, bool vec) {
+  extern __shared__ float smem[];
+  float* sa = smem;                       // (K, kTileRows)
+  float* sb = smem + g.k * kTileRows;     // (K, kTileCols)
+  __shared__ AdamCoef coef;
+  if (threadIdx.x == 0) {
+    const double t = static_cast<double>(*step);
+    const double bc1 = 1.0 - pow(beta1, t);
+    const double bc2 = 1.0 - pow(beta2, t);
+    coef = AdamCoef{static_cast<float>(beta1), static_cast<float>(beta2), omb1, omb2, eps,
+                    static_cast<float>(static_cast<double>(*lr) / bc1), static_cast<float>(sqrt(bc2))};
+  }
+  const int64_t rps = g.rows_per_student;
+  const int64_t row_tiles = ceil_div(rps, kTileRows), col_tiles = ceil_div(cols, kTileCols);
+  const int64_t per_student = row_tiles * col_tiles, tiles = students * per_student;
+  const int cg = threadIdx.x % (kTileCols / 4), rg = threadIdx.x / (kTileCols / 4);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t s = tile / per_student, rest = tile - s * per_student;
+    const int64_t i0 = (rest / col_tiles) * kTileRows, c0 = (rest % col_tiles) * kTileCols;
+    __syncthreads();                      // the previous tile's reads of the slices are done
+    for (int idx = threadIdx.x; idx < g.k * kTileRows; idx += kTileThreads) {
+      const int k = idx / kTileRows, r = idx - k * kTileRows;
+      sa[idx] = i0 + r < rps ? g.a[s * g.a_s + k * g.a_k + i0 + r] : 0.0f;
+    }
+    for (int idx = threadIdx.x; idx < g.k * kTileCols; idx += kTileThreads) {
+      const int k = idx / kTileCols, c = idx - k * kTileCols;
+      sb[idx] = c0 + c < cols ? g.b[s * g.b_s + k * g.b_k + c0 + c] : 0.0f;
+    }
+    __syncthreads();
+    const AdamCoef c = coef;
+    float acc[4][4] = {};
+    for (int k = 0; k < g.k; ++k) {
+      const float4 bv = reinterpret_cast<const float4*>(sb + k * kTileCols)[cg];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float av = sa[k * kTileRows + rg * 4 + j];
+        acc[j][0] = fmaf(av, bv.x, acc[j][0]); acc[j][1] = fmaf(av, bv.y, acc[j][1]);
+        acc[j][2] = fmaf(av, bv.z, acc[j][2]); acc[j][3] = fmaf(av, bv.w, acc[j][3]);
+      }
+    }
+    const int64_t col = c0 + 4 * cg;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = i0 + rg * 4 + j;
+      if (i >= rps || col >= cols) continue;
+      const int64_t row = s * rps + i;
+      if (vec && col + 4 <= cols) {
+        float4 pv = *reinterpret_cast<float4*>(p.at(row, col));
+        Vec4<TM> mv = *reinterpret_cast<Vec4<TM>*>(m.at(row, col));
+        Vec4<TM> vv = *reinterpret_cast<Vec4<TM>*>(v.at(row, col));
+        float pf[4] = {pv.x, pv.y, pv.z, pv.w};
+        Vec4<TL> lv;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float mk = to_f32<TM>(mv.x[e]), vk = to_f32<TM>(vv.x[e]);
+          adam_one(c, acc[j][e], pf[e], mk, vk);
+          mv.x[e] = from_f32<TM>(mk);
+          vv.x[e] = from_f32<TM>(vk);
+          lv.x[e] = from_f32<TL>(pf[e]);
+        }
+        *reinterpret_cast<float4*>(p.at(row, col)) = make_float4(pf[0], pf[1], pf[2], pf[3]);
+        *reinterpret_cast<Vec4<TM>*>(m.at(row, col)) = mv;
+        *reinterpret_cast<Vec4<TM>*>(v.at(row, col)) = vv;
+        if (lowp.ptr != nullptr) *reinterpret_cast<Vec4<TL>*>(lowp.at(row, col)) = lv;
+      } else {
+        for (int e = 0; e < 4 && col + e < cols; ++e) {
+          float pi = *p.at(row, col + e), mi = to_f32<TM>(*m.at(row, col + e)), vi = to_f32<TM>(*v.at(row, col + e));
+          adam_one(c, acc[j][e], pi, mi, vi);
+          *m.at(row, col + e) = from_f32<TM>(mi);
+          *v.at(row, col + e) = from_f32<TM>(vi);
+          *p.at(row, col + e) = pi;
+          if (lowp.ptr != nullptr) *lowp.at(row, col + e) = from_f32<TL>(pi);
+        }
+      }
+    }
+  }
+}
+
 bool aligned(const void* ptr, size_t bytes) {
   return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
@@ -193,8 +285,9 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
     return ptr == nullptr ||
            (aligned(ptr, bytes) && (rows == 1 || (ld * static_cast<int64_t>(elem)) % static_cast<int64_t>(bytes) == 0));
   };
+  const bool tiled = outer && b.k >= kTiledRank && b.k <= kMaxTiledRank && rows % b.rows_per_student == 0;
   const bool vec = rows_aligned(b.params, b.ld_p, 4, 16) &&
-                   (outer ? aligned(b.b, 16) && b.b_k % 4 == 0 && b.b_s % 4 == 0
+                   (outer ? tiled || (aligned(b.b, 16) && b.b_k % 4 == 0 && b.b_s % 4 == 0)
                           : rows_aligned(b.grads, b.ld_g, 4, 16)) &&
                    rows_aligned(b.exp_avg, b.ld_m, dtype_bytes(b.moment_t), mb) &&
                    rows_aligned(b.exp_avg_sq, b.ld_v, dtype_bytes(b.moment_t), mb) &&
@@ -212,6 +305,20 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
     return APM_DISPATCH_DTYPE(b.lowp_t, TL, [&] {
       const Rows<TM> m{static_cast<TM*>(b.exp_avg), b.ld_m}, v{static_cast<TM*>(b.exp_avg_sq), b.ld_v};
       const Rows<TL> l{static_cast<TL*>(b.lowp), b.ld_l};
+      if (tiled) {
+        auto* kernel = adam_tiles_kernel<TM, TL>;
+        const size_t smem = static_cast<size_t>(b.k) * (kTileRows + kTileCols) * sizeof(float);
+        int per_sm = 0;
+        const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTileThreads, smem);
+        if (occ != cudaSuccess) return occ;
+        const int64_t students = rows / b.rows_per_student;
+        const int64_t n = students * ceil_div(b.rows_per_student, kTileRows) * ceil_div(cols, kTileCols);
+        const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
+        const unsigned blocks = static_cast<unsigned>(n < resident ? n : resident);
+        kernel<<<blocks, kTileThreads, smem, stream>>>(p, src, m, v, l, students, cols, step, lr, beta1, beta2,
+                                                       omb1, omb2, static_cast<float>(eps), vec);
+        return launch_status();
+      }
       auto* kernel = outer ? adam_kernel<TM, TL, true> : adam_kernel<TM, TL, false>;
       // as many blocks as are resident at once, each striding over the tiles: no tail wave, and
       // the coefficients computed once per block (memory bound)

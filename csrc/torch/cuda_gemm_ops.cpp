@@ -124,6 +124,16 @@ void linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Te
   }
   if (S == 0 || M == 0 || N == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(w.device());
+  if (gemm_policy() == 0 && w.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kFloat &&
+      p.bias == nullptr && !relu && apm::sm90_device_ok(w.get_device())) {
+    // An fp32 product without an epilogue (the position code's Q = C W_P^T from its halves):
+    // the SM90 forward kernels write 16-bit outputs only, and the portable kernel is a fraction
+    // of cuBLAS's rate, so cuBLAS (a shared x as a batch stride of 0). Forced paths keep ours.
+    at::Tensor o = out;
+    at::bmm_out(o, x.dim() == 2 ? x.expand({S, M, K}) : x, w.transpose(1, 2), at::kFloat);
+    g_cublas_launches.fetch_add(1);
+    return;
+  }
   p.batch = S; p.m = M; p.n = N; p.k = K;
   p.a = x.data_ptr(); p.a_sb = batch_stride(x); p.a_sm = x.stride(-2); p.a_sk = 1;
   p.b = w.data_ptr(); p.b_sb = w.stride(0); p.b_sn = w.stride(1); p.b_sk = 1;

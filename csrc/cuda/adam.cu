@@ -89,6 +89,42 @@ __device__ __forceinline__ void grad4(const GradSrc& src, int64_t row, int64_t c
   }
 }
 
+// Elements (row, col .. col + 3) from their gradients gf through 16-byte loads and stores (8-byte
+// for the 16-bit moments and copy).
+template <typename TM, typename TL>
+__device__ __forceinline__ void update4(const AdamCoef& c, const float gf[4], const Rows<float>& p, const Rows<TM>& m,
+                                        const Rows<TM>& v, const Rows<TL>& lowp, int64_t row, int64_t col) {
+  float4 pv = *reinterpret_cast<float4*>(p.at(row, col));
+  Vec4<TM> mv = *reinterpret_cast<Vec4<TM>*>(m.at(row, col));
+  Vec4<TM> vv = *reinterpret_cast<Vec4<TM>*>(v.at(row, col));
+  float pf[4] = {pv.x, pv.y, pv.z, pv.w};
+  Vec4<TL> lv;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    float mk = to_f32<TM>(mv.x[k]), vk = to_f32<TM>(vv.x[k]);
+    adam_one(c, gf[k], pf[k], mk, vk);
+    mv.x[k] = from_f32<TM>(mk);
+    vv.x[k] = from_f32<TM>(vk);
+    lv.x[k] = from_f32<TL>(pf[k]);
+  }
+  *reinterpret_cast<float4*>(p.at(row, col)) = make_float4(pf[0], pf[1], pf[2], pf[3]);
+  *reinterpret_cast<Vec4<TM>*>(m.at(row, col)) = mv;
+  *reinterpret_cast<Vec4<TM>*>(v.at(row, col)) = vv;
+  if (lowp.ptr != nullptr) *reinterpret_cast<Vec4<TL>*>(lowp.at(row, col)) = lv;
+}
+
+// One element, read and written alone (unaligned buffers, a row's last elements).
+template <typename TM, typename TL>
+__device__ __forceinline__ void update1(const AdamCoef& c, float g, const Rows<float>& p, const Rows<TM>& m,
+                                        const Rows<TM>& v, const Rows<TL>& lowp, int64_t row, int64_t col) {
+  float pi = *p.at(row, col), mi = to_f32<TM>(*m.at(row, col)), vi = to_f32<TM>(*v.at(row, col));
+  adam_one(c, g, pi, mi, vi);
+  *m.at(row, col) = from_f32<TM>(mi);
+  *v.at(row, col) = from_f32<TM>(vi);
+  *p.at(row, col) = pi;
+  if (lowp.ptr != nullptr) *lowp.at(row, col) = from_f32<TL>(pi);
+}
+
 // Every (row, tile of kTile columns) once, grid-striding over them; a thread updates 4
 // consecutive elements through 16-byte loads and stores (8-byte for the 16-bit moments and
 // copy) when `vec` (every buffer's rows aligned for them), element by element otherwise.
@@ -96,7 +132,7 @@ template <typename TM, typename TL, bool OUTER>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(Rows<float> p, GradSrc g, Rows<TM> m, Rows<TM> v, Rows<TL> lowp, int64_t rows, int64_t cols,
                 const float* __restrict__ step, const float* __restrict__ lr, double beta1,
-                double beta2, float omb1, float omb2, float eps, bool vec) {
+                double beta2, float omb1, float omb2, float eps, bool vec, bool packed) {
   // The bias corrections in double (as torch computes them on the host), once per block: two
   // double pow() per thread cost as much as a small update's memory traffic
   __shared__ AdamCoef coef;
@@ -109,6 +145,22 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const AdamCoef c = coef;
+  if (packed) {
+    // Rows narrower than a tile (a block of a weight's columns: 768 of the first layer's 1536 for
+    // ttt-l14), each a multiple of 4 elements and aligned (vec): tiles of the rows laid end to
+    // end, so that no thread idles past a row's end (one tile a row left a quarter of them idle
+    // and ran these blocks at half the copy rate). Fewer than 2^31 elements: 32-bit divisions.
+    const int64_t total = rows * cols;
+    for (int64_t t = blockIdx.x; t * kTile < total; t += gridDim.x) {
+      const int64_t e = t * kTile + 4 * static_cast<int64_t>(threadIdx.x);
+      if (e >= total) continue;
+      const int64_t row = static_cast<uint32_t>(e) / static_cast<uint32_t>(cols), col = e - row * cols;
+      float gf[4];
+      grad4<OUTER>(g, row, col, 4, gf);
+      update4<TM, TL>(c, gf, p, m, v, lowp, row, col);
+    }
+    return;
+  }
   // tile = row * tiles_per_row + column tile, advanced by gridDim.x tiles an iteration without
   // a division (the update is instruction bound enough that a 64-bit one a tile shows)
   const int64_t tiles_per_row = ceil_div(cols, kTile);
@@ -120,16 +172,10 @@ __global__ void __launch_bounds__(kThreads)
       if (++row >= rows) break;
     }
     const int64_t base = col_tile * kTile;
-    // one element, read and written alone (unaligned buffers, a row's last elements)
     auto scalar = [&](int64_t col) {
       float gf[4];
       grad4<OUTER>(g, row, col, 1, gf);
-      float pi = *p.at(row, col), mi = to_f32<TM>(*m.at(row, col)), vi = to_f32<TM>(*v.at(row, col));
-      adam_one(c, gf[0], pi, mi, vi);
-      *m.at(row, col) = from_f32<TM>(mi);
-      *v.at(row, col) = from_f32<TM>(vi);
-      *p.at(row, col) = pi;
-      if (lowp.ptr != nullptr) *lowp.at(row, col) = from_f32<TL>(pi);
+      update1<TM, TL>(c, gf[0], p, m, v, lowp, row, col);
     };
     if (vec) {
       const int64_t col = base + 4 * threadIdx.x;
@@ -139,23 +185,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       float gf[4];
       grad4<OUTER>(g, row, col, 4, gf);
-      float4 pv = *reinterpret_cast<float4*>(p.at(row, col));
-      Vec4<TM> mv = *reinterpret_cast<Vec4<TM>*>(m.at(row, col));
-      Vec4<TM> vv = *reinterpret_cast<Vec4<TM>*>(v.at(row, col));
-      float pf[4] = {pv.x, pv.y, pv.z, pv.w};
-      Vec4<TL> lv;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        float mk = to_f32<TM>(mv.x[k]), vk = to_f32<TM>(vv.x[k]);
-        adam_one(c, gf[k], pf[k], mk, vk);
-        mv.x[k] = from_f32<TM>(mk);
-        vv.x[k] = from_f32<TM>(vk);
-        lv.x[k] = from_f32<TL>(pf[k]);
-      }
-      *reinterpret_cast<float4*>(p.at(row, col)) = make_float4(pf[0], pf[1], pf[2], pf[3]);
-      *reinterpret_cast<Vec4<TM>*>(m.at(row, col)) = mv;
-      *reinterpret_cast<Vec4<TM>*>(v.at(row, col)) = vv;
-      if (lowp.ptr != nullptr) *reinterpret_cast<Vec4<TL>*>(lowp.at(row, col)) = lv;
+      update4<TM, TL>(c, gf, p, m, v, lowp, row, col);
     } else {
       for (int e = 0; e < 4; ++e) {
         const int64_t col = base + threadIdx.x + e * kThreads;
@@ -226,32 +256,9 @@ __global__ void __launch_bounds__(kTileThreads)
       if (i >= rps || col >= cols) continue;
       const int64_t row = s * rps + i;
       if (vec && col + 4 <= cols) {
-        float4 pv = *reinterpret_cast<float4*>(p.at(row, col));
-        Vec4<TM> mv = *reinterpret_cast<Vec4<TM>*>(m.at(row, col));
-        Vec4<TM> vv = *reinterpret_cast<Vec4<TM>*>(v.at(row, col));
-        float pf[4] = {pv.x, pv.y, pv.z, pv.w};
-        Vec4<TL> lv;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float mk = to_f32<TM>(mv.x[e]), vk = to_f32<TM>(vv.x[e]);
-          adam_one(c, acc[j][e], pf[e], mk, vk);
-          mv.x[e] = from_f32<TM>(mk);
-          vv.x[e] = from_f32<TM>(vk);
-          lv.x[e] = from_f32<TL>(pf[e]);
-        }
-        *reinterpret_cast<float4*>(p.at(row, col)) = make_float4(pf[0], pf[1], pf[2], pf[3]);
-        *reinterpret_cast<Vec4<TM>*>(m.at(row, col)) = mv;
-        *reinterpret_cast<Vec4<TM>*>(v.at(row, col)) = vv;
-        if (lowp.ptr != nullptr) *reinterpret_cast<Vec4<TL>*>(lowp.at(row, col)) = lv;
+        update4<TM, TL>(c, acc[j], p, m, v, lowp, row, col);
       } else {
-        for (int e = 0; e < 4 && col + e < cols; ++e) {
-          float pi = *p.at(row, col + e), mi = to_f32<TM>(*m.at(row, col + e)), vi = to_f32<TM>(*v.at(row, col + e));
-          adam_one(c, acc[j][e], pi, mi, vi);
-          *m.at(row, col + e) = from_f32<TM>(mi);
-          *v.at(row, col + e) = from_f32<TM>(vi);
-          *p.at(row, col + e) = pi;
-          if (lowp.ptr != nullptr) *lowp.at(row, col + e) = from_f32<TL>(pi);
-        }
+        for (int e = 0; e < 4 && col + e < cols; ++e) update1<TM, TL>(c, acc[j][e], p, m, v, lowp, row, col + e);
       }
     }
   }
@@ -320,15 +327,17 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
         return launch_status();
       }
       auto* kernel = outer ? adam_kernel<TM, TL, true> : adam_kernel<TM, TL, false>;
+      const bool packed = vec && rows > 1 && cols < kTile && cols % 4 == 0 && rows * cols < (int64_t{1} << 31);
+      const int64_t n = packed ? ceil_div(rows * cols, kTile) : tiles;
       // as many blocks as are resident at once, each striding over the tiles: no tail wave, and
       // the coefficients computed once per block (memory bound)
       int per_sm = 0;
       const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
       if (occ != cudaSuccess) return occ;
       const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
-      const unsigned blocks = static_cast<unsigned>(tiles < resident ? tiles : resident);
+      const unsigned blocks = static_cast<unsigned>(n < resident ? n : resident);
       kernel<<<blocks, kThreads, 0, stream>>>(p, src, m, v, l, rows, cols, step, lr, beta1, beta2, omb1, omb2,
-                                              static_cast<float>(eps), vec);
+                                              static_cast<float>(eps), vec, packed);
       return launch_status();
     });
   });

@@ -122,8 +122,8 @@ Sm90Family sm90_family(const GemmParams& p) {
       p.mask != nullptr && aligned16(p.mask) && p.mask_sn == 1 && mult16(p.mask_sm, 2) &&
       mult16(p.mask_sb, 2)) {
     if (!first) return Sm90Family::kBackwardInput;
-    if (p.mask_row != nullptr && p.col_sums != nullptr && aligned16(p.mask_row) &&
-        aligned16(p.col_sums) && mult16(p.mask_row_sb, 4) && mult16(p.col_sums_sb, 4)) {
+    if (p.mask_row != nullptr && aligned16(p.mask_row) && mult16(p.mask_row_sb, 4) &&
+        (p.col_sums == nullptr || (aligned16(p.col_sums) && mult16(p.col_sums_sb, 4)))) {
       return Sm90Family::kFirstLayerInput;
     }
     return Sm90Family::kNone;

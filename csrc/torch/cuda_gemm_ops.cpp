@@ -2,6 +2,8 @@
 // checks, output checks, the split-K plan of the weight gradient, and the SM90/portable choice.
 // Outputs are passed in (the Python layer allocates them) and written completely.
 #include <atomic>
+#include <cstdlib>
+#include <string>
 
 #include <ATen/ops/bmm.h>
 
@@ -350,12 +352,25 @@ void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const at::
   check_positive(N, fn, "N (the contraction size)");
   if (S == 0 || B == 0 || H == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(w.device());
-  if (B == 1) {
+  const char* route_env = std::getenv("APM_FAST_FIRST_INPUT");   // EXPERIMENT: sums | mask | act
+  const std::string route = route_env ? route_env : "sums";
+  if (B == 1 && route != "act") {
     apm::GemmParams q = bwd_input_params(dy, w, g1, fn);
     q.mask = p_.data_ptr(); q.mask_sb = p_.stride(0); q.mask_sm = p_.stride(1); q.mask_sn = 1;
     q.mask_row = u.data_ptr<float>(); q.mask_row_sb = u.stride(0);
-    q.col_sums = r.data_ptr<float>(); q.col_sums_sb = r.stride(0);
-    if (try_sm90(q, w, fn)) return;
+    if (route == "sums") {
+      q.col_sums = r.data_ptr<float>(); q.col_sums_sb = r.stride(0);
+      if (try_sm90(q, w, fn)) return;
+    } else if (try_sm90(q, w, fn)) {
+      const int chunks = apm::colsum_chunks(S, L, H, sm_count(w.get_device()));
+      at::Tensor part;
+      if (chunks > 1) part = at::empty({S, chunks, H}, r.options());
+      check_cuda_status(apm::colsum(g1.data_ptr(), to_apm_dtype(g1, fn, "g1"), S, L, H,
+                                    r.data_ptr<float>(), H, chunks > 1 ? part.data_ptr<float>() : nullptr,
+                                    chunks, 1.0f, current_stream(w)),
+                        fn, "the per-image row sum");
+      return;
+    }
   }
   const cudaStream_t stream = current_stream(w);
   const apm::DType t = to_apm_dtype(w, fn, "w");

@@ -33,11 +33,6 @@ struct GemmParams {
   void* d = nullptr;          int64_t d_sb = 0, d_sm = 0, d_sn = 0;
   const void* bias = nullptr; int64_t bias_sb = 0;                    // bias[b][j] at bias + b*bias_sb + j
   const void* mask = nullptr; int64_t mask_sb = 0, mask_sm = 0, mask_sn = 0;
-  // The first layer's input gradient (family kFirstLayerInput): the mask is the pre-activation
-  // mask[b](i, j) + mask_row[b][j] (mask_row fp32, added before the > 0 test), and
-  // col_sums[b][j] = sum_i D[b](i, j) before D's rounding (fp32). Both null elsewhere.
-  const float* mask_row = nullptr; int64_t mask_row_sb = 0;
-  float* col_sums = nullptr; int64_t col_sums_sb = 0;
   bool relu = false;
   DType in = DType::kBFloat16;
   DType out = DType::kBFloat16;
@@ -52,7 +47,6 @@ enum class Sm90Family : int {
   kForward = 1,        // A K-major, B K-major, D row-major in `in` dtype; bias, ReLU
   kBackwardInput = 2,  // A K-major, B N-major, D row-major in `in` dtype; ReLU mask required
   kBackwardWeight = 3, // A M-major, B N-major, D row-major fp32; no epilogue
-  kFirstLayerInput = 4, // as kBackwardInput, the mask a pre-activation plus mask_row, col_sums out
 };
 
 // The family that can run `p` (kNone: use gemm_portable). Checks dtypes, layouts, 16-byte
@@ -63,7 +57,7 @@ Sm90Family sm90_family(const GemmParams& p);
 // True when `device` can run this build's sm_90a kernels (compute capability 9.0 exactly).
 bool sm90_device_ok(int device);
 
-// Workspace bytes gemm_sm90 needs for `p` (kFirstLayerInput: its column sums' partial tiles).
+// Workspace bytes gemm_sm90 needs for `p` (0 for the kernels used here; kept general).
 size_t gemm_sm90_workspace_size(const GemmParams& p, int device);
 
 // Runs `p` with the SM90 kernel of sm90_family(p). Returns cudaErrorNotSupported when the family

@@ -17,11 +17,6 @@
 //   backward input   dx = (dy w) * (x > 0)   A = dy (K-major), B = w (N-major), bf16 out; the
 //                                            mask is read by TMA as an auxiliary epilogue input
 //   backward weight  dw = dy^T x             A = dy (M-major), B = x (N-major), fp32 out
-//   first layer's    g1 = (dy w) * (p + u > 0), r = sum_i g1: as backward input, the mask built
-//   input gradient   from the pre-activation's position part p (TMA) and the image's row u
-//                    (a row broadcast), the column sums r reduced in the epilogue (CUTLASS's
-//                    row reduction: per-tile partials, then the last tile of a column sums them
-//                    in tile order, so the same bits on every call)
 // The batch (student) index is CUTLASS's L mode. A shared operand (batch stride 0) is launched
 // once per student: TMA descriptors describe a strided batch, not a broadcast one.
 //
@@ -45,7 +40,6 @@ namespace apm {
 namespace sm90 {
 cudaError_t run_forward(const GemmParams&, int, void*, cudaStream_t, size_t*);
 cudaError_t run_backward_input(const GemmParams&, int, void*, cudaStream_t, size_t*);
-cudaError_t run_first_layer_input(const GemmParams&, int, void*, cudaStream_t, size_t*);
 cudaError_t run_backward_weight(const GemmParams&, int, void*, cudaStream_t, size_t*);
 }  // namespace sm90
 #endif
@@ -117,18 +111,11 @@ Sm90Family sm90_family(const GemmParams& p) {
     if (p.bias != nullptr && (!aligned16(p.bias) || !mult16(p.bias_sb, 2))) return Sm90Family::kNone;
     return Sm90Family::kForward;
   }
-  const bool first = p.mask_row != nullptr || p.col_sums != nullptr;
   if (a_kmaj && b_nmaj && p.out == DType::kBFloat16 && p.bias == nullptr && !p.relu &&
       p.mask != nullptr && aligned16(p.mask) && p.mask_sn == 1 && mult16(p.mask_sm, 2) &&
       mult16(p.mask_sb, 2)) {
-    if (!first) return Sm90Family::kBackwardInput;
-    if (p.mask_row != nullptr && aligned16(p.mask_row) && mult16(p.mask_row_sb, 4) &&
-        (p.col_sums == nullptr || (aligned16(p.col_sums) && mult16(p.col_sums_sb, 4)))) {
-      return Sm90Family::kFirstLayerInput;
-    }
-    return Sm90Family::kNone;
+    return Sm90Family::kBackwardInput;
   }
-  if (first) return Sm90Family::kNone;
   if (a_mmaj && b_nmaj && p.out == DType::kFloat32 && p.bias == nullptr && !p.relu &&
       p.mask == nullptr) {
     return Sm90Family::kBackwardWeight;
@@ -158,7 +145,6 @@ cudaError_t dispatch(const GemmParams& p, int device, void* workspace, cudaStrea
     case Sm90Family::kForward: run = sm90::run_forward; break;
     case Sm90Family::kBackwardInput: run = sm90::run_backward_input; break;
     case Sm90Family::kBackwardWeight: run = sm90::run_backward_weight; break;
-    case Sm90Family::kFirstLayerInput: run = sm90::run_first_layer_input; break;
     default: return cudaErrorNotSupported;
   }
   const bool shared = p.batch > 1 && (p.a_sb == 0 || p.b_sb == 0 || p.d_sb == 0 ||
@@ -174,8 +160,6 @@ cudaError_t dispatch(const GemmParams& p, int device, void* workspace, cudaStrea
     q.d = static_cast<char*>(p.d) + i * p.d_sb * ob;
     if (p.bias) q.bias = static_cast<const char*>(p.bias) + i * p.bias_sb * ib;
     if (p.mask) q.mask = static_cast<const char*>(p.mask) + i * p.mask_sb * ib;
-    if (p.mask_row) q.mask_row = p.mask_row + i * p.mask_row_sb;
-    if (p.col_sums) q.col_sums = p.col_sums + i * p.col_sums_sb;
     size_t s = 0;
     cudaError_t e = run(q, device, workspace, stream, workspace_size ? &s : nullptr);
     if (e != cudaSuccess) return e;

@@ -2,8 +2,6 @@
 // checks, output checks, the split-K plan of the weight gradient, and the SM90/portable choice.
 // Outputs are passed in (the Python layer allocates them) and written completely.
 #include <atomic>
-#include <cstdlib>
-#include <string>
 
 #include <ATen/ops/bmm.h>
 
@@ -54,30 +52,21 @@ bool sm90_available(const at::Tensor& like) {
   return apm::sm90_device_ok(like.get_device());
 }
 
-// Runs `p` on its SM90 kernel when the policy, the device and the problem allow it; false when it
-// did not run (CUTLASS's can_implement refused, or no SM90 family applies).
-bool try_sm90(const apm::GemmParams& p, const at::Tensor& like, const char* fn) {
-  const int dev = like.get_device();
-  if (gemm_policy() == 1 || !apm::sm90_device_ok(dev) || apm::sm90_family(p) == apm::Sm90Family::kNone) {
-    return false;
-  }
-  const size_t ws_bytes = apm::gemm_sm90_workspace_size(p, dev);
-  at::Tensor ws;
-  if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
-  const cudaError_t e = apm::gemm_sm90(p, dev, ws_bytes > 0 ? ws.data_ptr() : nullptr, current_stream(like));
-  if (e == cudaErrorNotSupported) return false;
-  check_cuda_status(e, fn, "the SM90 GEMM launch");
-  count_gemm(true);
-  return true;
-}
-
 void run_gemm(const apm::GemmParams& p, const at::Tensor& like, const char* fn) {
   const int dev = like.get_device();
   const cudaStream_t stream = current_stream(like);
   const int policy = gemm_policy();
   const bool sm90_ok = apm::sm90_device_ok(dev) && apm::sm90_family(p) != apm::Sm90Family::kNone;
   if (policy != 1 && sm90_ok) {
-    if (try_sm90(p, like, fn)) return;
+    const size_t ws_bytes = apm::gemm_sm90_workspace_size(p, dev);
+    at::Tensor ws;
+    if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
+    const cudaError_t e = apm::gemm_sm90(p, dev, ws_bytes > 0 ? ws.data_ptr() : nullptr, stream);
+    if (e == cudaSuccess) {
+      count_gemm(true);
+      return;
+    }
+    if (e != cudaErrorNotSupported) check_cuda_status(e, fn, "the SM90 GEMM launch");
     // CUTLASS's can_implement refused: fall through to the portable kernel
     APM_CHECK(policy != 2, fn, ": the SM90 GEMM path was forced (set_gemm_policy(2)) but "
                 "CUTLASS refused the problem m=", p.m, " n=", p.n, " k=", p.k, " batch=", p.batch);
@@ -146,25 +135,6 @@ void linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Te
   run_gemm(p, w, fn);
 }
 
-namespace {
-
-// The GEMM of out = dy w: dy (S, M, N) A, K-major; w (S, N, K) read as B(j, k) = w[k, j]; out
-// (S, M, K). Shapes checked by the callers.
-apm::GemmParams bwd_input_params(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& out,
-                                 const char* fn) {
-  apm::GemmParams p;
-  p.batch = w.size(0); p.m = dy.size(1); p.n = w.size(2); p.k = w.size(1);
-  p.a = dy.data_ptr(); p.a_sb = dy.stride(0); p.a_sm = dy.stride(1); p.a_sk = 1;
-  // B(j, k) = w[k, j]: unit stride along j
-  p.b = w.data_ptr(); p.b_sb = w.stride(0); p.b_sn = 1; p.b_sk = w.stride(1);
-  p.d = out.data_ptr(); p.d_sb = out.stride(0); p.d_sm = out.stride(1); p.d_sn = 1;
-  p.in = to_apm_dtype(w, fn, "w");
-  p.out = to_apm_dtype(out, fn, "out");
-  return p;
-}
-
-}  // namespace
-
 // out = (dy w) * (mask > 0 if mask); dy (S, M, N); w (S, N, K); mask, out (S, M, K).
 void linear_bwd_input(const at::Tensor& dy, const at::Tensor& w,
                       const c10::optional<at::Tensor>& mask, const at::Tensor& out) {
@@ -183,7 +153,7 @@ void linear_bwd_input(const at::Tensor& dy, const at::Tensor& w,
   to_apm_dtype(out, fn, "out");
   check_shape(out, fn, "out", "(S, M, K)", {S, M, K});
   check_contiguous(out, fn, "out");
-  apm::GemmParams p = bwd_input_params(dy, w, out, fn);
+  apm::GemmParams p;
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& mk = *mask;
     check_cuda(mk, fn, "mask");
@@ -196,6 +166,13 @@ void linear_bwd_input(const at::Tensor& dy, const at::Tensor& w,
   }
   if (S == 0 || M == 0 || K == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(w.device());
+  p.batch = S; p.m = M; p.n = K; p.k = N;
+  p.a = dy.data_ptr(); p.a_sb = dy.stride(0); p.a_sm = dy.stride(1); p.a_sk = 1;
+  // B(j, k) = w[k, j]: unit stride along j
+  p.b = w.data_ptr(); p.b_sb = w.stride(0); p.b_sn = 1; p.b_sk = w.stride(1);
+  p.d = out.data_ptr(); p.d_sb = out.stride(0); p.d_sm = out.stride(1); p.d_sn = 1;
+  p.in = to_apm_dtype(w, fn, "w");
+  p.out = to_apm_dtype(out, fn, "out");
   run_gemm(p, w, fn);
 }
 
@@ -318,11 +295,8 @@ void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
 
 // The first layer's backward through the trigger split:
 //   g1 = (dy w) * (p[l] + u[b] > 0) (S, B*L, H) and r = sum_l g1 (S, B, H) fp32.
-// With one image per student on the SM90 kernels, one GEMM does it all: its epilogue tests
-// p + u > 0 (p by TMA, u a row broadcast) and sums the masked fp32 gradient's columns into r
-// (family kFirstLayerInput). Otherwise the mask is the activation ReLU(p + u) built once (it is
-// > 0 exactly where p + u > 0) and fed to the masked input-gradient GEMM, and r is a column sum
-// of g1 per image.
+// The mask is the activation ReLU(p + u) built once (it is > 0 exactly where p + u > 0) and fed to
+// the masked input-gradient GEMM; r is a column sum of g1 per image.
 void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& p_,
                            const at::Tensor& u, const at::Tensor& g1, const at::Tensor& r) {
   const char* fn = "first_layer_bwd_input";
@@ -352,26 +326,6 @@ void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const at::
   check_positive(N, fn, "N (the contraction size)");
   if (S == 0 || B == 0 || H == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(w.device());
-  const char* route_env = std::getenv("APM_FAST_FIRST_INPUT");   // EXPERIMENT: sums | mask | act
-  const std::string route = route_env ? route_env : "sums";
-  if (B == 1 && route != "act") {
-    apm::GemmParams q = bwd_input_params(dy, w, g1, fn);
-    q.mask = p_.data_ptr(); q.mask_sb = p_.stride(0); q.mask_sm = p_.stride(1); q.mask_sn = 1;
-    q.mask_row = u.data_ptr<float>(); q.mask_row_sb = u.stride(0);
-    if (route == "sums") {
-      q.col_sums = r.data_ptr<float>(); q.col_sums_sb = r.stride(0);
-      if (try_sm90(q, w, fn)) return;
-    } else if (try_sm90(q, w, fn)) {
-      const int chunks = apm::colsum_chunks(S, L, H, sm_count(w.get_device()));
-      at::Tensor part;
-      if (chunks > 1) part = at::empty({S, chunks, H}, r.options());
-      check_cuda_status(apm::colsum(g1.data_ptr(), to_apm_dtype(g1, fn, "g1"), S, L, H,
-                                    r.data_ptr<float>(), H, chunks > 1 ? part.data_ptr<float>() : nullptr,
-                                    chunks, 1.0f, current_stream(w)),
-                        fn, "the per-image row sum");
-      return;
-    }
-  }
   const cudaStream_t stream = current_stream(w);
   const apm::DType t = to_apm_dtype(w, fn, "w");
   at::Tensor act = at::empty({S, B * L, H}, w.options());

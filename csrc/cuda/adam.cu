@@ -40,7 +40,7 @@ __device__ __forceinline__ void adam_one(const AdamCoef& c, float g, float& p, f
 }
 
 constexpr int kThreads = 256;
-constexpr int kTile = 8 * kThreads;   // elements of one row a block updates per iteration
+constexpr int kTile = 4 * kThreads;   // elements of one row a block updates per iteration
 
 // One buffer of the update seen as rows of `cols` contiguous elements, `ld` apart.
 template <typename T>
@@ -113,42 +113,6 @@ __device__ __forceinline__ void update4(const AdamCoef& c, const float gf[4], co
   if (lowp.ptr != nullptr) *reinterpret_cast<Vec4<TL>*>(lowp.at(row, col)) = lv;
 }
 
-// Two groups of 4 elements (the second only when `second`), every load of both issued before
-// either's update: two 16-byte loads of each buffer in flight a thread (one left the kernel about
-// 10 % under the Triton one's rate, which keeps 8 elements a thread).
-template <typename TM, typename TL>
-__device__ __forceinline__ void update4x2(const AdamCoef& c, const float (&gf)[2][4], const Rows<float>& p,
-                                          const Rows<TM>& m, const Rows<TM>& v, const Rows<TL>& lowp,
-                                          const int64_t (&row)[2], const int64_t (&col)[2], bool second) {
-  float4 pv[2];
-  Vec4<TM> mv[2], vv[2];
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    if (j == 1 && !second) break;
-    pv[j] = *reinterpret_cast<float4*>(p.at(row[j], col[j]));
-    mv[j] = *reinterpret_cast<Vec4<TM>*>(m.at(row[j], col[j]));
-    vv[j] = *reinterpret_cast<Vec4<TM>*>(v.at(row[j], col[j]));
-  }
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    if (j == 1 && !second) break;
-    float pf[4] = {pv[j].x, pv[j].y, pv[j].z, pv[j].w};
-    Vec4<TL> lv;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      float mk = to_f32<TM>(mv[j].x[k]), vk = to_f32<TM>(vv[j].x[k]);
-      adam_one(c, gf[j][k], pf[k], mk, vk);
-      mv[j].x[k] = from_f32<TM>(mk);
-      vv[j].x[k] = from_f32<TM>(vk);
-      lv.x[k] = from_f32<TL>(pf[k]);
-    }
-    *reinterpret_cast<float4*>(p.at(row[j], col[j])) = make_float4(pf[0], pf[1], pf[2], pf[3]);
-    *reinterpret_cast<Vec4<TM>*>(m.at(row[j], col[j])) = mv[j];
-    *reinterpret_cast<Vec4<TM>*>(v.at(row[j], col[j])) = vv[j];
-    if (lowp.ptr != nullptr) *reinterpret_cast<Vec4<TL>*>(lowp.at(row[j], col[j])) = lv;
-  }
-}
-
 // One element, read and written alone (unaligned buffers, a row's last elements).
 template <typename TM, typename TL>
 __device__ __forceinline__ void update1(const AdamCoef& c, float g, const Rows<float>& p, const Rows<TM>& m,
@@ -161,10 +125,9 @@ __device__ __forceinline__ void update1(const AdamCoef& c, float g, const Rows<f
   if (lowp.ptr != nullptr) *lowp.at(row, col) = from_f32<TL>(pi);
 }
 
-// Every (row, tile of kTile columns) once, grid-striding over them; a thread updates two groups
-// of 4 consecutive elements, kTile / 2 apart, through 16-byte loads and stores (8-byte for the
-// 16-bit moments and copy) when `vec` (every buffer's rows aligned for them), element by element
-// otherwise.
+// Every (row, tile of kTile columns) once, grid-striding over them; a thread updates 4
+// consecutive elements through 16-byte loads and stores (8-byte for the 16-bit moments and
+// copy) when `vec` (every buffer's rows aligned for them), element by element otherwise.
 template <typename TM, typename TL, bool OUTER>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(Rows<float> p, GradSrc g, Rows<TM> m, Rows<TM> v, Rows<TL> lowp, int64_t rows, int64_t cols,
@@ -191,17 +154,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t t = blockIdx.x; t * kTile < total; t += gridDim.x) {
       const int64_t e = t * kTile + 4 * static_cast<int64_t>(threadIdx.x);
       if (e >= total) continue;
-      const bool second = e + 4 * kThreads < total;
-      int64_t row[2], col[2];
-      float gf[2][4];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int64_t ej = j == 0 || second ? e + j * 4 * kThreads : e;
-        row[j] = static_cast<uint32_t>(ej) / static_cast<uint32_t>(cols);
-        col[j] = ej - row[j] * cols;
-        grad4<OUTER>(g, row[j], col[j], 4, gf[j]);
-      }
-      update4x2<TM, TL>(c, gf, p, m, v, lowp, row, col, second);
+      const int64_t row = static_cast<uint32_t>(e) / static_cast<uint32_t>(cols), col = e - row * cols;
+      float gf[4];
+      grad4<OUTER>(g, row, col, 4, gf);
+      update4<TM, TL>(c, gf, p, m, v, lowp, row, col);
     }
     return;
   }
@@ -222,22 +178,16 @@ __global__ void __launch_bounds__(kThreads)
       update1<TM, TL>(c, gf[0], p, m, v, lowp, row, col);
     };
     if (vec) {
-      const int64_t col0 = base + 4 * threadIdx.x, col1 = col0 + 4 * kThreads;
-      if (col0 + 4 > cols) {                         // the row's last 1-3 elements, or none
-        for (int64_t e = col0; e < cols; ++e) scalar(e);
+      const int64_t col = base + 4 * threadIdx.x;
+      if (col + 4 > cols) {                          // the row's last 1-3 elements, or none
+        for (int64_t e = col; e < cols; ++e) scalar(e);
         continue;
       }
-      const bool second = col1 + 4 <= cols;
-      const int64_t rows2[2] = {row, row}, cols2[2] = {col0, second ? col1 : col0};
-      float gf[2][4];
-      grad4<OUTER>(g, row, col0, 4, gf[0]);
-      if (second) grad4<OUTER>(g, row, col1, 4, gf[1]);
-      update4x2<TM, TL>(c, gf, p, m, v, lowp, rows2, cols2, second);
-      if (!second) {
-        for (int64_t e = col1; e < cols; ++e) scalar(e);
-      }
+      float gf[4];
+      grad4<OUTER>(g, row, col, 4, gf);
+      update4<TM, TL>(c, gf, p, m, v, lowp, row, col);
     } else {
-      for (int e = 0; e < 8; ++e) {
+      for (int e = 0; e < 4; ++e) {
         const int64_t col = base + threadIdx.x + e * kThreads;
         if (col >= cols) break;
         scalar(col);

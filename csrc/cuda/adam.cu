@@ -39,6 +39,18 @@ __device__ __forceinline__ void adam_one(const AdamCoef& c, float g, float& p, f
   p = p - c.step_size * m / (sqrtf(v) / c.bc2_sqrt + c.eps);
 }
 
+// The update's coefficients, the bias corrections in double (as torch computes them on the host);
+// one thread a block computes them: two double pow() per thread cost as much as a small update's
+// memory traffic.
+__device__ AdamCoef coefficients(const float* step, const float* lr, double beta1, double beta2, float omb1,
+                                 float omb2, float eps) {
+  const double t = static_cast<double>(*step);
+  const double bc1 = 1.0 - pow(beta1, t);
+  const double bc2 = 1.0 - pow(beta2, t);
+  return AdamCoef{static_cast<float>(beta1), static_cast<float>(beta2), omb1, omb2, eps,
+                  static_cast<float>(static_cast<double>(*lr) / bc1), static_cast<float>(sqrt(bc2))};
+}
+
 constexpr int kThreads = 256;
 constexpr int kTile = 4 * kThreads;   // elements of one row a block updates per iteration
 
@@ -133,16 +145,8 @@ __global__ void __launch_bounds__(kThreads)
     adam_kernel(Rows<float> p, GradSrc g, Rows<TM> m, Rows<TM> v, Rows<TL> lowp, int64_t rows, int64_t cols,
                 const float* __restrict__ step, const float* __restrict__ lr, double beta1,
                 double beta2, float omb1, float omb2, float eps, bool vec, bool packed) {
-  // The bias corrections in double (as torch computes them on the host), once per block: two
-  // double pow() per thread cost as much as a small update's memory traffic
   __shared__ AdamCoef coef;
-  if (threadIdx.x == 0) {
-    const double t = static_cast<double>(*step);
-    const double bc1 = 1.0 - pow(beta1, t);
-    const double bc2 = 1.0 - pow(beta2, t);
-    coef = AdamCoef{static_cast<float>(beta1), static_cast<float>(beta2), omb1, omb2, eps,
-                    static_cast<float>(static_cast<double>(*lr) / bc1), static_cast<float>(sqrt(bc2))};
-  }
+  if (threadIdx.x == 0) coef = coefficients(step, lr, beta1, beta2, omb1, omb2, eps);
   __syncthreads();
   const AdamCoef c = coef;
   if (packed) {
@@ -214,13 +218,7 @@ __global__ void __launch_bounds__(kTileThreads)
   float* sa = smem;                       // (K, kTileRows)
   float* sb = smem + g.k * kTileRows;     // (K, kTileCols)
   __shared__ AdamCoef coef;
-  if (threadIdx.x == 0) {
-    const double t = static_cast<double>(*step);
-    const double bc1 = 1.0 - pow(beta1, t);
-    const double bc2 = 1.0 - pow(beta2, t);
-    coef = AdamCoef{static_cast<float>(beta1), static_cast<float>(beta2), omb1, omb2, eps,
-                    static_cast<float>(static_cast<double>(*lr) / bc1), static_cast<float>(sqrt(bc2))};
-  }
+  if (threadIdx.x == 0) coef = coefficients(step, lr, beta1, beta2, omb1, omb2, eps);
   const int64_t rps = g.rows_per_student;
   const int64_t row_tiles = ceil_div(rps, kTileRows), col_tiles = ceil_div(cols, kTileCols);
   const int64_t per_student = row_tiles * col_tiles, tiles = students * per_student;

@@ -72,8 +72,9 @@ def check_bf16_moment_adam(table, device, n=1001):
 
 # (S, rows, trigger columns, width) of check_block_adam: odd widths (rows are not 16-byte
 # multiples: element by element), and widths whose rows all start 16-byte aligned (vectorized,
-# with a tail of 2 in the position block's rows)
-BLOCK_SHAPES = [(2, 37, 13, 30), (3, 21, 16, 38), (2, 37, 64, 128)]   # the last: 16-byte rows
+# with a tail of 2 in the position block's rows), and rows of whole 16-byte multiples (the CUDA
+# kernel's rows laid end to end, its tiles' vector stores)
+BLOCK_SHAPES = [(2, 37, 13, 30), (3, 21, 16, 38), (2, 37, 64, 128)]
 
 
 def check_block_adam(table, device, moments=torch.float32, shape=BLOCK_SHAPES[0]):

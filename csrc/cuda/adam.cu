@@ -268,6 +268,18 @@ bool aligned(const void* ptr, size_t bytes) {
 
 size_t dtype_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
+// The grid for `n` tiles: as many blocks as are resident at once, each striding over the tiles
+// (no tail wave, and the coefficients computed once a block: the update is memory bound).
+template <class Kernel>
+cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int sms, int64_t n, unsigned* blocks) {
+  int per_sm = 0;
+  const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  if (occ != cudaSuccess) return occ;
+  const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
+  *blocks = static_cast<unsigned>(n < resident ? n : resident);
+  return cudaSuccess;
+}
+
 }  // namespace
 
 cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* step, const float* lr,
@@ -313,13 +325,11 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
       if (tiled) {
         auto* kernel = adam_tiles_kernel<TM, TL>;
         const size_t smem = static_cast<size_t>(b.k) * (kTileRows + kTileCols) * sizeof(float);
-        int per_sm = 0;
-        const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTileThreads, smem);
-        if (occ != cudaSuccess) return occ;
         const int64_t students = rows / b.rows_per_student;
         const int64_t n = students * ceil_div(b.rows_per_student, kTileRows) * ceil_div(cols, kTileCols);
-        const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
-        const unsigned blocks = static_cast<unsigned>(n < resident ? n : resident);
+        unsigned blocks = 0;
+        const cudaError_t grid = resident_grid(kernel, kTileThreads, smem, sms, n, &blocks);
+        if (grid != cudaSuccess) return grid;
         kernel<<<blocks, kTileThreads, smem, stream>>>(p, src, m, v, l, students, cols, step, lr, beta1, beta2,
                                                        omb1, omb2, static_cast<float>(eps), vec);
         return launch_status();
@@ -327,13 +337,9 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
       auto* kernel = outer ? adam_kernel<TM, TL, true> : adam_kernel<TM, TL, false>;
       const bool packed = vec && rows > 1 && cols < kTile && cols % 4 == 0 && rows * cols < (int64_t{1} << 31);
       const int64_t n = packed ? ceil_div(rows * cols, kTile) : tiles;
-      // as many blocks as are resident at once, each striding over the tiles: no tail wave, and
-      // the coefficients computed once per block (memory bound)
-      int per_sm = 0;
-      const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-      if (occ != cudaSuccess) return occ;
-      const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
-      const unsigned blocks = static_cast<unsigned>(n < resident ? n : resident);
+      unsigned blocks = 0;
+      const cudaError_t grid = resident_grid(kernel, kThreads, 0, sms, n, &blocks);
+      if (grid != cudaSuccess) return grid;
       kernel<<<blocks, kThreads, 0, stream>>>(p, src, m, v, l, rows, cols, step, lr, beta1, beta2, omb1, omb2,
                                               static_cast<float>(eps), vec, packed);
       return launch_status();

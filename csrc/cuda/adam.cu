@@ -39,20 +39,31 @@ __device__ __forceinline__ void adam_one(const AdamCoef& c, float g, float& p, f
   p = p - c.step_size * m / (sqrtf(v) / c.bc2_sqrt + c.eps);
 }
 
-// The update's coefficients, the bias corrections in double (as torch computes them on the host);
-// one thread a block computes them: two double pow() per thread cost as much as a small update's
-// memory traffic.
-__device__ AdamCoef coefficients(const float* step, const float* lr, double beta1, double beta2, float omb1,
-                                 float omb2, float eps) {
-  const double t = static_cast<double>(*step);
-  const double bc1 = 1.0 - pow(beta1, t);
-  const double bc2 = 1.0 - pow(beta2, t);
+// The update's coefficients, the bias corrections in double (as torch computes them on the host):
+// 1 - beta^t by binary powering (t is the update number, an integer; log2(t) + 1 rounds, a few
+// ulp of double). Every thread computes them: no shared copy, no barrier before a block's first
+// loads (one thread's two double pow() and a __syncthreads held every block up: with them, the
+// one-image step's Adam took 183 us against 176, benchmarks/results/h200/README.md, "Adam
+// coefficients").
+__device__ __forceinline__ AdamCoef coefficients(const float* step, const float* lr, double beta1, double beta2,
+                                                 float omb1, float omb2, float eps) {
+  unsigned n = static_cast<unsigned>(*step);
+  double r1 = 1.0, r2 = 1.0, b1 = beta1, b2 = beta2;
+  for (; n != 0; n >>= 1) {
+    if (n & 1u) {
+      r1 *= b1;
+      r2 *= b2;
+    }
+    b1 *= b1;
+    b2 *= b2;
+  }
   return AdamCoef{static_cast<float>(beta1), static_cast<float>(beta2), omb1, omb2, eps,
-                  static_cast<float>(static_cast<double>(*lr) / bc1), static_cast<float>(sqrt(bc2))};
+                  static_cast<float>(static_cast<double>(*lr) / (1.0 - r1)), static_cast<float>(sqrt(1.0 - r2))};
 }
 
 constexpr int kThreads = 256;
 constexpr int kTile = 4 * kThreads;   // elements of one row a block updates per iteration
+constexpr int64_t kMaxGrid = (int64_t{1} << 31) - 1;
 
 // One buffer of the update seen as rows of `cols` contiguous elements, `ld` apart.
 template <typename T>
@@ -137,18 +148,15 @@ __device__ __forceinline__ void update1(const AdamCoef& c, float g, const Rows<f
   if (lowp.ptr != nullptr) *lowp.at(row, col) = from_f32<TL>(pi);
 }
 
-// Every (row, tile of kTile columns) once, grid-striding over them; a thread updates 4
-// consecutive elements through 16-byte loads and stores (8-byte for the 16-bit moments and
-// copy) when `vec` (every buffer's rows aligned for them), element by element otherwise.
+// Every (row, tile of kTile columns) once (grid-striding when there are more tiles than blocks);
+// a thread updates 4 consecutive elements through 16-byte loads and stores (8-byte for the 16-bit
+// moments and copy) when `vec` (every buffer's rows aligned for them), element by element otherwise.
 template <typename TM, typename TL, bool OUTER>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(Rows<float> p, GradSrc g, Rows<TM> m, Rows<TM> v, Rows<TL> lowp, int64_t rows, int64_t cols,
                 const float* __restrict__ step, const float* __restrict__ lr, double beta1,
                 double beta2, float omb1, float omb2, float eps, bool vec, bool packed) {
-  __shared__ AdamCoef coef;
-  if (threadIdx.x == 0) coef = coefficients(step, lr, beta1, beta2, omb1, omb2, eps);
-  __syncthreads();
-  const AdamCoef c = coef;
+  const AdamCoef c = coefficients(step, lr, beta1, beta2, omb1, omb2, eps);
   if (packed) {
     // Rows narrower than a tile (a block of a weight's columns: 768 of the first layer's 1536 for
     // ttt-l14), each a multiple of 4 elements and aligned (vec): tiles of the rows laid end to
@@ -217,8 +225,7 @@ __global__ void __launch_bounds__(kTileThreads)
   extern __shared__ float smem[];
   float* sa = smem;                       // (K, kTileRows)
   float* sb = smem + g.k * kTileRows;     // (K, kTileCols)
-  __shared__ AdamCoef coef;
-  if (threadIdx.x == 0) coef = coefficients(step, lr, beta1, beta2, omb1, omb2, eps);
+  const AdamCoef c = coefficients(step, lr, beta1, beta2, omb1, omb2, eps);
   const int64_t rps = g.rows_per_student;
   const int64_t row_tiles = ceil_div(rps, kTileRows), col_tiles = ceil_div(cols, kTileCols);
   const int64_t per_student = row_tiles * col_tiles, tiles = students * per_student;
@@ -236,7 +243,6 @@ __global__ void __launch_bounds__(kTileThreads)
       sb[idx] = c0 + c < cols ? g.b[s * g.b_s + k * g.b_k + c0 + c] : 0.0f;
     }
     __syncthreads();
-    const AdamCoef c = coef;
     float acc[4][4] = {};
     for (int k = 0; k < g.k; ++k) {
       const float4 bv = reinterpret_cast<const float4*>(sb + k * kTileCols)[cg];
@@ -268,8 +274,8 @@ bool aligned(const void* ptr, size_t bytes) {
 
 size_t dtype_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
-// The grid for `n` tiles: as many blocks as are resident at once, each striding over the tiles
-// (no tail wave, and the coefficients computed once a block: the update is memory bound).
+// The tiles kernel's grid for `n` tiles: as many blocks as are resident at once, each striding
+// over the tiles (each block stages the factors' slices once a tile).
 template <class Kernel>
 cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int sms, int64_t n, unsigned* blocks) {
   int per_sm = 0;
@@ -337,9 +343,10 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
       auto* kernel = outer ? adam_kernel<TM, TL, true> : adam_kernel<TM, TL, false>;
       const bool packed = vec && rows > 1 && cols < kTile && cols % 4 == 0 && rows * cols < (int64_t{1} << 31);
       const int64_t n = packed ? ceil_div(rows * cols, kTile) : tiles;
-      unsigned blocks = 0;
-      const cudaError_t grid = resident_grid(kernel, kThreads, 0, sms, n, &blocks);
-      if (grid != cudaSuccess) return grid;
+      // a block a tile (up to the grid's limit, past it they stride): no barrier and no shared
+      // state, so blocks that finish make room at once (for the next tiles, or for the kernels
+      // beside it); a resident grid striding over the tiles was 4 % slower (the same A/B)
+      const unsigned blocks = static_cast<unsigned>(n < kMaxGrid ? n : kMaxGrid);
       kernel<<<blocks, kThreads, 0, stream>>>(p, src, m, v, l, rows, cols, step, lr, beta1, beta2, omb1, omb2,
                                               static_cast<float>(eps), vec, packed);
       return launch_status();

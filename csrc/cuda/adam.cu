@@ -43,8 +43,8 @@ __device__ __forceinline__ void adam_one(const AdamCoef& c, float g, float& p, f
 // 1 - beta^t by binary powering (t is the update number, an integer; log2(t) + 1 rounds, a few
 // ulp of double). Every thread computes them: no shared copy, no barrier before a block's first
 // loads (one thread's two double pow() and a __syncthreads held every block up: with them, the
-// one-image step's Adam took 183 us against 176, benchmarks/results/h200/README.md, "Adam
-// coefficients").
+// one-image step's Adam took 183 us against 176: benchmarks/results/h200/README.md, section
+// "4074410").
 __device__ __forceinline__ AdamCoef coefficients(const float* step, const float* lr, double beta1, double beta2,
                                                  float omb1, float omb2, float eps) {
   unsigned n = static_cast<unsigned>(*step);

@@ -277,10 +277,12 @@ size_t dtype_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 // The tiles kernel's grid for `n` tiles: as many blocks as are resident at once, each striding
 // over the tiles (each block stages the factors' slices once a tile).
 template <class Kernel>
-cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int sms, int64_t n, unsigned* blocks) {
-  int per_sm = 0;
-  const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
-  if (occ != cudaSuccess) return occ;
+cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int64_t n, unsigned* blocks) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
   *blocks = static_cast<unsigned>(n < resident ? n : resident);
   return cudaSuccess;
@@ -315,10 +317,6 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
                    rows_aligned(b.exp_avg, b.ld_m, dtype_bytes(b.moment_t), mb) &&
                    rows_aligned(b.exp_avg_sq, b.ld_v, dtype_bytes(b.moment_t), mb) &&
                    rows_aligned(b.lowp, b.ld_l, dtype_bytes(b.lowp_t), lb);
-  int device = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
   const int64_t tiles = rows * ceil_div(cols, kTile);
   const GradSrc src{{b.grads, b.ld_g}, b.a, b.b, b.a_s, b.a_k, b.b_s, b.b_k, b.rows_per_student, b.k};
   const Rows<float> p{b.params, b.ld_p};
@@ -334,7 +332,7 @@ cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* 
         const int64_t students = rows / b.rows_per_student;
         const int64_t n = students * ceil_div(b.rows_per_student, kTileRows) * ceil_div(cols, kTileCols);
         unsigned blocks = 0;
-        const cudaError_t grid = resident_grid(kernel, kTileThreads, smem, sms, n, &blocks);
+        const cudaError_t grid = resident_grid(kernel, kTileThreads, smem, n, &blocks);
         if (grid != cudaSuccess) return grid;
         kernel<<<blocks, kTileThreads, smem, stream>>>(p, src, m, v, l, students, cols, step, lr, beta1, beta2,
                                                        omb1, omb2, static_cast<float>(eps), vec);

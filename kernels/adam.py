@@ -2,7 +2,9 @@
 
 Per element: m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
              p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-exactly torch.optim.Adam's order of operations. ``step`` (t) and ``lr`` are read from device
+exactly torch.optim.Adam's order of operations (its fp32 `/` and ``tl.sqrt`` compile to PTX's
+div.full.f32 and sqrt.approx.ftz.f32, a few ulp of an update of size ~lr; the cuda table's kernel
+uses the same two, ``csrc/cuda/adam.cu``). ``step`` (t) and ``lr`` are read from device
 memory by every program, so the launch has no host value that changes between steps and the
 update can sit in a CUDA graph (the caller bumps ``step`` on the device). The optional low-precision
 copy (the bf16 weights the GEMMs read) is written in the same pass. The moments may be bf16

@@ -36,12 +36,11 @@ struct AdamCoef {
 // The update's division and square root are PTX's div.full.f32 (2 ulp) and sqrt.approx.ftz.f32,
 // what the Triton table's `/` and tl.sqrt compile to, not the IEEE ones: IEEE division is a
 // dozen instructions with a slow-path call (a stack frame in every update kernel), and the update
-// is instruction bound enough that it shows. In one A/B on the H200 (ttt-l14, one build switched
-// by a variable of that experiment only; benchmarks/results/h200/README.md, section "Adam's
-// arithmetic"): the one-image step 0.476 against 0.494 ms, 64 students side by side 137.1 against
-// 130.0 images/s (bf16 moments 150.9 against 137.1). Three updates against float64
-// torch.optim.Adam: the same largest error as the IEEE kernel's (6.1e-7); 2 ulp of an update of
-// size ~lr is far below the fp32 rounding of the parameter it is added to.
+// is instruction bound enough that it shows. One A/B on the H200 (ttt-l14; section "ea13caa" of
+// benchmarks/results/h200/README.md): the one-image step 0.476 against 0.494 ms, 64 students
+// side by side 137.1 against 130.0 images/s (bf16 moments 150.9 against 137.1). Three updates
+// against float64 torch.optim.Adam: the same largest error as the IEEE kernel's (6.1e-7); 2 ulp
+// of an update of size ~lr is far below the fp32 rounding of the parameter it is added to.
 __device__ __forceinline__ float div_full(float a, float b) {
   float r;
   asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));

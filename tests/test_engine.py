@@ -238,6 +238,31 @@ def test_position_products_from_the_codes_halves_train_the_same(monkeypatch):
     assert t.engine.program(1).pos_grid == (g, g)
 
 
+def test_a_table_can_write_the_trigger_gradient_out_at_one_image_only(monkeypatch):
+    """``trigger_written_at_one_image`` (the cuda table's setting): the trigger columns go to Adam by
+    their factors with several students and written out at one image, the position products then
+    by one GEMM at one image; an explicit ``trigger_factors`` still wins; both ways train the same."""
+    model, images, targets = _setup("three-layer", torch.float64, n=3)
+    monkeypatch.setattr(TorchPrimitives, "adam_from_factors", True, raising=False)
+    monkeypatch.setattr(TorchPrimitives, "position_halves", True, raising=False)
+    g = model.config.grid
+    before = _engine(model, students=3)
+    assert before.engine.program(1).factors == {} and before.engine.program(1).pos_grid == (g, g)
+    monkeypatch.setattr(TorchPrimitives, "trigger_written_at_one_image", True, raising=False)
+    t = _engine(model, students=3)
+    one, several = t.engine.program(1), t.engine.program(3)
+    assert one.factors is None and one.pos_grid is None
+    assert several.factors == {} and several.pos_grid == (g, g)
+    t.engine.trigger_factors = True
+    assert t.engine.program(1).factors == {} and t.engine.program(1).pos_grid == (g, g)
+    t.engine.trigger_factors = None
+    written = t.fit(images[:1], targets[:1])
+    t.engine.trigger_factors = True
+    factored = t.fit(images[:1], targets[:1])
+    torch.testing.assert_close(written.cls, factored.cls, rtol=1e-12, atol=0)
+    torch.testing.assert_close(written.losses, factored.losses, rtol=1e-12, atol=0)
+
+
 def test_param_store_layout_and_reset():
     model, _, _ = _setup("two-layer", torch.float64)
     names = weight_names(model.config)

@@ -63,6 +63,12 @@ class CudaPrimitives(Primitives):
     name = "cuda"
     opaque = True
     wgrad_out = True       # the weight-gradient kernels write into given contiguous buffers
+    # at one image the first layer's trigger columns' gradient written out and updated with the
+    # rest of the layer (one Adam launch instead of the rank-1 one plus the position columns'):
+    # on the H200 0.468 against 0.472 ms a step (ea13caa's targets run), 0.470 against 0.476 and
+    # 0.481 against 0.490 / 0.494 in the A/B runs before it, 0.479-0.482 against 0.490-0.491 at
+    # 4074410 (benchmarks/results/h200/README.md); with several students by the factors as before
+    trigger_written_at_one_image = True
 
     @property
     def ext(self):

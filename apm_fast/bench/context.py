@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..backends import available_backends
-from ..ttt.program import position_halves_by_default
+from ..ttt.program import position_halves_by_default, trigger_factors_by_default
 from ..model import APM
 from ..validation import check_images
 from .gate import GateReport
@@ -89,10 +89,10 @@ class Context:
         return (halves, "position-halves" if halves else "position-gemm",
                 "position products from the code's halves" if halves else "position products as one GEMM")
 
-    def factored_by_default(self, name: str) -> bool:
+    def factored_by_default(self, name: str, students: int) -> bool:
         """Whether the engine updates the first layer's trigger columns from their gradient's
-        factors by default on table ``name``."""
-        return bool(getattr(self._table(name), "adam_from_factors", True))
+        factors by default on table ``name`` at S = ``students``."""
+        return trigger_factors_by_default(self._table(name), students)
 
     def said(self, reason: str) -> str:
         """``reason`` the first time it is logged in this run, a short reference afterwards (a

@@ -161,7 +161,9 @@ class Primitives:
     ``adam_beside_backward``: the engine's default for this table, each layer's Adam on the update
     streams beside the rest of the backward (on where measured faster: the Triton table).
     ``adam_from_factors``: the engine's default for this table, the first layer's trigger columns
-    updated from their gradient's factors (``adam_``'s ``outer``; on for the kernel tables).
+    updated from their gradient's factors (``adam_``'s ``outer``; on for the kernel tables);
+    ``trigger_written_at_one_image``: except at one image, where the gradient is written out
+    (on where measured faster: the cuda table; ``ttt.program.trigger_factors_by_default``).
     ``position_halves``: the engine's default for this table with several students, and at one
     image when the first layer's gradient goes to Adam by its factors, the position products from
     the code's separable form (``driver.position_product``; on where measured faster: the Triton
@@ -173,6 +175,7 @@ class Primitives:
     use_custom_ops = None
     adam_beside_backward = False
     adam_from_factors = True
+    trigger_written_at_one_image = False
     position_halves = False
 
     def available(self) -> Tuple[bool, str]:

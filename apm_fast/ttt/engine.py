@@ -68,7 +68,8 @@ class TTTEngine:
     gradients, the loss record) on a second CUDA stream beside the GEMMs
     (``driver.Beside``); with it, ``wgrad_beside`` (True; False for comparisons) also runs each
     layer's weight gradient beside its input gradient, on a third stream. The attribute
-    ``trigger_factors`` (None: the table's ``adam_from_factors``, on for the kernel tables; a bool
+    ``trigger_factors`` (None: ``program.trigger_factors_by_default``, on for the kernel tables but
+    the cuda table at one image; a bool
     for comparisons): the first layer's trigger columns are updated from their gradient's factors
     (rank one per image: never written to memory, and their update starts before the rest of the
     first layer's backward is done), and with the halves below its position columns too; without

@@ -28,7 +28,7 @@ from ..posenc import position_code
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
 
-__all__ = ["StudentProgram", "quiet_autograd", "position_halves_by_default"]
+__all__ = ["StudentProgram", "quiet_autograd", "position_halves_by_default", "trigger_factors_by_default"]
 
 _FIRST = "mlp.0.weight"          # the first layer's weight: trigger columns, then position columns
 
@@ -41,14 +41,25 @@ def quiet_autograd(device):
         yield
 
 
+def trigger_factors_by_default(prim, students: int) -> bool:
+    """Whether a program of ``students`` students on table ``prim`` updates the first layer's
+    trigger columns from their gradient's factors by default: where the table's
+    ``adam_from_factors`` says so, at one image only where its ``trigger_written_at_one_image``
+    does not (the cuda table writes that gradient out at one image: one Adam launch over the whole
+    first layer instead of two, faster there in every run measured)."""
+    if not getattr(prim, "adam_from_factors", True):
+        return False
+    return int(students) > 1 or not getattr(prim, "trigger_written_at_one_image", False)
+
+
 def position_halves_by_default(prim, students: int, factored: bool | None = None) -> bool:
     """Whether a program of ``students`` students on table ``prim`` computes the position products
     from the code's separable form by default: where the table says so, with several students, or
     at one image when the first layer's gradient goes to Adam by its factors (``factored``; None:
-    the table's ``adam_from_factors``). At one image with dW_P written, the halves' extra launches
+    ``trigger_factors_by_default``). At one image with dW_P written, the halves' extra launches
     cost more than they save (H200, ``ttt-l14``, Triton table: 0.471 against 0.466 ms a step);
     with dW_P by its factors, they save its GEMM (0.459 against 0.466)."""
-    factored = bool(getattr(prim, "adam_from_factors", True)) if factored is None else bool(factored)
+    factored = trigger_factors_by_default(prim, students) if factored is None else bool(factored)
     return bool(getattr(prim, "position_halves", False)) and (students > 1 or factored)
 
 
@@ -96,7 +107,8 @@ class StudentProgram:
             # fills this each step), never written out, and with the halves below its position
             # columns too; not sharded: a sharded step sums every gradient, whole, across the ranks
             # (None: the table's default; off: written out)
-            factored = getattr(prim, "adam_from_factors", True) if trigger_factors is None else trigger_factors
+            factored = (trigger_factors_by_default(prim, s) if trigger_factors is None
+                        else bool(trigger_factors))
             # the whole grid: the position products from the code's separable form
             # (driver.position_product; None: the table's default, position_halves_by_default)
             halves = (position_halves_by_default(prim, s, factored and shards is None) if position_halves is None

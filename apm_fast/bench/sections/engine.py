@@ -14,10 +14,11 @@ over 20 repeats; eagerly the same. In the same run, each table's other Adam sche
 the weight gradients after the input gradients on the main stream (``wgrad-inline``: only the small
 pieces beside), the step with everything on one stream (``one-stream``) and the step with the first
 layer's trigger-column gradient written out and read by Adam (``trigger-written``, for the tables
-whose Adam builds it from its rank-one factors by default), and the step with the position
-products P = pos W_P^T and dW_P the way the table does not compute them by default at one image
-(``position-halves``: from the code's separable form; ``position-gemm``: one GEMM each over the L
-rows). The TFLOP/s column counts the rewritten form of spec section 3 (86.5 GF for ``ttt-l14``).
+whose Adam builds it from its rank-one factors by default at one image; ``trigger-factors``, from
+the factors, for those that write it out there and use the factors with several students), and
+the step with the position products P = pos W_P^T and dW_P the way the table does not compute
+them by default at one image (``position-halves``: from the code's separable form;
+``position-gemm``: one GEMM each over the L rows). The TFLOP/s column counts the rewritten form of spec section 3 (86.5 GF for ``ttt-l14``).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -261,9 +262,11 @@ def run(ctx) -> dict:
                                 lambda n=name: _latency(ctx, n, True, wgrad_beside=False)))
             rows.append(ctx.row({"key": f"latency/{name}/graph/one-stream", "backend": name}, status, name,
                                 lambda n=name: _latency(ctx, n, True, beside=False)))
-            if ctx.factored_by_default(name):
-                rows.append(ctx.row({"key": f"latency/{name}/graph/trigger-written", "backend": name}, status,
-                                    name, lambda n=name: _latency(ctx, n, True, trigger_factors=False)))
+            if ctx.factored_by_default(name, 1) or ctx.factored_by_default(name, 2):
+                f = not ctx.factored_by_default(name, 1)       # the way the table does not take at one image
+                rows.append(ctx.row({"key": f"latency/{name}/graph/trigger-{'factors' if f else 'written'}",
+                                     "backend": name}, status, name,
+                                    lambda n=name, f=f: _latency(ctx, n, True, trigger_factors=f)))
             halves, suffix, _ = ctx.other_position(name, 1)
             rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
                                 lambda n=name, h=halves: _latency(ctx, n, True, position_halves=h)))

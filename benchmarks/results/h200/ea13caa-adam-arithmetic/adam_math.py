@@ -6,7 +6,7 @@ from rank-1 factors, the position block written, the lowp flat group 11.3 M, the
 the position block's halves from rank-32 factors (the tiles kernel), and the lowp flat group at
 64 students; Triton's kernel on the same. Then each mode's parameters after three updates against
 float64 torch.optim.Adam's and against Triton's. Writes $OUT/adam_math.json."""
-import json, os, torch
+import json, os, sys, torch
 from apm_fast.backends.cuda import CudaPrimitives
 from apm_fast.backends.triton import TritonPrimitives
 from apm_fast.bench.timing import measure_graph
@@ -18,34 +18,22 @@ def timed(fn, inner=4):
     return measure_graph(fn, device=dev, inner=inner).median_ms * 1000
 
 
-N1, NL, NF = 4096 * 2048, 11_300_000, 2_400_000
-P = torch.randn(N1 + NL + NF, device=dev); G = torch.randn_like(P) * 1e-3
-M = torch.zeros_like(P); V = torch.zeros_like(P); LP = torch.zeros(N1 + NL, device=dev, dtype=torch.bfloat16)
-step = torch.full((1,), 7.0, device=dev); lr = torch.full((1,), 1e-3, device=dev)
-a = torch.randn(1, 1, 4096, device=dev); b = torch.randn(1, 1, 1024, device=dev)
+# the four launches as 4074410's A/B defined them (the run's copy of this script had them inline)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "4074410-cuda-adam-coefficients"))
+from adam_modes import step_launches  # noqa: E402
+
+L = step_launches(dev)
+P, M, V, LP, step, lr, blk = L.P, L.M, L.V, L.LP, L.step, L.lr, L.blk
 a32 = torch.randn(1, 32, 4096, device=dev); b32 = torch.randn(1, 32, 512, device=dev)
-S64 = 64
+S64, NL = 64, 11_300_000
 P64 = torch.randn(S64, NL, device=dev); G64 = torch.randn_like(P64) * 1e-3
 M64 = torch.zeros_like(P64); V64 = torch.zeros_like(P64); L64 = torch.zeros(S64, NL, device=dev, dtype=torch.bfloat16)
 
-
-def blk(t, lo, hi):
-    return t[:N1].view(1, 4096, 2048)[:, :, lo:hi]
-
-
-cases = {
-    "trigger_rank1": lambda pr: pr.adam_(blk(P, 0, 1024), None, blk(M, 0, 1024), blk(V, 0, 1024), step, lr, 0.9, 0.999,
-                                        1e-8, lowp=blk(LP, 0, 1024), outer=(a, b)),
-    "position_written": lambda pr: pr.adam_(blk(P, 1024, 2048), blk(G, 1024, 2048), blk(M, 1024, 2048),
-                                           blk(V, 1024, 2048), step, lr, 0.9, 0.999, 1e-8, lowp=blk(LP, 1024, 2048)),
-    "flat_lowp": lambda pr: pr.adam_(P[N1:N1 + NL].view(1, -1), G[N1:N1 + NL].view(1, -1), M[N1:N1 + NL].view(1, -1),
-                                    V[N1:N1 + NL].view(1, -1), step, lr, 0.9, 0.999, 1e-8, lowp=LP[N1:].view(1, -1)),
-    "flat_fp32": lambda pr: pr.adam_(P[N1 + NL:].view(1, -1), G[N1 + NL:].view(1, -1), M[N1 + NL:].view(1, -1),
-                                    V[N1 + NL:].view(1, -1), step, lr, 0.9, 0.999, 1e-8),
-    "position_half_rank32": lambda pr: pr.adam_(blk(P, 1024, 1536), None, blk(M, 1024, 1536), blk(V, 1024, 1536), step,
-                                                lr, 0.9, 0.999, 1e-8, lowp=blk(LP, 1024, 1536), outer=(a32, b32)),
-    "flat_lowp_S64": lambda pr: pr.adam_(P64, G64, M64, V64, step, lr, 0.9, 0.999, 1e-8, lowp=L64),
-}
+cases = dict(L.cases)
+cases["position_half_rank32"] = lambda pr: pr.adam_(blk(P, 1024, 1536), None, blk(M, 1024, 1536), blk(V, 1024, 1536),
+                                                    step, lr, 0.9, 0.999, 1e-8, lowp=blk(LP, 1024, 1536),
+                                                    outer=(a32, b32))
+cases["flat_lowp_S64"] = lambda pr: pr.adam_(P64, G64, M64, V64, step, lr, 0.9, 0.999, 1e-8, lowp=L64)
 FOUR = ("trigger_rank1", "position_written", "flat_lowp", "flat_fp32")
 res = {}
 tr, cu = TritonPrimitives(), CudaPrimitives()

@@ -69,11 +69,10 @@ class TTTEngine:
     (``driver.Beside``); with it, ``wgrad_beside`` (True; False for comparisons) also runs each
     layer's weight gradient beside its input gradient, on a third stream. The attribute
     ``trigger_factors`` (None: ``program.trigger_factors_by_default``, on for the kernel tables but
-    the cuda table at one image; a bool
-    for comparisons): the first layer's trigger columns are updated from their gradient's factors
-    (rank one per image: never written to memory, and their update starts before the rest of the
-    first layer's backward is done), and with the halves below its position columns too; without
-    shards. The attribute ``position_halves`` (None: the table's ``position_halves`` with several
+    the cuda table at one image; a bool for comparisons): the first layer's trigger columns are
+    updated from their gradient's factors (rank one per image: never written to memory, and their
+    update starts before the rest of the first layer's backward is done), and with the halves below
+    its position columns too; without shards. The attribute ``position_halves`` (None: the table's ``position_halves`` with several
     students, or at one image with ``trigger_factors``, on for the Triton table; a bool for
     comparisons): the position products P = pos W_P^T and dW_P over the whole grid from the code's
     separable form (``driver.position_product``: about 1.6 instead of 8.6 GFLOP each for

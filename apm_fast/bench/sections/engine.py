@@ -18,7 +18,8 @@ whose Adam builds it from its rank-one factors by default at one image; ``trigge
 the factors, for those that write it out there and use the factors with several students), and
 the step with the position products P = pos W_P^T and dW_P the way the table does not compute
 them by default at one image (``position-halves``: from the code's separable form;
-``position-gemm``: one GEMM each over the L rows). The TFLOP/s column counts the rewritten form of spec section 3 (86.5 GF for ``ttt-l14``).
+``position-gemm``: one GEMM each over the L rows). The TFLOP/s column counts the rewritten form of
+spec section 3 (86.5 GF for ``ttt-l14``).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.

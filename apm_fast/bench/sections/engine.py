@@ -263,8 +263,9 @@ def run(ctx) -> dict:
                                 lambda n=name: _latency(ctx, n, True, wgrad_beside=False)))
             rows.append(ctx.row({"key": f"latency/{name}/graph/one-stream", "backend": name}, status, name,
                                 lambda n=name: _latency(ctx, n, True, beside=False)))
-            if ctx.factored_by_default(name, 1) or ctx.factored_by_default(name, 2):
-                f = not ctx.factored_by_default(name, 1)       # the way the table does not take at one image
+            one, several = ctx.factored_by_default(name, 1), ctx.factored_by_default(name, 2)
+            if one or several:                         # the trigger columns the way it does not at one image
+                f = not one
                 rows.append(ctx.row({"key": f"latency/{name}/graph/trigger-{'factors' if f else 'written'}",
                                      "backend": name}, status, name,
                                     lambda n=name, f=f: _latency(ctx, n, True, trigger_factors=f)))

@@ -171,7 +171,7 @@ def test_first_layer(prims, dtype, dims):
     b = rnd(S, N, dtype=dtype, seed=12)
     dy = rnd(S, B * L, N, dtype=dtype, seed=13)
     p64, u64, w64, b64, dy64 = d64(p, u, w, b, dy)
-    a = prims._act(p, u)                 # the table's materialized activation (its own kernel)
+    a = prims.first_layer_act(p, u)      # the table's materialized activation (its own kernel)
     assert rel_err(a, first_layer_act(p64, u64)) < TOL[dtype]
     y = prims.first_layer_linear(p, u, w, b, relu=True)
     assert rel_err(y, TP.first_layer_linear(p64, u64, w64, b64, relu=True)) < TOL[dtype]
@@ -183,6 +183,9 @@ def test_first_layer(prims, dtype, dims):
     g1_ref, r_ref = TP.first_layer_bwd_input(dy64, w64, p64, u64)
     assert g1.dtype == dtype and r.dtype == torch.float32
     assert rel_err(g1, g1_ref) < TOL[dtype] and rel_err(r, r_ref) < TOL[dtype]
+    # the activation kept from the forward as the mask: the same kernels on the same bits
+    g1k, rk = prims.first_layer_bwd_input(dy, w, p, u, act=a)
+    assert torch.equal(g1k, g1) and torch.equal(rk, r)
 
 
 # ---------------------------------------------------------------------------- pool

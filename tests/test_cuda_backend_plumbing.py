@@ -94,8 +94,8 @@ class FakeCudaExt:
             _expect(db, (s, n), torch.float32, "db")
             db.copy_(rdb)
 
-    def first_layer_bwd_input(self, dy, w, p, u, g1, r):
-        self.calls.append("first_layer_bwd_input")
+    def first_layer_bwd_input(self, dy, w, p, u, g1, r, act=None):
+        self.calls.append("first_layer_bwd_input" if act is None else "first_layer_bwd_input(act)")
         s, n, h = w.shape
         l, b = p.shape[1], u.shape[1]
         _expect(p, (s, l, h), w.dtype, "p")
@@ -103,7 +103,10 @@ class FakeCudaExt:
         _expect(dy, (s, b * l, n), w.dtype, "dy")
         _expect(g1, (s, b * l, h), g1.dtype, "g1")
         _expect(r, (s, b, h), torch.float32, "r")
-        rg1, rr = TP.first_layer_bwd_input(dy, w, p, u, out_dtype=g1.dtype)
+        if act is not None:                 # the binding reads the mask from it
+            _expect(act, (s, b * l, h), w.dtype, "act")
+            assert act.is_contiguous()
+        rg1, rr = TP.first_layer_bwd_input(dy, w, p, u, out_dtype=g1.dtype, act=act)
         g1.copy_(rg1)
         r.copy_(rr)
 
@@ -130,6 +133,11 @@ def test_primitives_route_to_the_extension(fake):
         torch.testing.assert_close(got, ref)
     for got, ref in zip(prims.first_layer_bwd_input(dy, w, p, u), TP.first_layer_bwd_input(dy, w, p, u)):
         torch.testing.assert_close(got, ref)
+    act = prims.first_layer_act(p, u)
+    torch.testing.assert_close(act, first_layer_act(p, u))
+    for got, ref in zip(prims.first_layer_bwd_input(dy, w, p, u, act=act), TP.first_layer_bwd_input(dy, w, p, u)):
+        torch.testing.assert_close(got, ref)
+    assert "first_layer_bwd_input(act)" in fake.calls
     mask = torch.relu(r(S, B * L, H))
     torch.testing.assert_close(prims.linear_bwd_input(dy, w, mask=mask), TP.linear_bwd_input(dy, w, mask=mask))
     f, pos, kt = r(S, B, L, D), r(L, D), r(S, heads, D)

@@ -263,6 +263,46 @@ def test_a_table_can_write_the_trigger_gradient_out_at_one_image_only(monkeypatc
     torch.testing.assert_close(written.losses, factored.losses, rtol=1e-12, atol=0)
 
 
+def test_a_table_can_keep_the_first_layer_activation_for_the_backward(monkeypatch):
+    """``first_layer_act_kept`` (the cuda table's setting): the step writes ReLU(P + u) out once
+    (``first_layer_act``) and hands it to the backward (the weight gradient's operand, the input
+    gradient's mask), never asking the primitives that build it again; an explicit engine setting
+    wins; both ways train the same, with one student and with several."""
+    model, images, targets = _setup("three-layer", torch.float64, n=3)
+    calls = []
+    for name in ("first_layer_act", "first_layer_linear", "first_layer_bwd_weight", "first_layer_bwd_input"):
+        real = getattr(TorchPrimitives, name)
+
+        def spy(self, *args, _name=name, _real=real, **kw):
+            calls.append((_name, kw.get("act") is not None))
+            return _real(self, *args, **kw)
+        monkeypatch.setattr(TorchPrimitives, name, spy)
+    rebuilt = _engine(model, students=3)
+    assert rebuilt.engine.program(1).first_layer_act_kept is False
+    calls.clear()
+    rebuilt.engine.program(1).step()
+    assert ("first_layer_act", False) not in calls and ("first_layer_bwd_weight", False) in calls
+    assert ("first_layer_bwd_input", False) in calls
+    monkeypatch.setattr(TorchPrimitives, "first_layer_act_kept", True, raising=False)
+    kept = _engine(model, students=3)
+    prog = kept.engine.program(1)
+    assert prog.first_layer_act_kept is True
+    calls.clear()
+    prog.step()
+    assert sorted(set(calls)) == [("first_layer_act", False), ("first_layer_bwd_input", True)]
+    assert calls.count(("first_layer_act", False)) == 1
+    kept.engine.first_layer_act_kept = False
+    assert kept.engine.program(1).first_layer_act_kept is False
+    kept.engine.first_layer_act_kept = None
+    for s in (1, 3):
+        a = _engine(model, students=s).fit(images, targets)
+        monkeypatch.setattr(TorchPrimitives, "first_layer_act_kept", False, raising=False)
+        b = _engine(model, students=s).fit(images, targets)
+        monkeypatch.setattr(TorchPrimitives, "first_layer_act_kept", True, raising=False)
+        torch.testing.assert_close(a.cls, b.cls, rtol=1e-12, atol=0)
+        torch.testing.assert_close(a.losses, b.losses, rtol=1e-12, atol=0)
+
+
 def test_param_store_layout_and_reset():
     model, _, _ = _setup("two-layer", torch.float64)
     names = weight_names(model.config)

@@ -114,6 +114,21 @@ def test_one_fused_student_peaks_within_budget():
     assert estimate_student_bytes(preset("ttt-l14"), torch.bfloat16) >= step - 5e6
 
 
+def test_a_kept_first_layer_activation_costs_its_own_bytes_only():
+    """With ``first_layer_act_kept`` (the cuda table) the step holds ReLU(P + u) (L x H1 in bf16)
+    from the forward to the backward: the peak grows by at most that, and the final forward
+    (no backward after it) keeps nothing more."""
+    class Kept(OutputsOnly):
+        first_layer_act_kept = True
+
+    cfg = preset("ttt-l14")
+    act = cfg.queries * cfg.hidden[0] * 2
+    built, step, ev = _trace(OutputsOnly(), 1)
+    k_built, k_step, k_ev = _trace(Kept(), 1)
+    assert k_built == built and k_ev == ev
+    assert step < k_step <= step + act, f"{(k_step - step) / 1e6:.1f} MB more, the activation is {act / 1e6:.1f}"
+
+
 def test_students_cost_the_same_each():
     one = _trace(OutputsOnly(), 1)
     three = _trace(OutputsOnly(), 3)

@@ -101,6 +101,13 @@ def test_first_layer_bwd_input():
     g1_ref, r_ref = REF.first_layer_bwd_input(*f64(dy, w, p, u))
     assert_close(g1, g1_ref, TOL32, "g1")
     assert_close(r, r_ref, TOL32, "r = sum_l g1")
+    act = TP.first_layer_act(p, u)                  # written out (the kept activation)
+    assert_close(act, REF.first_layer_act(*f64(p, u)), TOL32, "first_layer_act")
+    for got, want in zip(TP.first_layer_bwd_input(dy, w, p, u, act=act), (g1, r)):
+        assert torch.equal(got, want)               # the mask from p + u in registers: act not read
+    g1_act, r_act = REF.first_layer_bwd_input(*f64(dy, w, p, u), act=f64(act)[0])   # the mask read from act
+    assert_close(g1_act, g1_ref, TOL32, "g1, mask from act")
+    assert_close(r_act, r_ref, TOL32, "r, mask from act")
 
 
 @pytest.mark.parametrize("split", [None, 3])

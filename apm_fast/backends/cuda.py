@@ -69,6 +69,10 @@ class CudaPrimitives(Primitives):
     # 0.481 against 0.490 / 0.494 in the A/B runs before it, 0.479-0.482 against 0.490-0.491 at
     # 4074410 (benchmarks/results/h200/README.md); with several students by the factors as before
     trigger_written_at_one_image = True
+    # the first layer's activation: this table writes ReLU(P + u) out before each GEMM that reads
+    # it (forward, the weight gradient's operand, the input gradient's mask), so the TTT step
+    # writes it once in the forward and keeps it for the backward: one pass instead of three
+    first_layer_act_kept = True
 
     @property
     def ext(self):
@@ -88,7 +92,7 @@ class CudaPrimitives(Primitives):
         self.ext.linear(_rows(x, cdt), _rows(w, cdt), None if b is None else b.to(cdt).contiguous(), relu, out)
         return out
 
-    def _act(self, p, u):
+    def _first_layer_act(self, p, u):
         """ReLU(P + u) materialized by one elementwise kernel before the forward GEMM (see
         csrc/cuda/trigger_split.cu for why it is not fused into the GEMM's operand load)."""
         p = p.to(_cdt(p, "first_layer_act")).contiguous()
@@ -98,7 +102,7 @@ class CudaPrimitives(Primitives):
         return a
 
     def _first_layer_linear(self, p, u, w, b, relu, out_dtype):
-        return self._linear(self._act(p, u), w, b, relu, out_dtype)
+        return self._linear(self._first_layer_act(p, u), w, b, relu, out_dtype)
 
     def _linear_bwd_input(self, dy, w, mask, out_dtype):
         cdt = _cdt(w, "linear_bwd_input")
@@ -118,12 +122,14 @@ class CudaPrimitives(Primitives):
         return dw, (db if bias else None)
 
     def _first_layer_bwd_weight(self, dy, p, u, bias, out=None, out_db=None):
-        return self._linear_bwd_weight(dy, self._act(p, u), bias, out, out_db)
+        return self._linear_bwd_weight(dy, self._first_layer_act(p, u), bias, out, out_db)
 
-    def _first_layer_bwd_input(self, dy, w, p, u, out_dtype):
+    def _first_layer_bwd_input(self, dy, w, p, u, out_dtype, act=None):
+        # the mask read from the kept activation when given, else from one written here
         cdt = _cdt(w, "first_layer_bwd_input")
         g1, r = _outputs("first_layer_bwd_input", dy, w, p, u, out_dtype or cdt)
-        self.ext.first_layer_bwd_input(_rows(dy, cdt), _rows(w, cdt), p.to(cdt).contiguous(), _f32(u), g1, r)
+        self.ext.first_layer_bwd_input(_rows(dy, cdt), _rows(w, cdt), p.to(cdt).contiguous(), _f32(u), g1, r,
+                                       None if act is None else _rows(act, cdt))
         return g1, r
 
     def _pool_fwd(self, f, pos_out, kt, scale):

@@ -89,6 +89,14 @@ class Context:
         return (halves, "position-halves" if halves else "position-gemm",
                 "position products from the code's halves" if halves else "position products as one GEMM")
 
+    def other_first_act(self, name: str):
+        """The first layer's activation the way table ``name`` does not by default (kept from the
+        forward for the backward, or built again where it is read), to measure beside its default
+        in the same run: (first_layer_act_kept value, key suffix, words for labels)."""
+        kept = not getattr(self._table(name), "first_layer_act_kept", False)
+        return (kept, "first-act-kept" if kept else "first-act-rebuilt",
+                "the first layer's activation kept" if kept else "the first layer's activation rebuilt")
+
     def factored_by_default(self, name: str, students: int) -> bool:
         """Whether the engine updates the first layer's trigger columns from their gradient's
         factors by default on table ``name`` at S = ``students``."""

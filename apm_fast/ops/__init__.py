@@ -12,8 +12,9 @@ linear                      gemm.py, gemm_tma.py              gemm_sm90_fwd.cu, 
 first_layer_linear          gemm.py (ReLU(P + u) prologue),   trigger_split.cu + the        same
                             gemm_tma.py (act chunks)          forward GEMM
 linear_bwd_input            gemm.py (ReLU-mask epilogue)      gemm_sm90_bwd_input.cu        same
+first_layer_act             gemm_tma.py (ReLU(P + u) written) trigger_split.cu              same
 first_layer_bwd_input       gemm.py (mask from P + u, r)      gemm_sm90_bwd_input.cu +      same
-                                                              colsum.cu
+                                                              colsum.cu (mask: a kept act)
 linear_bwd_weight           wgrad.py, wgrad_tma.py (split-K;  gemm_sm90_bwd_weight.cu +     same
                             cuBLAS where measured faster)     colsum.cu
 first_layer_bwd_weight      wgrad.py (X rebuilt on load)      trigger_split.cu + above      same

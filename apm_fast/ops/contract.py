@@ -43,7 +43,9 @@ PRIMITIVES: Dict[str, str] = {
     "linear_bwd_input": "(Tensor dy, Tensor w, Tensor? mask, ScalarType? out_dtype) -> Tensor",
     "linear_bwd_weight": "(Tensor dy, Tensor x, bool bias) -> (Tensor, Tensor)",
     "first_layer_bwd_weight": "(Tensor dy, Tensor p, Tensor u, bool bias) -> (Tensor, Tensor)",
-    "first_layer_bwd_input": "(Tensor dy, Tensor w, Tensor p, Tensor u, ScalarType? out_dtype) -> (Tensor, Tensor)",
+    "first_layer_bwd_input": ("(Tensor dy, Tensor w, Tensor p, Tensor u, ScalarType? out_dtype, Tensor? act) -> "
+                              "(Tensor, Tensor)"),
+    "first_layer_act": "(Tensor p, Tensor u) -> Tensor",
     "pool_fwd": "(Tensor f, Tensor pos_out, Tensor kt, float scale) -> (Tensor, Tensor)",
     "pool_bwd": ("(Tensor f, Tensor pos_out, Tensor kt, float scale, Tensor sbar, Tensor lse, Tensor dsbar, "
                  "ScalarType? out_dtype) -> (Tensor, Tensor)"),
@@ -83,8 +85,9 @@ OUTPUTS = {
                                               ((dy.shape[0], dy.shape[2] if bias else 0), _acc(dy))],
     "first_layer_bwd_weight": lambda dy, p, u, bias: [((dy.shape[0], dy.shape[2], p.shape[2]), _acc(dy)),
                                                       ((dy.shape[0], dy.shape[2] if bias else 0), _acc(dy))],
-    "first_layer_bwd_input": lambda dy, w, p, u, od: [((w.shape[0], dy.shape[1], p.shape[2]), od or w.dtype),
-                                                      ((w.shape[0], u.shape[1], p.shape[2]), _acc(w))],
+    "first_layer_bwd_input": lambda dy, w, p, u, od, act=None: [((w.shape[0], dy.shape[1], p.shape[2]), od or w.dtype),
+                                                                ((w.shape[0], u.shape[1], p.shape[2]), _acc(w))],
+    "first_layer_act": lambda p, u: [((p.shape[0], u.shape[1] * p.shape[1], p.shape[2]), p.dtype)],
     "pool_fwd": lambda f, pos, kt, scale: [((f.shape[0], f.shape[1], kt.shape[1], f.shape[3]), _acc(f)),
                                            ((f.shape[0], f.shape[1], kt.shape[1]), _acc(f))],
     "pool_bwd": lambda f, pos, kt, scale, sbar, lse, ds, od: [(tuple(f.shape), od or f.dtype),
@@ -167,7 +170,14 @@ class Primitives:
     ``position_halves``: the engine's default for this table with several students, and at one
     image when the first layer's gradient goes to Adam by its factors, the position products from
     the code's separable form (``driver.position_product``; on where measured faster: the Triton
-    table)."""
+    table).
+    ``first_layer_act_kept``: the driver's default for this table where a backward follows (the
+    TTT step), the first layer's activation ReLU(P + u) made once by :meth:`first_layer_act` in the
+    forward and kept for the backward (the first consumer's forward GEMM, its weight gradient's
+    operand, and the input gradient's mask through ``act=``) instead of the fused primitives
+    building it each time; for a table that writes it out in a kernel of its own anyway (the cuda
+    table: one pass a step instead of three, for S * B * L * H1 elements held from the forward to
+    the backward)."""
 
     name = "?"
     opaque = False
@@ -177,6 +187,7 @@ class Primitives:
     adam_from_factors = True
     trigger_written_at_one_image = False
     position_halves = False
+    first_layer_act_kept = False
 
     def available(self) -> Tuple[bool, str]:
         return True, ""
@@ -220,6 +231,14 @@ class Primitives:
         _out_dtype(out_dtype)
         _same_device(p=p, u=u, w=w, b=b)
         return self._route("first_layer_linear", p, u, w, b, bool(relu), out_dtype)
+
+    def first_layer_act(self, p, u):
+        """The first layer's activation written out: A[s, b*L + l] = ReLU(p[s, l] + u[s, b]) as
+        (S, B*L, H1) in p's dtype (what first_layer_linear builds on the fly). p: (S, L, H1);
+        u: (S, B, H1) acc dtype."""
+        _check_first(p, u)
+        _same_device(p=p, u=u)
+        return self._route("first_layer_act", p, u)
 
     # ---------------------------------------------------------------- backward GEMMs
     def linear_bwd_input(self, dy, w, *, mask=None, out_dtype=None):
@@ -267,19 +286,25 @@ class Primitives:
             dw, db = _copy_out(dw, out), _copy_out(db, db_out)
         return dw, (db if bias else None)
 
-    def first_layer_bwd_input(self, dy, w, p, u, *, out_dtype=None):
+    def first_layer_bwd_input(self, dy, w, p, u, *, out_dtype=None, act=None):
         """g1 = (dy w) * (p[l] + u[b] > 0): the gradient at the first layer's pre-activation,
         and r = sum_l g1 per image. dy: (S, B*L, N); w: (S, N, H1). Returns (g1 (S, B*L, H1) in
-        out_dtype, r (S, B, H1) in the acc dtype)."""
+        out_dtype, r (S, B, H1) in the acc dtype). ``act``: the activation as
+        :meth:`first_layer_act` wrote it, when the caller kept it (``first_layer_act_kept``): the
+        mask is then read from it (act > 0) by a table that reads its mask from memory, instead
+        of a copy of its own; a table that builds the mask in registers may ignore it."""
         _check_first(p, u)
         s, l, h1 = p.shape
         _t("w", w, (3,))
         _shape("w", w, (s, None, h1))
         _t("dy", dy, (3,))
         _shape("dy", dy, (s, u.shape[1] * l, w.shape[1]))
+        if act is not None:
+            _t("act", act, (3,), (p.dtype,))
+            _shape("act", act, (s, u.shape[1] * l, h1))
         _out_dtype(out_dtype)
-        _same_device(dy=dy, w=w, p=p, u=u)
-        return self._route("first_layer_bwd_input", dy, w, p, u, out_dtype)
+        _same_device(dy=dy, w=w, p=p, u=u, act=act)
+        return self._route("first_layer_bwd_input", dy, w, p, u, out_dtype, act)
 
     # ---------------------------------------------------------------- single-query pool
     def pool_fwd(self, f, pos_out, kt, scale):
@@ -427,12 +452,18 @@ class TorchPrimitives(Primitives):
     def _first_layer_bwd_weight(self, dy, p, u, bias, out=None, out_db=None):
         return self._linear_bwd_weight(dy, first_layer_act(p, u), bias, out, out_db)
 
-    def _first_layer_bwd_input(self, dy, w, p, u, out_dtype):
+    def _first_layer_act(self, p, u):
+        return first_layer_act(p, u)
+
+    def _first_layer_bwd_input(self, dy, w, p, u, out_dtype, act=None):
         s, l, h1 = p.shape
         acc = acc_dtype_for(w.dtype)
         g = bmm_acc(dy.to(w.dtype), w, acc)
-        pre = p.to(acc)[:, None, :, :] + u.to(acc)[:, :, None, :]
-        g = g.view(s, -1, l, h1) * (pre > 0)
+        if act is None:
+            mask = p.to(acc)[:, None, :, :] + u.to(acc)[:, :, None, :] > 0
+        else:
+            mask = act.view(s, -1, l, h1) > 0
+        g = g.view(s, -1, l, h1) * mask
         r = g.sum(2)
         return g.reshape(s, -1, h1).to(out_dtype or w.dtype), r
 

@@ -125,7 +125,8 @@ class FusedCtx:
     t: torch.Tensor                # (S, B, d)         acc: the trigger
     u: torch.Tensor                # (S, B, H1)        acc
     p: torch.Tensor                # (S, L, H1)        compute
-    acts: List[torch.Tensor]       # inputs of the layers after the first consumer: (S, M, K) compute
+    acts: List[Optional[torch.Tensor]]   # inputs of the layers from the first consumer on: (S, M, K)
+                                         # compute; the first, ReLU(P + u), None where not kept
     f: torch.Tensor                # (S, B, L, D)      compute
     q: Optional[torch.Tensor]      # (S, D)  acc
     kt: Optional[torch.Tensor]     # (S, H, D)  acc
@@ -145,7 +146,7 @@ def _layers(w, config):
 def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_in, pos_out, *,
             cdt: torch.dtype, need_pool: bool = True, save: bool = True,
             combine: Optional[Callable] = None, patches: Optional[torch.Tensor] = None,
-            beside: bool = False, pos_grid: Optional[tuple] = None):
+            beside: bool = False, pos_grid: Optional[tuple] = None, keep_first_act: Optional[bool] = None):
     """z (S, B, D) in the acc dtype (None without pool), f (S, B, L, D) in cdt, and the ctx.
 
     images: (S, B, C, S_px, S_px); pos_in (L, d) and pos_out (L, D) in cdt: the rows computed
@@ -158,6 +159,8 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     ``pos_grid`` (height, width): ``pos_in`` is that whole grid of the position code, row
     y * width + x (``position_code(pos_dim, height, width)``); the position product is then
     computed from the code's separable form (:func:`position_product`).
+    ``keep_first_act`` (with ``save``): the first layer's activation ReLU(P + u) written out once
+    and kept in the ctx for the backward (None: the table's ``first_layer_act_kept``).
     """
     acc = acc_dtype_for(cdt)
     side = Beside(pos_in.device, beside)
@@ -171,8 +174,10 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     p = position_product(prim, w["mlp.0.weight"][:, :, config.pos_dim:], pos_in, cdt, grid=pos_grid)  # S L H1
     side.join(patches, t, u, upto=have_u)
     s, b = patches.shape[:2]
-    acts = []
-    h = column_mlp(prim, w, config, p, u, cdt, acts=acts)
+    acts = [] if save else None
+    if keep_first_act is None:
+        keep_first_act = getattr(prim, "first_layer_act_kept", False)
+    h = column_mlp(prim, w, config, p, u, cdt, acts=acts, keep_first=bool(keep_first_act))
     f = h.view(s, b, pos_in.shape[0], config.dim)
     z = sbar = lse = o = None
     side.join(q, kt)
@@ -293,13 +298,22 @@ def _trigger_weight(w, config):
     return w["mlp.0.weight"][:, :, :config.pos_dim]
 
 
-def column_mlp(prim, w, config, p, u, cdt, *, acts=None):
-    """The columns after the position GEMM: ReLU(P + u) fed to the second layer (never stored),
-    every further layer, the head. Returns (S, B * rows of p, D) in cdt; ``acts`` (a list) receives
-    the inputs of the layers after the first consumer (what the backward needs)."""
+def column_mlp(prim, w, config, p, u, cdt, *, acts=None, keep_first: bool = False):
+    """The columns after the position GEMM: ReLU(P + u) fed to the second layer (built on the fly,
+    never stored), every further layer, the head. Returns (S, B * rows of p, D) in cdt; ``acts``
+    (a list) receives the inputs of the layers from the first consumer on (what the backward
+    needs): first ReLU(P + u), written out by ``prim.first_layer_act`` and read by a plain GEMM
+    when ``keep_first``, else None (the backward builds it again), then the stored activations."""
     layers = _layers(w, config)
     w2, b2, r2 = layers[0]
-    h = prim.first_layer_linear(p, u, w2.to(cdt), b2.to(cdt), relu=r2, out_dtype=cdt)
+    if acts is not None and keep_first:
+        a = prim.first_layer_act(p, u)
+        acts.append(a)
+        h = prim.linear(a, w2.to(cdt), b2.to(cdt), relu=r2, out_dtype=cdt)
+    else:
+        if acts is not None:
+            acts.append(None)
+        h = prim.first_layer_linear(p, u, w2.to(cdt), b2.to(cdt), relu=r2, out_dtype=cdt)
     for wk, bk, rk in layers[1:]:
         if acts is not None:
             acts.append(h)
@@ -628,27 +642,32 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     wside = Beside(ctx.t.device, side.on and wgrad_beside, role="wgrad")
     for idx in range(len(layers) - 1, 0, -1):
         wk = layers[idx][0]
-        x = ctx.acts[idx - 1]
+        x = ctx.acts[idx]
         with wside(dy, x):
             weight_grad(prim.linear_bwd_weight, idx, dy, x)
         dy = prim.linear_bwd_input(dy, wk.to(cdt), mask=x, out_dtype=cdt)
         with wside():
             done([f"{names[idx]}.weight", f"{names[idx]}.bias"])
         if release:
-            ctx.acts[idx - 1] = x = None
+            ctx.acts[idx] = x = None
     if pool_grads:
         # the pool's parameters, on the stream that made their gradients (beside the MLP's GEMMs,
         # starved by them): announced at the pool's backward, they held up every update queued
         # after theirs; here, they are done before the first layers' gradients are
         with side.resume():
             done(list(_POOL_PARAMS))
-    # first consumer: its input ReLU(P + u) is rebuilt, never stored
-    with wside(dy, ctx.p, ctx.u):
-        weight_grad(prim.first_layer_bwd_weight, 0, dy, ctx.p, ctx.u)
-    g1, r = prim.first_layer_bwd_input(dy, layers[0][0].to(cdt), ctx.p, ctx.u, out_dtype=cdt)   # S BL H1, S B H1
-    dy = None
+    # first consumer: its input ReLU(P + u) as the forward kept it, or built again on the fly
+    a = ctx.acts[0]
+    with wside(dy, ctx.p, ctx.u, a):
+        if a is not None:
+            weight_grad(prim.linear_bwd_weight, 0, dy, a)
+        else:
+            weight_grad(prim.first_layer_bwd_weight, 0, dy, ctx.p, ctx.u)
+    g1, r = prim.first_layer_bwd_input(dy, layers[0][0].to(cdt), ctx.p, ctx.u, out_dtype=cdt,
+                                       act=a)                                     # S BL H1, S B H1
+    dy = a = None
     if release:
-        ctx.p = None
+        ctx.p = ctx.acts[0] = None
     # first layer, trigger split: dW_P = (sum_b g1_b)^T pos; dW_T = sum_b r_b T_b^T; db1 = sum r
     wp_view = _direct(grad_out, acc, "mlp.0.weight")[0]
     wt_view = wp_view[:, :, :d] if wp_view is not None else None

@@ -77,7 +77,10 @@ class TTTEngine:
     comparisons): the position products P = pos W_P^T and dW_P over the whole grid from the code's
     separable form (``driver.position_product``: about 1.6 instead of 8.6 GFLOP each for
     ``ttt-l14``, in four launches instead of one; dW_P by its factors where the trigger columns'
-    gradient goes so); without shards.
+    gradient goes so); without shards. The attribute ``first_layer_act_kept`` (None: the table's
+    ``first_layer_act_kept``, on for the cuda table; a bool for comparisons): the first layer's
+    activation ReLU(P + u) written out once in the forward and kept for the backward, instead of
+    built again by each primitive that reads it.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -100,6 +103,7 @@ class TTTEngine:
         self.wgrad_beside = True
         self.trigger_factors = None
         self.position_halves = None
+        self.first_layer_act_kept = None
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
@@ -142,7 +146,8 @@ class TTTEngine:
             raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "
                              "watch them on one device (shards=None)")
         key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid),
-               self.overlap, self.beside, self.wgrad_beside, self.trigger_factors, self.position_halves)
+               self.overlap, self.beside, self.wgrad_beside, self.trigger_factors, self.position_halves,
+               self.first_layer_act_kept)
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -154,7 +159,8 @@ class TTTEngine:
                                   label=label, shards=self.shards, keep_grid=keep_grid,
                                   moment_dtype=self.moment_dtype, overlap=self.overlap, beside=self.beside,
                                   wgrad_beside=self.wgrad_beside, trigger_factors=self.trigger_factors,
-                                  position_halves=self.position_halves)
+                                  position_halves=self.position_halves,
+                                  first_layer_act_kept=self.first_layer_act_kept)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

@@ -82,7 +82,8 @@ class StudentProgram:
                  master_dtype: torch.dtype, device, graphs: bool, label: str = "", shards=None,
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
                  overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True,
-                 trigger_factors: bool | None = None, position_halves: bool | None = None):
+                 trigger_factors: bool | None = None, position_halves: bool | None = None,
+                 first_layer_act_kept: bool | None = None):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -118,6 +119,10 @@ class StudentProgram:
                 a, b = shards.rows(c.queries)
                 self.pos_in, self.pos_out = self.pos_in[a:b], self.pos_out[a:b]
                 self.pos_grid = None
+            # the first layer's activation written out once in the forward and kept for the
+            # backward (None: the table's first_layer_act_kept), or built again where it is read
+            self.first_layer_act_kept = (bool(getattr(prim, "first_layer_act_kept", False))
+                                         if first_layer_act_kept is None else bool(first_layer_act_kept))
             # the images as the trigger conv reads them, unfolded once per batch (not per step)
             self.patches = torch.zeros(s, 1, c.queries, c.in_chans * c.patch ** 2, dtype=self.acc, device=dev)
             self.targets = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
@@ -169,7 +174,7 @@ class StudentProgram:
         c, st, sh = self.config, self.store, self.shards
         z, f, ctx = forward(self.prim, st.weights, None, c, self.pos_in, self.pos_out, cdt=self.cdt,
                             combine=None if sh is None else sh.combine, patches=self.patches, beside=self.beside,
-                            pos_grid=self.pos_grid)
+                            pos_grid=self.pos_grid, keep_first_act=self.first_layer_act_kept)
         del f                      # ctx holds it until the backward is done with it
         diff = z[:, 0] - self.targets                                         # S x D, acc dtype
         dz = (diff * (2.0 / c.dim)).unsqueeze(1)                                # d mean_D / dz

@@ -298,7 +298,8 @@ void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
 // The mask is the activation ReLU(p + u) built once (it is > 0 exactly where p + u > 0) and fed to
 // the masked input-gradient GEMM; r is a column sum of g1 per image.
 void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& p_,
-                           const at::Tensor& u, const at::Tensor& g1, const at::Tensor& r) {
+                           const at::Tensor& u, const at::Tensor& g1, const at::Tensor& r,
+                           const c10::optional<at::Tensor>& act_in) {
   const char* fn = "first_layer_bwd_input";
   check_gemm_operand(dy, fn, "dy");
   check_gemm_operand(w, fn, "w");
@@ -324,14 +325,27 @@ void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const at::
   check_shape(r, fn, "r", "(S, B, H)", {S, B, H});
   for (const at::Tensor* t : {&p_, &u, &g1, &r}) check_contiguous(*t, fn, "p, u, g1 and r");
   check_positive(N, fn, "N (the contraction size)");
+  if (act_in.has_value()) {   // the activation the forward wrote out and the caller kept: the mask
+    const at::Tensor& a = *act_in;
+    check_cuda(a, fn, "act");
+    check_same_device(a, w, fn, "act", "w");
+    check_same_dtype(a, w, fn, "act", "w");
+    check_shape(a, fn, "act", "(S, B*L, H)", {S, B * L, H});
+    check_contiguous(a, fn, "act");
+  }
   if (S == 0 || B == 0 || H == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(w.device());
   const cudaStream_t stream = current_stream(w);
   const apm::DType t = to_apm_dtype(w, fn, "w");
-  at::Tensor act = at::empty({S, B * L, H}, w.options());
-  check_cuda_status(apm::first_layer_act(p_.data_ptr(), u.data_ptr<float>(), act.data_ptr(), t, S, B,
-                                         L, H, stream),
-                    fn, "the first-layer activation");
+  at::Tensor act;
+  if (act_in.has_value()) {
+    act = *act_in;
+  } else {
+    act = at::empty({S, B * L, H}, w.options());
+    check_cuda_status(apm::first_layer_act(p_.data_ptr(), u.data_ptr<float>(), act.data_ptr(), t, S, B,
+                                           L, H, stream),
+                      fn, "the first-layer activation");
+  }
   linear_bwd_input(dy, w, act, g1);
   const int chunks = apm::colsum_chunks(S * B, L, H, sm_count(w.get_device()));
   at::Tensor part;

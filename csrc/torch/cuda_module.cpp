@@ -17,7 +17,8 @@ void linear_bwd_input(const at::Tensor&, const at::Tensor&, const c10::optional<
 void linear_bwd_weight(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const c10::optional<at::Tensor>&);
 void first_layer_bwd_input(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&);
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const c10::optional<at::Tensor>&);
 int gemm_policy();
 void set_gemm_policy(int);
 std::vector<long long> gemm_counts();
@@ -47,8 +48,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bwd_weight", guarded(&linear_bwd_weight), "dw = dy^T x, db = sum dy (fp32)", py::arg("dy"),
         py::arg("x"), py::arg("dw"), py::arg("db"));
   m.def("first_layer_bwd_input", guarded(&first_layer_bwd_input),
-        "g1 = (dy w) * (p + u > 0), r = sum_l g1", py::arg("dy"), py::arg("w"), py::arg("p"),
-        py::arg("u"), py::arg("g1"), py::arg("r"));
+        "g1 = (dy w) * (p + u > 0), r = sum_l g1 (the mask read from act = ReLU(p + u) when given)",
+        py::arg("dy"), py::arg("w"), py::arg("p"), py::arg("u"), py::arg("g1"), py::arg("r"),
+        py::arg("act") = py::none());
   m.def("first_layer_act", guarded(&first_layer_act), "a = ReLU(p[l] + u[b])", py::arg("p"), py::arg("u"),
         py::arg("a"));
   m.def("pool_fwd", guarded(&pool_fwd), "single-query pool forward", py::arg("f"), py::arg("pos_out"),

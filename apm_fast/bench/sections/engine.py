@@ -18,7 +18,9 @@ whose Adam builds it from its rank-one factors by default at one image; ``trigge
 the factors, for those that write it out there and use the factors with several students), and
 the step with the position products P = pos W_P^T and dW_P the way the table does not compute
 them by default at one image (``position-halves``: from the code's separable form;
-``position-gemm``: one GEMM each over the L rows). The TFLOP/s column counts the rewritten form of
+``position-gemm``: one GEMM each over the L rows), and the step with the first layer's activation
+ReLU(P + u) handled the way the table does not by default (``first-act-kept``: written out once in
+the forward and kept for the backward; ``first-act-rebuilt``: built again where it is read). The TFLOP/s column counts the rewritten form of
 spec section 3 (86.5 GF for ``ttt-l14``).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
@@ -101,7 +103,7 @@ def _problem(ctx, backend, students):
 
 
 def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True, trigger_factors=None,
-             position_halves=None):
+             position_halves=None, first_act_kept=None):
     o = ctx.options
     model, x, y, trainer = _problem(ctx, backend, 1)
     trainer.engine.graphs = graphs
@@ -110,6 +112,7 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True,
     trainer.engine.wgrad_beside = wgrad_beside
     trainer.engine.trigger_factors = trigger_factors
     trainer.engine.position_halves = position_halves
+    trainer.engine.first_layer_act_kept = first_act_kept
     prog = trainer.program(1)
     prog.load(x, y)
 
@@ -136,6 +139,7 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True,
     return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "adam_beside_backward": prog.overlap,
             "small_work_beside": prog.beside, "weight_grads_beside": prog.wgrad_beside,
             "trigger_from_factors": prog.factors is not None, "position_halves": prog.pos_grid is not None,
+            "first_layer_act_kept": prog.first_layer_act_kept,
             "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
 
 
@@ -272,6 +276,9 @@ def run(ctx) -> dict:
             halves, suffix, _ = ctx.other_position(name, 1)
             rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
                                 lambda n=name, h=halves: _latency(ctx, n, True, position_halves=h)))
+            kept, suffix, _ = ctx.other_first_act(name)
+            rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
+                                lambda n=name, k=kept: _latency(ctx, n, True, first_act_kept=k)))
         rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,

@@ -57,7 +57,7 @@ def _cases(cfg, w, fctx, pos_in, pos_out, cdt):
            ("first_layer_linear", 2 * m * h1 * layers[0][0].shape[1], "TFLOP/s",
             lambda t: t.first_layer_linear(fctx.p, fctx.u, *layers[0], relu=True, out_dtype=cdt))]
     for i, (wk, bk) in enumerate(layers[1:], start=1):
-        x = fctx.acts[i - 1]
+        x = fctx.acts[i]
         relu = i < len(layers) - 1
         n, k = wk.shape[1:]
         out.append((f"linear {n}x{k}", 2 * m * n * k, "TFLOP/s",
@@ -68,6 +68,8 @@ def _cases(cfg, w, fctx, pos_in, pos_out, cdt):
         out.append((f"linear_bwd_weight {n}x{k}", 2 * m * n * k, "TFLOP/s",
                     lambda t, dy=dy, x=x: t.linear_bwd_weight(dy, x)))
     w2 = layers[0][0]
+    esz = torch.finfo(cdt).bits // 8
+    out.append(("first_layer_act", (L + m) * h1 * esz, "GB/s", lambda t: t.first_layer_act(fctx.p, fctx.u)))
     dy2 = rnd(s, m, w2.shape[1])
     out.append(("first_layer_bwd_input", 2 * m * w2.shape[1] * h1, "TFLOP/s",
                 lambda t: t.first_layer_bwd_input(dy2, w2, fctx.p, fctx.u, out_dtype=cdt)))
@@ -77,7 +79,6 @@ def _cases(cfg, w, fctx, pos_in, pos_out, cdt):
     out.append(("linear_bwd_weight dW_P (shared pos)", 2 * L * h1 * cfg.pos_dim, "TFLOP/s",
                 lambda t: t.linear_bwd_weight(g1, pos_in, bias=False)))
     if cfg.pool:
-        esz = torch.finfo(cdt).bits // 8
         scale = 1.0 / math.sqrt(cfg.head_dim)
         out.append(("pool_fwd", 2 * m * cfg.dim * esz, "GB/s",
                     lambda t: t.pool_fwd(fctx.f, pos_out, fctx.kt, scale)))

@@ -6,7 +6,9 @@
   (teacher excluded), from whole ``fit`` calls; at the largest S also with bf16 Adam moments, with
   their effect on ``cls`` against the fp32-moment run on the same images, with the table's other
   Adam schedule, and with the position products computed the other way (``position-halves`` /
-  ``position-gemm``: from the code's separable form, or one GEMM over the L rows);
+  ``position-gemm``: from the code's separable form, or one GEMM over the L rows), and with the
+  first layer's activation handled the other way (``first-act-kept`` / ``first-act-rebuilt``:
+  written out once in the forward and kept for the backward, or built again where it is read);
 * end to end (on the default table for the preset here): :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
   teacher of random weights (same cost as real ones), loader, teacher and students overlapped,
   beside the teacher alone at the same batch: ``images_per_s`` over the whole call (the loader's
@@ -35,7 +37,7 @@ def _targets(ctx, model, images):
     return torch.cat([ctx.targets(model, images[i:i + 1], offset=i) for i in range(images.shape[0])])
 
 
-def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=None):
+def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=None, first_act_kept=None):
     o = ctx.options
     prec = None if backend == "reference" else (ctx.amp_dtype or model.dtype)
     trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec,
@@ -44,6 +46,8 @@ def _trainer(ctx, model, backend, students, moments=None, overlap=None, position
         trainer.engine.overlap = overlap
     if position_halves is not None:
         trainer.engine.position_halves = position_halves
+    if first_act_kept is not None:
+        trainer.engine.first_layer_act_kept = first_act_kept
     return trainer
 
 
@@ -59,13 +63,16 @@ def _one_at_a_time(ctx, name, model, images, targets):
             "peak_bytes": pm.peak_bytes, "final_loss_median": float(result.losses[:, -1].median())}
 
 
-def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, position_halves=None):
+def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, position_halves=None,
+                  first_act_kept=None):
     """Images/s of 2 S images, S side by side; with bf16 moments also how far their cls moves from
     the fp32-moment run's on the same images (relative, and the share whose closest target changes).
     ``overlap``: each layer's Adam beside the rest of the backward (True) or the whole Adam after
     it (False) instead of the table's default, to compare in one run; ``position_halves`` (a bool):
     the position products from the code's separable form or as one GEMM over the L rows instead of
-    the table's default (the ``position-halves`` / ``position-gemm`` rows)."""
+    the table's default (the ``position-halves`` / ``position-gemm`` rows); ``first_act_kept`` (a
+    bool): the first layer's activation kept from the forward or built again instead of the
+    table's default (``first-act-kept`` / ``first-act-rebuilt``)."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
@@ -81,13 +88,14 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, posit
                   "closest_changed": float((closest(half) != closest(full)).float().mean())}
         free_memory(ctx.device)
     with peak_memory(ctx.device) as pm:
-        trainer = _trainer(ctx, model, name, s, moments, overlap, position_halves)
+        trainer = _trainer(ctx, model, name, s, moments, overlap, position_halves, first_act_kept)
         trainer.fit(images[:s], targets[:s])                # build, capture, warm
         timing = measure(lambda: trainer.fit(images, targets), device=ctx.device, warmup=0,
                          repeats=max(20, o.repeats))
     return {**effect, "timing": timing.to_dict(), "images": 2 * s, "students": s, "precision": trainer.precision,
             "moments": trainer.moments, "adam_beside_backward": trainer.engine.program(s).overlap,
             "position_halves": trainer.engine.program(s).pos_grid is not None,
+            "first_layer_act_kept": trainer.engine.program(s).first_layer_act_kept,
             "images_per_s": 2 * s * 1e3 / timing.median_ms, "peak_bytes": pm.peak_bytes,
             "peak_bytes_per_student": None if pm.peak_bytes is None else pm.peak_bytes / s,
             "mode": trainer.engine.mode}
@@ -189,6 +197,13 @@ def run(ctx) -> dict:
                                         "available", name,
                                         lambda n=name, s=s, h=halves: _side_by_side(ctx, preset, n, model, s,
                                                                                     position_halves=h)))
+                    kept, suffix, words = ctx.other_first_act(name)
+                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
+                                             backend=name, students=s, steps=o.ttt_steps,
+                                             label=f"{s} students side by side, {name}, {words}"),
+                                        "available", name,
+                                        lambda n=name, s=s, k=kept: _side_by_side(ctx, preset, n, model, s,
+                                                                                  first_act_kept=k)))
         fast = default_backend(ctx.device, ctx.config(preset))
         best = fast if fast in usable else next(iter(usable), None)
         tower = dict(o.table4_pairs).get(preset)

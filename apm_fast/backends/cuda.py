@@ -71,8 +71,15 @@ class CudaPrimitives(Primitives):
     trigger_written_at_one_image = True
     # the first layer's activation: this table writes ReLU(P + u) out before each GEMM that reads
     # it (forward, the weight gradient's operand, the input gradient's mask), so the TTT step
-    # writes it once in the forward and keeps it for the backward: one pass instead of three
+    # writes it once in the forward and keeps it for the backward: one pass instead of three. On
+    # the H200 0.469 against 0.473 ms a step at one image, 142.2 against 137.5 images/s at S = 64
+    # (85e1a1d, benchmarks/results/h200/README.md)
     first_layer_act_kept = True
+    # with several students, the position products from the code's separable form (dW_P to Adam by
+    # its factors): 151.1 against 142.2 images/s at S = 64 (85e1a1d, with the activation kept); at
+    # one image, where this table writes the trigger columns' gradient out, the one GEMM each
+    # (ttt.program.position_halves_by_default; the halves there: 0.468 against 0.469 ms)
+    position_halves = True
 
     @property
     def ext(self):

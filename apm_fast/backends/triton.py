@@ -40,6 +40,11 @@ class TritonPrimitives(Primitives):
     # 0.469 ms: six more launches), so there the engine keeps the one GEMM (b7e1beb; both in
     # benchmarks/results/h200/; ttt.program.position_halves_by_default)
     position_halves = True
+    # the first layer's activation written once in the forward (then a plain GEMM) and kept for the
+    # weight gradient, which reads it from memory anyway (its cuBLAS route writes it out): on the
+    # H200 0.464 against 0.468 and 0.466 against 0.472 ms a step at one image, 152.6 against 147.2
+    # images/s at S = 64 (85e1a1d, benchmarks/results/h200/README.md)
+    first_layer_act_kept = True
 
     def __init__(self, use_custom_ops: bool | None = None):
         self.use_custom_ops = use_custom_ops

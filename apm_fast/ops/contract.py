@@ -170,14 +170,14 @@ class Primitives:
     ``position_halves``: the engine's default for this table with several students, and at one
     image when the first layer's gradient goes to Adam by its factors, the position products from
     the code's separable form (``driver.position_product``; on where measured faster: the Triton
-    table).
+    and cuda tables).
     ``first_layer_act_kept``: the driver's default for this table where a backward follows (the
     TTT step), the first layer's activation ReLU(P + u) made once by :meth:`first_layer_act` in the
     forward and kept for the backward (the first consumer's forward GEMM, its weight gradient's
     operand, and the input gradient's mask through ``act=``) instead of the fused primitives
-    building it each time; for a table that writes it out in a kernel of its own anyway (the cuda
-    table: one pass a step instead of three, for S * B * L * H1 elements held from the forward to
-    the backward)."""
+    building it each time; on where measured faster: the cuda table, which writes it out before
+    each GEMM that reads it (one pass a step instead of three), and the Triton table, whose weight
+    gradient writes it out (S * B * L * H1 elements held from the forward to the backward)."""
 
     name = "?"
     opaque = False

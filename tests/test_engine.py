@@ -303,6 +303,35 @@ def test_a_table_can_keep_the_first_layer_activation_for_the_backward(monkeypatc
         torch.testing.assert_close(a.losses, b.losses, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("factored", [False, True], ids=["written", "factored"])
+@pytest.mark.parametrize("students", [1, 3])
+def test_the_update_after_the_backward_starts_at_its_tail(monkeypatch, students, factored):
+    """Adam after the backward (no early updates): the group of parameters with a compute copy is
+    updated at the backward's tail (``on_tail``), once its gradients are final and before the conv's
+    are announced; the rest (the conv's among them) after the backward returns; every parameter
+    once, and the same training as the whole update after the backward."""
+    model, images, targets = _setup("three-layer", torch.float32, n=3)
+    monkeypatch.setattr(TorchPrimitives, "adam_from_factors", factored, raising=False)
+    t = _engine(model, students=students, precision="bf16")
+    prog = t.engine.program(students)
+    assert not prog.overlap and (prog.factors is not None) == factored
+    calls, real = [], program_mod.StudentProgram._adam
+    monkeypatch.setattr(program_mod.StudentProgram, "_adam",
+                        lambda self, names=None: (calls.append(list(names)), real(self, names))[1])
+    prog.step()
+    st = prog.store
+    low, rest = st.names[:st.n_lowp], st.names[st.n_lowp:]
+    trigger = [program_mod.TRIGGER_COLUMNS] if prog.factors is not None else []
+    assert low and "conv.weight" in rest
+    assert calls == [low + trigger, rest]
+    monkeypatch.setattr(program_mod.StudentProgram, "_adam", real)
+    at_tail = _engine(model, students=students, precision="bf16").fit(images, targets)
+    monkeypatch.setattr(program_mod._TailAdam, "tail", lambda self: None)          # all after the backward
+    after = _engine(model, students=students, precision="bf16").fit(images, targets)
+    torch.testing.assert_close(at_tail.cls, after.cls, rtol=0, atol=0)
+    torch.testing.assert_close(at_tail.losses, after.losses, rtol=0, atol=0)
+
+
 def test_param_store_layout_and_reset():
     model, _, _ = _setup("two-layer", torch.float64)
     names = weight_names(model.config)

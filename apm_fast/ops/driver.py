@@ -547,7 +547,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
              reduce: Optional[Callable] = None, parts: int = 1,
              on_done: Optional[Callable] = None, beside: bool = False,
              wgrad_beside: bool = True, factors: Optional[dict] = None,
-             pos_grid: Optional[tuple] = None) -> Dict[str, torch.Tensor]:
+             pos_grid: Optional[tuple] = None, on_tail: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
     (a dict of preallocated views, e.g. into one flat buffer) the results land there, written in
@@ -565,7 +565,10 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     ones when the backward returns. Layers are announced in the order their gradients are done:
     the head and the MLP's layers last to first, the pool's parameters (made beside the GEMMs)
     before the first consumer (the layer after the first), the first layer before the first
-    consumer, the conv last.
+    consumer, the conv last. ``on_tail()`` is called on the main stream once every weight
+    gradient is joined there, before the conv's gradients are announced and waited for (the
+    last work of the small work's stream): the engine starts there the updates whose gradients
+    are final by then, beside the conv's gradients instead of after them.
     ``beside`` (with ``grad_out``): the pool parameters' gradients and the conv's gradients on a
     second stream beside the MLP's GEMMs (:class:`Beside`; CUDA only), and with
     ``wgrad_beside`` each layer's weight gradient on a third one, beside its input gradient (the
@@ -707,10 +710,12 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     done(["mlp.0.weight"] if factored else ["mlp.0.weight", "mlp.0.bias"])
     with wside():                           # after its input gradient too (it reads the weights)
         done([f"{names[0]}.weight", f"{names[0]}.bias"])
+    wside.join()                            # every weight gradient
+    if on_tail is not None:
+        on_tail()
     with side.resume():
         done(["conv.weight", "conv.bias"])
     side.join()                             # the conv's gradients too, before the backward returns
-    wside.join()                            # and every weight gradient
     return grad_out if grad_out is not None else g
 
 

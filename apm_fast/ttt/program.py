@@ -186,15 +186,22 @@ class StudentProgram:
             self.t_idx.add_(1)
         # Adam reads step_t: the early updates wait for this mark, the whole-step one (below) runs
         # after the backward, which joins the side stream before it returns
-        early = _EarlyAdam(self, after=side.mark()) if self.overlap else None
+        # (without the early updates: the updates whose gradients are final when the backward's
+        # weight gradients are, at its tail, beside the conv's gradients; not sharded: a sharded
+        # step sums every gradient across the ranks first)
+        mark = side.mark()
+        early = _EarlyAdam(self, after=mark) if self.overlap else None
+        tail = _TailAdam(self, after=mark) if early is None and sh is None else None
+        lanes = early or tail
         backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
                  release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
-                 on_done=None if early is None else early.start, beside=self.beside,
-                 wgrad_beside=self.wgrad_beside, factors=self.factors, pos_grid=self.pos_grid)
+                 on_done=None if lanes is None else lanes.start, beside=self.beside,
+                 wgrad_beside=self.wgrad_beside, factors=self.factors, pos_grid=self.pos_grid,
+                 on_tail=None if tail is None else tail.tail)
         del ctx, z
         if sh is not None:
             sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange
-        self._adam(None if early is None else early.join())
+        self._adam(None if lanes is None else lanes.join())
 
     def _adam(self, names=None):
         """Adam over the parameters ``names`` (default: all), on the current stream."""
@@ -357,6 +364,50 @@ class StudentProgram:
         """Bytes of this program's own buffers (store and statics; not the graph pool)."""
         statics = [self.patches, self.targets, self.losses, self.cls] + ([self.grid] if self.grid is not None else [])
         return self.store.nbytes() + sum(t.numel() * t.element_size() for t in statics)
+
+
+class _TailAdam:
+    """A step's Adam on the main stream after the backward's GEMMs: ``start(names)`` (the
+    backward's ``on_done``) notes where those gradients are final (an event on the stream that made
+    them); ``tail()`` (the backward's ``on_tail``, on the main stream once every weight gradient is
+    joined there) waits for those events and ``after`` (the step counter's update) and updates
+    each of the store's two groups (the parameters with a compute copy, the rest) whose parameters
+    are all announced by then, with the first layer's trigger columns if they are; ``join()``
+    returns the names left, for the update after the backward. The small work's stream is then
+    still making the conv's gradients (announced last), beside the largest update instead of
+    before it."""
+
+    def __init__(self, program: StudentProgram, after=None):
+        self.program = program
+        self.after = after
+        self.marks = []
+        self.left = list(program.store.names) + ([TRIGGER_COLUMNS] if program.factors is not None else [])
+
+    def start(self, names):
+        event = None
+        if self.program.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.program.device))
+        self.marks.append((list(names), event))
+
+    def tail(self):
+        final = {n for names, _ in self.marks for n in names}
+        st = self.program.store
+        names = [n for group in (st.names[:st.n_lowp], st.names[st.n_lowp:]) if group and set(group) <= final
+                 for n in group]
+        names += [TRIGGER_COLUMNS] if TRIGGER_COLUMNS in final and TRIGGER_COLUMNS in self.left else []
+        names = [n for n in names if n in self.left]
+        if not names:
+            return
+        if self.program.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.program.device)
+            for event in [e for _, e in self.marks if e is not None] + ([self.after] if self.after else []):
+                stream.wait_event(event)
+        self.program._adam(names)
+        self.left = [n for n in self.left if n not in names]
+
+    def join(self):
+        return self.left
 
 
 class _EarlyAdam:

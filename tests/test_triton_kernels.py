@@ -362,9 +362,11 @@ def test_torch_compile_traces_the_table_without_graph_breaks():
     torch.testing.assert_close(got, fn(x, w, b, p, u, w2), rtol=1e-6, atol=1e-3)
 
 
-def test_forward_traces_with_fake_tensors():
+@pytest.mark.parametrize("kept", [True, False], ids=["act-kept", "act-rebuilt"])
+def test_forward_traces_with_fake_tensors(kept):
     """The whole fused forward traces through the custom ops with fake tensors (what torch.compile
-    does), no kernel launched: the graph holds the opaque Triton ops."""
+    does), no kernel launched: the graph holds the opaque Triton ops (the first layer's activation
+    written out for the backward, or built in the first consumer's GEMM)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -375,15 +377,18 @@ def test_forward_traces_with_fake_tensors():
 
     def fwd(images, *params):
         w = {n: p_.unsqueeze(0) for n, p_ in zip(names, params)}
-        z, f, _ = forward(prim, w, images.unsqueeze(0), TINY, pos_in, pos_out, cdt=torch.float32)
+        z, f, _ = forward(prim, w, images.unsqueeze(0), TINY, pos_in, pos_out, cdt=torch.float32,
+                          keep_first_act=kept)
         return z, f
 
     params = dict(model.named_parameters())
     with FakeTensorMode(allow_non_fake_inputs=True):
         gm = make_fx(fwd, tracing_mode="fake")(rand(2, 3, 10, 10), *[params[n].detach() for n in names])
     code = gm.code
-    for op in ("linear", "first_layer_linear", "pool_fwd"):
-        assert f"apm_fast.triton_{op}" in code, op
+    first = "first_layer_act" if kept else "first_layer_linear"
+    for op in ("linear", first, "pool_fwd"):
+        assert f"apm_fast.triton_{op}." in code, op
+    assert ("apm_fast.triton_first_layer_linear." in code) != kept
 
 
 # ------------------------------------------------------------------------------------ sm_90 build

@@ -183,27 +183,18 @@ def run(ctx) -> dict:
                                          label=f"{s} students side by side, {name}, bf16 moments"),
                                     "available", name,
                                     lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s, "bf16")))
-                if ctx.device.type == "cuda":           # the table's other Adam schedule, in the same run
-                    ov, suffix, words = ctx.other_adam(name)
-                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
-                                             backend=name, students=s, steps=o.ttt_steps,
-                                             label=f"{s} students side by side, {name}, {words}"),
-                                        "available", name,
-                                        lambda n=name, s=s, ov=ov: _side_by_side(ctx, preset, n, model, s, overlap=ov)))
-                    halves, suffix, words = ctx.other_position(name, s)
-                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
-                                             backend=name, students=s, steps=o.ttt_steps,
-                                             label=f"{s} students side by side, {name}, {words}"),
-                                        "available", name,
-                                        lambda n=name, s=s, h=halves: _side_by_side(ctx, preset, n, model, s,
-                                                                                    position_halves=h)))
-                    kept, suffix, words = ctx.other_first_act(name)
-                    rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
-                                             backend=name, students=s, steps=o.ttt_steps,
-                                             label=f"{s} students side by side, {name}, {words}"),
-                                        "available", name,
-                                        lambda n=name, s=s, k=kept: _side_by_side(ctx, preset, n, model, s,
-                                                                                  first_act_kept=k)))
+                if ctx.device.type == "cuda":     # the table's other ways, each beside its default in the same run
+                    ov, ov_suffix, ov_words = ctx.other_adam(name)
+                    halves, h_suffix, h_words = ctx.other_position(name, s)
+                    kept, k_suffix, k_words = ctx.other_first_act(name)
+                    for suffix, words, kw in ((ov_suffix, ov_words, {"overlap": ov}),
+                                              (h_suffix, h_words, {"position_halves": halves}),
+                                              (k_suffix, k_words, {"first_act_kept": kept})):
+                        rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
+                                                 backend=name, students=s, steps=o.ttt_steps,
+                                                 label=f"{s} students side by side, {name}, {words}"),
+                                            "available", name,
+                                            lambda n=name, s=s, kw=kw: _side_by_side(ctx, preset, n, model, s, **kw)))
         fast = default_backend(ctx.device, ctx.config(preset))
         best = fast if fast in usable else next(iter(usable), None)
         tower = dict(o.table4_pairs).get(preset)

@@ -211,6 +211,37 @@ def test_replayed_inference_forward_equals_the_autograd_forward(device):
     assert cls.requires_grad and not autograd._FORWARD
 
 
+def test_the_model_forward_keeps_the_first_layer_activation_only_for_a_backward(monkeypatch):
+    """A table that keeps the first layer's activation (``first_layer_act_kept``) writes it out
+    for the model's forward only when a backward follows (no copy in an inference call), and
+    its gradients are the ones of the activation built where it is read."""
+    from apm_fast.ops.autograd import fused_forward
+
+    torch.manual_seed(14)
+    model = APM(preset("ttt-l14", init="pytorch", **ODD_CONFIGS[0]), dtype=torch.float64)
+    x = images_for(model, 2)
+    calls, real = [], TorchPrimitives.first_layer_act
+    monkeypatch.setattr(TorchPrimitives, "first_layer_act", lambda self, p, u: (calls.append(1), real(self, p, u))[1])
+
+    def grads(kept):
+        monkeypatch.setattr(TorchPrimitives, "first_layer_act_kept", kept, raising=False)
+        model.zero_grad()
+        cls, grid = fused_forward(TorchPrimitives(), model, x, torch.float64)
+        (cls.square().sum() + grid.sum()).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    monkeypatch.setattr(TorchPrimitives, "first_layer_act_kept", True, raising=False)
+    with torch.no_grad():
+        fused_forward(TorchPrimitives(), model, x, torch.float64, graphs=False)
+    assert calls == []
+    kept = grads(True)
+    assert calls == [1]
+    rebuilt = grads(False)
+    assert calls == [1] and len(kept) == len(rebuilt) > 10
+    for a, b in zip(kept, rebuilt):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_kept_graphs_serve_concurrent_callers_one_at_a_time():
     """Threads sharing the kept chunk and the kept forward (their static inputs and outputs):
     every call gets its own images' result (KeptGraph.exclusive)."""

@@ -20,13 +20,15 @@ def _no_autocast(device):
 
 class _APMFused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prim, model, cdt, images, *params):
+    def forward(ctx, prim, model, cdt, save, images, *params):
         cfg = model.config
         names = weight_names(cfg)
         w = {n: p.detach().unsqueeze(0) for n, p in zip(names, params)}
         pos_in = model.pos_in(dtype=cdt, device=images.device)
         pos_out = model.pos_out(dtype=cdt, device=images.device)
-        z, f, fctx = forward(prim, w, images.unsqueeze(0), cfg, pos_in, pos_out, cdt=cdt)
+        # ``save``: what the backward reads is kept only when one follows (gradients recorded): an
+        # inference call keeps nothing (the first layer's activation included)
+        z, f, fctx = forward(prim, w, images.unsqueeze(0), cfg, pos_in, pos_out, cdt=cdt, save=save)
         ctx.prim, ctx.cfg, ctx.names, ctx.w, ctx.fctx = prim, cfg, names, w, fctx
         ctx.pos = (pos_in, pos_out)
         zo = z[0] if z is not None else images.new_zeros(0)
@@ -39,7 +41,7 @@ class _APMFused(torch.autograd.Function):
         with _no_autocast(df.device):
             g = backward(ctx.prim, ctx.w, ctx.fctx, dz.unsqueeze(0) if has_dz else None, cfg, *ctx.pos,
                          df_extra=df.unsqueeze(0) if df is not None else None)
-        return (None, None, None, None) + tuple(g[n][0].to(ctx.w[n].dtype) for n in ctx.names)
+        return (None, None, None, None, None) + tuple(g[n][0].to(ctx.w[n].dtype) for n in ctx.names)
 
 
 def fused_forward(prim, model, images, cdt: torch.dtype, *, graphs: bool | None = None):
@@ -62,7 +64,8 @@ def fused_forward(prim, model, images, cdt: torch.dtype, *, graphs: bool | None 
         if got is not None:
             return got
     with _no_autocast(images.device):            # the driver picks its dtypes itself
-        z, f = _APMFused.apply(prim, model, cdt, images, *ps)
+        backward_follows = torch.is_grad_enabled() and (images.requires_grad or not inference)
+        z, f = _APMFused.apply(prim, model, cdt, backward_follows, images, *ps)
     return (z if cfg.pool else None), f
 
 

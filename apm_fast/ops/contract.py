@@ -85,8 +85,8 @@ OUTPUTS = {
                                               ((dy.shape[0], dy.shape[2] if bias else 0), _acc(dy))],
     "first_layer_bwd_weight": lambda dy, p, u, bias: [((dy.shape[0], dy.shape[2], p.shape[2]), _acc(dy)),
                                                       ((dy.shape[0], dy.shape[2] if bias else 0), _acc(dy))],
-    "first_layer_bwd_input": lambda dy, w, p, u, od, act=None: [((w.shape[0], dy.shape[1], p.shape[2]), od or w.dtype),
-                                                                ((w.shape[0], u.shape[1], p.shape[2]), _acc(w))],
+    "first_layer_bwd_input": lambda dy, w, p, u, od, act=None: [
+        ((w.shape[0], dy.shape[1], p.shape[2]), od or w.dtype), ((w.shape[0], u.shape[1], p.shape[2]), _acc(w))],
     "first_layer_act": lambda p, u: [((p.shape[0], u.shape[1] * p.shape[1], p.shape[2]), p.dtype)],
     "pool_fwd": lambda f, pos, kt, scale: [((f.shape[0], f.shape[1], kt.shape[1], f.shape[3]), _acc(f)),
                                            ((f.shape[0], f.shape[1], kt.shape[1]), _acc(f))],

@@ -30,7 +30,7 @@ from .kept import KeptGraph, cache, kept, side_stream
 
 __all__ = ["Beside", "FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
            "trigger_u", "column_mlp", "position_product", "position_weight_grad", "pool_query", "pool_output",
-           "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS"]
+           "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS", "keeps_first_act"]
 
 
 def weight_names(config) -> List[str]:
@@ -175,9 +175,7 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     side.join(patches, t, u, upto=have_u)
     s, b = patches.shape[:2]
     acts = [] if save else None
-    if keep_first_act is None:
-        keep_first_act = getattr(prim, "first_layer_act_kept", False)
-    h = column_mlp(prim, w, config, p, u, cdt, acts=acts, keep_first=bool(keep_first_act))
+    h = column_mlp(prim, w, config, p, u, cdt, acts=acts, keep_first=keeps_first_act(prim, keep_first_act))
     f = h.view(s, b, pos_in.shape[0], config.dim)
     z = sbar = lse = o = None
     side.join(q, kt)
@@ -188,6 +186,12 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
         o, z = pool_output(w, config, sbar, acc)
     ctx = FusedCtx(patches, t, u, p, acts, f, q, kt, sbar, lse, o, cdt) if save else None
     return z, f, ctx
+
+
+def keeps_first_act(prim, keep: Optional[bool] = None) -> bool:
+    """Whether a forward followed by a backward keeps the first layer's activation for it:
+    ``keep``, or where it is None the table's ``first_layer_act_kept``."""
+    return bool(getattr(prim, "first_layer_act_kept", False) if keep is None else keep)
 
 
 def trigger_split(w, images, config, acc, *, patches=None):

@@ -78,9 +78,9 @@ class TTTEngine:
     separable form (``driver.position_product``: about 1.6 instead of 8.6 GFLOP each for
     ``ttt-l14``, in four launches instead of one; dW_P by its factors where the trigger columns'
     gradient goes so); without shards. The attribute ``first_layer_act_kept`` (None: the table's
-    ``first_layer_act_kept``, on for the Triton and cuda tables; a bool for comparisons): the first layer's
-    activation ReLU(P + u) written out once in the forward and kept for the backward, instead of
-    built again by each primitive that reads it.
+    ``first_layer_act_kept``, on for the Triton and cuda tables; a bool for comparisons): the first
+    layer's activation ReLU(P + u) written out once in the forward and kept for the backward,
+    instead of built again by each primitive that reads it.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,

@@ -18,8 +18,9 @@ place), and it relies on the driver dropping every activation and gradient as so
 (``driver.backward(..., grad_out=..., release=True)``); ``tests/test_engine_memory.py`` traces it
 on the meta device. The plain-PyTorch table upcasts GEMM operands to fp32 and makes temporaries
 in Adam (sliced, see ``program._adam_chunks``): about 0.48 GB. A table that keeps the first
-layer's activation from the forward for the backward (``first_layer_act_kept``: the cuda table)
-holds L x 4096 bf16 more through the backward (8.4 MB; ``student_bytes`` measures it). The init snapshot (4 N, 88 MB) and
+layer's activation from the forward for the backward (``first_layer_act_kept``: the Triton and
+cuda tables) holds L x 4096 bf16 more through the backward (8.4 MB; ``student_bytes`` measures
+it). The init snapshot (4 N, 88 MB) and
 the position codes are shared by all students and not counted per student.
 
 ``student_bytes`` measures instead of trusting the table: it runs one eager step at S = 1 and

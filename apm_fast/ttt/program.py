@@ -23,7 +23,8 @@ import torch
 
 from ..ops.autograd import _no_autocast
 from ..ops.contract import TorchPrimitives, acc_dtype_for
-from ..ops.driver import POSITION_COLUMNS, TRIGGER_COLUMNS, Beside, backward, forward, unfold_patches, weight_names
+from ..ops.driver import (POSITION_COLUMNS, TRIGGER_COLUMNS, Beside, backward, forward, keeps_first_act,
+                          unfold_patches, weight_names)
 from ..posenc import position_code
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
@@ -121,8 +122,7 @@ class StudentProgram:
                 self.pos_grid = None
             # the first layer's activation written out once in the forward and kept for the
             # backward (None: the table's first_layer_act_kept), or built again where it is read
-            self.first_layer_act_kept = (bool(getattr(prim, "first_layer_act_kept", False))
-                                         if first_layer_act_kept is None else bool(first_layer_act_kept))
+            self.first_layer_act_kept = keeps_first_act(prim, first_layer_act_kept)
             # the images as the trigger conv reads them, unfolded once per batch (not per step)
             self.patches = torch.zeros(s, 1, c.queries, c.in_chans * c.patch ** 2, dtype=self.acc, device=dev)
             self.targets = torch.zeros(s, c.dim, dtype=self.acc, device=dev)
@@ -184,11 +184,10 @@ class StudentProgram:
             self.losses.index_copy_(1, self.t_idx, loss)
             self.step_t.add_(1.0)       # the number of this update, read by Adam on the device
             self.t_idx.add_(1)
-        # Adam reads step_t: the early updates wait for this mark, the whole-step one (below) runs
+        # Adam reads step_t: every update started during the backward waits for this mark (the
+        # early ones beside it; without them, those final at its tail, beside the conv's gradients;
+        # not sharded: a sharded step sums every gradient across the ranks first); the rest runs
         # after the backward, which joins the side stream before it returns
-        # (without the early updates: the updates whose gradients are final when the backward's
-        # weight gradients are, at its tail, beside the conv's gradients; not sharded: a sharded
-        # step sums every gradient across the ranks first)
         mark = side.mark()
         early = _EarlyAdam(self, after=mark) if self.overlap else None
         tail = _TailAdam(self, after=mark) if early is None and sh is None else None
@@ -220,6 +219,11 @@ class StudentProgram:
                                 self.lr_t, self.beta1, self.beta2, self.eps,
                                 lowp=None if lowp is None else lowp[:, sl],
                                 outer=None if outer is None else (outer[0][:, :, sl], outer[1]))
+
+    def _update_names(self):
+        """Every name :meth:`_updates` covers in this step's program: the parameters, and the first
+        layer's trigger columns where the backward gives their gradient by its factors."""
+        return list(self.store.names) + ([TRIGGER_COLUMNS] if self.factors is not None else [])
 
     def _updates(self, names=None):
         """[(params, grads or None, m, v, lowp or None, outer or None)]: the ``adam_`` calls that
@@ -381,7 +385,7 @@ class _TailAdam:
         self.program = program
         self.after = after
         self.marks = []
-        self.left = list(program.store.names) + ([TRIGGER_COLUMNS] if program.factors is not None else [])
+        self.left = program._update_names()
 
     def start(self, names):
         event = None
@@ -395,8 +399,7 @@ class _TailAdam:
         st = self.program.store
         names = [n for group in (st.names[:st.n_lowp], st.names[st.n_lowp:]) if group and set(group) <= final
                  for n in group]
-        names += [TRIGGER_COLUMNS] if TRIGGER_COLUMNS in final and TRIGGER_COLUMNS in self.left else []
-        names = [n for n in names if n in self.left]
+        names += [TRIGGER_COLUMNS] if TRIGGER_COLUMNS in final else []
         if not names:
             return
         if self.program.device.type == "cuda":
@@ -427,7 +430,7 @@ class _EarlyAdam:
         self.lanes = [Beside(program.device, True, role=role) for role in ("adam", "adam.2")]
         self.queued = [0] * len(self.lanes)
         self.after = after          # an event every update also waits for (the step counter's)
-        self.left = list(program.store.names) + ([TRIGGER_COLUMNS] if program.factors is not None else [])
+        self.left = program._update_names()
 
     def start(self, names):
         names = [n for n in names if n in self.left]

@@ -20,8 +20,8 @@ the step with the position products P = pos W_P^T and dW_P the way the table doe
 them by default at one image (``position-halves``: from the code's separable form;
 ``position-gemm``: one GEMM each over the L rows), and the step with the first layer's activation
 ReLU(P + u) handled the way the table does not by default (``first-act-kept``: written out once in
-the forward and kept for the backward; ``first-act-rebuilt``: built again where it is read). The TFLOP/s column counts the rewritten form of
-spec section 3 (86.5 GF for ``ttt-l14``).
+the forward and kept for the backward; ``first-act-rebuilt``: built again where it is read). The
+TFLOP/s column counts the rewritten form of spec section 3 (86.5 GF for ``ttt-l14``).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.

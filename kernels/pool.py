@@ -1,18 +1,25 @@
-"""The single-query attention pool (spec section 3): forward with an online softmax, and backward.
+"""The single-query attention pool (spec section 3): forward and backward, every head at once on
+tensor cores.
 
-Forward, per (student s, image b, head h), over the L cells of kv = f + pos_out (added on load,
-never stored):   score_l = scale * kt_h . kv_l,  sbar_h = sum_l softmax(score)_l kv_l,
-lse_h = logsumexp_l score_l.  One program streams its rows once, keeping the running max, the
-running denominator and the weighted sum (width D) in registers. With few (s, b, h) programs (one
-image: 8) the rows are split into NSPLIT chunks that write (max, denominator, sum) partials, merged
-exactly by a second tiny kernel; with enough programs (B * S * heads >= 2 waves) it is one launch.
+Forward, per (student s, image b) and tile of BLOCK_L rows, over kv = f + pos_out (added on load
+in fp32, never stored): score_hl = scale * kt_h . kv_l for every head h at once (one product of
+the (rows x D) kv tile with the (D x heads) keys, D in slices of BLOCK_K), the tile's softmax
+statistics per head, then sum_l p_hl kv_l (a second product, the same kv slices read again, from
+cache). f is read once for all heads. A problem of one tile writes sbar and lse; otherwise every
+tile writes its (max, denominator, weighted sum) partials and a second small kernel merges them
+exactly.
 
-Backward, given dsbar (S, B, H, D), per tile of rows (all heads in a loop, so df is written once):
-    a = exp(score - lse),  c = a * (kv . dsbar_h - sbar_h . dsbar_h)
-    df_l = sum_h a_hl dsbar_h + scale c_hl kt_h
-and the key gradient dkt_h = scale sum_{b,l} c_hl kv_l is a weight gradient: the kernel stores
-scale * c (S, B*L, H) and the split-K weight-grad kernel reduces it against kv = f + pos_out
-rebuilt on load (see wgrad.py).
+Backward, per tile of rows, every head at once: with a = exp(score - lse) and
+c = a * (kv . dsbar_h - sbar_h . dsbar_h) * scale (both (rows x heads), from two products of the
+kv tile with the keys and with dsbar),
+    df = a dsbar + c kt
+(two products of the (rows x heads) tiles with the (heads x D) slices). The key gradient
+dkt_h = sum_{b,l} c_hl kv_l is a weight gradient: the kernel stores c (S, B*L, H) and the split-K
+weight-grad kernel reduces it against kv = f + pos_out rebuilt on load (see wgrad.py).
+
+The products run in fp32 ("ieee") for fp32 f and in tf32 on the tensor cores for 16-bit f (as
+the key gradient's): kv, the keys and the softmax weights enter them with 10 mantissa bits, more
+than the bf16 f carries. The heads are padded to 16 (a product's least width).
 """
 from __future__ import annotations
 
@@ -25,79 +32,92 @@ from . import _common as _c
 from ._common import INTERPRET, autotune_enabled, cdiv, config_kwargs, next_pow2, sm_count, tuned
 from .wgrad import weight_grad
 
-__all__ = ["pool_fwd", "pool_bwd", "choose_nsplit"]
+__all__ = ["pool_fwd", "pool_bwd", "choose_block_l"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _kv_tile(f_base, pos_ptr, rows, cols, msk, sf_l, sf_d, sp_l, sp_d):
+    """kv = f + pos_out over (rows, cols), in fp32 (0 outside ``msk``)."""
+    kv = tl.load(f_base + rows[:, None] * sf_l + cols[None, :] * sf_d, mask=msk, other=0.0).to(tl.float32)
+    return kv + tl.load(pos_ptr + rows[:, None] * sp_l + cols[None, :] * sp_d, mask=msk, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def pool_fwd_kernel(
     f_ptr, pos_ptr, kt_ptr, sbar_ptr, lse_ptr, pm_ptr, pl_ptr, pacc_ptr,
-    S, B, H, L, D, CHUNK, NSPLIT, qk_scale,
+    S, B, H, L, D, NSPLIT, qk_scale,
     sf_s, sf_b, sf_l, sf_d,
     sp_l, sp_d,
     sk_s, sk_h, sk_d,
-    FINAL: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    FINAL: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)                   # (s, b, h), h fastest: heads of one image share L2
-    split = tl.program_id(1)
-    h = pid % H
-    sb = pid // H
+    sb = tl.program_id(0)                      # s * B + b
+    split = tl.program_id(1)                   # the tile of rows
     b = (sb % B).to(tl.int64)
     s = (sb // B).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    in_d = offs_d < D
-    # scores in the log2 domain: exp2 is the native instruction
-    kt = tl.load(kt_ptr + s * sk_s + h * sk_h + offs_d * sk_d, mask=in_d, other=0.0).to(tl.float32) * qk_scale
+    rows = split * BLOCK_L + tl.arange(0, BLOCK_L)
+    in_r = rows < L
+    heads = tl.arange(0, BLOCK_H)
+    in_h = heads < H
     f_base = f_ptr + s * sf_s + b * sf_b
-    l_lo = split * CHUNK
-    l_hi = tl.minimum(l_lo + CHUNK, L)
-    m_i = tl.full((), float("-inf"), tl.float32)
-    l_i = tl.full((), 0.0, tl.float32)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for l0 in range(l_lo, l_hi, BLOCK_L):
-        rows = l0 + tl.arange(0, BLOCK_L)
-        in_r = rows < l_hi
-        msk = in_r[:, None] & in_d[None, :]
-        kv = tl.load(f_base + rows[:, None] * sf_l + offs_d[None, :] * sf_d, mask=msk, other=0.0).to(tl.float32)
-        kv += tl.load(pos_ptr + rows[:, None] * sp_l + offs_d[None, :] * sp_d, mask=msk, other=0.0).to(tl.float32)
-        sc = tl.sum(kv * kt[None, :], axis=1)
-        sc = tl.where(in_r, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=0))      # finite: every chunk has >= 1 row
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * kv, axis=0)
-        m_i = m_new
+    k_base = kt_ptr + s * sk_s
+    sc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        cols = d0 + tl.arange(0, BLOCK_K)
+        in_d = cols < D
+        kv = _kv_tile(f_base, pos_ptr, rows, cols, in_r[:, None] & in_d[None, :], sf_l, sf_d, sp_l, sp_d)
+        kt = tl.load(k_base + heads[None, :] * sk_h + cols[:, None] * sk_d, mask=in_d[:, None] & in_h[None, :],
+                     other=0.0).to(tl.float32)                                   # (BLOCK_K, heads)
+        sc = tl.dot(kv, kt, sc, input_precision=PREC)
+    # scores in the log2 domain (exp2 is the native instruction); rows past L weigh nothing
+    sc = tl.where(in_r[:, None], sc * qk_scale, float("-inf"))
+    m = tl.max(sc, axis=0)                                    # finite: a tile has >= 1 row
+    p = tl.exp2(sc - m[None, :])
+    den = tl.sum(p, axis=0)
+    pt = tl.trans(p)                                          # (heads, rows)
+    vec = (sb.to(tl.int64) * H + heads) * D                   # rows of (S, B, H, D)
+    for d0 in range(0, D, BLOCK_K):
+        cols = d0 + tl.arange(0, BLOCK_K)
+        in_d = cols < D
+        kv = _kv_tile(f_base, pos_ptr, rows, cols, in_r[:, None] & in_d[None, :], sf_l, sf_d, sp_l, sp_d)
+        acc = tl.dot(pt, kv, input_precision=PREC)            # (heads, BLOCK_K)
+        out = in_h[:, None] & in_d[None, :]
+        if FINAL:
+            tl.store(sbar_ptr + vec[:, None] + cols[None, :], acc / den[:, None], mask=out)
+        else:
+            tl.store(pacc_ptr + (vec * NSPLIT + split * D)[:, None] + cols[None, :], acc, mask=out)
+    hp = sb.to(tl.int64) * H + heads
     if FINAL:
-        tl.store(sbar_ptr + pid.to(tl.int64) * D + offs_d, acc / l_i, mask=in_d)
-        tl.store(lse_ptr + pid, (m_i + tl.log2(l_i)) * 0.6931471805599453)
+        tl.store(lse_ptr + hp, (m + tl.log2(den)) * 0.6931471805599453, mask=in_h)
     else:
-        part = pid.to(tl.int64) * NSPLIT + split
-        tl.store(pm_ptr + part, m_i)
-        tl.store(pl_ptr + part, l_i)
-        tl.store(pacc_ptr + part * D + offs_d, acc, mask=in_d)
+        tl.store(pm_ptr + hp * NSPLIT + split, m, mask=in_h)
+        tl.store(pl_ptr + hp * NSPLIT + split, den, mask=in_h)
 
 
 @triton.jit
 def pool_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, sbar_ptr, lse_ptr, NSPLIT, D,
                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge NSPLIT (max, denominator, weighted sum) partials of one (s, b, h) exactly."""
+    """Merge NSPLIT (max, denominator, weighted sum) partials of one (s, b, h) exactly, D in
+    slices of BLOCK_D."""
     pid = tl.program_id(0).to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
     in_p = offs_p < NSPLIT
-    in_d = offs_d < D
     m = tl.load(pm_ptr + pid * NSPLIT + offs_p, mask=in_p, other=float("-inf"))
     den = tl.load(pl_ptr + pid * NSPLIT + offs_p, mask=in_p, other=0.0)
-    acc = tl.load(pacc_ptr + (pid * NSPLIT + offs_p)[:, None] * D + offs_d[None, :],
-                  mask=in_p[:, None] & in_d[None, :], other=0.0)
     m_all = tl.max(m, axis=0)
     w = tl.where(in_p, tl.exp2(m - m_all), 0.0)
     den_all = tl.sum(w * den, axis=0)
-    tl.store(sbar_ptr + pid * D + offs_d, tl.sum(w[:, None] * acc, axis=0) / den_all, mask=in_d)
+    w = w / den_all
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        in_d = offs_d < D
+        acc = tl.load(pacc_ptr + (pid * NSPLIT + offs_p)[:, None] * D + offs_d[None, :],
+                      mask=in_p[:, None] & in_d[None, :], other=0.0)
+        tl.store(sbar_ptr + pid * D + offs_d, tl.sum(w[:, None] * acc, axis=0), mask=in_d)
     tl.store(lse_ptr + pid, (m_all + tl.log2(den_all)) * 0.6931471805599453)
 
 
@@ -109,7 +129,8 @@ def pool_bwd_kernel(
     sp_l, sp_d,
     sk_s, sk_h, sk_d,
     sdf_s, sdf_b, sdf_l, sdf_d,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles = tl.cdiv(L, BLOCK_L)
@@ -118,74 +139,107 @@ def pool_bwd_kernel(
     b = sb % B
     s = sb // B
     rows = lt * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
     in_r = rows < L
-    in_d = offs_d < D
-    msk = in_r[:, None] & in_d[None, :]
-    kv = tl.load(f_ptr + s * sf_s + b * sf_b + rows[:, None] * sf_l + offs_d[None, :] * sf_d,
-                 mask=msk, other=0.0).to(tl.float32)
-    kv += tl.load(pos_ptr + rows[:, None] * sp_l + offs_d[None, :] * sp_d, mask=msk, other=0.0).to(tl.float32)
-    df = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for h in range(H):
-        kt = tl.load(kt_ptr + s * sk_s + h * sk_h + offs_d * sk_d, mask=in_d, other=0.0).to(tl.float32)
-        vec = (sb * H + h) * D + offs_d               # sbar, dsbar: (S, B, H, D) contiguous
-        ds = tl.load(ds_ptr + vec, mask=in_d, other=0.0)
-        sbar = tl.load(sbar_ptr + vec, mask=in_d, other=0.0)
-        lse = tl.load(lse_ptr + sb * H + h)
-        delta = tl.sum(sbar * ds, axis=0)
-        a = tl.exp(tl.sum(kv * kt[None, :], axis=1) * scale - lse)
-        c = a * (tl.sum(kv * ds[None, :], axis=1) - delta) * scale
-        df += a[:, None] * ds[None, :] + c[:, None] * kt[None, :]
-        tl.store(c_ptr + (sb * L + rows) * H + h, c, mask=in_r)
-    tl.store(df_ptr + s * sdf_s + b * sdf_b + rows[:, None] * sdf_l + offs_d[None, :] * sdf_d,
-             df.to(df_ptr.dtype.element_ty), mask=msk)
+    heads = tl.arange(0, BLOCK_H)
+    in_h = heads < H
+    f_base = f_ptr + s * sf_s + b * sf_b
+    k_base = kt_ptr + s * sk_s
+    vec = (sb * H + heads) * D                   # sbar, dsbar: (S, B, H, D) contiguous
+    sc = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+    kd = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+    delta = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        cols = d0 + tl.arange(0, BLOCK_K)
+        in_d = cols < D
+        kv = _kv_tile(f_base, pos_ptr, rows, cols, in_r[:, None] & in_d[None, :], sf_l, sf_d, sp_l, sp_d)
+        hd = in_d[:, None] & in_h[None, :]                    # (BLOCK_K, heads) slices
+        kt = tl.load(k_base + heads[None, :] * sk_h + cols[:, None] * sk_d, mask=hd, other=0.0).to(tl.float32)
+        ds = tl.load(ds_ptr + vec[None, :] + cols[:, None], mask=hd, other=0.0)
+        sbar = tl.load(sbar_ptr + vec[None, :] + cols[:, None], mask=hd, other=0.0)
+        sc = tl.dot(kv, kt, sc, input_precision=PREC)
+        kd = tl.dot(kv, ds, kd, input_precision=PREC)
+        delta += tl.sum(sbar * ds, axis=0)
+    lse = tl.load(lse_ptr + sb * H + heads, mask=in_h, other=0.0)
+    live = in_r[:, None] & in_h[None, :]
+    a = tl.where(live, tl.exp(sc * scale - lse[None, :]), 0.0)
+    c = a * (kd - delta[None, :]) * scale
+    tl.store(c_ptr + (sb * L + rows)[:, None] * H + heads[None, :], c, mask=live)
+    for d0 in range(0, D, BLOCK_K):
+        cols = d0 + tl.arange(0, BLOCK_K)
+        in_d = cols < D
+        hd = in_h[:, None] & in_d[None, :]                    # (heads, BLOCK_K) slices
+        ds = tl.load(ds_ptr + vec[:, None] + cols[None, :], mask=hd, other=0.0)
+        kt = tl.load(k_base + heads[:, None] * sk_h + cols[None, :] * sk_d, mask=hd, other=0.0).to(tl.float32)
+        df = tl.dot(c, kt, tl.dot(a, ds, input_precision=PREC), input_precision=PREC)
+        tl.store(df_ptr + s * sdf_s + b * sdf_b + rows[:, None] * sdf_l + cols[None, :] * sdf_d,
+                 df.to(df_ptr.dtype.element_ty), mask=in_r[:, None] & in_d[None, :])
 
 
-def _cfg(bl, warps):
-    return triton.Config({"BLOCK_L": bl}, num_warps=warps, num_stages=2)
+def _cfg(bk, warps=4):
+    return triton.Config({"BLOCK_K": bk}, num_warps=warps, num_stages=2)
 
 
-# Rows per step; the whole (padded) width D sits in registers: keep BLOCK_L * BLOCK_D <= 16 K fp32.
-FWD_CONFIGS = [_cfg(16, 8), _cfg(8, 4), _cfg(32, 8), _cfg(8, 8)]
-BWD_CONFIGS = [_cfg(8, 8), _cfg(16, 8), _cfg(8, 4)]
-INTERP_CONFIG = _cfg(8, 4)
-_CHUNK_ALIGN = 8 if INTERPRET else 32     # every BLOCK_L candidate divides a chunk
+# The slice of D per product (4 warps: 8 were slower at every shape measured). The rows per program
+# (BLOCK_L) are chosen by choose_block_l; the ranking puts first, for those rows, the slices measured
+# fastest on the H200 at ttt-l14's shapes (each kernel 20 times in a CUDA graph; tf32 products):
+# 16 rows (one image): forward 17.6 us with 128 (16.7 with 256), backward 25.7 with 128; 64 rows
+# (64 students): forward 101 us with 128, backward 202 with 32 and 204 with 64
+# (``benchmarks/results/h200/pool-heads-at-once/pool_cfg.jsonl``).
+FWD_CONFIGS = [_cfg(128), _cfg(256), _cfg(64), _cfg(32)]
+BWD_CONFIGS = [_cfg(128), _cfg(64), _cfg(32), _cfg(256)]
+INTERP_CONFIG = _cfg(16)
+_PREFER = {"fwd": {16: (128, 256, 64), 32: (128, 64, 256), 64: (128, 64, 32)},
+           "bwd": {16: (128, 64, 256), 32: (64, 128, 32), 64: (64, 32, 128)}}
 
 
-def _rank(configs, args):
-    bd = next_pow2(args["D"])
-    ok = [c for c in configs if c.kwargs["BLOCK_L"] * bd <= 16384]
-    return ok or [min(configs, key=lambda c: c.kwargs["BLOCK_L"])]
+def _ranker(kind):
+    def rank(configs, args):
+        """Slices no wider than D needs (at least 16), the preferred ones for BLOCK_L first."""
+        cap = max(16, next_pow2(args["D"]))
+        prefer = _PREFER[kind].get(args.get("BLOCK_L"), ())
+        ok = [c for c in configs if c.kwargs["BLOCK_K"] <= cap]
+        ok.sort(key=lambda c: prefer.index(c.kwargs["BLOCK_K"]) if c.kwargs["BLOCK_K"] in prefer else len(prefer))
+        return ok or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
+    return rank
 
 
-pool_fwd_tuned = tuned(pool_fwd_kernel, FWD_CONFIGS, key=["S", "B", "H", "L", "D", "NSPLIT"], rank=_rank)
-pool_bwd_tuned = tuned(pool_bwd_kernel, BWD_CONFIGS, key=["S", "B", "H", "L", "D"], rank=_rank)
+pool_fwd_tuned = tuned(pool_fwd_kernel, FWD_CONFIGS, key=["S", "B", "H", "L", "D", "NSPLIT", "BLOCK_L"],
+                       rank=_ranker("fwd"))
+pool_bwd_tuned = tuned(pool_bwd_kernel, BWD_CONFIGS, key=["S", "B", "H", "L", "D", "BLOCK_L"], rank=_ranker("bwd"))
 
 
-def choose_nsplit(S: int, B: int, H: int, L: int, device) -> int:
-    """Chunks of L per (s, b, h): enough programs for two waves, at least 64 rows per chunk."""
-    progs = S * B * H
-    return max(1, min(cdiv(2 * sm_count(device), progs), cdiv(L, 64)))
+def choose_block_l(S: int, B: int, L: int, device, nsplit=None) -> int:
+    """Rows per program (16, 32 or 64): the most that still gives two waves of (s, b, tile)
+    programs, or with ``nsplit`` the fewest that cut L into at most that many tiles."""
+    if nsplit is not None:
+        return min(64, max(16, next_pow2(cdiv(L, max(1, int(nsplit))))))
+    for bl in (64, 32):
+        if S * B * cdiv(L, bl) >= 2 * sm_count(device):
+            return bl
+    return 16
 
 
-def _run(raw, tuned_fn, grid, args, meta, named):
+def _run(raw, tuned_fn, rank, grid, args, meta, named):
     if autotune_enabled():
         tuned_fn[grid](*args, **meta)
     else:
-        cfg = INTERP_CONFIG if INTERPRET else _rank(tuned_fn.configs, named)[0]
+        cfg = INTERP_CONFIG if INTERPRET else rank(tuned_fn.configs, named)[0]
         kw = config_kwargs(cfg)
         raw[grid(kw) if callable(grid) else grid](*args, **meta, **kw)
 
 
+def _prec(f) -> str:
+    return "ieee" if f.dtype == torch.float32 else "tf32"
+
+
 def pool_fwd(f, pos_out, kt, scale, *, nsplit=None):
-    """sbar (S, B, H, D) and lse (S, B, H), fp32: see TorchPrimitives.pool_fwd."""
+    """sbar (S, B, H, D) and lse (S, B, H), fp32: see TorchPrimitives.pool_fwd. ``nsplit``: at
+    most this many tiles of rows per (s, b) (default: :func:`choose_block_l`)."""
     S, B, L, D = f.shape
     H = kt.shape[1]
     dev = f.device
-    if nsplit is None:
-        nsplit = choose_nsplit(S, B, H, L, dev)
-    chunk = cdiv(cdiv(L, nsplit), _CHUNK_ALIGN) * _CHUNK_ALIGN
-    nsplit = cdiv(L, chunk)                        # no empty chunk
+    bl = choose_block_l(S, B, L, dev, nsplit)
+    nsplit = cdiv(L, bl)
     sbar = _c.empty((S, B, H, D), device=dev, dtype=torch.float32)
     lse = _c.empty((S, B, H), device=dev, dtype=torch.float32)
     progs = S * B * H
@@ -195,14 +249,14 @@ def pool_fwd(f, pos_out, kt, scale, *, nsplit=None):
         pacc = _c.empty((progs, nsplit, D), device=dev, dtype=torch.float32)
     else:
         pm = pl = pacc = lse
-    bd = next_pow2(D)
-    args = [f, pos_out, kt, sbar, lse, pm, pl, pacc, S, B, H, L, D, chunk, nsplit, float(scale) * _LOG2E,
+    args = [f, pos_out, kt, sbar, lse, pm, pl, pacc, S, B, H, L, D, nsplit, float(scale) * _LOG2E,
             *f.stride(), *pos_out.stride(), *kt.stride()]
-    _run(pool_fwd_kernel, pool_fwd_tuned, (progs, nsplit), args, dict(FINAL=nsplit == 1, BLOCK_D=bd),
-         {"D": D})
+    meta = dict(FINAL=nsplit == 1, PREC=_prec(f), BLOCK_L=bl, BLOCK_H=max(16, next_pow2(H)))
+    _run(pool_fwd_kernel, pool_fwd_tuned, _ranker("fwd"), (S * B, nsplit), args, meta, {"D": D, "BLOCK_L": bl})
     if nsplit > 1:
-        pool_combine_kernel[(progs,)](pm, pl, pacc, sbar, lse, nsplit, D, BLOCK_P=max(2, next_pow2(nsplit)),
-                                      BLOCK_D=bd, num_warps=4)
+        bp = max(2, next_pow2(nsplit))
+        pool_combine_kernel[(progs,)](pm, pl, pacc, sbar, lse, nsplit, D, BLOCK_P=bp,
+                                      BLOCK_D=min(next_pow2(D), max(16, 8192 // bp)), num_warps=4)
     return sbar, lse
 
 
@@ -217,10 +271,9 @@ def pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, *, out_dtype=None, split=N
     args = [f, pos_out, kt, sbar, lse, dsbar, df, c, S, B, H, L, D, float(scale),
             *f.stride(), *pos_out.stride(), *kt.stride(), *df.stride()]
 
-    def grid(m):
-        return (S * B * cdiv(L, m["BLOCK_L"]),)
-
-    _run(pool_bwd_kernel, pool_bwd_tuned, grid, args, dict(BLOCK_D=next_pow2(D)), {"D": D})
+    bl = choose_block_l(S, B, L, dev)
+    meta = dict(PREC=_prec(f), BLOCK_L=bl, BLOCK_H=max(16, next_pow2(H)))
+    _run(pool_bwd_kernel, pool_bwd_tuned, _ranker("bwd"), (S * B * cdiv(L, bl),), args, meta, {"D": D, "BLOCK_L": bl})
     # dkt[s, h] = sum_{b,l} c[s, (b,l), h] * (f[s, b, l] + pos_out[l]); fp32 products (tf32 on
     # tensor cores for 16-bit models, true fp32 in fp32 mode)
     dkt, _ = weight_grad(c, (c.stride(0), L * c.stride(1), c.stride(1), c.stride(2)),

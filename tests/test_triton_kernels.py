@@ -183,8 +183,8 @@ def test_autotuned_pool_ranks_configs(monkeypatch):
         monkeypatch.setattr(mod, "autotune_enabled", lambda: True)
 
     monkeypatch.setenv("APM_FAST_AUTOTUNE_TOP", "2")
-    retune(pool, "pool_fwd_tuned", pool.pool_fwd_kernel, pool.FWD_CONFIGS, pool.pool_fwd_tuned.keys, pool._rank)
-    retune(pool, "pool_bwd_tuned", pool.pool_bwd_kernel, pool.BWD_CONFIGS, pool.pool_bwd_tuned.keys, pool._rank)
+    retune(pool, "pool_fwd_tuned", pool.pool_fwd_kernel, pool.FWD_CONFIGS, pool.pool_fwd_tuned.keys, pool._ranker("fwd"))
+    retune(pool, "pool_bwd_tuned", pool.pool_bwd_kernel, pool.BWD_CONFIGS, pool.pool_bwd_tuned.keys, pool._ranker("bwd"))
     torch.manual_seed(14)
     f, pos_out, kt, scale = _pool_inputs()
     sbar, lse = pool.pool_fwd(f, pos_out, kt, scale, nsplit=2)
@@ -410,6 +410,7 @@ def _compile_variants():
     w_unit = ("sd_n", "sx_k", "sw_k", "s2_k")
     p_ptr = {"f_ptr": bf, "pos_ptr": bf, "df_ptr": bf}
     p_unit = ("sf_d", "sp_d", "sk_d", "sdf_d")
+    pl = dict(PREC="tf32", BLOCK_L=64, BLOCK_H=16, BLOCK_K=64)
     from apm_fast.kernels import gemm_tma, wgrad_tma
 
     def desc(*block):
@@ -454,12 +455,10 @@ def _compile_variants():
                                                                   BLOCK_N=64, BLOCK_K=64), w_unit, (), 4, 3, False),
         ("pool key grad", wgrad.wgrad_kernel, {"x_ptr": bf, "x2_ptr": bf},
          dict(w, X2=2, HAS_DB=False, SPLIT=4, DOT_DTYPE=tl.float32, BLOCK_N=16, BLOCK_K=64), w_unit, (), 4, 3, False),
-        ("pool_fwd", pool.pool_fwd_kernel, p_ptr, dict(FINAL=True, BLOCK_L=16, BLOCK_D=1024), p_unit,
-         ("qk_scale",), 8, 2, False),
-        ("pool_fwd split", pool.pool_fwd_kernel, p_ptr, dict(FINAL=False, BLOCK_L=16, BLOCK_D=1024), p_unit,
-         ("qk_scale",), 8, 2, False),
-        ("pool_combine", pool.pool_combine_kernel, {}, dict(BLOCK_P=16, BLOCK_D=1024), (), (), 4, 2, False),
-        ("pool_bwd", pool.pool_bwd_kernel, p_ptr, dict(BLOCK_L=8, BLOCK_D=1024), p_unit, ("scale",), 8, 2, False),
+        ("pool_fwd", pool.pool_fwd_kernel, p_ptr, dict(pl, FINAL=True), p_unit, ("qk_scale",), 4, 2, False),
+        ("pool_fwd split", pool.pool_fwd_kernel, p_ptr, dict(pl, FINAL=False), p_unit, ("qk_scale",), 4, 2, False),
+        ("pool_combine", pool.pool_combine_kernel, {}, dict(BLOCK_P=64, BLOCK_D=128), (), (), 4, 2, False),
+        ("pool_bwd", pool.pool_bwd_kernel, p_ptr, pl, p_unit, ("scale",), 4, 2, False),
         ("adam", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, OUTER=False, BLOCK=1024), (),
          ("beta1", "beta2", "omb1", "omb2", "eps"), 4, 2, False),
         ("adam from factors", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, OUTER=True, BLOCK=1024), (),

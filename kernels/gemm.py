@@ -250,17 +250,21 @@ def linear(x, w, b=None, *, relu=False, out_dtype=None, config=None):
 ACT_CHUNK_ROWS = 8192
 
 
-def first_layer_act(p, u, *, out=None, b0=0, nb=None):
-    """ReLU(p[s, l] + u[s, b]) for images b0 .. b0 + nb as (S, nb * L, H1) in p's dtype (into ``out``)."""
-    S, L, H1 = p.shape
+def first_layer_act(p, u, *, out=None, b0=0, nb=None, grid=None, out_dtype=None):
+    """ReLU(P[s, l] + u[s, b]) for images b0 .. b0 + nb as (S, nb * L, H1) in ``out_dtype`` (default
+    p's dtype; into ``out``): P = p (S, L, H1), or with ``grid`` (height, width) P[y * width + x] =
+    p[x] + p[width + y] from p = Q (S, width + height, H1) (see Primitives.first_layer_act)."""
+    S, n, H1 = p.shape
+    L, W = (n, 1) if grid is None else (grid[0] * grid[1], grid[1])
     nb = u.shape[1] - b0 if nb is None else nb
     if out is None:
-        out = _c.empty((S, nb * L, H1), device=p.device, dtype=p.dtype)
+        out = _c.empty((S, nb * L, H1), device=p.device, dtype=out_dtype or p.dtype)
     p_, u_ = (t if t.stride(-1) == 1 else t.contiguous() for t in (p, u))
     br, bh = (16, 16) if INTERPRET else (32, 256)
-    grid = (cdiv(nb * L, br), cdiv(H1, bh), S)
-    first_layer_act_kernel[grid](p_, u_, out, L, H1, b0, nb, p_.stride(0), p_.stride(1), u_.stride(0),
-                                 u_.stride(1), out.stride(0), out.stride(1), BLOCK_R=br, BLOCK_H=bh, num_warps=4)
+    launch = (cdiv(nb * L, br), cdiv(H1, bh), S)
+    first_layer_act_kernel[launch](p_, u_, out, L, H1, b0, nb, W, p_.stride(0), p_.stride(1), u_.stride(0),
+                                   u_.stride(1), out.stride(0), out.stride(1), HALVES=grid is not None,
+                                   BLOCK_R=br, BLOCK_H=bh, num_warps=4)
     return out
 
 
@@ -322,16 +326,28 @@ def linear_bwd_input(dy, w, *, mask=None, out_dtype=None, config=None):
     return dx
 
 
-def first_layer_bwd_input(dy, w, p, u, *, out_dtype=None, config=None):
-    """g1 = (dy w) * (p[l] + u[b] > 0) (S, B*L, H1) and r = sum_l g1 (S, B, H1) in fp32."""
-    S, L, H1 = p.shape
+def first_layer_bwd_input(dy, w, p, u, *, out_dtype=None, config=None, act=None):
+    """g1 = (dy w) * (P[l] + u[b] > 0) (S, B*L, H1) and r = sum_l g1 (S, B, H1) in fp32. The mask
+    from p + u in the epilogue, or from ``act`` = ReLU(P + u) as the forward wrote it (act > 0;
+    p may then be None)."""
+    S, N, H1 = w.shape
     B = u.shape[1]
-    N = w.shape[1]
+    L = p.shape[1] if p is not None else dy.shape[1] // B
     g1 = _c.empty((S, B * L, H1), device=w.device, dtype=out_dtype or w.dtype)
     r = _c.empty((S, B, H1), device=w.device, dtype=torch.float32)      # zeroed by every launch
+    if act is not None:      # act + 0 > 0: the epilogue's test of p + u with u nought
+        mask, m_st = act, (act.stride(0), L * act.stride(1), act.stride(1), act.stride(2))
+        u = _zeros_like_rows(u)
+    else:
+        mask, m_st = p, (p.stride(0), 0, p.stride(1), p.stride(2))
     prob = _Gemm(a=dy, a_st=(*_rows(dy, B), dy.stride(2)), a2=as_rows(dy), a_rs=B * L, a_rb=L,
                  b=w, b_st=(w.stride(0), w.stride(1), w.stride(2)), b2=as_rows(w), b_rs=N, b_kmajor=False,
                  y=g1, y_st=(*_rows(g1, B), g1.stride(2)), S=S, L=L, NSEG=B, N=H1, K=N,
-                 u=u, epi_mask=2, mask=p, m_st=(p.stride(0), 0, p.stride(1), p.stride(2)), r=r, dot_dtype=w.dtype)
+                 u=u, epi_mask=2, mask=mask, m_st=m_st, r=r, dot_dtype=w.dtype)
     prob.launch(_choose("first_layer_bwd_input", (S, B, L, H1, N), prob, config))
     return g1, r
+
+
+def _zeros_like_rows(u):
+    """An (S, B, H1) fp32 view of one zero (every stride 0): nothing to add to the kept mask."""
+    return torch.zeros(1, device=u.device, dtype=torch.float32).expand(u.shape)

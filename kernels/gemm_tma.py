@@ -103,11 +103,13 @@ def gemm_tma_kernel(
 
 
 @triton.jit
-def first_layer_act_kernel(p_ptr, u_ptr, a_ptr, L, H, B0, NB,
+def first_layer_act_kernel(p_ptr, u_ptr, a_ptr, L, H, B0, NB, W,
                            sp_s, sp_l, su_s, su_b, sa_s, sa_r,
-                           BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """a[s, (b - B0) * L + l, :] = ReLU(p[s, l, :] + u[s, b, :]) for images b in [B0, B0 + NB):
-    the first layer's activation written once (fp32 add, one rounding to a's dtype)."""
+                           HALVES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """a[s, (b - B0) * L + l, :] = ReLU(P[s, l, :] + u[s, b, :]) for images b in [B0, B0 + NB):
+    the first layer's activation written once (fp32 adds, one rounding to a's dtype). P = p, or
+    with HALVES from the position code's separable form: p holds Q (rows x of the grid's width W,
+    then rows W + y) and P[y * W + x] = Q[x] + Q[W + y]."""
     pid_r = tl.program_id(0)
     pid_h = tl.program_id(1)
     s = tl.program_id(2).to(tl.int64)
@@ -118,8 +120,13 @@ def first_layer_act_kernel(p_ptr, u_ptr, a_ptr, L, H, B0, NB,
     msk = in_r[:, None] & in_h[None, :]
     b = (B0 + rows // L).to(tl.int64)
     l = (rows % L).to(tl.int64)
-    p = tl.load(p_ptr + s * sp_s + l[:, None] * sp_l + cols[None, :], mask=msk, other=0.0)
+    if HALVES:
+        px = tl.load(p_ptr + s * sp_s + (l % W)[:, None] * sp_l + cols[None, :], mask=msk, other=0.0)
+        py = tl.load(p_ptr + s * sp_s + (W + l // W)[:, None] * sp_l + cols[None, :], mask=msk, other=0.0)
+        pv = px.to(tl.float32) + py.to(tl.float32)
+    else:
+        pv = tl.load(p_ptr + s * sp_s + l[:, None] * sp_l + cols[None, :], mask=msk, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + s * su_s + b[:, None] * su_b + cols[None, :], mask=msk, other=0.0)
-    a = tl.maximum(p.to(tl.float32) + u.to(tl.float32), 0.0)
+    a = tl.maximum(pv + u.to(tl.float32), 0.0)
     tl.store(a_ptr + s * sa_s + rows.to(tl.int64)[:, None] * sa_r + cols[None, :], a.to(a_ptr.dtype.element_ty),
              mask=msk)

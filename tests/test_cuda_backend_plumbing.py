@@ -31,8 +31,14 @@ class FakeCudaExt:
         self.calls = []
         self.dw_ptrs = []
 
-    def first_layer_act(self, p, u, a):
+    def first_layer_act(self, p, u, a, height=0, width=0):
+        self.calls.append("first_layer_act" if width == 0 else "first_layer_act(halves)")
         _expect(u, (p.shape[0], u.shape[1], p.shape[2]), torch.float32, "u")
+        if width:                                   # Q in fp32, a in any compute dtype
+            _expect(p, (p.shape[0], width + height, p.shape[2]), torch.float32, "p (Q)")
+            _expect(a, (p.shape[0], u.shape[1] * height * width, p.shape[2]), a.dtype, "a")
+            a.copy_(first_layer_act(p, u, (height, width), a.dtype))
+            return
         _expect(a, (p.shape[0], u.shape[1] * p.shape[1], p.shape[2]), p.dtype, "a")
         a.copy_(first_layer_act(p, u))
 
@@ -97,8 +103,12 @@ class FakeCudaExt:
     def first_layer_bwd_input(self, dy, w, p, u, g1, r, act=None):
         self.calls.append("first_layer_bwd_input" if act is None else "first_layer_bwd_input(act)")
         s, n, h = w.shape
-        l, b = p.shape[1], u.shape[1]
-        _expect(p, (s, l, h), w.dtype, "p")
+        b = u.shape[1]
+        l = p.shape[1] if p is not None else dy.shape[1] // b
+        if p is None:
+            assert act is not None, "p may be None only with act"
+        else:
+            _expect(p, (s, l, h), w.dtype, "p")
         _expect(u, (s, b, h), torch.float32, "u")
         _expect(dy, (s, b * l, n), w.dtype, "dy")
         _expect(g1, (s, b * l, h), g1.dtype, "g1")
@@ -138,6 +148,14 @@ def test_primitives_route_to_the_extension(fake):
     for got, ref in zip(prims.first_layer_bwd_input(dy, w, p, u, act=act), TP.first_layer_bwd_input(dy, w, p, u)):
         torch.testing.assert_close(got, ref)
     assert "first_layer_bwd_input(act)" in fake.calls
+    # from the position code's halves: Q (S, width + height, H) fp32 for a 2 x 3 grid's L = 6 rows
+    q, dy6 = r(S, 5, H), r(S, B * 6, N)
+    act6 = prims.first_layer_act(q, u, grid=(2, 3), out_dtype=torch.float32)
+    torch.testing.assert_close(act6, first_layer_act(q, u, (2, 3)))
+    assert "first_layer_act(halves)" in fake.calls
+    for got, ref in zip(prims.first_layer_bwd_input(dy6, w, None, u, act=act6),
+                        TP.first_layer_bwd_input(dy6, w, None, u, act=act6)):
+        torch.testing.assert_close(got, ref)
     mask = torch.relu(r(S, B * L, H))
     torch.testing.assert_close(prims.linear_bwd_input(dy, w, mask=mask), TP.linear_bwd_input(dy, w, mask=mask))
     f, pos, kt = r(S, B, L, D), r(L, D), r(S, heads, D)

@@ -303,6 +303,46 @@ def test_a_table_can_keep_the_first_layer_activation_for_the_backward(monkeypatc
         torch.testing.assert_close(a.losses, b.losses, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("students", [1, 3])
+def test_a_kept_activation_is_made_from_the_position_halves(monkeypatch, students):
+    """With the activation kept and the position products from the code's halves, the step makes
+    the activation straight from Q (``first_layer_act(q, u, grid=)``): no P is written (one product
+    fewer, the one with the code's 0/1 factor), the backward reads its mask from the activation
+    without P, and it trains the same as the halves with P written and the activation rebuilt."""
+    model, images, targets = _setup("three-layer", torch.float64, n=3)
+    calls = []
+    for name in ("first_layer_act", "first_layer_bwd_input", "linear"):
+        real = getattr(TorchPrimitives, name)
+
+        def spy(self, *args, _name=name, _real=real, **kw):
+            calls.append((_name, kw.get("grid") is not None, args[2] is None if _name == "first_layer_bwd_input"
+                          else None, tuple(args[0].shape)))
+            return _real(self, *args, **kw)
+        monkeypatch.setattr(TorchPrimitives, name, spy)
+
+    def run(kept):
+        monkeypatch.setattr(TorchPrimitives, "first_layer_act_kept", kept, raising=False)
+        t = _engine(model, students=students)
+        t.engine.position_halves = True
+        prog = t.engine.program(students)
+        assert prog.pos_grid is not None and prog.first_layer_act_kept is kept
+        calls.clear()
+        prog.step()
+        step_calls = list(calls)
+        return t.fit(images, targets), step_calls
+
+    kept, kept_calls = run(True)
+    rebuilt, rebuilt_calls = run(False)
+    g = model.config.grid
+    assert [c[:3] for c in kept_calls if c[0] == "first_layer_act"] == [("first_layer_act", True, None)]
+    assert [c[:3] for c in kept_calls if c[0] == "first_layer_bwd_input"] == [("first_layer_bwd_input", False, True)]
+    # the products with the code's factors: Q = C W_P^T only (P = E Q not formed) when kept
+    e_rows = [c for c in rebuilt_calls if c[0] == "linear" and c[3][0] == g * g]
+    assert e_rows and not [c for c in kept_calls if c[0] == "linear" and c[3][0] == g * g]
+    torch.testing.assert_close(kept.cls, rebuilt.cls, rtol=1e-12, atol=0)
+    torch.testing.assert_close(kept.losses, rebuilt.losses, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("factored", [False, True], ids=["written", "factored"])
 @pytest.mark.parametrize("students", [1, 3])
 def test_the_update_after_the_backward_starts_at_its_tail(monkeypatch, students, factored):

@@ -94,6 +94,24 @@ def test_linear_bwd_input(with_mask):
         assert (got[mask == 0] == 0).all(), "the ReLU mask must zero exactly the inactive inputs"
 
 
+def test_first_layer_act_from_the_position_halves():
+    """With grid (height, width), p is Q and P[y * width + x] = Q[x] + Q[width + y]: the same
+    activation as from the P written out, summed in fp32 before the one rounding; a bf16 output."""
+    torch.manual_seed(13)
+    height, width = 3, 4
+    q, u = rand(S, width + height, H1), rand(S, B, H1)
+    ys, xs = torch.arange(height * width) // width, torch.arange(height * width) % width
+    q64 = q.double()
+    want = REF.first_layer_act(q64[:, xs] + q64[:, width + ys], u.double())      # from P written out
+    assert_close(TP.first_layer_act(q, u, grid=(height, width)), want, TOL32, "fp32")
+    assert_close(REF.first_layer_act(*f64(q, u), grid=(height, width)), want, 1e-12, "reference")
+    a16 = TP.first_layer_act(q, u, grid=(height, width), out_dtype=torch.bfloat16)
+    assert a16.dtype == torch.bfloat16
+    assert_close(a16, want, 2 ** -7, "bf16")                          # one rounding (the interpreter truncates)
+    with pytest.raises(ValueError, match="width \\+ height"):
+        TP.first_layer_act(q[:, 1:], u, grid=(height, width))
+
+
 def test_first_layer_bwd_input():
     torch.manual_seed(3)
     dy, w, p, u = rand(S, B * L, N), rand(S, N, H1), rand(S, L, H1), rand(S, B, H1)
@@ -104,7 +122,9 @@ def test_first_layer_bwd_input():
     act = TP.first_layer_act(p, u)                  # written out (the kept activation)
     assert_close(act, REF.first_layer_act(*f64(p, u)), TOL32, "first_layer_act")
     for got, want in zip(TP.first_layer_bwd_input(dy, w, p, u, act=act), (g1, r)):
-        assert torch.equal(got, want)               # the mask from p + u in registers: act not read
+        assert torch.equal(got, want)               # the mask read from act: act > 0 exactly where p + u > 0
+    for got, want in zip(TP.first_layer_bwd_input(dy, w, None, u, act=act), (g1, r)):
+        assert torch.equal(got, want)               # no p needed then
     g1_act, r_act = REF.first_layer_bwd_input(*f64(dy, w, p, u), act=f64(act)[0])   # the mask read from act
     assert_close(g1_act, g1_ref, TOL32, "g1, mask from act")
     assert_close(r_act, r_ref, TOL32, "r, mask from act")
@@ -435,7 +455,10 @@ def _compile_variants():
                                                                             RELU=False, B_KMAJOR=False),
          t_unit, (), 8, 3, True),
         ("first_layer_act", gemm_tma.first_layer_act_kernel, {"p_ptr": bf, "u_ptr": "*fp32", "a_ptr": bf},
-         dict(BLOCK_R=32, BLOCK_H=256), (), (), 4, 1, False),
+         dict(HALVES=False, BLOCK_R=32, BLOCK_H=256), (), (), 4, 1, False),
+        ("first_layer_act from halves", gemm_tma.first_layer_act_kernel, {"p_ptr": "*fp32", "u_ptr": "*fp32",
+                                                                           "a_ptr": bf},
+         dict(HALVES=True, BLOCK_R=32, BLOCK_H=256), (), (), 4, 1, False),
         ("linear_bwd_weight TMA", wgrad_tma.wgrad_tma_kernel, wt_ptr, wt, ("sw_k", "s2_k"), (), 8, 4, True),
         ("first_layer_bwd_weight TMA split-K", wgrad_tma.wgrad_tma_kernel, wt_ptr,
          dict(wt, X2=1, X_RELU=True, SPLIT=4), ("sw_k", "s2_k"), (), 8, 3, True),

@@ -99,12 +99,21 @@ class CudaPrimitives(Primitives):
         self.ext.linear(_rows(x, cdt), _rows(w, cdt), None if b is None else b.to(cdt).contiguous(), relu, out)
         return out
 
-    def _first_layer_act(self, p, u):
+    def _first_layer_act(self, p, u, grid=None, out_dtype=None):
         """ReLU(P + u) materialized by one elementwise kernel before the forward GEMM (see
-        csrc/cuda/trigger_split.cu for why it is not fused into the GEMM's operand load)."""
+        csrc/cuda/trigger_split.cu for why it is not fused into the GEMM's operand load); with
+        ``grid``, P from Q's rows (the position code's halves, read in fp32)."""
+        if grid is not None:
+            q = p.to(torch.float32).contiguous()
+            out = _outputs("first_layer_act", q, u, grid, out_dtype or p.dtype)
+            _cdt(out, "first_layer_act")
+            self.ext.first_layer_act(q, _f32(u), out, int(grid[0]), int(grid[1]))
+            return out
         p = p.to(_cdt(p, "first_layer_act")).contiguous()
-        s, l, h1 = p.shape
-        a = empty((s, u.shape[1] * l, h1), dtype=p.dtype, device=p.device)
+        a = _outputs("first_layer_act", p, u, None, out_dtype or p.dtype)
+        if a.dtype != p.dtype:
+            raise TypeError(f"first_layer_act: the cuda backend writes P's own dtype {p.dtype} without grid, "
+                            f"got out_dtype={out_dtype}")
         self.ext.first_layer_act(p, _f32(u), a)
         return a
 
@@ -135,8 +144,8 @@ class CudaPrimitives(Primitives):
         # the mask read from the kept activation when given, else from one written here
         cdt = _cdt(w, "first_layer_bwd_input")
         g1, r = _outputs("first_layer_bwd_input", dy, w, p, u, out_dtype or cdt)
-        self.ext.first_layer_bwd_input(_rows(dy, cdt), _rows(w, cdt), p.to(cdt).contiguous(), _f32(u), g1, r,
-                                       None if act is None else _rows(act, cdt))
+        self.ext.first_layer_bwd_input(_rows(dy, cdt), _rows(w, cdt), None if p is None else p.to(cdt).contiguous(),
+                                       _f32(u), g1, r, None if act is None else _rows(act, cdt))
         return g1, r
 
     def _pool_fwd(self, f, pos_out, kt, scale):

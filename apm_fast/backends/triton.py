@@ -78,12 +78,12 @@ class TritonPrimitives(Primitives):
     def _linear_bwd_input(self, dy, w, mask, out_dtype):
         return _kernels()[1].linear_bwd_input(dy, w, mask=mask, out_dtype=out_dtype)
 
-    def _first_layer_act(self, p, u):
-        return _kernels()[1].first_layer_act(p, u)
+    def _first_layer_act(self, p, u, grid=None, out_dtype=None):
+        return _kernels()[1].first_layer_act(p, u, grid=grid, out_dtype=out_dtype)
 
     def _first_layer_bwd_input(self, dy, w, p, u, out_dtype, act=None):
-        # the mask from p + u in the GEMM's epilogue (registers): a kept activation is not read
-        return _kernels()[1].first_layer_bwd_input(dy, w, p, u, out_dtype=out_dtype)
+        # the mask in the GEMM's epilogue: from p + u, or from the kept activation when given
+        return _kernels()[1].first_layer_bwd_input(dy, w, p, u, out_dtype=out_dtype, act=act)
 
     def _linear_bwd_weight(self, dy, x, bias, out=None, out_db=None):
         return _kernels()[2].linear_bwd_weight(dy, x, bias=bias, out=out, out_db=out_db)

@@ -43,9 +43,9 @@ PRIMITIVES: Dict[str, str] = {
     "linear_bwd_input": "(Tensor dy, Tensor w, Tensor? mask, ScalarType? out_dtype) -> Tensor",
     "linear_bwd_weight": "(Tensor dy, Tensor x, bool bias) -> (Tensor, Tensor)",
     "first_layer_bwd_weight": "(Tensor dy, Tensor p, Tensor u, bool bias) -> (Tensor, Tensor)",
-    "first_layer_bwd_input": ("(Tensor dy, Tensor w, Tensor p, Tensor u, ScalarType? out_dtype, Tensor? act) -> "
+    "first_layer_bwd_input": ("(Tensor dy, Tensor w, Tensor? p, Tensor u, ScalarType? out_dtype, Tensor? act) -> "
                               "(Tensor, Tensor)"),
-    "first_layer_act": "(Tensor p, Tensor u) -> Tensor",
+    "first_layer_act": "(Tensor p, Tensor u, int[]? grid=None, ScalarType? out_dtype=None) -> Tensor",
     "pool_fwd": "(Tensor f, Tensor pos_out, Tensor kt, float scale) -> (Tensor, Tensor)",
     "pool_bwd": ("(Tensor f, Tensor pos_out, Tensor kt, float scale, Tensor sbar, Tensor lse, Tensor dsbar, "
                  "ScalarType? out_dtype) -> (Tensor, Tensor)"),
@@ -86,8 +86,9 @@ OUTPUTS = {
     "first_layer_bwd_weight": lambda dy, p, u, bias: [((dy.shape[0], dy.shape[2], p.shape[2]), _acc(dy)),
                                                       ((dy.shape[0], dy.shape[2] if bias else 0), _acc(dy))],
     "first_layer_bwd_input": lambda dy, w, p, u, od, act=None: [
-        ((w.shape[0], dy.shape[1], p.shape[2]), od or w.dtype), ((w.shape[0], u.shape[1], p.shape[2]), _acc(w))],
-    "first_layer_act": lambda p, u: [((p.shape[0], u.shape[1] * p.shape[1], p.shape[2]), p.dtype)],
+        ((w.shape[0], dy.shape[1], w.shape[2]), od or w.dtype), ((w.shape[0], u.shape[1], w.shape[2]), _acc(w))],
+    "first_layer_act": lambda p, u, grid=None, od=None: [
+        ((p.shape[0], u.shape[1] * (p.shape[1] if grid is None else grid[0] * grid[1]), p.shape[2]), od or p.dtype)],
     "pool_fwd": lambda f, pos, kt, scale: [((f.shape[0], f.shape[1], kt.shape[1], f.shape[3]), _acc(f)),
                                            ((f.shape[0], f.shape[1], kt.shape[1]), _acc(f))],
     "pool_bwd": lambda f, pos, kt, scale, sbar, lse, ds, od: [(tuple(f.shape), od or f.dtype),
@@ -232,13 +233,26 @@ class Primitives:
         _same_device(p=p, u=u, w=w, b=b)
         return self._route("first_layer_linear", p, u, w, b, bool(relu), out_dtype)
 
-    def first_layer_act(self, p, u):
+    def first_layer_act(self, p, u, *, grid=None, out_dtype=None):
         """The first layer's activation written out: A[s, b*L + l] = ReLU(p[s, l] + u[s, b]) as
-        (S, B*L, H1) in p's dtype (what first_layer_linear builds on the fly). p: (S, L, H1);
-        u: (S, B, H1) acc dtype."""
+        (S, B*L, H1) in ``out_dtype`` (default p's dtype; what first_layer_linear builds on the
+        fly). p: (S, L, H1); u: (S, B, H1) acc dtype.
+
+        ``grid`` (height, width): P given by the position code's separable form instead
+        (``driver.position_product``): p is Q (S, width + height, H1), any float dtype, and
+        P[s, y * width + x] = Q[s, x] + Q[s, width + y], summed in the acc dtype with u before the
+        one rounding to ``out_dtype`` (L = height * width; P itself is never written)."""
         _check_first(p, u)
+        if grid is not None:
+            grid = [int(v) for v in grid]
+            if len(grid) != 2 or min(grid) < 1:
+                raise ValueError(f"first_layer_act: grid must be (height, width) of positive ints, got {grid}")
+            if p.shape[1] != grid[0] + grid[1]:
+                raise ValueError(f"first_layer_act: with grid={tuple(grid)}, p must hold the width + height = "
+                                 f"{grid[0] + grid[1]} rows of Q, got {p.shape[1]}")
+        _out_dtype(out_dtype)
         _same_device(p=p, u=u)
-        return self._route("first_layer_act", p, u)
+        return self._route("first_layer_act", p, u, grid, out_dtype)
 
     # ---------------------------------------------------------------- backward GEMMs
     def linear_bwd_input(self, dy, w, *, mask=None, out_dtype=None):
@@ -288,19 +302,26 @@ class Primitives:
 
     def first_layer_bwd_input(self, dy, w, p, u, *, out_dtype=None, act=None):
         """g1 = (dy w) * (p[l] + u[b] > 0): the gradient at the first layer's pre-activation,
-        and r = sum_l g1 per image. dy: (S, B*L, N); w: (S, N, H1). Returns (g1 (S, B*L, H1) in
-        out_dtype, r (S, B, H1) in the acc dtype). ``act``: the activation as
+        and r = sum_l g1 per image. dy: (S, B*L, N); w: (S, N, H1); p: (S, L, H1). Returns (g1
+        (S, B*L, H1) in out_dtype, r (S, B, H1) in the acc dtype). ``act``: the activation as
         :meth:`first_layer_act` wrote it, when the caller kept it (``first_layer_act_kept``): the
-        mask is then read from it (act > 0) by a table that reads its mask from memory, instead
-        of a copy of its own; a table that builds the mask in registers may ignore it."""
-        _check_first(p, u)
-        s, l, h1 = p.shape
+        mask is then read from it (act > 0), and p may be None (a forward that made the
+        activation from the position code's halves has no P)."""
         _t("w", w, (3,))
-        _shape("w", w, (s, None, h1))
+        _t("u", u, (3,))
+        s, n, h1 = w.shape
+        _shape("u", u, (s, None, h1))
+        if p is None:
+            if act is None:
+                raise ValueError("first_layer_bwd_input: p may be None only when act is given")
+        else:
+            _t("p", p, (3,))
+            _shape("p", p, (s, None, h1))
         _t("dy", dy, (3,))
-        _shape("dy", dy, (s, u.shape[1] * l, w.shape[1]))
+        l = p.shape[1] if p is not None else dy.shape[1] // max(1, u.shape[1])
+        _shape("dy", dy, (s, u.shape[1] * l, n))
         if act is not None:
-            _t("act", act, (3,), (p.dtype,))
+            _t("act", act, (3,), (w.dtype,) if p is None else (p.dtype,))
             _shape("act", act, (s, u.shape[1] * l, h1))
         _out_dtype(out_dtype)
         _same_device(dy=dy, w=w, p=p, u=u, act=act)
@@ -406,13 +427,19 @@ def bmm_acc(a, b, acc):
     return torch.bmm(a.to(acc), b.to(acc))
 
 
-def first_layer_act(p, u):
-    """The first layer's activation ReLU(p[s, l] + u[s, b]) as (S, B*L, H1) in p's dtype: what the
-    fused kernels build on the fly (tests and the sweep compare against it)."""
-    s, l, h1 = p.shape
+def first_layer_act(p, u, grid=None, out_dtype=None):
+    """The first layer's activation ReLU(p[s, l] + u[s, b]) as (S, B*L, H1) in ``out_dtype``
+    (default p's dtype): what the fused kernels build on the fly (tests and the sweep compare
+    against it). With ``grid`` (height, width), p is Q and P[y * width + x] = Q[x] + Q[width + y]
+    (see Primitives.first_layer_act)."""
+    s, _, h1 = p.shape
     acc = acc_dtype_for(p.dtype)
-    a = torch.relu(p.to(acc)[:, None, :, :] + u.to(acc)[:, :, None, :])
-    return a.reshape(s, -1, h1).to(p.dtype)
+    pa = p.to(acc)
+    if grid is not None:
+        height, width = grid
+        pa = (pa[:, width:width + height, None, :] + pa[:, None, :width, :]).reshape(s, height * width, h1)
+    a = torch.relu(pa[:, None, :, :] + u.to(acc)[:, :, None, :])
+    return a.reshape(s, -1, h1).to(out_dtype or p.dtype)
 
 
 class TorchPrimitives(Primitives):
@@ -452,11 +479,12 @@ class TorchPrimitives(Primitives):
     def _first_layer_bwd_weight(self, dy, p, u, bias, out=None, out_db=None):
         return self._linear_bwd_weight(dy, first_layer_act(p, u), bias, out, out_db)
 
-    def _first_layer_act(self, p, u):
-        return first_layer_act(p, u)
+    def _first_layer_act(self, p, u, grid=None, out_dtype=None):
+        return first_layer_act(p, u, grid, out_dtype)
 
     def _first_layer_bwd_input(self, dy, w, p, u, out_dtype, act=None):
-        s, l, h1 = p.shape
+        s, h1 = w.shape[0], w.shape[2]
+        l = dy.shape[1] // u.shape[1]
         acc = acc_dtype_for(w.dtype)
         g = bmm_acc(dy.to(w.dtype), w, acc)
         if act is None:

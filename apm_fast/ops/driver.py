@@ -124,7 +124,8 @@ class FusedCtx:
     patches: torch.Tensor          # (S, B, G^2, C p p)  acc
     t: torch.Tensor                # (S, B, d)         acc: the trigger
     u: torch.Tensor                # (S, B, H1)        acc
-    p: torch.Tensor                # (S, L, H1)        compute
+    p: Optional[torch.Tensor]      # (S, L, H1)        compute; None where the kept activation was
+                                   # made from the position code's halves (P never written)
     acts: List[Optional[torch.Tensor]]   # inputs of the layers from the first consumer on: (S, M, K)
                                          # compute; the first, ReLU(P + u), None where not kept
     f: torch.Tensor                # (S, B, L, D)      compute
@@ -160,7 +161,9 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     y * width + x (``position_code(pos_dim, height, width)``); the position product is then
     computed from the code's separable form (:func:`position_product`).
     ``keep_first_act`` (with ``save``): the first layer's activation ReLU(P + u) written out once
-    and kept in the ctx for the backward (None: the table's ``first_layer_act_kept``).
+    and kept in the ctx for the backward (None: the table's ``first_layer_act_kept``). Kept and
+    with ``pos_grid``, the activation is made straight from Q, the code's separable products
+    (``first_layer_act(q, u, grid=)``): P is never written, and the ctx holds no P.
     """
     acc = acc_dtype_for(cdt)
     side = Beside(pos_in.device, beside)
@@ -171,11 +174,18 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
         have_u = side.mark()
         if pool:
             q, kt, scale = pool_query(w, config, acc)
-    p = position_product(prim, w["mlp.0.weight"][:, :, config.pos_dim:], pos_in, cdt, grid=pos_grid)  # S L H1
+    keep = save and keeps_first_act(prim, keep_first_act)
+    wp = w["mlp.0.weight"][:, :, config.pos_dim:]
+    halves = None
+    if keep and pos_grid is not None:
+        _grid_rows(pos_in, pos_grid)
+        p, halves = None, _position_q(prim, wp, pos_grid, cdt)[0]             # S (W + H) H1, acc
+    else:
+        p = position_product(prim, wp, pos_in, cdt, grid=pos_grid)            # S L H1
     side.join(patches, t, u, upto=have_u)
     s, b = patches.shape[:2]
     acts = [] if save else None
-    h = column_mlp(prim, w, config, p, u, cdt, acts=acts, keep_first=keeps_first_act(prim, keep_first_act))
+    h = column_mlp(prim, w, config, p, u, cdt, acts=acts, keep_first=keep, halves=halves, grid=pos_grid)
     f = h.view(s, b, pos_in.shape[0], config.dim)
     z = sbar = lse = o = None
     side.join(q, kt)
@@ -234,9 +244,8 @@ def position_product(prim, wp, pos_in, cdt, *, grid: Optional[tuple] = None):
         return prim.linear(pos_in, wp.to(cdt), None, out_dtype=cdt)
     _grid_rows(pos_in, grid)
     height, width = grid
-    c, e = position_factors(wp.shape[-1], height, width, dtype=cdt, device=wp.device)
-    acc = acc_dtype_for(cdt)
-    q = prim.linear(c, wp.to(cdt), None, out_dtype=acc)                      # S (W + H) H1
+    q, e = _position_q(prim, wp, grid, cdt)                                   # S (W + H) H1
+    acc = q.dtype
     if acc == cdt:
         return prim.linear(e, q.transpose(1, 2).contiguous(), None, out_dtype=cdt)
     s, n, h1 = q.shape
@@ -244,6 +253,13 @@ def position_product(prim, wp, pos_in, cdt, *, grid: Optional[tuple] = None):
     _split_terms(q, qt.transpose(1, 2))
     e2 = position_factors(wp.shape[-1], height, width, terms=2, dtype=cdt, device=wp.device)[1]
     return prim.linear(e2, qt, None, out_dtype=cdt)
+
+
+def _position_q(prim, wp, grid: tuple, cdt):
+    """Q = C W_P^T (S, width + height, H1) in the acc dtype, the rows P_x[x] then P_y[y] of the
+    code's separable form (:func:`position_product`), and the code's 0/1 factor E."""
+    c, e = position_factors(wp.shape[-1], grid[0], grid[1], dtype=cdt, device=wp.device)
+    return prim.linear(c, wp.to(cdt), None, out_dtype=acc_dtype_for(cdt)), e
 
 
 def position_weight_grad(prim, g1, pos_in, *, grid: Optional[tuple] = None, out=None):
@@ -302,16 +318,19 @@ def _trigger_weight(w, config):
     return w["mlp.0.weight"][:, :, :config.pos_dim]
 
 
-def column_mlp(prim, w, config, p, u, cdt, *, acts=None, keep_first: bool = False):
+def column_mlp(prim, w, config, p, u, cdt, *, acts=None, keep_first: bool = False, halves=None, grid=None):
     """The columns after the position GEMM: ReLU(P + u) fed to the second layer (built on the fly,
     never stored), every further layer, the head. Returns (S, B * rows of p, D) in cdt; ``acts``
     (a list) receives the inputs of the layers from the first consumer on (what the backward
     needs): first ReLU(P + u), written out by ``prim.first_layer_act`` and read by a plain GEMM
-    when ``keep_first``, else None (the backward builds it again), then the stored activations."""
+    when ``keep_first``, else None (the backward builds it again), then the stored activations.
+    ``halves`` (with ``keep_first`` and ``grid``, ``p`` None): P given by the code's separable
+    products Q (:func:`position_product`), the activation made from them."""
     layers = _layers(w, config)
     w2, b2, r2 = layers[0]
     if acts is not None and keep_first:
-        a = prim.first_layer_act(p, u)
+        a = (prim.first_layer_act(p, u) if halves is None
+             else prim.first_layer_act(halves, u, grid=grid, out_dtype=cdt))
         acts.append(a)
         h = prim.linear(a, w2.to(cdt), b2.to(cdt), relu=r2, out_dtype=cdt)
     else:

@@ -79,6 +79,10 @@ cudaError_t colsum(const void* in, DType in_t, int64_t groups, int64_t rows, int
 // p (S, L, H) dtype t, u (S, B, H) fp32, a (S, B*L, H) dtype t; all contiguous.
 cudaError_t first_layer_act(const void* p, const float* u, void* a, DType t, int64_t S, int64_t B,
                             int64_t L, int64_t H, cudaStream_t stream);
+// The same from the position code's separable form: q (S, width + height, H) fp32 holds Q, and
+// a[s][b*L + y*width + x][h] = ReLU(q[s][x][h] + q[s][width + y][h] + u[s][b][h]), L = height*width.
+cudaError_t first_layer_act_halves(const float* q, const float* u, void* a, DType t, int64_t S, int64_t B,
+                                   int64_t height, int64_t width, int64_t H, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
 // Single-query attention pool (spec section 3), forward and backward; see TorchPrimitives.pool_fwd.

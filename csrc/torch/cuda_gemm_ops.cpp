@@ -297,7 +297,7 @@ void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
 //   g1 = (dy w) * (p[l] + u[b] > 0) (S, B*L, H) and r = sum_l g1 (S, B, H) fp32.
 // The mask is the activation ReLU(p + u) built once (it is > 0 exactly where p + u > 0) and fed to
 // the masked input-gradient GEMM; r is a column sum of g1 per image.
-void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& p_,
+void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const c10::optional<at::Tensor>& p_in,
                            const at::Tensor& u, const at::Tensor& g1, const at::Tensor& r,
                            const c10::optional<at::Tensor>& act_in) {
   const char* fn = "first_layer_bwd_input";
@@ -305,25 +305,31 @@ void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const at::
   check_gemm_operand(w, fn, "w");
   check_dim(w, fn, "w", "(S, N, H)", 3);
   check_dim(dy, fn, "dy", "(S, B*L, N)", 3);
-  check_dim(p_, fn, "p", "(S, L, H)", 3);
-  check_cuda(p_, fn, "p");
+  APM_CHECK_VALUE(p_in.has_value() || act_in.has_value(), fn, ": p may be None only when act is given");
   check_cuda(u, fn, "u");
-  for (const at::Tensor* t : {&dy, &p_, &u, &g1, &r}) check_same_device(*t, w, fn, "every tensor", "w");
+  for (const at::Tensor* t : {&dy, &u, &g1, &r}) check_same_device(*t, w, fn, "every tensor", "w");
   check_same_dtype(dy, w, fn, "dy", "w");
-  check_same_dtype(p_, w, fn, "p", "w");
   check_dtype(u, fn, "u", {at::kFloat});
   check_dtype(r, fn, "r", {at::kFloat});
   to_apm_dtype(g1, fn, "g1");
-  const int64_t S = w.size(0), N = w.size(1), H = w.size(2), L = p_.size(1);
-  check_positive(L, fn, "L (p's second dimension)");
   APM_CHECK_VALUE(u.dim() == 3, fn, ": u must be (S, B, H), got shape ", sizes_str(u));
-  const int64_t B = u.size(1);
-  check_shape(p_, fn, "p", "(S, L, H)", {S, L, H});
+  const int64_t S = w.size(0), N = w.size(1), H = w.size(2), B = u.size(1);
+  const int64_t L = p_in.has_value() ? p_in->size(1) : (B > 0 ? dy.size(1) / B : 0);
+  check_positive(L, fn, "L (p's second dimension, or dy's rows per image)");
+  if (p_in.has_value()) {
+    const at::Tensor& p_ = *p_in;
+    check_dim(p_, fn, "p", "(S, L, H)", 3);
+    check_cuda(p_, fn, "p");
+    check_same_device(p_, w, fn, "p", "w");
+    check_same_dtype(p_, w, fn, "p", "w");
+    check_shape(p_, fn, "p", "(S, L, H)", {S, L, H});
+    check_contiguous(p_, fn, "p");
+  }
   check_shape(u, fn, "u", "(S, B, H)", {S, B, H});
   check_shape(dy, fn, "dy", "(S, B*L, N)", {S, B * L, N});
   check_shape(g1, fn, "g1", "(S, B*L, H)", {S, B * L, H});
   check_shape(r, fn, "r", "(S, B, H)", {S, B, H});
-  for (const at::Tensor* t : {&p_, &u, &g1, &r}) check_contiguous(*t, fn, "p, u, g1 and r");
+  for (const at::Tensor* t : {&u, &g1, &r}) check_contiguous(*t, fn, "u, g1 and r");
   check_positive(N, fn, "N (the contraction size)");
   if (act_in.has_value()) {   // the activation the forward wrote out and the caller kept: the mask
     const at::Tensor& a = *act_in;
@@ -342,7 +348,7 @@ void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const at::
     act = *act_in;
   } else {
     act = at::empty({S, B * L, H}, w.options());
-    check_cuda_status(apm::first_layer_act(p_.data_ptr(), u.data_ptr<float>(), act.data_ptr(), t, S, B,
+    check_cuda_status(apm::first_layer_act(p_in->data_ptr(), u.data_ptr<float>(), act.data_ptr(), t, S, B,
                                            L, H, stream),
                       fn, "the first-layer activation");
   }

@@ -16,7 +16,7 @@ void linear_bwd_input(const at::Tensor&, const at::Tensor&, const c10::optional<
                       const at::Tensor&);
 void linear_bwd_weight(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const c10::optional<at::Tensor>&);
-void first_layer_bwd_input(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+void first_layer_bwd_input(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const c10::optional<at::Tensor>&);
 int gemm_policy();
@@ -25,7 +25,7 @@ std::vector<long long> gemm_counts();
 void reset_gemm_counts();
 bool sm90_available(const at::Tensor&);
 // cuda_ops.cpp
-void first_layer_act(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+void first_layer_act(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t);
 void pool_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
               const at::Tensor&);
 void pool_bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
@@ -48,11 +48,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bwd_weight", guarded(&linear_bwd_weight), "dw = dy^T x, db = sum dy (fp32)", py::arg("dy"),
         py::arg("x"), py::arg("dw"), py::arg("db"));
   m.def("first_layer_bwd_input", guarded(&first_layer_bwd_input),
-        "g1 = (dy w) * (p + u > 0), r = sum_l g1 (the mask read from act = ReLU(p + u) when given)",
+        "g1 = (dy w) * (p + u > 0), r = sum_l g1 (the mask read from act = ReLU(p + u) when given; p may then "
+        "be None)",
         py::arg("dy"), py::arg("w"), py::arg("p"), py::arg("u"), py::arg("g1"), py::arg("r"),
         py::arg("act") = py::none());
-  m.def("first_layer_act", guarded(&first_layer_act), "a = ReLU(p[l] + u[b])", py::arg("p"), py::arg("u"),
-        py::arg("a"));
+  m.def("first_layer_act", guarded(&first_layer_act),
+        "a = ReLU(p[l] + u[b]); with width > 0, p = Q and p[l] = Q[x] + Q[width + y]", py::arg("p"), py::arg("u"),
+        py::arg("a"), py::arg("height") = 0, py::arg("width") = 0);
   m.def("pool_fwd", guarded(&pool_fwd), "single-query pool forward", py::arg("f"), py::arg("pos_out"),
         py::arg("kt"), py::arg("scale"), py::arg("sbar"), py::arg("lse"));
   m.def("pool_bwd", guarded(&pool_bwd), "single-query pool backward", py::arg("f"), py::arg("pos_out"),

@@ -48,22 +48,39 @@ bool empty_pool(const apm::PoolShape& sh) { return sh.S == 0 || sh.B == 0 || sh.
 }  // namespace
 
 // a[s, b*L + l] = ReLU(p[s, l] + u[s, b]); p (S, L, H), u (S, B, H) fp32, a (S, B*L, H) p's dtype.
-void first_layer_act(const at::Tensor& p, const at::Tensor& u, const at::Tensor& a) {
+// With width > 0: p holds Q (S, width + height, H) fp32 (the position code's separable form), P[y *
+// width + x] = Q[x] + Q[width + y] (L = height * width), and a may be any compute dtype.
+void first_layer_act(const at::Tensor& p, const at::Tensor& u, const at::Tensor& a, int64_t height,
+                     int64_t width) {
   const char* fn = "first_layer_act";
   check_cuda(p, fn, "p");
   check_dim(p, fn, "p", "(S, L, H)", 3);
-  const apm::DType t = to_apm_dtype(p, fn, "p");
+  const bool halves = width > 0;
+  APM_CHECK_VALUE(halves == (height > 0), fn, ": height and width are both positive (Q given) or both 0, got ",
+                  height, " and ", width);
   check_same_device(u, p, fn, "u", "p");
   check_dtype(u, fn, "u", {at::kFloat});
   check_dim(u, fn, "u", "(S, B, H)", 3);
-  const int64_t S = p.size(0), L = p.size(1), H = p.size(2), B = u.size(1);
+  const int64_t S = p.size(0), H = p.size(2), B = u.size(1);
+  const int64_t L = halves ? height * width : p.size(1);
+  if (halves) {
+    check_dtype(p, fn, "p (Q)", {at::kFloat});
+    check_shape(p, fn, "p (Q)", "(S, width + height, H)", {S, width + height, H});
+  }
   check_shape(u, fn, "u", "(S, B, H)", {S, B, H});
   check_same_device(a, p, fn, "a", "p");
-  check_same_dtype(a, p, fn, "a", "p");
+  if (!halves) check_same_dtype(a, p, fn, "a", "p");
+  const apm::DType t = to_apm_dtype(halves ? a : p, fn, halves ? "a" : "p");
   check_shape(a, fn, "a", "(S, B*L, H)", {S, B * L, H});
   for (const at::Tensor* x : {&p, &u, &a}) check_contiguous(*x, fn, "p, u and a");
   if (S * B * L * H == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(p.device());
+  if (halves) {
+    check_cuda_status(apm::first_layer_act_halves(p.data_ptr<float>(), u.data_ptr<float>(), a.data_ptr(), t, S, B,
+                                                  height, width, H, current_stream(p)),
+                      fn, "the kernel launch");
+    return;
+  }
   check_cuda_status(apm::first_layer_act(p.data_ptr(), u.data_ptr<float>(), a.data_ptr(), t, S, B, L,
                                          H, current_stream(p)),
                     fn, "the kernel launch");

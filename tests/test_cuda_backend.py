@@ -186,6 +186,22 @@ def test_first_layer(prims, dtype, dims):
     # the activation kept from the forward as the mask: the same kernels on the same bits
     g1k, rk = prims.first_layer_bwd_input(dy, w, p, u, act=a)
     assert torch.equal(g1k, g1) and torch.equal(rk, r)
+    g1n, rn = prims.first_layer_bwd_input(dy, w, None, u, act=a)        # no P needed then
+    assert torch.equal(g1n, g1) and torch.equal(rn, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dims", [dict(S=2, B=3, height=5, width=8, H=64), dict(S=2, B=1, height=3, width=7, H=30),
+                                  dict(S=4, B=1, height=32, width=32, H=4096)], ids=["aligned", "odd", "ttt-l14"])
+def test_first_layer_act_from_the_position_halves(prims, dtype, dims):
+    """ReLU(Q[x] + Q[width + y] + u) from fp32 Q in the compute dtype: the same bits as the plain
+    table's (the same fp32 sums in the same order, one rounding)."""
+    S, B, height, width, H = (dims[k] for k in ("S", "B", "height", "width", "H"))
+    q = rnd(S, width + height, H, dtype=torch.float32, seed=14)
+    u = rnd(S, B, H, dtype=torch.float32, seed=15)
+    a = prims.first_layer_act(q, u, grid=(height, width), out_dtype=dtype)
+    assert a.dtype == dtype and a.shape == (S, B * height * width, H)
+    assert torch.equal(a, TP.first_layer_act(q, u, grid=(height, width), out_dtype=dtype))
 
 
 # ---------------------------------------------------------------------------- pool

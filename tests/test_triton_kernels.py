@@ -602,6 +602,12 @@ def test_gpu_primitives_match_float64(dtype):
               mask=mask)
     check_gpu("first_layer_bwd_input (g1, r)", TP.first_layer_bwd_input(dy, w2, p, u), REF.first_layer_bwd_input,
               (dy, w2, p, u), dtype)
+    q = fp(GS, 8 + 25, GH1)                  # the position halves of an 8 x 25 grid (L = GL = 200)
+    a_h = TP.first_layer_act(q, u, grid=(8, 25), out_dtype=dtype)
+    assert torch.equal(a_h, REF.first_layer_act(q, u, grid=(8, 25), out_dtype=dtype))   # same sums, one rounding
+    for got, want in zip(TP.first_layer_bwd_input(dy, w2, None, u, act=a_h),
+                         REF.first_layer_bwd_input(*f64(dy, w2), None, u.double(), act=a_h.double())):
+        assert_close(got, want, 2e-2 if dtype == torch.bfloat16 else GPU_TOL32, "first_layer_bwd_input from act")
     check_gpu("linear_bwd_weight", TP.linear_bwd_weight(dy, x), REF.linear_bwd_weight, (dy, x), dtype)
     check_gpu("first_layer_bwd_weight", TP.first_layer_bwd_weight(dy, p, u), REF.first_layer_bwd_weight,
               (dy, p, u), dtype)

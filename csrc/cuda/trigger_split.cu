@@ -78,32 +78,38 @@ struct alignas(4 * sizeof(T)) Pack4 {
 // From the position code's separable form (driver.position_product): P is never written; q holds
 // Q (S, width + height, H) fp32, P[y * width + x] = Q[x] + Q[width + y], and a[s][b*L + l] =
 // ReLU(Q[x] + Q[width + y] + u[s][b]) summed in fp32 in that order (the order of the other
-// tables), rounded once. kVec: 4 values a thread (16-byte loads of q and u).
+// tables), rounded once. A block takes one grid row y of one image and a slice of H: Q[width + y]
+// and u are read once into registers, then the row's width cells one after the other (their
+// Q[x] are the same width rows for every y and image: cache hits). kVec: 4 values a thread
+// (16-byte loads of q and u).
 template <typename T, bool kVec>
 __global__ void first_layer_act_halves_kernel(const float* __restrict__ q, const float* __restrict__ u,
                                               T* __restrict__ a, int64_t S, int64_t B, int64_t height,
                                               int64_t width, int64_t H) {
-  const int64_t L = height * width, rows = S * B * L, per = kVec ? 4 : 1, n = H / per;
-  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-    const int64_t l = row % L, sb = row / L, s = sb / B;
-    const float* qx = q + (s * (width + height) + l % width) * H;
-    const float* qy = q + (s * (width + height) + width + l / width) * H;
+  const int64_t per = kVec ? 4 : 1, n = H / per, groups = S * B * height;
+  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
+    const int64_t y = g % height, sb = g / height, s = sb / B;
+    const float* qs = q + s * (width + height) * H;
+    const float* qy = qs + (width + y) * H;
     const float* ur = u + sb * H;
-    T* arow = a + row * H;
+    T* arow = a + (sb * height + y) * width * H;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n;
          j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
       if constexpr (kVec) {
-        const float4 x4 = reinterpret_cast<const float4*>(qx)[j];
         const float4 y4 = reinterpret_cast<const float4*>(qy)[j];
         const float4 u4 = reinterpret_cast<const float4*>(ur)[j];
-        Pack4<T> out;
-        out.x[0] = from_f32<T>(fmaxf(x4.x + y4.x + u4.x, 0.0f));
-        out.x[1] = from_f32<T>(fmaxf(x4.y + y4.y + u4.y, 0.0f));
-        out.x[2] = from_f32<T>(fmaxf(x4.z + y4.z + u4.z, 0.0f));
-        out.x[3] = from_f32<T>(fmaxf(x4.w + y4.w + u4.w, 0.0f));
-        reinterpret_cast<Pack4<T>*>(arow)[j] = out;
+        for (int64_t x = 0; x < width; ++x) {
+          const float4 x4 = reinterpret_cast<const float4*>(qs + x * H)[j];
+          Pack4<T> out;
+          out.x[0] = from_f32<T>(fmaxf(x4.x + y4.x + u4.x, 0.0f));
+          out.x[1] = from_f32<T>(fmaxf(x4.y + y4.y + u4.y, 0.0f));
+          out.x[2] = from_f32<T>(fmaxf(x4.z + y4.z + u4.z, 0.0f));
+          out.x[3] = from_f32<T>(fmaxf(x4.w + y4.w + u4.w, 0.0f));
+          reinterpret_cast<Pack4<T>*>(arow + x * H)[j] = out;
+        }
       } else {
-        arow[j] = from_f32<T>(fmaxf(qx[j] + qy[j] + ur[j], 0.0f));
+        const float yv = qy[j], uv = ur[j];
+        for (int64_t x = 0; x < width; ++x) arow[x * H + j] = from_f32<T>(fmaxf(qs[x * H + j] + yv + uv, 0.0f));
       }
     }
   }
@@ -135,15 +141,15 @@ cudaError_t first_layer_act(const void* p, const float* u, void* a, DType t, int
 
 cudaError_t first_layer_act_halves(const float* q, const float* u, void* a, DType t, int64_t S, int64_t B,
                                    int64_t height, int64_t width, int64_t H, cudaStream_t stream) {
-  const int64_t rows = S * B * height * width;
-  if (rows * H == 0) return cudaSuccess;
+  const int64_t groups = S * B * height;
+  if (groups * width * H == 0) return cudaSuccess;
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   return APM_DISPATCH_DTYPE(t, T, [&] {
     const bool vec = H % 4 == 0 && aligned(q) && aligned(u) && aligned(a);
     const int threads = 128;
     const int64_t gx = ceil_div(vec ? H / 4 : H, threads);
     const dim3 grid(static_cast<unsigned>(gx < 65535 ? gx : 65535),
-                    static_cast<unsigned>(rows < 65535 ? rows : 65535));
+                    static_cast<unsigned>(groups < 65535 ? groups : 65535));
     if (vec)
       first_layer_act_halves_kernel<T, true><<<grid, threads, 0, stream>>>(q, u, static_cast<T*>(a), S, B, height,
                                                                            width, H);

@@ -75,10 +75,11 @@ class CudaPrimitives(Primitives):
     # the H200 0.469 against 0.473 ms a step at one image, 142.2 against 137.5 images/s at S = 64
     # (85e1a1d, benchmarks/results/h200/README.md)
     first_layer_act_kept = True
-    # with several students, the position products from the code's separable form (dW_P to Adam by
-    # its factors): 151.1 against 142.2 images/s at S = 64 (85e1a1d, with the activation kept); at
-    # one image, where this table writes the trigger columns' gradient out, the one GEMM each
-    # (ttt.program.position_halves_by_default; the halves there: 0.468 against 0.469 ms)
+    # the position products from the code's separable form: with several students (dW_P to Adam by
+    # its factors) 151.1 against 142.2 images/s at S = 64 (85e1a1d, with the activation kept); at
+    # one image, where this table writes the trigger columns' gradient out, since the kept
+    # activation comes straight from their Q (81f1e5e): 0.452 against 0.459 ms
+    # (ttt.program.position_halves_by_default; benchmarks/results/h200/README.md)
     position_halves = True
 
     @property

@@ -53,15 +53,19 @@ def trigger_factors_by_default(prim, students: int) -> bool:
     return int(students) > 1 or not getattr(prim, "trigger_written_at_one_image", False)
 
 
-def position_halves_by_default(prim, students: int, factored: bool | None = None) -> bool:
+def position_halves_by_default(prim, students: int, factored: bool | None = None, kept: bool | None = None) -> bool:
     """Whether a program of ``students`` students on table ``prim`` computes the position products
-    from the code's separable form by default: where the table says so, with several students, or
-    at one image when the first layer's gradient goes to Adam by its factors (``factored``; None:
-    ``trigger_factors_by_default``). At one image with dW_P written, the halves' extra launches
-    cost more than they save (H200, ``ttt-l14``, Triton table: 0.471 against 0.466 ms a step);
-    with dW_P by its factors, they save its GEMM (0.459 against 0.466)."""
+    from the code's separable form by default: where the table says so, with several students, at
+    one image when the first layer's gradient goes to Adam by its factors (``factored``; None:
+    ``trigger_factors_by_default``), or when its activation is kept from the forward (``kept``;
+    None: the table's ``first_layer_act_kept``), which then comes straight from the halves' Q and
+    no P is written. At one image with dW_P written and P made from the halves, the halves' extra
+    launches cost more than they save (H200, ``ttt-l14``, Triton table: 0.471 against 0.466 ms a
+    step); with dW_P by its factors, they save its GEMM (0.459 against 0.466); with the activation
+    from Q, they save P's GEMM (cuda table, dW_P written: 0.452 against 0.459 ms, twice)."""
     factored = trigger_factors_by_default(prim, students) if factored is None else bool(factored)
-    return bool(getattr(prim, "position_halves", False)) and (students > 1 or factored)
+    kept = keeps_first_act(prim) if kept is None else bool(kept)
+    return bool(getattr(prim, "position_halves", False)) and (students > 1 or factored or kept)
 
 
 def _adam_chunks(prim, total: int) -> int:
@@ -113,8 +117,9 @@ class StudentProgram:
                         else bool(trigger_factors))
             # the whole grid: the position products from the code's separable form
             # (driver.position_product; None: the table's default, position_halves_by_default)
-            halves = (position_halves_by_default(prim, s, factored and shards is None) if position_halves is None
-                      else bool(position_halves))
+            kept = keeps_first_act(prim, first_layer_act_kept)
+            halves = (position_halves_by_default(prim, s, factored and shards is None, kept)
+                      if position_halves is None else bool(position_halves))
             self.pos_grid = (c.grid, c.grid) if halves else None
             if shards is not None:
                 a, b = shards.rows(c.queries)
@@ -122,7 +127,7 @@ class StudentProgram:
                 self.pos_grid = None
             # the first layer's activation written out once in the forward and kept for the
             # backward (None: the table's first_layer_act_kept), or built again where it is read
-            self.first_layer_act_kept = keeps_first_act(prim, first_layer_act_kept)
+            self.first_layer_act_kept = kept
             # the images as the trigger conv reads them, unfolded once per batch (not per step)
             self.patches = torch.zeros(s, 1, c.queries, c.in_chans * c.patch ** 2, dtype=self.acc, device=dev)
             self.targets = torch.zeros(s, c.dim, dtype=self.acc, device=dev)

@@ -12,14 +12,15 @@ linear                      gemm.py, gemm_tma.py              gemm_sm90_fwd.cu, 
 first_layer_linear          gemm.py (ReLU(P + u) prologue),   trigger_split.cu + the        same
                             gemm_tma.py (act chunks)          forward GEMM
 linear_bwd_input            gemm.py (ReLU-mask epilogue)      gemm_sm90_bwd_input.cu        same
-first_layer_act             gemm_tma.py (ReLU(P + u) written) trigger_split.cu              same
-first_layer_bwd_input       gemm.py (mask from P + u, r)      gemm_sm90_bwd_input.cu +      same
-                                                              colsum.cu (mask: a kept act)
+first_layer_act             gemm_tma.py (ReLU(P + u) written, trigger_split.cu (from P or   same
+                            from P or Q's halves)             from Q's halves)
+first_layer_bwd_input       gemm.py (mask from P + u or a     gemm_sm90_bwd_input.cu +      same
+                            kept act, r)                      colsum.cu (mask: a kept act)
 linear_bwd_weight           wgrad.py, wgrad_tma.py (split-K;  gemm_sm90_bwd_weight.cu +     same
                             cuBLAS where measured faster)     colsum.cu
 first_layer_bwd_weight      wgrad.py (X rebuilt on load)      trigger_split.cu + above      same
-pool_fwd                    pool.py (online softmax; split    pool.cu                       same, and test_driver (combine_pool)
-                            over L merged in-kernel)
+pool_fwd                    pool.py (every head at once on    pool.cu                       same, and test_driver (combine_pool)
+                            tensor cores; tiles merged)
 pool_bwd                    pool.py (+ dkt through wgrad.py)  pool.cu                       same
 adam_                       adam.py                           adam.cu                       same, and test_engine (vs torch.optim)
 ==========================  ================================  ============================  =====================================

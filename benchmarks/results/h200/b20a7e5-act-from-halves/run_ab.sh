@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# from the repository root: OUT=<folder> bash run_ab.sh ; old tree: git archive a5ae814 apm_fast kernels > .diag/old.tar; engine_ab.py beside this file copied to .diag/
+# from the repository root: OUT=<folder> bash run_ab.sh ; old tree: git archive a5ae814 apm_fast kernels > .diag/old.tar; .diag/engine_ab.py: ../81f1e5e-cuda-halves/engine_ab.py (the run had an earlier version of it, without the other ways: the rows without a "way" are the default ones)
 set -u
 OUT=$OUT bash benchmarks/gpu_check.sh env build > $OUT/build.log 2>&1; tail -3 $OUT/build.log
 export PYTHONPATH=/tmp/site

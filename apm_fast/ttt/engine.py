@@ -73,11 +73,12 @@ class TTTEngine:
     updated from their gradient's factors (rank one per image: never written to memory, and their
     update starts before the rest of the first layer's backward is done), and with the halves below
     its position columns too; without shards. The attribute ``position_halves`` (None: the table's ``position_halves`` with several
-    students, or at one image with ``trigger_factors``, on for the Triton and cuda tables; a bool for
+    students, or at one image with ``trigger_factors`` or the activation kept
+    (``program.position_halves_by_default``), on for the Triton and cuda tables; a bool for
     comparisons): the position products P = pos W_P^T and dW_P over the whole grid from the code's
     separable form (``driver.position_product``: about 1.6 instead of 8.6 GFLOP each for
-    ``ttt-l14``, in four launches instead of one; dW_P by its factors where the trigger columns'
-    gradient goes so); without shards. The attribute ``first_layer_act_kept`` (None: the table's
+    ``ttt-l14``, in four launches instead of one; with the activation kept, made from their Q
+    without P; dW_P by its factors where the trigger columns' gradient goes so); without shards. The attribute ``first_layer_act_kept`` (None: the table's
     ``first_layer_act_kept``, on for the Triton and cuda tables; a bool for comparisons): the first
     layer's activation ReLU(P + u) written out once in the forward and kept for the backward,
     instead of built again by each primitive that reads it.

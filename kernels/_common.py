@@ -183,7 +183,8 @@ def gemm_epilogue(acc, offs_l, offs_n, in_l, in_n, bias_s, m_sb, u_row, r_sb, sm
                   HAS_BIAS: tl.constexpr, RELU: tl.constexpr, EPI_MASK: tl.constexpr, ZERO_ROWS: tl.constexpr):
     """A GEMM tile's epilogue (gemm.py, gemm_tma.py): + bias, ReLU, and the input gradient's
     mask: EPI_MASK 1: C *= (m > 0); 2: C *= (m + u > 0) and r += the tile's column sums (one image
-    per row segment). ``bias_s``, ``m_sb``, ``r_sb``: the bases of this student (and segment).
+    per row segment); 3: C *= (m > 0) and r += the column sums (m a kept activation ReLU(P + u)).
+    ``bias_s``, ``m_sb``, ``r_sb``: the bases of this student (and segment).
     ZERO_ROWS: the mask zeroes the rows past L as well (a TMA tile may hold the next image's rows
     there; the pointer kernel's load them as 0 already, and the extra predicate costs it code).
     Returns (C, the tile's in-bounds mask)."""
@@ -202,7 +203,7 @@ def gemm_epilogue(acc, offs_l, offs_n, in_l, in_n, bias_s, m_sb, u_row, r_sb, sm
             acc = tl.where(tile_mask & (m > 0), acc, 0.0)
         else:
             acc = tl.where(m > 0, acc, 0.0)
-        if EPI_MASK == 2:
+        if EPI_MASK >= 2:
             tl.atomic_add(r_sb + offs_n, tl.sum(acc, axis=0), mask=in_n)
     return acc, tile_mask
 

@@ -60,7 +60,8 @@ def gemm_kernel(
     PROLOGUE: tl.constexpr,   # 0: A as stored; 1: A = ReLU(a + u[seg]) (first layer)
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
-    EPI_MASK: tl.constexpr,   # 0: none; 1: C *= (m > 0); 2: C *= (m + u[seg] > 0), r[seg] += sum_l C
+    EPI_MASK: tl.constexpr,   # 0: none; 1: C *= (m > 0); 2: C *= (m + u[seg] > 0), r[seg] += sum_l C;
+                              # 3: C *= (m > 0), r[seg] += sum_l C
     DOT_DTYPE: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -108,7 +109,7 @@ def gemm_kernel(
         a_ptrs += BLOCK_K * sa_k
         b_ptrs += BLOCK_K * sb_k
 
-    # r[s, b] (EPI_MASK 2) = sum over the image's L rows; each row tile adds its part
+    # r[s, b] (EPI_MASK 2, 3) = sum over the image's L rows; each row tile adds its part
     acc, tile_mask = gemm_epilogue(acc, offs_l, offs_n, in_l, in_n, bias_ptr + pid_s * sbias_s,
                                    m_ptr + pid_s * sm_s + seg * sm_b, u_row, r_ptr + pid_s * sr_s + seg * sr_b,
                                    sm_l, sm_n, su_x, HAS_BIAS, RELU, EPI_MASK, False)
@@ -335,19 +336,13 @@ def first_layer_bwd_input(dy, w, p, u, *, out_dtype=None, config=None, act=None)
     L = p.shape[1] if p is not None else dy.shape[1] // B
     g1 = _c.empty((S, B * L, H1), device=w.device, dtype=out_dtype or w.dtype)
     r = _c.empty((S, B, H1), device=w.device, dtype=torch.float32)      # zeroed by every launch
-    if act is not None:      # act + 0 > 0: the epilogue's test of p + u with u nought
-        mask, m_st = act, (act.stride(0), L * act.stride(1), act.stride(1), act.stride(2))
-        u = _zeros_like_rows(u)
-    else:
-        mask, m_st = p, (p.stride(0), 0, p.stride(1), p.stride(2))
+    if act is not None:      # the kept activation: act > 0, one mask row per row of g1
+        mask, m_st, epi = act, (act.stride(0), L * act.stride(1), act.stride(1), act.stride(2)), 3
+    else:                    # p + u > 0, p shared by the images
+        mask, m_st, epi = p, (p.stride(0), 0, p.stride(1), p.stride(2)), 2
     prob = _Gemm(a=dy, a_st=(*_rows(dy, B), dy.stride(2)), a2=as_rows(dy), a_rs=B * L, a_rb=L,
                  b=w, b_st=(w.stride(0), w.stride(1), w.stride(2)), b2=as_rows(w), b_rs=N, b_kmajor=False,
                  y=g1, y_st=(*_rows(g1, B), g1.stride(2)), S=S, L=L, NSEG=B, N=H1, K=N,
-                 u=u, epi_mask=2, mask=mask, m_st=m_st, r=r, dot_dtype=w.dtype)
+                 u=u if epi == 2 else None, epi_mask=epi, mask=mask, m_st=m_st, r=r, dot_dtype=w.dtype)
     prob.launch(_choose("first_layer_bwd_input", (S, B, L, H1, N), prob, config))
     return g1, r
-
-
-def _zeros_like_rows(u):
-    """An (S, B, H1) fp32 view of one zero (every stride 0): nothing to add to the kept mask."""
-    return torch.zeros(1, device=u.device, dtype=torch.float32).expand(u.shape)

@@ -43,7 +43,8 @@ def gemm_tma_kernel(
     PROLOGUE: tl.constexpr,   # 0: A as stored; 1: A = ReLU(a + u[seg]) (first layer)
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
-    EPI_MASK: tl.constexpr,   # 0: none; 1: C *= (m > 0); 2: C *= (m + u[seg] > 0), r[seg] += sum_l C
+    EPI_MASK: tl.constexpr,   # 0: none; 1: C *= (m > 0); 2: C *= (m + u[seg] > 0), r[seg] += sum_l C;
+                              # 3: C *= (m > 0), r[seg] += sum_l C
     B_KMAJOR: tl.constexpr,   # B tiles are (BLOCK_N, BLOCK_K) slices of (N, K) rows, used transposed
     Y_TMA: tl.constexpr,
     DOT_DTYPE: tl.constexpr,

@@ -203,9 +203,10 @@ def _ranker(kind):
     return rank
 
 
+_RANK_FWD, _RANK_BWD = _ranker("fwd"), _ranker("bwd")
 pool_fwd_tuned = tuned(pool_fwd_kernel, FWD_CONFIGS, key=["S", "B", "H", "L", "D", "NSPLIT", "BLOCK_L"],
-                       rank=_ranker("fwd"))
-pool_bwd_tuned = tuned(pool_bwd_kernel, BWD_CONFIGS, key=["S", "B", "H", "L", "D", "BLOCK_L"], rank=_ranker("bwd"))
+                       rank=_RANK_FWD)
+pool_bwd_tuned = tuned(pool_bwd_kernel, BWD_CONFIGS, key=["S", "B", "H", "L", "D", "BLOCK_L"], rank=_RANK_BWD)
 
 
 def choose_block_l(S: int, B: int, L: int, device, nsplit=None) -> int:
@@ -252,7 +253,7 @@ def pool_fwd(f, pos_out, kt, scale, *, nsplit=None):
     args = [f, pos_out, kt, sbar, lse, pm, pl, pacc, S, B, H, L, D, nsplit, float(scale) * _LOG2E,
             *f.stride(), *pos_out.stride(), *kt.stride()]
     meta = dict(FINAL=nsplit == 1, PREC=_prec(f), BLOCK_L=bl, BLOCK_H=max(16, next_pow2(H)))
-    _run(pool_fwd_kernel, pool_fwd_tuned, _ranker("fwd"), (S * B, nsplit), args, meta, {"D": D, "BLOCK_L": bl})
+    _run(pool_fwd_kernel, pool_fwd_tuned, _RANK_FWD, (S * B, nsplit), args, meta, {"D": D, "BLOCK_L": bl})
     if nsplit > 1:
         bp = max(2, next_pow2(nsplit))
         pool_combine_kernel[(progs,)](pm, pl, pacc, sbar, lse, nsplit, D, BLOCK_P=bp,
@@ -273,12 +274,11 @@ def pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, *, out_dtype=None, split=N
 
     bl = choose_block_l(S, B, L, dev)
     meta = dict(PREC=_prec(f), BLOCK_L=bl, BLOCK_H=max(16, next_pow2(H)))
-    _run(pool_bwd_kernel, pool_bwd_tuned, _ranker("bwd"), (S * B * cdiv(L, bl),), args, meta, {"D": D, "BLOCK_L": bl})
+    _run(pool_bwd_kernel, pool_bwd_tuned, _RANK_BWD, (S * B * cdiv(L, bl),), args, meta, {"D": D, "BLOCK_L": bl})
     # dkt[s, h] = sum_{b,l} c[s, (b,l), h] * (f[s, b, l] + pos_out[l]); fp32 products (tf32 on
     # tensor cores for 16-bit models, true fp32 in fp32 mode)
     dkt, _ = weight_grad(c, (c.stride(0), L * c.stride(1), c.stride(1), c.stride(2)),
                          f, (f.stride(0), f.stride(1), f.stride(2), f.stride(3)), S=S, L=L, NSEG=B, N=H, K=D,
                          x2=pos_out, x2_st=(0, 0, pos_out.stride(0), pos_out.stride(1)), x2_mode=2,
-                         bias=False, dot_dtype=torch.float32,
-                         prec="ieee" if f.dtype == torch.float32 else "tf32", split=split)
+                         bias=False, dot_dtype=torch.float32, prec=_prec(f), split=split)
     return df, dkt

@@ -203,8 +203,10 @@ def test_autotuned_pool_ranks_configs(monkeypatch):
         monkeypatch.setattr(mod, "autotune_enabled", lambda: True)
 
     monkeypatch.setenv("APM_FAST_AUTOTUNE_TOP", "2")
-    retune(pool, "pool_fwd_tuned", pool.pool_fwd_kernel, pool.FWD_CONFIGS, pool.pool_fwd_tuned.keys, pool._ranker("fwd"))
-    retune(pool, "pool_bwd_tuned", pool.pool_bwd_kernel, pool.BWD_CONFIGS, pool.pool_bwd_tuned.keys, pool._ranker("bwd"))
+    retune(pool, "pool_fwd_tuned", pool.pool_fwd_kernel, pool.FWD_CONFIGS, pool.pool_fwd_tuned.keys,
+           pool._ranker("fwd"))
+    retune(pool, "pool_bwd_tuned", pool.pool_bwd_kernel, pool.BWD_CONFIGS, pool.pool_bwd_tuned.keys,
+           pool._ranker("bwd"))
     torch.manual_seed(14)
     f, pos_out, kt, scale = _pool_inputs()
     sbar, lse = pool.pool_fwd(f, pos_out, kt, scale, nsplit=2)
@@ -454,6 +456,8 @@ def _compile_variants():
         ("first_layer_bwd_input TMA", gemm_tma.gemm_tma_kernel, t_bwd, dict(t, PROLOGUE=0, EPI_MASK=2, HAS_BIAS=False,
                                                                             RELU=False, B_KMAJOR=False),
          t_unit, (), 8, 3, True),
+        ("first_layer_bwd_input TMA, mask from the kept activation", gemm_tma.gemm_tma_kernel, t_bwd,
+         dict(t, PROLOGUE=0, EPI_MASK=3, HAS_BIAS=False, RELU=False, B_KMAJOR=False), t_unit, (), 8, 3, True),
         ("first_layer_act", gemm_tma.first_layer_act_kernel, {"p_ptr": bf, "u_ptr": "*fp32", "a_ptr": bf},
          dict(HALVES=False, BLOCK_R=32, BLOCK_H=256), (), (), 4, 1, False),
         ("first_layer_act from halves", gemm_tma.first_layer_act_kernel, {"p_ptr": "*fp32", "u_ptr": "*fp32",
@@ -469,6 +473,8 @@ def _compile_variants():
          bwd_unit, (), 4, 4, True),
         ("first_layer_bwd_input", gemm.gemm_kernel, g_ptr, dict(g, PROLOGUE=0, EPI_MASK=2, HAS_BIAS=False, RELU=False),
          bwd_unit, (), 8, 3, True),
+        ("first_layer_bwd_input, mask from the kept activation", gemm.gemm_kernel, g_ptr,
+         dict(g, PROLOGUE=0, EPI_MASK=3, HAS_BIAS=False, RELU=False), bwd_unit, (), 8, 3, True),
         ("linear fp32", gemm.gemm_kernel, {}, dict(g, PROLOGUE=0, EPI_MASK=0, DOT_DTYPE=tl.float32, PREC="ieee",
                                                      BLOCK_M=64, BLOCK_N=64), fwd_unit, (), 4, 3, False),
         ("linear_bwd_weight", wgrad.wgrad_kernel, {"dy_ptr": bf, "x_ptr": bf}, w, w_unit, (), 8, 3, True),

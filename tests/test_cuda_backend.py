@@ -209,9 +209,9 @@ def test_first_layer_act_from_the_position_halves(prims, dtype, dims):
 @pytest.mark.parametrize("dims", [dict(S=2, B=3, L=64, D=64, H=8), dict(S=2, B=2, L=37, D=44, H=4),
                                   dict(S=1, B=1, L=1024, D=768, H=8), dict(S=3, B=2, L=1100, D=40, H=16),
                                   dict(S=40, B=2, L=300, D=64, H=8), dict(S=1, B=1, L=70, D=1400, H=16),
-                                  dict(S=1, B=2, L=20, D=2048, H=16)],
+                                  dict(S=1, B=2, L=20, D=2048, H=16), dict(S=70, B=1, L=200, D=136, H=8)],
                          ids=["aligned", "odd", "ttt-l14", "long-rows-16-heads", "many-images-large-tiles",
-                              "kt-too-wide-to-stage", "widest"])
+                              "kt-too-wide-to-stage", "widest", "ragged-tiles-and-column-blocks"])
 def test_pool(prims, dtype, dims):
     S, B, L, D, H = dims["S"], dims["B"], dims["L"], dims["D"], dims["H"]
     f = rnd(S, B, L, D, dtype=dtype, seed=14)

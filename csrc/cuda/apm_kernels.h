@@ -110,16 +110,6 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
                      void* df, DType df_t, float* dkt, int tile_rows, float* partial,
                      cudaStream_t stream);
 
-// The tile kernels of pool_mma.cu, which pool_fwd / pool_bwd launch where pool_mma_ok (tiles of
-// 64 rows, 16-bit f, D a multiple of 8, 16-byte aligned rows; df may be null), in place of their
-// own; the same partials.
-bool pool_mma_ok(PoolShape sh, DType t, int tile_rows, const void* f, const void* pos, const void* df);
-cudaError_t pool_fwd_tiles_mma(const void* f, const void* pos, DType t, const float* kt, float scale, PoolShape sh,
-                               int64_t tiles, float* part_m, float* part_s, float* part_acc, cudaStream_t stream);
-cudaError_t pool_bwd_tiles_mma(const void* f, const void* pos, DType t, const float* kt, float scale, PoolShape sh,
-                               const float* sbar, const float* lse, const float* dsbar, int64_t tiles, void* df,
-                               bool df_f32, float* partial, cudaStream_t stream);
-
 // ------------------------------------------------------------------------------------------------
 // Adam (no weight decay), in place, capturable: the update number `step` (1 for the first) and
 // `lr` are read from device memory. Every buffer is `rows` rows of `cols` contiguous elements,

@@ -536,20 +536,15 @@ cudaError_t pool_fwd(const void* f, const void* pos, DType t, const float* kt, f
   if (!tile_grid(sh, tile_rows, &tiles, &blocks)) return cudaErrorInvalidValue;
   bool staged = false;
   const int smem = smem_bytes(sh, 1, &staged);
-  cudaError_t e = cudaSuccess;
-  if (pool_mma_ok(sh, t, tile_rows, f, pos, nullptr)) {
-    e = pool_fwd_tiles_mma(f, pos, t, kt, scale, sh, tiles, part_m, part_s, part_acc, stream);
-  } else {
-    e = APM_DISPATCH_DTYPE(t, T, [&] {
-      cudaError_t err = cudaSuccess;
-      with_layout<T>(sh, f, pos, [&](auto v, auto nh) {
-        err = launch_tiles(pool_fwd_tile_kernel<T, decltype(v)::value, decltype(nh)::value>, blocks, smem, stream,
-                           static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, tile_rows, tiles,
-                           staged, part_m, part_s, part_acc);
-      });
-      return err;
+  cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
+    cudaError_t err = cudaSuccess;
+    with_layout<T>(sh, f, pos, [&](auto v, auto nh) {
+      err = launch_tiles(pool_fwd_tile_kernel<T, decltype(v)::value, decltype(nh)::value>, blocks, smem, stream,
+                         static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, tile_rows, tiles,
+                         staged, part_m, part_s, part_acc);
     });
-  }
+    return err;
+  });
   if (e != cudaSuccess) return e;
   const dim3 grid(static_cast<unsigned>(sh.S * sh.B * sh.H), static_cast<unsigned>(ceil_div(sh.D, kCols * kColSteps)));
   pool_fwd_combine_kernel<<<grid, dim3(kCols, kPhases), 0, stream>>>(part_m, part_s, part_acc, sh, tiles,
@@ -566,21 +561,15 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
   if (df_t != t && df_t != DType::kFloat32) return cudaErrorInvalidValue;
   bool staged = false;
   const int smem = smem_bytes(sh, 2, &staged);
-  cudaError_t e = cudaSuccess;
-  if (pool_mma_ok(sh, t, tile_rows, f, pos, df)) {
-    e = pool_bwd_tiles_mma(f, pos, t, kt, scale, sh, sbar, lse, dsbar, tiles, df, df_t == DType::kFloat32, partial,
-                           stream);
-  } else {
-    e = APM_DISPATCH_DTYPE(t, T, [&] {
-      cudaError_t err = cudaSuccess;
-      with_layout<T>(sh, f, pos, [&](auto v, auto nh) {
-        err = launch_tiles(pool_bwd_tile_kernel<T, decltype(v)::value, decltype(nh)::value>, blocks, smem, stream,
-                           static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar, lse, dsbar,
-                           tile_rows, tiles, staged, df, df_t == DType::kFloat32, partial);
-      });
-      return err;
+  cudaError_t e = APM_DISPATCH_DTYPE(t, T, [&] {
+    cudaError_t err = cudaSuccess;
+    with_layout<T>(sh, f, pos, [&](auto v, auto nh) {
+      err = launch_tiles(pool_bwd_tile_kernel<T, decltype(v)::value, decltype(nh)::value>, blocks, smem, stream,
+                         static_cast<const T*>(f), static_cast<const T*>(pos), kt, scale, sh, sbar, lse, dsbar,
+                         tile_rows, tiles, staged, df, df_t == DType::kFloat32, partial);
     });
-  }
+    return err;
+  });
   if (e != cudaSuccess) return e;
   // dkt[s] = sum over the B * tiles partials of student s (H*D columns)
   return colsum(partial, DType::kFloat32, sh.S, sh.B * tiles, sh.H * sh.D, dkt, sh.H * sh.D, nullptr, 1,

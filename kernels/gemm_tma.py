@@ -106,11 +106,14 @@ def gemm_tma_kernel(
 @triton.jit
 def first_layer_act_kernel(p_ptr, u_ptr, a_ptr, L, H, B0, NB, W,
                            sp_s, sp_l, su_s, su_b, sa_s, sa_r,
-                           HALVES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                           HALVES: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_H: tl.constexpr):
     """a[s, (b - B0) * L + l, :] = ReLU(P[s, l, :] + u[s, b, :]) for images b in [B0, B0 + NB):
     the first layer's activation written once (fp32 adds, one rounding to a's dtype). P = p, or
     with HALVES from the position code's separable form: p holds Q (rows x of the grid's width W,
-    then rows W + y) and P[y * W + x] = Q[x] + Q[W + y]."""
+    then rows W + y) and P[y * W + x] = Q[x] + Q[W + y]. ONE_ROW (HALVES, W a multiple of
+    BLOCK_R): a program's rows lie in one grid row of one image, so Q[W + y] and u[b] are read once
+    as vectors (the same sums in the same order)."""
     pid_r = tl.program_id(0)
     pid_h = tl.program_id(1)
     s = tl.program_id(2).to(tl.int64)
@@ -119,15 +122,26 @@ def first_layer_act_kernel(p_ptr, u_ptr, a_ptr, L, H, B0, NB, W,
     in_r = rows < NB * L
     in_h = cols < H
     msk = in_r[:, None] & in_h[None, :]
-    b = (B0 + rows // L).to(tl.int64)
-    l = (rows % L).to(tl.int64)
-    if HALVES:
-        px = tl.load(p_ptr + s * sp_s + (l % W)[:, None] * sp_l + cols[None, :], mask=msk, other=0.0)
-        py = tl.load(p_ptr + s * sp_s + (W + l // W)[:, None] * sp_l + cols[None, :], mask=msk, other=0.0)
-        pv = px.to(tl.float32) + py.to(tl.float32)
+    if ONE_ROW:
+        r0 = (pid_r * BLOCK_R).to(tl.int64)
+        b0 = B0 + r0 // L
+        l0 = r0 % L
+        px = tl.load(p_ptr + s * sp_s + (l0 % W + tl.arange(0, BLOCK_R))[:, None] * sp_l + cols[None, :], mask=msk,
+                     other=0.0)
+        py = tl.load(p_ptr + s * sp_s + (W + l0 // W) * sp_l + cols, mask=in_h, other=0.0)
+        u = tl.load(u_ptr + s * su_s + b0 * su_b + cols, mask=in_h, other=0.0)
+        pv = px.to(tl.float32) + py.to(tl.float32)[None, :]
+        a = tl.maximum(pv + u.to(tl.float32)[None, :], 0.0)
     else:
-        pv = tl.load(p_ptr + s * sp_s + l[:, None] * sp_l + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + s * su_s + b[:, None] * su_b + cols[None, :], mask=msk, other=0.0)
-    a = tl.maximum(pv + u.to(tl.float32), 0.0)
+        b = (B0 + rows // L).to(tl.int64)
+        l = (rows % L).to(tl.int64)
+        if HALVES:
+            px = tl.load(p_ptr + s * sp_s + (l % W)[:, None] * sp_l + cols[None, :], mask=msk, other=0.0)
+            py = tl.load(p_ptr + s * sp_s + (W + l // W)[:, None] * sp_l + cols[None, :], mask=msk, other=0.0)
+            pv = px.to(tl.float32) + py.to(tl.float32)
+        else:
+            pv = tl.load(p_ptr + s * sp_s + l[:, None] * sp_l + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + s * su_s + b[:, None] * su_b + cols[None, :], mask=msk, other=0.0)
+        a = tl.maximum(pv + u.to(tl.float32), 0.0)
     tl.store(a_ptr + s * sa_s + rows.to(tl.int64)[:, None] * sa_r + cols[None, :], a.to(a_ptr.dtype.element_ty),
              mask=msk)

@@ -98,16 +98,16 @@ def test_first_layer_act_from_the_position_halves():
     """With grid (height, width), p is Q and P[y * width + x] = Q[x] + Q[width + y]: the same
     activation as from the P written out, summed in fp32 before the one rounding; a bf16 output."""
     torch.manual_seed(13)
-    height, width = 3, 4
-    q, u = rand(S, width + height, H1), rand(S, B, H1)
-    ys, xs = torch.arange(height * width) // width, torch.arange(height * width) % width
-    q64 = q.double()
-    want = REF.first_layer_act(q64[:, xs] + q64[:, width + ys], u.double())      # from P written out
-    assert_close(TP.first_layer_act(q, u, grid=(height, width)), want, TOL32, "fp32")
-    assert_close(REF.first_layer_act(*f64(q, u), grid=(height, width)), want, 1e-12, "reference")
-    a16 = TP.first_layer_act(q, u, grid=(height, width), out_dtype=torch.bfloat16)
-    assert a16.dtype == torch.bfloat16
-    assert_close(a16, want, 2 ** -7, "bf16")                          # one rounding (the interpreter truncates)
+    for height, width in ((3, 4), (3, 16)):          # 16: a program's rows in one grid row (ONE_ROW)
+        q, u = rand(S, width + height, H1), rand(S, B, H1)
+        ys, xs = torch.arange(height * width) // width, torch.arange(height * width) % width
+        q64 = q.double()
+        want = REF.first_layer_act(q64[:, xs] + q64[:, width + ys], u.double())      # from P written out
+        assert_close(TP.first_layer_act(q, u, grid=(height, width)), want, TOL32, f"fp32, width {width}")
+        assert_close(REF.first_layer_act(*f64(q, u), grid=(height, width)), want, 1e-12, "reference")
+        a16 = TP.first_layer_act(q, u, grid=(height, width), out_dtype=torch.bfloat16)
+        assert a16.dtype == torch.bfloat16
+        assert_close(a16, want, 2 ** -7, "bf16")                      # one rounding (the interpreter truncates)
     with pytest.raises(ValueError, match="width \\+ height"):
         TP.first_layer_act(q[:, 1:], u, grid=(height, width))
 
@@ -459,10 +459,13 @@ def _compile_variants():
         ("first_layer_bwd_input TMA, mask from the kept activation", gemm_tma.gemm_tma_kernel, t_bwd,
          dict(t, PROLOGUE=0, EPI_MASK=3, HAS_BIAS=False, RELU=False, B_KMAJOR=False), t_unit, (), 8, 3, True),
         ("first_layer_act", gemm_tma.first_layer_act_kernel, {"p_ptr": bf, "u_ptr": "*fp32", "a_ptr": bf},
-         dict(HALVES=False, BLOCK_R=32, BLOCK_H=256), (), (), 4, 1, False),
+         dict(HALVES=False, ONE_ROW=False, BLOCK_R=32, BLOCK_H=256), (), (), 4, 1, False),
         ("first_layer_act from halves", gemm_tma.first_layer_act_kernel, {"p_ptr": "*fp32", "u_ptr": "*fp32",
                                                                            "a_ptr": bf},
-         dict(HALVES=True, BLOCK_R=32, BLOCK_H=256), (), (), 4, 1, False),
+         dict(HALVES=True, ONE_ROW=False, BLOCK_R=32, BLOCK_H=256), (), (), 4, 1, False),
+        ("first_layer_act from halves, a grid row a program", gemm_tma.first_layer_act_kernel,
+         {"p_ptr": "*fp32", "u_ptr": "*fp32", "a_ptr": bf}, dict(HALVES=True, ONE_ROW=True, BLOCK_R=32, BLOCK_H=256),
+         (), (), 4, 1, False),
         ("linear_bwd_weight TMA", wgrad_tma.wgrad_tma_kernel, wt_ptr, wt, ("sw_k", "s2_k"), (), 8, 4, True),
         ("first_layer_bwd_weight TMA split-K", wgrad_tma.wgrad_tma_kernel, wt_ptr,
          dict(wt, X2=1, X_RELU=True, SPLIT=4), ("sw_k", "s2_k"), (), 8, 3, True),
@@ -611,6 +614,9 @@ def test_gpu_primitives_match_float64(dtype):
     q = fp(GS, 8 + 25, GH1)                  # the position halves of an 8 x 25 grid (L = GL = 200)
     a_h = TP.first_layer_act(q, u, grid=(8, 25), out_dtype=dtype)
     assert torch.equal(a_h, REF.first_layer_act(q, u, grid=(8, 25), out_dtype=dtype))   # same sums, one rounding
+    q32, u2 = fp(GS, 32 + 3, GH1), fp(GS, 2, GH1)         # width 32: a program's rows in one grid row
+    assert torch.equal(TP.first_layer_act(q32, u2, grid=(3, 32), out_dtype=dtype),
+                       REF.first_layer_act(q32, u2, grid=(3, 32), out_dtype=dtype))
     for got, want in zip(TP.first_layer_bwd_input(dy, w2, None, u, act=a_h),
                          REF.first_layer_bwd_input(*f64(dy, w2), None, u.double(), act=a_h.double())):
         assert_close(got, want, 2e-2 if dtype == torch.bfloat16 else GPU_TOL32, "first_layer_bwd_input from act")

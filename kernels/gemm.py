@@ -263,8 +263,10 @@ def first_layer_act(p, u, *, out=None, b0=0, nb=None, grid=None, out_dtype=None)
     p_, u_ = (t if t.stride(-1) == 1 else t.contiguous() for t in (p, u))
     br, bh = (16, 16) if INTERPRET else (32, 256)
     launch = (cdiv(nb * L, br), cdiv(H1, bh), S)
-    # a program's rows in one grid row: Q[W + y] and u[b] read once (at 64 students the per-row
-    # reads of them took 311 us a step against 190 for the cuda kernel that reads them once)
+    # a program's rows in one grid row: Q[W + y] and u[b] read once. Read per row, the kernel took
+    # 311 us a step at 64 students against the cuda kernel's 190 (profiles of 4ba7553); with
+    # ONE_ROW the step took 19.75 / 19.84 ms against 19.88 / 19.85, and 0.443 / 0.445 against
+    # 0.448 / 0.446 at one image (benchmarks/results/h200/74c904c-act-one-row/)
     first_layer_act_kernel[launch](p_, u_, out, L, H1, b0, nb, W, p_.stride(0), p_.stride(1), u_.stride(0),
                                    u_.stride(1), out.stride(0), out.stride(1), HALVES=grid is not None,
                                    ONE_ROW=grid is not None and W % br == 0, BLOCK_R=br, BLOCK_H=bh, num_warps=4)

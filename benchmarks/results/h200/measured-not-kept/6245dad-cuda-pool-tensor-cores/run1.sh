@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The experiment's tree, from the repository root at 6245dad's parent (801c6b1): csrc/cuda/pool.cu
-# replaced by pool_mma.cu; the old csrc/cuda/pool.cu copied to csrc/cuda/pool_old.cu with
+# The experiment's tree, from the repository root at 6245dad's parent (801c6b1): the old
+# csrc/cuda/pool.cu first copied to csrc/cuda/pool_old.cu with
 # pool_tile_rows, pool_tiles, pool_fwd and pool_bwd renamed *_old (and kPoolMaxWidth written as
-# 2048); experiment-switch.patch applied (APM_FAST_POOL_OLD=1 calls the old kernels). Then:
+# 2048); then pool_mma.patch applied (csrc/cuda/pool.cu: the tensor-core kernels) and
+# experiment-switch.patch (APM_FAST_POOL_OLD=1 calls the old kernels). Then:
 # OUT=<folder> bash run1.sh
 set -u
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}

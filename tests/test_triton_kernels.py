@@ -256,6 +256,10 @@ def test_adam_with_bf16_moments_matches_the_plain_table():
 @pytest.mark.parametrize("shape", BLOCK_SHAPES)
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
 def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(moments, shape):
+    if DEV == "cpu" and moments == torch.bfloat16 and shape != BLOCK_SHAPES[-1]:
+        # 14 s each in the interpreter: bf16 moments on the tiled shape only there (every shape
+        # on a GPU; the bf16 moments' own test covers the flat buffer)
+        pytest.skip("the interpreter runs bf16 moments on the last (tiled) shape only")
     check_block_adam(TP, DEV, moments, shape)
 
 

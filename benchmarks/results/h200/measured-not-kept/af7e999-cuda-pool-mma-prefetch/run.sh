@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# from the repository root at af7e999: OUT=<folder> bash run.sh
+# from the repository root at af7e999, with cuda_pool_ab2.py made first from the 6245dad record:
+# patch -o cuda_pool_ab2.py ../6245dad-cuda-pool-tensor-cores/cuda_pool_ab.py cuda_pool_ab2.patch (in this folder)
+# OUT=<folder> bash run.sh
 set -u
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 OUT=$OUT bash benchmarks/gpu_check.sh env build > $OUT/build.log 2>&1; tail -2 $OUT/build.log

@@ -299,12 +299,11 @@ size_t dtype_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 // over the tiles (each block stages the factors' slices once a tile).
 template <class Kernel>
 cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int64_t n, unsigned* blocks) {
-  int device = 0, sms = 0, per_sm = 0;
+  int device = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   if (err != cudaSuccess) return err;
-  const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * sms;
+  const int64_t resident = static_cast<int64_t>(per_sm > 0 ? per_sm : 1) * device_sm_count(device);
   *blocks = static_cast<unsigned>(n < resident ? n : resident);
   return cudaSuccess;
 }

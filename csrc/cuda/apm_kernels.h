@@ -66,6 +66,11 @@ size_t gemm_sm90_workspace_size(const GemmParams& p, int device);
 cudaError_t gemm_sm90(const GemmParams& p, int device, void* workspace, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------------------------
+// Streaming multiprocessors of `device` (one query per device, then cached; 132, an H100's, if the
+// query fails): the one SM count of the launch plans and the bindings (device.cu).
+int device_sm_count(int device);
+
+// ------------------------------------------------------------------------------------------------
 // Column sums over row groups: out[g][c] = sum_{r < R} in[g][r][c], `in` contiguous (G, R, C) of
 // dtype `in_t`, out (G, C) fp32 (`out_ld` between groups). Large R is split over `chunks` blocks
 // whose partial sums go to `partial` (G, chunks, C) fp32 and are then summed (deterministic).

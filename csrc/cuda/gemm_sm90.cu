@@ -62,15 +62,6 @@ int device_attr(cudaDeviceAttr attr, int device) {
 
 }  // namespace
 
-namespace sm90 {
-int sm_count_cached(int device) {
-  static int counts[64] = {0};
-  if (device < 0 || device >= 64) return device_attr(cudaDevAttrMultiProcessorCount, device);
-  if (counts[device] == 0) counts[device] = device_attr(cudaDevAttrMultiProcessorCount, device);
-  return counts[device];
-}
-}  // namespace sm90
-
 bool sm90_device_ok(int device) {
 #ifdef APM_FAST_HAVE_SM90_GEMM
   // sm_90a code runs on compute capability 9.0 only (not on a later major). Cached per device

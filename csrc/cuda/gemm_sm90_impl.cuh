@@ -28,7 +28,6 @@ namespace sm90 {
 using namespace cute;
 using bf16 = cutlass::bfloat16_t;
 
-int sm_count_cached(int device);  // gemm_sm90.cu
 
 // TileN: 128 (the default), or 64 for problems whose 128 x 128 tiles leave most SMs idle (at one
 // image, fc3 (1024 x 1024: 64 tiles) and the head (1024 x 768: 48 tiles) on 132 SMs); see
@@ -66,7 +65,7 @@ struct Sm90Gemm {
 // (one partial wave of less than half the GPU), so halving the tile width doubles the SMs at work.
 inline bool narrow_tiles(const GemmParams& p, int device) {
   const int64_t tiles = p.batch * ((p.m + 127) / 128) * ((p.n + 127) / 128);
-  return 2 * tiles <= sm_count_cached(device);
+  return 2 * tiles <= device_sm_count(device);
 }
 
 // Strides as CUTLASS wants them: (row, column, batch) with the unit one static.
@@ -100,7 +99,7 @@ typename G::Gemm::Arguments make_args(const GemmParams& p, int device) {
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = 0.0f;
   args.hw_info.device_id = device;
-  args.hw_info.sm_count = sm_count_cached(device);
+  args.hw_info.sm_count = device_sm_count(device);
   return args;
 }
 

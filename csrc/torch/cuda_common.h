@@ -24,16 +24,6 @@ inline apm::DType to_apm_dtype(const at::Tensor& t, const char* fn, const char* 
   return apm::DType::kFloat32;
 }
 
-// Streaming multiprocessors of a device (132, an H100's, if the query fails).
-inline int sm_count(int device) {
-  int v = 0;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 132;
-  }
-  return v;
-}
-
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
 }

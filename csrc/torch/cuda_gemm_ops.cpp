@@ -235,7 +235,7 @@ void linear_bwd_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   const c10::cuda::OptionalCUDAGuard guard(dy.device());
   const cudaStream_t stream = current_stream(dy);
   const int dev = dy.get_device();
-  const int sms = sm_count(dev);
+  const int sms = apm::device_sm_count(dev);
   const apm::DType in = to_apm_dtype(dy, fn, "dy");
   if (M == 0) {  // empty contraction: zero gradients
     dw.zero_();
@@ -353,7 +353,7 @@ void first_layer_bwd_input(const at::Tensor& dy, const at::Tensor& w, const c10:
                       fn, "the first-layer activation");
   }
   linear_bwd_input(dy, w, act, g1);
-  const int chunks = apm::colsum_chunks(S * B, L, H, sm_count(w.get_device()));
+  const int chunks = apm::colsum_chunks(S * B, L, H, apm::device_sm_count(w.get_device()));
   at::Tensor part;
   if (chunks > 1) part = at::empty({S * B, chunks, H}, r.options());
   check_cuda_status(apm::colsum(g1.data_ptr(), to_apm_dtype(g1, fn, "g1"), S * B, L, H,

@@ -102,7 +102,7 @@ void pool_fwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, 
     return;
   }
   const c10::cuda::OptionalCUDAGuard guard(f.device());
-  const int rows = apm::pool_tile_rows(sh, sm_count(f.get_device()));
+  const int rows = apm::pool_tile_rows(sh, apm::device_sm_count(f.get_device()));
   const int64_t tiles = apm::pool_tiles(sh, rows);
   at::Tensor part_m = at::empty({sh.S * sh.B, tiles, sh.H}, kt.options());
   at::Tensor part_s = at::empty({sh.S * sh.B, tiles, sh.H}, kt.options());
@@ -139,7 +139,7 @@ void pool_bwd(const at::Tensor& f, const at::Tensor& pos, const at::Tensor& kt, 
     return;
   }
   const c10::cuda::OptionalCUDAGuard guard(f.device());
-  const int rows = apm::pool_tile_rows(sh, sm_count(f.get_device()));
+  const int rows = apm::pool_tile_rows(sh, apm::device_sm_count(f.get_device()));
   at::Tensor partial = at::empty({sh.S * sh.B, apm::pool_tiles(sh, rows), sh.H, sh.D}, kt.options());
   check_cuda_status(
       apm::pool_bwd(f.data_ptr(), pos.data_ptr(), to_apm_dtype(f, fn, "f"), kt.data_ptr<float>(),

@@ -155,7 +155,7 @@ def test_adam_slices_equal_one_pass(monkeypatch, factors, halves):
     sliced_engine.engine.position_halves = halves
     sliced = sliced_engine.fit(images, targets)
     assert sliced_engine.engine._program.n_chunks == 3
-    assert (sliced_engine.engine._program.factors is not None) == bool(factors)
+    assert ("mlp.0.weight" in sliced_engine.engine._program.factored) == bool(factors)
     assert torch.equal(one.cls, sliced.cls) and torch.equal(one.losses, sliced.losses)
 
 
@@ -182,7 +182,7 @@ def test_the_trigger_columns_are_updated_from_their_factors_and_never_written():
     factored = t.fit(images, targets)
     t.engine.trigger_factors = None                  # the torch table's default: written out
     written = t.fit(images, targets)
-    assert t.engine._program.factors is None
+    assert "mlp.0.weight" not in t.engine._program.factored
     torch.testing.assert_close(factored.cls, written.cls, rtol=1e-12, atol=0)
     torch.testing.assert_close(factored.losses, written.losses, rtol=1e-12, atol=0)
 
@@ -207,7 +207,7 @@ def test_with_the_halves_the_position_columns_are_updated_from_their_factors_too
     assert bool((moved[:, :, d:] != 0).all(-1).any())
     t.engine.trigger_factors = t.engine.position_halves = False
     written = t.fit(images, targets)
-    assert t.engine._program.factors is None and t.engine._program.pos_grid is None
+    assert "mlp.0.weight" not in t.engine._program.factored and t.engine._program.pos_grid is None
     torch.testing.assert_close(factored.cls, written.cls, rtol=1e-12, atol=0)
     torch.testing.assert_close(factored.losses, written.losses, rtol=1e-12, atol=0)
 
@@ -247,14 +247,14 @@ def test_a_table_can_write_the_trigger_gradient_out_at_one_image_only(monkeypatc
     monkeypatch.setattr(TorchPrimitives, "position_halves", True, raising=False)
     g = model.config.grid
     before = _engine(model, students=3)
-    assert before.engine.program(1).factors == {} and before.engine.program(1).pos_grid == (g, g)
+    assert "mlp.0.weight" in before.engine.program(1).factored and before.engine.program(1).pos_grid == (g, g)
     monkeypatch.setattr(TorchPrimitives, "trigger_written_at_one_image", True, raising=False)
     t = _engine(model, students=3)
     one, several = t.engine.program(1), t.engine.program(3)
-    assert one.factors is None and one.pos_grid is None
-    assert several.factors == {} and several.pos_grid == (g, g)
+    assert "mlp.0.weight" not in one.factored and one.pos_grid is None
+    assert "mlp.0.weight" in several.factored and several.pos_grid == (g, g)
     t.engine.trigger_factors = True
-    assert t.engine.program(1).factors == {} and t.engine.program(1).pos_grid == (g, g)
+    assert "mlp.0.weight" in t.engine.program(1).factored and t.engine.program(1).pos_grid == (g, g)
     t.engine.trigger_factors = None
     written = t.fit(images[:1], targets[:1])
     t.engine.trigger_factors = True
@@ -354,14 +354,14 @@ def test_the_update_after_the_backward_starts_at_its_tail(monkeypatch, students,
     monkeypatch.setattr(TorchPrimitives, "adam_from_factors", factored, raising=False)
     t = _engine(model, students=students, precision="bf16")
     prog = t.engine.program(students)
-    assert not prog.overlap and (prog.factors is not None) == factored
+    assert not prog.overlap and ("mlp.0.weight" in prog.factored) == factored
     calls, real = [], program_mod.StudentProgram._adam
     monkeypatch.setattr(program_mod.StudentProgram, "_adam",
                         lambda self, names=None: (calls.append(list(names)), real(self, names))[1])
     prog.step()
     st = prog.store
     low, rest = st.names[:st.n_lowp], st.names[st.n_lowp:]
-    trigger = [program_mod.TRIGGER_COLUMNS] if prog.factors is not None else []
+    trigger = [program_mod.TRIGGER_COLUMNS] if "mlp.0.weight" in prog.factored else []
     assert low and "conv.weight" in rest
     assert calls == [low + trigger, rest]
     monkeypatch.setattr(program_mod.StudentProgram, "_adam", real)
@@ -481,6 +481,69 @@ def test_backward_announces_each_gradient_once_when_it_is_final(factored, halves
         if not (halves and n == "mlp.0.weight"):
             torch.testing.assert_close(seen[n], out[n][cols], rtol=0, atol=0)    # not written after
     assert len({id(v) for v in seen.values()}) == len(seen)
+
+
+@pytest.mark.parametrize("per_student", [1, 2], ids=["one-image", "two-images"])
+def test_the_pool_weights_gradients_can_go_by_their_factors(per_student):
+    """``factored`` with the pool's in- and out-projection weights: their gradients are given by
+    their factors (a, b), sum_k a[:, k, :, None] b[:, k, None, :] equal to the written gradients
+    (rank 1 + H + B H and B), their views in grad_out left as they were, every other gradient
+    written as without; an unknown name is refused."""
+    model, images, _ = _setup("three-layer", torch.float64, n=2 * per_student)
+    cfg, prim = model.config, TorchPrimitives()
+    names = weight_names(cfg)
+    params = dict(model.named_parameters())
+    w = {n: torch.stack([params[n].detach(), params[n].detach() * 1.1]) for n in names}   # S = 2
+    pos_in, pos_out = model.pos_in(), model.pos_out()
+    x = images.view(2, per_student, *images.shape[1:])
+    z, _, ctx = forward(prim, w, x, cfg, pos_in, pos_out, cdt=torch.float64)
+    dz = torch.randn_like(z)
+    whole = backward(prim, w, ctx, dz, cfg, pos_in, pos_out)
+    pool = ["attn.in_proj_weight", "attn.out_proj.weight"]
+    out = {n: torch.full_like(w[n], 5.0) for n in names}
+    factors = {}
+    backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out, factors=factors, factored=pool)
+    assert sorted(factors) == sorted(pool)
+    heads = cfg.heads
+    ranks = {"attn.in_proj_weight": 1 + heads + per_student * heads, "attn.out_proj.weight": per_student}
+    for n in names:
+        if n in pool:
+            a, b = factors[n]
+            assert a.shape == (2, ranks[n], w[n].shape[1]) and b.shape == (2, ranks[n], w[n].shape[2]), n
+            torch.testing.assert_close(torch.bmm(a.transpose(1, 2), b), whole[n], rtol=1e-12, atol=1e-15)
+            assert bool((out[n] == 5.0).all()), f"{n} was written"
+        else:
+            torch.testing.assert_close(out[n], whole[n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="factored: unknown weight"):
+        backward(prim, w, ctx, dz, cfg, pos_in, pos_out, grad_out=out, factors={}, factored=["head.weight"])
+
+
+def test_the_pool_weights_are_updated_from_their_factors_and_never_written():
+    """The engine's ``pool_factors``: the pool's two weights go to Adam by their gradients'
+    factors, in one launch each, their part of the flat gradient buffer never written; they are
+    last in the layout, so the other parameters without a compute copy stay one launch; and the
+    training equals the written-out step's (float64)."""
+    model, images, targets = _setup("three-layer", torch.float64, n=3)
+    t = _engine(model, students=3)
+    assert t.engine.pool_factors is None and not program_mod.pool_factors_by_default(TorchPrimitives(), 3)
+    t.engine.pool_factors = True
+    factored = t.fit(images, targets)
+    prog = t.engine._program
+    pool = ["attn.in_proj_weight", "attn.out_proj.weight"]
+    assert prog.factored == pool and prog.store.names[-2:] == pool
+    for n in pool:
+        assert bool((prog.store.grad_views[n] == 0).all()), f"{n}'s gradient was written"
+        moved = prog.store.master_views[n] - dict(model.named_parameters())[n].detach()
+        assert bool((moved != 0).all(-1).any()), n
+    rest = prog.store.names[prog.store.n_lowp:]
+    updates = prog._updates(rest)
+    assert [u[5] is not None for u in updates] == [True, True, False]
+    assert updates[2][0].shape[1] == sum(prog.store.numels[prog.store.n_lowp:-2])
+    t.engine.pool_factors = False
+    written = t.fit(images, targets)
+    assert t.engine._program.factored == []
+    torch.testing.assert_close(factored.cls, written.cls, rtol=1e-12, atol=0)
+    torch.testing.assert_close(factored.losses, written.losses, rtol=1e-12, atol=0)
 
 
 def test_backward_grad_out_equals_returned_grads():

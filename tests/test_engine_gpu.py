@@ -128,6 +128,31 @@ def test_work_on_a_second_stream_changes_nothing(backend, graphs, switch):
     assert torch.equal(_classes(a.cls, targets), _classes(b.cls, targets))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_pool_weights_from_their_factors_train_the_same(backend):
+    """The pool's in- and out-projection weights updated from their gradients' factors (the kernel
+    tables' default, ``pool_factors``) against their gradients written out: with one image a
+    student every element of those gradients is one product either way, so the updates are the
+    same: bit for bit where two runs of the written way agree, else to the bf16 tolerance."""
+    model, images, targets = _setup(n=3, seed=3)
+    kw = dict(steps=STEPS, lr=LR, backend=backend, students=3, compute_dtype=torch.bfloat16)
+
+    def fit(on):
+        t = TTTEngine(model, **kw)
+        t.engine.pool_factors = on
+        out = t.fit(images, targets)
+        assert ("attn.in_proj_weight" in t.engine.program(3).factored) == on
+        return out
+
+    a, a2, b = fit(False), fit(False), fit(True)
+    if torch.equal(a.cls, a2.cls) and torch.equal(a.losses, a2.losses):
+        assert torch.equal(a.cls, b.cls) and torch.equal(a.losses, b.losses)
+    else:
+        _close(b.cls, a.cls, "bf16", "cls")
+        _close(b.losses, a.losses, "bf16", "losses")
+    assert torch.equal(_classes(a.cls, targets), _classes(b.cls, targets))
+
+
 def test_the_step_is_captured_above_the_adam_stream():
     """The capture stream outranks the streams of the Adam updates beside the backward (what lets
     the replayed backward's kernels take the SMs first), and the Adam streams keep the default."""

@@ -30,7 +30,12 @@ from .kept import KeptGraph, cache, kept, side_stream
 
 __all__ = ["Beside", "FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
            "trigger_u", "column_mlp", "position_product", "position_weight_grad", "pool_query", "pool_output",
-           "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS", "keeps_first_act"]
+           "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS", "FACTORED", "keeps_first_act"]
+
+# the first layer's weight (trigger columns, then position columns)
+FIRST_WEIGHT = "mlp.0.weight"
+# the weights whose gradients ``backward`` can give by their factors instead of writing them
+FACTORED = (FIRST_WEIGHT, "attn.in_proj_weight", "attn.out_proj.weight")
 
 
 def weight_names(config) -> List[str]:
@@ -569,7 +574,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
              grad_out: Optional[Dict[str, torch.Tensor]] = None, release: bool = False,
              reduce: Optional[Callable] = None, parts: int = 1,
              on_done: Optional[Callable] = None, beside: bool = False,
-             wgrad_beside: bool = True, factors: Optional[dict] = None,
+             wgrad_beside: bool = True, factors: Optional[dict] = None, factored=(FIRST_WEIGHT,),
              pos_grid: Optional[tuple] = None, on_tail: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
@@ -597,16 +602,20 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     ``wgrad_beside`` each layer's weight gradient on a third one, beside its input gradient (the
     layer is then announced on that stream once both are done); the main stream has waited for
     all of it when the backward returns.
-    ``factors`` (a dict, with ``grad_out`` in the acc dtype): the first layer's trigger
-    columns' gradient, dW_T = sum_b r_b T_b^T (rank B), is not written: its factors (r (S, B, H1),
-    T (S, B, d)) go to ``factors["mlp.0.weight"]`` (for ``adam_``'s ``outer``) and
-    :data:`TRIGGER_COLUMNS` is announced, with the first bias, as soon as they are final and the
-    backward no longer reads W_T (beside the rest of the first layer's backward); "mlp.0.weight"
-    then stands for its position columns only, and its trigger columns in ``grad_out`` are left
-    as they were. With ``pos_grid`` the position columns' gradient is not written either: its
-    factors (:func:`position_weight_factors`, two column blocks of rank width and height) go to
+    ``factors`` (a dict, with ``grad_out`` in the acc dtype) and ``factored`` (names of
+    :data:`FACTORED`): those weights' gradients are not written but given by their factors (for
+    ``adam_``'s ``outer``), put in ``factors`` before the weight is announced. "mlp.0.weight":
+    the first layer's trigger columns' gradient, dW_T = sum_b r_b T_b^T (rank B): its factors
+    (r (S, B, H1), T (S, B, d)) go to ``factors["mlp.0.weight"]`` and :data:`TRIGGER_COLUMNS` is
+    announced, with the first bias, as soon as they are final and the backward no longer reads
+    W_T (beside the rest of the first layer's backward); "mlp.0.weight" then stands for its
+    position columns only, and its trigger columns in ``grad_out`` are left as they were. With
+    ``pos_grid`` the position columns' gradient is not written either: its factors
+    (:func:`position_weight_factors`, two column blocks of rank width and height) go to
     ``factors[POSITION_COLUMNS]``. Nothing is put there when the gradient cannot be left out
-    (no such views).
+    (no such views). The pool's "attn.out_proj.weight" (dz^T o, rank B) and
+    "attn.in_proj_weight" (:func:`in_proj_weight_factors`, rank 1 + H + B H): their factors go to
+    ``factors[name]``, their views in ``grad_out`` are left as they were.
     ``pos_grid``: as :func:`forward`'s (dW_P from the code's separable form, :func:`position_weight_grad`)."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
@@ -621,6 +630,10 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         if on_done is not None:
             on_done(names)
 
+    unknown = sorted(set(factored) - set(FACTORED))
+    if unknown:
+        raise ValueError(f"factored: unknown weight(s) {unknown}; expected some of {list(FACTORED)}")
+    by_factors = set(factored) if factors is not None else set()
     df = None
     pool_grads = bool(config.pool) and dz is not None
     if pool_grads:
@@ -631,7 +644,10 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         wo = w["attn.out_proj.weight"].to(acc)
         # each gradient is written where it lives (its grad_out view) when there is one
         with side(dz, ctx.o):
-            _into(g, acc, "attn.out_proj.weight", lambda out: _outer_sum(dz, ctx.o, out))
+            if "attn.out_proj.weight" in by_factors:
+                factors["attn.out_proj.weight"] = (dz, ctx.o)
+            else:
+                _into(g, acc, "attn.out_proj.weight", lambda out: _outer_sum(dz, ctx.o, out))
             _into(g, acc, "attn.out_proj.bias", lambda out: torch.sum(dz, 1, out=out))
         do = torch.einsum("sbe,sek->sbk", dz, wo)                                     # S B D
         dsbar = _rows_of_heads(do.view(s, b, heads, dh), wv)
@@ -643,7 +659,8 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             ctx.f = None
         # the pool parameters' gradients: nothing after them needs them (beside the MLP's backward)
         with side(dkt, do, ctx.sbar, ctx.q):
-            _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc)
+            _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc,
+                              factors if "attn.in_proj_weight" in by_factors else None)
     if df_extra is not None:
         df = df_extra.to(acc) if df is None else df + df_extra.to(acc)
     if df is None:
@@ -698,7 +715,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     wp_view = _direct(grad_out, acc, "mlp.0.weight")[0]
     wt_view = wp_view[:, :, :d] if wp_view is not None else None
     wp_view = wp_view[:, :, d:] if wp_view is not None else None
-    factored = factors is not None and wp_view is not None
+    factored = FIRST_WEIGHT in by_factors and wp_view is not None
     with side(r, ctx.t):                 # the conv's gradients: beside the first layer's
         w1t = _trigger_weight(w, config)
         dt = bmm_acc(r.to(w1t.dtype), w1t, acc)                                   # S B d
@@ -752,9 +769,29 @@ POSITION_COLUMNS = "mlp.0.weight[position]"
 _POOL_PARAMS = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias", "query")
 
 
-def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc):
+def in_proj_weight_factors(dq, query, q_h, dkt, do_h, sbar):
+    """The pool's in-projection gradient [dW_Q; dW_K; dW_V] (S, 3D, D) by its factors (a, b), the
+    gradient being sum_k a[:, k, :, None] * b[:, k, None, :]: a (S, 1 + H + B H, 3D) and
+    b (S, 1 + H + B H, D). Row 0: dq and the query (dW_Q = dq query^T); rows 1 .. H: head h's
+    slice of q (zero outside its rows of dW_K) and dk~_h; the last B H: image b's head h slice of
+    do and sbar_{b,h} (dW_V). dq, query (S, D); q_h (S, H, dh); dkt (S, H, D); do_h (S, B, H, dh);
+    sbar (S, B, H, D). Each element of the gradient is one product (B of them for dW_V) and zeros,
+    so the update's sum over k gives what the written gradient holds."""
+    s, b, heads, dh = do_h.shape
+    dim = heads * dh
+    k = 1 + heads + b * heads
+    a = torch.zeros((s, k, 3 * dim), dtype=dq.dtype, device=dq.device)
+    a[:, 0, :dim] = dq
+    _head_blocks(q_h[:, None], out=a[:, 1:1 + heads, dim:2 * dim])
+    _head_blocks(do_h, out=a[:, 1 + heads:, 2 * dim:])
+    bf = torch.cat([query[:, None], dkt, sbar.reshape(s, b * heads, dim)], dim=1)
+    return a, bf
+
+
+def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, factors=None):
     """The gradients of the pool's query and in-projection (their shares given dk~ (S, H, D) and
-    do = dL/do (S, B, D)) into ``g``."""
+    do = dL/do (S, B, D)) into ``g``; with ``factors`` (a dict), the in-projection's by its
+    factors into ``factors["attn.in_proj_weight"]`` instead (:func:`in_proj_weight_factors`)."""
     s, b, heads, dim = do.shape[0], do.shape[1], dkt.shape[1], do.shape[2]
     dh = dim // heads
     q_h = ctx.q.view(s, heads, dh)
@@ -775,7 +812,11 @@ def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc):
         torch.sum(do, 1, out=out[:, 2 * dim:])
         return out
 
-    _into(g, acc, "attn.in_proj_weight", in_proj)
+    if factors is not None:
+        factors["attn.in_proj_weight"] = in_proj_weight_factors(dq, query, q_h, dkt, do.view(s, b, heads, dh),
+                                                                ctx.sbar)
+    else:
+        _into(g, acc, "attn.in_proj_weight", in_proj)
     _into(g, acc, "attn.in_proj_bias", in_proj_bias)
     _into(g, acc, "query", lambda out: torch.bmm(dq[:, None], wq, out=None if out is None else out[:, None])
           .view(s, dim))
@@ -801,11 +842,14 @@ def _rows_of_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm(_head_blocks(x), w).view(s, n, h, -1)
 
 
-def _head_blocks(x: torch.Tensor) -> torch.Tensor:
+def _head_blocks(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (S, N, H, dh) spread on the block diagonal: (S, N H, H dh), row (n, h) holding x[:, n, h]
-    in head h's columns and zeros elsewhere."""
+    in head h's columns and zeros elsewhere (written into ``out``, any strides, when given)."""
     s, n, h, dh = x.shape
     eye = torch.eye(h, dtype=x.dtype, device=x.device)
+    if out is not None:
+        torch.mul(x[:, :, :, None, :], eye[:, :, None], out=out.view(s, n, h, h, dh))
+        return out
     return (x[:, :, :, None, :] * eye[:, :, None]).reshape(s, n * h, h * dh)
 
 

@@ -81,7 +81,10 @@ class TTTEngine:
     without P; dW_P by its factors where the trigger columns' gradient goes so); without shards. The attribute ``first_layer_act_kept`` (None: the table's
     ``first_layer_act_kept``, on for the Triton and cuda tables; a bool for comparisons): the first
     layer's activation ReLU(P + u) written out once in the forward and kept for the backward,
-    instead of built again by each primitive that reads it.
+    instead of built again by each primitive that reads it. The attribute ``pool_factors`` (None:
+    ``program.pool_factors_by_default``, on for the kernel tables; a bool for comparisons): the
+    pool's in- and out-projection weights updated from their gradients' factors
+    (``driver.in_proj_weight_factors``; never written); without shards.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -105,6 +108,7 @@ class TTTEngine:
         self.trigger_factors = None
         self.position_halves = None
         self.first_layer_act_kept = None
+        self.pool_factors = None
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
@@ -148,7 +152,7 @@ class TTTEngine:
                              "watch them on one device (shards=None)")
         key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid),
                self.overlap, self.beside, self.wgrad_beside, self.trigger_factors, self.position_halves,
-               self.first_layer_act_kept)
+               self.first_layer_act_kept, self.pool_factors)
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -161,7 +165,8 @@ class TTTEngine:
                                   moment_dtype=self.moment_dtype, overlap=self.overlap, beside=self.beside,
                                   wgrad_beside=self.wgrad_beside, trigger_factors=self.trigger_factors,
                                   position_halves=self.position_halves,
-                                  first_layer_act_kept=self.first_layer_act_kept)
+                                  first_layer_act_kept=self.first_layer_act_kept,
+                                  pool_factors=self.pool_factors)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

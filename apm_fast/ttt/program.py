@@ -23,15 +23,17 @@ import torch
 
 from ..ops.autograd import _no_autocast
 from ..ops.contract import TorchPrimitives, acc_dtype_for
-from ..ops.driver import (POSITION_COLUMNS, TRIGGER_COLUMNS, Beside, backward, forward, keeps_first_act,
+from ..ops.driver import (FACTORED, POSITION_COLUMNS, TRIGGER_COLUMNS, Beside, backward, forward, keeps_first_act,
                           unfold_patches, weight_names)
 from ..posenc import position_code
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
 
-__all__ = ["StudentProgram", "quiet_autograd", "position_halves_by_default", "trigger_factors_by_default"]
+__all__ = ["StudentProgram", "quiet_autograd", "position_halves_by_default", "trigger_factors_by_default",
+           "pool_factors_by_default"]
 
 _FIRST = "mlp.0.weight"          # the first layer's weight: trigger columns, then position columns
+_POOL_FACTORED = [n for n in FACTORED if n != _FIRST]   # the pool's in- and out-projection weights
 
 
 @contextlib.contextmanager
@@ -51,6 +53,15 @@ def trigger_factors_by_default(prim, students: int) -> bool:
     if not getattr(prim, "adam_from_factors", True):
         return False
     return int(students) > 1 or not getattr(prim, "trigger_written_at_one_image", False)
+
+
+def pool_factors_by_default(prim, students: int) -> bool:
+    """Whether a program of ``students`` students on table ``prim`` updates the pool's in- and
+    out-projection weights from their gradients' factors by default (rank 1 + H + B H and B:
+    ``driver.in_proj_weight_factors``), where the table's ``adam_from_factors`` says so: the
+    gradients are then never written (at 64 students, four products writing 151 MB each for
+    ``ttt-l14``, on the small work's stream beside the GEMMs) nor read by Adam."""
+    return bool(getattr(prim, "adam_from_factors", True))
 
 
 def position_halves_by_default(prim, students: int, factored: bool | None = None, kept: bool | None = None) -> bool:
@@ -88,7 +99,7 @@ class StudentProgram:
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
                  overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True,
                  trigger_factors: bool | None = None, position_halves: bool | None = None,
-                 first_layer_act_kept: bool | None = None):
+                 first_layer_act_kept: bool | None = None, pool_factors: bool | None = None):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -97,7 +108,10 @@ class StudentProgram:
         self.acc = acc_dtype_for(compute_dtype)
         self.device = dev = torch.device(device)
         self.snapshot = snapshot
+        # the pool's weights last in the layout: updated from their factors, they leave the rest
+        # of the parameters without a compute copy one adjacent run (one Adam launch)
         names = weight_names(config)
+        names = [n for n in names if n not in _POOL_FACTORED] + [n for n in names if n in _POOL_FACTORED]
         shapes = [tuple(snapshot[n].shape) for n in names]
         c, s = config, self.students
         with quiet_autograd(dev):
@@ -145,7 +159,13 @@ class StudentProgram:
             self.lr_t = torch.full((1,), float(lr), dtype=lr_dtype, device=dev)
             self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
             self.n_chunks = _adam_chunks(prim, s * self.store.numel)
-            self.factors: Optional[dict] = {} if shards is None and factored else None
+            # the weights whose gradients the backward gives by their factors (never written; not
+            # sharded) and the dict it puts them in, each step
+            pool = (bool(c.pool) and (pool_factors_by_default(prim, s) if pool_factors is None
+                                      else bool(pool_factors)))
+            self.factored = [] if shards is not None else ([_FIRST] if factored else []) + (
+                _POOL_FACTORED if pool else [])
+            self.factors: Optional[dict] = {} if self.factored else None
             # each layer's Adam on the update streams as soon as the backward is done with the layer,
             # beside the rest of the backward (Adam in one launch, one device, CUDA; by default
             # where the table says it pays); off: after it
@@ -200,7 +220,7 @@ class StudentProgram:
         backward(self.prim, st.weights, ctx, dz, c, self.pos_in, self.pos_out, grad_out=st.grad_views,
                  release=True, reduce=None if sh is None else sh.sum_, parts=1 if sh is None else sh.world,
                  on_done=None if lanes is None else lanes.start, beside=self.beside,
-                 wgrad_beside=self.wgrad_beside, factors=self.factors, pos_grid=self.pos_grid,
+                 wgrad_beside=self.wgrad_beside, factors=self.factors, factored=self.factored, pos_grid=self.pos_grid,
                  on_tail=None if tail is None else tail.tail)
         del ctx, z
         if sh is not None:
@@ -228,14 +248,15 @@ class StudentProgram:
     def _update_names(self):
         """Every name :meth:`_updates` covers in this step's program: the parameters, and the first
         layer's trigger columns where the backward gives their gradient by its factors."""
-        return list(self.store.names) + ([TRIGGER_COLUMNS] if self.factors is not None else [])
+        return list(self.store.names) + ([TRIGGER_COLUMNS] if _FIRST in self.factored else [])
 
     def _updates(self, names=None):
         """[(params, grads or None, m, v, lowp or None, outer or None)]: the ``adam_`` calls that
         update ``names`` (default: all). When this step's backward gave the first layer's trigger
         columns by their gradient's factors, :data:`TRIGGER_COLUMNS` names those columns (updated
         from the factors) and "mlp.0.weight" the position columns (from their own factors when the
-        backward gave them so: two column blocks)."""
+        backward gave them so: two column blocks). The pool's weights given by their factors are
+        updated from them, each in its own launch."""
         st = self.store
         names = list(st.names) + [TRIGGER_COLUMNS] if names is None else list(names)
         updates = []
@@ -253,6 +274,12 @@ class StudentProgram:
                     p, _, m, v, lowp = st.column_block(_FIRST, d + c0, d + c1)
                     updates.append((p, None, m, v, lowp, (a, b)))
                 names.remove(_FIRST)
+        for name in _POOL_FACTORED:
+            pair = self.factors.get(name) if self.factors and name in names else None
+            if pair is not None:
+                p, _, m, v, lowp = st.column_block(name, 0)
+                updates.append((p, None, m, v, lowp, pair))
+                names.remove(name)
         names = [n for n in names if n != TRIGGER_COLUMNS]
         if names:
             updates += [group + (None,) for group in st.adam_groups(names)]
@@ -270,6 +297,9 @@ class StudentProgram:
             reads += tuple(self.factors.get(_FIRST) or ())
         if self.factors and _FIRST in names:
             reads += tuple(t for *_, a, b in self.factors.get(POSITION_COLUMNS) or () for t in (a, b))
+        for name in _POOL_FACTORED:
+            if self.factors and name in names:
+                reads += tuple(self.factors.get(name) or ())
         return reads
 
     def _numel(self, name: str) -> int:

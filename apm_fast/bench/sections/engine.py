@@ -138,7 +138,8 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True,
     ms = t.median_ms / o.ttt_steps
     return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "adam_beside_backward": prog.overlap,
             "small_work_beside": prog.beside, "weight_grads_beside": prog.wgrad_beside,
-            "trigger_from_factors": prog.factors is not None, "position_halves": prog.pos_grid is not None,
+            "trigger_from_factors": "mlp.0.weight" in prog.factored,
+            "pool_from_factors": "attn.in_proj_weight" in prog.factored, "position_halves": prog.pos_grid is not None,
             "first_layer_act_kept": prog.first_layer_act_kept,
             "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
 

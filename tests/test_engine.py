@@ -520,9 +520,9 @@ def test_the_pool_weights_gradients_can_go_by_their_factors(per_student):
 
 def test_the_pool_weights_are_updated_from_their_factors_and_never_written():
     """The engine's ``pool_factors``: the pool's two weights go to Adam by their gradients'
-    factors, in one launch each, their part of the flat gradient buffer never written; they are
-    last in the layout, so the other parameters without a compute copy stay one launch; and the
-    training equals the written-out step's (float64)."""
+    factors, in one launch each, their part of the flat gradient buffer never written; they come
+    first after the compute copy's prefix, so the other parameters without a copy stay one launch;
+    and the training equals the written-out step's (float64)."""
     model, images, targets = _setup("three-layer", torch.float64, n=3)
     t = _engine(model, students=3)
     assert t.engine.pool_factors is None and not program_mod.pool_factors_by_default(TorchPrimitives(), 3)
@@ -530,7 +530,11 @@ def test_the_pool_weights_are_updated_from_their_factors_and_never_written():
     factored = t.fit(images, targets)
     prog = t.engine._program
     pool = ["attn.in_proj_weight", "attn.out_proj.weight"]
-    assert prog.factored == pool and prog.store.names[-2:] == pool
+    st = prog.store
+    # first after the compute copy's prefix: their blocks start 16-byte aligned (the prefix's
+    # widths are multiples of 4 here), not behind the conv's one-element bias
+    assert prog.factored == pool and st.names[st.n_lowp:st.n_lowp + 2] == pool
+    assert [st.offsets[st.n_lowp + i] * 3 % 4 for i in range(2)] == [0, 0]
     for n in pool:
         assert bool((prog.store.grad_views[n] == 0).all()), f"{n}'s gradient was written"
         moved = prog.store.master_views[n] - dict(model.named_parameters())[n].detach()
@@ -538,7 +542,7 @@ def test_the_pool_weights_are_updated_from_their_factors_and_never_written():
     rest = prog.store.names[prog.store.n_lowp:]
     updates = prog._updates(rest)
     assert [u[5] is not None for u in updates] == [True, True, False]
-    assert updates[2][0].shape[1] == sum(prog.store.numels[prog.store.n_lowp:-2])
+    assert updates[2][0].shape[1] == sum(st.numels[st.n_lowp + 2:])
     t.engine.pool_factors = False
     written = t.fit(images, targets)
     assert t.engine._program.factored == []

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..backends import available_backends
-from ..ttt.program import position_halves_by_default, trigger_factors_by_default
+from ..ttt.program import pool_factors_by_default, position_halves_by_default, trigger_factors_by_default
 from ..model import APM
 from ..validation import check_images
 from .gate import GateReport
@@ -96,6 +96,14 @@ class Context:
         kept = not getattr(self._table(name), "first_layer_act_kept", False)
         return (kept, "first-act-kept" if kept else "first-act-rebuilt",
                 "the first layer's activation kept" if kept else "the first layer's activation rebuilt")
+
+    def other_pool(self, name: str, students: int):
+        """The pool's weights the way the engine does not update them by default on table ``name``
+        at S = ``students`` (from their gradients' factors, or from the gradients written out), to
+        measure beside its default in the same run: (pool_factors value, key suffix, words)."""
+        factors = not pool_factors_by_default(self._table(name), students)
+        return (factors, "pool-factors" if factors else "pool-written",
+                "the pool's weights from their factors" if factors else "the pool's weights' gradients written")
 
     def factored_by_default(self, name: str, students: int) -> bool:
         """Whether the engine updates the first layer's trigger columns from their gradient's

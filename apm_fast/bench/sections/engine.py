@@ -20,8 +20,10 @@ the step with the position products P = pos W_P^T and dW_P the way the table doe
 them by default at one image (``position-halves``: from the code's separable form;
 ``position-gemm``: one GEMM each over the L rows), and the step with the first layer's activation
 ReLU(P + u) handled the way the table does not by default (``first-act-kept``: written out once in
-the forward and kept for the backward; ``first-act-rebuilt``: built again where it is read). The
-TFLOP/s column counts the rewritten form of spec section 3 (86.5 GF for ``ttt-l14``).
+the forward and kept for the backward; ``first-act-rebuilt``: built again where it is read), and the
+step with the pool's in- and out-projection weights updated the way the table does not by default
+(``pool-factors``: from their gradients' factors; ``pool-written``: from the gradients written
+out). The TFLOP/s column counts the rewritten form of spec section 3 (86.5 GF for ``ttt-l14``).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -103,7 +105,7 @@ def _problem(ctx, backend, students):
 
 
 def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True, trigger_factors=None,
-             position_halves=None, first_act_kept=None):
+             position_halves=None, first_act_kept=None, pool_factors=None):
     o = ctx.options
     model, x, y, trainer = _problem(ctx, backend, 1)
     trainer.engine.graphs = graphs
@@ -113,6 +115,7 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True,
     trainer.engine.trigger_factors = trigger_factors
     trainer.engine.position_halves = position_halves
     trainer.engine.first_layer_act_kept = first_act_kept
+    trainer.engine.pool_factors = pool_factors
     prog = trainer.program(1)
     prog.load(x, y)
 
@@ -280,6 +283,9 @@ def run(ctx) -> dict:
             kept, suffix, _ = ctx.other_first_act(name)
             rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
                                 lambda n=name, k=kept: _latency(ctx, n, True, first_act_kept=k)))
+            pool, suffix, _ = ctx.other_pool(name, 1)
+            rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
+                                lambda n=name, f=pool: _latency(ctx, n, True, pool_factors=f)))
         rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,

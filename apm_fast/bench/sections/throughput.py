@@ -8,7 +8,9 @@
   Adam schedule, and with the position products computed the other way (``position-halves`` /
   ``position-gemm``: from the code's separable form, or one GEMM over the L rows), and with the
   first layer's activation handled the other way (``first-act-kept`` / ``first-act-rebuilt``:
-  written out once in the forward and kept for the backward, or built again where it is read);
+  written out once in the forward and kept for the backward, or built again where it is read),
+  and with the pool's weights updated the other way (``pool-factors`` / ``pool-written``: from
+  their gradients' factors, or from the gradients written out);
 * end to end (on the default table for the preset here): :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
   teacher of random weights (same cost as real ones), loader, teacher and students overlapped,
   beside the teacher alone at the same batch: ``images_per_s`` over the whole call (the loader's
@@ -37,7 +39,8 @@ def _targets(ctx, model, images):
     return torch.cat([ctx.targets(model, images[i:i + 1], offset=i) for i in range(images.shape[0])])
 
 
-def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=None, first_act_kept=None):
+def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=None, first_act_kept=None,
+             pool_factors=None):
     o = ctx.options
     prec = None if backend == "reference" else (ctx.amp_dtype or model.dtype)
     trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec,
@@ -48,6 +51,8 @@ def _trainer(ctx, model, backend, students, moments=None, overlap=None, position
         trainer.engine.position_halves = position_halves
     if first_act_kept is not None:
         trainer.engine.first_layer_act_kept = first_act_kept
+    if pool_factors is not None:
+        trainer.engine.pool_factors = pool_factors
     return trainer
 
 
@@ -64,7 +69,7 @@ def _one_at_a_time(ctx, name, model, images, targets):
 
 
 def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, position_halves=None,
-                  first_act_kept=None):
+                  first_act_kept=None, pool_factors=None):
     """Images/s of 2 S images, S side by side; with bf16 moments also how far their cls moves from
     the fp32-moment run's on the same images (relative, and the share whose closest target changes).
     ``overlap``: each layer's Adam beside the rest of the backward (True) or the whole Adam after
@@ -72,7 +77,9 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, posit
     the position products from the code's separable form or as one GEMM over the L rows instead of
     the table's default (the ``position-halves`` / ``position-gemm`` rows); ``first_act_kept`` (a
     bool): the first layer's activation kept from the forward or built again instead of the
-    table's default (``first-act-kept`` / ``first-act-rebuilt``)."""
+    table's default (``first-act-kept`` / ``first-act-rebuilt``); ``pool_factors`` (a bool): the
+    pool's weights from their gradients' factors or from the gradients written out instead of the
+    table's default (``pool-factors`` / ``pool-written``)."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
@@ -88,7 +95,7 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, posit
                   "closest_changed": float((closest(half) != closest(full)).float().mean())}
         free_memory(ctx.device)
     with peak_memory(ctx.device) as pm:
-        trainer = _trainer(ctx, model, name, s, moments, overlap, position_halves, first_act_kept)
+        trainer = _trainer(ctx, model, name, s, moments, overlap, position_halves, first_act_kept, pool_factors)
         trainer.fit(images[:s], targets[:s])                # build, capture, warm
         timing = measure(lambda: trainer.fit(images, targets), device=ctx.device, warmup=0,
                          repeats=max(20, o.repeats))
@@ -96,6 +103,7 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, posit
             "moments": trainer.moments, "adam_beside_backward": trainer.engine.program(s).overlap,
             "position_halves": trainer.engine.program(s).pos_grid is not None,
             "first_layer_act_kept": trainer.engine.program(s).first_layer_act_kept,
+            "pool_from_factors": "attn.in_proj_weight" in trainer.engine.program(s).factored,
             "images_per_s": 2 * s * 1e3 / timing.median_ms, "peak_bytes": pm.peak_bytes,
             "peak_bytes_per_student": None if pm.peak_bytes is None else pm.peak_bytes / s,
             "mode": trainer.engine.mode}
@@ -187,9 +195,11 @@ def run(ctx) -> dict:
                     ov, ov_suffix, ov_words = ctx.other_adam(name)
                     halves, h_suffix, h_words = ctx.other_position(name, s)
                     kept, k_suffix, k_words = ctx.other_first_act(name)
+                    pool, p_suffix, p_words = ctx.other_pool(name, s)
                     for suffix, words, kw in ((ov_suffix, ov_words, {"overlap": ov}),
                                               (h_suffix, h_words, {"position_halves": halves}),
-                                              (k_suffix, k_words, {"first_act_kept": kept})):
+                                              (k_suffix, k_words, {"first_act_kept": kept}),
+                                              (p_suffix, p_words, {"pool_factors": pool})):
                         rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
                                                  backend=name, students=s, steps=o.ttt_steps,
                                                  label=f"{s} students side by side, {name}, {words}"),

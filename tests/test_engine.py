@@ -239,8 +239,8 @@ def test_position_products_from_the_codes_halves_train_the_same(monkeypatch):
 
 
 def test_a_table_can_write_the_trigger_gradient_out_at_one_image_only(monkeypatch):
-    """``trigger_written_at_one_image`` (the cuda table's setting): the trigger columns go to Adam by
-    their factors with several students and written out at one image, the position products then
+    """``written_at_one_image`` (the cuda table's setting): the trigger columns (and the pool's
+    weights) go to Adam by their factors with several students and written out at one image, the position products then
     by one GEMM at one image; an explicit ``trigger_factors`` still wins; both ways train the same."""
     model, images, targets = _setup("three-layer", torch.float64, n=3)
     monkeypatch.setattr(TorchPrimitives, "adam_from_factors", True, raising=False)
@@ -248,11 +248,13 @@ def test_a_table_can_write_the_trigger_gradient_out_at_one_image_only(monkeypatc
     g = model.config.grid
     before = _engine(model, students=3)
     assert "mlp.0.weight" in before.engine.program(1).factored and before.engine.program(1).pos_grid == (g, g)
-    monkeypatch.setattr(TorchPrimitives, "trigger_written_at_one_image", True, raising=False)
+    monkeypatch.setattr(TorchPrimitives, "written_at_one_image", True, raising=False)
     t = _engine(model, students=3)
     one, several = t.engine.program(1), t.engine.program(3)
     assert "mlp.0.weight" not in one.factored and one.pos_grid is None
     assert "mlp.0.weight" in several.factored and several.pos_grid == (g, g)
+    # the pool's weights likewise (pool_factors_by_default)
+    assert one.factored == [] and several.factored == ["mlp.0.weight", "attn.in_proj_weight", "attn.out_proj.weight"]
     t.engine.trigger_factors = True
     assert "mlp.0.weight" in t.engine.program(1).factored and t.engine.program(1).pos_grid == (g, g)
     t.engine.trigger_factors = None

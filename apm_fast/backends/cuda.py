@@ -67,8 +67,12 @@ class CudaPrimitives(Primitives):
     # rest of the layer (one Adam launch instead of the rank-1 one plus the position columns'):
     # on the H200 0.468 against 0.472 ms a step (ea13caa's targets run), 0.470 against 0.476 and
     # 0.481 against 0.490 / 0.494 in the A/B runs before it, 0.479-0.482 against 0.490-0.491 at
-    # 4074410 (benchmarks/results/h200/README.md); with several students by the factors as before
-    trigger_written_at_one_image = True
+    # 4074410 (benchmarks/results/h200/README.md); with several students by the factors as before.
+    # The pool's weights likewise: at one image their two updates from the factors, after the
+    # backward, took ~10 us more than one launch over the written gradients of every fp32
+    # parameter (0.457 / 0.457 against 0.455 / 0.452 ms a step, 66357bd; with 64 students 20.09 /
+    # 19.97 against 20.42 / 20.39 ms: benchmarks/results/h200/pool-factors-ab/)
+    written_at_one_image = True
     # the first layer's activation: this table writes ReLU(P + u) out before each GEMM that reads
     # it (forward, the weight gradient's operand, the input gradient's mask), so the TTT step
     # writes it once in the forward and keeps it for the backward: one pass instead of three. On

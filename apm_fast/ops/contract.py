@@ -166,8 +166,10 @@ class Primitives:
     streams beside the rest of the backward (on where measured faster: the Triton table).
     ``adam_from_factors``: the engine's default for this table, the first layer's trigger columns
     updated from their gradient's factors (``adam_``'s ``outer``; on for the kernel tables);
-    ``trigger_written_at_one_image``: except at one image, where the gradient is written out
-    (on where measured faster: the cuda table; ``ttt.program.trigger_factors_by_default``).
+    ``written_at_one_image``: except at one image, where the gradients that could go to Adam
+    by their factors (the trigger columns', the pool's weights') are written out (on where
+    measured faster: the cuda table, whose Adam runs after the backward there;
+    ``ttt.program.trigger_factors_by_default``, ``ttt.program.pool_factors_by_default``).
     ``position_halves``: the engine's default for this table with several students, and at one
     image when the first layer's gradient goes to Adam by its factors, the position products from
     the code's separable form (``driver.position_product``; on where measured faster: the Triton
@@ -186,7 +188,7 @@ class Primitives:
     use_custom_ops = None
     adam_beside_backward = False
     adam_from_factors = True
-    trigger_written_at_one_image = False
+    written_at_one_image = False
     position_halves = False
     first_layer_act_kept = False
 

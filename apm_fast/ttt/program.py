@@ -47,21 +47,23 @@ def quiet_autograd(device):
 def trigger_factors_by_default(prim, students: int) -> bool:
     """Whether a program of ``students`` students on table ``prim`` updates the first layer's
     trigger columns from their gradient's factors by default: where the table's
-    ``adam_from_factors`` says so, at one image only where its ``trigger_written_at_one_image``
+    ``adam_from_factors`` says so, at one image only where its ``written_at_one_image``
     does not (the cuda table writes that gradient out at one image: one Adam launch over the whole
     first layer instead of two, faster there in every run measured)."""
     if not getattr(prim, "adam_from_factors", True):
         return False
-    return int(students) > 1 or not getattr(prim, "trigger_written_at_one_image", False)
+    return int(students) > 1 or not getattr(prim, "written_at_one_image", False)
 
 
 def pool_factors_by_default(prim, students: int) -> bool:
     """Whether a program of ``students`` students on table ``prim`` updates the pool's in- and
     out-projection weights from their gradients' factors by default (rank 1 + H + B H and B:
-    ``driver.in_proj_weight_factors``), where the table's ``adam_from_factors`` says so: the
-    gradients are then never written (at 64 students, four products writing 151 MB each for
-    ``ttt-l14``, on the small work's stream beside the GEMMs) nor read by Adam."""
-    return bool(getattr(prim, "adam_from_factors", True))
+    ``driver.in_proj_weight_factors``): as the trigger columns (``trigger_factors_by_default``),
+    where the table's ``adam_from_factors`` says so, at one image only where its
+    ``written_at_one_image`` does not. The gradients are then never written (at 64 students,
+    four products writing 151 MB each for ``ttt-l14``, on the small work's stream beside the
+    GEMMs) nor read by Adam."""
+    return trigger_factors_by_default(prim, students)
 
 
 def position_halves_by_default(prim, students: int, factored: bool | None = None, kept: bool | None = None) -> bool:

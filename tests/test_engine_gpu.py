@@ -132,8 +132,10 @@ def test_work_on_a_second_stream_changes_nothing(backend, graphs, switch):
 def test_the_pool_weights_from_their_factors_train_the_same(backend):
     """The pool's in- and out-projection weights updated from their gradients' factors (the kernel
     tables' default, ``pool_factors``) against their gradients written out: with one image a
-    student every element of those gradients is one product either way, so the updates are the
-    same: bit for bit where two runs of the written way agree, else to the bf16 tolerance."""
+    student every element of those gradients is one product either way; the two ways' updates
+    run in different kernels (whose multiply-adds may round differently: the Triton table's did,
+    the cuda table's agreed bit for bit), so they agree to the bf16 tolerance, with the same
+    closest targets. (float64 on the CPU: to 1e-12, tests/test_engine.py.)"""
     model, images, targets = _setup(n=3, seed=3)
     kw = dict(steps=STEPS, lr=LR, backend=backend, students=3, compute_dtype=torch.bfloat16)
 
@@ -144,12 +146,9 @@ def test_the_pool_weights_from_their_factors_train_the_same(backend):
         assert ("attn.in_proj_weight" in t.engine.program(3).factored) == on
         return out
 
-    a, a2, b = fit(False), fit(False), fit(True)
-    if torch.equal(a.cls, a2.cls) and torch.equal(a.losses, a2.losses):
-        assert torch.equal(a.cls, b.cls) and torch.equal(a.losses, b.losses)
-    else:
-        _close(b.cls, a.cls, "bf16", "cls")
-        _close(b.losses, a.losses, "bf16", "losses")
+    a, b = fit(False), fit(True)
+    _close(b.cls, a.cls, "bf16", "cls")
+    _close(b.losses, a.losses, "bf16", "losses")
     assert torch.equal(_classes(a.cls, targets), _classes(b.cls, targets))
 
 

@@ -165,7 +165,8 @@ class Primitives:
     ``adam_beside_backward``: the engine's default for this table, each layer's Adam on the update
     streams beside the rest of the backward (on where measured faster: the Triton table).
     ``adam_from_factors``: the engine's default for this table, the first layer's trigger columns
-    updated from their gradient's factors (``adam_``'s ``outer``; on for the kernel tables);
+    and the pool's in- and out-projection weights updated from their gradients' factors
+    (``adam_``'s ``outer``; on for the kernel tables);
     ``written_at_one_image``: except at one image, where the gradients that could go to Adam
     by their factors (the trigger columns', the pool's weights') are written out (on where
     measured faster: the cuda table, whose Adam runs after the backward there;

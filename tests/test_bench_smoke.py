@@ -161,3 +161,34 @@ def test_broken_fast_path_fails_the_gate_and_suppresses_speedups(tmp_path, monke
                 assert r.get(k) is None
     steps = {r["key"]: r for r in _load(tmp_path, "ttt_step")["rows"]}
     assert steps["torch"]["gate"] == "failed" and steps["eager"]["gate"] == "passed"
+
+
+def test_one_setting_in_turns(tmp_path, one_thread, capsys):
+    """``--ab SETTING=V1,V2``: the ab section alone (after the gate), every value on every kernel
+    table and S of --students-list in turns, each row saying what the program resolved the setting
+    to and that the values train the same; one summary row per value against the first; a plot.
+    A setting that is not the engine's, or one value, is refused with the argument named."""
+    status = bench_cli.main(["--device", "cpu", "--quick", "--preset", "ttt-l14", "--skip", *SKIP, "--out",
+                             str(tmp_path), "--ab", "pool_factors=true,false", "--ab-turns", "2",
+                             "--students-list", "1", "2"])
+    assert status == 0
+    doc = _load(tmp_path, "ab")
+    assert doc["gate"]["passed"] is True
+    assert not list(tmp_path.rglob("engine-quick.json")), "only the ab section runs"
+    turns = [r for r in doc["rows"] if "turn" in r and r["backend"] == "torch"]
+    assert sorted((r["turn"], r["students"], r["value"]) for r in turns) == sorted(
+        (t, s, v) for t in (0, 1) for s in (1, 2) for v in ("true", "false"))
+    assert all(r["status"] == "ok" and r["ms_per_step"] > 0 and r["resolved"] == r["value"] for r in turns)
+    for s in (1, 2):             # the same training either way (float32 on the CPU)
+        losses = {r["value"]: r["loss_last_mean"] for r in turns if r["students"] == s and r["turn"] == 0}
+        assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    summary = {r["key"]: r for r in doc["rows"] if "turn" not in r and r["backend"] == "torch"}
+    assert sorted(summary) == sorted(f"ab/torch/S={s}/pool_factors={v}" for s in (1, 2) for v in ("true", "false"))
+    for s in (1, 2):
+        first, other = summary[f"ab/torch/S={s}/pool_factors=true"], summary[f"ab/torch/S={s}/pool_factors=false"]
+        assert first["vs_first"] == 1.0 and first["turns"] == 2
+        assert other["vs_first"] == pytest.approx(other["ms_per_step"] / first["ms_per_step"])
+    assert list(tmp_path.rglob("ab-quick.png"))
+    for bad in ("pool=true,false", "pool_factors=true", "pool_factors=true,maybe"):
+        assert bench_cli.main(["--device", "cpu", "--quick", "--no-out", "--ab", bad]) == 2
+        assert "--ab: expected" in capsys.readouterr().err

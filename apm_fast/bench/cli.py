@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .options import SECTIONS
+from .options import OPTIONAL_SECTIONS, SECTIONS
 
 __all__ = ["add_parser", "build_options", "run", "main"]
 
@@ -20,8 +20,8 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
 
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=None,
                    help="presets to measure (default: all)")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, default=None,
-                   help="sections to run (default: all; the correctness gate always runs)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS + OPTIONAL_SECTIONS, default=None,
+                   help="sections to run (default: all but ab; the correctness gate always runs)")
     p.add_argument("--skip", nargs="+", default=(), metavar="KEY",
                    help="implementations or backends to leave out, e.g. compile authors triton "
                         "(listed as skipped)")
@@ -52,6 +52,12 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
                    help="open_clip towers for the TPT rows of Table 4 (default: ViT-B-16)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="soft limit: once spent, what has not started is recorded as skipped")
+    p.add_argument("--ab", default=None, metavar="SETTING=V1,V2",
+                   help="measure one engine setting's values in turns, on every kernel table and every S of "
+                        "--students-list, e.g. overlap=true,false (none: the table's default); runs the ab "
+                        "section (alone unless --only names others)")
+    p.add_argument("--ab-turns", type=int, default=2, metavar="N",
+                   help="turns of the --ab values (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNGs")
     p.add_argument("--commit", default=None, help="commit to record where the tree has no .git")
 
@@ -71,6 +77,12 @@ def build_options(args):
         kw["presets"] = tuple(args.preset)
     if args.only:
         kw["sections"] = tuple(args.only)
+    if args.ab is not None:
+        from .sections.ab import parse_values
+
+        kw["ab"] = parse_values(args.ab)
+        kw["ab_turns"] = args.ab_turns
+        kw["sections"] = tuple(dict.fromkeys(kw.get("sections", ()) + ("ab",)))
     if args.authors_presets is not None:
         kw["authors_presets"] = tuple(args.authors_presets)
     if args.compile_presets is not None:

@@ -7,13 +7,16 @@ from typing import Optional, Tuple
 
 from ..config import PRESETS, APMConfig, preset
 
-__all__ = ["SECTIONS", "BenchOptions", "quick_config"]
+__all__ = ["SECTIONS", "OPTIONAL_SECTIONS", "BenchOptions", "quick_config"]
 
 # In the order they run (the gate runs before all of them): what the targets are read from first
 # (the step's implementations, the engine's step, the rates, the scaling), so that a run cut short
 # by its time budget still has them; then the rest.
 SECTIONS = ("step", "engine", "throughput", "scaling", "forward", "table4", "primitives", "distributed",
             "evaluation", "capabilities")
+# run only when asked for (--only, or the option that defines them): one engine setting's values
+# in turns (``--ab``)
+OPTIONAL_SECTIONS = ("ab",)
 
 
 def quick_config(name: str, **overrides) -> APMConfig:
@@ -79,13 +82,21 @@ class BenchOptions:
     # (i) the evaluation's methods: images, views of TPT and ZERO
     eval_images: int = 128
     eval_views: int = 64
+    # (ab) one engine setting's values in turns: (setting, (values...)) as parse_values gives it
+    ab: Optional[Tuple[str, Tuple]] = None
+    ab_turns: int = 2
     # free-form preset overrides applied on top of the quick shrink (e.g. {"grid": 6})
     overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        bad = [s for s in self.sections if s not in SECTIONS]
+        bad = [s for s in self.sections if s not in SECTIONS + OPTIONAL_SECTIONS]
         if bad:
-            raise ValueError(f"sections: unknown {bad}; expected some of {list(SECTIONS)}")
+            raise ValueError(f"sections: unknown {bad}; expected some of {list(SECTIONS + OPTIONAL_SECTIONS)}")
+        if ("ab" in self.sections) != (self.ab is not None):
+            raise ValueError("ab: the ab section and its setting go together (--ab SETTING=V1,V2 runs it), got "
+                             f"sections {list(self.sections)} and ab {self.ab!r}")
+        if isinstance(self.ab_turns, bool) or not isinstance(self.ab_turns, int) or self.ab_turns < 1:
+            raise ValueError(f"ab_turns: expected a positive integer, got {self.ab_turns!r}")
         bad = [p for p in self.presets if p not in PRESETS]
         if bad:
             raise ValueError(f"presets: unknown {bad}; expected some of {sorted(PRESETS)}")

@@ -5,7 +5,8 @@
 * ``scaling*.png``: time and peak memory against the number of location queries, APM beside CLIP;
 * ``ttt_step*.png``: one TTT step's latency per implementation (median, p20-p80 whiskers);
 * ``forward*.png``: forward time per image, every backend and batch;
-* ``table4*.png``: the Table 4 re-measurement as a table, and FLOPs against TTT steps t.
+* ``table4*.png``: the Table 4 re-measurement as a table, and FLOPs against TTT steps t;
+* ``ab*.png``: one engine setting's values in turns, ms a step per turn (one panel per table and S).
 """
 from __future__ import annotations
 
@@ -216,8 +217,31 @@ def plot_table4(doc, path: Path):
     _save(plt, fig, doc, path, layout=False)
 
 
+def plot_ab(doc, path: Path):
+    """ms a step of each value, turn by turn, one panel per (table, S): the values' lines apart
+    by more than each line's own spread is a difference."""
+    rows = [r for r in doc.get("rows", []) if _ok(r) and "turn" in r]
+    panels = list(dict.fromkeys((r["backend"], r["students"]) for r in rows))
+    if not panels:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, (table, s) in zip(axes[0], panels):
+        mine = [r for r in rows if r["backend"] == table and r["students"] == s]
+        for value in dict.fromkeys(r["value"] for r in mine):
+            pts = sorted((r["turn"], r["ms_per_step"]) for r in mine if r["value"] == value)
+            ax.plot([t for t, _ in pts], [m for _, m in pts], marker="o", label=f"{mine[0]['setting']}={value}")
+        ax.set_title(f"{table}, S = {s}", fontsize=9)
+        ax.set_xlabel("turn")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("ms a step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(plt, fig, doc, path)
+
+
 _PLOTTERS = {"scaling": plot_scaling, "ttt_step": plot_step, "forward": plot_forward,
-             "table4": plot_table4}
+             "table4": plot_table4, "ab": plot_ab}
 
 
 def plot_file(json_path: Path, out_dir: Path | None = None):

@@ -297,6 +297,10 @@ def summary_lines(result) -> List[str]:
             lines.append(f"evaluation {r['key']}: " + ", ".join(
                 f"{m} {r[f'{m}_images_per_s']:.1f}" for m in ("zeroshot", "ensemble", "apm", "tpt", "zero", "all")
                 if r.get(f"{m}_images_per_s") is not None) + " images/s")
+    for r in s.get("ab", {}).get("rows", []):
+        if r.get("status") == "ok" and "vs_first" in r:
+            lines.append(f"{r['key']}: {r['ms_per_step']:.4f} ms/step, {r['images_per_s']:.1f} images/s "
+                         f"({r['vs_first']:.3f}x the first value, median of {r['turns']} turns)")
     for r in s.get("engine", {}).get("rows", []):
         if r.get("status") == "ok" and "ms_per_step" in r:
             lines.append(f"engine {r['key']}: {r['ms_per_step']:.3f} ms/step ({r['tflops']:.0f} TFLOP/s)")

@@ -19,7 +19,7 @@ from . import spec_numbers
 from .context import Context, error_text
 from .gate import ReferencePoint, gate_backend
 from .machine import device_slug, machine_line
-from .options import SECTIONS, BenchOptions
+from .options import OPTIONAL_SECTIONS, SECTIONS, BenchOptions
 from .report import finalize, format_gate, format_section
 from .sections import SECTION_MODULES
 
@@ -153,7 +153,7 @@ def run_suite(options: BenchOptions, log: Callable[[str], None] = print) -> Suit
     gate_seconds = time.perf_counter() - t0
 
     results: Dict[str, dict] = {}
-    for sec in SECTIONS:
+    for sec in SECTIONS + OPTIONAL_SECTIONS:
         if sec not in options.sections:
             continue
         mod = SECTION_MODULES[sec]

@@ -104,6 +104,33 @@ def _problem(ctx, backend, students):
     return model, x, y, trainer
 
 
+def time_steps(ctx, prog, repeats: int):
+    """The timing of ``repeats`` runs of a loaded program's ``ttt_steps`` steps back to back
+    (graph replays, or eager steps), after one untimed run: between two CUDA events (the device
+    never waits for the host), or the host's clock on the CPU. Each run starts from the reset
+    to the snapshot, which is not timed (a batch's reset is not a step)."""
+    steps = ctx.options.ttt_steps
+    samples = []
+    for _ in range(repeats + 1):                # the first: a warm-up
+        prog.reset()
+        if ctx.device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            for _ in range(steps):
+                prog.step()
+            b.record()
+            b.synchronize()
+            samples.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                prog.step()
+            samples.append(1e3 * (time.perf_counter() - t0))
+    return summarize(samples[1:], clock="cuda-events around the steps" if ctx.device.type == "cuda" else
+                     "perf_counter", warmup=1)
+
+
 def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True, trigger_factors=None,
              position_halves=None, first_act_kept=None, pool_factors=None):
     o = ctx.options
@@ -118,26 +145,7 @@ def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True,
     trainer.engine.pool_factors = pool_factors
     prog = trainer.program(1)
     prog.load(x, y)
-
-    samples = []
-    for i in range(21):                         # the first: a warm-up
-        prog.reset()                            # (not timed: a batch's reset is not a step)
-        if ctx.device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            for _ in range(o.ttt_steps):
-                prog.step()
-            b.record()
-            b.synchronize()
-            samples.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            for _ in range(o.ttt_steps):
-                prog.step()
-            samples.append(1e3 * (time.perf_counter() - t0))
-    t = summarize(samples[1:], clock="cuda-events around the steps" if ctx.device.type == "cuda" else
-                  "perf_counter", warmup=1)
+    t = time_steps(ctx, prog, 20)
     ms = t.median_ms / o.ttt_steps
     return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "adam_beside_backward": prog.overlap,
             "small_work_beside": prog.beside, "weight_grads_beside": prog.wgrad_beside,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..timing import quantile
 from .engine import _problem, time_steps
 
 __all__ = ["run", "NAME", "SETTINGS", "parse_values"]
@@ -56,8 +57,7 @@ def _word(value) -> str:
 
 
 def _measure(ctx, table, students, setting, value):
-    model, x, y, trainer = _problem(ctx, table, students)
-    setattr(trainer.engine, setting, value)
+    model, x, y, trainer = _problem(ctx, table, students, **{setting: value})
     prog = trainer.program(students)
     prog.load(x, y)
     t = time_steps(ctx, prog, 20)
@@ -88,12 +88,11 @@ def run(ctx) -> dict:
         for s in o.students_list:
             first = None
             for value in values:
-                got = sorted(r["ms_per_step"] for r in rows if r["status"] == "ok" and r["backend"] == name
-                             and r["students"] == s and r["value"] == _word(value)
-                             and "turn" in r)
+                got = [r["ms_per_step"] for r in rows if r["status"] == "ok" and r["backend"] == name
+                       and r["students"] == s and r["value"] == _word(value) and "turn" in r]
                 if not got:
                     continue
-                ms = got[len(got) // 2] if len(got) % 2 else 0.5 * (got[len(got) // 2 - 1] + got[len(got) // 2])
+                ms = quantile(got, 0.5)
                 first = ms if first is None else first
                 rows.append(dict(key=f"ab/{name}/S={s}/{setting}={_word(value)}", backend=name, students=s,
                                  setting=setting, value=_word(value), status="ok", reason="", turns=len(got), ms_per_step=ms,

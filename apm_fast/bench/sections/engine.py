@@ -93,15 +93,27 @@ def _gate(ctx, backend):
     return out
 
 
-def _problem(ctx, backend, students):
-    """The engine preset's model, ``students`` images and targets, and a trainer on ``backend``."""
+def with_switches(trainer, **switches):
+    """``trainer`` with its engine's switches set (``overlap``, ``graphs``, ``pool_factors``, ...;
+    None leaves the table's default)."""
+    for name, value in switches.items():
+        if not hasattr(trainer.engine, name):
+            raise ValueError(f"switches: the engine has no switch {name!r}")
+        if value is not None:
+            setattr(trainer.engine, name, value)
+    return trainer
+
+
+def _problem(ctx, backend, students, **switches):
+    """The engine preset's model, ``students`` images and targets, and a trainer on ``backend``
+    with the engine's ``switches`` set (:func:`with_switches`)."""
     o = ctx.options
     model = ctx.model(o.engine_preset)
     x = ctx.images(o.engine_preset, students)
     y = torch.randn(students, model.config.dim, device=ctx.device)
     trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students,
                               precision=ctx.amp_dtype or model.dtype)
-    return model, x, y, trainer
+    return model, x, y, with_switches(trainer, **switches)
 
 
 def time_steps(ctx, prog, repeats: int):
@@ -131,18 +143,9 @@ def time_steps(ctx, prog, repeats: int):
                      "perf_counter", warmup=1)
 
 
-def _latency(ctx, backend, graphs, overlap=None, beside=True, wgrad_beside=True, trigger_factors=None,
-             position_halves=None, first_act_kept=None, pool_factors=None):
+def _latency(ctx, backend, graphs, **switches):
     o = ctx.options
-    model, x, y, trainer = _problem(ctx, backend, 1)
-    trainer.engine.graphs = graphs
-    trainer.engine.overlap = overlap
-    trainer.engine.beside = beside
-    trainer.engine.wgrad_beside = wgrad_beside
-    trainer.engine.trigger_factors = trigger_factors
-    trainer.engine.position_halves = position_halves
-    trainer.engine.first_layer_act_kept = first_act_kept
-    trainer.engine.pool_factors = pool_factors
+    model, x, y, trainer = _problem(ctx, backend, 1, graphs=graphs, **switches)
     prog = trainer.program(1)
     prog.load(x, y)
     t = time_steps(ctx, prog, 20)
@@ -290,7 +293,7 @@ def run(ctx) -> dict:
                                 lambda n=name, h=halves: _latency(ctx, n, True, position_halves=h)))
             kept, suffix, _ = ctx.other_first_act(name)
             rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
-                                lambda n=name, k=kept: _latency(ctx, n, True, first_act_kept=k)))
+                                lambda n=name, k=kept: _latency(ctx, n, True, first_layer_act_kept=k)))
             pool, suffix, _ = ctx.other_pool(name, 1)
             rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
                                 lambda n=name, f=pool: _latency(ctx, n, True, pool_factors=f)))

@@ -29,6 +29,7 @@ from ...backends import default_backend, get_backend
 from ...ttt import TestTimeTrainer
 from ..context import free_memory
 from ..timing import measure, peak_memory, summarize
+from .engine import with_switches
 
 __all__ = ["run", "NAME"]
 
@@ -39,21 +40,13 @@ def _targets(ctx, model, images):
     return torch.cat([ctx.targets(model, images[i:i + 1], offset=i) for i in range(images.shape[0])])
 
 
-def _trainer(ctx, model, backend, students, moments=None, overlap=None, position_halves=None, first_act_kept=None,
-             pool_factors=None):
+def _trainer(ctx, model, backend, students, moments=None, **switches):
+    """A trainer of the run's protocol with the engine's ``switches`` set (None: the table's default)."""
     o = ctx.options
     prec = None if backend == "reference" else (ctx.amp_dtype or model.dtype)
     trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students, precision=prec,
                               moments=moments)
-    if overlap is not None:
-        trainer.engine.overlap = overlap
-    if position_halves is not None:
-        trainer.engine.position_halves = position_halves
-    if first_act_kept is not None:
-        trainer.engine.first_layer_act_kept = first_act_kept
-    if pool_factors is not None:
-        trainer.engine.pool_factors = pool_factors
-    return trainer
+    return with_switches(trainer, **switches)
 
 
 def _one_at_a_time(ctx, name, model, images, targets):
@@ -68,18 +61,14 @@ def _one_at_a_time(ctx, name, model, images, targets):
             "peak_bytes": pm.peak_bytes, "final_loss_median": float(result.losses[:, -1].median())}
 
 
-def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, position_halves=None,
-                  first_act_kept=None, pool_factors=None):
+def _side_by_side(ctx, preset, name, model, s, moments=None, **switches):
     """Images/s of 2 S images, S side by side; with bf16 moments also how far their cls moves from
     the fp32-moment run's on the same images (relative, and the share whose closest target changes).
-    ``overlap``: each layer's Adam beside the rest of the backward (True) or the whole Adam after
-    it (False) instead of the table's default, to compare in one run; ``position_halves`` (a bool):
-    the position products from the code's separable form or as one GEMM over the L rows instead of
-    the table's default (the ``position-halves`` / ``position-gemm`` rows); ``first_act_kept`` (a
-    bool): the first layer's activation kept from the forward or built again instead of the
-    table's default (``first-act-kept`` / ``first-act-rebuilt``); ``pool_factors`` (a bool): the
-    pool's weights from their gradients' factors or from the gradients written out instead of the
-    table's default (``pool-factors`` / ``pool-written``)."""
+    ``switches``: the engine's switches set the way the table does not by default, to compare in
+    one run: ``overlap`` (each layer's Adam beside the rest of the backward, or the whole Adam
+    after it), ``position_halves`` (the ``position-halves`` / ``position-gemm`` rows),
+    ``first_layer_act_kept`` (``first-act-kept`` / ``first-act-rebuilt``), ``pool_factors``
+    (``pool-factors`` / ``pool-written``)."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
@@ -95,7 +84,7 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, overlap=None, posit
                   "closest_changed": float((closest(half) != closest(full)).float().mean())}
         free_memory(ctx.device)
     with peak_memory(ctx.device) as pm:
-        trainer = _trainer(ctx, model, name, s, moments, overlap, position_halves, first_act_kept, pool_factors)
+        trainer = _trainer(ctx, model, name, s, moments, **switches)
         trainer.fit(images[:s], targets[:s])                # build, capture, warm
         timing = measure(lambda: trainer.fit(images, targets), device=ctx.device, warmup=0,
                          repeats=max(20, o.repeats))
@@ -198,7 +187,7 @@ def run(ctx) -> dict:
                     pool, p_suffix, p_words = ctx.other_pool(name, s)
                     for suffix, words, kw in ((ov_suffix, ov_words, {"overlap": ov}),
                                               (h_suffix, h_words, {"position_halves": halves}),
-                                              (k_suffix, k_words, {"first_act_kept": kept}),
+                                              (k_suffix, k_words, {"first_layer_act_kept": kept}),
                                               (p_suffix, p_words, {"pool_factors": pool})):
                         rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
                                                  backend=name, students=s, steps=o.ttt_steps,

@@ -21,6 +21,10 @@ fp32 parameters with a bf16 copy (4.05 TB/s of the 4.23 a device copy reaches), 
 for 2048 with 8 warps (the former setting) and 168 us for 4096
 (``benchmarks/results/h200/measured-not-kept/9e245fd-fused-wgrad-adam.json``, key "adam").
 
+At step 1 the moments are not read (masked loads, no memory traffic) but taken as zeros, what
+they are at a first update: the same update, bit for bit, and the engine's reset to the snapshot
+need not write them (the table's ``adam_fresh_at_step_one``).
+
 A block of a weight's columns whose gradient is given by its factors (``outer``: the first
 layer's trigger columns, rank one per image, and with the position code's halves its position
 columns, two blocks of rank width and height) is updated with the gradient made in registers
@@ -68,10 +72,11 @@ def _one_minus_pow(one_minus_beta, t):
 
 @triton.jit
 def _coefficients(step_ptr, lr_ptr, omb1, omb2):
-    """lr / (1 - b1^t) and sqrt(1 - b2^t) of this update (t and lr read on the device)."""
+    """lr / (1 - b1^t) and sqrt(1 - b2^t) of this update (t and lr read on the device), and
+    whether it reads the moments: not at t = 1, where they are zeros (masked loads: no traffic)."""
     t = tl.load(step_ptr).to(tl.int32)
     lr = tl.load(lr_ptr).to(tl.float32)
-    return lr / _one_minus_pow(omb1, t), tl.sqrt(_one_minus_pow(omb2, t))
+    return lr / _one_minus_pow(omb1, t), tl.sqrt(_one_minus_pow(omb2, t)), t > 1
 
 
 @triton.jit
@@ -95,7 +100,7 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr
     row = (pid // NCB).to(tl.int64)
     offs = (pid % NCB) * BLOCK + tl.arange(0, BLOCK)
     msk = offs < C
-    step_size, bc2_sqrt = _coefficients(step_ptr, lr_ptr, omb1, omb2)
+    step_size, bc2_sqrt, later = _coefficients(step_ptr, lr_ptr, omb1, omb2)
     p = tl.load(p_ptr + s * sp_s + row * sp_r + offs, mask=msk, other=0.0)
     if OUTER:          # the gradient from its factors of low rank: sum_k a[s, k, row] b[s, k, offs]
         g = tl.zeros([BLOCK], p.dtype)
@@ -104,8 +109,8 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr
             g += a * tl.load(b_ptr + s * sb_s + k * sb_k + offs, mask=msk, other=0.0)
     else:
         g = tl.load(g_ptr + s * sg_s + row * sg_r + offs, mask=msk, other=0.0).to(p.dtype)
-    m = tl.load(m_ptr + s * sm_s + row * sm_r + offs, mask=msk, other=0.0).to(p.dtype)   # bf16 moments: widened
-    v = tl.load(v_ptr + s * sv_s + row * sv_r + offs, mask=msk, other=0.0).to(p.dtype)
+    m = tl.load(m_ptr + s * sm_s + row * sm_r + offs, mask=msk & later, other=0.0).to(p.dtype)   # bf16: widened
+    v = tl.load(v_ptr + s * sv_s + row * sv_r + offs, mask=msk & later, other=0.0).to(p.dtype)
     p, m, v = _update(p, g, m, v, beta1, beta2, omb1, omb2, eps, step_size, bc2_sqrt)
     tl.store(m_ptr + s * sm_s + row * sm_r + offs, m.to(m_ptr.dtype.element_ty), mask=msk)     # rounded once
     tl.store(v_ptr + s * sv_s + row * sv_r + offs, v.to(v_ptr.dtype.element_ty), mask=msk)
@@ -131,11 +136,11 @@ def adam_outer_kernel(p_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr_
     in_c = cols < C
     msk = in_r[:, None] & in_c[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    step_size, bc2_sqrt = _coefficients(step_ptr, lr_ptr, omb1, omb2)
+    step_size, bc2_sqrt, later = _coefficients(step_ptr, lr_ptr, omb1, omb2)
     # the state's loads first: in flight while the gradient is made
     p = tl.load(p_ptr + s * sp_s + r64 * sp_r + cols[None, :], mask=msk, other=0.0)
-    m = tl.load(m_ptr + s * sm_s + r64 * sm_r + cols[None, :], mask=msk, other=0.0).to(p.dtype)
-    v = tl.load(v_ptr + s * sv_s + r64 * sv_r + cols[None, :], mask=msk, other=0.0).to(p.dtype)
+    m = tl.load(m_ptr + s * sm_s + r64 * sm_r + cols[None, :], mask=msk & later, other=0.0).to(p.dtype)
+    v = tl.load(v_ptr + s * sv_s + r64 * sv_r + cols[None, :], mask=msk & later, other=0.0).to(p.dtype)
     g = tl.zeros([BR, BC], p.dtype)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)

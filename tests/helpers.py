@@ -129,3 +129,43 @@ def check_block_adam(table, device, moments=torch.float32, shape=BLOCK_SHAPES[0]
         for x, y in zip(ours, ref):     # the next step from the same state (no drift of an ulp a step)
             x.copy_(y)
     assert not ours[3].float().isnan().any()
+
+
+def check_fresh_adam(table, device, moments=torch.float32):
+    """What a table's ``adam_fresh_at_step_one`` says holds: with it, the update at step 1 reads no
+    moments (NaN-filled moments give, bit for bit, the update of zeroed ones: parameters, moments
+    and the bf16 copy) and the next one reads them (NaN moments give NaN parameters); without it,
+    the moments are read at step 1 too (the engine's reset must zero them). Over the flat buffer
+    (odd: vectorized kernels also run their tails) and over column blocks whose gradients are
+    given by factors of rank 2 (row by row) and 17 (by tiles where a table tiles)."""
+    gen = torch.Generator().manual_seed(13)
+    s, r, w = 2, 21, 38
+    fresh = bool(table.adam_fresh_at_step_one)
+    a = torch.randn(s, 2, r, generator=gen).to(device)
+    b = torch.randn(s, 2, w, generator=gen).to(device)
+    a2 = torch.randn(s, 17, r, generator=gen).to(device)
+    b2 = torch.randn(s, 17, w, generator=gen).to(device)
+    g = torch.randn(s, r * w, generator=gen).to(device)
+    p0 = torch.randn(s, r, w, generator=gen).to(device)
+    lr = torch.full((1,), 3e-3, device=device)
+    for grads, outer in ((g, None), (None, (a, b)), (None, (a2, b2))):
+        out = {}
+        for fill in ("zeros", "nan"):
+            for t in (1.0, 2.0):
+                p = p0.clone()
+                m = torch.full((s, r, w), 0.0 if fill == "zeros" else float("nan"), device=device, dtype=moments)
+                v = m.clone()
+                lowp = torch.zeros(s, r, w, device=device, dtype=torch.bfloat16)
+                if grads is not None:
+                    p, m, v, lowp = (x.view(s, -1) for x in (p, m, v, lowp))
+                table.adam_(p, grads, m, v, torch.full((1,), t, device=device), lr, 0.9, 0.999, 1e-8,
+                            lowp=lowp, outer=outer)
+                out[fill, t] = (p, m, v, lowp)
+        zeros, nans = out["zeros", 1.0], out["nan", 1.0]
+        assert not any(x.float().isnan().any() for x in zeros)
+        if fresh:
+            for x, y in zip(nans, zeros):
+                assert torch.equal(x, y), "step 1 read the moments"
+        else:
+            assert nans[0].isnan().all(), "a table that reads the moments at step 1 says it does not"
+        assert out["nan", 2.0][0].isnan().all(), "step 2 did not read the moments"

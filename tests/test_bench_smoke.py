@@ -94,6 +94,8 @@ def test_harness_end_to_end(tmp_path, one_thread):
     through = {r["key"]: r for r in _load(tmp_path, "throughput")["rows"]}
     for key in ("alone/reference", "alone/torch", "side-by-side/torch/S=2", "end-to-end/torch"):
         assert through[key]["status"] == "ok" and through[key]["images_per_s"] > 0, key
+    side = through["side-by-side/torch/S=2"]
+    assert side["reset_ms"] > 0 and 0 < side["reset_share"] < 1      # a part of each batch
     half = through["side-by-side/torch/S=2/bf16-moments"]
     assert half["status"] == "ok" and half["moments"] == "bf16" and through["side-by-side/torch/S=2"]["moments"] == "fp32"
     assert 0 < half["cls_rel_vs_fp32_moments"] < 5e-2 and 0 <= half["closest_changed"] <= 1

@@ -18,7 +18,7 @@ from apm_fast.ops.driver import POSITION_COLUMNS, TRIGGER_COLUMNS
 from apm_fast.ttt import program as program_mod
 from apm_fast.ttt.memory import choose_students, count_params, estimate_student_bytes
 from apm_fast.ttt.store import ParamStore
-from helpers import BLOCK_SHAPES, check_block_adam
+from helpers import BLOCK_SHAPES, check_block_adam, check_fresh_adam
 
 STEPS = 4
 LR = 1e-2
@@ -94,6 +94,41 @@ def test_second_fit_is_identical_reset_is_complete():
     # the engine never touched the model
     for k, p in model.named_parameters():
         assert torch.equal(p, eng.snapshot[k])
+
+
+def test_the_reset_leaves_the_moments_to_an_adam_that_reads_none_at_step_one(monkeypatch):
+    """``adam_fresh_at_step_one`` (the Triton table's): the batch's reset leaves Adam's moments as
+    the last batch left them, and the next batch trains as from zeroed ones; the plain table's
+    reset zeroes them. A table that said so but read them would train the second batch from the
+    first's moments: the check below sees it."""
+    model, images, targets = _setup("three-layer", torch.float64, n=3)
+    plain = _engine(model, students=3)
+    first = plain.fit(images, targets)
+    prog = plain.engine.program(3)
+    prog.reset()
+    assert prog.store.exp_avg.abs().sum() == 0 and prog.store.exp_avg_sq.abs().sum() == 0
+    check_fresh_adam(TorchPrimitives(), "cpu")              # it reads them at step 1: it must zero them
+    reads = TorchPrimitives._adam_
+
+    def fresh(self, params, grads, exp_avg, exp_avg_sq, step, *rest):   # an Adam that reads none at step 1
+        first_update = step.reshape(()) == 1
+        exp_avg.copy_(torch.where(first_update, torch.zeros_like(exp_avg), exp_avg))
+        exp_avg_sq.copy_(torch.where(first_update, torch.zeros_like(exp_avg_sq), exp_avg_sq))
+        return reads(self, params, grads, exp_avg, exp_avg_sq, step, *rest)
+
+    monkeypatch.setattr(TorchPrimitives, "adam_fresh_at_step_one", True, raising=False)
+    for adam, same in ((fresh, True), (reads, False)):
+        monkeypatch.setattr(TorchPrimitives, "_adam_", adam)
+        t = _engine(model, students=3)
+        a = t.fit(images, targets)
+        prog = t.engine.program(3)
+        moments = prog.store.exp_avg.clone(), prog.store.exp_avg_sq.clone()
+        prog.reset()
+        assert torch.equal(prog.store.exp_avg, moments[0]) and torch.equal(prog.store.exp_avg_sq, moments[1])
+        assert moments[0].abs().sum() > 0
+        b = t.fit(images, targets)
+        assert torch.equal(a.cls, first.cls) and torch.equal(a.losses, first.losses)
+        assert (torch.equal(b.cls, a.cls) and torch.equal(b.losses, a.losses)) == same
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -537,6 +572,11 @@ def test_the_pool_weights_are_updated_from_their_factors_and_never_written():
     # widths are multiples of 4 here), not behind the conv's one-element bias
     assert prog.factored == pool and st.names[st.n_lowp:st.n_lowp + 2] == pool
     assert [st.offsets[st.n_lowp + i] * 3 % 4 for i in range(2)] == [0, 0]
+    # the blocks whose widths are not multiples of 4 (the conv's) last: every block before them
+    # starts aligned for any S
+    odd = [k % 4 != 0 for k in st.numels[st.n_lowp:]]
+    assert odd == sorted(odd) and odd[-1] and st.names[-1] == "conv.bias"
+    assert all(st.offsets[st.n_lowp + i] % 4 == 0 for i, o in enumerate(odd) if not o)
     for n in pool:
         assert bool((prog.store.grad_views[n] == 0).all()), f"{n}'s gradient was written"
         moved = prog.store.master_views[n] - dict(model.named_parameters())[n].detach()

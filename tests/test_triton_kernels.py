@@ -27,7 +27,7 @@ from apm_fast.model import APM                                            # noqa
 from apm_fast.ops.contract import TorchPrimitives                          # noqa: E402
 from apm_fast.ops.driver import backward, forward, weight_names          # noqa: E402
 from apm_fast.ops.library import ops_for                                  # noqa: E402
-from helpers import BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, precision  # noqa: E402
+from helpers import BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, check_fresh_adam, precision  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TP = TritonPrimitives()
@@ -261,6 +261,12 @@ def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(moment
         # on a GPU; the bf16 moments' own test covers the flat buffer)
         pytest.skip("the interpreter runs bf16 moments on the last (tiled) shape only")
     check_block_adam(TP, DEV, moments, shape)
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_adam_reads_no_moments_at_its_first_update(moments):
+    assert TP.adam_fresh_at_step_one
+    check_fresh_adam(TP, DEV, moments)
 
 
 # ------------------------------------------------------------------------------------ whole model

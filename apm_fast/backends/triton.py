@@ -45,6 +45,8 @@ class TritonPrimitives(Primitives):
     # H200 0.464 against 0.468 and 0.466 against 0.472 ms a step at one image, 152.6 against 147.2
     # images/s at S = 64 (85e1a1d, benchmarks/results/h200/README.md)
     first_layer_act_kept = True
+    # its Adam masks the moments' loads at step 1 (kernels/adam.py): the batch's reset leaves them
+    adam_fresh_at_step_one = True
 
     def __init__(self, use_custom_ops: bool | None = None):
         self.use_custom_ops = use_custom_ops

@@ -181,7 +181,11 @@ class Primitives:
     operand, and the input gradient's mask through ``act=``) instead of the fused primitives
     building it each time; on where measured faster: the cuda table, which writes it out before
     each GEMM that reads it (one pass a step instead of three), and the Triton table, whose weight
-    gradient writes it out (S * B * L * H1 elements held from the forward to the backward)."""
+    gradient writes it out (S * B * L * H1 elements held from the forward to the backward).
+    ``adam_fresh_at_step_one``: this table's ``adam_`` reads no moments at step 1 (it takes them
+    as zeros, what they are at a first update), so the engine's reset to the snapshot leaves them
+    unwritten: each batch saves one write and one read of both moments (16 B a parameter, 8 with
+    bf16 moments); on the Triton table (``ttt.store.ParamStore.load_snapshot``)."""
 
     name = "?"
     opaque = False
@@ -192,6 +196,7 @@ class Primitives:
     written_at_one_image = False
     position_halves = False
     first_layer_act_kept = False
+    adam_fresh_at_step_one = False
 
     def available(self) -> Tuple[bool, str]:
         return True, ""
@@ -376,7 +381,9 @@ class Primitives:
         stride along their last dimension, any other strides (b may be one tensor every student
         shares, a stride-0 view): a rank-K weight gradient never written to memory (the first
         layer's trigger columns, rank B; with the position code's halves its position columns,
-        rank width or height).
+        rank width or height). A table whose ``adam_fresh_at_step_one`` is set reads no moments
+        when ``step`` is 1 and takes them as zeros (the same update as zeroed moments, bit for
+        bit); the others read them.
         Matches torch.optim.Adam:
         m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
         p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""

@@ -114,9 +114,13 @@ class StudentProgram:
         # they leave the rest of the parameters without a copy one adjacent run (one Adam launch),
         # and their blocks start where the prefix ends, aligned for 16-byte accesses (behind the
         # conv's one-element bias they were not: element by element; the cuda table's one-image
-        # step with them from their factors, 0.490 then, 0.457 ms aligned, H200)
+        # step with them from their factors, 0.490 then, 0.457 ms aligned, H200); and the blocks
+        # whose widths are not multiples of 4 elements (the conv's one-element bias) last, so that
+        # every block before them starts aligned too (the first layer's bias, the pool's biases
+        # and query: each updated alone, beside the backward, when Adam runs there)
         names = weight_names(config)
         names = [n for n in names if n in _POOL_FACTORED] + [n for n in names if n not in _POOL_FACTORED]
+        names.sort(key=lambda n: snapshot[n].numel() % 4 != 0)        # stable: the order otherwise kept
         shapes = [tuple(snapshot[n].shape) for n in names]
         c, s = config, self.students
         with quiet_autograd(dev):
@@ -195,8 +199,9 @@ class StudentProgram:
 
     # ------------------------------------------------------------------ phases
     def reset(self):
-        """Back to the init snapshot with fresh Adam state (device-to-device only)."""
-        self.store.load_snapshot(self.snapshot)
+        """Back to the init snapshot with fresh Adam state (device-to-device only; the moments
+        left unwritten where the table's Adam reads none at step 1)."""
+        self.store.load_snapshot(self.snapshot, moments=not getattr(self.prim, "adam_fresh_at_step_one", False))
         self.step_t.zero_()
         self.t_idx.zero_()
 

@@ -10,8 +10,10 @@ compute-dtype copy covers just that prefix, so Adam runs as two passes: the pref
 copy too) and the small rest.
 
 Reset (every image batch) is a device-to-device copy of the init snapshot into every student
-(one broadcast copy per parameter), a refresh of the compute copy and zeroed Adam moments: no host
-transfer, no reallocation, so captured graphs keep pointing at the same memory.
+(one broadcast copy per parameter), a refresh of the compute copy and zeroed Adam moments (or the
+moments left as they are, for a table whose Adam reads none at step 1: the table's
+``adam_fresh_at_step_one``): no host transfer, no reallocation, so captured graphs keep pointing
+at the same memory.
 
 The snapshot itself is kept once, per parameter, in the caller's tensors (e.g. the trainer's
 snapshot dict): it is not duplicated per student, nor flattened into another copy.
@@ -138,16 +140,18 @@ class ParamStore:
 
     # ------------------------------------------------------------------ state
     @torch.no_grad()
-    def load_snapshot(self, snapshot: Dict[str, torch.Tensor]):
+    def load_snapshot(self, snapshot: Dict[str, torch.Tensor], *, moments: bool = True):
         """Every student's weights := snapshot (name -> tensor of the parameter's shape, on this
-        device); the compute copy follows; Adam moments cleared. Device-to-device only."""
+        device); the compute copy follows; Adam moments cleared (``moments=False``: left as they
+        are, for an Adam that reads none at its first update). Device-to-device only."""
         for n, sh in zip(self.names, self.shapes):
             src = snapshot[n]
             self.master_views[n].copy_(src.reshape(1, *sh).expand(self.students, *sh))
         if self.lowp is not None:
             self.lowp.copy_(self.master[:self.lowp.numel()])
-        self.exp_avg.zero_()
-        self.exp_avg_sq.zero_()
+        if moments:
+            self.exp_avg.zero_()
+            self.exp_avg_sq.zero_()
 
     def student(self, i: int) -> Dict[str, torch.Tensor]:
         """Student ``i``'s master weights (views), e.g. to inspect one result."""

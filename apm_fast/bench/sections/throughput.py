@@ -10,7 +10,8 @@
   first layer's activation handled the other way (``first-act-kept`` / ``first-act-rebuilt``:
   written out once in the forward and kept for the backward, or built again where it is read),
   and with the pool's weights updated the other way (``pool-factors`` / ``pool-written``: from
-  their gradients' factors, or from the gradients written out);
+  their gradients' factors, or from the gradients written out); each row also times the batch's
+  reset to the snapshot alone (``reset_ms``; ``reset_share``: its share of a batch);
 * end to end (on the default table for the preset here): :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
   teacher of random weights (same cost as real ones), loader, teacher and students overlapped,
   beside the teacher alone at the same batch: ``images_per_s`` over the whole call (the loader's
@@ -88,7 +89,10 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, **switches):
         trainer.fit(images[:s], targets[:s])                # build, capture, warm
         timing = measure(lambda: trainer.fit(images, targets), device=ctx.device, warmup=0,
                          repeats=max(20, o.repeats))
+    # the batch's reset to the snapshot alone (part of every batch above)
+    reset = measure(trainer.engine.program(s).reset, device=ctx.device, warmup=1, repeats=o.repeats)
     return {**effect, "timing": timing.to_dict(), "images": 2 * s, "students": s, "precision": trainer.precision,
+            "reset_ms": reset.median_ms, "reset_share": reset.median_ms / (timing.median_ms / 2),
             "moments": trainer.moments, "adam_beside_backward": trainer.engine.program(s).overlap,
             "position_halves": trainer.engine.program(s).pos_grid is not None,
             "first_layer_act_kept": trainer.engine.program(s).first_layer_act_kept,

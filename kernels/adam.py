@@ -25,6 +25,12 @@ At step 1 the moments are not read (masked loads, no memory traffic) but taken a
 they are at a first update: the same update, bit for bit, and the engine's reset to the snapshot
 need not write them (the table's ``adam_fresh_at_step_one``).
 
+The weights of the layers after the first can be updated from their gradients' factors too (the
+engine's ``layer_factors``): the weight gradient's two bf16 GEMM operands dy and x (rank B L =
+256 for ``ttt-l14``), multiplied on the tensor cores by the tiles below and summed in fp32, in
+place of the weight-gradient GEMM's fp32 output: 26 B per parameter moved instead of the 30 of
+the update plus the 4 the GEMM writes.
+
 A block of a weight's columns whose gradient is given by its factors (``outer``: the first
 layer's trigger columns, rank one per image, and with the position code's halves its position
 columns, two blocks of rank width and height) is updated with the gradient made in registers
@@ -37,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import cdiv
+from ._common import INTERPRET, cdiv
 
 __all__ = ["adam_"]
 
@@ -104,9 +110,9 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr
     p = tl.load(p_ptr + s * sp_s + row * sp_r + offs, mask=msk, other=0.0)
     if OUTER:          # the gradient from its factors of low rank: sum_k a[s, k, row] b[s, k, offs]
         g = tl.zeros([BLOCK], p.dtype)
-        for k in range(K):
-            a = tl.load(a_ptr + s * sa_s + k * sa_k + row)
-            g += a * tl.load(b_ptr + s * sb_s + k * sb_k + offs, mask=msk, other=0.0)
+        for k in range(K):      # 16-bit factors widened first: their products exact
+            a = tl.load(a_ptr + s * sa_s + k * sa_k + row).to(p.dtype)
+            g += a * tl.load(b_ptr + s * sb_s + k * sb_k + offs, mask=msk, other=0.0).to(p.dtype)
     else:
         g = tl.load(g_ptr + s * sg_s + row * sg_r + offs, mask=msk, other=0.0).to(p.dtype)
     m = tl.load(m_ptr + s * sm_s + row * sm_r + offs, mask=msk & later, other=0.0).to(p.dtype)   # bf16: widened
@@ -123,10 +129,12 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr
 def adam_outer_kernel(p_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr_ptr,
                       R, C, K, sp_s, sp_r, sm_s, sm_r, sv_s, sv_r, sl_s, sl_r, sa_s, sa_k, sb_s, sb_k,
                       beta1, beta2, omb1, omb2, eps,
-                      HAS_LOWP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+                      HAS_LOWP: tl.constexpr, LOWP_FACTORS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                      BK: tl.constexpr):
     # program (column tile, row tile, student): a (BR, BC) tile of (S, R, C) buffers whose gradient
     # is sum_k a[s, k, rows] b[s, k, cols]: a product of a's (BR, BK) and b's (BK, BC) slices (each
-    # read once a tile, not once an element), summed in p's dtype by fma ("ieee": no tf32)
+    # read once a tile, not once an element), summed in p's dtype by fma ("ieee": no tf32); 16-bit
+    # factors (a weight gradient's GEMM operands) on the tensor cores, summed in fp32
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     s = tl.program_id(2).to(tl.int64)
@@ -148,7 +156,10 @@ def adam_outer_kernel(p_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr_
                     other=0.0)
         b = tl.load(b_ptr + s * sb_s + ks[:, None] * sb_k + cols[None, :], mask=(ks[:, None] < K) & in_c[None, :],
                     other=0.0)
-        g = tl.dot(a.to(p.dtype), b.to(p.dtype), g, input_precision="ieee")
+        if LOWP_FACTORS:
+            g = tl.dot(a, b, g)
+        else:
+            g = tl.dot(a.to(p.dtype), b.to(p.dtype), g, input_precision="ieee")
     p, m, v = _update(p, g, m, v, beta1, beta2, omb1, omb2, eps, step_size, bc2_sqrt)
     tl.store(m_ptr + s * sm_s + r64 * sm_r + cols[None, :], m.to(m_ptr.dtype.element_ty), mask=msk)
     tl.store(v_ptr + s * sv_s + r64 * sv_r + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=msk)
@@ -185,5 +196,8 @@ def adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lo
         return
     adam_outer_kernel[(cdiv(C, OUTER_BC), cdiv(R, OUTER_BR), S)](
         params, exp_avg, exp_avg_sq, lp, a, b, step, lr, R, C, K, *state, *a.stride()[:2], *b.stride()[:2], *coefs,
-        HAS_LOWP=lowp is not None, BR=OUTER_BR, BC=OUTER_BC, BK=min(OUTER_BK, max(16, triton.next_power_of_2(K))),
+        # (Triton's interpreter multiplies 16-bit dots wrongly: there they are widened first, the
+        # same products summed in fp32)
+        HAS_LOWP=lowp is not None, LOWP_FACTORS=a.dtype != params.dtype and not INTERPRET, BR=OUTER_BR, BC=OUTER_BC,
+        BK=min(OUTER_BK, max(16, triton.next_power_of_2(K))),
         num_warps=OUTER_WARPS)

@@ -169,3 +169,34 @@ def check_fresh_adam(table, device, moments=torch.float32):
         else:
             assert nans[0].isnan().all(), "a table that reads the moments at step 1 says it does not"
         assert out["nan", 2.0][0].isnan().all(), "step 2 did not read the moments"
+
+
+def check_lowp_factor_adam(table, device):
+    """A table's Adam from a weight gradient's 16-bit GEMM operands (``outer`` in bf16, the engine's
+    ``layer_factors``) takes the plain table's steps with that gradient written out (the exact
+    products' sum rounded once to fp32): ranks below and past the Triton table's tiling rank,
+    with a bf16 copy; parameters and moments within a few fp32 ulps (the sums' order), the copy
+    within two bf16 ulps."""
+    from apm_fast.ops.contract import TorchPrimitives
+
+    gen = torch.Generator().manual_seed(17)
+    s, r, c = 2, 37, 70
+    for k in (3, 40):
+        a = torch.randn(s, k, r, generator=gen).to(device, torch.bfloat16)
+        b = torch.randn(s, k, c, generator=gen).to(device, torch.bfloat16)
+        written = torch.bmm(a.double().transpose(1, 2), b.double()).float()
+        p0 = torch.randn(s, r, c, generator=gen).to(device)
+        ours = [p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0), torch.zeros(s, r, c, device=device,
+                                                                                    dtype=torch.bfloat16)]
+        ref = [t.clone() for t in ours]
+        step = torch.zeros(1, device=device)
+        lr = torch.full((1,), 3e-3, device=device)
+        for _ in range(3):
+            step += 1
+            table.adam_(ours[0], None, ours[1], ours[2], step, lr, 0.9, 0.999, 1e-8, lowp=ours[3], outer=(a, b))
+            TorchPrimitives().adam_(ref[0], written, ref[1], ref[2], step, lr, 0.9, 0.999, 1e-8, lowp=ref[3])
+            for x, y in zip(ours[:3], ref[:3]):
+                torch.testing.assert_close(x, y, rtol=4e-7, atol=1e-6)
+            torch.testing.assert_close(ours[3].float(), ref[3].float(), rtol=2 * 2 ** -7, atol=1e-30)
+            for x, y in zip(ours, ref):     # the next step from the same state
+                x.copy_(y)

@@ -91,6 +91,19 @@ def _quick_ctx(**kw):
 
 
 
+def test_the_layers_other_way_is_measured_where_the_table_can_take_it(monkeypatch):
+    """The rows beside each default (``ctx.other_layers``): the later layers' weights from their
+    GEMM operands where the table's default is the GEMM's output, and back; none on a table whose
+    Adam takes no 16-bit factors (the cuda table's)."""
+    from apm_fast.ops.contract import TorchPrimitives
+
+    ctx = _quick_ctx()
+    assert ctx.other_layers("triton")[:2] == (True, "layer-factors")
+    assert ctx.other_layers("cuda") is None
+    monkeypatch.setattr(TorchPrimitives, "layer_factors", True)
+    assert ctx.other_layers("torch")[:2] == (False, "layer-written")
+
+
 def test_a_new_table_is_picked_up(monkeypatch, one_thread):
     """A table is one entry of backends.TABLES: absent with its reason while it cannot run, then
     in every section's rows (eager, graph, engine; one image at a time, side by side)."""

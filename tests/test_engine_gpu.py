@@ -152,6 +152,30 @@ def test_the_pool_weights_from_their_factors_train_the_same(backend):
     assert torch.equal(_classes(a.cls, targets), _classes(b.cls, targets))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_layer_weights_from_their_gemm_operands_train_the_same(backend):
+    """The weights of the layers after the first updated from the weight gradient's two bf16 GEMM
+    operands (``layer_factors``: the Triton table's tensor-core products by tiles inside Adam)
+    against the weight-gradient GEMM's output: the same products summed in fp32 in another
+    order, so the bf16 tolerance and the same closest targets. A table whose Adam takes no
+    16-bit factors (the cuda table's) keeps the GEMM. (CPU: tests/test_engine.py.)"""
+    model, images, targets = _setup(n=3, seed=4)
+    kw = dict(steps=STEPS, lr=LR, backend=backend, students=3, compute_dtype=torch.bfloat16)
+
+    def fit(on):
+        t = TTTEngine(model, **kw)
+        t.engine.layer_factors = on
+        out = t.fit(images, targets)
+        can = on and t.engine.prim.adam_lowp_factors
+        assert ("head.weight" in t.engine.program(3).factored) == can
+        return out
+
+    a, b = fit(False), fit(True)
+    _close(b.cls, a.cls, "bf16", "cls")
+    _close(b.losses, a.losses, "bf16", "losses")
+    assert torch.equal(_classes(a.cls, targets), _classes(b.cls, targets))
+
+
 def test_the_step_is_captured_above_the_adam_stream():
     """The capture stream outranks the streams of the Adam updates beside the backward (what lets
     the replayed backward's kernels take the SMs first), and the Adam streams keep the default."""

@@ -57,7 +57,12 @@ WARPS = 4
 # an element instead of 128), as one product of the factors' slices, BK terms at a time (at
 # least 16, a tl.dot's least). 32 x 64 with 4 warps was the best of eight tiles on the H200 or
 # within 1 % of it (the x half of the position columns at 64 students: 0.95 ms against 1.15 for
-# the plain update of the written gradient; ``benchmarks/results/h200/adam-factors/``).
+# the plain update of the written gradient; ``benchmarks/results/h200/adam-factors/``). With a
+# weight gradient's bf16 GEMM operands as factors (rank 256), the same tile compiles for sm_90
+# to mma.sync products fed by cp.async (10 KB of shared memory), 16-byte state accesses and 128
+# registers, no spills (fp32 factors: 141): four programs an SM; 64 x 64 tiles (wgmma) take 244
+# registers, two an SM, too few loads in flight for an update bound by memory (Triton 3.7's
+# compiler with the launches' divisibility hints, no GPU: register counts, not timings).
 OUTER_BR, OUTER_BC, OUTER_BK, OUTER_WARPS = 32, 64, 32, 4
 OUTER_TILED_RANK = 16
 

@@ -27,9 +27,9 @@ need not write them (the table's ``adam_fresh_at_step_one``).
 
 The weights of the layers after the first can be updated from their gradients' factors too (the
 engine's ``layer_factors``): the weight gradient's two bf16 GEMM operands dy and x (rank B L =
-256 for ``ttt-l14``), multiplied on the tensor cores by the tiles below and summed in fp32, in
+1024 for ``ttt-l14``), multiplied on the tensor cores by the tiles below and summed in fp32, in
 place of the weight-gradient GEMM's fp32 output: 26 B per parameter moved instead of the 30 of
-the update plus the 4 the GEMM writes.
+the update plus the 4 the GEMM writes, and the GEMM's products in the update's kernel.
 
 A block of a weight's columns whose gradient is given by its factors (``outer``: the first
 layer's trigger columns, rank one per image, and with the position code's halves its position
@@ -57,13 +57,17 @@ WARPS = 4
 # an element instead of 128), as one product of the factors' slices, BK terms at a time (at
 # least 16, a tl.dot's least). 32 x 64 with 4 warps was the best of eight tiles on the H200 or
 # within 1 % of it (the x half of the position columns at 64 students: 0.95 ms against 1.15 for
-# the plain update of the written gradient; ``benchmarks/results/h200/adam-factors/``). With a
-# weight gradient's bf16 GEMM operands as factors (rank 256), the same tile compiles for sm_90
-# to mma.sync products fed by cp.async (10 KB of shared memory), 16-byte state accesses and 128
-# registers, no spills (fp32 factors: 141): four programs an SM; 64 x 64 tiles (wgmma) take 244
-# registers, two an SM, too few loads in flight for an update bound by memory (Triton 3.7's
-# compiler with the launches' divisibility hints, no GPU: register counts, not timings).
+# the plain update of the written gradient; ``benchmarks/results/h200/adam-factors/``).
 OUTER_BR, OUTER_BC, OUTER_BK, OUTER_WARPS = 32, 64, 32, 4
+# A weight gradient's bf16 GEMM operands as factors (``layer_factors``; rank B L = 1024 for
+# ``ttt-l14``): 2 K = 2048 products an element against its 26 B of state, so the tile is a GEMM's.
+# The factors' slices cost (BR + BC) 2 K / (BR BC) bytes of cache reads an element: 96 at 32 x 64
+# (more than three times the state's traffic), 48 at 64 x 128. 64 x 128 with 8 warps compiles for
+# sm_90 to wgmma products fed by cp.async (32 KB of shared memory), 16-byte state accesses, 241
+# registers and no spills: one program an SM, its state's loads in flight during its products;
+# 128 x 128 and 64 x 256 spill. (Triton 3.7's compiler with the launches' divisibility hints, no
+# GPU: what the code becomes, not how fast it runs; untimed.)
+LOWP_BR, LOWP_BC, LOWP_BK, LOWP_WARPS = 64, 128, 32, 8
 OUTER_TILED_RANK = 16
 
 
@@ -199,10 +203,12 @@ def adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lo
                                   *(b.stride()[:2] if b is not None else (0, 0)), *coefs,
                                   HAS_LOWP=lowp is not None, OUTER=a is not None, BLOCK=BLOCK, num_warps=WARPS)
         return
-    adam_outer_kernel[(cdiv(C, OUTER_BC), cdiv(R, OUTER_BR), S)](
+    narrow = a.dtype != params.dtype            # a weight gradient's 16-bit GEMM operands
+    br, bc, bk, warps = (LOWP_BR, LOWP_BC, LOWP_BK, LOWP_WARPS) if narrow else (OUTER_BR, OUTER_BC, OUTER_BK,
+                                                                                 OUTER_WARPS)
+    adam_outer_kernel[(cdiv(C, bc), cdiv(R, br), S)](
         params, exp_avg, exp_avg_sq, lp, a, b, step, lr, R, C, K, *state, *a.stride()[:2], *b.stride()[:2], *coefs,
         # (Triton's interpreter multiplies 16-bit dots wrongly: there they are widened first, the
         # same products summed in fp32)
-        HAS_LOWP=lowp is not None, LOWP_FACTORS=a.dtype != params.dtype and not INTERPRET, BR=OUTER_BR, BC=OUTER_BC,
-        BK=min(OUTER_BK, max(16, triton.next_power_of_2(K))),
-        num_warps=OUTER_WARPS)
+        HAS_LOWP=lowp is not None, LOWP_FACTORS=narrow and not INTERPRET, BR=br, BC=bc,
+        BK=min(bk, max(16, triton.next_power_of_2(K))), num_warps=warps)

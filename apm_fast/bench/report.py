@@ -163,13 +163,15 @@ def format_section(name: str, result: dict) -> List[str]:
         body = []
         for r in rows:
             if r.get("status") == "ok" and "images_per_s" in r:
+                reset = r.get("reset_ms")
                 body.append([r["preset"], r["key"], f"{r['images_per_s']:.1f}",
-                             f"{1e3 / r['images_per_s']:.2f}", fmt_bytes(r.get("peak_bytes")),
-                             _fmt_x(r.get("speedup_vs_reference")),
+                             f"{1e3 / r['images_per_s']:.2f}", "" if reset is None else f"{reset:.3f}",
+                             fmt_bytes(r.get("peak_bytes")), _fmt_x(r.get("speedup_vs_reference")),
                              "GATE FAILED" if r.get("gate") == "failed" else ""])
             else:
-                body.append([r["preset"], r["key"], "", "", "", "", _status_cell(r)])
-        out += _table(["preset", "trainer", "images/s", "ms/image", "peak", "vs reference", "notes"], body)
+                body.append([r["preset"], r["key"], "", "", "", "", "", _status_cell(r)])
+        out += _table(["preset", "trainer", "images/s", "ms/image", "reset ms", "peak", "vs reference", "notes"],
+                      body)
     elif name == "scaling":
         body = []
         for r in rows:

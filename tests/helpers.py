@@ -200,3 +200,37 @@ def check_lowp_factor_adam(table, device):
             torch.testing.assert_close(ours[3].float(), ref[3].float(), rtol=2 * 2 ** -7, atol=1e-30)
             for x, y in zip(ours, ref):     # the next step from the same state
                 x.copy_(y)
+
+
+def check_broadcast(table, device):
+    """A table's ``broadcast_`` (the reset of S students to one snapshot): every student's copy
+    equal to the snapshot bit for bit, the compute copy the snapshot rounded to bf16 (to nearest
+    even as torch rounds; Triton's interpreter truncates: within one bf16 ulp there), over shapes
+    that are not multiples of a block or of 16 bytes, a one-element parameter and 1-D and 2-D
+    ones; bad arguments named."""
+    import pytest
+
+    gen = torch.Generator().manual_seed(19)
+    for s, shape in ((3, (37, 29)), (2, (1,)), (5, (1500,)), (1, (4, 4))):
+        src = torch.randn(*shape, generator=gen).to(device)
+        dst = torch.full((s, *shape), float("nan"), device=device)
+        lowp = torch.full((s, *shape), float("nan"), device=device, dtype=torch.bfloat16)
+        table.broadcast_(dst, src, lowp=lowp)
+        assert torch.equal(dst, src.expand_as(dst))
+        want = src.to(torch.bfloat16).expand_as(lowp)
+        if device == "cpu" and type(table).__name__ == "TritonPrimitives":
+            torch.testing.assert_close(lowp.float(), want.float(), rtol=2 ** -7, atol=0)
+        else:
+            assert torch.equal(lowp, want)
+        again = torch.zeros_like(dst)
+        table.broadcast_(again, src)                          # without a compute copy
+        assert torch.equal(again, dst)
+    dst = torch.zeros(2, 3, 4, device=device)
+    with pytest.raises(TypeError, match="src"):
+        table.broadcast_(dst, torch.zeros(3, 4, device=device, dtype=torch.float64))
+    with pytest.raises(ValueError, match="src"):
+        table.broadcast_(dst, torch.zeros(4, 3, device=device))
+    with pytest.raises(ValueError, match="dst"):
+        table.broadcast_(dst.transpose(1, 2), torch.zeros(4, 3, device=device))
+    with pytest.raises(ValueError, match="lowp"):
+        table.broadcast_(dst, torch.zeros(3, 4, device=device), lowp=torch.zeros(2, 3, device=device))

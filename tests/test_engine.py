@@ -18,7 +18,7 @@ from apm_fast.ops.driver import POSITION_COLUMNS, TRIGGER_COLUMNS
 from apm_fast.ttt import program as program_mod
 from apm_fast.ttt.memory import choose_students, count_params, estimate_student_bytes
 from apm_fast.ttt.store import ParamStore
-from helpers import BLOCK_SHAPES, check_block_adam, check_fresh_adam, check_lowp_factor_adam
+from helpers import BLOCK_SHAPES, check_block_adam, check_broadcast, check_fresh_adam, check_lowp_factor_adam
 
 STEPS = 4
 LR = 1e-2
@@ -407,6 +407,10 @@ def test_the_update_after_the_backward_starts_at_its_tail(monkeypatch, students,
     after = _engine(model, students=students, precision="bf16").fit(images, targets)
     torch.testing.assert_close(at_tail.cls, after.cls, rtol=0, atol=0)
     torch.testing.assert_close(at_tail.losses, after.losses, rtol=0, atol=0)
+
+
+def test_the_plain_broadcast_resets_every_student():
+    check_broadcast(TorchPrimitives(), "cpu")
 
 
 def test_param_store_layout_and_reset():

@@ -27,8 +27,8 @@ from apm_fast.model import APM                                            # noqa
 from apm_fast.ops.contract import TorchPrimitives                          # noqa: E402
 from apm_fast.ops.driver import backward, forward, weight_names          # noqa: E402
 from apm_fast.ops.library import ops_for                                  # noqa: E402
-from helpers import (BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, check_fresh_adam,  # noqa: E402
-                     check_lowp_factor_adam, precision)
+from helpers import (BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, check_broadcast,  # noqa: E402
+                     check_fresh_adam, check_lowp_factor_adam, precision)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TP = TritonPrimitives()
@@ -267,6 +267,10 @@ def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(moment
 def test_adam_from_a_weight_gradients_16_bit_operands_matches_the_written_gradient():
     assert TP.adam_lowp_factors
     check_lowp_factor_adam(TP, DEV)
+
+
+def test_the_reset_broadcasts_the_snapshot_into_every_student_and_its_compute_copy():
+    check_broadcast(TP, DEV)
 
 
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])

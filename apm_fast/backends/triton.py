@@ -102,6 +102,11 @@ class TritonPrimitives(Primitives):
     def _pool_bwd(self, f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype):
         return _kernels()[3].pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype=out_dtype)
 
+    def _broadcast_(self, dst, src, lowp):
+        if not torch.compiler.is_compiling():
+            _kernels()[0].launch_device_ok(dst.device)
+        _kernels()[4].broadcast_(dst, src, lowp)
+
     def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp, outer_a=None,
                outer_b=None):
         _kernels()[4].adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp=lowp,

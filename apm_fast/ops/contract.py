@@ -187,6 +187,8 @@ class Primitives:
     engine's default for this table, the weights of the layers after the first updated from
     their gradients' factors (dy, x) instead of the weight-gradient GEMM's output (off: measured
     on no table yet; ``ttt.program``).
+    ``broadcast_`` (the reset of S students' weights to a snapshot) is not a model op: a table
+    without a kernel for it inherits the plain broadcast copy.
     ``adam_fresh_at_step_one``: this table's ``adam_`` reads no moments at step 1 (it takes them
     as zeros, what they are at a first update), so the engine's reset to the snapshot leaves them
     unwritten: each batch saves one write and one read of both moments (16 B a parameter, 8 with
@@ -435,6 +437,30 @@ class Primitives:
                      lowp=lowp, outer_a=outer_a, outer_b=outer_b)
         self._route("adam_", params, grads, exp_avg, exp_avg_sq, step, lr, float(beta1), float(beta2),
                     float(eps), lowp, outer_a, outer_b)
+
+    def broadcast_(self, dst, src, *, lowp=None):
+        """dst[s] = src for every s, in place, and lowp[s] = src rounded to lowp's dtype (to nearest
+        even) when given: the reset of S students' weights (and their compute copy) to one snapshot.
+        dst, lowp: contiguous (S, *src.shape); src: dst's dtype. Not an op of a model's graph (the
+        engine calls it between batches): no torch.library route. The plain implementation is a
+        broadcast copy (every table's but the Triton one's)."""
+        if not isinstance(dst, torch.Tensor) or dst.dim() < 1:
+            raise ValueError(f"dst: expected a tensor (S, *shape), got {dst if not isinstance(dst, torch.Tensor) else ()}")
+        _t("src", src, (dst.dim() - 1,), (dst.dtype,))
+        _shape("src", src, tuple(dst.shape[1:]))
+        for name, t in (("dst", dst), ("lowp", lowp)):
+            if t is not None and not t.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+        if lowp is not None:
+            _t("lowp", lowp, (dst.dim(),))
+            _shape("lowp", lowp, tuple(dst.shape))
+        _same_device(dst=dst, src=src, lowp=lowp)
+        self._broadcast_(dst, src, lowp)
+
+    def _broadcast_(self, dst, src, lowp):
+        dst.copy_(src.unsqueeze(0).expand_as(dst))
+        if lowp is not None:
+            lowp.copy_(src.to(lowp.dtype).unsqueeze(0).expand_as(lowp))
 
 def _bcast(x: torch.Tensor, s: int) -> torch.Tensor:
     """(M, K) shared operand -> (S, M, K) view; (S, M, K) unchanged."""

@@ -207,7 +207,8 @@ class StudentProgram:
     def reset(self):
         """Back to the init snapshot with fresh Adam state (device-to-device only; the moments
         left unwritten where the table's Adam reads none at step 1)."""
-        self.store.load_snapshot(self.snapshot, moments=not getattr(self.prim, "adam_fresh_at_step_one", False))
+        self.store.load_snapshot(self.snapshot, moments=not getattr(self.prim, "adam_fresh_at_step_one", False),
+                                 prim=self.prim if hasattr(self.prim, "broadcast_") else None)
         self.step_t.zero_()
         self.t_idx.zero_()
 

@@ -9,8 +9,8 @@ elementwise update as long as all buffers share it). The GEMM operands come firs
 compute-dtype copy covers just that prefix, so Adam runs as two passes: the prefix (writing the
 copy too) and the small rest.
 
-Reset (every image batch) is a device-to-device copy of the init snapshot into every student
-(one broadcast copy per parameter), a refresh of the compute copy and zeroed Adam moments (or the
+Reset (every image batch) is a device-to-device copy of the init snapshot into every student and
+into their compute copy (the table's ``broadcast_``, one call per parameter) and zeroed Adam moments (or the
 moments left as they are, for a table whose Adam reads none at step 1: the table's
 ``adam_fresh_at_step_one``): no host transfer, no reallocation, so captured graphs keep pointing
 at the same memory.
@@ -25,7 +25,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..ops.contract import TorchPrimitives
+
 __all__ = ["ParamStore", "gemm_weight_names", "check_snapshot"]
+
+_PLAIN = TorchPrimitives()
 
 
 def gemm_weight_names(config) -> List[str]:
@@ -140,15 +144,15 @@ class ParamStore:
 
     # ------------------------------------------------------------------ state
     @torch.no_grad()
-    def load_snapshot(self, snapshot: Dict[str, torch.Tensor], *, moments: bool = True):
+    def load_snapshot(self, snapshot: Dict[str, torch.Tensor], *, moments: bool = True, prim=None):
         """Every student's weights := snapshot (name -> tensor of the parameter's shape, on this
-        device); the compute copy follows; Adam moments cleared (``moments=False``: left as they
-        are, for an Adam that reads none at its first update). Device-to-device only."""
-        for n, sh in zip(self.names, self.shapes):
-            src = snapshot[n]
-            self.master_views[n].copy_(src.reshape(1, *sh).expand(self.students, *sh))
-        if self.lowp is not None:
-            self.lowp.copy_(self.master[:self.lowp.numel()])
+        device), and their compute copy, by the table ``prim``'s ``broadcast_`` (None: the plain
+        table's); Adam moments cleared (``moments=False``: left as they are, for an Adam that reads
+        none at its first update). Device-to-device only."""
+        prim = prim or _PLAIN
+        for i, (n, sh) in enumerate(zip(self.names, self.shapes)):
+            lowp = self._view(self.lowp, i) if i < self.n_lowp else None
+            prim.broadcast_(self.master_views[n], snapshot[n].reshape(sh).to(self.master_dtype), lowp=lowp)
         if moments:
             self.exp_avg.zero_()
             self.exp_avg_sq.zero_()

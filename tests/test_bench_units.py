@@ -91,6 +91,33 @@ def _quick_ctx(**kw):
 
 
 
+def test_the_primitives_rows_of_a_layers_update_do_the_same_update_two_ways():
+    """The primitives section's two rows of the first consumer's update (from its weight
+    gradient's bf16 GEMM operands; the GEMM then Adam), each from the same fresh state: the same
+    parameters, and a table without 16-bit factors gets no row of the first."""
+    from apm_fast import preset
+    from apm_fast.bench.sections.primitives import _adam_cases
+    from apm_fast.ops.contract import TorchPrimitives
+
+    cfg = preset("ttt-l14", grid=4, patch=2, hidden=(18, 10), dim=12, heads=3)
+    out = {}
+    for key in ("from its GEMM operands", "linear_bwd_weight + adam_"):
+        torch.manual_seed(0)
+        cases = {name: call for name, _, _, call in _adam_cases(cfg, "cpu", torch.bfloat16)}
+        (name,) = [n for n in cases if key in n]
+        out[key] = cases[name](TorchPrimitives()).clone()
+    fused = out["from its GEMM operands"]
+    torch.testing.assert_close(fused, out["linear_bwd_weight + adam_"], rtol=1e-6, atol=1e-6)
+    from apm_fast.ttt.memory import count_params
+
+    torch.manual_seed(0)
+    p0 = torch.randn(1, count_params(cfg))                 # the cases' parameters before any update
+    block = 10 * 18                                          # the first consumer's weight: updated
+    assert bool((fused[:, :block] != p0[:, :block]).all()) and torch.equal(fused[:, block:], p0[:, block:])
+    assert [n for n, *_ in _adam_cases(cfg, "cpu", torch.float32)] == [
+        "adam_ (flat, + compute copy)", "adam_ (trigger columns from factors)"]
+
+
 def test_the_layers_other_way_is_measured_where_the_table_can_take_it(monkeypatch):
     """The rows beside each default (``ctx.other_layers``): the later layers' weights from their
     GEMM operands where the table's default is the GEMM's output, and back; none on a table whose

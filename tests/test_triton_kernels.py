@@ -516,8 +516,14 @@ def _compile_variants():
         ("adam from factors", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, OUTER=True, BLOCK=1024), (),
          ("beta1", "beta2", "omb1", "omb2", "eps"), 4, 2, False),
         ("adam from factors by tiles", adam.adam_outer_kernel, {"lowp_ptr": bf, "m_ptr": bf, "v_ptr": bf},
-         dict(HAS_LOWP=True, BR=adam.OUTER_BR, BC=adam.OUTER_BC, BK=adam.OUTER_BK), (),
+         dict(HAS_LOWP=True, LOWP_FACTORS=False, BR=adam.OUTER_BR, BC=adam.OUTER_BC, BK=adam.OUTER_BK), (),
          ("beta1", "beta2", "omb1", "omb2", "eps"), adam.OUTER_WARPS, 2, False),
+        ("adam from a weight gradient's bf16 GEMM operands", adam.adam_outer_kernel,
+         {"lowp_ptr": bf, "a_ptr": bf, "b_ptr": bf},
+         dict(HAS_LOWP=True, LOWP_FACTORS=True, BR=adam.LOWP_BR, BC=adam.LOWP_BC, BK=adam.LOWP_BK), (),
+         ("beta1", "beta2", "omb1", "omb2", "eps"), adam.LOWP_WARPS, 3, True),
+        ("broadcast", adam.broadcast_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, BLOCK=adam.BROADCAST_BLOCK),
+         (), (), 4, 1, False),
     ]
 
 

@@ -445,7 +445,8 @@ class Primitives:
         engine calls it between batches): no torch.library route. The plain implementation is a
         broadcast copy (every table's but the Triton one's)."""
         if not isinstance(dst, torch.Tensor) or dst.dim() < 1:
-            raise ValueError(f"dst: expected a tensor (S, *shape), got {dst if not isinstance(dst, torch.Tensor) else ()}")
+            got = f"shape {tuple(dst.shape)}" if isinstance(dst, torch.Tensor) else type(dst).__name__
+            raise ValueError(f"dst: expected a tensor (S, *shape), got {got}")
         _t("src", src, (dst.dim() - 1,), (dst.dtype,))
         _shape("src", src, tuple(dst.shape[1:]))
         for name, t in (("dst", dst), ("lowp", lowp)):

@@ -208,7 +208,7 @@ class StudentProgram:
         """Back to the init snapshot with fresh Adam state (device-to-device only; the moments
         left unwritten where the table's Adam reads none at step 1)."""
         self.store.load_snapshot(self.snapshot, moments=not getattr(self.prim, "adam_fresh_at_step_one", False),
-                                 prim=self.prim if hasattr(self.prim, "broadcast_") else None)
+                                 prim=self.prim)
         self.step_t.zero_()
         self.t_idx.zero_()
 

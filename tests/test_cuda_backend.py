@@ -23,7 +23,8 @@ from apm_fast._ext import load_extension
 from apm_fast.ops.autograd import fused_forward
 from apm_fast.ops.contract import TorchPrimitives, first_layer_act
 from apm_fast.ops.precision import compute_dtype
-from helpers import BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, check_fresh_adam, precision
+from helpers import (BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, check_broadcast, check_fresh_adam,
+                     precision)
 
 pytestmark = pytest.mark.gpu
 
@@ -247,6 +248,10 @@ def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(prims,
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
 def test_adam_reads_the_moments_at_step_one_as_the_table_says(prims, moments):
     check_fresh_adam(prims, DEV, moments)
+
+
+def test_the_reset_broadcast_matches_the_plain_copy(prims):
+    check_broadcast(prims, DEV)
 
 
 def test_adam_matches_torch_optim_and_replays_in_a_graph(prims):

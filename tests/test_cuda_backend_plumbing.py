@@ -14,7 +14,7 @@ from apm_fast import APM, APMConfig
 from apm_fast.backends import cuda as cuda_backend
 from apm_fast.ops.autograd import fused_forward
 from apm_fast.ops.contract import TorchPrimitives, first_layer_act
-from helpers import BLOCK_SHAPES, check_block_adam
+from helpers import BLOCK_SHAPES, check_block_adam, check_broadcast, check_fresh_adam
 
 TP = TorchPrimitives()
 
@@ -67,7 +67,18 @@ class FakeCudaExt:
         assert (grads is None) == (outer_a is not None) and (outer_a is None) == (outer_b is None)
         for t in (outer_a, outer_b):
             assert t is None or (t.dtype == torch.float32 and t.stride(-1) == 1)
+        if float(step) == 1:                    # the kernel reads no moments at step 1: zeros
+            m.zero_()
+            v.zero_()
         TP._adam_(params, grads, m, v, step, lr, b1, b2, eps, lowp, outer_a, outer_b)
+
+    def broadcast_(self, dst, src, lowp=None):
+        self.calls.append("broadcast_")
+        # as the binding: fp32 dst (S, *src.shape) and src, lowp dst's shape, all contiguous
+        assert dst.dtype == src.dtype == torch.float32 and dst.is_contiguous() and src.is_contiguous()
+        assert tuple(dst.shape[1:]) == tuple(src.shape)
+        assert lowp is None or (lowp.shape == dst.shape and lowp.is_contiguous())
+        TP._broadcast_(dst, src, lowp)
 
     def linear(self, x, w, bias, relu, out):
         self.calls.append("linear")
@@ -230,3 +241,18 @@ def test_adam_over_column_blocks_and_from_factors_reaches_the_binding(fake, mome
     """Column blocks of a weight ((S, R, C) views, rows one stride apart) and a gradient given by
     its factors go to the binding as they are: the plain table's update over the whole weight."""
     check_block_adam(cuda_backend.CudaPrimitives(), "cpu", moments, shape)
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_the_reset_reaches_the_binding(fake, moments):
+    """The cuda table's reset: fp32 weights broadcast by the binding (fp64 ones by the plain copy),
+    and its Adam, which says it reads no moments at step 1, handed them as they are."""
+    prims = cuda_backend.CudaPrimitives()
+    assert prims.adam_fresh_at_step_one
+    check_fresh_adam(prims, "cpu", moments)
+    check_broadcast(prims, "cpu")
+    assert "broadcast_" in fake.calls
+    fake.calls.clear()
+    dst = torch.zeros(2, 3, dtype=torch.float64)
+    prims.broadcast_(dst, torch.arange(3.0, dtype=torch.float64))
+    assert torch.equal(dst, torch.arange(3.0, dtype=torch.float64).expand(2, 3)) and fake.calls == []

@@ -85,6 +85,11 @@ class CudaPrimitives(Primitives):
     # activation comes straight from their Q (81f1e5e): 0.452 against 0.459 ms
     # (ttt.program.position_halves_by_default; benchmarks/results/h200/README.md)
     position_halves = True
+    # the batch's reset, as on the Triton table: Adam reads no moments at step 1, so the reset
+    # leaves them unwritten, and a kernel broadcasts the snapshot (read once) into every student's
+    # weights and their compute copy (csrc/cuda/adam.cu; the profile of the reset it replaces:
+    # kernels/adam.py, broadcast_)
+    adam_fresh_at_step_one = True
 
     @property
     def ext(self):
@@ -175,3 +180,9 @@ class CudaPrimitives(Primitives):
         # layout it cannot walk so, the binding refuses, by name.
         grads = None if grads is None else grads.to(torch.float32)
         self.ext.adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp, outer_a, outer_b)
+
+    def _broadcast_(self, dst, src, lowp):
+        # fp32 weights (the engine's); any other master dtype: the plain copy
+        if dst.dtype != torch.float32:
+            return super()._broadcast_(dst, src, lowp)
+        self.ext.broadcast_(dst, src.contiguous(), lowp)

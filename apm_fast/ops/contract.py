@@ -192,7 +192,7 @@ class Primitives:
     ``adam_fresh_at_step_one``: this table's ``adam_`` reads no moments at step 1 (it takes them
     as zeros, what they are at a first update), so the engine's reset to the snapshot leaves them
     unwritten: each batch saves one write and one read of both moments (16 B a parameter, 8 with
-    bf16 moments); on the Triton table (``ttt.store.ParamStore.load_snapshot``)."""
+    bf16 moments); on the Triton and cuda tables (``ttt.store.ParamStore.load_snapshot``)."""
 
     name = "?"
     opaque = False
@@ -443,7 +443,7 @@ class Primitives:
         even) when given: the reset of S students' weights (and their compute copy) to one snapshot.
         dst, lowp: contiguous (S, *src.shape); src: dst's dtype. Not an op of a model's graph (the
         engine calls it between batches): no torch.library route. The plain implementation is a
-        broadcast copy (every table's but the Triton one's)."""
+        broadcast copy (the torch table's; the Triton and cuda tables have a kernel)."""
         if not isinstance(dst, torch.Tensor) or dst.dim() < 1:
             got = f"shape {tuple(dst.shape)}" if isinstance(dst, torch.Tensor) else type(dst).__name__
             raise ValueError(f"dst: expected a tensor (S, *shape), got {got}")

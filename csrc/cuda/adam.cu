@@ -17,6 +17,16 @@
 // layer's trigger columns, sum_k a_k b_k^T, and the position columns' two blocks with the code's
 // halves) and never stored: 26 B per parameter instead of 30 plus the 4 B its own kernel would
 // have written.
+//
+// At update 1 the moments are taken as zeros, whatever the buffers hold (the engine's reset
+// leaves them as the last batch left them): the same update bit for bit as from zeroed buffers.
+// The loaded values are then dead, and nvcc splits the row kernel's loops in two on the step and
+// drops the moments' loads from the step-1 copy (sm_90a SASS: two 16-byte loads an iteration
+// there, p and g, against four), so that step reads 8 B (4 with bf16 moments) a parameter less;
+// the tiles kernel still loads them (its update is not split: one step in 20, rank >= 16 only).
+//
+// The reset (`broadcast`): S students' weights, and their compute copy, set to one snapshot;
+// each block reads its slice of the snapshot once and stores it into every student's rows.
 #include "apm_kernels.h"
 #include "dtype_util.cuh"
 
@@ -31,6 +41,7 @@ struct alignas(4 * sizeof(T)) Vec4 {
 
 struct AdamCoef {
   float b1, b2, omb1, omb2, eps, step_size, bc2_sqrt;
+  bool fresh;   // update 1: the moments taken as zeros
 };
 
 // The update's division and square root are PTX's div.full.f32 (2 ulp) and sqrt.approx.ftz.f32,
@@ -79,7 +90,8 @@ __device__ __forceinline__ AdamCoef coefficients(const float* step, const float*
     b2 *= b2;
   }
   return AdamCoef{static_cast<float>(beta1), static_cast<float>(beta2), omb1, omb2, eps,
-                  static_cast<float>(static_cast<double>(*lr) / (1.0 - r1)), static_cast<float>(sqrt(1.0 - r2))};
+                  static_cast<float>(static_cast<double>(*lr) / (1.0 - r1)), static_cast<float>(sqrt(1.0 - r2)),
+                  static_cast<unsigned>(*step) == 1u};
 }
 
 constexpr int kThreads = 256;
@@ -141,6 +153,10 @@ __device__ __forceinline__ void update4(const AdamCoef& c, const float gf[4], co
   float4 pv = *reinterpret_cast<float4*>(p.at(row, col));
   Vec4<TM> mv = *reinterpret_cast<Vec4<TM>*>(m.at(row, col));
   Vec4<TM> vv = *reinterpret_cast<Vec4<TM>*>(v.at(row, col));
+  if (c.fresh) {
+    mv.x[0] = mv.x[1] = mv.x[2] = mv.x[3] = from_f32<TM>(0.0f);
+    vv = mv;
+  }
   float pf[4] = {pv.x, pv.y, pv.z, pv.w};
   Vec4<TL> lv;
 #pragma unroll
@@ -162,6 +178,7 @@ template <typename TM, typename TL>
 __device__ __forceinline__ void update1(const AdamCoef& c, float g, const Rows<float>& p, const Rows<TM>& m,
                                         const Rows<TM>& v, const Rows<TL>& lowp, int64_t row, int64_t col) {
   float pi = *p.at(row, col), mi = to_f32<TM>(*m.at(row, col)), vi = to_f32<TM>(*v.at(row, col));
+  if (c.fresh) mi = vi = 0.0f;
   adam_one(c, g, pi, mi, vi);
   *m.at(row, col) = from_f32<TM>(mi);
   *v.at(row, col) = from_f32<TM>(vi);
@@ -172,8 +189,11 @@ __device__ __forceinline__ void update1(const AdamCoef& c, float g, const Rows<f
 // Every (row, tile of kTile columns) once (grid-striding when there are more tiles than blocks);
 // a thread updates 4 consecutive elements through 16-byte loads and stores (8-byte for the 16-bit
 // moments and copy) when `vec` (every buffer's rows aligned for them), element by element otherwise.
+// The minimum blocks an SM keep the occupancy the kernels had before the step-1 case (5 and 6
+// blocks of 256 threads: 48 registers reading the factors, 40 otherwise, no spills); without them
+// nvcc's split loops took the one reading the factors to 56-62 registers (4 blocks).
 template <typename TM, typename TL, bool OUTER>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, OUTER ? 5 : 6)
     adam_kernel(Rows<float> p, GradSrc g, Rows<TM> m, Rows<TM> v, Rows<TL> lowp, int64_t rows, int64_t cols,
                 const float* __restrict__ step, const float* __restrict__ lr, double beta1,
                 double beta2, float omb1, float omb2, float eps, bool vec, bool packed) {
@@ -308,7 +328,54 @@ cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int64_t n, un
   return cudaSuccess;
 }
 
+// The reset: tile t of the snapshot (kTile elements) read once, stored into every one of the
+// `students` copies of dst (and of lowp, rounded to nearest even), 16 bytes at a time when `vec`
+// (n a multiple of 4 and every buffer aligned for it), element by element otherwise.
+template <typename TL>
+__global__ void __launch_bounds__(kThreads)
+    broadcast_kernel(float* __restrict__ dst, const float* __restrict__ src, TL* __restrict__ lowp, int64_t n,
+                     int64_t students, bool vec) {
+  for (int64_t t = blockIdx.x; t * kTile < n; t += gridDim.x) {
+    if (vec) {
+      const int64_t e = t * kTile + 4 * static_cast<int64_t>(threadIdx.x);
+      if (e >= n) continue;
+      const float4 x = *reinterpret_cast<const float4*>(src + e);
+      Vec4<TL> xl;
+      xl.x[0] = from_f32<TL>(x.x); xl.x[1] = from_f32<TL>(x.y);
+      xl.x[2] = from_f32<TL>(x.z); xl.x[3] = from_f32<TL>(x.w);
+      for (int64_t s = 0; s < students; ++s) {
+        *reinterpret_cast<float4*>(dst + s * n + e) = x;
+        if (lowp != nullptr) *reinterpret_cast<Vec4<TL>*>(lowp + s * n + e) = xl;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t e = t * kTile + threadIdx.x + j * kThreads;
+        if (e >= n) break;
+        const float x = src[e];
+        const TL xl = from_f32<TL>(x);
+        for (int64_t s = 0; s < students; ++s) {
+          dst[s * n + e] = x;
+          if (lowp != nullptr) lowp[s * n + e] = xl;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
+
+cudaError_t broadcast(float* dst, const float* src, void* lowp, DType lowp_t, int64_t n, int64_t students,
+                      cudaStream_t stream) {
+  if (n <= 0 || students <= 0) return cudaSuccess;
+  const bool vec = n % 4 == 0 && aligned(dst, 16) && aligned(src, 16) && aligned(lowp, 4 * dtype_bytes(lowp_t));
+  const int64_t tiles = ceil_div(n, kTile);
+  const unsigned blocks = static_cast<unsigned>(tiles < kMaxGrid ? tiles : kMaxGrid);
+  return APM_DISPATCH_DTYPE(lowp_t, TL, [&] {
+    broadcast_kernel<TL><<<blocks, kThreads, 0, stream>>>(dst, src, static_cast<TL*>(lowp), n, students, vec);
+    return launch_status();
+  });
+}
 
 cudaError_t adam(const AdamBuffers& b, int64_t rows, int64_t cols, const float* step, const float* lr,
                  double beta1, double beta2, double eps, cudaStream_t stream) {

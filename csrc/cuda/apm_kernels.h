@@ -122,6 +122,7 @@ cudaError_t pool_bwd(const void* f, const void* pos, DType t, const float* kt, f
 // is not null it receives the new parameters in dtype lowp_t. The gradient is `grads` (fp32) or,
 // when `grads` is null, built from its factors: row r = s * rows_per_student + i gets
 // sum_{k < k} a[s a_s + k a_k + i] b[s b_s + k b_k + col] (fp32; a rank-k weight gradient).
+// At update 1 the moments are taken as zeros and not read.
 struct AdamBuffers {
   float* params;
   int64_t ld_p;
@@ -143,5 +144,11 @@ struct AdamBuffers {
 
 cudaError_t adam(const AdamBuffers& buffers, int64_t rows, int64_t cols, const float* step, const float* lr,
                  double beta1, double beta2, double eps, cudaStream_t stream);
+
+// The reset of `students` copies of a parameter to one snapshot: dst[s * n + e] = src[e] for
+// every student s (dst contiguous, fp32) and, when `lowp` is not null, lowp[s * n + e] = src[e]
+// in dtype lowp_t (rounded to nearest even). The snapshot is read once.
+cudaError_t broadcast(float* dst, const float* src, void* lowp, DType lowp_t, int64_t n, int64_t students,
+                      cudaStream_t stream);
 
 }  // namespace apm

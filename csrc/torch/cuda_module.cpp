@@ -34,6 +34,7 @@ void adam_(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor
            const at::Tensor&, const at::Tensor&, double, double, double,
            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
            const c10::optional<at::Tensor>&);
+void broadcast_(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
 }  // namespace apm_glue
 
 
@@ -64,6 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("lowp"),
         py::arg("outer_a") = py::none(), py::arg("outer_b") = py::none());
+  m.def("broadcast_", guarded(&broadcast_), "dst[s] = src for every s, and lowp[s] = src in lowp's dtype (the reset)",
+        py::arg("dst"), py::arg("src"), py::arg("lowp") = py::none());
   m.def("gemm_policy", guarded(&gemm_policy), "0 auto, 1 portable only, 2 SM90 only");
   m.def("set_gemm_policy", guarded(&set_gemm_policy), py::arg("policy"));
   m.def("gemm_counts", guarded(&gemm_counts), "[SM90 launches, portable launches, cuBLAS launches] since the last reset");

@@ -1,5 +1,5 @@
 // Torch bindings of the non-GEMM CUDA primitives: the first-layer activation of the trigger split,
-// the single-query pool (forward, backward) and the flat Adam update. Outputs are passed in and
+// the single-query pool (forward, backward), the flat Adam update and the reset's broadcast. Outputs are passed in and
 // written completely; scratch buffers come from PyTorch's caching allocator (capture-safe).
 #include <cmath>
 #include <vector>
@@ -254,6 +254,38 @@ void adam_(const at::Tensor& params, const c10::optional<at::Tensor>& grads, con
   const c10::cuda::OptionalCUDAGuard guard(params.device());
   check_cuda_status(apm::adam(b, params.numel() / cols, cols, step.data_ptr<float>(), lr.data_ptr<float>(), beta1,
                               beta2, eps, current_stream(params)),
+                    fn, "the kernel launch");
+}
+
+// dst[s] = src for every s (and lowp[s] = src in lowp's dtype, rounded to nearest even, when
+// given): the reset of S students' weights to one snapshot. dst (S, *src.shape) fp32 contiguous,
+// src fp32 contiguous, lowp dst's shape, contiguous, any of the three float dtypes.
+void broadcast_(const at::Tensor& dst, const at::Tensor& src, const c10::optional<at::Tensor>& lowp) {
+  const char* fn = "broadcast_";
+  check_cuda(dst, fn, "dst");
+  check_dtype(dst, fn, "dst", {at::kFloat});
+  APM_CHECK_VALUE(dst.dim() >= 1, fn, ": dst must be (S, *shape), got a 0-d tensor");
+  check_contiguous(dst, fn, "dst");
+  check_same_device(src, dst, fn, "src", "dst");
+  check_dtype(src, fn, "src", {at::kFloat});
+  check_contiguous(src, fn, "src");
+  APM_CHECK_VALUE(src.sizes() == dst.sizes().slice(1), fn,
+                  ": src must have dst's shape without its first dimension ", ints_str(dst.sizes().slice(1)),
+                  ", got ", sizes_str(src));
+  apm::DType lowp_t = apm::DType::kFloat32;
+  void* lowp_ptr = nullptr;
+  if (lowp.has_value() && lowp->defined()) {
+    check_same_device(*lowp, dst, fn, "lowp", "dst");
+    APM_CHECK_VALUE(lowp->sizes() == dst.sizes(), fn, ": lowp must have dst's shape ", sizes_str(dst), ", got ",
+                    sizes_str(*lowp));
+    check_contiguous(*lowp, fn, "lowp");
+    lowp_t = to_apm_dtype(*lowp, fn, "lowp");
+    lowp_ptr = lowp->data_ptr();
+  }
+  if (dst.numel() == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(dst.device());
+  check_cuda_status(apm::broadcast(dst.data_ptr<float>(), src.data_ptr<float>(), lowp_ptr, lowp_t, src.numel(),
+                                   dst.size(0), current_stream(dst)),
                     fn, "the kernel launch");
 }
 

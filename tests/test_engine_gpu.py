@@ -137,8 +137,8 @@ def test_weights_from_their_gradients_factors_train_the_same(backend, switch, na
     (``pool_factors``, the kernel tables' default: with one image a student every element of those
     gradients is one product either way), and the weights of the layers after the first
     (``layer_factors``: from the weight gradient's two bf16 GEMM operands, the Triton table's
-    tensor-core products by tiles inside Adam, against the weight-gradient GEMM's output; a table
-    whose Adam takes no 16-bit factors, the cuda table's, keeps the GEMM). The two ways' updates
+    tensor-core products by tiles inside Adam, the cuda table's weight-gradient GEMM with Adam in
+    its epilogue, against the weight-gradient GEMM's output then Adam). The two ways' updates
     run in different kernels, whose sums may round differently (the Triton table's pool updates
     did, the cuda table's agreed bit for bit), so they agree to the bf16 tolerance, with the same
     closest targets. (float64 and the plain table's bf16 on the CPU: tests/test_engine.py.)"""

@@ -27,8 +27,8 @@ from apm_fast.model import APM                                            # noqa
 from apm_fast.ops.contract import TorchPrimitives                          # noqa: E402
 from apm_fast.ops.driver import backward, forward, weight_names          # noqa: E402
 from apm_fast.ops.library import ops_for                                  # noqa: E402
-from helpers import (BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, check_broadcast,  # noqa: E402
-                     check_fresh_adam, check_lowp_factor_adam, precision)
+from helpers import (BLOCK_SHAPES, LOWP_FACTOR_SHAPES, LOWP_FACTOR_SHAPES_ALIGNED, check_bf16_moment_adam,  # noqa: E402
+                     check_block_adam, check_broadcast, check_fresh_adam, check_lowp_factor_adam, precision)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TP = TritonPrimitives()
@@ -266,7 +266,9 @@ def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(moment
 
 def test_adam_from_a_weight_gradients_16_bit_operands_matches_the_written_gradient():
     assert TP.adam_lowp_factors
-    check_lowp_factor_adam(TP, DEV)
+    check_lowp_factor_adam(TP, DEV, shapes=LOWP_FACTOR_SHAPES + LOWP_FACTOR_SHAPES_ALIGNED)
+    if DEV == "cuda":                   # bf16 moments (the interpreter's bf16 casts truncate)
+        check_lowp_factor_adam(TP, DEV, torch.bfloat16, LOWP_FACTOR_SHAPES + LOWP_FACTOR_SHAPES_ALIGNED)
 
 
 def test_the_reset_broadcasts_the_snapshot_into_every_student_and_its_compute_copy():

@@ -90,6 +90,11 @@ class CudaPrimitives(Primitives):
     # weights and their compute copy (csrc/cuda/adam.cu; the profile of the reset it replaces:
     # kernels/adam.py, broadcast_)
     adam_fresh_at_step_one = True
+    # the update from a weight gradient's 16-bit GEMM operands (the engine's ``layer_factors``,
+    # off by default): the SM90 weight-gradient GEMM with Adam in its epilogue, the gradient never
+    # written (csrc/cuda/gemm_sm90_adam.cu); where it does not apply, the gradient written, then
+    # the update. Compiled, not yet timed on a GPU
+    adam_lowp_factors = True
 
     @property
     def ext(self):

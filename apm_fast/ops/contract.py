@@ -183,7 +183,7 @@ class Primitives:
     each GEMM that reads it (one pass a step instead of three), and the Triton table, whose weight
     gradient writes it out (S * B * L * H1 elements held from the forward to the backward).
     ``adam_lowp_factors``: this table's ``adam_`` takes a gradient's factors in a 16-bit dtype
-    (the weight gradients' GEMM operands; the plain and Triton tables). ``layer_factors``: the
+    (the weight gradients' GEMM operands; every table). ``layer_factors``: the
     engine's default for this table, the weights of the layers after the first updated from
     their gradients' factors (dy, x) instead of the weight-gradient GEMM's output (off: measured
     on no table yet; ``ttt.program``).

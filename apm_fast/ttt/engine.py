@@ -89,7 +89,7 @@ class TTTEngine:
     comparisons): the weights of the layers after the first (``driver.layer_weight_names``)
     updated from their gradients' factors, the weight-gradient GEMM's two operands (dy, x), in
     place of the GEMM's output (never written); on the tables whose Adam takes 16-bit factors
-    (``adam_lowp_factors``: the plain and Triton tables) where the compute dtype is 16-bit;
+    (``adam_lowp_factors``: every table) where the compute dtype is 16-bit;
     without shards.
     """
 

@@ -81,9 +81,9 @@ inline Stride<_1, int64_t, int64_t> stride_mk(int64_t, int64_t s1, int64_t sb) {
   return make_stride(_1{}, s1, sb);
 }
 
+// The problem, the operands and the device of `p` (every kernel's); the epilogue's are its own.
 template <class G>
-typename G::Gemm::Arguments make_args(const GemmParams& p, int device) {
-  using ElementD = typename G::Gemm::ElementD;
+typename G::Gemm::Arguments mainloop_args(const GemmParams& p, int device) {
   typename G::Gemm::Arguments args;
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
   args.problem_shape = {static_cast<int>(p.m), static_cast<int>(p.n), static_cast<int>(p.k),
@@ -92,24 +92,29 @@ typename G::Gemm::Arguments make_args(const GemmParams& p, int device) {
   args.mainloop.dA = stride_mk<typename G::StrideA>(p.a_sm, p.a_sk, p.a_sb);
   args.mainloop.ptr_B = static_cast<const bf16*>(p.b);
   args.mainloop.dB = stride_mk<typename G::StrideB>(p.b_sn, p.b_sk, p.b_sb);
+  args.hw_info.device_id = device;
+  args.hw_info.sm_count = device_sm_count(device);
+  return args;
+}
+
+template <class G>
+typename G::Gemm::Arguments make_args(const GemmParams& p, int device) {
+  using ElementD = typename G::Gemm::ElementD;
+  typename G::Gemm::Arguments args = mainloop_args<G>(p, device);
   args.epilogue.ptr_C = nullptr;
   args.epilogue.dC = stride_mk<typename G::StrideC>(p.d_sm, p.d_sn, p.d_sb);
   args.epilogue.ptr_D = static_cast<ElementD*>(p.d);
   args.epilogue.dD = stride_mk<typename G::StrideD>(p.d_sm, p.d_sn, p.d_sb);
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = 0.0f;
-  args.hw_info.device_id = device;
-  args.hw_info.sm_count = device_sm_count(device);
   return args;
 }
 
-// Runs one problem (its batch strides are real strides: shared operands are split by the caller).
-// With `workspace_size` only reports the workspace bytes it needs.
-template <class G, class SetFusion>
-cudaError_t run_one(const GemmParams& p, int device, void* workspace, cudaStream_t stream,
-                    size_t* workspace_size, SetFusion set_fusion) {
-  auto args = make_args<G>(p, device);
-  set_fusion(args);
+// Runs one problem given its arguments. With `workspace_size` only reports the workspace bytes it
+// needs.
+template <class G>
+cudaError_t run_args(typename G::Gemm::Arguments& args, void* workspace, cudaStream_t stream,
+                     size_t* workspace_size) {
   if (workspace_size != nullptr) {
     *workspace_size = G::Gemm::get_workspace_size(args);
     return cudaSuccess;
@@ -125,6 +130,16 @@ cudaError_t run_one(const GemmParams& p, int device, void* workspace, cudaStream
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   return st == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+}
+
+// Runs one problem (its batch strides are real strides: shared operands are split by the caller).
+// With `workspace_size` only reports the workspace bytes it needs.
+template <class G, class SetFusion>
+cudaError_t run_one(const GemmParams& p, int device, void* workspace, cudaStream_t stream,
+                    size_t* workspace_size, SetFusion set_fusion) {
+  auto args = make_args<G>(p, device);
+  set_fusion(args);
+  return run_args<G>(args, workspace, stream, workspace_size);
 }
 
 }  // namespace sm90

@@ -121,14 +121,16 @@ def test_the_primitives_rows_of_a_layers_update_do_the_same_update_two_ways():
 def test_the_layers_other_way_is_measured_where_the_table_can_take_it(monkeypatch):
     """The rows beside each default (``ctx.other_layers``): the later layers' weights from their
     GEMM operands where the table's default is the GEMM's output, and back; none on a table whose
-    Adam takes no 16-bit factors (the cuda table's)."""
+    Adam takes no 16-bit factors."""
     from apm_fast.ops.contract import TorchPrimitives
 
     ctx = _quick_ctx()
     assert ctx.other_layers("triton")[:2] == (True, "layer-factors")
-    assert ctx.other_layers("cuda") is None
+    assert ctx.other_layers("cuda")[:2] == (True, "layer-factors")
     monkeypatch.setattr(TorchPrimitives, "layer_factors", True)
     assert ctx.other_layers("torch")[:2] == (False, "layer-written")
+    monkeypatch.setattr(TorchPrimitives, "adam_lowp_factors", False)
+    assert ctx.other_layers("torch") is None
 
 
 def test_a_new_table_is_picked_up(monkeypatch, one_thread):

@@ -35,6 +35,9 @@ struct alignas(2 * sizeof(T)) Pair {
 template <typename TM>
 class AdamEpilogue {
  public:
+  // accumulators whose loads are in flight together: 8 keeps the consumer warp groups within
+  // the kernel's 168 registers a thread (128 of them the tile's sums); 16 spilled (ptxas, sm_90a)
+  static constexpr int kBatch = 8;
   using EpilogueSchedule = cutlass::epilogue::NoSmemWarpSpecialized;
   using DispatchPolicy = EpilogueSchedule;
   using ElementC = void;
@@ -54,15 +57,15 @@ class AdamEpilogue {
   struct SharedStorage {};
   using TensorStorage = SharedStorage;
 
-  // The state of every student: `rows` (the problem's M) rows of its weight, ld_* apart; the
-  // moments TM; `lowp` (bf16) may be null. `pairs`: every row stride even and every base aligned
-  // for two elements at a time.
+  // The state of every student: `rows` (the problem's M) rows of its weight, `ld` apart in every
+  // buffer (rows * ld < 2^31: 32-bit offsets inside a student's block); the moments TM; `lowp`
+  // (bf16) may be null. `pairs`: ld even and every base aligned for two elements at a time.
   struct Arguments {
     float* p = nullptr;
     TM* m = nullptr;
     TM* v = nullptr;
     __nv_bfloat16* lowp = nullptr;
-    int64_t ld_p = 0, ld_m = 0, ld_v = 0, ld_l = 0;
+    int64_t ld = 0;
     const float* step = nullptr;
     const float* lr = nullptr;
     double beta1 = 0.9, beta2 = 0.999;
@@ -114,54 +117,87 @@ class AdamEpilogue {
     CUTE_STATIC_ASSERT_V(size(tCcD) == size(accumulators), "one coordinate an accumulator");
     const AdamCoef c = coefficients(params_.step, params_.lr, params_.beta1, params_.beta2, params_.omb1,
                                     params_.omb2, params_.eps);
-    float* p = params_.p + s * M * params_.ld_p;
-    TM* m = params_.m + s * M * params_.ld_m;
-    TM* v = params_.v + s * M * params_.ld_v;
-    __nv_bfloat16* l = params_.lowp == nullptr ? nullptr : params_.lowp + s * M * params_.ld_l;
-    static_assert(decltype(size(accumulators))::value % 2 == 0, "accumulators come in pairs");
+    const int64_t block = s * M * params_.ld;    // the student's block in every buffer
+    float* p = params_.p + block;
+    TM* m = params_.m + block;
+    TM* v = params_.v + block;
+    __nv_bfloat16* l = params_.lowp == nullptr ? nullptr : params_.lowp + block;
+    const int ld = static_cast<int>(params_.ld);
+    constexpr int kCount = decltype(size(accumulators))::value;
+    static_assert(kCount % kBatch == 0, "whole batches of accumulators");
+    // Batches of kBatch accumulators (kBatch / 2 pairs of adjacent columns): every load of a batch
+    // is issued before its first store, so that their latencies overlap (the stores of a batch
+    // could alias the next one's loads as far as the compiler knows: without batches each pair
+    // would wait out a whole memory latency).
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(accumulators); i += 2) {
-      const int r = get<0>(tCcD(i)), col = get<1>(tCcD(i));
-      const bool pair = params_.pairs && get<0>(tCcD(i + 1)) == r && get<1>(tCcD(i + 1)) == col + 1 &&
-                        (col & 1) == 0 && r < M && col + 1 < N;
-      if (pair) {
-        float2 pv = *reinterpret_cast<const float2*>(p + r * params_.ld_p + col);
-        float pf[2] = {pv.x, pv.y}, mf[2] = {0.0f, 0.0f}, vf[2] = {0.0f, 0.0f};
-        if (!c.fresh) {
-          const Pair<TM> mv = *reinterpret_cast<const Pair<TM>*>(m + r * params_.ld_m + col);
-          const Pair<TM> vv = *reinterpret_cast<const Pair<TM>*>(v + r * params_.ld_v + col);
-          mf[0] = to_f32<TM>(mv.x[0]); mf[1] = to_f32<TM>(mv.x[1]);
-          vf[0] = to_f32<TM>(vv.x[0]); vf[1] = to_f32<TM>(vv.x[1]);
-        }
-        Pair<TM> mo, vo;
-        Pair<__nv_bfloat16> lo;
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          adam_one(c, accumulators(i + e), pf[e], mf[e], vf[e]);
-          mo.x[e] = from_f32<TM>(mf[e]);
-          vo.x[e] = from_f32<TM>(vf[e]);
-          lo.x[e] = from_f32<__nv_bfloat16>(pf[e]);
-        }
-        *reinterpret_cast<float2*>(p + r * params_.ld_p + col) = make_float2(pf[0], pf[1]);
-        *reinterpret_cast<Pair<TM>*>(m + r * params_.ld_m + col) = mo;
-        *reinterpret_cast<Pair<TM>*>(v + r * params_.ld_v + col) = vo;
-        if (l != nullptr) *reinterpret_cast<Pair<__nv_bfloat16>*>(l + r * params_.ld_l + col) = lo;
-        continue;
+    for (int i0 = 0; i0 < kCount; i0 += kBatch) {
+      float pf[kBatch], mf[kBatch], vf[kBatch];
+      bool pair[kBatch / 2], in[kBatch];
+      int at[kBatch];                          // the element's offset in the student's block
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kBatch; ++j) {
+        const int r = get<0>(tCcD(i0 + j)), col = get<1>(tCcD(i0 + j));
+        in[j] = r < M && col < N;
+        at[j] = r * ld + col;
+        mf[j] = vf[j] = 0.0f;
       }
       CUTLASS_PRAGMA_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int re = get<0>(tCcD(i + e)), ce = get<1>(tCcD(i + e));
-        if (re >= M || ce >= N) continue;
-        float pe = p[re * params_.ld_p + ce], me = 0.0f, ve = 0.0f;
-        if (!c.fresh) {
-          me = to_f32<TM>(m[re * params_.ld_m + ce]);
-          ve = to_f32<TM>(v[re * params_.ld_v + ce]);
+      for (int j = 0; j < kBatch; j += 2) {
+        // two adjacent columns of one row, both inside the problem: one 8-byte access (4 for
+        // 16-bit moments and the copy) where the rows allow it
+        pair[j / 2] = params_.pairs && in[j] && in[j + 1] && at[j + 1] == at[j] + 1 && (at[j] & 1) == 0;
+        if (pair[j / 2]) {
+          const float2 pv = *reinterpret_cast<const float2*>(p + at[j]);
+          pf[j] = pv.x;
+          pf[j + 1] = pv.y;
+          if (!c.fresh) {
+            const Pair<TM> mv = *reinterpret_cast<const Pair<TM>*>(m + at[j]);
+            const Pair<TM> vv = *reinterpret_cast<const Pair<TM>*>(v + at[j]);
+            mf[j] = to_f32<TM>(mv.x[0]);
+            mf[j + 1] = to_f32<TM>(mv.x[1]);
+            vf[j] = to_f32<TM>(vv.x[0]);
+            vf[j + 1] = to_f32<TM>(vv.x[1]);
+          }
+          continue;
         }
-        adam_one(c, accumulators(i + e), pe, me, ve);
-        p[re * params_.ld_p + ce] = pe;
-        m[re * params_.ld_m + ce] = from_f32<TM>(me);
-        v[re * params_.ld_v + ce] = from_f32<TM>(ve);
-        if (l != nullptr) l[re * params_.ld_l + ce] = from_f32<__nv_bfloat16>(pe);
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = j; e < j + 2; ++e) {
+          pf[e] = in[e] ? p[at[e]] : 0.0f;
+          if (in[e] && !c.fresh) {
+            mf[e] = to_f32<TM>(m[at[e]]);
+            vf[e] = to_f32<TM>(v[at[e]]);
+          }
+        }
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kBatch; ++j) adam_one(c, accumulators(i0 + j), pf[j], mf[j], vf[j]);
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kBatch; j += 2) {
+        if (pair[j / 2]) {
+          Pair<TM> mo, vo;
+          Pair<__nv_bfloat16> lo;
+          mo.x[0] = from_f32<TM>(mf[j]);
+          mo.x[1] = from_f32<TM>(mf[j + 1]);
+          vo.x[0] = from_f32<TM>(vf[j]);
+          vo.x[1] = from_f32<TM>(vf[j + 1]);
+          *reinterpret_cast<float2*>(p + at[j]) = make_float2(pf[j], pf[j + 1]);
+          *reinterpret_cast<Pair<TM>*>(m + at[j]) = mo;
+          *reinterpret_cast<Pair<TM>*>(v + at[j]) = vo;
+          if (l != nullptr) {
+            lo.x[0] = from_f32<__nv_bfloat16>(pf[j]);
+            lo.x[1] = from_f32<__nv_bfloat16>(pf[j + 1]);
+            *reinterpret_cast<Pair<__nv_bfloat16>*>(l + at[j]) = lo;
+          }
+          continue;
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = j; e < j + 2; ++e) {
+          if (!in[e]) continue;
+          p[at[e]] = pf[e];
+          m[at[e]] = from_f32<TM>(mf[e]);
+          v[at[e]] = from_f32<TM>(vf[e]);
+          if (l != nullptr) l[at[e]] = from_f32<__nv_bfloat16>(pf[e]);
+        }
       }
     }
   }
@@ -203,10 +239,7 @@ cudaError_t run_adam(const GemmParams& p, const AdamBuffers& b, const float* ste
   e.m = static_cast<TM*>(b.exp_avg);
   e.v = static_cast<TM*>(b.exp_avg_sq);
   e.lowp = static_cast<__nv_bfloat16*>(b.lowp);
-  e.ld_p = b.ld_p;
-  e.ld_m = b.ld_m;
-  e.ld_v = b.ld_v;
-  e.ld_l = b.ld_l;
+  e.ld = b.ld_p;
   e.step = step;
   e.lr = lr;
   e.beta1 = beta1;
@@ -215,8 +248,7 @@ cudaError_t run_adam(const GemmParams& p, const AdamBuffers& b, const float* ste
   e.omb1 = static_cast<float>(1.0 - beta1);
   e.omb2 = static_cast<float>(1.0 - beta2);
   e.eps = static_cast<float>(eps);
-  e.pairs = b.ld_p % 2 == 0 && b.ld_m % 2 == 0 && b.ld_v % 2 == 0 && (b.lowp == nullptr || b.ld_l % 2 == 0) &&
-            aligned_to(b.params, 8) && aligned_to(b.exp_avg, 2 * sizeof(TM)) &&
+  e.pairs = b.ld_p % 2 == 0 && aligned_to(b.params, 8) && aligned_to(b.exp_avg, 2 * sizeof(TM)) &&
             aligned_to(b.exp_avg_sq, 2 * sizeof(TM)) && aligned_to(b.lowp, 4);
   return run_args<G>(args, workspace, stream, workspace_size);
 }
@@ -226,7 +258,9 @@ cudaError_t run_adam(const GemmParams& p, const AdamBuffers& b, const float* ste
 cudaError_t run_backward_weight_adam(const GemmParams& p, const AdamBuffers& b, const float* step, const float* lr,
                                      double beta1, double beta2, double eps, int device, void* workspace,
                                      size_t* workspace_size, cudaStream_t stream) {
-  if (b.lowp != nullptr && b.lowp_t != DType::kBFloat16) return cudaErrorNotSupported;
+  // one row stride in every buffer, 32-bit offsets inside a student's block
+  if (b.lowp != nullptr && (b.lowp_t != DType::kBFloat16 || b.ld_l != b.ld_p)) return cudaErrorNotSupported;
+  if (b.ld_m != b.ld_p || b.ld_v != b.ld_p || p.m * b.ld_p >= (int64_t{1} << 31)) return cudaErrorNotSupported;
   if (b.moment_t == DType::kFloat32) {
     return run_adam<float>(p, b, step, lr, beta1, beta2, eps, device, workspace, workspace_size, stream);
   }

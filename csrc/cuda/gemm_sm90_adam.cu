@@ -206,23 +206,12 @@ class AdamEpilogue {
   Params params_;
 };
 
+// A = dy^T (M-major), B = x^T (N-major), as the backward-weight family; 128 x 128 tiles, the
+// ping-pong schedule.
 template <typename TM>
-struct AdamWgrad {
-  using TileShape = Shape<_128, _128, _64>;
-  using ClusterShape = Shape<_1, _1, _1>;
-  using CollectiveEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<AdamEpilogue<TM>>;
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      bf16, cutlass::layout::ColumnMajor, 8, bf16, cutlass::layout::RowMajor, 8, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<
-          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedPingpong>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-  using StrideA = typename Kernel::StrideA;
-  using StrideB = typename Kernel::StrideB;
-};
+using AdamWgrad = Sm90Kernel<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, Shape<_128, _128, _64>,
+                             cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<AdamEpilogue<TM>>,
+                             cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
 
 bool aligned_to(const void* ptr, size_t bytes) {
   return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;

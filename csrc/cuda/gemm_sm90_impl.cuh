@@ -29,32 +29,46 @@ using namespace cute;
 using bf16 = cutlass::bfloat16_t;
 
 
+// The kernel around a collective epilogue: the TMA + wgmma mainloop (bf16 operands, fp32 sums,
+// cluster 1 x 1; its pipeline's stages fill the shared memory the epilogue leaves) under the
+// warp-specialized `Schedule`, batched over CUTLASS's L mode.
+template <class LayoutA, class LayoutB, class TileShape, class CollectiveEpilogue, class Schedule>
+struct Sm90Kernel {
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      bf16, LayoutA, 8, bf16, LayoutB, 8, float, TileShape, Shape<_1, _1, _1>,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      Schedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::StrideA;
+  using StrideB = typename Kernel::StrideB;
+};
+
+// The three families' GEMM: CUTLASS's TMA epilogue with `FusionOp` (an EVT) over the sums, the
+// cooperative schedule (two consumer warp groups on one tile).
 // TileN: 128 (the default), or 64 for problems whose 128 x 128 tiles leave most SMs idle (at one
 // image, fc3 (1024 x 1024: 64 tiles) and the head (1024 x 768: 48 tiles) on 132 SMs); see
 // narrow_tiles().
 template <class LayoutA, class LayoutB, class ElementD, class FusionOp, int TileN = 128>
 struct Sm90Gemm {
   using TileShape = Shape<_128, Int<TileN>, _64>;
-  using ClusterShape = Shape<_1, _1, _1>;
   static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, Shape<_1, _1, _1>,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, cutlass::layout::RowMajor, kAlignD,          // no C operand
       ElementD, cutlass::layout::RowMajor, kAlignD,
       cutlass::epilogue::TmaWarpSpecializedCooperative, FusionOp>::CollectiveOp;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      bf16, LayoutA, 8, bf16, LayoutB, 8, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<
-          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using Base = Sm90Kernel<LayoutA, LayoutB, TileShape, CollectiveEpilogue,
+                          cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+  using Kernel = typename Base::Kernel;
+  using Gemm = typename Base::Gemm;
   using StrideA = typename Kernel::StrideA;
   using StrideB = typename Kernel::StrideB;
   using StrideC = typename Kernel::StrideC;

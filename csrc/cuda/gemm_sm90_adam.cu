@@ -2,9 +2,17 @@
 // consumer warp group, once its 128 x 128 tile of dW is summed in registers, reads that tile's
 // weights and moments, applies the update (adam_update.cuh: the Adam kernels' arithmetic, bit for
 // bit) and writes the weights, the moments and the weights' bf16 copy. 26 B of memory traffic a
-// parameter (22 with bf16 moments) instead of the 4 the GEMM writes plus the update's 30, and the
-// update's traffic overlaps the other warp group's products (ping-pong schedule: two consumer
-// warp groups on two tiles, one in its epilogue while the other multiplies).
+// parameter (22 with bf16 moments) instead of the 4 the GEMM writes plus the update's 30.
+//
+// Schedule: cooperative (both consumer warp groups on one 128 x 128 tile, 64 sums a thread), not
+// ping-pong (one warp group's epilogue beside the other's products, 128 sums a thread). The
+// epilogue is memory bound and latency bound: an SM needs about 32 KB of loads in flight to draw
+// its share of the H200's bandwidth (4.2 TB/s over 132 SMs, ~1 us a load). Cooperative: 256
+// threads with 16 elements' state (12 B each) in flight, 49 KB. Ping-pong: one warp group in its
+// epilogue at a time, 128 threads with 8 elements in flight (16 spilled at 168 registers), 12 KB,
+// a third of the rate, where the products it hides take about half as long as the epilogue at
+// full rate (a tile: 34 MFLOP at rank 1024, ~6 us on an SM; 426 KB of state, ~13 us). Not yet
+// timed on a GPU.
 //
 // The mainloop is the backward-weight family's (gemm_sm90_bwd_weight.cu: A = dy^T M-major, B =
 // x^T N-major, TMA + wgmma, fp32 sums); the epilogue is this file's own collective (no shared
@@ -35,9 +43,9 @@ struct alignas(2 * sizeof(T)) Pair {
 template <typename TM>
 class AdamEpilogue {
  public:
-  // accumulators whose loads are in flight together: 8 keeps the consumer warp groups within
-  // the kernel's 168 registers a thread (128 of them the tile's sums); 16 spilled (ptxas, sm_90a)
-  static constexpr int kBatch = 8;
+  // accumulators whose loads are in flight together: 16 keeps the consumer warp groups within
+  // the kernel's 168 registers a thread (64 of them the tile's sums; ptxas, sm_90a: 32 spilled)
+  static constexpr int kBatch = 16;
   using EpilogueSchedule = cutlass::epilogue::NoSmemWarpSpecialized;
   using DispatchPolicy = EpilogueSchedule;
   using ElementC = void;
@@ -207,11 +215,11 @@ class AdamEpilogue {
 };
 
 // A = dy^T (M-major), B = x^T (N-major), as the backward-weight family; 128 x 128 tiles, the
-// ping-pong schedule.
+// cooperative schedule.
 template <typename TM>
 using AdamWgrad = Sm90Kernel<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, Shape<_128, _128, _64>,
                              cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<AdamEpilogue<TM>>,
-                             cutlass::gemm::KernelTmaWarpSpecializedPingpong>;
+                             cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
 
 bool aligned_to(const void* ptr, size_t bytes) {
   return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;

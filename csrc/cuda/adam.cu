@@ -255,9 +255,6 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
-bool aligned(const void* ptr, size_t bytes) {
-  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
 
 size_t dtype_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 

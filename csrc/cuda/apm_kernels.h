@@ -18,6 +18,11 @@ namespace apm {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Whether `ptr` is a multiple of `bytes` (null counts as aligned: an absent buffer).
+inline bool aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
 const char* dtype_name(DType t);
 
 // ------------------------------------------------------------------------------------------------

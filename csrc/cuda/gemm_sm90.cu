@@ -48,7 +48,6 @@ cudaError_t run_backward_weight_adam(const GemmParams&, const AdamBuffers&, cons
 
 namespace {
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 // `elems` elements of `bytes` each make a whole number of 16-byte units (TMA's rule for strides).
 bool mult16(int64_t elems, int bytes) { return (elems * bytes) % 16 == 0; }
@@ -92,7 +91,7 @@ Sm90Family sm90_family(const GemmParams& p) {
   if (p.m > INT32_MAX || p.n > INT32_MAX || p.k > INT32_MAX || p.batch > INT32_MAX) {
     return Sm90Family::kNone;
   }
-  if (!aligned16(p.a) || !aligned16(p.b) || !aligned16(p.d)) return Sm90Family::kNone;
+  if (!aligned(p.a, 16) || !aligned(p.b, 16) || !aligned(p.d, 16)) return Sm90Family::kNone;
   const int ob = p.out == DType::kFloat32 ? 4 : 2;
   if (!mult16(p.a_sb, 2) || !mult16(p.b_sb, 2) || !mult16(p.d_sb, ob)) return Sm90Family::kNone;
   if (p.d_sn != 1 || !mult16(p.d_sm, ob) || !mult16(p.n, ob)) return Sm90Family::kNone;
@@ -101,11 +100,11 @@ Sm90Family sm90_family(const GemmParams& p) {
   const bool b_kmaj = p.b_sk == 1 && mult16(p.b_sn, 2) && mult16(p.k, 2);
   const bool b_nmaj = p.b_sn == 1 && mult16(p.b_sk, 2) && mult16(p.n, 2);
   if (a_kmaj && b_kmaj && p.out == DType::kBFloat16 && p.mask == nullptr) {
-    if (p.bias != nullptr && (!aligned16(p.bias) || !mult16(p.bias_sb, 2))) return Sm90Family::kNone;
+    if (p.bias != nullptr && (!aligned(p.bias, 16) || !mult16(p.bias_sb, 2))) return Sm90Family::kNone;
     return Sm90Family::kForward;
   }
   if (a_kmaj && b_nmaj && p.out == DType::kBFloat16 && p.bias == nullptr && !p.relu &&
-      p.mask != nullptr && aligned16(p.mask) && p.mask_sn == 1 && mult16(p.mask_sm, 2) &&
+      p.mask != nullptr && aligned(p.mask, 16) && p.mask_sn == 1 && mult16(p.mask_sm, 2) &&
       mult16(p.mask_sb, 2)) {
     return Sm90Family::kBackwardInput;
   }

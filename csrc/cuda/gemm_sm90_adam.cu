@@ -221,9 +221,6 @@ using AdamWgrad = Sm90Kernel<cutlass::layout::ColumnMajor, cutlass::layout::RowM
                              cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<AdamEpilogue<TM>>,
                              cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
 
-bool aligned_to(const void* ptr, size_t bytes) {
-  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
 
 template <typename TM>
 cudaError_t run_adam(const GemmParams& p, const AdamBuffers& b, const float* step, const float* lr, double beta1,
@@ -245,8 +242,8 @@ cudaError_t run_adam(const GemmParams& p, const AdamBuffers& b, const float* ste
   e.omb1 = static_cast<float>(1.0 - beta1);
   e.omb2 = static_cast<float>(1.0 - beta2);
   e.eps = static_cast<float>(eps);
-  e.pairs = b.ld_p % 2 == 0 && aligned_to(b.params, 8) && aligned_to(b.exp_avg, 2 * sizeof(TM)) &&
-            aligned_to(b.exp_avg_sq, 2 * sizeof(TM)) && aligned_to(b.lowp, 4);
+  e.pairs = b.ld_p % 2 == 0 && aligned(b.params, 8) && aligned(b.exp_avg, 2 * sizeof(TM)) &&
+            aligned(b.exp_avg_sq, 2 * sizeof(TM)) && aligned(b.lowp, 4);
   return run_args<G>(args, workspace, stream, workspace_size);
 }
 

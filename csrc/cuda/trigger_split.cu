@@ -121,10 +121,9 @@ cudaError_t first_layer_act(const void* p, const float* u, void* a, DType t, int
                             int64_t L, int64_t H, cudaStream_t stream) {
   if (S * B * L * H == 0) return cudaSuccess;
   const int64_t rows = S * B * L;
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   return APM_DISPATCH_DTYPE(t, T, [&] {
     constexpr int kN = Pack<T>::kN;
-    const bool vec = H % kN == 0 && aligned(p) && aligned(u) && aligned(a);
+    const bool vec = H % kN == 0 && aligned(p, 16) && aligned(u, 16) && aligned(a, 16);
     const int threads = vec ? 128 : 256;
     const int64_t gx = ceil_div(vec ? H / kN : H, threads);
     const dim3 grid(static_cast<unsigned>(gx < 65535 ? gx : 65535),
@@ -143,9 +142,8 @@ cudaError_t first_layer_act_halves(const float* q, const float* u, void* a, DTyp
                                    int64_t height, int64_t width, int64_t H, cudaStream_t stream) {
   const int64_t groups = S * B * height;
   if (groups * width * H == 0) return cudaSuccess;
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   return APM_DISPATCH_DTYPE(t, T, [&] {
-    const bool vec = H % 4 == 0 && aligned(q) && aligned(u) && aligned(a);
+    const bool vec = H % 4 == 0 && aligned(q, 16) && aligned(u, 16) && aligned(a, 16);
     const int threads = 128;
     const int64_t gx = ceil_div(vec ? H / 4 : H, threads);
     const dim3 grid(static_cast<unsigned>(gx < 65535 ? gx : 65535),

@@ -16,24 +16,44 @@ import importlib
 import re
 from typing import List, Optional, Tuple
 
-__all__ = ["load_extension", "BUILD_HINT", "extension_archs", "arch_runs_on", "device_problem"]
+__all__ = ["load_extension", "BUILD_HINT", "KERNEL_REVISION", "extension_archs", "arch_runs_on", "device_problem"]
 
 BUILD_HINT = ("build it on a machine with a CUDA build of torch and nvcc (CUTLASS headers: "
               "pip install --no-deps nvidia-cutlass==4.2.0.0) with "
               "`APM_FAST_CUDA_ARCHS=90a pip install --no-build-isolation -e .`")
+
+# The revision of the compiled kernels' contract this Python code relies on: the extension
+# reports its own (``kernel_revision``, csrc/torch/cuda_module.cpp) and a build from other
+# sources is refused, by name, instead of run. Bumped with every change the cuda table depends
+# on that an older build would get silently wrong, e.g. revision 2: Adam takes the moments as
+# zeros at step 1 (the reset no longer zeroes them; an older build would read the last batch's).
+KERNEL_REVISION = 2
 
 _cache: list = []
 _ARCHS_SYMBOL = "apm_fast_cuda_archs"
 
 
 def load_extension() -> Tuple[Optional[object], str]:
-    """(module, "") for ``apm_fast._C_cuda``, or (None, why it cannot be loaded)."""
+    """(module, "") for ``apm_fast._C_cuda``, or (None, why it cannot be loaded or used: not
+    importable, or built from sources of another kernel revision)."""
     if not _cache:
         try:
-            _cache.append((importlib.import_module("apm_fast._C_cuda"), ""))
+            mod = importlib.import_module("apm_fast._C_cuda")
         except ImportError as exc:
             _cache.append((None, f"the compiled extension apm_fast._C_cuda is not importable ({exc}); {BUILD_HINT}"))
+        else:
+            _cache.append(check_revision(mod))
     return _cache[0]
+
+
+def check_revision(mod) -> Tuple[Optional[object], str]:
+    """(mod, "") when the extension's kernels are this code's revision, else (None, why)."""
+    got = getattr(mod, "kernel_revision", 1)          # builds before the attribute: revision 1
+    if got == KERNEL_REVISION:
+        return mod, ""
+    return None, (f"the compiled extension apm_fast._C_cuda ({getattr(mod, '__file__', '?')}) is of kernel "
+                  f"revision {got}, this code needs {KERNEL_REVISION}: it was built from other sources; "
+                  f"rebuild it: {BUILD_HINT}")
 
 
 def extension_archs(mod=None) -> Optional[List[str]]:

@@ -125,6 +125,32 @@ def test_an_extension_without_a_record_of_its_archs_is_not_refused(monkeypatch):
     assert backends.available_backends()["cuda"] == "available"
 
 
+def test_a_build_of_another_kernel_revision_is_refused_by_name(monkeypatch):
+    """A stale build (compiled from older sources, e.g. an editable install not rebuilt after a
+    pull) is refused with its revision, the one needed and how to rebuild, not run; the build's
+    revision is the one the bindings declare (csrc/torch/cuda_module.cpp)."""
+    import re
+
+    declared = re.search(r'm\.attr\("kernel_revision"\) = (\d+);', (ROOT / "csrc/torch/cuda_module.cpp").read_text())
+    assert declared and int(declared.group(1)) == _ext.KERNEL_REVISION
+    same = type("M", (), {"kernel_revision": _ext.KERNEL_REVISION, "__file__": "x.so"})
+    assert _ext.check_revision(same) == (same, "")
+    for old in (type("M", (), {"__file__": "old.so"}), type("M", (), {"kernel_revision": 1, "__file__": "old.so"})):
+        mod, why = _ext.check_revision(old)
+        assert mod is None
+        assert f"revision 1, this code needs {_ext.KERNEL_REVISION}" in why and "pip install" in why and "old.so" in why
+    # through the table: unavailable, with that reason
+    from apm_fast.backends import cuda
+
+    stale = lambda: _ext.check_revision(type("M", (), {"kernel_revision": 1, "__file__": "old.so"}))  # noqa: E731
+    monkeypatch.setattr(cuda, "load_extension", stale)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_MADE", {})
+    assert "this code needs" in backends.available_backends()["cuda"]
+    with pytest.raises(backends.BackendUnavailable, match="kernel revision 1"):
+        backends.get_backend("cuda")
+
+
 def test_the_archs_record_is_read_from_the_compiled_library(tmp_path):
     """The C source setup.py adds to the extension, compiled into a shared library here, read back."""
     import shutil

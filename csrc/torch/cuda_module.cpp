@@ -42,6 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace apm_glue;
   m.doc() = "apm-fast CUDA kernels (CUTLASS SM90 GEMMs with fused epilogues, pool, Adam)";
+  // The revision of the kernels' contract (apm_fast/_ext.py, KERNEL_REVISION): the Python side
+  // refuses a build of another one. 2: Adam takes the moments as zeros at step 1.
+  m.attr("kernel_revision") = 2;
   m.def("linear", guarded(&linear), "out = act(x w^T + bias)", py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("relu"), py::arg("out"));
   m.def("linear_bwd_input", guarded(&linear_bwd_input), "out = (dy w) * (mask > 0)", py::arg("dy"),

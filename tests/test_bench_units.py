@@ -108,6 +108,19 @@ def test_the_primitives_rows_of_a_layers_update_do_the_same_update_two_ways():
         out[key] = cases[name](TorchPrimitives()).clone()
     fused = out["from its GEMM operands"]
     torch.testing.assert_close(fused, out["linear_bwd_weight + adam_"], rtol=1e-6, atol=1e-6)
+
+    class Recording(TorchPrimitives):                      # the update numbers every row times
+        steps = []
+
+        def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, *rest):
+            self.steps.append(float(step))
+            return super()._adam_(params, grads, exp_avg, exp_avg_sq, step, *rest)
+
+    for *_, call in _adam_cases(cfg, "cpu", torch.bfloat16):
+        call(Recording())
+    # later updates: every table reads the moments there (at step 1 the kernel tables read none,
+    # fewer bytes than the rows are rated by)
+    assert len(Recording.steps) == 4 and min(Recording.steps) > 1
     from apm_fast.ttt.memory import count_params
 
     torch.manual_seed(0)

@@ -212,8 +212,9 @@ def check_lowp_factor_adam(table, device, moments=torch.float32, shapes=LOWP_FAC
                 for x, y in zip(ours[1:3], ref[1:3]):
                     if moments == torch.float32:
                         torch.testing.assert_close(x, y, rtol=4e-7, atol=1e-6)
-                    else:
-                        torch.testing.assert_close(x.float(), y.float(), rtol=2 * 2 ** -7, atol=1e-30)
+                    else:   # a gradient summed to near zero (cancellation) is off by more, relatively
+                        torch.testing.assert_close(x.float(), y.float(), rtol=2 * 2 ** -7,
+                                                   atol=1e-6 * float(y.float().abs().max()))
                 torch.testing.assert_close(ours[3].float(), ref[3].float(), rtol=2 * 2 ** -7, atol=1e-30)
                 for x, y in zip(ours, ref):     # the next step from the same state
                     x.copy_(y)

@@ -93,7 +93,8 @@ class CudaPrimitives(Primitives):
     # the update from a weight gradient's 16-bit GEMM operands (the engine's ``layer_factors``,
     # off by default): the SM90 weight-gradient GEMM with Adam in its epilogue, the gradient never
     # written (csrc/cuda/gemm_sm90_adam.cu); where it does not apply, the gradient written, then
-    # the update. Compiled, not yet timed on a GPU
+    # the update. Slower than the GEMM then Adam on the H200 (0.128 against 0.095 ms for mlp.1's
+    # weight at one image; benchmarks/results/h200/b73729e-layer-factors/)
     adam_lowp_factors = True
 
     @property

@@ -185,8 +185,8 @@ class Primitives:
     ``adam_lowp_factors``: this table's ``adam_`` takes a gradient's factors in a 16-bit dtype
     (the weight gradients' GEMM operands; every table). ``layer_factors``: the
     engine's default for this table, the weights of the layers after the first updated from
-    their gradients' factors (dy, x) instead of the weight-gradient GEMM's output (off: measured
-    on no table yet; ``ttt.program``).
+    their gradients' factors (dy, x) instead of the weight-gradient GEMM's output (off: slower on
+    both kernel tables on the H200, b73729e; ``ttt.program``).
     ``broadcast_`` (the reset of S students' weights to a snapshot) is not a model op: a table
     without a kernel for it inherits the plain broadcast copy.
     ``adam_fresh_at_step_one``: this table's ``adam_`` reads no moments at step 1 (it takes them

@@ -11,8 +11,10 @@
 // threads with 16 elements' state (12 B each) in flight, 49 KB. Ping-pong: one warp group in its
 // epilogue at a time, 128 threads with 8 elements in flight (16 spilled at 168 registers), 12 KB,
 // a third of the rate, where the products it hides take about half as long as the epilogue at
-// full rate (a tile: 34 MFLOP at rank 1024, ~6 us on an SM; 426 KB of state, ~13 us). Not yet
-// timed on a GPU.
+// full rate (a tile: 34 MFLOP at rank 1024, ~6 us on an SM; 426 KB of state, ~13 us).
+// Measured on the H200 (b73729e): slower than the GEMM then Adam, 0.128 against 0.095 ms for
+// mlp.1's weight at one image (26 B a parameter at 1.7 TB/s), so the engine keeps the GEMM
+// (`layer_factors` off; benchmarks/results/h200/b73729e-layer-factors/).
 //
 // The mainloop is the backward-weight family's (gemm_sm90_bwd_weight.cu: A = dy^T M-major, B =
 // x^T N-major, TMA + wgmma, fp32 sums); the epilogue is this file's own collective (no shared

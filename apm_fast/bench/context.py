@@ -111,7 +111,7 @@ class Context:
         output), to measure beside its default in the same run: (layer_factors value, key suffix,
         words), or None where the table's Adam takes no 16-bit factors (one way only)."""
         table = self._table(name)
-        if not getattr(table, "adam_lowp_factors", False):
+        if not table.adam_lowp_factors:
             return None
         factors = not table.layer_factors
         return (factors, "layer-factors" if factors else "layer-written",

@@ -176,8 +176,8 @@ class StudentProgram:
             # and the weights of the layers after the first, from the weight gradients' two GEMM
             # operands (None: the table's ``layer_factors``; a table whose Adam takes no 16-bit
             # factors keeps the GEMM where the operands are 16-bit)
-            layers = getattr(prim, "layer_factors", False) if layer_factors is None else bool(layer_factors)
-            layers = layers and (compute_dtype == master_dtype or getattr(prim, "adam_lowp_factors", False))
+            layers = prim.layer_factors if layer_factors is None else bool(layer_factors)
+            layers = layers and (compute_dtype == master_dtype or prim.adam_lowp_factors)
             self.factored = [] if shards is not None else ([_FIRST] if factored else []) + (
                 _POOL_FACTORED if pool else []) + (layer_weight_names(c) if layers else [])
             self.factors: Optional[dict] = {} if self.factored else None
@@ -207,7 +207,7 @@ class StudentProgram:
     def reset(self):
         """Back to the init snapshot with fresh Adam state (device-to-device only; the moments
         left unwritten where the table's Adam reads none at step 1)."""
-        self.store.load_snapshot(self.snapshot, moments=not getattr(self.prim, "adam_fresh_at_step_one", False),
+        self.store.load_snapshot(self.snapshot, moments=not self.prim.adam_fresh_at_step_one,
                                  prim=self.prim)
         self.step_t.zero_()
         self.t_idx.zero_()

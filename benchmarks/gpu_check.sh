@@ -8,7 +8,7 @@
 #               build is an error here)
 #   tests       every test marked gpu, then the host-side tests that touch torchvision/open_clip
 #   memcheck    compute-sanitizer memcheck over the cuda table's small GPU tests (bf16 ones, Adam's
-#               step-1 case, the reset's broadcast, the weight gradient with Adam in its epilogue)
+#               step-1 case, the reset's broadcast)
 #   sweep       Triton config sweep; its winners are copied over kernels/tuned_configs.py
 #   bench       the benchmark suite (python -m apm_fast.bench); BENCH_ARGS passes options, e.g.
 #               BENCH_ARGS="--only step primitives --preset ttt-l14"
@@ -67,7 +67,7 @@ fi
 if has memcheck; then
   step memcheck
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --print-limit 20 --error-exitcode 1 \
-    $PY -m pytest -q -x -m gpu tests/test_cuda_backend.py -p no:cacheprovider -k "(bf16 and not graph) or epilogue or broadcast or step_one" 2>&1 \
+    $PY -m pytest -q -x -m gpu tests/test_cuda_backend.py -p no:cacheprovider -k "(bf16 and not graph) or broadcast or step_one" 2>&1 \
     | tee "$OUT/memcheck.log" | tail -15
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi

@@ -25,12 +25,6 @@ At step 1 the moments are not read (masked loads, no memory traffic) but taken a
 they are at a first update: the same update, bit for bit, and the engine's reset to the snapshot
 need not write them (the table's ``adam_fresh_at_step_one``).
 
-The weights of the layers after the first can be updated from their gradients' factors too (the
-engine's ``layer_factors``): the weight gradient's two bf16 GEMM operands dy and x (rank B L =
-1024 for ``ttt-l14``), multiplied on the tensor cores by the tiles below and summed in fp32, in
-place of the weight-gradient GEMM's fp32 output: 26 B per parameter moved instead of the 30 of
-the update plus the 4 the GEMM writes, and the GEMM's products in the update's kernel.
-
 A block of a weight's columns whose gradient is given by its factors (``outer``: the first
 layer's trigger columns, rank one per image, and with the position code's halves its position
 columns, two blocks of rank width and height) is updated with the gradient made in registers
@@ -43,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv
+from ._common import cdiv
 
 __all__ = ["adam_", "broadcast_"]
 
@@ -59,17 +53,6 @@ WARPS = 4
 # within 1 % of it (the x half of the position columns at 64 students: 0.95 ms against 1.15 for
 # the plain update of the written gradient; ``benchmarks/results/h200/adam-factors/``).
 OUTER_BR, OUTER_BC, OUTER_BK, OUTER_WARPS = 32, 64, 32, 4
-# A weight gradient's bf16 GEMM operands as factors (``layer_factors``; rank B L = 1024 for
-# ``ttt-l14``): 2 K = 2048 products an element against its 26 B of state, so the tile is a GEMM's.
-# The factors' slices cost (BR + BC) 2 K / (BR BC) bytes of cache reads an element: 96 at 32 x 64
-# (more than three times the state's traffic), 48 at 64 x 128. 64 x 128 with 8 warps compiles for
-# sm_90 to wgmma products fed by cp.async (32 KB of shared memory), 16-byte state accesses, 241
-# registers and no spills: one program an SM, its state's loads in flight during its products;
-# 128 x 128 and 64 x 256 spill (Triton 3.7's compiler with the launches' divisibility hints).
-# Timed on the H200 (b73729e): 0.169 ms for mlp.1's weight at one image against 0.093 for the
-# GEMM then Adam, so the engine keeps the GEMM (``layer_factors`` off;
-# ``benchmarks/results/h200/b73729e-layer-factors/``).
-LOWP_BR, LOWP_BC, LOWP_BK, LOWP_WARPS = 64, 128, 32, 8
 OUTER_TILED_RANK = 16
 
 
@@ -121,9 +104,9 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr
     p = tl.load(p_ptr + s * sp_s + row * sp_r + offs, mask=msk, other=0.0)
     if OUTER:          # the gradient from its factors of low rank: sum_k a[s, k, row] b[s, k, offs]
         g = tl.zeros([BLOCK], p.dtype)
-        for k in range(K):      # 16-bit factors widened first: their products exact
-            a = tl.load(a_ptr + s * sa_s + k * sa_k + row).to(p.dtype)
-            g += a * tl.load(b_ptr + s * sb_s + k * sb_k + offs, mask=msk, other=0.0).to(p.dtype)
+        for k in range(K):
+            a = tl.load(a_ptr + s * sa_s + k * sa_k + row)
+            g += a * tl.load(b_ptr + s * sb_s + k * sb_k + offs, mask=msk, other=0.0)
     else:
         g = tl.load(g_ptr + s * sg_s + row * sg_r + offs, mask=msk, other=0.0).to(p.dtype)
     m = tl.load(m_ptr + s * sm_s + row * sm_r + offs, mask=msk & later, other=0.0).to(p.dtype)   # bf16: widened
@@ -140,12 +123,10 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr
 def adam_outer_kernel(p_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr_ptr,
                       R, C, K, sp_s, sp_r, sm_s, sm_r, sv_s, sv_r, sl_s, sl_r, sa_s, sa_k, sb_s, sb_k,
                       beta1, beta2, omb1, omb2, eps,
-                      HAS_LOWP: tl.constexpr, LOWP_FACTORS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                      BK: tl.constexpr):
+                      HAS_LOWP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     # program (column tile, row tile, student): a (BR, BC) tile of (S, R, C) buffers whose gradient
     # is sum_k a[s, k, rows] b[s, k, cols]: a product of a's (BR, BK) and b's (BK, BC) slices (each
-    # read once a tile, not once an element), summed in p's dtype by fma ("ieee": no tf32); 16-bit
-    # factors (a weight gradient's GEMM operands) on the tensor cores, summed in fp32
+    # read once a tile, not once an element), summed in p's dtype by fma ("ieee": no tf32)
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     s = tl.program_id(2).to(tl.int64)
@@ -167,10 +148,7 @@ def adam_outer_kernel(p_ptr, m_ptr, v_ptr, lowp_ptr, a_ptr, b_ptr, step_ptr, lr_
                     other=0.0)
         b = tl.load(b_ptr + s * sb_s + ks[:, None] * sb_k + cols[None, :], mask=(ks[:, None] < K) & in_c[None, :],
                     other=0.0)
-        if LOWP_FACTORS:
-            g = tl.dot(a, b, g)
-        else:
-            g = tl.dot(a.to(p.dtype), b.to(p.dtype), g, input_precision="ieee")
+        g = tl.dot(a.to(p.dtype), b.to(p.dtype), g, input_precision="ieee")
     p, m, v = _update(p, g, m, v, beta1, beta2, omb1, omb2, eps, step_size, bc2_sqrt)
     tl.store(m_ptr + s * sm_s + r64 * sm_r + cols[None, :], m.to(m_ptr.dtype.element_ty), mask=msk)
     tl.store(v_ptr + s * sv_s + r64 * sv_r + cols[None, :], v.to(v_ptr.dtype.element_ty), mask=msk)
@@ -205,15 +183,10 @@ def adam_(params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lo
                                   *(b.stride()[:2] if b is not None else (0, 0)), *coefs,
                                   HAS_LOWP=lowp is not None, OUTER=a is not None, BLOCK=BLOCK, num_warps=WARPS)
         return
-    narrow = a.dtype != params.dtype            # a weight gradient's 16-bit GEMM operands
-    br, bc, bk, warps = (LOWP_BR, LOWP_BC, LOWP_BK, LOWP_WARPS) if narrow else (OUTER_BR, OUTER_BC, OUTER_BK,
-                                                                                 OUTER_WARPS)
-    adam_outer_kernel[(cdiv(C, bc), cdiv(R, br), S)](
+    adam_outer_kernel[(cdiv(C, OUTER_BC), cdiv(R, OUTER_BR), S)](
         params, exp_avg, exp_avg_sq, lp, a, b, step, lr, R, C, K, *state, *a.stride()[:2], *b.stride()[:2], *coefs,
-        # (Triton's interpreter multiplies 16-bit dots wrongly: there they are widened first, the
-        # same products summed in fp32)
-        HAS_LOWP=lowp is not None, LOWP_FACTORS=narrow and not INTERPRET, BR=br, BC=bc,
-        BK=min(bk, max(16, triton.next_power_of_2(K))), num_warps=warps)
+        HAS_LOWP=lowp is not None, BR=OUTER_BR, BC=OUTER_BC, BK=min(OUTER_BK, max(16, triton.next_power_of_2(K))),
+        num_warps=OUTER_WARPS)
 
 
 # ------------------------------------------------------------------------------------ the reset

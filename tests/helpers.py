@@ -171,55 +171,6 @@ def check_fresh_adam(table, device, moments=torch.float32):
         assert out["nan", 2.0][0].isnan().all(), "step 2 did not read the moments"
 
 
-LOWP_FACTOR_SHAPES = ((37, 70, (3, 40)),)
-# rows and columns past a 128 x 128 tile's edge, 16-byte aligned rows: the cuda table's SM90
-# weight-gradient GEMM with Adam in its epilogue takes these (the others go to its fallback)
-LOWP_FACTOR_SHAPES_ALIGNED = ((136, 264, (72,)),)
-
-
-def check_lowp_factor_adam(table, device, moments=torch.float32, shapes=LOWP_FACTOR_SHAPES):
-    """A table's Adam from a weight gradient's 16-bit GEMM operands (``outer`` in bf16, the engine's
-    ``layer_factors``) takes the plain table's steps with that gradient written out (the exact
-    products' sum rounded once to fp32): ranks below and past the Triton table's tiling rank,
-    with a bf16 copy, fp32 or bf16 moments; parameters and moments within a few fp32 ulps (the
-    sums' order; bf16 moments within two of their ulps), the copy within two bf16 ulps. ``shapes``:
-    (R, C, ranks) of the weights. Where the table reads no moments at step 1, they start NaN."""
-    from apm_fast.ops.contract import TorchPrimitives
-
-    gen = torch.Generator().manual_seed(17)
-    s = 2
-    for r, c, ranks in shapes:
-        for k in ranks:
-            a = torch.randn(s, k, r, generator=gen).to(device, torch.bfloat16)
-            b = torch.randn(s, k, c, generator=gen).to(device, torch.bfloat16)
-            written = torch.bmm(a.double().transpose(1, 2), b.double()).float()
-            p0 = torch.randn(s, r, c, generator=gen).to(device)
-            zeros = torch.zeros(s, r, c, device=device, dtype=moments)
-            ref = [p0.clone(), zeros.clone(), zeros.clone(), torch.zeros(s, r, c, device=device, dtype=torch.bfloat16)]
-            ours = [t.clone() for t in ref]
-            if table.adam_fresh_at_step_one:
-                ours[1].fill_(float("nan"))
-                ours[2].fill_(float("nan"))
-            step = torch.zeros(1, device=device)
-            lr = torch.full((1,), 3e-3, device=device)
-            for _ in range(3):
-                step += 1
-                table.adam_(ours[0], None, ours[1], ours[2], step, lr, 0.9, 0.999, 1e-8, lowp=ours[3],
-                            outer=(a, b))
-                TorchPrimitives().adam_(ref[0], written, ref[1], ref[2], step, lr, 0.9, 0.999, 1e-8, lowp=ref[3])
-                torch.testing.assert_close(ours[0], ref[0], rtol=4e-7,
-                                           atol=1e-6 if moments == torch.float32 else 3e-3 * 2e-2)
-                for x, y in zip(ours[1:3], ref[1:3]):
-                    if moments == torch.float32:
-                        torch.testing.assert_close(x, y, rtol=4e-7, atol=1e-6)
-                    else:   # a gradient summed to near zero (cancellation) is off by more, relatively
-                        torch.testing.assert_close(x.float(), y.float(), rtol=2 * 2 ** -7,
-                                                   atol=1e-6 * float(y.float().abs().max()))
-                torch.testing.assert_close(ours[3].float(), ref[3].float(), rtol=2 * 2 ** -7, atol=1e-30)
-                for x, y in zip(ours, ref):     # the next step from the same state
-                    x.copy_(y)
-
-
 def check_broadcast(table, device):
     """A table's ``broadcast_`` (the reset of S students to one snapshot): every student's copy
     equal to the snapshot bit for bit, the compute copy the snapshot rounded to bf16 (to nearest

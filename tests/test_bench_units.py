@@ -91,23 +91,17 @@ def _quick_ctx(**kw):
 
 
 
-def test_the_primitives_rows_of_a_layers_update_do_the_same_update_two_ways():
-    """The primitives section's two rows of the first consumer's update (from its weight
-    gradient's bf16 GEMM operands; the GEMM then Adam), each from the same fresh state: the same
-    parameters, and a table without 16-bit factors gets no row of the first."""
+def test_the_primitives_adam_rows_time_a_later_update_of_their_parameters():
+    """The primitives section's Adam rows (the flat buffers with the compute copy; the trigger
+    columns from their factors) each time an update after the first (at step 1 the kernel tables
+    read no moments, fewer bytes than the rows are rated by), and each moves its parameters: the
+    flat row every one, the trigger row its block of columns and nothing else."""
     from apm_fast import preset
     from apm_fast.bench.sections.primitives import _adam_cases
     from apm_fast.ops.contract import TorchPrimitives
+    from apm_fast.ttt.memory import count_params
 
     cfg = preset("ttt-l14", grid=4, patch=2, hidden=(18, 10), dim=12, heads=3)
-    out = {}
-    for key in ("from its GEMM operands", "linear_bwd_weight + adam_"):
-        torch.manual_seed(0)
-        cases = {name: call for name, _, _, call in _adam_cases(cfg, "cpu", torch.bfloat16)}
-        (name,) = [n for n in cases if key in n]
-        out[key] = cases[name](TorchPrimitives()).clone()
-    fused = out["from its GEMM operands"]
-    torch.testing.assert_close(fused, out["linear_bwd_weight + adam_"], rtol=1e-6, atol=1e-6)
 
     class Recording(TorchPrimitives):                      # the update numbers every row times
         steps = []
@@ -116,34 +110,20 @@ def test_the_primitives_rows_of_a_layers_update_do_the_same_update_two_ways():
             self.steps.append(float(step))
             return super()._adam_(params, grads, exp_avg, exp_avg_sq, step, *rest)
 
-    for *_, call in _adam_cases(cfg, "cpu", torch.bfloat16):
-        call(Recording())
-    # later updates: every table reads the moments there (at step 1 the kernel tables read none,
-    # fewer bytes than the rows are rated by)
-    assert len(Recording.steps) == 4 and min(Recording.steps) > 1
-    from apm_fast.ttt.memory import count_params
-
-    torch.manual_seed(0)
-    p0 = torch.randn(1, count_params(cfg))                 # the cases' parameters before any update
-    block = 10 * 18                                          # the first consumer's weight: updated
-    assert bool((fused[:, :block] != p0[:, :block]).all()) and torch.equal(fused[:, block:], p0[:, block:])
-    assert [n for n, *_ in _adam_cases(cfg, "cpu", torch.float32)] == [
-        "adam_ (flat, + compute copy)", "adam_ (trigger columns from factors)"]
-
-
-def test_the_layers_other_way_is_measured_where_the_table_can_take_it(monkeypatch):
-    """The rows beside each default (``ctx.other_layers``): the later layers' weights from their
-    GEMM operands where the table's default is the GEMM's output, and back; none on a table whose
-    Adam takes no 16-bit factors."""
-    from apm_fast.ops.contract import TorchPrimitives
-
-    ctx = _quick_ctx()
-    assert ctx.other_layers("triton")[:2] == (True, "layer-factors")
-    assert ctx.other_layers("cuda")[:2] == (True, "layer-factors")
-    monkeypatch.setattr(TorchPrimitives, "layer_factors", True)
-    assert ctx.other_layers("torch")[:2] == (False, "layer-written")
-    monkeypatch.setattr(TorchPrimitives, "adam_lowp_factors", False)
-    assert ctx.other_layers("torch") is None
+    moved = {}
+    for name, *_, call in _adam_cases(cfg, "cpu", torch.bfloat16):
+        torch.manual_seed(0)
+        p0 = torch.randn(1, count_params(cfg))             # the cases' parameters before any update
+        torch.manual_seed(0)
+        cases = {n: c for n, *_, c in _adam_cases(cfg, "cpu", torch.bfloat16)}
+        moved[name] = cases[name](Recording()) != p0
+    assert sorted(moved) == ["adam_ (flat, + compute copy)", "adam_ (trigger columns from factors)"]
+    assert len(Recording.steps) == 2 and min(Recording.steps) > 1
+    assert bool(moved["adam_ (flat, + compute copy)"].all())
+    rows, d = cfg.hidden[0], cfg.pos_dim
+    block = torch.zeros_like(moved["adam_ (trigger columns from factors)"])
+    block[:, :rows * 2 * d].view(rows, 2 * d)[:, :d] = True
+    assert torch.equal(moved["adam_ (trigger columns from factors)"], block)
 
 
 def test_a_new_table_is_picked_up(monkeypatch, one_thread):

@@ -23,8 +23,7 @@ from apm_fast._ext import load_extension
 from apm_fast.ops.autograd import fused_forward
 from apm_fast.ops.contract import TorchPrimitives, first_layer_act
 from apm_fast.ops.precision import compute_dtype
-from helpers import (BLOCK_SHAPES, LOWP_FACTOR_SHAPES, LOWP_FACTOR_SHAPES_ALIGNED, check_bf16_moment_adam,
-                     check_block_adam, check_broadcast, check_fresh_adam, check_lowp_factor_adam, precision)
+from helpers import BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, check_broadcast, check_fresh_adam, precision
 
 pytestmark = pytest.mark.gpu
 
@@ -252,22 +251,6 @@ def test_adam_reads_the_moments_at_step_one_as_the_table_says(prims, moments):
 
 def test_the_reset_broadcast_matches_the_plain_copy(prims):
     check_broadcast(prims, DEV)
-
-
-@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
-def test_adam_in_the_weight_gradients_epilogue_matches_the_written_gradient(prims, ext, moments):
-    """A weight gradient's bf16 GEMM operands as the gradient's factors: on an sm_90a build, the
-    SM90 weight-gradient GEMM with Adam in its epilogue, the GEMM path forced (no fallback) over
-    rows and columns past a tile's edge; then every shape in the automatic path (its fallback, the
-    gradient written, for rows it cannot take). Step 1 from NaN moments (not read)."""
-    assert prims.adam_lowp_factors and prims.adam_fresh_at_step_one
-    if ext.sm90_available(torch.zeros(1, device=DEV)):
-        ext.set_gemm_policy(2)
-        ext.reset_gemm_counts()
-        check_lowp_factor_adam(prims, DEV, moments, LOWP_FACTOR_SHAPES_ALIGNED)
-        assert ext.gemm_counts()[0] == 3                      # one launch an update, on the SM90 path
-    ext.set_gemm_policy(0)
-    check_lowp_factor_adam(prims, DEV, moments, LOWP_FACTOR_SHAPES + LOWP_FACTOR_SHAPES_ALIGNED)
 
 
 def test_adam_matches_torch_optim_and_replays_in_a_graph(prims):

@@ -18,7 +18,7 @@ from apm_fast.ops.driver import POSITION_COLUMNS, TRIGGER_COLUMNS
 from apm_fast.ttt import program as program_mod
 from apm_fast.ttt.memory import choose_students, count_params, estimate_student_bytes
 from apm_fast.ttt.store import ParamStore
-from helpers import BLOCK_SHAPES, check_block_adam, check_broadcast, check_fresh_adam, check_lowp_factor_adam
+from helpers import BLOCK_SHAPES, check_block_adam, check_broadcast, check_fresh_adam
 
 STEPS = 4
 LR = 1e-2
@@ -594,48 +594,6 @@ def test_the_pool_weights_are_updated_from_their_factors_and_never_written():
     assert t.engine._program.factored == []
     torch.testing.assert_close(factored.cls, written.cls, rtol=1e-12, atol=0)
     torch.testing.assert_close(factored.losses, written.losses, rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "bf16-compute"])
-def test_the_layer_weights_are_updated_from_their_gemm_operands_and_never_written(monkeypatch, dtype):
-    """The engine's ``layer_factors``: the weights of the layers after the first go to Adam by the
-    weight gradient's two GEMM operands (dy, x: bf16 with bf16 compute), their part of the flat
-    gradient buffer never written, their biases' gradients written; it trains as the written
-    gradients do (float64: to 1e-12; bf16 compute on the plain table: the same products summed in
-    fp32). Where the first consumer's input is not kept, its weight's gradient is written. A
-    table whose Adam takes no 16-bit factors keeps the GEMM with 16-bit operands."""
-    model, images, targets = _setup("three-layer", torch.float64 if dtype == torch.float64 else torch.float32, n=3)
-    layers = ["mlp.1.weight", "mlp.2.weight", "head.weight"]
-    prec = "fp64" if dtype == torch.float64 else "bf16"
-
-    def fit(on, kept=True):
-        t = _engine(model, students=3, precision=prec)
-        t.engine.layer_factors, t.engine.first_layer_act_kept = on, kept
-        out = t.fit(images, targets)
-        return out, t.engine.program(3)
-
-    (written, plain), (factored, prog) = fit(False), fit(True)
-    assert plain.factored == [] and prog.factored == layers
-    st = prog.store
-    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    for n in layers:
-        assert bool((st.grad_views[n] == 0).all()), f"{n}'s gradient was written"
-        assert bool((st.grad_views[n.replace("weight", "bias")] != 0).any()), n
-        moved = st.master_views[n] - dict(model.named_parameters())[n].detach().to(st.master.dtype)
-        assert bool((moved != 0).any()), n
-        torch.testing.assert_close(st.master_views[n], plain.store.master_views[n], **tol)
-    torch.testing.assert_close(factored.cls, written.cls, **tol)
-    torch.testing.assert_close(factored.losses, written.losses, **tol)
-    rebuilt, prog = fit(True, kept=False)          # the first consumer's input built again: written
-    assert bool((prog.store.grad_views["mlp.1.weight"] != 0).any())
-    assert all(bool((prog.store.grad_views[n] == 0).all()) for n in layers[1:])
-    torch.testing.assert_close(rebuilt.cls, written.cls, **tol)
-    if dtype != torch.float64:
-        check_lowp_factor_adam(TorchPrimitives(), "cpu")
-        monkeypatch.setattr(TorchPrimitives, "adam_lowp_factors", False)
-        assert fit(True)[1].factored == []
-        with pytest.raises(ValueError, match="outer"):
-            check_lowp_factor_adam(TorchPrimitives(), "cpu")
 
 
 def test_backward_grad_out_equals_returned_grads():

@@ -27,8 +27,8 @@ from apm_fast.model import APM                                            # noqa
 from apm_fast.ops.contract import TorchPrimitives                          # noqa: E402
 from apm_fast.ops.driver import backward, forward, weight_names          # noqa: E402
 from apm_fast.ops.library import ops_for                                  # noqa: E402
-from helpers import (BLOCK_SHAPES, LOWP_FACTOR_SHAPES, LOWP_FACTOR_SHAPES_ALIGNED, check_bf16_moment_adam,  # noqa: E402
-                     check_block_adam, check_broadcast, check_fresh_adam, check_lowp_factor_adam, precision)
+from helpers import (BLOCK_SHAPES, check_bf16_moment_adam, check_block_adam, check_broadcast,  # noqa: E402
+                     check_fresh_adam, precision)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TP = TritonPrimitives()
@@ -262,13 +262,6 @@ def test_adam_over_column_blocks_and_from_factors_matches_the_plain_table(moment
         # on a GPU; the bf16 moments' own test covers the flat buffer)
         pytest.skip("the interpreter runs bf16 moments on the last (tiled) shape only")
     check_block_adam(TP, DEV, moments, shape)
-
-
-def test_adam_from_a_weight_gradients_16_bit_operands_matches_the_written_gradient():
-    assert TP.adam_lowp_factors
-    check_lowp_factor_adam(TP, DEV, shapes=LOWP_FACTOR_SHAPES + LOWP_FACTOR_SHAPES_ALIGNED)
-    if DEV == "cuda":                   # bf16 moments (the interpreter's bf16 casts truncate)
-        check_lowp_factor_adam(TP, DEV, torch.bfloat16, LOWP_FACTOR_SHAPES + LOWP_FACTOR_SHAPES_ALIGNED)
 
 
 def test_the_reset_broadcasts_the_snapshot_into_every_student_and_its_compute_copy():
@@ -518,12 +511,8 @@ def _compile_variants():
         ("adam from factors", adam.adam_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, OUTER=True, BLOCK=1024), (),
          ("beta1", "beta2", "omb1", "omb2", "eps"), 4, 2, False),
         ("adam from factors by tiles", adam.adam_outer_kernel, {"lowp_ptr": bf, "m_ptr": bf, "v_ptr": bf},
-         dict(HAS_LOWP=True, LOWP_FACTORS=False, BR=adam.OUTER_BR, BC=adam.OUTER_BC, BK=adam.OUTER_BK), (),
+         dict(HAS_LOWP=True, BR=adam.OUTER_BR, BC=adam.OUTER_BC, BK=adam.OUTER_BK), (),
          ("beta1", "beta2", "omb1", "omb2", "eps"), adam.OUTER_WARPS, 2, False),
-        ("adam from a weight gradient's bf16 GEMM operands", adam.adam_outer_kernel,
-         {"lowp_ptr": bf, "a_ptr": bf, "b_ptr": bf},
-         dict(HAS_LOWP=True, LOWP_FACTORS=True, BR=adam.LOWP_BR, BC=adam.LOWP_BC, BK=adam.LOWP_BK), (),
-         ("beta1", "beta2", "omb1", "omb2", "eps"), adam.LOWP_WARPS, 3, True),
         ("broadcast", adam.broadcast_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, BLOCK=adam.BROADCAST_BLOCK),
          (), (), 4, 1, False),
     ]

@@ -90,12 +90,6 @@ class CudaPrimitives(Primitives):
     # weights and their compute copy (csrc/cuda/adam.cu; the profile of the reset it replaces:
     # kernels/adam.py, broadcast_)
     adam_fresh_at_step_one = True
-    # the update from a weight gradient's 16-bit GEMM operands (the engine's ``layer_factors``,
-    # off by default): the SM90 weight-gradient GEMM with Adam in its epilogue, the gradient never
-    # written (csrc/cuda/gemm_sm90_adam.cu); where it does not apply, the gradient written, then
-    # the update. Slower than the GEMM then Adam on the H200 (0.128 against 0.095 ms for mlp.1's
-    # weight at one image; benchmarks/results/h200/b73729e-layer-factors/)
-    adam_lowp_factors = True
 
     @property
     def ext(self):

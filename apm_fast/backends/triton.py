@@ -47,9 +47,6 @@ class TritonPrimitives(Primitives):
     first_layer_act_kept = True
     # its Adam masks the moments' loads at step 1 (kernels/adam.py): the batch's reset leaves them
     adam_fresh_at_step_one = True
-    # its Adam takes the weight gradients' 16-bit GEMM operands as factors (tensor-core products
-    # by tiles, kernels/adam.py)
-    adam_lowp_factors = True
 
     def __init__(self, use_custom_ops: bool | None = None):
         self.use_custom_ops = use_custom_ops

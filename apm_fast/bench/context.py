@@ -105,18 +105,6 @@ class Context:
         return (factors, "pool-factors" if factors else "pool-written",
                 "the pool's weights from their factors" if factors else "the pool's weights' gradients written")
 
-    def other_layers(self, name: str):
-        """The weights of the layers after the first the way the engine does not update them by
-        default on table ``name`` (from the weight gradient's GEMM operands, or from the GEMM's
-        output), to measure beside its default in the same run: (layer_factors value, key suffix,
-        words), or None where the table's Adam takes no 16-bit factors (one way only)."""
-        table = self._table(name)
-        if not table.adam_lowp_factors:
-            return None
-        factors = not table.layer_factors
-        return (factors, "layer-factors" if factors else "layer-written",
-                "the layers' weights from their GEMM operands" if factors else "the layers' weight gradients written")
-
     def factored_by_default(self, name: str, students: int) -> bool:
         """Whether the engine updates the first layer's trigger columns from their gradient's
         factors by default on table ``name`` at S = ``students``."""

@@ -182,11 +182,6 @@ class Primitives:
     building it each time; on where measured faster: the cuda table, which writes it out before
     each GEMM that reads it (one pass a step instead of three), and the Triton table, whose weight
     gradient writes it out (S * B * L * H1 elements held from the forward to the backward).
-    ``adam_lowp_factors``: this table's ``adam_`` takes a gradient's factors in a 16-bit dtype
-    (the weight gradients' GEMM operands; every table). ``layer_factors``: the
-    engine's default for this table, the weights of the layers after the first updated from
-    their gradients' factors (dy, x) instead of the weight-gradient GEMM's output (off: slower on
-    both kernel tables on the H200, b73729e; ``ttt.program``).
     ``broadcast_`` (the reset of S students' weights to a snapshot) is not a model op: a table
     without a kernel for it inherits the plain broadcast copy.
     ``adam_fresh_at_step_one``: this table's ``adam_`` reads no moments at step 1 (it takes them
@@ -204,8 +199,6 @@ class Primitives:
     position_halves = False
     first_layer_act_kept = False
     adam_fresh_at_step_one = False
-    adam_lowp_factors = False
-    layer_factors = False
 
     def available(self) -> Tuple[bool, str]:
         return True, ""
@@ -390,9 +383,7 @@ class Primitives:
         stride along their last dimension, any other strides (b may be one tensor every student
         shares, a stride-0 view): a rank-K weight gradient never written to memory (the first
         layer's trigger columns, rank B; with the position code's halves its position columns,
-        rank width or height). Where the table's ``adam_lowp_factors`` is set, the two factors may
-        instead both be in one 16-bit dtype (a weight gradient's GEMM operands, dy and x: their
-        products exact, summed in params' dtype, as the weight gradient's GEMM sums them). A table whose ``adam_fresh_at_step_one`` is set reads no moments
+        rank width or height). A table whose ``adam_fresh_at_step_one`` is set reads no moments
         when ``step`` is 1 and takes them as zeros (the same update as zeroed moments, bit for
         bit); the others read them.
         Matches torch.optim.Adam:
@@ -411,13 +402,9 @@ class Primitives:
                                  f"{type(outer).__name__} with params of shape {tuple(params.shape)}")
             outer_a, outer_b = outer
             s, r, c = params.shape
-            narrow = (torch.bfloat16, torch.float16) if params.dtype == torch.float32 else ()
-            if isinstance(outer_a, torch.Tensor) and outer_a.dtype in narrow and not self.adam_lowp_factors:
-                raise ValueError(f"outer: the {self.name} table's adam_ takes factors in the parameters' dtype "
-                                 f"({params.dtype}), got {outer_a.dtype} (16-bit factors need adam_lowp_factors)")
-            _t("outer[0]", outer_a, (3,), (params.dtype,) + narrow, unit_last=True)
+            _t("outer[0]", outer_a, (3,), (params.dtype,), unit_last=True)
             _shape("outer[0]", outer_a, (s, None, r))
-            _t("outer[1]", outer_b, (3,), (outer_a.dtype,), unit_last=True)
+            _t("outer[1]", outer_b, (3,), (params.dtype,), unit_last=True)
             _shape("outer[1]", outer_b, (s, outer_a.shape[1], c))
         state = (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)) + ((("grads", grads),) if grads is not None else ())
         for name, t in state:
@@ -501,7 +488,6 @@ class TorchPrimitives(Primitives):
     # (strided views) is slower than over the flat buffers: the step took 1.85 ms against 1.41
     # (H200; b377a5b against 10b1643, benchmarks/results/h200/README.md)
     adam_from_factors = False
-    adam_lowp_factors = True
 
     def _linear(self, x, w, b, relu, out_dtype):
         acc = acc_dtype_for(w.dtype)
@@ -570,10 +556,7 @@ class TorchPrimitives(Primitives):
     def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp, outer_a=None,
                outer_b=None):
         t = step.to(params.dtype)
-        if grads is None:           # 16-bit factors: their products exact in params' dtype
-            grads = torch.bmm(outer_a.transpose(1, 2).to(params.dtype), outer_b.to(params.dtype))
-        else:
-            grads = grads.to(params.dtype)
+        grads = torch.bmm(outer_a.transpose(1, 2), outer_b) if grads is None else grads.to(params.dtype)
         # bf16 moments: updated in the params' dtype, rounded once when stored back (as the kernels)
         m, v = exp_avg.to(params.dtype), exp_avg_sq.to(params.dtype)
         m.mul_(beta1).add_(grads, alpha=1 - beta1)

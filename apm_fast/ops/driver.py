@@ -30,20 +30,12 @@ from .kept import KeptGraph, cache, kept, side_stream
 
 __all__ = ["Beside", "FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
            "trigger_u", "column_mlp", "position_product", "position_weight_grad", "pool_query", "pool_output",
-           "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS", "FACTORED", "keeps_first_act",
-           "layer_weight_names"]
+           "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS", "FACTORED", "keeps_first_act"]
 
 # the first layer's weight (trigger columns, then position columns)
 FIRST_WEIGHT = "mlp.0.weight"
-# the weights whose gradients ``backward`` can give by their factors instead of writing them (and
-# the weights of the layers after the first, :func:`layer_weight_names`)
+# the weights whose gradients ``backward`` can give by their factors instead of writing them
 FACTORED = (FIRST_WEIGHT, "attn.in_proj_weight", "attn.out_proj.weight")
-
-
-def layer_weight_names(config) -> List[str]:
-    """The weights of the layers after the first, the head last: each one's gradient dy^T x (a
-    sum over the B L rows of its GEMMs) can go to Adam by its factors (dy, x) too."""
-    return [f"mlp.{i}.weight" for i in range(1, len(config.hidden))] + ["head.weight"]
 
 
 def weight_names(config) -> List[str]:
@@ -623,11 +615,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     ``factors[POSITION_COLUMNS]``. Nothing is put there when the gradient cannot be left out
     (no such views). The pool's "attn.out_proj.weight" (dz^T o, rank B) and
     "attn.in_proj_weight" (:func:`in_proj_weight_factors`, rank 1 + H + B H): their factors go to
-    ``factors[name]``, their views in ``grad_out`` are left as they were. The weights of the
-    layers after the first (:func:`layer_weight_names`): their factors (dy (S, B L, N), x (S, B L,
-    K), the weight gradient's two GEMM operands in the compute dtype: dW = dy^T x, rank B L) go to
-    ``factors[name]`` in place of the weight gradient's GEMM, and the bias's gradient (the row sum
-    of dy) is written; not for the first consumer when its input is not kept (``ctx.acts[0]``).
+    ``factors[name]``, their views in ``grad_out`` are left as they were.
     ``pos_grid``: as :func:`forward`'s (dW_P from the code's separable form, :func:`position_weight_grad`)."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
@@ -642,10 +630,9 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
         if on_done is not None:
             on_done(names)
 
-    allowed = list(FACTORED) + layer_weight_names(config)
-    unknown = sorted(set(factored) - set(allowed))
+    unknown = sorted(set(factored) - set(FACTORED))
     if unknown:
-        raise ValueError(f"factored: unknown weight(s) {unknown}; expected some of {allowed}")
+        raise ValueError(f"factored: unknown weight(s) {unknown}; expected some of {list(FACTORED)}")
     by_factors = set(factored) if factors is not None else set()
     df = None
     pool_grads = bool(config.pool) and dz is not None
@@ -684,14 +671,8 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     names = [f"mlp.{i}" for i in range(1, len(config.hidden))] + ["head"]
 
     def weight_grad(fn, idx, *args):
-        """fn(*args) into grad_out's views of layer ``idx`` when their dtype allows, else copied;
-        or, for a weight given by its factors (dy, x), those and the bias's gradient alone."""
+        """fn(*args) into grad_out's views of layer ``idx`` when their dtype allows, else copied."""
         weight, bias = f"{names[idx]}.weight", f"{names[idx]}.bias"
-        if weight in by_factors and fn == prim.linear_bwd_weight:      # (dy, x): x as stored
-            dy_, x_ = args
-            factors[weight] = (dy_, x_)
-            _into(g, acc, bias, lambda out: torch.sum(dy_, 1, dtype=acc, out=out))
-            return
         into = _direct(grad_out, acc, weight, bias)
         dw, db = fn(*args, out=into[0], out_db=into[1])
         if into[0] is None:

@@ -84,13 +84,7 @@ class TTTEngine:
     instead of built again by each primitive that reads it. The attribute ``pool_factors`` (None:
     ``program.pool_factors_by_default``, on for the kernel tables; a bool for comparisons): the
     pool's in- and out-projection weights updated from their gradients' factors
-    (``driver.in_proj_weight_factors``; never written); without shards. The attribute
-    ``layer_factors`` (None: the table's ``layer_factors``, off on every table; a bool for
-    comparisons): the weights of the layers after the first (``driver.layer_weight_names``)
-    updated from their gradients' factors, the weight-gradient GEMM's two operands (dy, x), in
-    place of the GEMM's output (never written); on the tables whose Adam takes 16-bit factors
-    (``adam_lowp_factors``: every table) where the compute dtype is 16-bit;
-    without shards.
+    (``driver.in_proj_weight_factors``; never written); without shards.
     """
 
     def __init__(self, model, *, steps: int, lr: float, betas, eps: float, backend: str,
@@ -115,7 +109,6 @@ class TTTEngine:
         self.position_halves = None
         self.first_layer_act_kept = None
         self.pool_factors = None
-        self.layer_factors = None
         self.graphs = (self.device.type == "cuda" and shards is None) if graphs is None else bool(graphs)
         self.backend = backend
         self.prim = get_backend(backend, device=self.device)
@@ -159,7 +152,7 @@ class TTTEngine:
                              "watch them on one device (shards=None)")
         key = (students, cdt, self.moment_dtype, self.steps, self.betas, self.eps, self.graphs, bool(keep_grid),
                self.overlap, self.beside, self.wgrad_beside, self.trigger_factors, self.position_halves,
-               self.first_layer_act_kept, self.pool_factors, self.layer_factors)
+               self.first_layer_act_kept, self.pool_factors)
         prog = self._program
         if prog is None or prog.key != key:
             self._program = prog = None           # free the old one before building the new
@@ -173,7 +166,7 @@ class TTTEngine:
                                   wgrad_beside=self.wgrad_beside, trigger_factors=self.trigger_factors,
                                   position_halves=self.position_halves,
                                   first_layer_act_kept=self.first_layer_act_kept,
-                                  pool_factors=self.pool_factors, layer_factors=self.layer_factors)
+                                  pool_factors=self.pool_factors)
             prog.key = key
             self._program = prog
         prog.set_lr(self.lr)

@@ -24,7 +24,7 @@ import torch
 from ..ops.autograd import _no_autocast
 from ..ops.contract import TorchPrimitives, acc_dtype_for
 from ..ops.driver import (FACTORED, FIRST_WEIGHT, POSITION_COLUMNS, TRIGGER_COLUMNS, Beside, backward, forward,
-                          keeps_first_act, layer_weight_names, unfold_patches, weight_names)
+                          keeps_first_act, unfold_patches, weight_names)
 from ..posenc import position_code
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
@@ -101,8 +101,7 @@ class StudentProgram:
                  keep_grid: bool = False, moment_dtype: torch.dtype | None = None,
                  overlap: bool | None = None, beside: bool = True, wgrad_beside: bool = True,
                  trigger_factors: bool | None = None, position_halves: bool | None = None,
-                 first_layer_act_kept: bool | None = None, pool_factors: bool | None = None,
-                 layer_factors: bool | None = None):
+                 first_layer_act_kept: bool | None = None, pool_factors: bool | None = None):
         self.prim, self.config = prim, config
         self.students, self.steps = int(students), int(steps)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -173,13 +172,8 @@ class StudentProgram:
             # sharded) and the dict it puts them in, each step
             pool = (bool(c.pool) and (pool_factors_by_default(prim, s) if pool_factors is None
                                       else bool(pool_factors)))
-            # and the weights of the layers after the first, from the weight gradients' two GEMM
-            # operands (None: the table's ``layer_factors``; a table whose Adam takes no 16-bit
-            # factors keeps the GEMM where the operands are 16-bit)
-            layers = prim.layer_factors if layer_factors is None else bool(layer_factors)
-            layers = layers and (compute_dtype == master_dtype or prim.adam_lowp_factors)
             self.factored = [] if shards is not None else ([_FIRST] if factored else []) + (
-                _POOL_FACTORED if pool else []) + (layer_weight_names(c) if layers else [])
+                _POOL_FACTORED if pool else [])
             self.factors: Optional[dict] = {} if self.factored else None
             # each layer's Adam on the update streams as soon as the backward is done with the layer,
             # beside the rest of the backward (Adam in one launch, one device, CUDA; by default
@@ -272,8 +266,8 @@ class StudentProgram:
         update ``names`` (default: all). When this step's backward gave the first layer's trigger
         columns by their gradient's factors, :data:`TRIGGER_COLUMNS` names those columns (updated
         from the factors) and "mlp.0.weight" the position columns (from their own factors when the
-        backward gave them so: two column blocks). The pool's weights and the later layers'
-        weights given by their factors are updated from them, each in its own launch."""
+        backward gave them so: two column blocks). The pool's weights given by their
+        factors are updated from them, each in its own launch."""
         st = self.store
         names = list(st.names) + [TRIGGER_COLUMNS] if names is None else list(names)
         updates = []

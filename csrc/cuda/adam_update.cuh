@@ -1,5 +1,5 @@
-// One Adam update of one element, shared by the Adam kernels (adam.cu) and the weight gradient
-// with Adam in its epilogue (gemm_sm90_adam.cu): the same arithmetic, bit for bit, either way.
+// One Adam update of one element: the coefficients of an update and its arithmetic, as the Adam
+// kernels (adam.cu) apply them.
 #pragma once
 
 #include <cstdint>

@@ -150,17 +150,6 @@ struct AdamBuffers {
 cudaError_t adam(const AdamBuffers& buffers, int64_t rows, int64_t cols, const float* step, const float* lr,
                  double beta1, double beta2, double eps, cudaStream_t stream);
 
-// The backward-weight GEMM of `p` (dW = dy^T x: sm90_family's kBackwardWeight layout, fp32 out;
-// p.d only describes the layout of the state below) with Adam in its epilogue: dW is never
-// written; b's weights, moments and bf16 copy (b.grads and the factor fields unused; b.lowp null
-// or bf16) are updated with it as the gradient, each student's p.m rows one row stride apart, the
-// update's arithmetic that of adam(). cudaErrorNotSupported where the SM90 kernel does not apply
-// (an operand shared across the batch, another layout, no sm_90a code): the caller then writes
-// dW and calls adam(). With `workspace_size` it only reports the workspace bytes it needs.
-cudaError_t gemm_sm90_adam(const GemmParams& p, const AdamBuffers& b, const float* step, const float* lr,
-                           double beta1, double beta2, double eps, int device, void* workspace,
-                           size_t* workspace_size, cudaStream_t stream);
-
 // The reset of `students` copies of a parameter to one snapshot: dst[s * n + e] = src[e] for
 // every student s (dst contiguous, fp32) and, when `lowp` is not null, lowp[s * n + e] = src[e]
 // in dtype lowp_t (rounded to nearest even). The snapshot is read once.

@@ -41,8 +41,6 @@ namespace sm90 {
 cudaError_t run_forward(const GemmParams&, int, void*, cudaStream_t, size_t*);
 cudaError_t run_backward_input(const GemmParams&, int, void*, cudaStream_t, size_t*);
 cudaError_t run_backward_weight(const GemmParams&, int, void*, cudaStream_t, size_t*);
-cudaError_t run_backward_weight_adam(const GemmParams&, const AdamBuffers&, const float*, const float*, double,
-                                     double, double, int, void*, size_t*, cudaStream_t);
 }  // namespace sm90
 #endif
 
@@ -122,11 +120,6 @@ size_t gemm_sm90_workspace_size(const GemmParams&, int) { return 0; }
 
 cudaError_t gemm_sm90(const GemmParams&, int, void*, cudaStream_t) { return cudaErrorNotSupported; }
 
-cudaError_t gemm_sm90_adam(const GemmParams&, const AdamBuffers&, const float*, const float*, double, double, double,
-                           int, void*, size_t*, cudaStream_t) {
-  return cudaErrorNotSupported;
-}
-
 #else  // APM_FAST_HAVE_SM90_GEMM
 
 namespace {
@@ -176,18 +169,6 @@ size_t gemm_sm90_workspace_size(const GemmParams& p, int device) {
 
 cudaError_t gemm_sm90(const GemmParams& p, int device, void* workspace, cudaStream_t stream) {
   return dispatch(p, device, workspace, stream, nullptr);
-}
-
-cudaError_t gemm_sm90_adam(const GemmParams& p, const AdamBuffers& b, const float* step, const float* lr,
-                           double beta1, double beta2, double eps, int device, void* workspace,
-                           size_t* workspace_size, cudaStream_t stream) {
-  // one launch for every student: no operand shared across the batch (its TMA descriptors
-  // describe a strided batch)
-  if (sm90_family(p) != Sm90Family::kBackwardWeight || (p.batch > 1 && (p.a_sb == 0 || p.b_sb == 0))) {
-    return cudaErrorNotSupported;
-  }
-  return sm90::run_backward_weight_adam(p, b, step, lr, beta1, beta2, eps, device, workspace, workspace_size,
-                                        stream);
 }
 
 #endif  // APM_FAST_HAVE_SM90_GEMM

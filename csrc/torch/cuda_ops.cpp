@@ -1,6 +1,5 @@
 // Torch bindings of the non-GEMM CUDA primitives: the first-layer activation of the trigger split,
-// the single-query pool (forward, backward), the flat Adam update (and the weight-gradient GEMM
-// with Adam in its epilogue) and the reset's broadcast. Outputs are passed in and written
+// the single-query pool (forward, backward), the flat Adam update and the reset's broadcast. Outputs are passed in and written
 // completely; scratch buffers come from PyTorch's caching allocator (capture-safe).
 #include <cmath>
 #include <vector>
@@ -168,65 +167,11 @@ int64_t row_stride(const at::Tensor& t, const char* fn, const char* name) {
 
 }  // namespace
 
-namespace {
-
-// Adam with the gradient dW[s] = a[s]^T f[s] (a (S, K, R), f (S, K, C) 16-bit: a weight gradient's
-// GEMM operands dy and x, the contraction over their K rows) for the state in `b` (params (S, R,
-// C)): the SM90 weight-gradient GEMM with the update in its epilogue (dW never written) where it
-// applies and the GEMM policy allows it; else dW written by the GEMM of `run_gemm`, then the
-// update.
-void adam_from_operands(apm::AdamBuffers b, const at::Tensor& params, const at::Tensor& a, const at::Tensor& f,
-                        const at::Tensor& step, const at::Tensor& lr, double beta1, double beta2, double eps,
-                        const char* fn) {
-  const int64_t S = params.size(0), R = params.size(1), C = params.size(2);
-  apm::GemmParams p;
-  p.batch = S; p.m = R; p.n = C; p.k = a.size(1);
-  // A(i, k) = a[s, k, i], B(j, k) = f[s, k, j]: unit stride along the output index, as the
-  // weight-gradient GEMM's dy and x
-  p.a = a.data_ptr(); p.a_sb = a.stride(0); p.a_sm = 1; p.a_sk = a.stride(1);
-  p.b = f.data_ptr(); p.b_sb = f.stride(0); p.b_sn = 1; p.b_sk = f.stride(1);
-  p.d = params.data_ptr(); p.d_sb = R * b.ld_p; p.d_sm = b.ld_p; p.d_sn = 1;   // the state's layout
-  p.in = to_apm_dtype(a, fn, "outer_a");
-  p.out = apm::DType::kFloat32;
-  const int dev = params.get_device();
-  const cudaStream_t stream = current_stream(params);
-  const int policy = gemm_policy();
-  if (policy != 1 && apm::sm90_device_ok(dev)) {
-    size_t ws_bytes = 0;
-    cudaError_t e = apm::gemm_sm90_adam(p, b, step.data_ptr<float>(), lr.data_ptr<float>(), beta1, beta2, eps, dev,
-                                        nullptr, &ws_bytes, stream);
-    if (e == cudaSuccess) {
-      at::Tensor ws;
-      if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, params.options().dtype(at::kByte));
-      e = apm::gemm_sm90_adam(p, b, step.data_ptr<float>(), lr.data_ptr<float>(), beta1, beta2, eps, dev,
-                              ws_bytes > 0 ? ws.data_ptr() : nullptr, nullptr, stream);
-    }
-    if (e == cudaSuccess) {
-      count_gemm(true);
-      return;
-    }
-    if (e != cudaErrorNotSupported) check_cuda_status(e, fn, "the SM90 weight-gradient GEMM with Adam");
-  }
-  APM_CHECK(policy != 2, fn, ": the SM90 GEMM path was forced (set_gemm_policy(2)) but the weight-gradient "
-            "GEMM with Adam does not apply here (needs an sm_90a build, a compute capability 9.0 GPU, bf16 "
-            "factors, 16-byte aligned rows, bf16 or no compute copy); R=", R, " C=", C, " K=", p.k);
-  at::Tensor grad = at::empty({S, R, C}, params.options());
-  p.d = grad.data_ptr(); p.d_sb = R * C; p.d_sm = C;
-  run_gemm(p, params, fn);
-  b.grads = grad.data_ptr<float>();
-  b.ld_g = C;
-  check_cuda_status(apm::adam(b, S * R, C, step.data_ptr<float>(), lr.data_ptr<float>(), beta1, beta2, eps, stream),
-                    fn, "the kernel launch");
-}
-
-}  // namespace
-
 // One Adam step, in place: params, grads, exp_avg, exp_avg_sq (and lowp) of one shape, each rows
 // of its last dimension one row stride apart (flat buffers, or (S, R, C) blocks of a weight's
 // columns); step and lr are one-element fp32 device tensors; lowp (optional) receives the new
 // parameters. grads may be None when outer_a (S, K, R) and outer_b (S, K, C) (fp32, params
-// (S, R, C)) give the gradient by its factors, sum_k outer_a[:, k]^T outer_b[:, k]; 16-bit factors
-// (a weight gradient's GEMM operands): see adam_from_operands.
+// (S, R, C)) give the gradient by its factors, sum_k outer_a[:, k]^T outer_b[:, k].
 void adam_(const at::Tensor& params, const c10::optional<at::Tensor>& grads, const at::Tensor& exp_avg,
            const at::Tensor& exp_avg_sq, const at::Tensor& step, const at::Tensor& lr, double beta1,
            double beta2, double eps, const c10::optional<at::Tensor>& lowp,
@@ -286,24 +231,15 @@ void adam_(const at::Tensor& params, const c10::optional<at::Tensor>& grads, con
     const at::Tensor& f = *outer_b;
     for (const auto& t : {std::make_pair(&a, "outer_a"), std::make_pair(&f, "outer_b")}) {
       check_same_device(*t.first, params, fn, t.second, "params");
-      check_dtype(*t.first, fn, t.second, {at::kFloat, at::kBFloat16, at::kHalf});
+      check_dtype(*t.first, fn, t.second, {at::kFloat});
       check_dim(*t.first, fn, t.second, "(S, K, R) / (S, K, C)", 3);
       check_rows_contiguous(*t.first, fn, t.second);
     }
-    check_same_dtype(f, a, fn, "outer_b", "outer_a");
     APM_CHECK_VALUE(a.size(0) == params.size(0) && a.size(2) == params.size(1), fn, ": outer_a must have shape (",
                     params.size(0), ", K, ", params.size(1), "), got ", sizes_str(a));
     APM_CHECK_VALUE(f.size(0) == params.size(0) && f.size(1) == a.size(1) && f.size(2) == params.size(2), fn,
                     ": outer_b must have shape (", params.size(0), ", ", a.size(1), ", ", params.size(2), "), got ",
                     sizes_str(f));
-    if (a.scalar_type() != at::kFloat) {
-      // a weight gradient's 16-bit GEMM operands (dy, x): the weight-gradient GEMM with the update
-      // in its epilogue where the SM90 kernel applies, else the gradient written and updated
-      if (params.numel() == 0) return;
-      const c10::cuda::OptionalCUDAGuard guard(params.device());
-      adam_from_operands(b, params, a, f, step, lr, beta1, beta2, eps, fn);
-      return;
-    }
     b.a = a.data_ptr<float>();
     b.b = f.data_ptr<float>();
     b.a_s = a.stride(0);

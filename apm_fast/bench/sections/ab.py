@@ -33,7 +33,6 @@ SETTINGS = {
     "position_halves": lambda p: p.pos_grid is not None,
     "first_layer_act_kept": lambda p: p.first_layer_act_kept,
     "pool_factors": lambda p: "attn.in_proj_weight" in p.factored,
-    "layer_factors": lambda p: "head.weight" in p.factored,
 }
 _WORDS = {"true": True, "false": False, "none": None, "default": None}
 

@@ -154,7 +154,6 @@ def _latency(ctx, backend, graphs, **switches):
             "small_work_beside": prog.beside, "weight_grads_beside": prog.wgrad_beside,
             "trigger_from_factors": "mlp.0.weight" in prog.factored,
             "pool_from_factors": "attn.in_proj_weight" in prog.factored, "position_halves": prog.pos_grid is not None,
-            "layers_from_factors": "head.weight" in prog.factored,
             "first_layer_act_kept": prog.first_layer_act_kept,
             "tflops": apm_flops(model.config, form="rewritten")["step"] / (ms * 1e-3) / 1e12}
 
@@ -298,10 +297,6 @@ def run(ctx) -> dict:
             pool, suffix, _ = ctx.other_pool(name, 1)
             rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
                                 lambda n=name, f=pool: _latency(ctx, n, True, pool_factors=f)))
-            other = ctx.other_layers(name)
-            if other is not None:
-                rows.append(ctx.row({"key": f"latency/{name}/graph/{other[1]}", "backend": name}, status, name,
-                                    lambda n=name, f=other[0]: _latency(ctx, n, True, layer_factors=f)))
         rows.append(ctx.row({"key": f"memory/{name}", "backend": name}, status, name, lambda n=name: _memory(ctx, n)))
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,

@@ -91,11 +91,7 @@ def _cases(cfg, w, fctx, pos_in, pos_out, cdt):
 def _adam_cases(cfg, device, cdt):
     """Adam over one student's flat buffers with the compute copy (30 B per parameter moved), and
     over the first layer's trigger columns with the gradient from its factors (a block of columns
-    of the weight, one image: 26 B per parameter, no gradient read); and the first consumer's
-    weight updated from its weight gradient's two GEMM operands (the engine's ``layer_factors``:
-    26 B per parameter and the GEMM's products in the update) against its weight-gradient GEMM
-    followed by Adam (the default: 34 B), on the same operands (a table whose ``adam_`` takes no
-    16-bit factors has no row for the first)."""
+    of the weight, one image: 26 B per parameter, no gradient read)."""
     from ...ttt.memory import count_params
 
     n = count_params(cfg)
@@ -116,26 +112,8 @@ def _adam_cases(cfg, device, cdt):
     def trigger(t):
         t.adam_(block[0], None, block[1], block[2], step, lr, 0.9, 0.999, 1e-8, lowp=block[3], outer=factors)
         return p
-    cases = [("adam_ (flat, + compute copy)", 30 * n, "GB/s", flat),
-             ("adam_ (trigger columns from factors)", 26 * rows * d, "GB/s", trigger)]
-    if cdt in (torch.bfloat16, torch.float16) and len(cfg.hidden) > 1:
-        r, c, q = cfg.hidden[1], cfg.hidden[0], cfg.queries
-        w1 = [t[:, :r * c].view(1, r, c) for t in (p, m, v, lowp)]
-        g1 = g[:, :r * c].view(1, r, c)
-        dy = torch.randn(1, q, r, device=device).to(cdt)
-        x = torch.randn(1, q, c, device=device).relu().to(cdt)
-
-        def from_operands(t):
-            t.adam_(w1[0], None, w1[1], w1[2], step, lr, 0.9, 0.999, 1e-8, lowp=w1[3], outer=(dy, x))
-            return p
-
-        def written(t):
-            t.linear_bwd_weight(dy, x, bias=False, out=g1)
-            t.adam_(w1[0], g1, w1[1], w1[2], step, lr, 0.9, 0.999, 1e-8, lowp=w1[3])
-            return p
-        cases += [(f"adam_ {r}x{c} from its GEMM operands", 26 * r * c, "GB/s", from_operands),
-                  (f"linear_bwd_weight + adam_ {r}x{c}", 34 * r * c, "GB/s", written)]
-    return cases
+    return [("adam_ (flat, + compute copy)", 30 * n, "GB/s", flat),
+            ("adam_ (trigger columns from factors)", 26 * rows * d, "GB/s", trigger)]
 
 
 def _first(x):
@@ -161,9 +139,6 @@ def run(ctx) -> dict:
             for tname, table in tables:
                 base = {"primitive": name, "batch": b, "backend": tname, "key": f"{name}/B={b}/{tname}",
                         "unit": unit, "precision": str(cdt).replace("torch.", "")}
-                can = "available"
-                if "from its GEMM operands" in name and not table.adam_lowp_factors:
-                    can = f"the {tname} table's adam_ takes no 16-bit factors (adam_lowp_factors)"
 
                 def measure(table=table):
                     err = None
@@ -177,7 +152,7 @@ def run(ctx) -> dict:
                     rate = work / (t.median_ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
                     return {"timing": t.to_dict(), "rate": rate, "rel_err": err}
 
-                group.append(ctx.row(base, can, tname, measure))
+                group.append(ctx.row(base, "available", tname, measure))
             ok = [r for r in group if r["status"] == "ok"]
             best = min((r["timing"]["median_ms"] for r in ok), default=None)
             for r in ok:

@@ -10,9 +10,7 @@
   first layer's activation handled the other way (``first-act-kept`` / ``first-act-rebuilt``:
   written out once in the forward and kept for the backward, or built again where it is read),
   and with the pool's weights updated the other way (``pool-factors`` / ``pool-written``: from
-  their gradients' factors, or from the gradients written out), and with the later layers'
-  weights updated the other way where the table can (``layer-factors`` / ``layer-written``: from
-  the weight gradient's GEMM operands, or from its output); each row also times the batch's
+  their gradients' factors, or from the gradients written out); each row also times the batch's
   reset to the snapshot alone (``reset_ms``; ``reset_share``: its share of a batch);
 * end to end (on the default table for the preset here): :func:`apm_fast.iter_classify` over generated photo-sized JPEGs with a CLIP
   teacher of random weights (same cost as real ones), loader, teacher and students overlapped,
@@ -71,7 +69,7 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, **switches):
     one run: ``overlap`` (each layer's Adam beside the rest of the backward, or the whole Adam
     after it), ``position_halves`` (the ``position-halves`` / ``position-gemm`` rows),
     ``first_layer_act_kept`` (``first-act-kept`` / ``first-act-rebuilt``), ``pool_factors``
-    (``pool-factors`` / ``pool-written``), ``layer_factors`` (``layer-factors`` / ``layer-written``)."""
+    (``pool-factors`` / ``pool-written``)."""
     o = ctx.options
     images = ctx.images(preset, 2 * s, offset=300)
     targets = torch.randn(2 * s, model.config.dim, generator=torch.Generator().manual_seed(s)).to(ctx.device)
@@ -99,7 +97,6 @@ def _side_by_side(ctx, preset, name, model, s, moments=None, **switches):
             "position_halves": trainer.engine.program(s).pos_grid is not None,
             "first_layer_act_kept": trainer.engine.program(s).first_layer_act_kept,
             "pool_from_factors": "attn.in_proj_weight" in trainer.engine.program(s).factored,
-            "layers_from_factors": "head.weight" in trainer.engine.program(s).factored,
             "images_per_s": 2 * s * 1e3 / timing.median_ms, "peak_bytes": pm.peak_bytes,
             "peak_bytes_per_student": None if pm.peak_bytes is None else pm.peak_bytes / s,
             "mode": trainer.engine.mode}
@@ -192,12 +189,10 @@ def run(ctx) -> dict:
                     halves, h_suffix, h_words = ctx.other_position(name, s)
                     kept, k_suffix, k_words = ctx.other_first_act(name)
                     pool, p_suffix, p_words = ctx.other_pool(name, s)
-                    other = ctx.other_layers(name)
-                    layers = [] if other is None else [(other[1], other[2], {"layer_factors": other[0]})]
-                    for suffix, words, kw in [(ov_suffix, ov_words, {"overlap": ov}),
+                    for suffix, words, kw in ((ov_suffix, ov_words, {"overlap": ov}),
                                               (h_suffix, h_words, {"position_halves": halves}),
                                               (k_suffix, k_words, {"first_layer_act_kept": kept}),
-                                              (p_suffix, p_words, {"pool_factors": pool})] + layers:
+                                              (p_suffix, p_words, {"pool_factors": pool})):
                         rows.append(ctx.row(dict(preset=preset, key=f"side-by-side/{name}/S={s}/{suffix}",
                                                  backend=name, students=s, steps=o.ttt_steps,
                                                  label=f"{s} students side by side, {name}, {words}"),

@@ -257,8 +257,8 @@ _ONES: dict = {}      # (device, dtype, S, M) -> ones (S, M, 1), made once outsi
 def _ones(dy):
     """A (S, M, 1) column of ones like dy (S, M, N): the bias gradient as cuBLAS's product
     dy^T 1 instead of torch.sum (on the H200 the head's whole weight gradient at one image went
-    from 14.3 to 10.0 us, mlp.2's from 18.1 to 13.9: benchmarks/results/h200/suite/primitives.json
-    against history/ae446fa/). Kept for later calls unless made while a graph is captured (its
+    from 14.3 to 10.0 us, mlp.2's from 18.1 to 13.9: benchmarks/results/h200/history/48c6bec/suite/
+    primitives.json against history/ae446fa/). Kept for later calls unless made while a graph is captured (its
     fill is then part of the graph)."""
     S, M = dy.shape[:2]
     key = (dy.device, dy.dtype, S, M)

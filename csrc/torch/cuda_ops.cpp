@@ -1,6 +1,7 @@
 // Torch bindings of the non-GEMM CUDA primitives: the first-layer activation of the trigger split,
-// the single-query pool (forward, backward), the flat Adam update and the reset's broadcast. Outputs are passed in and written
-// completely; scratch buffers come from PyTorch's caching allocator (capture-safe).
+// the single-query pool (forward, backward), the flat Adam update and the reset's broadcast.
+// Outputs are passed in and written completely; scratch buffers come from PyTorch's caching
+// allocator (capture-safe).
 #include <cmath>
 #include <vector>
 

@@ -29,46 +29,32 @@ using namespace cute;
 using bf16 = cutlass::bfloat16_t;
 
 
-// The kernel around a collective epilogue: the TMA + wgmma mainloop (bf16 operands, fp32 sums,
-// cluster 1 x 1; its pipeline's stages fill the shared memory the epilogue leaves) under the
-// warp-specialized `Schedule`, batched over CUTLASS's L mode.
-template <class LayoutA, class LayoutB, class TileShape, class CollectiveEpilogue, class Schedule>
-struct Sm90Kernel {
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      bf16, LayoutA, 8, bf16, LayoutB, 8, float, TileShape, Shape<_1, _1, _1>,
-      cutlass::gemm::collective::StageCountAutoCarveout<
-          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      Schedule>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-  using StrideA = typename Kernel::StrideA;
-  using StrideB = typename Kernel::StrideB;
-};
-
-// The three families' GEMM: CUTLASS's TMA epilogue with `FusionOp` (an EVT) over the sums, the
-// cooperative schedule (two consumer warp groups on one tile).
 // TileN: 128 (the default), or 64 for problems whose 128 x 128 tiles leave most SMs idle (at one
 // image, fc3 (1024 x 1024: 64 tiles) and the head (1024 x 768: 48 tiles) on 132 SMs); see
 // narrow_tiles().
 template <class LayoutA, class LayoutB, class ElementD, class FusionOp, int TileN = 128>
 struct Sm90Gemm {
   using TileShape = Shape<_128, Int<TileN>, _64>;
+  using ClusterShape = Shape<_1, _1, _1>;
   static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, Shape<_1, _1, _1>,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, cutlass::layout::RowMajor, kAlignD,          // no C operand
       ElementD, cutlass::layout::RowMajor, kAlignD,
       cutlass::epilogue::TmaWarpSpecializedCooperative, FusionOp>::CollectiveOp;
 
-  using Base = Sm90Kernel<LayoutA, LayoutB, TileShape, CollectiveEpilogue,
-                          cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
-  using Kernel = typename Base::Kernel;
-  using Gemm = typename Base::Gemm;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      bf16, LayoutA, 8, bf16, LayoutB, 8, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::StrideA;
   using StrideB = typename Kernel::StrideB;
   using StrideC = typename Kernel::StrideC;
@@ -95,9 +81,9 @@ inline Stride<_1, int64_t, int64_t> stride_mk(int64_t, int64_t s1, int64_t sb) {
   return make_stride(_1{}, s1, sb);
 }
 
-// The problem, the operands and the device of `p` (every kernel's); the epilogue's are its own.
 template <class G>
-typename G::Gemm::Arguments mainloop_args(const GemmParams& p, int device) {
+typename G::Gemm::Arguments make_args(const GemmParams& p, int device) {
+  using ElementD = typename G::Gemm::ElementD;
   typename G::Gemm::Arguments args;
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
   args.problem_shape = {static_cast<int>(p.m), static_cast<int>(p.n), static_cast<int>(p.k),
@@ -106,29 +92,24 @@ typename G::Gemm::Arguments mainloop_args(const GemmParams& p, int device) {
   args.mainloop.dA = stride_mk<typename G::StrideA>(p.a_sm, p.a_sk, p.a_sb);
   args.mainloop.ptr_B = static_cast<const bf16*>(p.b);
   args.mainloop.dB = stride_mk<typename G::StrideB>(p.b_sn, p.b_sk, p.b_sb);
-  args.hw_info.device_id = device;
-  args.hw_info.sm_count = device_sm_count(device);
-  return args;
-}
-
-template <class G>
-typename G::Gemm::Arguments make_args(const GemmParams& p, int device) {
-  using ElementD = typename G::Gemm::ElementD;
-  typename G::Gemm::Arguments args = mainloop_args<G>(p, device);
   args.epilogue.ptr_C = nullptr;
   args.epilogue.dC = stride_mk<typename G::StrideC>(p.d_sm, p.d_sn, p.d_sb);
   args.epilogue.ptr_D = static_cast<ElementD*>(p.d);
   args.epilogue.dD = stride_mk<typename G::StrideD>(p.d_sm, p.d_sn, p.d_sb);
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = 0.0f;
+  args.hw_info.device_id = device;
+  args.hw_info.sm_count = device_sm_count(device);
   return args;
 }
 
-// Runs one problem given its arguments. With `workspace_size` only reports the workspace bytes it
-// needs.
-template <class G>
-cudaError_t run_args(typename G::Gemm::Arguments& args, void* workspace, cudaStream_t stream,
-                     size_t* workspace_size) {
+// Runs one problem (its batch strides are real strides: shared operands are split by the caller).
+// With `workspace_size` only reports the workspace bytes it needs.
+template <class G, class SetFusion>
+cudaError_t run_one(const GemmParams& p, int device, void* workspace, cudaStream_t stream,
+                    size_t* workspace_size, SetFusion set_fusion) {
+  auto args = make_args<G>(p, device);
+  set_fusion(args);
   if (workspace_size != nullptr) {
     *workspace_size = G::Gemm::get_workspace_size(args);
     return cudaSuccess;
@@ -144,16 +125,6 @@ cudaError_t run_args(typename G::Gemm::Arguments& args, void* workspace, cudaStr
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   return st == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
-}
-
-// Runs one problem (its batch strides are real strides: shared operands are split by the caller).
-// With `workspace_size` only reports the workspace bytes it needs.
-template <class G, class SetFusion>
-cudaError_t run_one(const GemmParams& p, int device, void* workspace, cudaStream_t stream,
-                    size_t* workspace_size, SetFusion set_fusion) {
-  auto args = make_args<G>(p, device);
-  set_fusion(args);
-  return run_args<G>(args, workspace, stream, workspace_size);
 }
 
 }  // namespace sm90

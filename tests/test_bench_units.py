@@ -159,6 +159,25 @@ def test_a_new_table_is_picked_up(monkeypatch, one_thread):
     assert side["status"] == "ok" and side["images_per_s"] > 0 and side["students"] == 2
 
 
+def test_the_engine_section_times_the_plain_step_at_every_ttt_preset_of_the_run():
+    """Beside the engine preset's rows, one latency row per table at each other TTT preset of the
+    run (its own model: the TFLOP/s differ), each row naming its preset; the floor's ratios only
+    on the engine preset's rows (the floor is its)."""
+    from apm_fast.bench.sections import engine
+
+    ctx = _quick_ctx(presets=("ttt-b16", "ttt-l14", "ssl-l14"), skip=("triton", "gate/torch", "memory/torch",
+                                                                    "profile/torch/S=1", "profile/torch/S=64"))
+    rows = engine.run(ctx)["rows"]
+    assert all(r["preset"] for r in rows)
+    lat = {r["preset"]: r for r in rows if r["key"] == "latency/torch/eager"}
+    assert sorted(lat) == ["ttt-b16", "ttt-l14"]                  # ssl-l14 has no pool: not a TTT preset
+    assert all(r["status"] == "ok" and r["ms_per_step"] > 0 for r in lat.values())
+    assert lat["ttt-b16"]["tflops"] != lat["ttt-l14"]["tflops"]
+    assert "vs_floor" in lat["ttt-l14"] and "vs_floor" not in lat["ttt-b16"]
+    assert {r["preset"] for r in rows if r["key"] == "latency/triton/eager"} == {"ttt-b16", "ttt-l14"}
+    assert all(r["status"] == "skipped" for r in rows if r["backend"] == "triton")
+
+
 def test_time_budget_marks_what_did_not_start():
     from apm_fast.bench.sections import step
 

@@ -67,8 +67,8 @@ def test_record_prefers_engine_rows_and_skips_cpu_and_failed_rows(tmp_path):
 
 def test_record_prefers_the_engine_sections_back_to_back_steps(tmp_path):
     """For one GPU, the engine section's latency rows (20 steps back to back, as the trainer runs
-    them; their preset is the section's engine_preset) win over the step section's rows, in
-    either order of the files; a GPU with only step results keeps those."""
+    them; a row's preset is its own, else the section's engine_preset) win over the step section's
+    rows, in either order of the files; a GPU with only step results keeps those."""
     engine = tmp_path / "engine.json"
     engine.write_text(json.dumps({
         "suite": "engine", "machine": {"device": "cuda", "gpu": "G", "commit": "def5678"},
@@ -76,13 +76,18 @@ def test_record_prefers_the_engine_sections_back_to_back_steps(tmp_path):
         "rows": [{"key": "latency/triton/graph", "status": "ok", "ms_per_step": 0.471},
                  {"key": "latency/cuda/graph", "status": "ok", "ms_per_step": 0.488},
                  {"key": "latency/cuda/graph/trigger-written", "status": "ok", "ms_per_step": 0.3},
-                 {"key": "latency/torch/graph", "status": "skipped"}]}))
+                 {"key": "latency/torch/graph", "status": "skipped"},
+                 {"key": "latency/triton/graph", "status": "ok", "ms_per_step": 0.25, "preset": "ttt-b16"},
+                 {"key": "latency/cuda/graph", "status": "ok", "ms_per_step": 0.24, "preset": "ttt-b16"},
+                 {"key": "latency/cuda/graph", "status": "error", "preset": "ttt-h14"}]}))
     step = _step_file(tmp_path, "G", [_row("ttt-l14", "engine/triton", 0.566), _row("ttt-l14", "engine/cuda", 0.537)])
     other = _step_file(tmp_path, "H", [_row("ttt-l14", "engine/cuda", 0.5)], name="h.json")
     for files in ([str(engine), step, other], [step, str(engine), other]):
         t = measured.record(files)
         assert t["gpus"]["G"] == {"commit": "def5678", "file": os.path.normpath(str(engine)).replace(os.sep, "/"),
-                                  "row": "latency/<table>/graph", "step_ms": {"ttt-l14": {"triton": 0.471, "cuda": 0.488}}}
+                                  "row": "latency/<table>/graph",
+                                  "step_ms": {"ttt-b16": {"triton": 0.25, "cuda": 0.24},
+                                              "ttt-l14": {"triton": 0.471, "cuda": 0.488}}}
         assert t["gpus"]["H"]["row"] == "engine/<table>"
 
 

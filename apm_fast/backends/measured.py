@@ -9,7 +9,8 @@ that it still equals what they give)::
     python -m apm_fast.backends.measured benchmarks/results/*/suite/engine.json benchmarks/results/*/suite/ttt_step.json
 
 The rows, preferred first: the engine section's ``latency/<table>/graph`` (``engine.json``: one
-image's 20 steps replayed back to back, as the TTT trainer runs them), then the step section's
+image's 20 steps replayed back to back, as the TTT trainer runs them, at every TTT preset of the
+run: each row's ``preset``, else the section's engine preset), then the step section's
 ``engine/<table>`` (``ttt_step.json``: one step at a time, its loss read after each, so launch
 and host time weigh in: on the H200 at b377a5b 0.566 ms for the triton table against 0.471 back
 to back, and the two tables' order differed between the two), then ``<table>+graph`` (results

@@ -137,6 +137,8 @@ class Context:
                 row.update(status="error", reason=error_text(exc))
             free_memory(self.device)
         what = row.get("key", name)
+        if "preset" in base:                  # rows of one key at several presets
+            what = f"{base['preset']} {what}"
         if row["status"] != "ok":
             self.log(f"  {what:34s} {row['status']}: {self.said(row['reason'])}")
         elif "images_per_s" in row:

@@ -305,7 +305,8 @@ def summary_lines(result) -> List[str]:
                          f"({r['vs_first']:.3f}x the first value, median of {r['turns']} turns)")
     for r in s.get("engine", {}).get("rows", []):
         if r.get("status") == "ok" and "ms_per_step" in r:
-            lines.append(f"engine {r['key']}: {r['ms_per_step']:.3f} ms/step ({r['tflops']:.0f} TFLOP/s)")
+            where = " ".join(x for x in (r.get("preset"), r["key"]) if x)
+            lines.append(f"engine {where}: {r['ms_per_step']:.3f} ms/step ({r['tflops']:.0f} TFLOP/s)")
     for r in s.get("primitives", {}).get("rows", []):
         if r.get("status") == "ok" and r.get("vs_best", 1.0) > 1.15:
             lines.append(f"primitive {r['key']}: {r['vs_best']:.2f}x the best table")

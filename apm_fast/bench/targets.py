@@ -69,7 +69,7 @@ def collect(results: Dict[str, dict], gate_passed: bool, commit: Optional[str], 
             missing[name] = why
 
     for table in ("triton", "cuda", "torch"):
-        put(f"step_ms_{table}", _find(results, "engine", f"latency/{table}/graph", "ms_per_step", None))
+        put(f"step_ms_{table}", _find(results, "engine", f"latency/{table}/graph", "ms_per_step"))
     put("step_ms_eager", _find(results, "ttt_step", "eager", "timing.median_ms"))
     fastest = _fastest_side_by_side(results)
     put("side_by_side_img_s", _find(results, "throughput", f"side-by-side/{fastest}/S={STUDENTS}", "images_per_s"))

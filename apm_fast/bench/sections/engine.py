@@ -24,6 +24,9 @@ the forward and kept for the backward; ``first-act-rebuilt``: built again where 
 step with the pool's in- and out-projection weights updated the way the table does not by default
 (``pool-factors``: from their gradients' factors; ``pool-written``: from the gradients written
 out). The TFLOP/s column counts the rewritten form of spec section 3 (86.5 GF for ``ttt-l14``).
+Every other TTT preset of the run (``--preset``): the plain step's latency of each table at one
+image (graph-replayed on CUDA), the same key with the row's ``preset``; the rows above, and the
+floor, are the engine preset's (``ttt-l14``).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -104,12 +107,13 @@ def with_switches(trainer, **switches):
     return trainer
 
 
-def _problem(ctx, backend, students, **switches):
-    """The engine preset's model, ``students`` images and targets, and a trainer on ``backend``
-    with the engine's ``switches`` set (:func:`with_switches`)."""
+def _problem(ctx, backend, students, preset=None, **switches):
+    """A preset's model (default: the engine preset), ``students`` images and targets, and a
+    trainer on ``backend`` with the engine's ``switches`` set (:func:`with_switches`)."""
     o = ctx.options
-    model = ctx.model(o.engine_preset)
-    x = ctx.images(o.engine_preset, students)
+    preset = preset or o.engine_preset
+    model = ctx.model(preset)
+    x = ctx.images(preset, students)
     y = torch.randn(students, model.config.dim, device=ctx.device)
     trainer = TestTimeTrainer(model, steps=o.ttt_steps, lr=o.lr, backend=backend, students=students,
                               precision=ctx.amp_dtype or model.dtype)
@@ -143,9 +147,9 @@ def time_steps(ctx, prog, repeats: int):
                      "perf_counter", warmup=1)
 
 
-def _latency(ctx, backend, graphs, **switches):
+def _latency(ctx, backend, graphs, preset=None, **switches):
     o = ctx.options
-    model, x, y, trainer = _problem(ctx, backend, 1, graphs=graphs, **switches)
+    model, x, y, trainer = _problem(ctx, backend, 1, preset, graphs=graphs, **switches)
     prog = trainer.program(1)
     prog.load(x, y)
     t = time_steps(ctx, prog, 20)
@@ -301,12 +305,22 @@ def run(ctx) -> dict:
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,
                                 lambda n=name, s=s: _profile(ctx, n, s)))
-    if floor["status"] == "ok":
+    # the plain step at one image of every other TTT preset of the run, every table (the default
+    # table per preset, apm_fast.backends.measured); the rows above are the engine preset's
+    mode = ctx.device.type == "cuda"
+    for preset in [p for p in ctx.options.ttt_presets() if p != ctx.options.engine_preset]:
+        for name, status in ctx.fast_backends():
+            rows.append(ctx.row({"key": f"latency/{name}/{'graph' if mode else 'eager'}", "backend": name,
+                                 "preset": preset}, status, name,
+                                lambda n=name, p=preset: _latency(ctx, n, mode, p)))
+    for r in rows:
+        r.setdefault("preset", ctx.options.engine_preset)
+    if floor["status"] == "ok":           # the floor is the engine preset's
         for r in rows:
-            if r["key"].startswith("latency/") and r["status"] == "ok":
+            if r["key"].startswith("latency/") and r["status"] == "ok" and r["preset"] == ctx.options.engine_preset:
                 r["vs_floor"] = r["ms_per_step"] / floor["floor_ms"]
                 r["vs_floor_overlapped"] = r["ms_per_step"] / floor["floor_overlapped_ms"]
-    return {"rows": rows, "columns": [("what", "key"), ("gate passed", "passed"), ("ms/step", "ms_per_step"),
+    return {"rows": rows, "columns": [("what", "key"), ("preset", "preset"), ("gate passed", "passed"), ("ms/step", "ms_per_step"),
                                       ("floor ms", "floor_ms"), ("x floor", "vs_floor"),
                                       ("TFLOP/s", "tflops"), ("peak", "peak_bytes"),
                                       ("state B/param", "state_bytes_per_param"), ("kernel ms", "total_ms")]}

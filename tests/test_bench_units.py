@@ -166,7 +166,7 @@ def test_the_engine_section_times_the_plain_step_at_every_ttt_preset_of_the_run(
     from apm_fast.bench.sections import engine
 
     ctx = _quick_ctx(presets=("ttt-b16", "ttt-l14", "ssl-l14"), skip=("triton", "gate/torch", "memory/torch",
-                                                                    "profile/torch/S=1", "profile/torch/S=64"))
+                                                                    "profile/*"))   # a pattern too
     rows = engine.run(ctx)["rows"]
     assert all(r["preset"] for r in rows)
     lat = {r["preset"]: r for r in rows if r["key"] == "latency/torch/eager"}
@@ -176,6 +176,15 @@ def test_the_engine_section_times_the_plain_step_at_every_ttt_preset_of_the_run(
     assert "vs_floor" in lat["ttt-l14"] and "vs_floor" not in lat["ttt-b16"]
     assert {r["preset"] for r in rows if r["key"] == "latency/triton/eager"} == {"ttt-b16", "ttt-l14"}
     assert all(r["status"] == "skipped" for r in rows if r["backend"] == "triton")
+    profiles = [r["status"] for r in rows if r["key"].startswith("profile/torch/")]
+    assert profiles and set(profiles) == {"skipped"}
+
+
+def test_skip_takes_keys_and_shell_patterns():
+    ctx = _quick_ctx(skip=("triton", "latency/*/graph/*", "side-by-side/cuda/S=[0-9]*"))
+    assert ctx.skipped("triton") and not ctx.skipped("tri") and not ctx.skipped("torch")
+    assert ctx.skipped("latency/cuda/graph/one-stream") and not ctx.skipped("latency/cuda/graph")
+    assert ctx.skipped("side-by-side/cuda/S=64") and not ctx.skipped("side-by-side/triton/S=64")
 
 
 def test_time_budget_marks_what_did_not_start():

@@ -23,8 +23,8 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
     p.add_argument("--only", nargs="+", choices=SECTIONS + OPTIONAL_SECTIONS, default=None,
                    help="sections to run (default: all but ab; the correctness gate always runs)")
     p.add_argument("--skip", nargs="+", default=(), metavar="KEY",
-                   help="implementations or backends to leave out, e.g. compile authors triton "
-                        "(listed as skipped)")
+                   help="implementations, backends or row keys to leave out, exactly or by shell-style "
+                        "pattern, e.g. compile authors triton 'latency/*/eager' (listed as skipped)")
     p.add_argument("--out", default="bench-results",
                    help="results root; files go to OUT/<gpu-or-cpu-name>/ (default: %(default)s; the "
                         "committed results live under benchmarks/results/<machine>/)")

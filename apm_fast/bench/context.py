@@ -2,6 +2,7 @@
 report, which backends exist, and the deterministic models and inputs of every preset."""
 from __future__ import annotations
 
+import fnmatch
 import gc
 import time
 import traceback
@@ -56,7 +57,9 @@ class Context:
 
     # -- which paths run ------------------------------------------------------------------
     def skipped(self, key: str) -> bool:
-        return key in self.options.skip
+        """Whether --skip names ``key`` (a backend, an implementation or a row's key): exactly, or
+        by a shell-style pattern (``latency/*/eager``: ``*`` also spans slashes)."""
+        return any(key == pat or fnmatch.fnmatchcase(key, pat) for pat in self.options.skip)
 
     def out_of_time(self) -> str:
         """"" while the time budget lasts, else the reason to record for what is left out."""

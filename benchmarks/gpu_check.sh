@@ -11,7 +11,8 @@
 #               step-1 case, the reset's broadcast)
 #   sweep       Triton config sweep; its winners are copied over kernels/tuned_configs.py
 #   bench       the benchmark suite (python -m apm_fast.bench); BENCH_ARGS passes options, e.g.
-#               BENCH_ARGS="--only step primitives --preset ttt-l14"
+#               BENCH_ARGS="--only step primitives --preset ttt-l14 --skip latency/*/eager" (split on
+#               spaces, not globbed: patterns unquoted)
 #
 # Stages can be split over several calls while the machine stays warm (the build stays in place).
 # The GPU image lacks open_clip/ftfy/wcwidth, setuptools and the CUTLASS headers: they travel as
@@ -80,10 +81,13 @@ fi
 
 if has bench; then
   step "bench: python -m apm_fast.bench ${BENCH_ARGS:-}"
+  # BENCH_ARGS is split on spaces, never globbed: --skip patterns go in unquoted (latency/*/eager)
+  set -f
   # shellcheck disable=SC2086
   timeout "${BENCH_TIMEOUT:-560}" $PY -m apm_fast.bench --device cuda --out "$OUT/suite" \
     --commit "${APM_FAST_COMMIT:-unknown}" --time-budget "${BENCH_BUDGET:-480}" \
     --authors-presets ttt-l14 --compile-presets ttt-l14 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -"${TAIL:-60}"
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "!! bench failed (gate or error)"; status=1; }
+  set +f
 fi
 exit $status

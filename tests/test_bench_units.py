@@ -178,6 +178,11 @@ def test_the_engine_section_times_the_plain_step_at_every_ttt_preset_of_the_run(
     assert all(r["status"] == "skipped" for r in rows if r["backend"] == "triton")
     profiles = [r["status"] for r in rows if r["key"].startswith("profile/torch/")]
     assert profiles and set(profiles) == {"skipped"}
+    # --engine-presets: those presets' rows, whatever the run's presets (the targets run's ttt-l14)
+    ctx = _quick_ctx(presets=("ttt-l14",), engine_presets=("ttt-h14",), skip=ctx.options.skip)
+    assert {r["preset"] for r in engine.run(ctx)["rows"] if r["key"] == "latency/torch/eager"} == {"ttt-l14", "ttt-h14"}
+    with pytest.raises(ValueError, match="engine_presets: \\['ssl-l14'\\] are not TTT presets"):
+        _quick_ctx(engine_presets=("ssl-l14",))
 
 
 def test_skip_takes_keys_and_shell_patterns():

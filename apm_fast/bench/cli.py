@@ -40,6 +40,9 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
     p.add_argument("--compile-presets", nargs="*", default=None, metavar="PRESET",
                    help="presets at which torch.compile runs (default: all on the GPU, "
                         "ttt-l14 in quick mode)")
+    p.add_argument("--engine-presets", nargs="*", default=None, metavar="PRESET",
+                   help="TTT presets at which the engine section times each table's plain step at one "
+                        "image, beside the engine preset's rows (default: every TTT preset of --preset)")
     p.add_argument("--scaling-grids", nargs="+", type=int, default=None, metavar="G",
                    help="query grid sides for the scaling sweep")
     p.add_argument("--students-list", nargs="+", type=int, default=None, metavar="S",
@@ -87,6 +90,8 @@ def build_options(args):
         kw["authors_presets"] = tuple(args.authors_presets)
     if args.compile_presets is not None:
         kw["compile_presets"] = tuple(args.compile_presets)
+    if args.engine_presets is not None:
+        kw["engine_presets"] = tuple(args.engine_presets)
     if args.scaling_grids:
         kw["scaling_grids"] = tuple(args.scaling_grids)
     if args.tpt_towers is not None:

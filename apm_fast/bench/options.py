@@ -76,6 +76,8 @@ class BenchOptions:
     primitives_preset: str = "ttt-l14"
     # (g) engine: the engine's own gate, memory per student, where the time goes
     engine_preset: str = "ttt-l14"
+    # the plain step's latency per table at these TTT presets too (None: every TTT preset of the run)
+    engine_presets: Optional[Tuple[str, ...]] = None
     profile_students: Tuple[int, ...] = (1, 64)
     # (h) distributed (under torchrun): images of mode 1, timed steps of mode 2
     dist_images: int = 64
@@ -100,6 +102,10 @@ class BenchOptions:
         bad = [p for p in self.presets if p not in PRESETS]
         if bad:
             raise ValueError(f"presets: unknown {bad}; expected some of {sorted(PRESETS)}")
+        bad = [p for p in self.engine_presets or () if p not in PRESETS or not PRESETS[p].pool]
+        if bad:
+            raise ValueError(f"engine_presets: {bad} are not TTT presets; expected some of "
+                             f"{sorted(n for n, c in PRESETS.items() if c.pool)}")
         if self.repeats < 20:
             raise ValueError(f"repeats: the harness reports a spread from >= 20 samples, got {self.repeats}")
         for name in ("eval_images", "eval_views"):

@@ -24,9 +24,9 @@ the forward and kept for the backward; ``first-act-rebuilt``: built again where 
 step with the pool's in- and out-projection weights updated the way the table does not by default
 (``pool-factors``: from their gradients' factors; ``pool-written``: from the gradients written
 out). The TFLOP/s column counts the rewritten form of spec section 3 (86.5 GF for ``ttt-l14``).
-Every other TTT preset of the run (``--preset``): the plain step's latency of each table at one
-image (graph-replayed on CUDA), the same key with the row's ``preset``; the rows above, and the
-floor, are the engine preset's (``ttt-l14``).
+Every other TTT preset of the run (``--preset``, or ``--engine-presets``): the plain step's
+latency of each table at one image (graph-replayed on CUDA), the same key with the row's
+``preset``; the rows above, and the floor, are the engine preset's (``ttt-l14``).
 Memory: the peak of one ``engine_preset`` student at one image above what existed before (the
 model, the snapshot, the position codes and cuBLAS's workspaces are shared by all students).
 Where the time goes: CUDA kernel time per kernel name over one batch (profiler), top entries.
@@ -305,10 +305,12 @@ def run(ctx) -> dict:
         for s in ctx.options.profile_students:
             rows.append(ctx.row({"key": f"profile/{name}/S={s}", "backend": name}, status, name,
                                 lambda n=name, s=s: _profile(ctx, n, s)))
-    # the plain step at one image of every other TTT preset of the run, every table (the default
-    # table per preset, apm_fast.backends.measured); the rows above are the engine preset's
-    mode = ctx.device.type == "cuda"
-    for preset in [p for p in ctx.options.ttt_presets() if p != ctx.options.engine_preset]:
+    # the plain step at one image of every other TTT preset of the run (or of --engine-presets),
+    # every table (the default table per preset, apm_fast.backends.measured); the rows above are
+    # the engine preset's
+    o, mode = ctx.options, ctx.device.type == "cuda"
+    presets = o.ttt_presets() if o.engine_presets is None else o.engine_presets
+    for preset in [p for p in presets if p != o.engine_preset]:
         for name, status in ctx.fast_backends():
             rows.append(ctx.row({"key": f"latency/{name}/{'graph' if mode else 'eager'}", "backend": name,
                                  "preset": preset}, status, name,

@@ -308,21 +308,21 @@ def run(ctx) -> dict:
     # the plain step at one image of every other TTT preset of the run (or of --engine-presets),
     # every table (the default table per preset, apm_fast.backends.measured); the rows above are
     # the engine preset's
-    o, mode = ctx.options, ctx.device.type == "cuda"
+    o, graphs = ctx.options, ctx.device.type == "cuda"
     presets = o.ttt_presets() if o.engine_presets is None else o.engine_presets
     for preset in [p for p in presets if p != o.engine_preset]:
         for name, status in ctx.fast_backends():
-            rows.append(ctx.row({"key": f"latency/{name}/{'graph' if mode else 'eager'}", "backend": name,
+            rows.append(ctx.row({"key": f"latency/{name}/{'graph' if graphs else 'eager'}", "backend": name,
                                  "preset": preset}, status, name,
-                                lambda n=name, p=preset: _latency(ctx, n, mode, p)))
+                                lambda n=name, p=preset: _latency(ctx, n, graphs, p)))
     for r in rows:
-        r.setdefault("preset", ctx.options.engine_preset)
+        r.setdefault("preset", o.engine_preset)
     if floor["status"] == "ok":           # the floor is the engine preset's
         for r in rows:
-            if r["key"].startswith("latency/") and r["status"] == "ok" and r["preset"] == ctx.options.engine_preset:
+            if r["key"].startswith("latency/") and r["status"] == "ok" and r["preset"] == o.engine_preset:
                 r["vs_floor"] = r["ms_per_step"] / floor["floor_ms"]
                 r["vs_floor_overlapped"] = r["ms_per_step"] / floor["floor_overlapped_ms"]
-    return {"rows": rows, "columns": [("what", "key"), ("preset", "preset"), ("gate passed", "passed"), ("ms/step", "ms_per_step"),
-                                      ("floor ms", "floor_ms"), ("x floor", "vs_floor"),
+    return {"rows": rows, "columns": [("what", "key"), ("preset", "preset"), ("gate passed", "passed"),
+                                      ("ms/step", "ms_per_step"), ("floor ms", "floor_ms"), ("x floor", "vs_floor"),
                                       ("TFLOP/s", "tflops"), ("peak", "peak_bytes"),
                                       ("state B/param", "state_bytes_per_param"), ("kernel ms", "total_ms")]}

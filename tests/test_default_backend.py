@@ -101,6 +101,8 @@ def test_choose_follows_the_measurement_per_preset(table):
     # not a preset: the sum over the GPU's presets (torch 6, triton 3, cuda 6)
     name, why = measured.choose("Fake GPU", preset("ttt-l14", grid=8), every)
     assert name == "triton" and "not a preset" in why
+    name, why = measured.choose("Fake GPU", preset("ssl-l14"), every)      # a preset without a TTT step
+    assert name == "triton" and "ssl-l14 has no TTT step measured there" in why
     # a GPU never measured: the fixed order
     name, why = measured.choose("Other GPU", preset("ttt-b16"), every)
     assert name == measured.FALLBACK[0] and "no measurement for Other GPU" in why

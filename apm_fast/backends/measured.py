@@ -131,8 +131,9 @@ def choose(gpu: Optional[str], config, available: Sequence[str]) -> Tuple[str, s
     else:
         both = [n for n in available if all(n in s for s in steps.values())]
         times = {n: sum(s[n] for s in steps.values()) for n in both}
-        where = (f"{gpu}, summed over its measured presets ({', '.join(steps)})"
-                 + ("" if config is None else "; this model is not a preset"))
+        why = "" if config is None else ("; this model is not a preset" if preset is None
+                                         else f"; {preset} has no TTT step measured there")
+        where = f"{gpu}, summed over its measured presets ({', '.join(steps)}){why}"
     if not times:
         name = next((n for n in FALLBACK if n in available), available[0])
         return name, f"none of the available tables was measured on {gpu}; the fixed order"

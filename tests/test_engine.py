@@ -300,6 +300,26 @@ def test_a_table_can_write_the_trigger_gradient_out_at_one_image_only(monkeypatc
     torch.testing.assert_close(written.losses, factored.losses, rtol=1e-12, atol=0)
 
 
+def test_adam_beside_the_backward_by_default_where_each_table_measured_it_faster():
+    """``overlap_by_default``: the table's ``adam_beside_at_one_image`` at one image, its
+    ``adam_beside_backward`` with several students (the Triton table at both; the cuda table at
+    one image only; the plain table at neither); the bench measures the other schedule beside the
+    default at each S."""
+    from apm_fast.backends.cuda import CudaPrimitives
+    from apm_fast.backends.triton import TritonPrimitives
+    from apm_fast.bench.context import Context
+    from apm_fast.bench.options import BenchOptions
+
+    on = program_mod.overlap_by_default
+    assert on(TritonPrimitives(), 1) and on(TritonPrimitives(), 64)
+    assert on(CudaPrimitives(), 1) and not on(CudaPrimitives(), 2)
+    assert not on(TorchPrimitives(), 1) and not on(TorchPrimitives(), 64)
+    ctx = Context(BenchOptions.quick_defaults(device="cpu", presets=("ttt-b16",), out=None), log=lambda s: None)
+    assert ctx.other_adam("cuda", 1)[:2] == (False, "adam-after-backward")
+    assert ctx.other_adam("cuda", 64)[:2] == (True, "adam-beside-backward")
+    assert ctx.other_adam("triton", 64)[:2] == (False, "adam-after-backward")
+
+
 def test_a_table_can_keep_the_first_layer_activation_for_the_backward(monkeypatch):
     """``first_layer_act_kept`` (the cuda table's setting): the step writes ReLU(P + u) out once
     (``first_layer_act``) and hands it to the backward (the weight gradient's operand, the input

@@ -34,6 +34,7 @@ class TritonPrimitives(Primitives):
     # at S = 64, and 0.473 against 0.475 ms a step at one image, within the run-to-run spread (the
     # cuda table: 0.509 against 0.482, slower), benchmarks/results/h200/e84f14e-step-engine-throughput/
     adam_beside_backward = True
+    adam_beside_at_one_image = True
     # the position products from the code's separable form (with dW_P to Adam by its factors): on
     # the H200 at S = 64 144.5 against 138.5 images/s with one GEMM each, at one image 0.459
     # against 0.466 ms a step (02d9635); with dW_P written, at one image slower (0.474 against

@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 
 from ..backends import available_backends
-from ..ttt.program import pool_factors_by_default, position_halves_by_default, trigger_factors_by_default
+from ..ttt.program import (overlap_by_default, pool_factors_by_default, position_halves_by_default,
+                           trigger_factors_by_default)
 from ..model import APM
 from ..validation import check_images
 from .gate import GateReport
@@ -77,10 +78,11 @@ class Context:
 
         return get_backend(name, device=self.device, check=False)
 
-    def other_adam(self, name: str):
-        """The engine setting a table does not use by default, to measure beside its default in
-        the same run: (overlap value, key suffix, words for labels)."""
-        beside = not getattr(self._table(name), "adam_beside_backward", False)
+    def other_adam(self, name: str, students: int):
+        """The Adam schedule the engine does not use by default on table ``name`` at S =
+        ``students``, to measure beside its default in the same run: (overlap value, key suffix,
+        words for labels)."""
+        beside = not overlap_by_default(self._table(name), students)
         return (beside, "adam-beside-backward" if beside else "adam-after-backward",
                 "Adam beside the backward" if beside else "Adam after the backward")
 

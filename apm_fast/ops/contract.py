@@ -162,14 +162,16 @@ class Primitives:
     positional arguments. ``opaque`` tables (compiled kernels) go through their generated
     ``torch.library`` ops while ``torch.compile`` traces (``use_custom_ops`` None) or always
     (True); ``wgrad_out`` tables write weight gradients into ``out=`` themselves;
-    ``adam_beside_backward``: the engine's default for this table, each layer's Adam on the update
-    streams beside the rest of the backward (on where measured faster: the Triton table).
+    ``adam_beside_backward``: the engine's default for this table with several students, each
+    layer's Adam on the update streams beside the rest of the backward (on where measured faster:
+    the Triton table); ``adam_beside_at_one_image``: the same at one image (on for the Triton and
+    cuda tables; ``ttt.program.overlap_by_default``).
     ``adam_from_factors``: the engine's default for this table, the first layer's trigger columns
     and the pool's in- and out-projection weights updated from their gradients' factors
     (``adam_``'s ``outer``; on for the kernel tables);
     ``written_at_one_image``: except at one image, where the gradients that could go to Adam
     by their factors (the trigger columns', the pool's weights') are written out (on where
-    measured faster: the cuda table, whose Adam runs after the backward there;
+    measured faster: the cuda table, measured when its Adam ran after the backward there;
     ``ttt.program.trigger_factors_by_default``, ``ttt.program.pool_factors_by_default``).
     ``position_halves``: the engine's default for this table with several students, and at one
     image when the first layer's gradient goes to Adam by its factors, the position products from
@@ -194,6 +196,7 @@ class Primitives:
     wgrad_out = False
     use_custom_ops = None
     adam_beside_backward = False
+    adam_beside_at_one_image = False
     adam_from_factors = True
     written_at_one_image = False
     position_halves = False

@@ -62,7 +62,8 @@ class TTTEngine:
     shards: one image's queries split over ranks (``apm_fast.distributed.QueryShards``).
     overlap: run each layer's Adam on a second stream as soon as the backward is done with the
     layer, beside the rest of the backward (None: where the table measured it faster, the Triton
-    table, on CUDA without shards; False: the whole Adam after the backward). The result is the
+    table, and the cuda table at one image, on CUDA without shards; False: the whole Adam after
+    the backward). The result is the
     same either way. The attribute ``beside`` (True; False for comparisons) runs the step's small
     independent pieces (trigger, the pool's projections and parameter gradients, the conv's
     gradients, the loss record) on a second CUDA stream beside the GEMMs

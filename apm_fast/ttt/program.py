@@ -30,7 +30,7 @@ from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
 
 __all__ = ["StudentProgram", "quiet_autograd", "position_halves_by_default", "trigger_factors_by_default",
-           "pool_factors_by_default"]
+           "pool_factors_by_default", "overlap_by_default"]
 
 _FIRST = FIRST_WEIGHT            # the first layer's weight: trigger columns, then position columns
 _POOL_FACTORED = [n for n in FACTORED if n != _FIRST]   # the pool's in- and out-projection weights
@@ -42,6 +42,14 @@ def quiet_autograd(device):
     legal later) and no autocast (the driver picks its dtypes itself)."""
     with torch.inference_mode(False), torch.no_grad(), _no_autocast(device):
         yield
+
+
+def overlap_by_default(prim, students: int) -> bool:
+    """Whether a program of ``students`` students on table ``prim`` runs each layer's Adam beside
+    the rest of the backward by default (on the update streams, as soon as the backward is done
+    with the layer): the table's ``adam_beside_at_one_image`` at one image, its
+    ``adam_beside_backward`` with several."""
+    return bool(prim.adam_beside_at_one_image if int(students) == 1 else prim.adam_beside_backward)
 
 
 def trigger_factors_by_default(prim, students: int) -> bool:
@@ -179,7 +187,7 @@ class StudentProgram:
             # beside the rest of the backward (Adam in one launch, one device, CUDA; by default
             # where the table says it pays); off: after it
             can = dev.type == "cuda" and self.n_chunks == 1 and shards is None
-            want = getattr(prim, "adam_beside_backward", False) if overlap is None else bool(overlap)
+            want = overlap_by_default(prim, s) if overlap is None else bool(overlap)
             self.overlap = can and want
             # the small independent pieces of forward and backward on a second stream (CUDA)
             self.beside = bool(beside) and dev.type == "cuda"

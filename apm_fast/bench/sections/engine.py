@@ -279,7 +279,7 @@ def run(ctx) -> dict:
             rows.append(ctx.row({"key": f"latency/{name}/{'graph' if graphs else 'eager'}", "backend": name},
                                 status, name, lambda n=name, g=graphs: _latency(ctx, n, g)))
         if ctx.device.type == "cuda":             # the table's other Adam schedule, in the same run
-            ov, suffix, _ = ctx.other_adam(name)
+            ov, suffix, _ = ctx.other_adam(name, 1)
             rows.append(ctx.row({"key": f"latency/{name}/graph/{suffix}", "backend": name}, status, name,
                                 lambda n=name, ov=ov: _latency(ctx, n, True, overlap=ov)))
             rows.append(ctx.row({"key": f"latency/{name}/graph/wgrad-inline", "backend": name}, status, name,

@@ -185,7 +185,7 @@ def run(ctx) -> dict:
                                     "available", name,
                                     lambda n=name, s=s: _side_by_side(ctx, preset, n, model, s, "bf16")))
                 if ctx.device.type == "cuda":     # the table's other ways, each beside its default in the same run
-                    ov, ov_suffix, ov_words = ctx.other_adam(name)
+                    ov, ov_suffix, ov_words = ctx.other_adam(name, s)
                     halves, h_suffix, h_words = ctx.other_position(name, s)
                     kept, k_suffix, k_words = ctx.other_first_act(name)
                     pool, p_suffix, p_words = ctx.other_pool(name, s)

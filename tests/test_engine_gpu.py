@@ -99,7 +99,8 @@ def test_side_by_side_equals_one_at_a_time(backend, dt):
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_work_on_a_second_stream_changes_nothing(backend, graphs, switch):
-    """``overlap``: each layer's Adam on a second stream (the Triton table's default) against the
+    """``overlap``: each layer's Adam on a second stream (the Triton table's default; the cuda
+    table's at one image only) against the
     whole Adam after the backward; ``beside`` (every table's default): the trigger, the pool's
     projections and parameter gradients and the conv's gradients on a second stream
     against everything on one; ``wgrad_beside`` (with ``beside``): the weight gradients beside

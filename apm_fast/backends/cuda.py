@@ -75,7 +75,7 @@ class CudaPrimitives(Primitives):
     written_at_one_image = True
     # each layer's Adam beside the rest of the backward at one image only: there 0.446 against
     # 0.452 ms a step (1bf82d0's targets run), 0.445 / 0.450 (e0aad80), 0.4459 / 0.4501 (8b9631e's
-    # A/B), 0.449 / 0.455 (3ea46dd), and even at 7b7ee43 (0.457 both); with 64 students 0.9 %
+    # A/B), 0.449 / 0.455 (3ea46dd), and equal at 7b7ee43 (0.457 both); with 64 students 0.9 %
     # slower (8b9631e's A/B), so there after the backward (benchmarks/results/h200/README.md)
     adam_beside_at_one_image = True
     # the first layer's activation: this table writes ReLU(P + u) out before each GEMM that reads

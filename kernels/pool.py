@@ -7,7 +7,8 @@ the (rows x D) kv tile with the (D x heads) keys, D in slices of BLOCK_K), the t
 statistics per head, then sum_l p_hl kv_l (a second product, the same kv slices read again, from
 cache). f is read once for all heads. A problem of one tile writes sbar and lse; otherwise every
 tile writes its (max, denominator, weighted sum) partials and a second small kernel merges them
-exactly.
+exactly, each (s, b, h) row cut into column slices where the rows alone would leave most SMs idle
+(:func:`combine_slices`).
 
 Backward, per tile of rows, every head at once: with a = exp(score - lse) and
 c = a * (kv . dsbar_h - sbar_h . dsbar_h) * scale (both (rows x heads), from two products of the
@@ -32,7 +33,7 @@ from . import _common as _c
 from ._common import INTERPRET, autotune_enabled, cdiv, config_kwargs, next_pow2, sm_count, tuned
 from .wgrad import weight_grad
 
-__all__ = ["pool_fwd", "pool_bwd", "choose_block_l"]
+__all__ = ["pool_fwd", "pool_bwd", "choose_block_l", "combine_slices"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -99,11 +100,13 @@ def pool_fwd_kernel(
 
 
 @triton.jit
-def pool_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, sbar_ptr, lse_ptr, NSPLIT, D,
+def pool_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, sbar_ptr, lse_ptr, NSPLIT, D, D_CHUNK,
                         BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge NSPLIT (max, denominator, weighted sum) partials of one (s, b, h) exactly, D in
-    slices of BLOCK_D."""
+    """Merge NSPLIT (max, denominator, weighted sum) partials of one (s, b, h) exactly: program
+    (pid, part) writes columns [part D_CHUNK, (part + 1) D_CHUNK) of its sbar row, in slices of
+    BLOCK_D (D_CHUNK a multiple of BLOCK_D, or all of D), and part 0 the lse."""
     pid = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     offs_p = tl.arange(0, BLOCK_P)
     in_p = offs_p < NSPLIT
     m = tl.load(pm_ptr + pid * NSPLIT + offs_p, mask=in_p, other=float("-inf"))
@@ -112,13 +115,13 @@ def pool_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, sbar_ptr, lse_ptr, NSPLIT, D,
     w = tl.where(in_p, tl.exp2(m - m_all), 0.0)
     den_all = tl.sum(w * den, axis=0)
     w = w / den_all
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+    for d0 in range(0, D_CHUNK, BLOCK_D):
+        offs_d = part * D_CHUNK + d0 + tl.arange(0, BLOCK_D)
         in_d = offs_d < D
         acc = tl.load(pacc_ptr + (pid * NSPLIT + offs_p)[:, None] * D + offs_d[None, :],
                       mask=in_p[:, None] & in_d[None, :], other=0.0)
         tl.store(sbar_ptr + pid * D + offs_d, tl.sum(w[:, None] * acc, axis=0), mask=in_d)
-    tl.store(lse_ptr + pid, (m_all + tl.log2(den_all)) * 0.6931471805599453)
+    tl.store(lse_ptr + pid, (m_all + tl.log2(den_all)) * 0.6931471805599453, mask=part == 0)
 
 
 @triton.jit
@@ -220,6 +223,21 @@ def choose_block_l(S: int, B: int, L: int, device, nsplit=None) -> int:
     return 16
 
 
+def combine_slices(programs: int, D: int, block_p: int, sms: int):
+    """(BLOCK_D, columns a program) of the merge of the forward's tile partials, ``programs``
+    rows (s, b, h) of D columns from ``block_p`` partials each: D whole per program where the rows
+    alone give two waves of programs on ``sms`` SMs (64 students), else cut into slices of a power
+    of two, as narrow as two waves need but at least 32 columns (128-byte rows). At one image of
+    ``ttt-l14`` the 8 rows alone kept 8 SMs busy, each reading 64 partials of 768 fp32 columns
+    (196 KB); in slices of 32 columns, 192 programs read 8 KB each."""
+    widest = min(next_pow2(D), max(16, 8192 // block_p))
+    slices = cdiv(2 * sms, max(1, programs))
+    if slices <= 1:
+        return widest, D
+    chunk = min(widest, max(32, next_pow2(cdiv(D, slices))))
+    return (chunk, D) if chunk >= D else (chunk, chunk)
+
+
 def _run(raw, tuned_fn, rank, grid, args, meta, named):
     if autotune_enabled():
         tuned_fn[grid](*args, **meta)
@@ -256,8 +274,9 @@ def pool_fwd(f, pos_out, kt, scale, *, nsplit=None):
     _run(pool_fwd_kernel, pool_fwd_tuned, _RANK_FWD, (S * B, nsplit), args, meta, {"D": D, "BLOCK_L": bl})
     if nsplit > 1:
         bp = max(2, next_pow2(nsplit))
-        pool_combine_kernel[(progs,)](pm, pl, pacc, sbar, lse, nsplit, D, BLOCK_P=bp,
-                                      BLOCK_D=min(next_pow2(D), max(16, 8192 // bp)), num_warps=4)
+        bd, chunk = combine_slices(progs, D, bp, sm_count(dev))
+        pool_combine_kernel[(progs, cdiv(D, chunk))](pm, pl, pacc, sbar, lse, nsplit, D, chunk, BLOCK_P=bp,
+                                                     BLOCK_D=bd, num_warps=4)
     return sbar, lse
 
 

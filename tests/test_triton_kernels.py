@@ -177,6 +177,33 @@ def test_pool_fwd(nsplit):
     assert_close(lse, lse_ref, TOL32, "lse")
 
 
+def test_pool_combine_slices():
+    """The merge of the tile partials: whole rows where they give two waves of programs, else
+    power-of-two column slices (at least 32 wide) that cover D once."""
+    assert pool.combine_slices(512, 768, 16, 132) == (512, 768)          # 64 students: whole rows
+    bd, chunk = pool.combine_slices(8, 768, 64, 132)                       # one image of ttt-l14
+    assert (bd, chunk) == (32, 32) and 8 * math.ceil(768 / chunk) >= 132          # 192 programs
+    assert pool.combine_slices(8, 24, 64, 132) == (32, 24)                # narrower than a slice: one
+    for programs, d, bp in [(3, 96, 4), (1, 200, 8), (2, 1000, 128), (40, 768, 64)]:
+        bd, chunk = pool.combine_slices(programs, d, bp, 132)
+        assert chunk == d or (chunk % bd == 0 and chunk < d), (programs, d, bp, bd, chunk)
+        assert bd == 1 << (bd.bit_length() - 1) and bd <= max(16, 8192 // bp)
+
+
+def test_pool_fwd_merge_in_column_slices():
+    """One image, one student: the merge of the partials of 2 tiles (L = 25 rows in tiles of 16)
+    runs in column slices (3 of D = 96 on the interpreter's 4 SMs) and equals the float64 pool."""
+    torch.manual_seed(8)
+    d, h = 96, 3
+    f, pos_out, kt = rand(1, 1, L, d), rand(L, d), rand(1, h, d, scale=0.3)
+    bd, chunk = pool.combine_slices(h, d, 2, _common.sm_count(f.device))
+    assert (bd, chunk) == (32, 32)
+    sbar, lse = pool.pool_fwd(f, pos_out, kt, 1.0 / math.sqrt(d // h), nsplit=2)
+    sbar_ref, lse_ref = REF.pool_fwd(*f64(f, pos_out, kt), 1.0 / math.sqrt(d // h))
+    assert_close(sbar, sbar_ref, TOL32, "sbar")
+    assert_close(lse, lse_ref, TOL32, "lse")
+
+
 @pytest.mark.parametrize("split", [None, 3])
 def test_pool_bwd(split):
     torch.manual_seed(7)

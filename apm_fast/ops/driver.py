@@ -29,7 +29,7 @@ from .contract import acc_dtype_for, bmm_acc
 from .kept import KeptGraph, cache, kept, side_stream
 
 __all__ = ["Beside", "FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
-           "trigger_u", "column_mlp", "position_product", "position_weight_grad", "pool_query", "pool_output",
+           "trigger_u", "column_mlp", "position_product", "position_weight_grad", "pool_query", "pool_output", "output_start",
            "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS", "FACTORED", "keeps_first_act"]
 
 # the first layer's weight (trigger columns, then position columns)
@@ -152,7 +152,8 @@ def _layers(w, config):
 def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_in, pos_out, *,
             cdt: torch.dtype, need_pool: bool = True, save: bool = True,
             combine: Optional[Callable] = None, patches: Optional[torch.Tensor] = None,
-            beside: bool = False, pos_grid: Optional[tuple] = None, keep_first_act: Optional[bool] = None):
+            beside: bool = False, pos_grid: Optional[tuple] = None, keep_first_act: Optional[bool] = None,
+            minus: Optional[torch.Tensor] = None, alpha: float = 1.0):
     """z (S, B, D) in the acc dtype (None without pool), f (S, B, L, D) in cdt, and the ctx.
 
     images: (S, B, C, S_px, S_px); pos_in (L, d) and pos_out (L, D) in cdt: the rows computed
@@ -169,16 +170,21 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     and kept in the ctx for the backward (None: the table's ``first_layer_act_kept``). Kept and
     with ``pos_grid``, the activation is made straight from Q, the code's separable products
     (``first_layer_act(q, u, grid=)``): P is never written, and the ctx holds no P.
+    ``minus`` (S, D, with the pool): alpha (z - minus) in z's place (the TTT step's loss gradient,
+    minus its targets and alpha 2 / D: the bias less the targets made beside, then the output
+    product adds to them; :func:`pool_output`).
     """
     acc = acc_dtype_for(cdt)
     side = Beside(pos_in.device, beside)
     pool = config.pool and need_pool
-    q = kt = None
-    with side():                         # neither needs the position GEMM
+    q = kt = start = None
+    with side(minus):                    # none of it needs the position GEMM
         patches, t, u = trigger_split(w, images, config, acc, patches=patches)
         have_u = side.mark()
         if pool:
             q, kt, scale = pool_query(w, config, acc)
+            if minus is not None:
+                start = output_start(w, minus, alpha, patches.shape[1], acc)
     keep = save and keeps_first_act(prim, keep_first_act)
     wp = w["mlp.0.weight"][:, :, config.pos_dim:]
     halves = None
@@ -193,12 +199,12 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
     h = column_mlp(prim, w, config, p, u, cdt, acts=acts, keep_first=keep, halves=halves, grid=pos_grid)
     f = h.view(s, b, pos_in.shape[0], config.dim)
     z = sbar = lse = o = None
-    side.join(q, kt)
+    side.join(q, kt, start)
     if pool:
         sbar, lse = prim.pool_fwd(f, pos_out, kt, scale)
         if combine is not None:
             sbar, lse = combine(sbar, lse)
-        o, z = pool_output(w, config, sbar, acc)
+        o, z = pool_output(w, config, sbar, acc, start=start, alpha=alpha)
     ctx = FusedCtx(patches, t, u, p, acts, f, q, kt, sbar, lse, o, cdt) if save else None
     return z, f, ctx
 
@@ -361,18 +367,32 @@ def pool_query(w, config, acc):
     return q, kt, 1.0 / math.sqrt(dh)
 
 
-def pool_output(w, config, sbar, acc):
+def pool_output(w, config, sbar, acc, *, start: Optional[torch.Tensor] = None, alpha: float = 1.0):
     """o = per-head W_V sbar + b_V (S, B, D) and z = W_O o + b_O (S, B, D) from the softmax-weighted
-    sums sbar (S, B, H, D)."""
+    sums sbar (S, B, H, D). With ``start`` (S, B, D, the acc dtype), a buffer that holds
+    alpha (b_O - t) for some t: it becomes alpha (z - t) in place, returned in z's place (one
+    product that adds to it, where z alone copies b_O into a new result first; see
+    :func:`output_start`)."""
     s, b = sbar.shape[:2]
     dim, heads = config.dim, config.heads
     dh = dim // heads
     wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)[2]
     bv = w["attn.in_proj_bias"].to(acc).chunk(3, dim=1)[2]
     o = _cols_of_heads(sbar.to(acc), wv).reshape(s, b, dim) + bv[:, None, :]
-    wo, bo = w["attn.out_proj.weight"].to(acc), w["attn.out_proj.bias"].to(acc)
-    z = torch.baddbmm(bo[:, None, :], o, wo.transpose(1, 2))
+    wo = w["attn.out_proj.weight"].to(acc)
+    if start is not None:
+        return o, start.baddbmm_(o, wo.transpose(1, 2), alpha=alpha)
+    z = torch.baddbmm(w["attn.out_proj.bias"].to(acc)[:, None, :], o, wo.transpose(1, 2))
     return o, z
+
+
+def output_start(w, minus: torch.Tensor, alpha: float, images: int, acc) -> torch.Tensor:
+    """alpha (b_O - minus) (S, ``images``, D) in the acc dtype: :func:`pool_output`'s ``start``
+    for alpha (z - minus), made before the pool (it reads only the output bias and ``minus``
+    (S, D))."""
+    s, dim = minus.shape
+    start = torch.sub(w["attn.out_proj.bias"].to(acc), minus.to(acc)).mul_(alpha)[:, None, :]
+    return start if images == 1 else start.expand(s, images, dim).contiguous()
 
 
 def combine_pool(sbar: torch.Tensor, lse: torch.Tensor, dim: int = 0):

@@ -2,8 +2,9 @@
 
 It owns the parameter store, the static input/output buffers, and two phases:
 
-* ``step``: the driver's forward -> loss_s = mean_D (z_s - target_s)^2 written into ``losses[:, t]``
-  (t a device counter) -> dz -> the driver's backward into the flat gradient views -> Adam on the flat
+* ``step``: the driver's forward, which gives dz = d loss_s / dz = 2 / D (z_s - target_s) for
+  loss_s = mean_D (z_s - target_s)^2 (written into ``losses[:, t]``, t a device counter) -> the
+  driver's backward into the flat gradient views -> Adam on the flat
   buffers (step and lr read on the device) -> the compute copy refreshed in the same pass;
 * ``eval``: the final forward, z after the last update, into ``cls`` (and, for a program built
   with ``keep_grid=True``, the grid features f into ``grid``: the eval phase already computes
@@ -216,15 +217,16 @@ class StudentProgram:
 
     def _step(self):
         c, st, sh = self.config, self.store, self.shards
-        z, f, ctx = forward(self.prim, st.weights, None, c, self.pos_in, self.pos_out, cdt=self.cdt,
-                            combine=None if sh is None else sh.combine, patches=self.patches, beside=self.beside,
-                            pos_grid=self.pos_grid, keep_first_act=self.first_layer_act_kept)
+        # dz = d loss / dz = 2 / D (z - target), straight from the forward (its output product adds
+        # to 2 / D (b_O - target), made beside: z itself is never formed)
+        dz, f, ctx = forward(self.prim, st.weights, None, c, self.pos_in, self.pos_out, cdt=self.cdt,
+                             combine=None if sh is None else sh.combine, patches=self.patches, beside=self.beside,
+                             pos_grid=self.pos_grid, keep_first_act=self.first_layer_act_kept,
+                             minus=self.targets, alpha=2.0 / c.dim)                # S x 1 x D, acc dtype
         del f                      # ctx holds it until the backward is done with it
-        diff = z[:, 0] - self.targets                                         # S x D, acc dtype
-        dz = (diff * (2.0 / c.dim)).unsqueeze(1)                                # d mean_D / dz
         side = Beside(self.device, self.beside)
-        with side(diff):                # the loss record and the counters: beside the backward
-            loss = diff.square().mean(-1, keepdim=True)                         # S x 1
+        with side(dz):                  # the loss record and the counters: beside the backward
+            loss = dz[:, 0].square().mean(-1, keepdim=True).mul_((c.dim / 2.0) ** 2)    # S x 1
             self.losses.index_copy_(1, self.t_idx, loss)
             self.step_t.add_(1.0)       # the number of this update, read by Adam on the device
             self.t_idx.add_(1)
@@ -241,7 +243,7 @@ class StudentProgram:
                  on_done=None if lanes is None else lanes.start, beside=self.beside,
                  wgrad_beside=self.wgrad_beside, factors=self.factors, factored=self.factored, pos_grid=self.pos_grid,
                  on_tail=None if tail is None else tail.tail)
-        del ctx, z
+        del ctx, dz
         if sh is not None:
             sh.sum_(st.grad)            # every rank's share of every gradient, summed: one exchange
         self._adam(None if lanes is None else lanes.join())

@@ -3,7 +3,10 @@
     python benchmarks/sweep_triton.py --out results/sweep-h100
 
 For every primitive at the preset's layer shapes (default ``ttt-l14``: L = 1024, widths
-1024 -> 4096 -> 2048 -> 1024 -> 768), for (S, B) in (1, 1), (8, 1), (1, 64), bf16:
+1024 -> 4096 -> 2048 -> 1024 -> 768; the first consumer's forward both with the activation built in
+its prologue, ``fc2 first_layer_linear``, and as the step runs it, a plain GEMM on the activation
+the forward kept, ``fc2 linear``), for (S, B) in (1, 1), (8, 1), (1, 64) (``--sets`` picks others,
+e.g. ``--sets 1x1`` for one image's step), bf16:
 
 1. candidates: TMA descriptors vs pointer loads, persistent tile loop or not, the first layer's
    activation fused in the prologue vs materialized per chunk of images, tiles, warps, stages, and
@@ -53,7 +56,7 @@ def problem_list(preset_name, sets=SETS):
     each process (workers included)."""
     out = []
     for S, B in sets:
-        for name in ("P linear_shared", "fc2 first_layer_linear", "fc3 linear", "head linear",
+        for name in ("P linear_shared", "fc2 first_layer_linear", "fc2 linear", "fc3 linear", "head linear",
                      "head linear_bwd_input", "fc3 linear_bwd_input", "fc2 first_layer_bwd_input",
                      "head linear_bwd_weight", "fc3 linear_bwd_weight", "fc2 first_layer_bwd_weight",
                      "P linear_bwd_weight_shared"):
@@ -424,6 +427,20 @@ def print_table(res):
               f"{e['cublas_ms']:8.4f} {e['cublas_tflops']:5.0f}")
 
 
+def _sets(text):
+    """"1x1,8x1" -> [(1, 1), (8, 1)] (argparse type of --sets)."""
+    out = []
+    for item in text.split(","):
+        try:
+            a, b = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected SxB pairs such as 1x1,8x1 (students x images), got {item!r}")
+        if a < 1 or b < 1:
+            raise argparse.ArgumentTypeError(f"students and images must be >= 1, got {item!r}")
+        out.append((a, b))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for sweep_triton.json and tuned_configs.py")
@@ -431,13 +448,16 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=220.0, help="wall-clock budget of the whole run")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile worker processes")
     ap.add_argument("--only", default="", help="comma-separated substrings: sweep only matching primitives")
+    ap.add_argument("--sets", type=_sets, default=None,
+                    help="comma-separated SxB pairs of students and images a student (default: "
+                         + ",".join(f"{a}x{b}" for a, b in SETS) + ")")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU in Triton's interpreter (a test "
                     "of this script, not a measurement)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not SMOKE:
         sys.exit("sweep_triton: needs a CUDA GPU (--smoke runs the script's logic on tiny CPU shapes)")
     t0 = time.time()
-    plist = problem_list(args.preset)
+    plist = problem_list(args.preset, args.sets or SETS)
     if args.only:
         plist = [p for p in plist if any(s in p[0] for s in args.only.split(","))]
     from apm_fast.bench.machine import machine_info

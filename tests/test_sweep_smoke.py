@@ -43,3 +43,21 @@ def test_sweep_smoke_run(tmp_path):
 
     for key, cfg in tuned.items():
         (WgradCfg if "bwd_weight" in key[0] else GemmCfg).from_dict(cfg)
+
+
+def test_sweep_sets_and_the_kept_activation_forward(tmp_path):
+    """--sets picks the (students, images) pairs; "fc2 linear" is the first consumer's forward on
+    the kept activation (a plain GEMM over B L rows); a malformed pair is refused by name."""
+    script = os.path.join(ROOT, "benchmarks", "sweep_triton.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, script, "--smoke", "--out", str(out), "--jobs", "1", "--only", "fc2 linear",
+                           "--sets", "1x2"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probs = json.loads((out / "sweep_triton.json").read_text())["problems"]
+    assert [(p["name"], p["S"], p["B"]) for p in probs] == [("fc2 linear", 1, 2)]
+    assert probs[0]["key"] == ["linear", 1, 1, 2 * 32, 32, 64]      # smoke dims: L 32, widths 64 -> 32
+    assert any("ms" in c for c in probs[0]["candidates"])
+    bad = subprocess.run([sys.executable, script, "--smoke", "--out", str(out), "--sets", "1x"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode != 0 and "--sets" in bad.stderr and "'1x'" in bad.stderr

@@ -29,8 +29,8 @@ from .contract import acc_dtype_for, bmm_acc
 from .kept import KeptGraph, cache, kept, side_stream
 
 __all__ = ["Beside", "FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
-           "trigger_u", "column_mlp", "position_product", "position_weight_grad", "pool_query", "pool_output", "output_start",
-           "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS", "FACTORED", "keeps_first_act"]
+           "trigger_u", "column_mlp", "position_product", "position_weight_grad", "pool_query", "pool_output",
+           "output_start", "combine_pool", "columns", "rgb_head", "TRIGGER_COLUMNS", "FACTORED", "keeps_first_act"]
 
 # the first layer's weight (trigger columns, then position columns)
 FIRST_WEIGHT = "mlp.0.weight"

@@ -359,6 +359,29 @@ def test_several_students_equal_each_alone_f64(b):
             assert rel_err(g_all[n][i], g1[n][0]) < 1e-12, (n, i)
 
 
+@pytest.mark.parametrize("students, b", [(1, 1), (3, 2)])
+def test_forward_gives_alpha_z_minus_target_from_the_output_product(students, b):
+    """forward(..., minus=t, alpha=a) gives a (z - t) in z's place (the TTT step's loss gradient),
+    with one image a student or several (the start broadcast over them), in float64; the rest of
+    the forward (f, the ctx's o) is the plain forward's."""
+    from apm_fast.ops.driver import forward
+    from apm_fast.posenc import position_code
+
+    torch.manual_seed(1)
+    model = APM(preset("ttt-l14", grid=4, patch=2, hidden=(16, 12), dim=16, heads=4, init="pytorch")).double()
+    c = model.config
+    w = {n: torch.stack([p.detach() * (1 + 0.1 * i) for i in range(students)]) for n, p in model.named_parameters()}
+    pos_in = position_code(c.pos_dim, c.grid, c.grid, dtype=torch.float64)
+    pos_out = position_code(c.dim, c.grid, c.grid, dtype=torch.float64)
+    x = torch.randn(students, b, 3, c.image_size, c.image_size, dtype=torch.float64)
+    t = torch.randn(students, c.dim, dtype=torch.float64)
+    z, f, ctx = forward(TP, w, x, c, pos_in, pos_out, cdt=torch.float64)
+    dz, f2, ctx2 = forward(TP, w, x, c, pos_in, pos_out, cdt=torch.float64, minus=t, alpha=2.0 / c.dim)
+    assert dz.shape == z.shape == (students, b, c.dim)
+    assert rel_err(dz, (z - t[:, None]) * (2.0 / c.dim)) < 1e-13
+    assert torch.equal(f2, f) and torch.equal(ctx2.o, ctx.o)
+
+
 @pytest.mark.parametrize("d, height, width", [(24, 4, 6), (25, 5, 5), (2, 3, 4)])
 def test_position_products_from_the_codes_halves(d, height, width):
     """P = pos W_P^T and dW_P = g1^T pos computed from the code's two halves (pos_grid) equal the

@@ -19,8 +19,9 @@ e.g. ``--sets 1x1`` for one image's step), bf16:
    autotuning off) and cuBLAS (torch.matmul / bmm in bf16 on the same shapes; for the first layer
    on the materialized activation, for the weight gradients with a bf16 output).
 
-Writes ``sweep_triton.json`` (every candidate's time or error) and ``tuned_configs.py`` (the
-winners in the format of ``apm_fast/kernels/tuned_configs.py``, ready to copy there) under
+Writes ``sweep_triton.json`` (every candidate's time or error) and ``tuned_configs.py`` (the whole
+of ``apm_fast/kernels/tuned_configs.py`` with the winners in this GPU's block, over that block's
+earlier entries, and every other GPU's block as it was: ready to copy there) under
 ``--out`` and prints the best per shape with TFLOP/s. ``--budget-s`` bounds the whole run (default
 220 s): problems are measured in order and the rest skipped once it is spent.
 """
@@ -304,9 +305,9 @@ def _probe_default(prob):
     seen = {}
     orig_te, orig_pick = configs.tuned_entry, _common.pick
 
-    def te(prim, key, cls, elt):
+    def te(prim, key, cls, elt, device=None):
         seen["key"] = (prim, *key)
-        seen["table"] = orig_te(prim, key, cls, elt)
+        seen["table"] = orig_te(prim, key, cls, elt, device)
         return seen["table"]
 
     def pk(key, ranked, run, device):
@@ -405,15 +406,26 @@ def measure(prob, sms, compiled, deadline):
     return entry
 
 
-def tuned_table_text(results):
-    lines = ['"""Measured best launch configs per shape: see the docstring of apm_fast/kernels/tuned_configs.py;',
-             'written by benchmarks/sweep_triton.py."""', "", "TUNED = {"]
-    for e in results:
-        if e.get("best") and e.get("key"):
-            lines.append(f"    {tuple(e['key'])!r}: {e['best']['config']!r},"
-                         f"  # {e['best']['tflops']:.0f} TFLOP/s (cuBLAS {e['cublas_tflops']:.0f})")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+def tuned_table_text(results, machine: dict, capability) -> str:
+    """The whole of ``apm_fast/kernels/tuned_configs.py`` with this sweep's winners in its GPU's
+    block, over that block's entries (a partial sweep, ``--only`` or ``--sets``, keeps the rest),
+    and every other GPU's block as it is: ready to copy there."""
+    from apm_fast.kernels import tuned_configs
+    from apm_fast.kernels.configs import render_tuned
+
+    table = {gpu: {**block, "configs": dict(block["configs"])} for gpu, block in tuned_configs.TUNED.items()}
+    gpu = machine.get("gpu") or "cpu (Triton's interpreter)"
+    block = table.setdefault(gpu, {"capability": capability, "configs": {}})
+    block["capability"] = capability
+    won = {tuple(e["key"]): {"config": e["best"]["config"], "tflops": round(e["best"]["tflops"]),
+                             "cublas_tflops": round(e["cublas_tflops"])}
+           for e in results if e.get("best") and e.get("key")}
+    source = (f"benchmarks/sweep_triton.py at commit {machine.get('commit')}, triton {machine.get('triton')}, "
+              f"torch {machine.get('torch')}")
+    kept = set(block["configs"]) - set(won)          # entries of an earlier sweep this one did not cover
+    block["source"] = f"{block['source']}; then {source}" if kept and block.get("source") else source
+    block["configs"].update(won)
+    return render_tuned(table, tuned_configs.__doc__)
 
 
 def print_table(res):
@@ -472,6 +484,9 @@ def main(argv=None):
     print(f"[{time.time() - t0:6.1f} s] compiled {sum(len(v) for v in compiled.values())} candidates "
           f"in {args.jobs} processes", flush=True)
     sms = sm_count()
+    from apm_fast.kernels.configs import gpu_identity
+
+    capability = gpu_identity(torch.device(DEVICE))[1]
     deadline = t0 + args.budget_s
     try:
         for name, S, B in plist:
@@ -489,7 +504,8 @@ def main(argv=None):
         with open(path, "w") as fh:
             json.dump(res, fh, indent=1)
         with open(os.path.join(args.out, "tuned_configs.py"), "w") as fh:
-            fh.write(tuned_table_text([e for e in res["problems"] if "candidates" in e]))
+            fh.write(tuned_table_text([e for e in res["problems"] if "candidates" in e], res["machine"],
+                                      capability))
     print_table({**res, "problems": [e for e in res["problems"] if "candidates" in e]})
     print(f"wrote {path} and tuned_configs.py ({res['total_s']} s)")
 

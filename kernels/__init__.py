@@ -13,7 +13,7 @@ One file per fused operation, kernel and host launcher together; the table that 
                  optionally written into given buffers (views of a flat gradient buffer).
 * ``wgrad_tma.py`` the weight-gradient kernel with TMA-descriptor operands.
 * ``configs.py`` launch configs (GemmCfg, WgradCfg), candidates, the shape heuristic ranking them.
-* ``tuned_configs.py`` measured best config per shape (from benchmarks/sweep_triton.py): overrides
+* ``tuned_configs.py`` measured best config per GPU and shape (from benchmarks/sweep_triton.py): overrides
                  the ranking for those shapes.
 * ``pool.py``    single-query pool: forward with an online softmax (split over L + exact merge for
                  few programs), backward (df and the key-gradient coefficients; dkt via wgrad).

@@ -4,11 +4,12 @@ Autotuning policy (one place, so every op behaves the same):
 * Under ``TRITON_INTERPRET=1`` (CPU tests) every op uses one fixed, small config and nothing is
   benchmarked: the interpreter's cost grows with programs x loop iterations, not with block size.
 * On a GPU each op ranks its candidate configs for the shape with a cheap heuristic. The GEMMs
-  first look the shape up in ``tuned_configs.TUNED`` (measured winners: used as they are, nothing
-  benchmarked). Otherwise, with autotuning on (default; ``APM_FAST_AUTOTUNE=0`` turns it off) the
-  top few (``APM_FAST_AUTOTUNE_TOP``, default 3) are benchmarked once per shape key (``pick``
-  for the GEMMs, ``triton.autotune`` for the pool), otherwise the top one runs directly (no
-  benchmarking, so nothing to warm up before a CUDA graph capture).
+  first look the shape up in ``tuned_configs.TUNED`` (winners measured on this GPU, else on one of
+  its compute capability: used as they are, nothing benchmarked). Otherwise, with autotuning on
+  (default; ``APM_FAST_AUTOTUNE=0`` turns it off) the top few (``APM_FAST_AUTOTUNE_TOP``, default
+  3) are benchmarked once per shape key (``pick`` for the GEMMs, ``triton.autotune`` for the
+  pool), otherwise the top one runs directly (no benchmarking, so nothing to warm up before a
+  CUDA graph capture).
 
 TMA (Hopper's tensor memory accelerator) is used through host-side tensor descriptors
 (``triton.tools.tensor_descriptor.TensorDescriptor``, in Triton 3.6 and 3.7, interpreter

@@ -8,12 +8,13 @@ estimate; the table's entry for that exact shape (``tuned_entry``) is used inste
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, fields
 
 from ._common import INTERPRET, cdiv
 
 __all__ = ["GemmCfg", "WgradCfg", "gemm_candidates", "rank_gemm", "wgrad_candidates", "rank_wgrad", "tuned_entry",
-           "known_bad", "SMEM_BUDGET"]
+           "tuned_block", "gpu_identity", "render_tuned", "known_bad", "SMEM_BUDGET"]
 
 # H100: 227 KB of shared memory per block; a little is kept for the compiler's own scratch.
 SMEM_BUDGET = 220 * 1024
@@ -203,12 +204,61 @@ def rank_wgrad(cands, *, tiles_of, rows: int, sms: int, elt: int):
 
 
 # ------------------------------------------------------------------------------------ the table
-def tuned_entry(prim: str, key: tuple, cls, elt: int):
-    """The measured best config for (prim, *key) from ``tuned_configs.TUNED`` (measured with 16-bit
-    operands on a GPU: not used for fp32 nor under the interpreter), or None."""
-    if INTERPRET or elt > 2:
-        return None
+def tuned_block(gpu: str, capability) -> list:
+    """The tuned table's GPUs to consult for ``gpu`` (a device name, as
+    ``torch.cuda.get_device_name`` gives it) of compute ``capability`` (major, minor), in order:
+    its own block, then every other GPU's of the same capability (a GPU not swept, or a shape its
+    sweep did not cover, takes the winners measured on its architecture). [(name, block)]."""
     from .tuned_configs import TUNED
 
-    d = TUNED.get((prim, *key))
-    return cls.from_dict(d) if d is not None else None
+    cap = tuple(capability) if capability is not None else None
+    own = [(gpu, TUNED[gpu])] if gpu in TUNED else []
+    same = [(n, b) for n, b in TUNED.items()
+            if n != gpu and cap is not None and b["capability"] is not None and tuple(b["capability"]) == cap]
+    return own + same
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_of(index: int):
+    import torch
+
+    return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+
+
+def gpu_identity(device) -> tuple:
+    """(name, (major, minor)) of a CUDA ``device``; (None, None) elsewhere."""
+    if device is None or getattr(device, "type", None) != "cuda":
+        return None, None
+    import torch
+
+    return _gpu_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tuned_entry(prim: str, key: tuple, cls, elt: int, device=None):
+    """The measured best config for (prim, *key) on ``device`` from ``tuned_configs.TUNED``
+    (measured with 16-bit operands on a GPU: not used for fp32 nor under the interpreter): the
+    device's own entry, else one measured on another GPU of its compute capability
+    (:func:`tuned_block`), else None."""
+    if INTERPRET or elt > 2:
+        return None
+    for _, block in tuned_block(*gpu_identity(device)):
+        d = block["configs"].get((prim, *key))
+        if d is not None:
+            return cls.from_dict(d["config"])
+    return None
+
+
+def render_tuned(table: dict, doc: str) -> str:
+    """The text of ``apm_fast/kernels/tuned_configs.py`` holding ``table`` ({gpu: {"capability",
+    "source", "configs": {key: {"config", "tflops", "cublas_tflops"}}}}) under the docstring ``doc``."""
+    lines = ['"""' + doc.strip("\n") + "\n" + '"""', "", "TUNED = {"]
+    for gpu, block in table.items():
+        cap = block["capability"]
+        lines += [f"    {gpu!r}: {{",
+                  f"        'capability': {tuple(cap) if cap is not None else None!r},",
+                  f"        'source': {block.get('source', '')!r},",
+                  "        'configs': {"]
+        lines += [f"            {tuple(key)!r}: {entry!r}," for key, entry in block["configs"].items()]
+        lines += ["        },", "    },"]
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -207,7 +207,7 @@ def _choose(prim, key, prob: _Gemm, config, run=None):
     ranking (autotuned when on)."""
     if config is not None:
         return config
-    entry = tuned_entry(prim, key, GemmCfg, prob.elt)
+    entry = tuned_entry(prim, key, GemmCfg, prob.elt, prob.y.device)
     if entry is not None and known_bad(entry, prologue=prob.prologue == 1):
         entry = None       # a hand-edited table must not bring back a miscompiled variant
     if entry is not None and (entry.materialize or prob.ok(entry)) and (_c.tma_allowed() or not entry.tma):

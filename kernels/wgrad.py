@@ -208,7 +208,7 @@ class _Wgrad:
         if config is not None:
             return config if split is None else replace(config, split=split)
         key = (self.S, self.NSEG, self.L, self.N, self.K)
-        entry = tuned_entry(prim, key, WgradCfg, self.elt) if prim else None
+        entry = tuned_entry(prim, key, WgradCfg, self.elt, self.dy.device) if prim else None
         if entry is not None and self.ok(entry) and (_c.tma_allowed() or not entry.tma):
             cfg = entry
         else:

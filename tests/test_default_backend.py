@@ -138,3 +138,20 @@ def test_info_says_the_default_and_why():
                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert out.returncode == 0, out.stderr
     assert "default backend on cpu: torch (on the CPU" in out.stdout
+
+
+def test_info_says_where_the_triton_configs_come_from(monkeypatch):
+    """Per GPU: its own measured block, another GPU's of its compute capability, or none."""
+    pytest.importorskip("triton")
+    from apm_fast.commands.info import tuned_configs_row
+    from apm_fast.kernels import tuned_configs
+
+    cfg = {"config": {"bm": 64, "bn": 64, "bk": 64, "warps": 4, "stages": 3}, "tflops": 1, "cublas_tflops": 1}
+    monkeypatch.setattr(tuned_configs, "TUNED", {
+        "GPU A": {"capability": (9, 0), "source": "t", "configs": {("linear", 1, 1, 8, 8, 8): cfg}},
+        "GPU B": {"capability": (9, 0), "source": "t", "configs": {("linear", 1, 1, 8, 8, 8): cfg,
+                                                                    ("linear", 2, 1, 8, 8, 8): cfg}}})
+    assert tuned_configs_row("GPU B", (9, 0)) == ("measured on this GPU, then GPU A (also sm_90): 2 shapes; "
+                                                  "other shapes ranked by the shape heuristic")
+    assert tuned_configs_row("GPU C", (9, 0)).startswith("measured on GPU A (also sm_90), then GPU B (also sm_90): 2")
+    assert tuned_configs_row("GPU D", (8, 9)).startswith("none measured for sm_89")

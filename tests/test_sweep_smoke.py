@@ -36,13 +36,21 @@ def test_sweep_smoke_run(tmp_path):
             assert (True, True) in kinds or (False, True) in kinds    # the materialized first layer
         prim = p["name"].split(" ")[1]
         assert p["key"][0] == prim and p["key"][1:3] == [p["S"], p["B"] if prim.startswith("first") else 1]
-    table = (out / "tuned_configs.py").read_text()
-    tuned = ast.literal_eval(table.split("TUNED = ", 1)[1])
-    assert set(tuned) == {tuple(p["key"]) for p in probs}
+    # the whole table file back: every GPU's block as it was, the winners in this run's own block
+    from apm_fast.kernels import tuned_configs
     from apm_fast.kernels.configs import GemmCfg, WgradCfg
 
-    for key, cfg in tuned.items():
-        (WgradCfg if "bwd_weight" in key[0] else GemmCfg).from_dict(cfg)
+    table = (out / "tuned_configs.py").read_text()
+    assert ast.get_docstring(ast.parse(table)) == ast.get_docstring(ast.parse(open(tuned_configs.__file__).read()))
+    tuned = ast.literal_eval(table.split("TUNED = ", 1)[1])
+    assert {g: b for g, b in tuned.items() if g in tuned_configs.TUNED} == tuned_configs.TUNED
+    (mine,) = [b for g, b in tuned.items() if g not in tuned_configs.TUNED]
+    assert mine["capability"] is None and "sweep_triton.py" in mine["source"]     # the interpreter's block
+    assert set(mine["configs"]) == {tuple(p["key"]) for p in probs}
+    for key, entry in mine["configs"].items():
+        (WgradCfg if "bwd_weight" in key[0] else GemmCfg).from_dict(entry["config"])
+        best = next(p["best"] for p in probs if tuple(p["key"]) == key)
+        assert entry["config"] == best["config"] and entry["tflops"] == round(best["tflops"])
 
 
 def test_sweep_sets_and_the_kept_activation_forward(tmp_path):

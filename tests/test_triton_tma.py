@@ -191,17 +191,53 @@ def test_ranking_prefers_big_tiles_for_big_problems_and_one_wave_for_one_image()
     assert tiles_of(w.bn, w.bk) * w.split >= 66
 
 
-def test_table_entry_is_used_as_is(monkeypatch):
+def test_table_entry_is_used_as_is_for_its_gpu_then_its_architecture(monkeypatch):
+    """A GPU's own entry first; a shape its block lacks from another GPU of the same compute
+    capability; nothing from another architecture, for fp32, or off a GPU."""
     from apm_fast.kernels import tuned_configs
 
-    entry = GemmCfg(128, 64, 64, 4, 4, tma=True)
-    monkeypatch.setitem(tuned_configs.TUNED, ("linear", 1, 1, 1024, 768, 1024), entry.to_dict())
+    key = ("linear", 1, 1, 1024, 768, 1024)
+    other = ("linear", 1, 1, 1024, 1024, 2048)
+    mine, theirs, old = (GemmCfg(128, 64, 64, 4, 4, tma=True), GemmCfg(64, 128, 64, 4, 3, tma=True),
+                         GemmCfg(64, 64, 64, 4, 2))
+
+    def block(cap, **entries):
+        return {"capability": cap, "source": "test",
+                "configs": {k: {"config": c.to_dict(), "tflops": 1, "cublas_tflops": 1} for k, c in entries.values()}}
+
+    monkeypatch.setattr(tuned_configs, "TUNED", {
+        "GPU A": block((9, 0), a=(key, theirs), b=(other, theirs)),
+        "GPU B": block((9, 0), a=(key, mine)),
+        "GPU C": block((8, 0), a=(key, old), b=(other, old))})
     monkeypatch.setattr(configs, "INTERPRET", False)
-    assert configs.tuned_entry("linear", (1, 1, 1024, 768, 1024), GemmCfg, 2) == entry
-    assert configs.tuned_entry("linear", (1, 1, 1024, 768, 1024), GemmCfg, 4) is None      # fp32: not measured
-    assert configs.tuned_entry("linear", (2, 1, 1024, 768, 1024), GemmCfg, 2) is None
+    gpus = {0: ("GPU B", (9, 0)), 1: ("GPU D", (9, 0)), 2: ("GPU E", (10, 0)), 3: ("GPU C", (8, 0))}
+    monkeypatch.setattr(configs, "gpu_identity", lambda device: gpus[device.index] if device.type == "cuda"
+                        else (None, None))
+    cuda = [torch.device("cuda", i) for i in range(4)]
+    assert configs.tuned_entry(*key[:1], key[1:], GemmCfg, 2, cuda[0]) == mine         # its own block
+    assert configs.tuned_entry(*other[:1], other[1:], GemmCfg, 2, cuda[0]) == theirs   # its architecture's
+    assert configs.tuned_entry(*key[:1], key[1:], GemmCfg, 2, cuda[1]) == theirs       # not swept: the first
+    assert configs.tuned_entry(*key[:1], key[1:], GemmCfg, 2, cuda[2]) is None         # another architecture
+    assert configs.tuned_entry(*key[:1], key[1:], GemmCfg, 2, cuda[3]) == old
+    assert configs.tuned_entry(*key[:1], key[1:], GemmCfg, 4, cuda[0]) is None         # fp32: not measured
+    assert configs.tuned_entry("linear", (2, 1, 1024, 768, 1024), GemmCfg, 2, cuda[0]) is None
+    assert configs.tuned_entry(*key[:1], key[1:], GemmCfg, 2, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="unknown fields"):
         GemmCfg.from_dict({"bm": 128, "bn": 64, "bk": 64, "warps": 4, "stages": 4, "bogus": 1})
+
+
+def test_the_tuned_table_is_what_the_sweep_writes():
+    """kernels/tuned_configs.py is the rendering of its own TUNED that the sweep writes (so a
+    sweep's file can be copied over it), every entry a valid config of its primitive."""
+    from apm_fast.kernels import tuned_configs
+
+    with open(tuned_configs.__file__) as fh:
+        assert configs.render_tuned(tuned_configs.TUNED, tuned_configs.__doc__) == fh.read()
+    for gpu, block in tuned_configs.TUNED.items():
+        assert len(block["capability"]) == 2 and block["source"] and block["configs"], gpu
+        for key, entry in block["configs"].items():
+            (WgradCfg if "bwd_weight" in key[0] else GemmCfg).from_dict(entry["config"])
+            assert entry["tflops"] > 0 and entry["cublas_tflops"] > 0, key
 
 
 def test_autotuning_picks_the_fastest_once_and_outputs_stay_right(monkeypatch):
@@ -306,6 +342,7 @@ def test_miscompiled_first_layer_configs_are_never_chosen():
         and len(configs.gemm_candidates(2, False, prologue=True)) == len(configs.gemm_candidates(2, False))
     from apm_fast.kernels.tuned_configs import TUNED
 
-    for key, entry in TUNED.items():
-        if key[0] == "first_layer_linear":
-            assert not configs.known_bad(GemmCfg.from_dict(entry), prologue=True), key
+    for gpu, block in TUNED.items():
+        for key, entry in block["configs"].items():
+            if key[0] == "first_layer_linear":
+                assert not configs.known_bad(GemmCfg.from_dict(entry["config"]), prologue=True), (gpu, key)

@@ -37,6 +37,22 @@ def _extension_row() -> str:
     return f"built for sm_{', sm_'.join(archs)}" if archs else "built (its SM targets are not recorded)"
 
 
+def tuned_configs_row(gpu: str, capability) -> str:
+    """Where the Triton GEMMs' launch configs come from on a GPU: the measured table's block of
+    this GPU, or of another of its compute capability, or none (the shape heuristic ranks them)."""
+    try:
+        from ..kernels.configs import tuned_block
+    except ImportError:
+        return "Triton is not installed"
+    blocks = tuned_block(gpu, capability)
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if not blocks:
+        return f"none measured for {sm}: ranked by the shape heuristic, the top few autotuned"
+    shapes = len({k for _, block in blocks for k in block["configs"]})
+    where = ["this GPU" if name == gpu else f"{name} (also {sm})" for name, _ in blocks]
+    return f"measured on {', then '.join(where)}: {shapes} shapes; other shapes ranked by the shape heuristic"
+
+
 def _print_defaults(torch):
     """The table each preset runs on by default here, and why (the measurement behind it)."""
     from ..backends import explain_default
@@ -67,6 +83,7 @@ def run(args) -> int:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             rows.append((f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"))
+            rows.append((f"cuda:{i} Triton configs", tuned_configs_row(p.name, (p.major, p.minor))))
     else:
         rows.append(("GPU", "none visible to torch"))
     width = max(len(k) for k, _ in rows)

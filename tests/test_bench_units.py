@@ -183,6 +183,15 @@ def test_the_engine_section_times_the_plain_step_at_every_ttt_preset_of_the_run(
     assert {r["preset"] for r in engine.run(ctx)["rows"] if r["key"] == "latency/torch/eager"} == {"ttt-l14", "ttt-h14"}
     with pytest.raises(ValueError, match="engine_presets: \\['ssl-l14'\\] are not TTT presets"):
         _quick_ctx(engine_presets=("ssl-l14",))
+    # counts and lists refused by name before anything runs (the Python API; the command line's
+    # argument types refuse them earlier)
+    for kw, message in [({"students_list": (1, 0)}, "students_list: expected positive integers, got \\[1, 0\\]"),
+                        ({"scaling_grids": ()}, "scaling_grids: expected positive integers"),
+                        ({"e2e_images": -1}, "e2e_images: expected a non-negative integer, got -1"),
+                        ({"warmup": 1.5}, "warmup: expected a non-negative integer")]:
+        with pytest.raises(ValueError, match=message):
+            _quick_ctx(**kw)
+    assert _quick_ctx(e2e_images=0, warmup=0).options.e2e_images == 0
 
 
 def test_skip_takes_keys_and_shell_patterns():

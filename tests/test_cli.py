@@ -96,7 +96,6 @@ def test_ttt_to_stdout_with_only_good_files(setup, capsys):
     (["--teacher", "ViT-B-61"], "unknown open_clip model 'ViT-B-61'"),
     (["--pretrained", "absent.pt"], "checkpoint file 'absent.pt' does not exist"),
     (["--classes", "no_such_classes.txt"], "'no_such_classes.txt', which is not an existing file"),
-    (["--preset", "ttt-x99"], "preset: unknown name 'ttt-x99'"),
     (["--backend", "warp"], "backend: unknown name 'warp'"),
 ])
 def test_ttt_setup_errors_are_one_line(setup, capsys, args, message):
@@ -120,6 +119,13 @@ def test_ttt_empty_folder(setup, tmp_path, capsys):
     (["ttt", "x.png", "--hidden", "64,abc"], "--hidden: expected comma-separated integers"),
     (["ttt", "x.png", "--templates", "many"], "invalid choice: 'many'"),
     (["ttt"], "the following arguments are required: IMAGES"),
+    # a preset's name is checked as the command line is read, before a teacher is loaded
+    (["ttt", "x.png", "--preset", "ttt-x99"],
+     "--preset: expected 'auto' or one of ssl-l14, ttt-b16, ttt-h14, ttt-l14, got 'ttt-x99'"),
+    (["eval", "root", "--preset", "ttt-x99"], "--preset: expected 'auto' or one of"),
+    (["distill", "--preset", "auto"], "--preset: expected one of ssl-l14, ttt-b16, ttt-h14, ttt-l14, got 'auto'"),
+    (["bench", "--students-list", "1", "0"], "--students-list: expected a positive integer, got '0'"),
+    (["bench", "--e2e-images", "-1"], "--e2e-images: expected a non-negative integer, got '-1'"),
     (["nonsense"], "invalid choice: 'nonsense'"),
 ])
 def test_bad_arguments(capsys, args, message):

@@ -195,3 +195,26 @@ def test_students_side_by_side_equal_one_at_a_time(setup, tmp_path, capsys):
         assert y["top_indices"] == x["top_indices"] and y["teacher_top_indices"] == x["teacher_top_indices"]
         assert y["losses"] == pytest.approx(x["losses"], rel=1e-4)
         assert y["ttt_ms"] > 0 and y["run"]["students"] == 2 and x["run"]["students"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["check", "--preset", "ttt-x99"], "--preset: expected one of ssl-l14, ttt-b16, ttt-h14, ttt-l14, got 'ttt-x99'"),
+    (["check", "--hidden", "24,x"], "--hidden: expected comma-separated integers"),
+    (["ttt", "--data", "d.pt", "--out", "o.jsonl", "--steps", "0"], "--steps: expected a positive integer, got '0'"),
+    (["ttt", "--data", "d.pt", "--out", "o.jsonl", "--lr", "nan"], "--lr: expected a learning rate"),
+])
+def test_the_torchrun_entry_refuses_bad_arguments_by_name(capsys, args, message):
+    """``-m apm_fast.distributed`` reads its options with the command line's own argument types:
+    refused before any process group starts."""
+    from apm_fast.distributed.__main__ import main as dist_main
+
+    with pytest.raises(SystemExit) as info:
+        dist_main(args)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_torchrun_check_on_one_process():
+    """The self-check's defaults parse (its --hidden default goes through the same type) and pass."""
+    from apm_fast.distributed.__main__ import main as dist_main
+
+    assert dist_main(["check", "--device", "cpu", "--steps", "2"]) == 0

@@ -16,6 +16,7 @@ __all__ = ["add_parser", "build_options", "run", "main"]
 
 
 def _add_bench_arguments(p: argparse.ArgumentParser):
+    from ..commands.common import non_negative_int, positive_int
     from ..config import PRESETS
 
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=None,
@@ -34,7 +35,7 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
     size.add_argument("--quick", action="store_true", help="shrunk sizes (the default on the CPU)")
     size.add_argument("--full", action="store_true", help="full sizes even on the CPU (slow)")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats, >= 20 (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed calls first (default: %(default)s)")
     p.add_argument("--authors-presets", nargs="*", default=None, metavar="PRESET",
                    help="presets at which the (slow) authors-style step runs (default: all)")
     p.add_argument("--compile-presets", nargs="*", default=None, metavar="PRESET",
@@ -43,13 +44,13 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
     p.add_argument("--engine-presets", nargs="*", default=None, metavar="PRESET",
                    help="TTT presets at which the engine section times each table's plain step at one "
                         "image, beside the engine preset's rows (default: every TTT preset of --preset)")
-    p.add_argument("--scaling-grids", nargs="+", type=int, default=None, metavar="G",
+    p.add_argument("--scaling-grids", nargs="+", type=positive_int, default=None, metavar="G",
                    help="query grid sides for the scaling sweep")
-    p.add_argument("--students-list", nargs="+", type=int, default=None, metavar="S",
+    p.add_argument("--students-list", nargs="+", type=positive_int, default=None, metavar="S",
                    help="students side by side in the throughput section (default: 1 8 32 64)")
-    p.add_argument("--e2e-images", type=int, default=None, metavar="N",
+    p.add_argument("--e2e-images", type=non_negative_int, default=None, metavar="N",
                    help="images of the end-to-end run (default: 512; 0: not run)")
-    p.add_argument("--eval-images", type=int, default=None, metavar="N",
+    p.add_argument("--eval-images", type=positive_int, default=None, metavar="N",
                    help="images per teacher in the evaluation section (default: 128)")
     p.add_argument("--tpt-towers", nargs="*", default=None, metavar="MODEL",
                    help="open_clip towers for the TPT rows of Table 4 (default: ViT-B-16)")
@@ -59,7 +60,7 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
                    help="measure one engine setting's values in turns, on every kernel table and every S of "
                         "--students-list, e.g. overlap=true,false (none: the table's default); runs the ab "
                         "section (alone unless --only names others)")
-    p.add_argument("--ab-turns", type=int, default=2, metavar="N",
+    p.add_argument("--ab-turns", type=positive_int, default=2, metavar="N",
                    help="turns of the --ab values (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="do not draw the PNGs")
     p.add_argument("--commit", default=None, help="commit to record where the tree has no .git")

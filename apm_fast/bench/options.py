@@ -108,10 +108,14 @@ class BenchOptions:
                              f"{sorted(n for n, c in PRESETS.items() if c.pool)}")
         if self.repeats < 20:
             raise ValueError(f"repeats: the harness reports a spread from >= 20 samples, got {self.repeats}")
-        for name in ("eval_images", "eval_views"):
+        for name, least in (("eval_images", 1), ("eval_views", 1), ("warmup", 0), ("e2e_images", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{name}: expected {'a positive' if least else 'a non-negative'} integer, got {v!r}")
+        for name in ("students_list", "scaling_grids", "forward_batches", "primitive_batches", "profile_students"):
+            v = getattr(self, name)
+            if not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+                raise ValueError(f"{name}: expected positive integers, got {list(v)!r}")
         if self.throughput_images < 20:
             raise ValueError("throughput_images: each image's time is one sample and the harness "
                              f"needs >= 20 samples, got {self.throughput_images}")

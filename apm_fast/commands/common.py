@@ -40,6 +40,36 @@ def _positive(kind, what):
 positive_int = _positive(int, "a positive integer")
 positive_float = _positive(float, "a positive finite number")
 
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (a count where 0 means none)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return v
+
+
+def preset_name(text: str) -> str:
+    """``--preset``: a preset's name (checked when the command line is read, before any long work
+    such as loading a teacher); see :func:`preset_or_auto` where 'auto' is allowed."""
+    from ..config import PRESETS
+
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(sorted(PRESETS))}, got {text!r}")
+    return text
+
+
+def preset_or_auto(text: str) -> str:
+    """``--preset``: 'auto' (the preset follows the teacher's width) or a preset's name."""
+    from ..config import PRESETS
+
+    if text != "auto" and text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or one of {', '.join(sorted(PRESETS))}, got {text!r}")
+    return text
+
 # Adam moves every weight by about lr per step; the student's weights are ~0.01, so any lr above 1
 # only makes NaN (1e308 is finite, yet the first step overflows): refused before anything runs.
 MAX_LR = 1.0
@@ -89,7 +119,7 @@ def add_teacher_args(p: argparse.ArgumentParser, *, pretrained_default="openai")
 
 def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
     g = p.add_argument_group("student and training")
-    g.add_argument("--preset", default="auto",
+    g.add_argument("--preset", type=preset_or_auto, default="auto",
                    help="student preset; 'auto' picks it from the teacher's width "
                         "(512: ttt-b16, 768: ttt-l14, 1024: ttt-h14). D always follows the teacher.")
     g.add_argument("--grid", type=positive_int, help="override the preset's grid G")

@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="compute the teacher's targets once and keep them in RUN_DIR/features/ (fp16, "
                         "about 2 MB per image at the full sizes)")
     g = p.add_argument_group("student")
-    g.add_argument("--preset", default="ssl-l14", help="student preset (default: %(default)s); D follows the teacher")
+    g.add_argument("--preset", type=common.preset_name, default="ssl-l14", help="student preset (default: %(default)s); D follows the teacher")
     g.add_argument("--grid", type=common.positive_int, help="override the preset's grid G (the teacher runs at G x its patch)")
     g.add_argument("--patch", type=common.positive_int, help="override the preset's patch p")
     g.add_argument("--hidden", type=common.hidden_widths, metavar="W1,W2,...", help="override the MLP widths")

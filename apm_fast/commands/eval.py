@@ -39,7 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="teacher weights: a tag, a checkpoint file, or 'none' (default: %(default)s)")
     p.add_argument("--classes", default=None, metavar="FILE", help="class names in label order ('folder' only)")
     g = p.add_argument_group("APM")
-    g.add_argument("--preset", default="auto", help="student preset; 'auto' follows the teacher's width")
+    g.add_argument("--preset", type=common.preset_or_auto, default="auto", help="student preset; 'auto' follows the teacher's width")
     g.add_argument("--grid", type=common.positive_int, help="override the preset's grid G")
     g.add_argument("--hidden", type=common.hidden_widths, metavar="W1,W2,...", help="override the MLP widths")
     g.add_argument("--steps", type=common.positive_int, default=20,

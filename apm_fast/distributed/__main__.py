@@ -20,36 +20,36 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 def _config(args) -> APMConfig:
     over = {k: v for k, v in (("grid", args.grid), ("patch", args.patch), ("dim", args.dim),
-                              ("heads", args.heads)) if v is not None}
-    if args.hidden is not None:
-        try:
-            over["hidden"] = tuple(int(h) for h in args.hidden.split(","))
-        except ValueError:
-            raise SystemExit(f"--hidden: expected comma-separated integers, e.g. 4096,2048,1024, "
-                             f"got {args.hidden!r}") from None
+                              ("heads", args.heads), ("hidden", args.hidden)) if v is not None}
     return preset(args.preset, **over)
 
 
 def _add_model_args(p, *, preset_default, **defaults):
-    p.add_argument("--preset", default=preset_default, help="named config (default %(default)s)")
+    # the command line's own argument types: a bad value is refused by name before anything starts
+    from ..commands.common import hidden_widths, learning_rate, positive_int, preset_name
+
+    p.add_argument("--preset", type=preset_name, default=preset_default, help="named config (default %(default)s)")
     for name in ("grid", "patch", "dim", "heads"):
-        p.add_argument(f"--{name}", type=int, default=defaults.get(name))
-    p.add_argument("--hidden", default=defaults.get("hidden"), help="MLP widths, e.g. 4096,2048,1024")
-    p.add_argument("--steps", type=int, default=defaults.get("steps", 20))
-    p.add_argument("--lr", type=float, default=defaults.get("lr", 1e-4))
+        p.add_argument(f"--{name}", type=positive_int, default=defaults.get(name))
+    p.add_argument("--hidden", type=hidden_widths, default=defaults.get("hidden"), metavar="W1,W2,...",
+                   help="MLP widths, e.g. 4096,2048,1024")
+    p.add_argument("--steps", type=positive_int, default=defaults.get("steps", 20))
+    p.add_argument("--lr", type=learning_rate, default=defaults.get("lr", 1e-4))
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=defaults.get("dtype", "float32"))
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when there is a GPU, else cpu")
 
 
 def main(argv=None) -> int:
+    from ..commands.common import positive_int
+
     ap = argparse.ArgumentParser(prog="python -m apm_fast.distributed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="both modes against one process, random data")
     _add_model_args(c, preset_default="ttt-l14", grid=5, patch=2, dim=8, heads=2, hidden="24,16",
                     steps=3, lr=1e-3, dtype="float64")
-    c.add_argument("--images", type=int, default=5)
+    c.add_argument("--images", type=positive_int, default=5)
     t = sub.add_parser("ttt", help="mode 1: images spread over ranks, into one results file")
     _add_model_args(t, preset_default="ttt-l14")
     t.add_argument("--data", required=True, help="torch.save'd dict with names, images, targets")

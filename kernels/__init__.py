@@ -17,6 +17,8 @@ One file per fused operation, kernel and host launcher together; the table that 
                  the ranking for those shapes.
 * ``pool.py``    single-query pool: forward with an online softmax (split over L + exact merge for
                  few programs), backward (df and the key-gradient coefficients; dkt via wgrad).
+* ``heads.py``   the pool's per-head products against per-student weights (matrix-vector, one
+                 read of each student's weights).
 * ``adam.py``    fused capturable Adam over flat fp32 buffers, refreshing the bf16 copy.
 * ``_common.py`` interpreter detection, dtype mapping, SM count, autotuning policy and per-shape
                  picking, TMA descriptor helpers.

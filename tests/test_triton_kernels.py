@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 from apm_fast.backends import available_backends, get_backend            # noqa: E402
 from apm_fast.backends.triton import TritonPrimitives                      # noqa: E402
 from apm_fast.config import APMConfig                                     # noqa: E402
-from apm_fast.kernels import _common, pool, wgrad                         # noqa: E402
+from apm_fast.kernels import _common, heads, pool, wgrad                  # noqa: E402
 from apm_fast.model import APM                                            # noqa: E402
 from apm_fast.ops.contract import TorchPrimitives                          # noqa: E402
 from apm_fast.ops.driver import backward, forward, weight_names          # noqa: E402
@@ -216,6 +216,41 @@ def test_pool_bwd(split):
     assert_close(dkt, dkt_ref, TOL32, "dkt")
 
 
+# ------------------------------------------------------------------------------------ per-head products
+def _heads_case(s, n, h, dh, k, transpose, dtype):
+    """x and w as the driver hands them over: w a third of an in-projection-like buffer (students
+    and rows strided, K != H dh), x a strided view."""
+    full = rand(s, 3 * h * dh, k + 3, dtype=dtype)
+    w = full[:, h * dh:2 * h * dh, 1:k + 1]
+    x = rand(s, h, n, k if transpose else dh, dtype=dtype).transpose(1, 2)
+    want = torch.einsum("shdk,snhk->snhd" if transpose else "shdk,snhd->snhk",
+                        w.double().reshape(s, h, dh, k), x.double())
+    return x, w, want
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["x_h w_h", "w_h x_h"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_heads_product(transpose, dtype):
+    """The matrix-vector kernels (one student and three, one image and two, dh and K not multiples
+    of the blocks) and the plain form (both tables' paths, and past MAX_IMAGES the Triton table's
+    fallback to it) against float64 einsum; fp64 to rounding, fp32 within TOL32."""
+    torch.manual_seed(16)
+    tol = 1e-13 if dtype == torch.float64 else TOL32
+    for s, n, h, dh, k in [(1, 1, 4, 6, 21), (3, 2, 2, 5, 10), (2, 1, 3, 9, 40),
+                           (2, heads.MAX_IMAGES + 1, 2, 3, 8)]:
+        x, w, want = _heads_case(s, n, h, dh, k, transpose, dtype)
+        for name, table in (("triton", TP), ("torch", REF)):
+            got = table.heads_product(x, w, transpose=transpose)
+            assert got.dtype == dtype
+            assert_close(got, want, tol, f"{name} S={s} N={n} H={h} dh={dh} K={k}")
+    with pytest.raises(ValueError, match="x: expected shape"):
+        TP.heads_product(rand(2, 1, 3, 4), rand(2, 6, 8), transpose=True)
+    with pytest.raises(ValueError, match="w: expected shape \\(2, H dh, K\\) with H = 4"):
+        TP.heads_product(rand(2, 1, 4, 2), rand(2, 6, 8))
+    with pytest.raises(TypeError, match="w: expected dtype"):
+        TP.heads_product(rand(2, 1, 3, 2), rand(2, 6, 8, dtype=torch.float64))
+
+
 # ------------------------------------------------------------------------------------ tuned path
 def test_autotuned_pool_ranks_configs(monkeypatch):
     """The pool's GPU path (triton.autotune over the GPU candidates, shape-ranked pruning) run in the
@@ -406,6 +441,9 @@ def test_custom_op_passes_opcheck():
     x, w, b = rand(S, 7, K), rand(S, N, K), rand(S, N)
     torch.library.opcheck(torch.ops.apm_fast.triton_linear.default, (x, w, b, True, None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    xh, wh, _ = _heads_case(2, 1, 3, 4, 12, True, torch.float32)
+    torch.library.opcheck(torch.ops.apm_fast.triton_heads_product.default, (xh, wh, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_torch_compile_traces_the_table_without_graph_breaks():
@@ -542,6 +580,14 @@ def _compile_variants():
          ("beta1", "beta2", "omb1", "omb2", "eps"), adam.OUTER_WARPS, 2, False),
         ("broadcast", adam.broadcast_kernel, {"lowp_ptr": bf}, dict(HAS_LOWP=True, BLOCK=adam.BROADCAST_BLOCK),
          (), (), 4, 1, False),
+        ("heads w_h x_h", heads.heads_wx_kernel, {}, dict(BR=32, BK=128), ("sxk", "swk", "sod"), (), heads.WARPS, 1,
+         False),
+        ("heads w_h x_h, one student", heads.heads_wx_kernel, {}, dict(BR=4, BK=1024), ("sxk", "swk", "sod"), (),
+         heads.WARPS, 1, False),
+        ("heads x_h w_h", heads.heads_xw_kernel, {}, dict(BD=32, BK=128), ("sxd", "swk", "sok"), (), heads.WARPS, 1,
+         False),
+        ("heads x_h w_h, one student", heads.heads_xw_kernel, {}, dict(BD=128, BK=32), ("sxd", "swk", "sok"), (),
+         heads.WARPS, 1, False),
     ]
 
 
@@ -679,6 +725,20 @@ def test_gpu_primitives_match_float64(dtype):
     dsbar = fp(GS, GB, GHEADS, GDP)
     check_gpu("pool_bwd", TP.pool_bwd(f, pos_out, kt, scale, sbar_ref.float(), lse_ref.float(), dsbar),
               REF.pool_bwd, (f, pos_out, kt, scale, sbar_ref.float(), lse_ref.float(), dsbar), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_heads_product_matches_float64():
+    """The pool's per-head products at ttt-l14's widths (D = 768, 8 heads; one image a student and
+    three), fp32 (the driver's acc dtype), against float64: sums over 768 or 96 terms."""
+    torch.manual_seed(17)
+    for s, n in ((1, 1), (64, 1), (3, 3)):
+        for transpose in (False, True):
+            full = _gpu_rand(s, 3 * 768, 768, dtype=torch.float32, scale=0.03)
+            w = full[:, 768:1536]
+            x = _gpu_rand(s, n, 8, 768 if transpose else 96, dtype=torch.float32)
+            assert_close(TP.heads_product(x, w, transpose=transpose), REF.heads_product(*f64(x, w), transpose=transpose),
+                         GPU_TOL32, f"heads_product S={s} N={n} transpose={transpose}")
 
 
 def _every_config_check(name, run, ref, label):

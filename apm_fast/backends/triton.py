@@ -19,9 +19,9 @@ __all__ = ["TritonPrimitives"]
 def _kernels():
     """The launcher modules, imported on first use (this pulls in Triton). Plain import statements:
     torch.compile's tracer follows them (it refuses importlib calls)."""
-    from apm_fast.kernels import _common, adam, gemm, pool, wgrad
+    from apm_fast.kernels import _common, adam, gemm, heads, pool, wgrad
 
-    return _common, gemm, wgrad, pool, adam
+    return _common, gemm, wgrad, pool, adam, heads
 
 
 class TritonPrimitives(Primitives):
@@ -99,6 +99,14 @@ class TritonPrimitives(Primitives):
 
     def _pool_bwd(self, f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype):
         return _kernels()[3].pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype=out_dtype)
+
+    def _heads_product(self, x, w, transpose):
+        # one image or a few a student, fp32 (the step's) or fp64: the matrix-vector kernels; more
+        # images make a real product (cuBLAS's, the plain form)
+        heads = _kernels()[5]
+        if x.dtype in (torch.float32, torch.float64) and x.shape[1] <= heads.MAX_IMAGES:
+            return heads.heads_product(x, w, transpose)
+        return super()._heads_product(x, w, transpose)
 
     def _broadcast_(self, dst, src, lowp):
         if not torch.compiler.is_compiling():

@@ -34,7 +34,7 @@ from typing import Dict, Tuple
 import torch
 
 __all__ = ["PRIMITIVES", "Primitives", "TorchPrimitives", "acc_dtype_for", "bmm_acc", "empty", "OUTPUTS",
-           "first_layer_act"]
+           "first_layer_act", "head_blocks", "heads_product"]
 
 # name -> the torch.library schema of the primitive (library.py registers one op per table and name)
 PRIMITIVES: Dict[str, str] = {
@@ -49,6 +49,7 @@ PRIMITIVES: Dict[str, str] = {
     "pool_fwd": "(Tensor f, Tensor pos_out, Tensor kt, float scale) -> (Tensor, Tensor)",
     "pool_bwd": ("(Tensor f, Tensor pos_out, Tensor kt, float scale, Tensor sbar, Tensor lse, Tensor dsbar, "
                  "ScalarType? out_dtype) -> (Tensor, Tensor)"),
+    "heads_product": "(Tensor x, Tensor w, bool transpose) -> Tensor",
     "adam_": ("(Tensor(a!) params, Tensor? grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor step, "
               "Tensor lr, float beta1, float beta2, float eps, Tensor(d!)? lowp, Tensor? outer_a, "
               "Tensor? outer_b) -> ()"),
@@ -93,6 +94,7 @@ OUTPUTS = {
                                            ((f.shape[0], f.shape[1], kt.shape[1]), _acc(f))],
     "pool_bwd": lambda f, pos, kt, scale, sbar, lse, ds, od: [(tuple(f.shape), od or f.dtype),
                                                               (tuple(kt.shape), _acc(f))],
+    "heads_product": lambda x, w, tr: [((*x.shape[:3], w.shape[1] // x.shape[2] if tr else w.shape[2]), x.dtype)],
 }
 
 
@@ -370,6 +372,34 @@ class Primitives:
         _same_device(f=f, pos_out=pos_out, kt=kt, sbar=sbar, lse=lse, dsbar=dsbar)
         return self._route("pool_bwd", f, pos_out, kt, float(scale), sbar, lse, dsbar, out_dtype)
 
+    # ---------------------------------------------------------------- the pool's per-head products
+    def heads_product(self, x, w, *, transpose=False):
+        """Each head's vector times its own block of rows of a per-student matrix: with
+        w_h = w[s, h dh : (h + 1) dh, :] (dh x K; w (S, H dh, K), any strides: a third of the pool's
+        in-projection as it lies),
+
+        transpose=False: out[s, n, h] = x[s, n, h] w_h    (x (S, N, H, dh) -> (S, N, H, K));
+        transpose=True:  out[s, n, h] = w_h x[s, n, h]    (x (S, N, H, K) -> (S, N, H, dh)).
+
+        The pool's query key k~ and the gradient at its weighted sums dsbar are the first (q's or
+        do's heads against W_K, W_V); its value projection and the query's gradient the second
+        (sbar's or dk~'s heads against W_V, W_K). x and w in one float dtype, the result in it
+        (the driver passes the acc dtype). At S students each reads its own weights once: per
+        student a matrix-vector product per head, memory-bound."""
+        _t("x", x, (4,))
+        _t("w", w, (3,), (x.dtype,))
+        s, _, h, k = x.shape
+        if w.shape[0] != s or w.shape[1] % h:
+            raise ValueError(f"w: expected shape ({s}, H dh, K) with H = {h} (x's heads) dividing its rows, "
+                             f"got {tuple(w.shape)}")
+        _shape("x", x, (s, None, h, w.shape[2] if transpose else w.shape[1] // h))
+        _same_device(x=x, w=w)
+        return self._route("heads_product", x, w, bool(transpose))
+
+    def _heads_product(self, x, w, transpose):
+        """The plain implementation (cuBLAS products; a table with a kernel for it overrides)."""
+        return heads_product(x, w, transpose)
+
     # ---------------------------------------------------------------- optimizer
     def adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, *, lowp=None, outer=None):
         """One Adam update (no weight decay), in place; capturable.
@@ -465,6 +495,34 @@ def bmm_acc(a, b, acc):
             and hasattr(torch.ops.aten.bmm, "dtype"):
         return torch.ops.aten.bmm.dtype(a, b, acc)
     return torch.bmm(a.to(acc), b.to(acc))
+
+
+def head_blocks(x: torch.Tensor, out=None) -> torch.Tensor:
+    """x (S, N, H, dh) spread on the block diagonal: (S, N H, H dh), row (n, h) holding x[:, n, h]
+    in head h's columns and zeros elsewhere (written into ``out``, any strides, when given)."""
+    s, n, h, dh = x.shape
+    eye = torch.eye(h, dtype=x.dtype, device=x.device)
+    if out is not None:
+        torch.mul(x[:, :, :, None, :], eye[:, :, None], out=out.view(s, n, h, h, dh))
+        return out
+    return (x[:, :, :, None, :] * eye[:, :, None]).reshape(s, n * h, h * dh)
+
+
+def heads_product(x: torch.Tensor, w: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Primitives.heads_product by cuBLAS products: one student, one product per head (its rows
+    are one stride apart); several, one product per student against x spread on the block
+    diagonal (transpose=False) or against every head's x (transpose=True, the heads' own blocks
+    kept), so that w is read as it lies instead of being copied into a (student, head) batch."""
+    s, n, h, k = x.shape
+    dh = w.shape[1] // h
+    if not transpose:
+        if s == 1:
+            return torch.einsum("shdk,snhd->snhk", w.reshape(s, h, dh, -1), x)
+        return torch.bmm(head_blocks(x), w).view(s, n, h, -1)
+    if s == 1:
+        return torch.einsum("shdk,snhk->snhd", w.reshape(s, h, dh, k), x)
+    r = torch.bmm(x.reshape(s, n * h, k), w.transpose(1, 2)).view(s, n, h, h, dh)
+    return r.diagonal(dim1=2, dim2=3).transpose(-1, -2)
 
 
 def first_layer_act(p, u, grid=None, out_dtype=None):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..posenc import position_cells, position_factors, position_halves
-from .contract import acc_dtype_for, bmm_acc
+from .contract import acc_dtype_for, bmm_acc, head_blocks
 from .kept import KeptGraph, cache, kept, side_stream
 
 __all__ = ["Beside", "FusedCtx", "forward", "backward", "weight_names", "unfold_patches", "trigger_split",
@@ -182,7 +182,7 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
         patches, t, u = trigger_split(w, images, config, acc, patches=patches)
         have_u = side.mark()
         if pool:
-            q, kt, scale = pool_query(w, config, acc)
+            q, kt, scale = pool_query(prim, w, config, acc)
             if minus is not None:
                 start = output_start(w, minus, alpha, patches.shape[1], acc)
     keep = save and keeps_first_act(prim, keep_first_act)
@@ -204,7 +204,7 @@ def forward(prim, w: Dict[str, torch.Tensor], images: torch.Tensor, config, pos_
         sbar, lse = prim.pool_fwd(f, pos_out, kt, scale)
         if combine is not None:
             sbar, lse = combine(sbar, lse)
-        o, z = pool_output(w, config, sbar, acc, start=start, alpha=alpha)
+        o, z = pool_output(prim, w, config, sbar, acc, start=start, alpha=alpha)
     ctx = FusedCtx(patches, t, u, p, acts, f, q, kt, sbar, lse, o, cdt) if save else None
     return z, f, ctx
 
@@ -355,7 +355,7 @@ def column_mlp(prim, w, config, p, u, cdt, *, acts=None, keep_first: bool = Fals
     return h
 
 
-def pool_query(w, config, acc):
+def pool_query(prim, w, config, acc):
     """The single query's projections: q (S, D), k~ = per-head q W_K (S, H, D), the score scale."""
     s = w["query"].shape[0]
     dim, heads = config.dim, config.heads
@@ -363,11 +363,11 @@ def pool_query(w, config, acc):
     wq, wk_, _ = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
     bq = w["attn.in_proj_bias"].to(acc).chunk(3, dim=1)[0]
     q = torch.einsum("sek,sk->se", wq, w["query"].to(acc)) + bq                 # S D
-    kt = _rows_of_heads(q.view(s, 1, heads, dh), wk_)[:, 0]
+    kt = prim.heads_product(q.view(s, 1, heads, dh), wk_)[:, 0]
     return q, kt, 1.0 / math.sqrt(dh)
 
 
-def pool_output(w, config, sbar, acc, *, start: Optional[torch.Tensor] = None, alpha: float = 1.0):
+def pool_output(prim, w, config, sbar, acc, *, start: Optional[torch.Tensor] = None, alpha: float = 1.0):
     """o = per-head W_V sbar + b_V (S, B, D) and z = W_O o + b_O (S, B, D) from the softmax-weighted
     sums sbar (S, B, H, D). With ``start`` (S, B, D, the acc dtype), a buffer that holds
     alpha (b_O - t) for some t: it becomes alpha (z - t) in place, returned in z's place (one
@@ -378,7 +378,7 @@ def pool_output(w, config, sbar, acc, *, start: Optional[torch.Tensor] = None, a
     dh = dim // heads
     wv = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)[2]
     bv = w["attn.in_proj_bias"].to(acc).chunk(3, dim=1)[2]
-    o = _cols_of_heads(sbar.to(acc), wv).reshape(s, b, dim) + bv[:, None, :]
+    o = prim.heads_product(sbar.to(acc), wv, transpose=True).reshape(s, b, dim) + bv[:, None, :]
     wo = w["attn.out_proj.weight"].to(acc)
     if start is not None:
         return o, start.baddbmm_(o, wo.transpose(1, 2), alpha=alpha)
@@ -535,7 +535,7 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
     b = u.shape[1]
     kt = scale = None
     if c.pool:
-        _, kt, scale = pool_query(w, c, acc)
+        _, kt, scale = pool_query(prim, w, c, acc)
     full = (stop - start) // chunk
     if graphs is None:
         graphs = dev.type == "cuda" and full >= 2
@@ -586,7 +586,7 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
         return None, grid
     if combine is not None:
         sbar, lse = combine(sbar, lse)
-    return pool_output(w, c, sbar, acc)[1][0], grid
+    return pool_output(prim, w, c, sbar, acc)[1][0], grid
 
 
 def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch.Tensor], config,
@@ -670,7 +670,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
                 _into(g, acc, "attn.out_proj.weight", lambda out: _outer_sum(dz, ctx.o, out))
             _into(g, acc, "attn.out_proj.bias", lambda out: torch.sum(dz, 1, out=out))
         do = torch.einsum("sbe,sek->sbk", dz, wo)                                     # S B D
-        dsbar = _rows_of_heads(do.view(s, b, heads, dh), wv)
+        dsbar = prim.heads_product(do.view(s, b, heads, dh), wv)
         if reduce is not None:
             reduce(dsbar)                     # the whole dL/dsbar on every slice
         df, dkt = prim.pool_bwd(ctx.f, pos_out, ctx.kt, 1.0 / math.sqrt(dh), ctx.sbar, ctx.lse, dsbar,
@@ -679,7 +679,7 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             ctx.f = None
         # the pool parameters' gradients: nothing after them needs them (beside the MLP's backward)
         with side(dkt, do, ctx.sbar, ctx.q):
-            _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc,
+            _pool_param_grads(prim, g, w, ctx, dkt, do, wq, wk_, acc,
                               factors if "attn.in_proj_weight" in by_factors else None)
     if df_extra is not None:
         df = df_extra.to(acc) if df is None else df + df_extra.to(acc)
@@ -803,20 +803,20 @@ def in_proj_weight_factors(dq, query, q_h, dkt, do_h, sbar):
     k = 1 + heads + b * heads
     a = torch.zeros((s, k, 3 * dim), dtype=dq.dtype, device=dq.device)
     a[:, 0, :dim] = dq
-    _head_blocks(q_h[:, None], out=a[:, 1:1 + heads, dim:2 * dim])
-    _head_blocks(do_h, out=a[:, 1 + heads:, 2 * dim:])
+    head_blocks(q_h[:, None], out=a[:, 1:1 + heads, dim:2 * dim])
+    head_blocks(do_h, out=a[:, 1 + heads:, 2 * dim:])
     bf = torch.cat([query[:, None], dkt, sbar.reshape(s, b * heads, dim)], dim=1)
     return a, bf
 
 
-def _pool_param_grads(g, w, ctx, dkt, do, wq, wk_, acc, factors=None):
+def _pool_param_grads(prim, g, w, ctx, dkt, do, wq, wk_, acc, factors=None):
     """The gradients of the pool's query and in-projection (their shares given dk~ (S, H, D) and
     do = dL/do (S, B, D)) into ``g``; with ``factors`` (a dict), the in-projection's by its
     factors into ``factors["attn.in_proj_weight"]`` instead (:func:`in_proj_weight_factors`)."""
     s, b, heads, dim = do.shape[0], do.shape[1], dkt.shape[1], do.shape[2]
     dh = dim // heads
     q_h = ctx.q.view(s, heads, dh)
-    dq = _cols_of_heads(dkt[:, None], wk_).reshape(s, dim)
+    dq = prim.heads_product(dkt[:, None], wk_, transpose=True).reshape(s, dim)
     query = w["query"].to(acc)
 
     def in_proj(out):                    # [dW_Q; dW_K; dW_V], each third written in place
@@ -851,41 +851,6 @@ def _direct(grad_out, acc, *names):
     return [grad_out[n] for n in names]
 
 
-def _rows_of_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """out[s, n, h, k] = sum_d x[s, n, h, d] w[s, h dh + d, k]: x (S, N, H, dh), w (S, D, D) (a
-    chunk of the in-projection: any student stride) -> (S, N, H, D). One student: one product per
-    head (its rows are one stride apart). Several: one product per student against x spread on
-    the block diagonal (H rows per n, zero outside its head), so w is read as it lies instead of
-    being copied into a (student, head) batch."""
-    s, n, h, dh = x.shape
-    if s == 1:
-        return torch.einsum("shdk,snhd->snhk", w.reshape(s, h, dh, -1), x)
-    return torch.bmm(_head_blocks(x), w).view(s, n, h, -1)
-
-
-def _head_blocks(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x (S, N, H, dh) spread on the block diagonal: (S, N H, H dh), row (n, h) holding x[:, n, h]
-    in head h's columns and zeros elsewhere (written into ``out``, any strides, when given)."""
-    s, n, h, dh = x.shape
-    eye = torch.eye(h, dtype=x.dtype, device=x.device)
-    if out is not None:
-        torch.mul(x[:, :, :, None, :], eye[:, :, None], out=out.view(s, n, h, h, dh))
-        return out
-    return (x[:, :, :, None, :] * eye[:, :, None]).reshape(s, n * h, h * dh)
-
-
-def _cols_of_heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """out[s, n, h, d] = sum_k w[s, h dh + d, k] x[s, n, h, k]: x (S, N, H, D), w (S, D, D) ->
-    (S, N, H, dh) (a view). Several students: every head's x against all of w, one product per
-    student, and the head's own block kept (see :func:`_rows_of_heads`)."""
-    s, n, h, dim = x.shape
-    dh = dim // h
-    if s == 1:
-        return torch.einsum("shdk,snhk->snhd", w.reshape(s, h, dh, dim), x)
-    r = torch.bmm(x.reshape(s, n * h, dim), w.transpose(1, 2)).view(s, n, h, h, dh)
-    return r.diagonal(dim1=2, dim2=3).transpose(-1, -2)
-
-
 def _outer_sum(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sum_r a[:, r, ..., :, None] * b[:, r, ..., None, :]: a (S, R, ..., I), b (S, R, ..., J) ->
     (S, ..., I, J), written into ``out`` (any strides) when given. One student: a product (one
@@ -902,12 +867,12 @@ def _outer_sum(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = N
 
 def _head_outer_sum(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[s, h dh + d, k] = sum_b x[s, b, h, d] y[s, b, h, k]: x (S, B, H, dh), y (S, B, H, D),
-    out (S, D, D) (a view). Several students: the block-diagonal rows of x (:func:`_head_blocks`)
+    out (S, D, D) (a view). Several students: the block-diagonal rows of x (``contract.head_blocks``)
     against y, one product per student."""
     s, b, h, dh = x.shape
     if s == 1:
         return _outer_sum(x, y, out.view(s, h, dh, -1))
-    return _outer_sum(_head_blocks(x), y.reshape(s, b * h, -1), out)
+    return _outer_sum(head_blocks(x), y.reshape(s, b * h, -1), out)
 
 
 def _into(g, acc, name: str, fn: Callable):

@@ -85,6 +85,16 @@ def _cases(cfg, w, fctx, pos_in, pos_out, cdt):
         dsbar = torch.randn_like(fctx.sbar)
         out.append(("pool_bwd", 3 * m * cfg.dim * esz, "GB/s",
                     lambda t: t.pool_bwd(fctx.f, pos_out, fctx.kt, scale, fctx.sbar, fctx.lse, dsbar, out_dtype=cdt)))
+        # the per-head products on one third of the in-projection (fp32, as the driver reads it):
+        # the query's key (q's heads) and the value projection of the weighted sums (B images)
+        acc = fctx.sbar.dtype
+        thirds = w["attn.in_proj_weight"].to(acc).chunk(3, dim=1)
+        q_h = fctx.q.view(s, 1, cfg.heads, cfg.head_dim)
+        wbytes = cfg.dim * cfg.dim * torch.finfo(acc).bits // 8
+        out.append(("heads_product x_h w_h (key)", wbytes, "GB/s",
+                    lambda t: t.heads_product(q_h, thirds[1])))
+        out.append(("heads_product w_h x_h (value)", wbytes, "GB/s",
+                    lambda t: t.heads_product(fctx.sbar, thirds[2], transpose=True)))
     return out
 
 

@@ -7,7 +7,7 @@ the whole driver against ``apm_fast.reference`` in float64.
 ==========================  ================================  ============================  =====================================
 primitive                   Triton (``kernels/``)             CUDA (``csrc/cuda/``)          tests
 ==========================  ================================  ============================  =====================================
-linear                      gemm.py, gemm_tma.py              gemm_sm90_fwd.cu,             test_tables (every table),
+linear                      gemm.py, gemm_tma.py              gemm_sm90_fwd.cu,             test_triton_kernels,
                             (bias/ReLU/cast epilogue)         gemm_portable.cu              test_triton_tma, test_cuda_backend
 first_layer_linear          gemm.py (ReLU(P + u) prologue),   trigger_split.cu + the        same
                             gemm_tma.py (act chunks)          forward GEMM
@@ -22,13 +22,16 @@ first_layer_bwd_weight      wgrad.py (X rebuilt on load)      trigger_split.cu +
 pool_fwd                    pool.py (every head at once on    pool.cu                       same, and test_driver (combine_pool)
                             tensor cores; tiles merged)
 pool_bwd                    pool.py (+ dkt through wgrad.py)  pool.cu                       same
+heads_product               heads.py (matrix-vector, one      the plain form (cuBLAS,       test_triton_kernels (both
+                            read of each student's weights)   ``contract.heads_product``)   tables' paths), test_engine
 adam_                       adam.py                           adam.cu                       same, and test_engine (vs torch.optim)
 ==========================  ================================  ============================  =====================================
 
 Around the primitives (``driver.py``, plain PyTorch, shared by every table):
 
 * ``forward`` / ``backward``: the whole model for S students over any slice of the queries (the
-  trigger split, the column MLP, the pool's small projections, the hand-written backward);
+  trigger split, the column MLP, the pool's query and output projections, the hand-written
+  backward);
 * ``combine_pool``: the pool over a union of row slices from their (sbar, lse), used by chunked
   evaluation (``columns``) and across ranks (``apm_fast.distributed``); the Triton pool's split
   merge is the same algebra inside one launch;

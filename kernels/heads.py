@@ -22,7 +22,9 @@ image's products from it (images past the first reread the tile from the cache):
 * x_h w_h: a program per (block of BK columns, head, student), sums over the head's dh rows in
   chunks of BD.
 
-Up to MAX_IMAGES images a student (the step has one; more make a real product, cuBLAS's). Not
+The Triton table runs them with several students (one student keeps the plain form's product per
+head, cuBLAS's gemv), up to MAX_IMAGES images a student (the step has one; more make a real
+product, cuBLAS's). Not
 autotuned: the blocks are picked so that the grid covers the GPU twice over where it can, and a
 program's tile (TILE elements) spans whole rows (or a whole head) where that leaves one round of
 loads: at one student, 192 programs of 4 rows x 768 (w_h x_h) or 96 rows x 32 columns (x_h w_h).

@@ -232,15 +232,18 @@ def _heads_case(s, n, h, dh, k, transpose, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_heads_product(transpose, dtype):
     """The matrix-vector kernels (one student and three, one image and two, dh and K not multiples
-    of the blocks) and the plain form (both tables' paths, and past MAX_IMAGES the Triton table's
-    fallback to it) against float64 einsum; fp64 to rounding, fp32 within TOL32."""
+    of the blocks) and both tables' paths (the Triton table's: the kernels with several students,
+    the plain form with one or past MAX_IMAGES images) against float64 einsum; fp64 to rounding,
+    fp32 within TOL32."""
     torch.manual_seed(16)
     tol = 1e-13 if dtype == torch.float64 else TOL32
     for s, n, h, dh, k in [(1, 1, 4, 6, 21), (3, 2, 2, 5, 10), (2, 1, 3, 9, 40),
                            (2, heads.MAX_IMAGES + 1, 2, 3, 8)]:
         x, w, want = _heads_case(s, n, h, dh, k, transpose, dtype)
-        for name, table in (("triton", TP), ("torch", REF)):
-            got = table.heads_product(x, w, transpose=transpose)
+        for name, fn in (("kernels", lambda: heads.heads_product(x, w, transpose)),
+                         ("triton table", lambda: TP.heads_product(x, w, transpose=transpose)),
+                         ("torch table", lambda: REF.heads_product(x, w, transpose=transpose))):
+            got = fn()
             assert got.dtype == dtype
             assert_close(got, want, tol, f"{name} S={s} N={n} H={h} dh={dh} K={k}")
     with pytest.raises(ValueError, match="x: expected shape"):
@@ -730,15 +733,17 @@ def test_gpu_primitives_match_float64(dtype):
 @pytest.mark.gpu
 def test_gpu_heads_product_matches_float64():
     """The pool's per-head products at ttt-l14's widths (D = 768, 8 heads; one image a student and
-    three), fp32 (the driver's acc dtype), against float64: sums over 768 or 96 terms."""
+    three; the kernels and the Triton table's choice), fp32 (the driver's acc dtype), against
+    float64: sums over 768 or 96 terms."""
     torch.manual_seed(17)
     for s, n in ((1, 1), (64, 1), (3, 3)):
         for transpose in (False, True):
             full = _gpu_rand(s, 3 * 768, 768, dtype=torch.float32, scale=0.03)
             w = full[:, 768:1536]
             x = _gpu_rand(s, n, 8, 768 if transpose else 96, dtype=torch.float32)
-            assert_close(TP.heads_product(x, w, transpose=transpose), REF.heads_product(*f64(x, w), transpose=transpose),
-                         GPU_TOL32, f"heads_product S={s} N={n} transpose={transpose}")
+            want = REF.heads_product(*f64(x, w), transpose=transpose)
+            assert_close(heads.heads_product(x, w, transpose), want, GPU_TOL32, f"kernels S={s} N={n} {transpose}")
+            assert_close(TP.heads_product(x, w, transpose=transpose), want, GPU_TOL32, f"table S={s} N={n} {transpose}")
 
 
 def _every_config_check(name, run, ref, label):

@@ -101,10 +101,13 @@ class TritonPrimitives(Primitives):
         return _kernels()[3].pool_bwd(f, pos_out, kt, scale, sbar, lse, dsbar, out_dtype=out_dtype)
 
     def _heads_product(self, x, w, transpose):
-        # one image or a few a student, fp32 (the step's) or fp64: the matrix-vector kernels; more
-        # images make a real product (cuBLAS's, the plain form)
+        # several students with one image or a few each, fp32 (the step's) or fp64: the
+        # matrix-vector kernels, where the plain form's products over the block diagonal are slow
+        # (kernels/heads.py); one student keeps the plain form's product per head (cuBLAS gemv,
+        # 4-5 us a call at ttt-l14 on the H200: not slow, and the kernels are not timed there
+        # yet); more images make a real product (cuBLAS's)
         heads = _kernels()[5]
-        if x.dtype in (torch.float32, torch.float64) and x.shape[1] <= heads.MAX_IMAGES:
+        if x.shape[0] > 1 and x.dtype in (torch.float32, torch.float64) and x.shape[1] <= heads.MAX_IMAGES:
             return heads.heads_product(x, w, transpose)
         return super()._heads_product(x, w, transpose)
 

@@ -254,6 +254,44 @@ def test_heads_product(transpose, dtype):
         TP.heads_product(rand(2, 1, 3, 2), rand(2, 6, 8, dtype=torch.float64))
 
 
+def test_the_driver_gives_several_students_the_same_with_the_heads_kernels():
+    """The driver's four per-head products (the query's key, the value projection, the gradients
+    at the weighted sums and at the query) through the Triton table's kernels, with 3 students of
+    1 and 2 images (the plain-PyTorch table otherwise): z (as alpha (z - t)) and every gradient
+    equal the plain table's in float64."""
+    from apm_fast.posenc import position_code
+
+    class HeadsOnTriton(TorchPrimitives):
+        _heads_product = TritonPrimitives._heads_product
+
+    torch.manual_seed(18)
+    cfg = APMConfig(grid=3, patch=2, hidden=(10, 8), dim=12, heads=3)
+    s = 3
+    w = {}
+    for i in range(s):
+        model = APM(cfg, dtype=torch.float64, device=DEV)
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.normal_(0.0, 0.3)
+        for n, prm in model.named_parameters():
+            w.setdefault(n, []).append(prm.detach())
+    w = {n: torch.stack(v) for n, v in w.items() if n in weight_names(cfg)}
+    pos_in = position_code(cfg.pos_dim, cfg.grid, cfg.grid, dtype=torch.float64, device=DEV)
+    pos_out = position_code(cfg.dim, cfg.grid, cfg.grid, dtype=torch.float64, device=DEV)
+    for b in (1, 2):
+        images = rand(s, b, 3, 6, 6, dtype=torch.float64)
+        target = rand(s, cfg.dim, dtype=torch.float64)
+        got = {}
+        for name, table in (("kernels", HeadsOnTriton()), ("plain", REF)):
+            dz, _, ctx = forward(table, w, images, cfg, pos_in, pos_out, cdt=torch.float64, minus=target, alpha=0.5)
+            got[name] = (dz, backward(table, w, ctx, dz, cfg, pos_in, pos_out))
+        (dz, grads), (dz_ref, grads_ref) = got["kernels"], got["plain"]
+        assert_close(dz, dz_ref, 1e-13, f"alpha (z - t), B={b}")
+        assert set(grads) == set(grads_ref)
+        for n in grads_ref:
+            assert_close(grads[n], grads_ref[n], 1e-12, f"{n}, B={b}")
+
+
 # ------------------------------------------------------------------------------------ tuned path
 def test_autotuned_pool_ranks_configs(monkeypatch):
     """The pool's GPU path (triton.autotune over the GPU candidates, shape-ranked pruning) run in the

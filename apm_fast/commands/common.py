@@ -52,23 +52,23 @@ def non_negative_int(text: str) -> int:
     return v
 
 
-def preset_name(text: str) -> str:
-    """``--preset``: a preset's name (checked when the command line is read, before any long work
-    such as loading a teacher); see :func:`preset_or_auto` where 'auto' is allowed."""
-    from ..config import PRESETS
+def _preset(auto: bool):
+    """``--preset``'s type: a preset's name, or with ``auto`` also 'auto' (the preset follows the
+    teacher's width); checked when the command line is read, before any long work such as loading
+    a teacher."""
+    def parse(text: str) -> str:
+        from ..config import PRESETS
 
-    if text not in PRESETS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(sorted(PRESETS))}, got {text!r}")
-    return text
+        if not (auto and text == "auto") and text not in PRESETS:
+            allowed = ("'auto' or " if auto else "") + "one of " + ", ".join(sorted(PRESETS))
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return text
+    return parse
 
 
-def preset_or_auto(text: str) -> str:
-    """``--preset``: 'auto' (the preset follows the teacher's width) or a preset's name."""
-    from ..config import PRESETS
+preset_name = _preset(auto=False)
+preset_or_auto = _preset(auto=True)
 
-    if text != "auto" and text not in PRESETS:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or one of {', '.join(sorted(PRESETS))}, got {text!r}")
-    return text
 
 # Adam moves every weight by about lr per step; the student's weights are ~0.01, so any lr above 1
 # only makes NaN (1e308 is finite, yet the first step overflows): refused before anything runs.

@@ -67,10 +67,14 @@ def _rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        # 16/32-bit gray: PIL's own conversion clips at 255, so scale to the value range first
+        # 16/32-bit gray: PIL's own conversion clips at 255, so scale to the value range first:
+        # the mode's own range for 16-bit modes (a dark 16-bit image stays dark), else the
+        # smallest of [0, 1], [0, 255], [0, 65535] that holds the values (modes "I" and "F" do
+        # not say which range their values are in)
         a = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and a.max(initial=0) <= 1.0 else (
-            255.0 if a.max(initial=0) <= 255 else 65535.0 if a.max(initial=0) <= 65535 else a.max())
+        hi = a.max(initial=0)
+        top = 65535.0 if img.mode.startswith("I;16") else (
+            1.0 if img.mode == "F" and hi <= 1.0 else 255.0 if hi <= 255 else 65535.0 if hi <= 65535 else hi)
         a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
         img = Image.fromarray(a, mode="L")
     elif img.mode == "P" and "transparency" in img.info:
@@ -252,7 +256,8 @@ def pixels(image, size_or_config, *, crop: str | None = "center") -> torch.Tenso
     """3 x S x S uint8 pixels of one image (RGB). ``size_or_config``: S, or an
     :class:`~apm_fast.APMConfig` (S = grid * patch). ``crop="center"``: scale the shorter side to
     S (bicubic) and cut the centre square (keeps the aspect ratio, like the teachers'
-    preprocessing); ``crop=None``: stretch the whole image to S x S (the authors' TTT input)."""
+    preprocessing); ``crop=None``: stretch the whole image to S x S, bilinear and antialiased (the
+    authors' TTT input: torchvision's ``Resize((S, S))``)."""
     s = _size_of(size_or_config)
     img = to_pil(image)
     if crop == "center":
@@ -264,7 +269,7 @@ def pixels(image, size_or_config, *, crop: str | None = "center") -> torch.Tenso
         left, top = (nw - s) // 2, (nh - s) // 2
         img = img.crop((left, top, left + s, top + s))
     elif crop is None:
-        img = img.resize((s, s), Image.BICUBIC)
+        img = img.resize((s, s), Image.BILINEAR)     # PIL widens the filter when it shrinks: antialiased
     else:
         raise ValueError(f"crop: expected 'center' or None, got {crop!r}")
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)

@@ -16,7 +16,7 @@ from .ops.autograd import fused_forward
 from .ops.driver import columns, rgb_head, weight_names
 from .ops.precision import compute_dtype
 from .posenc import position_code
-from .validation import check_images
+from .validation import _positive_int, check_images
 
 __all__ = ["APM", "APMOutput"]
 
@@ -130,8 +130,8 @@ class APM(nn.Module):
             if chunked:
                 raise ValueError("chunk/query_grid: chunked evaluation runs on the tables ('torch', "
                                  "'triton', 'cuda'), not on backend='reference'")
-            cls, grid, rgb = reference.forward(self, images, want_grid=want_grid, want_rgb=want_rgb)
-            return APMOutput(cls=cls, grid=grid, rgb=rgb)
+            cls, grid, rgb = reference.forward(self, images.to(self.dtype), want_grid=want_grid, want_rgb=want_rgb)
+            return APMOutput(*(None if v is None else v.to(self.dtype) for v in (cls, grid, rgb)))
         prim = get_backend(name, device=images.device)
         cdt = compute_dtype(self.dtype, images.device)
         images = images.to(self.dtype)
@@ -141,8 +141,8 @@ class APM(nn.Module):
                 raise ValueError("want_rgb: chunked evaluation (chunk/query_grid) returns no RGB; "
                                  "call without chunk for the RGB head")
             for arg, v in (("chunk", chunk), ("query_grid", query_grid)):
-                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                    raise ValueError(f"{arg}: expected a positive integer, got {v!r}")
+                _positive_int(arg, v, none_ok=True)          # numpy integers too
+            chunk, query_grid = (None if v is None else int(v) for v in (chunk, query_grid))
             w = {n: p.detach().unsqueeze(0) for n, p in self.named_parameters() if n in weight_names(c)}
             cls, grid = columns(prim, w, images, c, cdt=cdt, chunk=chunk or 4096, query_grid=query_grid,
                                 want_grid=want_grid)

@@ -47,38 +47,47 @@ def forward(model, images, *, want_grid=True, want_rgb=None):
     return cls, (f if want_grid else None), rgb
 
 
-def fit(model, images, targets, *, steps, lr, betas=(0.9, 0.999), eps=1e-8, progress=None):
+def fit(model, images, targets, *, steps, lr, betas=(0.9, 0.999), eps=1e-8, progress=None, start=None):
     """TTT of each image alone (spec section 2) with autograd and ``torch.optim.Adam``: per image,
-    ``model`` starts from its current parameters (restored afterwards) with fresh Adam state.
-    images (B, C, S, S) and targets (B, D) on the model's device and dtype. Returns (cls (B, D),
-    losses (B, steps) fp32, seconds per image)."""
-    snapshot = {k: p.detach().clone() for k, p in model.named_parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
+    ``model`` starts from ``start`` (a {name: tensor} snapshot of its parameters; None: its
+    current ones) with fresh Adam state, and its parameters are restored afterwards. Every
+    parameter the loss reaches is trained, whatever its ``requires_grad`` (restored too), as the
+    engine does. images (B, C, S, S) and targets (B, D) on the model's device and dtype. Returns
+    (cls (B, D), losses (B, steps) fp32, seconds per image)."""
+    current = {k: p.detach().clone() for k, p in model.named_parameters()}
+    start = current if start is None else start
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
     kw = {"fused": True} if params and params[0].is_cuda else {}
     cls, losses, seconds = [], [], []
     try:
+        for p in params:
+            p.requires_grad_(True)
         for i in range(images.shape[0]):
             t0 = time.perf_counter()
             image, target = images[i:i + 1], targets[i:i + 1]
+            _restore(model, start)
             opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, **kw)
             curve = torch.empty(steps, dtype=torch.float32, device=image.device)
-            for s in range(steps):
-                loss = F.mse_loss(forward(model, image, want_grid=False)[0], target)   # mean over D
-                opt.zero_grad(set_to_none=True)         # every step: no accumulation across steps
-                loss.backward()
-                opt.step()
-                curve[s] = loss.detach()                # stays on the device: no sync in the loop
+            with torch.enable_grad():
+                for s in range(steps):
+                    loss = F.mse_loss(forward(model, image, want_grid=False)[0], target)   # mean over D
+                    opt.zero_grad(set_to_none=True)         # every step: no accumulation across steps
+                    loss.backward()
+                    opt.step()
+                    curve[s] = loss.detach()                # stays on the device: no sync in the loop
             with torch.no_grad():
                 cls.append(forward(model, image, want_grid=False)[0].detach())
             losses.append(curve)
-            _restore(model, snapshot)
             if image.is_cuda:
                 torch.cuda.synchronize(image.device)
             seconds.append(time.perf_counter() - t0)
             if progress is not None:
                 progress(1)
     finally:
-        _restore(model, snapshot)
+        _restore(model, current)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
     return torch.cat(cls), torch.stack(losses), seconds
 
 

@@ -25,8 +25,9 @@ def check_finite(name: str, t: torch.Tensor):
                          f"({len(bad)} element(s), first at index {first})")
 
 
-def check_images(images, config, name: str = "images") -> torch.Tensor:
-    """Images for the model: a float tensor B x C x S x S with S = grid * patch.
+def check_images(images, config, name: str = "images", *, values: bool = True) -> torch.Tensor:
+    """Images for the model: a float tensor B x C x S x S with S = grid * patch (and, with
+    ``values``, finite: a host read of the values; ``values=False`` checks shapes and dtypes only).
 
     The model refuses other sizes rather than resizing silently (resizing changes what the
     trigger sees); :func:`apm_fast.images.preprocess` resizes and normalizes for you.
@@ -50,11 +51,14 @@ def check_images(images, config, name: str = "images") -> torch.Tensor:
             f"{images.shape[2]} x {images.shape[3]}; resize with apm_fast.images.preprocess")
     if not images.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor (normalized pixels), got {images.dtype}")
-    check_finite(name, images)
+    if values:
+        check_finite(name, images)
     return images
 
 
-def check_targets(targets, batch: int, dim: int, name: str = "targets") -> torch.Tensor:
+def check_targets(targets, batch: int, dim: int, name: str = "targets", *, values: bool = True) -> torch.Tensor:
+    """Targets B x D (one per image), floating point, and with ``values`` finite (as
+    :func:`check_images`)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape {batch} x {dim}, got {type(targets).__name__}")
     if targets.dim() == 1:
@@ -65,7 +69,8 @@ def check_targets(targets, batch: int, dim: int, name: str = "targets") -> torch
         raise ValueError(f"{name}: expected one target per image ({batch}), got {targets.shape[0]}")
     if not targets.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {targets.dtype}")
-    check_finite(name, targets)
+    if values:
+        check_finite(name, targets)
     return targets
 
 

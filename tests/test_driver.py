@@ -121,8 +121,13 @@ def test_chunked_evaluation_says_what_it_cannot_do():
     x = images_for(model, 1)
     with pytest.raises(ValueError, match="chunked evaluation runs on the tables"):
         model(x, backend="reference", chunk=8)
-    with pytest.raises(ValueError, match="chunk: expected a positive integer, got 0"):
+    with pytest.raises(ValueError, match="chunk: expected a positive integer or None, got 0"):
         model(x, backend="torch", chunk=0)
+    with pytest.raises(ValueError, match="query_grid: expected a positive integer or None, got True"):
+        model(x, backend="torch", query_grid=True)
+    import numpy as np                       # numpy integers count as integers (a sweep's values)
+    a, b = model(x, backend="torch", chunk=np.int64(8)), model(x, backend="torch", chunk=8)
+    assert torch.equal(a.cls, b.cls) and torch.equal(a.grid, b.grid)
     with pytest.raises(ValueError, match="want_rgb"):
         model(x, backend="torch", chunk=8, want_rgb=True)
 

@@ -37,6 +37,17 @@ def test_16_bit_gray_is_scaled_not_clipped(tmp_path):
     assert img.mode == "RGB" and abs(img.getpixel((0, 0))[0] - 128) <= 1
 
 
+def test_16_bit_gray_keeps_its_brightness_order(tmp_path):
+    """A 16-bit file's values are scaled by the mode's range (0 to 65535), not by the image's own
+    maximum: a dark 16-bit image stays dark, and brighter files give brighter pixels."""
+    seen = []
+    for v in (200, 255, 300, 1000, 32896, 65535):
+        path = _save(Image.fromarray(np.full((4, 6), v, dtype=np.uint16)), tmp_path / f"deep{v}.png")
+        assert Image.open(path).mode.startswith("I;16")
+        seen.append(load_image(path).getpixel((0, 0))[0])
+    assert seen == sorted(seen) and seen[0] <= 1 and seen[-1] == 255 and abs(seen[-2] - 128) <= 1
+
+
 def test_corrupt_file_is_named(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\x00 definitely not a jpeg" * 20)
@@ -94,6 +105,17 @@ def test_preprocess_center_crop_versus_stretch():
     assert stretch[0, :, :3].min() > 1.0
     with pytest.raises(ValueError, match="crop: expected 'center' or None"):
         preprocess(a, 20, crop="left")
+
+
+def test_the_stretch_is_bilinear_and_antialiased_as_the_authors_resize():
+    """crop=None is the authors' TTT input, torchvision's Resize((S, S)): bilinear with an
+    antialiasing filter when it shrinks (within a level of rounding; bicubic is off by ~8)."""
+    import torch.nn.functional as F
+    a = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    got = pixels(Image.fromarray(a), 20, crop=None).float()
+    want = F.interpolate(torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float(), size=(20, 20),
+                         mode="bilinear", antialias=True, align_corners=False)[0].round()
+    assert (got - want).abs().max() <= 1
 
 
 def test_preprocess_for_a_config_fits_the_model_which_refuses_other_sizes():

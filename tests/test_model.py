@@ -35,15 +35,17 @@ def test_forward_reference_vs_torch_f64(cfg, rgb):
 def test_gradients_reference_vs_torch_f64(cfg):
     torch.manual_seed(0)
     model = APM(preset("ttt-l14", init="pytorch", rgb_head=True, **cfg), dtype=torch.float64)
-    x = images_for(model, 2)
+    x = images_for(model, 2).requires_grad_(True)
     weights = torch.randn(2, cfg["dim"], dtype=torch.float64)
     grads = {}
     for backend in ("reference", "torch"):
         model.zero_grad(set_to_none=True)
+        x.grad = None
         out = model(x, backend=backend)
         loss = (out.cls * weights).sum() + out.grid.tanh().sum() + out.rgb.square().sum()
         loss.backward()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        grads[backend]["images"] = x.grad.clone()       # the images' gradient too (saliency)
     for name, g_ref in grads["reference"].items():
         g = grads["torch"][name]
         if name == "attn.in_proj_bias":
@@ -53,6 +55,39 @@ def test_gradients_reference_vs_torch_f64(cfg):
             assert g_ref[d:2 * d].abs().max() < 1e-12
             g_ref, g = torch.cat([g_ref[:d], g_ref[2 * d:]]), torch.cat([g[:d], g[2 * d:]])
         assert rel_err(g, g_ref) < 1e-10, name
+
+
+@pytest.mark.parametrize("pool", [True, False])
+def test_the_images_gradient_of_a_frozen_model_on_a_table(pool):
+    """Only the images require a gradient (a saliency map of a frozen model): the table's
+    backward gives it, equal to the plain form's, in the images' dtype."""
+    torch.manual_seed(1)
+    model = tiny_model(pool=pool).requires_grad_(False)
+    x = images_for(model, 2).requires_grad_(True)
+    got = {}
+    for backend in ("reference", "torch"):
+        x.grad = None
+        out = model(x, backend=backend)
+        ((out.cls.sum() if pool else 0) + out.grid.sin().sum()).backward()
+        got[backend] = x.grad
+    assert got["torch"] is not None and got["torch"].dtype == x.dtype and got["torch"].shape == x.shape
+    assert got["reference"].abs().max() > 0
+    assert rel_err(got["torch"], got["reference"]) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_inputs_of_another_dtype_are_cast_and_outputs_come_in_the_models(backend):
+    """Every backend casts the images to the model's dtype and answers in it, under autocast
+    too (the plain form's modules would otherwise refuse float64 images for a float32 model)."""
+    model = tiny_model(dtype=torch.float32)
+    x = images_for(model, 2, dtype=torch.float64)
+    out = model(x, backend=backend)
+    want = model(x.float(), backend=backend)
+    assert out.cls.dtype == out.grid.dtype == torch.float32
+    assert torch.equal(out.cls, want.cls)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x.float(), backend=backend)
+    assert low.cls.dtype == low.grid.dtype == torch.float32
 
 
 def test_no_pool_model_gives_grid_only():

@@ -118,3 +118,53 @@ def test_bad_targets():
         trainer.fit(x, bad)
     with pytest.raises(ValueError, match="pool=False"):
         TestTimeTrainer(tiny_model(pool=False))
+
+
+def test_every_backend_starts_from_the_snapshot_taken_at_construction():
+    """A change to the model after the trainer is built is not seen by any backend: each image
+    starts from the parameters the trainer was built with (and the model keeps the change)."""
+    model = tiny_model(init="authors")
+    x, y = images_for(model, 2), _targets(2, model.config.dim)
+    trainers = {b: TestTimeTrainer(model, steps=3, lr=1e-2, backend=b) for b in ("reference", "torch")}
+    before = {b: t.fit(x, y) for b, t in trainers.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    changed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for b, t in trainers.items():
+        after = t.fit(x, y)
+        assert torch.equal(after.cls, before[b].cls), b
+        launched = t.launch(x[:1], y[:1])
+        launched.wait()
+        assert torch.equal(launched.cls, before[b].cls[:1]), b
+    assert rel_err(before["torch"].cls, before["reference"].cls) < 1e-12
+    for n, p in model.named_parameters():
+        assert torch.equal(p, changed[n]), n
+
+
+def test_frozen_parameters_are_trained_alike_on_every_backend():
+    """TTT trains the whole trunk and pool whatever ``requires_grad`` says (the flags are left as
+    they were), on the plain model as on the engine."""
+    model = tiny_model(init="authors")
+    model.conv.requires_grad_(False)
+    x, y = images_for(model, 1), _targets(1, model.config.dim)
+    res = {b: TestTimeTrainer(model, steps=3, lr=1e-2, backend=b).fit(x, y) for b in ("reference", "torch")}
+    assert rel_err(res["torch"].cls, res["reference"].cls) < 1e-12
+    assert not model.conv.weight.requires_grad and model.mlp[0].weight.requires_grad
+    model.requires_grad_(False)
+    frozen = TestTimeTrainer(model, steps=3, lr=1e-2, backend="reference").fit(x, y)
+    assert torch.equal(frozen.cls, res["reference"].cls)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_launch_checks_shapes_and_dtypes_like_fit(backend):
+    model = tiny_model()
+    trainer = TestTimeTrainer(model, steps=1, backend=backend)
+    x, y = images_for(model, 1), _targets(1, model.config.dim)
+    s = model.config.image_size
+    with pytest.raises(ValueError, match=rf"images: expected {s} x {s} pixels.*got {s + 1} x {s + 1}"):
+        trainer.launch(torch.zeros(1, 3, s + 1, s + 1, dtype=torch.float64), y)
+    with pytest.raises(ValueError, match=r"targets: expected shape B x D with D = 36.*got 1x35"):
+        trainer.launch(x, torch.zeros(1, 35, dtype=torch.float64))
+    with pytest.raises(TypeError, match="targets: expected a floating-point tensor, got torch.int64"):
+        trainer.launch(x, torch.zeros(1, 36, dtype=torch.int64))

@@ -31,6 +31,7 @@ class _APMFused(torch.autograd.Function):
         z, f, fctx = forward(prim, w, images.unsqueeze(0), cfg, pos_in, pos_out, cdt=cdt, save=save)
         ctx.prim, ctx.cfg, ctx.names, ctx.w, ctx.fctx = prim, cfg, names, w, fctx
         ctx.pos = (pos_in, pos_out)
+        ctx.image_dtype = images.dtype
         zo = z[0] if z is not None else images.new_zeros(0)
         return zo, f[0]
 
@@ -38,16 +39,18 @@ class _APMFused(torch.autograd.Function):
     def backward(ctx, dz, df):
         cfg = ctx.cfg
         has_dz = cfg.pool and dz is not None and dz.numel() > 0
+        want_images = ctx.needs_input_grad[4]
         with _no_autocast(df.device):
             g = backward(ctx.prim, ctx.w, ctx.fctx, dz.unsqueeze(0) if has_dz else None, cfg, *ctx.pos,
-                         df_extra=df.unsqueeze(0) if df is not None else None)
-        return (None, None, None, None, None) + tuple(g[n][0].to(ctx.w[n].dtype) for n in ctx.names)
+                         df_extra=df.unsqueeze(0) if df is not None else None, image_grad=want_images)
+        dx = g["images"][0].to(ctx.image_dtype) if want_images else None
+        return (None, None, None, None, dx) + tuple(g[n][0].to(ctx.w[n].dtype) for n in ctx.names)
 
 
 def fused_forward(prim, model, images, cdt: torch.dtype, *, graphs: bool | None = None):
     """(cls or None, grid f) of ``model`` on ``images`` (B, C, S, S) through the table ``prim``
-    with GEMM operands in ``cdt``, differentiable with respect to the model's parameters (not the
-    images). ``cls`` comes in the accumulation dtype, ``f`` in ``cdt``.
+    with GEMM operands in ``cdt``, differentiable with respect to the model's parameters and the
+    images. ``cls`` comes in the accumulation dtype, ``f`` in ``cdt``.
 
     Inference (no gradient recorded: ``torch.no_grad()``, ``torch.inference_mode()``, or no
     parameter requiring one) on a CUDA device replays a captured CUDA graph of the forward from

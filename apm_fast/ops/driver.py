@@ -58,6 +58,15 @@ def unfold_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(s, b, g_h * g_w, c * patch * patch)
 
 
+def fold_patches(patches: torch.Tensor, channels: int, patch: int, grid: tuple) -> torch.Tensor:
+    """The inverse of :func:`unfold_patches`: (S, B, L, C*p*p) -> (S, B, C, G_h*p, G_w*p), for
+    ``grid`` (G_h, G_w) (the patches do not overlap: a permutation of the elements)."""
+    s, b = patches.shape[:2]
+    g_h, g_w = grid
+    x = patches.reshape(s, b, g_h, g_w, channels, patch, patch)
+    return x.permute(0, 1, 4, 2, 5, 3, 6).reshape(s, b, channels, g_h * patch, g_w * patch)
+
+
 class Beside:
     """Small work that does not need the main stream's latest kernels, run on a second stream
     (``side_stream(device, "beside")``, as high a priority as the main one) so that it overlaps
@@ -595,7 +604,8 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
              reduce: Optional[Callable] = None, parts: int = 1,
              on_done: Optional[Callable] = None, beside: bool = False,
              wgrad_beside: bool = True, factors: Optional[dict] = None, factored=(FIRST_WEIGHT,),
-             pos_grid: Optional[tuple] = None, on_tail: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
+             pos_grid: Optional[tuple] = None, on_tail: Optional[Callable] = None,
+             image_grad: bool = False) -> Dict[str, torch.Tensor]:
     """Gradients of every name in ``weight_names(config)`` (acc dtype, shaped like ``w``) given
     dz = dloss/dz (S, B, D) and optionally df_extra = dloss/df (S, B, L, D). With ``grad_out``
     (a dict of preallocated views, e.g. into one flat buffer) the results land there, written in
@@ -636,7 +646,10 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     (no such views). The pool's "attn.out_proj.weight" (dz^T o, rank B) and
     "attn.in_proj_weight" (:func:`in_proj_weight_factors`, rank 1 + H + B H): their factors go to
     ``factors[name]``, their views in ``grad_out`` are left as they were.
-    ``pos_grid``: as :func:`forward`'s (dW_P from the code's separable form, :func:`position_weight_grad`)."""
+    ``pos_grid``: as :func:`forward`'s (dW_P from the code's separable form, :func:`position_weight_grad`).
+    ``image_grad`` (without ``grad_out``): also the gradient with respect to the images, under the
+    key ``"images"`` (S, B, C, H, W) in the acc dtype (the trigger's gradient through the conv:
+    each patch's is dt times the conv's weight)."""
     cdt = ctx.cdt
     acc = acc_dtype_for(cdt)
     s, b = ctx.t.shape[:2]
@@ -751,6 +764,13 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
             out=None if out is None else out.view(s, 1, -1)).reshape(conv_shape))
         _into(g, acc, "conv.bias", lambda out: torch.sum(
             dt, (1, 2), out=None if out is None else out.view(s)).reshape(w["conv.bias"].shape))
+        if image_grad:
+            if grad_out is not None:
+                raise ValueError("image_grad: the images' gradient is returned in a new dict; "
+                                 "call without grad_out")
+            cw = w["conv.weight"].reshape(s, 1, 1, -1).to(acc)
+            g["images"] = fold_patches(dt[..., None] * cw, config.in_chans, config.patch,
+                                       (config.grid, config.grid))
     # the first layer's weight gradients on the main stream (its update, the largest with the
     # first consumer's, starts when they are done: beside, starved by the GEMMs and the updates,
     # they finished ~60 us after the dW_P GEMM at one image)

@@ -66,8 +66,9 @@ class Pending:
 class TestTimeTrainer:
     """Overfit ``model`` on each test image's teacher embedding, independently per image.
 
-    The model's parameters at construction are the init snapshot every image starts from; the
-    model is never left changed. ``backend="reference"`` trains the plain model with autograd and
+    The model's parameters at construction are the init snapshot every image starts from (on every
+    backend; later changes to the model are not seen); the model is never left changed. Every
+    parameter of the trunk and the pool is trained, whatever its ``requires_grad``. ``backend="reference"`` trains the plain model with autograd and
     ``torch.optim.Adam`` (the oracle); any table (``"torch"``, ``"triton"``, ``"cuda"``; None: the
     fastest here) trains on the engine (``apm_fast.ttt.engine``): flat parameter buffers, the
     step captured as a CUDA graph on a GPU, ``students`` images side by side (None: as many as fit
@@ -123,14 +124,18 @@ class TestTimeTrainer:
     # ------------------------------------------------------------------ training
     def launch(self, images: torch.Tensor, targets: torch.Tensor, students: int | None = None) -> Pending:
         """Train k images (k x C x H x W, normalized; k <= students on the engine) on their targets
-        (k x D) without waiting where the device allows: read the result after ``wait()``."""
+        (k x D) without waiting where the device allows: read the result after ``wait()``.
+        Shapes and dtypes are checked as :meth:`fit` checks them; the values are not scanned for
+        NaN/Inf (a host read would stall the device's queue; :meth:`fit` does scan them)."""
+        images = check_images(images, self.model.config, values=False)
+        targets = check_targets(targets, images.shape[0], self.model.config.dim, values=False)
         targets = self.prepare_targets(targets)
         if self.engine is not None:
             return self.engine.launch(images, targets, students)
         t0 = time.perf_counter()
         dev, dt = self.model.device, self.model.dtype
         cls, losses, _ = reference.fit(self.model, images.to(dev, dt), targets.to(dev, dt), steps=self.steps,
-                                       lr=self.lr, betas=self.betas, eps=self.eps)
+                                       lr=self.lr, betas=self.betas, eps=self.eps, start=self.snapshot)
         return Pending(cls, losses, seconds=time.perf_counter() - t0)
 
     def fit(self, images: torch.Tensor, targets: torch.Tensor, *, progress=None) -> TTTResult:
@@ -144,7 +149,7 @@ class TestTimeTrainer:
         dev, dt = model.device, model.dtype
         cls, losses, seconds = reference.fit(model, images.to(dev, dt), self.prepare_targets(targets.to(dev, dt)),
                                              steps=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
-                                             progress=progress)
+                                             progress=progress, start=self.snapshot)
         return TTTResult(cls=cls, losses=losses, seconds=seconds)
 
     def trajectory(self, images: torch.Tensor, targets: torch.Tensor, at=(), *, weights: bool = False) -> Trajectory:

@@ -243,14 +243,15 @@ def load_official_state_dict(model, state_dict, *, strict_unexpected: bool = Tru
 
 # ---------------------------------------------------------------------------- the package's own files
 def save_apm(model, path):
-    from safetensors.torch import save_file
+    """Weights and config to ``path`` (safetensors), atomically: a killed save leaves the old file
+    or the new one, never half of one; the folder is created, the file gets the usual permissions."""
+    from safetensors.torch import save
+
+    from .capabilities.files import atomic_write
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": _FORMAT, "config": json.dumps(model.config.to_dict())}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
 
 
 def _expected_shapes(cfg) -> dict:

@@ -275,8 +275,9 @@ def classify(trainer, images, teacher, classes, *, templates="single", topk: int
     with tqdm(total=len(items), unit="img", desc="classify", file=sys.stderr, dynamic_ncols=True,
               disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
         for r in iter_classify(trainer, items, teacher, classes, templates=templates, topk=topk, **kw):
-            if r.error is not None:
-                raise ValueError(f"images[{r.index}]: {r.error}")
+            if r.error is not None:            # named once (an in-memory image's error names it already)
+                where = f"images[{r.index}]"
+                raise ValueError(r.error if r.error.startswith(where) else f"{where}: {r.error}")
             out.append(r)
             bar.update(1)
     return out

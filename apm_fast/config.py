@@ -140,7 +140,7 @@ _OVERRIDES = ("grid", "patch", "hidden", "dim", "heads", "pool", "rgb_head", "in
 def preset(name: str, **overrides) -> APMConfig:
     """The config of a named preset (``ttt-b16``, ``ttt-l14``, ``ttt-h14``, ``ssl-l14``),
     with any of its fields overridden: ``preset("ttt-l14", grid=16, hidden=(512, 256))``."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"preset: unknown name {name!r}; expected one of {sorted(PRESETS)}")
     bad = sorted(set(overrides) - set(_OVERRIDES))
     if bad:

@@ -6,6 +6,8 @@ import threading
 
 import torch
 
+from .validation import _positive_int
+
 __all__ = ["position_code", "position_rows", "position_cells", "position_halves", "position_factors"]
 
 _CACHE: dict = {}
@@ -64,8 +66,11 @@ def position_code(d: int, height: int, width: int | None = None, *, dtype=torch.
     """The position code of width ``d`` on a ``height x width`` grid, as an L x d tensor.
 
     Computed once in float64 and cached per (d, grid, dtype, device); treat it as read-only.
+    ``d``, ``height`` and ``width`` are positive integers (numpy integers too).
     """
     width = height if width is None else width
+    for name, v in (("d", d), ("height", height), ("width", width)):
+        _positive_int(name, v)
     device = _device(device)
     return _cached((int(d), int(height), int(width), dtype, device), device,
                    lambda: _position_code_f64(int(d), int(height), int(width)).to(device=device, dtype=dtype))

@@ -244,3 +244,49 @@ def test_targets_are_read_from_the_sections_rows_and_judged():
     md = markdown(doc)
     assert "| 64 students side by side, fp32 moments (images/s) | 230.0 | >= 220 | yes |" in md
     assert "not measured" in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--time-budget", "-5"], "--time-budget: expected a positive finite number, got '-5'"),
+    (["--time-budget", "nan"], "--time-budget: expected a positive finite number, got 'nan'"),
+    (["--authors-presets", "bogus"], "--authors-presets: expected one of"),
+    (["--compile-presets", "ssl-l14x"], "--compile-presets: expected one of"),
+    (["--device", "foo"], "bench: --device: expected cpu, cuda or cuda:N, got 'foo'"),
+])
+def test_bench_refuses_bad_options_with_exit_status_2(argv, message, capsys):
+    """Refused as the command line is read (or before the suite starts), named, exit status 2:
+    not a run of every section marked skipped, nor an internal error."""
+    from apm_fast.bench import cli as bench_cli
+
+    with pytest.raises(SystemExit) as info:
+        code = bench_cli.main(["--quick", "--no-out", *argv])
+        raise SystemExit(code)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_options_refuse_unknown_presets_and_budgets_for_python_callers():
+    from apm_fast.bench.options import BenchOptions
+
+    with pytest.raises(ValueError, match=r"authors_presets: unknown \['bogus'\]"):
+        BenchOptions(authors_presets=("bogus",))
+    with pytest.raises(ValueError, match=r"compile_presets: unknown \['x'\]"):
+        BenchOptions(compile_presets=("x",))
+    for bad in (-5, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(ValueError, match="time_budget_s: expected a finite number of seconds >= 0"):
+            BenchOptions(time_budget_s=bad)
+
+
+def test_bench_plot_names_a_corrupt_results_file_with_exit_status_2(tmp_path, capsys):
+    from apm_fast.bench import plots
+
+    (tmp_path / "ok.json").write_text('{"suite": "gate"}')
+    (tmp_path / "torn.json").write_text('{"suite": "scal')
+    assert plots.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bench-plot:" in err and "torn.json: not a results JSON file" in err
+    (tmp_path / "torn.json").write_text('[1, 2]')
+    assert plots.main([str(tmp_path)]) == 2
+    assert "torn.json: not a results JSON file (a list" in capsys.readouterr().err
+    (tmp_path / "torn.json").unlink()
+    assert plots.main([str(tmp_path)]) == 0

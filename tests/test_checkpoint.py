@@ -1,4 +1,6 @@
 """The authors' two checkpoint layouts load into the package's modules; own files round-trip."""
+import os
+import stat
 import warnings
 
 import pytest
@@ -122,8 +124,14 @@ def test_loads_from_torch_file_with_module_prefix(tmp_path):
 def test_own_safetensors_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = APM(preset("ttt-b16", grid=4, patch=2, hidden=(24, 16), dim=16, heads=2, rgb_head=True))
-    path = tmp_path / "m.safetensors"
-    model.save(path)
+    path = tmp_path / "new" / "folder" / "m.safetensors"        # the folder is made
+    old_mask = os.umask(0o022)
+    try:
+        model.save(path)
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644                  # not a temporary file's 0600
+    assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]  # no temporary file left
     loaded = APM.load(path)
     assert loaded.config == model.config
     for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

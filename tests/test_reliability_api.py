@@ -2,6 +2,7 @@
 user class names are refused."""
 import numpy as np
 import pytest
+import torch
 
 from apm_fast import APMConfig, preset
 from apm_fast.teachers import imagenet_classnames, resolve_classes
@@ -92,3 +93,41 @@ def test_the_builtin_imagenet_list_passes_as_a_list_and_other_repeats_are_refuse
     tampered[1] = tampered[0]
     with pytest.raises(ValueError, match=r"classes\[0\] and classes\[1\]"):
         resolve_classes(tampered)
+
+
+# ---------------------------------------------------------------- public helpers' arguments
+def test_position_code_refuses_what_is_not_a_positive_integer():
+    import numpy as np
+
+    from apm_fast import position_code
+
+    for args, message in (((-4, 4), "d: expected a positive integer, got -4"),
+                          ((8.9, 2), "d: expected a positive integer, got 8.9"),
+                          (("8", 2), "d: expected a positive integer, got '8'"),
+                          ((0, 4), "d: expected a positive integer, got 0"),
+                          ((8, 2, 0), "width: expected a positive integer, got 0")):
+        with pytest.raises(ValueError, match=message):
+            position_code(*args)
+    assert torch.equal(position_code(np.int64(8), np.int64(3)), position_code(8, 3))
+
+
+def test_preset_and_trainer_name_what_they_expected():
+    import torch.nn as nn
+
+    from apm_fast import TestTimeTrainer, preset
+
+    with pytest.raises(ValueError, match=r"preset: unknown name \['ttt-b16'\]; expected one of"):
+        preset(["ttt-b16"])
+    with pytest.raises(TypeError, match="model: expected an apm_fast.APM, got Linear"):
+        TestTimeTrainer(nn.Linear(2, 2))
+
+
+def test_classify_names_a_bad_in_memory_image_once(tmp_path):
+    from apm_fast import APM, TestTimeTrainer, classify
+    from tiny_clip import TINY_DIM, random_teacher, write_config
+
+    model = APM(preset("ttt-b16", grid=4, patch=4, hidden=(16,), dim=TINY_DIM, heads=2))
+    with pytest.raises(ValueError) as info:
+        classify(TestTimeTrainer(model, steps=1), [torch.zeros(3, 20, 30, dtype=torch.int64)],
+                 random_teacher(write_config(tmp_path)), ["cat", "dog"], progress=False)
+    assert str(info.value).count("images[0]") == 1, str(info.value)

@@ -16,7 +16,7 @@ __all__ = ["add_parser", "build_options", "run", "main"]
 
 
 def _add_bench_arguments(p: argparse.ArgumentParser):
-    from ..commands.common import non_negative_int, positive_int
+    from ..commands.common import non_negative_int, positive_float, positive_int, preset_name
     from ..config import PRESETS
 
     p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=None,
@@ -36,12 +36,12 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
     size.add_argument("--full", action="store_true", help="full sizes even on the CPU (slow)")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats, >= 20 (default: %(default)s)")
     p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed calls first (default: %(default)s)")
-    p.add_argument("--authors-presets", nargs="*", default=None, metavar="PRESET",
+    p.add_argument("--authors-presets", nargs="*", type=preset_name, default=None, metavar="PRESET",
                    help="presets at which the (slow) authors-style step runs (default: all)")
-    p.add_argument("--compile-presets", nargs="*", default=None, metavar="PRESET",
+    p.add_argument("--compile-presets", nargs="*", type=preset_name, default=None, metavar="PRESET",
                    help="presets at which torch.compile runs (default: all on the GPU, "
                         "ttt-l14 in quick mode)")
-    p.add_argument("--engine-presets", nargs="*", default=None, metavar="PRESET",
+    p.add_argument("--engine-presets", nargs="*", type=preset_name, default=None, metavar="PRESET",
                    help="TTT presets at which the engine section times each table's plain step at one "
                         "image, beside the engine preset's rows (default: every TTT preset of --preset)")
     p.add_argument("--scaling-grids", nargs="+", type=positive_int, default=None, metavar="G",
@@ -54,7 +54,7 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
                    help="images per teacher in the evaluation section (default: 128)")
     p.add_argument("--tpt-towers", nargs="*", default=None, metavar="MODEL",
                    help="open_clip towers for the TPT rows of Table 4 (default: ViT-B-16)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--time-budget", type=positive_float, default=None, metavar="SECONDS",
                    help="soft limit: once spent, what has not started is recorded as skipped")
     p.add_argument("--ab", default=None, metavar="SETTING=V1,V2",
                    help="measure one engine setting's values in turns, on every kernel table and every S of "
@@ -68,12 +68,11 @@ def _add_bench_arguments(p: argparse.ArgumentParser):
 
 def build_options(args):
     """BenchOptions from parsed arguments."""
-    import torch
-
+    from ..commands.common import pick_device
     from .options import BenchOptions
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    quick = args.quick or (torch.device(device).type == "cpu" and not args.full)
+    device = str(pick_device(args.device))          # a bad or absent device: a CLIError, exit 2
+    quick = args.quick or (device == "cpu" and not args.full)
     kw = dict(device=device, repeats=args.repeats, warmup=args.warmup, skip=tuple(args.skip),
               out=None if args.no_out else args.out, plots=not args.no_plots,
               time_budget_s=args.time_budget)
@@ -112,9 +111,11 @@ def run(args) -> int:
 
     if getattr(args, "commit", None):
         os.environ["APM_FAST_COMMIT"] = args.commit
+    from ..cli import CLIError
+
     try:
         options = build_options(args)
-    except ValueError as exc:
+    except (ValueError, CLIError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     result = run_suite(options)

@@ -102,6 +102,15 @@ class BenchOptions:
         bad = [p for p in self.presets if p not in PRESETS]
         if bad:
             raise ValueError(f"presets: unknown {bad}; expected some of {sorted(PRESETS)}")
+        for name in ("authors_presets", "compile_presets"):
+            bad = [p for p in getattr(self, name) or () if p not in PRESETS]
+            if bad:
+                raise ValueError(f"{name}: unknown {bad}; expected some of {sorted(PRESETS)}")
+        if self.time_budget_s is not None and not (isinstance(self.time_budget_s, (int, float))
+                                                   and not isinstance(self.time_budget_s, bool)
+                                                   and 0 <= self.time_budget_s < float("inf")):
+            raise ValueError(f"time_budget_s: expected a finite number of seconds >= 0 (0: spent) or None, "
+                             f"got {self.time_budget_s!r}")
         bad = [p for p in self.engine_presets or () if p not in PRESETS or not PRESETS[p].pool]
         if bad:
             raise ValueError(f"engine_presets: {bad} are not TTT presets; expected some of "

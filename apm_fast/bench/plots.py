@@ -247,7 +247,12 @@ _PLOTTERS = {"scaling": plot_scaling, "ttt_step": plot_step, "forward": plot_for
 def plot_file(json_path: Path, out_dir: Path | None = None):
     """The PNG for one result file (None for files without a plot, e.g. the gate's)."""
     json_path = Path(json_path)
-    doc = json.loads(json_path.read_text())
+    try:
+        doc = json.loads(json_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{json_path}: not a results JSON file ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{json_path}: not a results JSON file (a {type(doc).__name__}, not an object)")
     fn = _PLOTTERS.get(doc.get("suite"))
     if fn is None:
         return None
@@ -294,7 +299,7 @@ def add_parser(subparsers):
 def run(args) -> int:
     try:
         made = plot_dir(args.directory, args.out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"bench-plot: {exc}", file=sys.stderr)
         return 2
     for p in made:

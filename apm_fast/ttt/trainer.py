@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backends import resolve_backend
+from ..config import APMConfig
 from ..ops.precision import precision_name
 from ..validation import check_images, check_targets, check_training
 
@@ -83,6 +84,8 @@ class TestTimeTrainer:
     def __init__(self, model, steps: int = 20, lr: float = 1e-4, backend: str | None = None, *,
                  betas=(0.9, 0.999), eps: float = 1e-8, normalize_target: bool = False,
                  students: int | None = None, precision=None, shards=None, moments=None):
+        if not isinstance(getattr(model, "config", None), APMConfig):
+            raise TypeError(f"model: expected an apm_fast.APM, got {type(model).__name__}")
         if not model.config.pool:
             raise ValueError("model: TTT regresses the pooled feature, but this config has pool=False")
         check_training(steps=steps, lr=lr, betas=betas, eps=eps, students=students)

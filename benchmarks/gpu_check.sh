@@ -15,8 +15,9 @@
 #               spaces, not globbed: patterns unquoted)
 #
 # Stages can be split over several calls while the machine stays warm (the build stays in place).
-# The GPU image lacks open_clip/ftfy/wcwidth, setuptools and the CUTLASS headers: they travel as
-# wheels in .whl/ at the repository root and are installed into /tmp/site.
+# Where the machine's Python lacks open_clip/ftfy/wcwidth, setuptools and the CUTLASS headers, they
+# come as wheels in .whl/ at the repository root and are installed into $APM_FAST_SITE (default:
+# site/ under $TMPDIR or /tmp), which is put on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-$PWD/gpu-out}
@@ -28,13 +29,14 @@ trap 'tar -czf "$FINAL/gpu-run.tgz" -C "$WORK" gpu-run' EXIT
 STAGES=${*:-env build tests memcheck sweep bench}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=${PY:-python3}
+SITE=${APM_FAST_SITE:-${TMPDIR:-/tmp}/site}
 status=0
 step() { echo; echo "=== $* ($(date +%T)) ==="; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    && export PYTHONPATH=$SITE:${PYTHONPATH:-}
 else
   echo "note: no wheels in $PWD/.whl (open_clip, CUTLASS): teacher tests and the CUTLASS build may fail"
 fi

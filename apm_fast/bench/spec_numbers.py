@@ -1,4 +1,4 @@
-"""The numbers measured on the lent H100 that the results are compared against (spec section 4,
+"""The numbers measured on an H100 that the results are compared against (spec section 4,
 and the FLOP counts of spec section 3). Only for printing beside ours: nothing is derived from them."""
 
 H100_TTT_STEP_MS = {                      # ttt-l14, one image, bf16 unless said

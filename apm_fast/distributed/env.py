@@ -15,8 +15,8 @@ import torch.distributed as dist
 __all__ = ["DistInfo", "init_distributed", "launched_world_size", "rank_and_world", "cpu_group",
            "NVLS_OFF"]
 
-# NVLink multicast (NVLS) must stay off on the lent multi-GPU machines; every entry point that can
-# reach NCCL sets these before the first NCCL communicator is created.
+# NVLink multicast (NVLS) must stay off on the multi-GPU machines the package is measured on; every
+# entry point that can reach NCCL sets these before the first NCCL communicator is created.
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}
 

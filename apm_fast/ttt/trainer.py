@@ -76,7 +76,7 @@ class TestTimeTrainer:
     in memory). ``precision``: the GEMM dtype of the engine ("bf16", "fp16", "fp32", "fp64";
     None: bf16 for an fp32 model on a GPU, the model's dtype otherwise); the master weights stay
     in fp32 (fp64 for fp64 models), and so do Adam's moments unless ``moments="bf16"`` (half their
-    memory and traffic; the triton and torch tables; its effect: docs/engine.md).
+    memory and traffic; every table; its effect: docs/engine.md).
     """
 
     __test__ = False  # not a pytest class despite the name

@@ -13,8 +13,10 @@ classify it against the same class list. Labels and predictions are class indice
 predicted class, the top-5 classes and their probabilities and the time in ms; APM's loss curve),
 flushed and fsynced, so a run killed at any point (SIGKILL included) and started again with the
 same ``DIR`` goes on where it stopped: complete lines are kept, a torn last line is cut, no image
-is done twice. ``DIR/run.json`` holds the run's settings; a run with other settings into the same
-``DIR`` is refused (more datasets, or a larger ``limit``, may be added to a run). At the end
+is done twice (a records file holding other lines is refused). ``DIR/run.json`` holds the run's
+settings, each dataset's class list (count and short sha256) and the precision the training
+resolved; a run with other settings into the same ``DIR`` is refused (more datasets, or a larger
+``limit``, may be added to a run). Nothing is written before the datasets and options are checked. At the end
 ``summary.csv``, ``summary.md`` (dataset x method: top-1, top-5, images, images/s; settings and
 machine line) and ``summary.png`` (grouped bars) are written from every record in ``DIR``.
 
@@ -88,9 +90,10 @@ class EvalSettings:
         return d
 
 
-def _check_out(out: Path, settings: EvalSettings) -> None:
-    """Make ``out`` (before any long work) and refuse a run whose settings differ from the one
-    already there."""
+def _check_out(out: Path, settings: EvalSettings, classes: dict) -> dict:
+    """Make ``out`` (before any long work) and refuse a run whose settings or class lists differ
+    from the one already there; returns the run file's content to write once the run starts
+    (``classes``: per dataset, the class list's count and short sha256; datasets may be added)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -100,34 +103,61 @@ def _check_out(out: Path, settings: EvalSettings) -> None:
         raise ValueError(f"out: cannot write into {str(out)!r} ({exc.strerror or exc})") from None
     run = out / "run.json"
     mine = settings.to_dict()
+    if not run.exists():
+        return {"settings": mine, "classes": classes}
+    try:
+        data = json.loads(run.read_text())
+        theirs = data["settings"]
+        diff = [(k, theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs))
+                if mine.get(k) != theirs.get(k)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"out: {str(run)!r} is not a run file of apm-fast eval ({exc}); use another --out") from None
+    known = data.get("classes")
+    if not isinstance(known, dict):             # a run file that does not say which classes
+        diff.append(("classes", known, classes))
+        known = {}
+    diff += [(f"classes of {k}", known[k], classes[k]) for k in sorted(set(known) & set(classes))
+             if known[k] != classes[k]]
+    _refuse(out, diff)
+    return dict(data, classes={**known, **classes})
+
+
+def _refuse(out: Path, diff) -> None:
+    if diff:
+        raise ValueError(f"out: {str(out)!r} holds a run with other settings ("
+                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:4])
+                         + "); use another --out, or the same settings to continue it")
+
+
+def _start_run(out: Path, content: dict, precision) -> None:
+    """The run file, with the precision the trainer resolved (None without APM), once it is
+    known; a run continued at another precision is refused."""
+    run = out / "run.json"
     if run.exists():
-        try:
-            theirs = json.loads(run.read_text())["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"out: {str(run)!r} is not a run file of apm-fast eval ({exc}); use another --out") from None
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            raise ValueError(f"out: {str(out)!r} holds a run with other settings ("
-                             + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff[:4])
-                             + "); use another --out, or the same settings to continue it")
-    else:
-        tmp = run.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"settings": mine}, indent=1))
-        os.replace(tmp, run)
+        if content.get("precision") != precision:
+            _refuse(out, [("precision", content.get("precision"), precision)])
+        if json.loads(run.read_text()) == dict(content, precision=precision):
+            return                               # nothing new (datasets added: rewritten)
+    content = dict(content, precision=precision)
+    tmp = run.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    os.replace(tmp, run)
 
 
 def _trainer(settings: EvalSettings, teacher, device):
-    from .commands.common import PRESET_FOR_DIM
+    from .commands.common import PRESET_FOR_DIM, student_memory
     from .config import preset
     from .model import APM
     from .ttt import TestTimeTrainer
 
     name = settings.preset if settings.preset != "auto" else PRESET_FOR_DIM.get(teacher.dim, "ttt-b16")
     over = {k: v for k, v in (("grid", settings.grid), ("hidden", settings.hidden)) if v is not None}
-    torch.manual_seed(settings.seed)
-    model = APM(preset(name, dim=teacher.dim, **over), device=device)
-    return TestTimeTrainer(model, steps=settings.steps, lr=settings.lr, precision=settings.precision,
-                           moments=settings.moments)
+    config = preset(name, dim=teacher.dim, **over)
+    with student_memory(config, device):
+        torch.manual_seed(settings.seed)
+        model = APM(config, device=device)
+        return TestTimeTrainer(model, steps=settings.steps, lr=settings.lr, precision=settings.precision,
+                               moments=settings.moments)
 
 
 def _methods(settings: EvalSettings, teacher, evalset, device):
@@ -173,42 +203,64 @@ def evaluate(root, datasets: Sequence[str], *, teacher, out, settings: EvalSetti
              classes_file=None, device=None, progress: bool | None = None, log=None) -> List[dict]:
     """Run (or continue) the evaluation into ``out`` and write its summary; returns the summary
     rows (one per dataset and method). ``teacher``: an ``apm_fast.teachers.Teacher`` whose name
-    and weights match ``settings`` (the CLI builds both from one set of options)."""
+    and weights match ``settings`` (the CLI builds both from one set of options), or a function
+    returning one, called once the datasets, the options and ``out`` are checked (so that their
+    errors come before a long load). ``corruption``/``severity`` (``imagenet-c``) and
+    ``classes_file`` (``folder``) are refused when no listed dataset uses them."""
     from .classify import iter_classify
+    from .commands.common import class_list_id
     from .datasets import load_dataset
-    from .distributed.results import RecordWriter, read_records
+    from .distributed.results import RecordWriter, ResultsFileError, read_records
+    from .teachers import Teacher
+    from .validation import refuse_repeats
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(out)
-    _check_out(out, settings)
-    sets = [load_dataset(root, d, corruption=corruption if d == "imagenet-c" else None,
-                         severity=severity if d == "imagenet-c" else None,
-                         classes_file=classes_file if d == "folder" else None, limit=limit) for d in datasets]
+    datasets = list(datasets)
+    refuse_repeats(datasets, lambda d, a, b: f"datasets: {d!r} is listed twice (positions {a} and {b}); "
+                                             f"each dataset is evaluated once")
+    # the sets first, then the run folder, then the teacher: a wrong argument is refused before
+    # anything is written or loaded. An option no listed set uses goes to the first, which refuses it.
+    has_c, has_folder = "imagenet-c" in datasets, "folder" in datasets
+    sets = [load_dataset(root, d, corruption=corruption if d == "imagenet-c" or not has_c else None,
+                         severity=severity if d == "imagenet-c" or not has_c else None,
+                         classes_file=classes_file if d == "folder" or not has_folder else None, limit=limit)
+            for d in datasets]
+    run = _check_out(out, settings, {s.id: {"count": len(s.classnames), "sha256": class_list_id(s.classnames)}
+                                     for s in sets})
+    records_path = out / "records.jsonl"
+    try:
+        done = {r["key"] for r in read_records(records_path, "key")}
+    except ResultsFileError as exc:
+        raise ValueError(f"out: {exc}; use another --out") from None
+    if not isinstance(teacher, Teacher):
+        teacher = teacher()
     device = torch.device(device) if device is not None else teacher.device
     trainer = _trainer(settings, teacher, device) if "apm" in settings.methods else None
-    records_path = out / "records.jsonl"
-    done = {r["key"] for r in read_records(records_path, "key")}
+    _start_run(out, run, trainer.precision if trainer is not None else None)
     skipped = 0
     with RecordWriter(records_path) as writer:
         for evalset in sets:
-            todo = [(p, y) for p, y in evalset.items if f"{evalset.id}:{p}" not in done]
+            todo = [(i, p, y) for i, (p, y) in enumerate(evalset.items) if f"{evalset.id}:{p}" not in done]
             log(f"{evalset.id}: {len(evalset.items)} images ({len(evalset.items) - len(todo)} already in "
                 f"{records_path}), {evalset.num_classes} classes")
             if not todo:
                 continue
             methods, views = _methods(settings, teacher, evalset, device)
+            if views is not None:            # each image's views by its index in the set, resumed or not
+                views = views.of([i for i, _, _ in todo])
             apm_text = evalset.templates if settings.apm_templates == "ensemble" else [SINGLE]
             bar = _bar(len(todo), evalset.id, progress)
             hits: Dict[str, int] = {}
             n, t0 = 0, time.perf_counter()
-            for r in iter_classify(trainer, [p for p, _ in todo], teacher, list(evalset.classnames),
+            for r in iter_classify(trainer, [p for _, p, _ in todo], teacher, list(evalset.classnames),
                                    templates=apm_text, topk=5, methods=methods, views=views):
                 if r.error is not None:
                     skipped += 1
-                    bar.write(f"apm-fast eval: skipped {todo[r.index][0]}: {r.error}", file=sys.stderr)
+                    bar.write(f"apm-fast eval: skipped {todo[r.index][1]}: {r.error}", file=sys.stderr)
                     bar.update(1)
                     continue
-                rec = _record(evalset, r, todo[r.index][1])
+                rec = _record(evalset, r, todo[r.index][2])
                 writer.append(rec)
                 n += 1
                 for name, m in rec["methods"].items():

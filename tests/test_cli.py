@@ -109,6 +109,30 @@ def test_ttt_setup_errors_are_one_line(setup, capsys, args, message):
     assert err.startswith("apm-fast ttt: error: ") and message in err and "Traceback" not in err
 
 
+def test_a_student_too_large_for_the_memory_is_one_line(setup, capsys, monkeypatch):
+    """A real failed allocation (the first layer's 800 PB, past any address space), then the
+    CUDA allocator's own exception (simulated: no GPU here): a one-line error naming the sizes
+    and the bytes asked for, exit code 2."""
+    rc = _ttt(setup, "--grid", "1000000", "--hidden", "100000,16")
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    (line,) = [x for x in err.splitlines() if "error" in x]
+    assert line.startswith("apm-fast ttt: error: --grid 1000000, --hidden 100000,16: the student does not fit")
+    assert "asked for 800000000000000000 bytes" in line
+
+    import apm_fast.model
+
+    def cuda_oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                     "capacity of 79.11 GiB of which 1.5 GiB is free.")
+
+    monkeypatch.setattr(apm_fast.model, "APM", cuda_oom)
+    assert _ttt(setup) == 2
+    err = capsys.readouterr().err
+    assert "apm-fast ttt: error: --grid 4, --hidden 32,16: the student does not fit" in err
+    assert "(asked for 2.00 GiB)" in err and "Traceback" not in err
+
+
 def test_ttt_empty_folder(setup, tmp_path, capsys):
     assert main(["ttt", str(tmp_path), "--teacher", str(setup["config"]), *TINY_STUDENT]) == 2
     assert "no image files found" in capsys.readouterr().err
@@ -127,6 +151,12 @@ def test_ttt_empty_folder(setup, tmp_path, capsys):
     (["bench", "--students-list", "1", "0"], "--students-list: expected a positive integer, got '0'"),
     (["bench", "--e2e-images", "-1"], "--e2e-images: expected a non-negative integer, got '-1'"),
     (["nonsense"], "invalid choice: 'nonsense'"),
+    # the seed's one argument type (ttt, eval, demo): a negative or int64-overflowing seed
+    (["demo", "--seed", "-1"], "--seed: expected an integer in [0, 2**63 - 1], got '-1'"),
+    (["demo", "--seed", str(2 ** 63)], "--seed: expected an integer in [0, 2**63 - 1]"),
+    # a dataset given twice would be written and counted twice
+    (["eval", "root", "--dataset", "imagenet-a", "--dataset", "imagenet-r", "--dataset", "imagenet-a"],
+     "argument --dataset: 'imagenet-a' is given twice"),
 ])
 def test_bad_arguments(capsys, args, message):
     with pytest.raises(SystemExit) as info:

@@ -14,6 +14,7 @@ missing 1/world, a max not shared by the ranks) is of order one.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import _dist_workers as W
 from apm_fast import TestTimeTrainer, preset
 from apm_fast.distributed import query_slice, read_records, run_sharded
 from apm_fast.distributed.ranks import input_keys, shard_indices
-from apm_fast.distributed.results import RecordWriter, part_path, parts_dir
+from apm_fast.distributed.results import RecordWriter, ResultsFileError, part_path, parts_dir
 
 RTOL = 1e-12
 STEPS, LR = 4, 1e-2        # a large lr so that the few steps move the parameters a lot
@@ -83,9 +84,40 @@ def test_torn_last_line_is_dropped_and_cut_before_appending(tmp_path):
         w.append({"input": "c", "v": 3})
     assert p.read_text().endswith('{"input": "c", "v": 3}\n')
     assert [r["v"] for r in read_records(p, "input")] == [1, 2, 3]
-    p.write_text('{"input": "a"}\nnot json\n')
-    with pytest.warns(RuntimeWarning, match="ignored"):
-        assert [r["input"] for r in read_records(p, "input")] == ["a"]
+
+def test_a_line_that_is_not_a_record_is_refused_naming_it(tmp_path):
+    """A results file is rewritten from its records: a complete line that is not one (or a last
+    line that cannot be the start of one) makes the file refused, naming the file and the line."""
+    p = tmp_path / "out.jsonl"
+    for text, bad in (('{"input": "a"}\n\nnot json\n{"input": "b"}\n', 3), ('{"input": "a"}\n{"v": 1}\n', 2),
+                      ('{"input": "a"}\n["a"]\n', 2), ('{"input": "a"}\nmy notes', 2)):
+        p.write_text(text)
+        with pytest.raises(ResultsFileError, match=re.escape(f"{str(p)!r} line {bad}: expected a results "
+                                                             f"record (a JSON object with a string 'input' field)")):
+            read_records(p, "input")
+    with pytest.raises(ResultsFileError):
+        run_sharded(["a", "c"], lambda x: {"v": 1}, p)
+    assert p.read_text() == '{"input": "a"}\nmy notes', "the file is left as it was"
+
+
+def test_an_interrupted_process_merges_what_it_finished(tmp_path):
+    """KeyboardInterrupt in the middle of a one-process run: the finished records are in the
+    results file (no per-rank file left), and the same call again computes the rest."""
+    out = tmp_path / "out.jsonl"
+    inputs = ["x1", "x2", "x3", "x4"]
+
+    def process(x):
+        if x == "x3":
+            raise KeyboardInterrupt
+        return {"v": int(x[1:])}
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sharded(inputs, process, out)
+    assert [(r["input"], r["v"]) for r in read_records(out, "input")] == [("x1", 1), ("x2", 2)]
+    assert not parts_dir(out).exists()
+    run = run_sharded(inputs, lambda x: {"v": int(x[1:])}, out)
+    assert run.skipped == 2 and run.computed == 2
+    assert [r["v"] for r in read_records(out, "input")] == [1, 2, 3, 4]
 
 
 def test_single_process_run_resumes_without_recomputing(tmp_path):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from apm_fast.baselines import TPT, Zero, select_confident
+from apm_fast.baselines import TPT, Views, Zero, _augmix_ops, select_confident
 from apm_fast.cli import main
 from apm_fast.evaluation import EvalSettings, summarize
 from tiny_clip import TINY_DIM, random_teacher, write_config
@@ -59,6 +59,83 @@ def test_zero_votes_the_confident_views_argmax():
         best = np.flatnonzero(votes == votes.max())
         assert int(got[b].argmax()) in best
         assert np.allclose(got[b].softmax(-1).numpy(), votes / votes.sum(), atol=1e-3)   # the vote share
+
+
+def test_zero_breaks_a_tie_by_the_next_confident_view_as_zero_does():
+    """Two kept views vote for classes 0 and 1 (a tie); of the views left out, by increasing
+    entropy, the first to vote for 0 or 1 decides (here class 1, behind one voting 2); with none,
+    the first view left out's larger tied logit decides."""
+    text = torch.eye(4)
+    def view(c, strength):                   # an embedding pointing at class c, sharper when strong
+        v = torch.full((4,), 0.1)
+        v[c] = strength
+        return v
+    views = torch.stack([view(0, 9.0), view(1, 8.0), view(2, 0.9), view(1, 0.8), view(0, 0.7),
+                         torch.full((4,), 0.5), torch.full((4,), 0.5), torch.full((4,), 0.5),
+                         torch.full((4,), 0.5), torch.full((4,), 0.5)])[None]
+    got = Zero("zero", text, keep=0.2)(None, views)[0]
+    assert int(got.argmax()) == 1
+    assert got.softmax(-1)[:2].tolist() == pytest.approx([0.5, 0.5], abs=1e-3)       # the vote share
+    views[0, 3] = view(3, 0.8)               # now the first left-out vote for 0 or 1 is class 0's
+    assert int(Zero("zero", text, keep=0.2)(None, views)[0].argmax()) == 0
+    other = torch.tensor([0.2, 0.3, 0.9, 0.1])             # votes 2: no left-out view votes for 0 or 1
+    two = torch.stack([view(0, 9.0), view(1, 8.0), other])[None]
+    assert int(Zero("zero", text, keep=0.67)(None, two)[0].argmax()) == 1   # its larger tied logit
+    two[0, 2] = torch.tensor([0.3, 0.2, 0.9, 0.1])
+    assert int(Zero("zero", text, keep=0.67)(None, two)[0].argmax()) == 0
+
+
+def test_views_are_tpts_crops_and_augmix_drawn_by_the_image_index():
+    """Views: bilinear random crops and flips, TPT's AugMix (its nine operations, none of the
+    four that overlap ImageNet-C's corruptions) on fine-grained sets; the same image index gives
+    the same views, also for a subset (:meth:`Views.of`, a resumed run)."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    v = Views(5, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augmix=True, seed=3)
+    a = v(img, 7)
+    assert a.shape == (4, 3, 16, 16) and torch.equal(a, v(img, 7)) and not torch.equal(a, v(img, 6))
+    assert torch.equal(v.of([2, 7, 9])(img, 1), a)
+    ops = _augmix_ops()
+    assert len(ops) == 9
+    square = img.resize((30, 30))
+    rng = np.random.default_rng(1)
+    solarize = ops[4]
+    light = Image.new("RGB", (8, 8), (230, 230, 230))
+    for _ in range(50):                      # severity 1: solarize inverts only from 231 up
+        assert solarize(light, 1.0, rng).getpixel((0, 0)) == (230, 230, 230)
+    assert any(solarize(light, 10.0, rng).getpixel((0, 0)) != (230, 230, 230) for _ in range(50))
+    for op in ops:                           # every operation keeps the crop's size and mode
+        out = op(square, 1.0, rng)
+        assert out.size == square.size and out.mode == "RGB"
+    plain = Views(5, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augmix=False, seed=3)(img, 7)
+    assert not torch.equal(plain, a)
+
+
+def test_tpt_with_several_steps_keeps_the_views_chosen_at_the_first(tmp_path):
+    """With steps > 1 the confident views are those of the first step (TPT's harness selects
+    once), restated with the text tower written out."""
+    teacher = random_teacher(write_config(tmp_path), seed=3)
+    model = teacher.model
+    torch.manual_seed(2)
+    target, views = torch.randn(1, TINY_DIM), torch.randn(1, 20, TINY_DIM)
+    got = TPT("tpt", teacher, CLASSES, steps=3, lr=0.5)(target, views)
+    tokens = teacher.tokenizer([f"a photo of a {c}." for c in CLASSES])
+    ctx = torch.nn.Parameter(model.token_embedding(tokens[:1])[0, 1:5].detach().clone())
+    opt = torch.optim.AdamW([ctx], lr=0.5)
+    feats = F.normalize(views[0], dim=-1)
+    chosen = None
+    for _ in range(3):
+        logits = 100 * feats @ F.normalize(_encode_text(model, tokens, ctx), dim=-1).t()
+        if chosen is None:
+            ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+            chosen = ent.argsort()[:2]
+        avg = logits[chosen].softmax(-1).mean(0)
+        loss = -(avg * avg.log()).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        want = 100 * F.normalize(target, dim=-1) @ F.normalize(_encode_text(model, tokens, ctx), dim=-1).t()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def _encode_text(model, tokens, ctx):
@@ -160,6 +237,18 @@ def test_eval_end_to_end_and_a_rerun_adds_nothing(root, tmp_path, capsys):
     # other settings into the same folder are refused before any work
     assert main(_args(root, out, methods="zeroshot")) == 2
     assert "holds a run with other settings" in capsys.readouterr().err
+    # run.json states the class list and the precision the training used
+    run = json.loads((out / "run.json").read_text())
+    want = "bf16" if torch.cuda.is_available() else "fp32"
+    assert run["precision"] == want and run["classes"]["folder"]["count"] == 4
+    # another class file of the same length is another run
+    other = tmp_path / "other.txt"
+    other.write_text("cat\ndog\ntree\nship\n")
+    args = [a if a != str(root["classes"]) else str(other) for a in _args(root, out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"(classes of folder: {run['classes']['folder']!r} there, {{'count': 4, 'sha256': " in err, err
+    assert json.loads((out / "run.json").read_text()) == run
 
 
 def test_killed_run_resumes_with_nothing_lost_or_twice(root, tmp_path):
@@ -173,7 +262,7 @@ def test_killed_run_resumes_with_nothing_lost_or_twice(root, tmp_path):
             "e._record = lambda *a: (time.sleep(0.2), record(*a))[1]\n"
             "from apm_fast.cli import main\n"
             "sys.exit(main(sys.argv[1:]))")
-    cmd = [sys.executable, "-c", code] + _args(root, out, methods="zeroshot,apm")
+    cmd = [sys.executable, "-c", code] + _args(root, out, methods="zeroshot,apm,zero")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = out / "records.jsonl"
     deadline = time.time() + 120
@@ -185,24 +274,69 @@ def test_killed_run_resumes_with_nothing_lost_or_twice(root, tmp_path):
     assert 4 <= len(before.splitlines()) < 12, "killed in the middle of the run"
     with open(records, "ab") as f:                              # and as if the kill tore a line
         f.write(b'{"key": "folder:torn", "dataset": "fol')
-    assert main(_args(root, out, methods="zeroshot,apm")) == 0
-    assert main(_args(root, ref, methods="zeroshot,apm")) == 0
+    assert main(_args(root, out, methods="zeroshot,apm,zero")) == 0
+    assert main(_args(root, ref, methods="zeroshot,apm,zero")) == 0
     lines = records.read_text().splitlines()
     got = {json.loads(x)["key"]: json.loads(x) for x in lines}
     assert len(lines) == len(got) == 12, "every image once"
     want = {json.loads(x)["key"]: json.loads(x) for x in (ref / "records.jsonl").read_text().splitlines()}
     assert set(got) == set(want)
     for k, r in got.items():
-        for m in ("zeroshot", "apm"):
+        for m in ("zeroshot", "apm", "zero"):      # ZERO: each image's views drawn as in a whole run
             assert r["methods"][m]["top5"] == want[k]["methods"][m]["top5"], (k, m)
+            assert r["methods"][m]["probs"] == pytest.approx(want[k]["methods"][m]["probs"], abs=1e-6), (k, m)
         assert r["apm_losses"] == pytest.approx(want[k]["apm_losses"], rel=1e-5)
 
 
-def test_eval_refuses_a_root_without_the_dataset(root, tmp_path, capsys):
+@pytest.fixture
+def no_teacher(monkeypatch):
+    """Loading the teacher fails the test: what is checked here comes before it."""
+    from apm_fast.commands import common
+
+    monkeypatch.setattr(common, "build_teacher", lambda *a, **k: pytest.fail("built the teacher first"))
+
+
+def test_eval_refuses_a_root_without_the_dataset(root, tmp_path, capsys, no_teacher):
+    out = tmp_path / "o"
     assert main(["eval", str(tmp_path), "--dataset", "imagenet-a", "--teacher", str(root["config"]),
-                 "--pretrained", "none", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+                 "--pretrained", "none", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "imagenet-a" in err and "error" in err
+    assert not out.exists(), "nothing written: the corrected command is not taken for another run"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--corruption", "fog"], "corruption (--corruption) applies only to imagenet-c, not to 'folder'"),
+    (["--severity", "3"], "severity (--severity) applies only to imagenet-c, not to 'folder'"),
+])
+def test_eval_refuses_options_no_listed_dataset_uses(root, tmp_path, capsys, no_teacher, extra, message):
+    out = tmp_path / "o"
+    assert main(_args(root, out, *extra)) == 2
+    assert capsys.readouterr().err == f"apm-fast eval: error: {message}\n"
+    assert not out.exists()
+    args = ["eval", str(root["set"]), "--dataset", "imagenet-a", "--classes", str(root["classes"]),
+            "--teacher", str(root["config"]), "--pretrained", "none", "--out", str(out)]
+    assert main(args) == 2
+    assert "classes_file (--classes) applies only to 'folder', not to 'imagenet-a'" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_records_file_holding_other_lines(root, tmp_path, capsys, no_teacher):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "records.jsonl").write_text('{"key": "folder:x"}\nmy notes\n')
+    assert main(_args(root, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"apm-fast eval: error: out: {str(out / 'records.jsonl')!r} line 2: expected a "
+                          f"results record") and err.count("\n") == 1, err
+    assert (out / "records.jsonl").read_text() == '{"key": "folder:x"}\nmy notes\n'
+
+
+def test_evaluate_refuses_a_dataset_listed_twice(root, tmp_path):
+    from apm_fast.evaluation import evaluate
+
+    with pytest.raises(ValueError, match="datasets: 'folder' is listed twice"):
+        evaluate(root["set"], ["folder", "folder"], teacher=lambda: pytest.fail("teacher"), out=tmp_path / "o",
+                 classes_file=root["classes"])
 
 
 def test_eval_on_an_imagenet_set_takes_its_1000_names_with_their_repeats(root, tmp_path):
@@ -223,3 +357,11 @@ def test_eval_on_an_imagenet_set_takes_its_1000_names_with_their_repeats(root, t
     for r in records:
         for m in ("zeroshot", "apm"):
             assert all(0 <= k < 1000 for k in r["methods"][m]["top5"])
+
+
+def test_eval_says_in_one_line_when_the_student_does_not_fit(root, tmp_path, capsys):
+    """The same one-line error as ttt's (one check for both): the sizes and the bytes asked for."""
+    rc = main(_args(root, tmp_path / "big", "--grid", "1000000", "--hidden", "100000,16", methods="apm"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "--grid 1000000, --hidden 100000,16: the student does not fit in the memory of cpu" in err

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
+import re
 import sys
 import warnings
 
@@ -137,7 +139,7 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
                         "state stays fp32 (see --moments)")
     g.add_argument("--moments", default="fp32", choices=("fp32", "bf16"),
                    help="Adam's moments: fp32 (torch.optim.Adam's, the default) or bf16 (half their memory "
-                        "and traffic; triton and torch backends; effect: docs/engine.md)")
+                        "and traffic; the torch, triton and cuda backends; effect: docs/engine.md)")
     g.add_argument("--students", type=positive_int, default=None, metavar="N",
                    help="images trained side by side (default: as many as fit in memory on a GPU, 1 on a CPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -221,18 +223,52 @@ def build_config(args, teacher_dim: int, **defaults):
 
 
 def build_trainer(config, args, device):
-    """The student (seeded init on ``device``) and its trainer, from the shared options."""
+    """The student (seeded init on ``device``) and its trainer, from the shared options; a student
+    too large for the memory is a CLIError naming its sizes and the bytes asked for."""
     import torch
 
     from ..model import APM
     from ..ttt import TestTimeTrainer
 
-    with setup_errors():
+    with setup_errors(), student_memory(config, device):
         torch.manual_seed(args.seed)
         model = APM(config, device=device)
         return TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=args.backend,
                                normalize_target=args.normalize_target, students=getattr(args, "students", None),
                                precision=getattr(args, "precision", None), moments=getattr(args, "moments", None))
+
+
+@contextlib.contextmanager
+def student_memory(config, device):
+    """A failed allocation while a student of ``config`` is built on ``device`` becomes a
+    ValueError naming its sizes (--grid, --hidden) and the bytes asked for."""
+    import torch
+
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:      # torch.OutOfMemoryError is a RuntimeError
+        text = str(exc)
+        if not (isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "tried to allocate" in text.lower()):
+            raise
+        asked = re.search(r"allocate ([\d.]+ ?(?:bytes|[KMGTP]i?B|B))", text, re.IGNORECASE)
+        raise ValueError(f"--grid {config.grid}, --hidden {','.join(map(str, config.hidden))}: the student does "
+                         f"not fit in the memory of {device}"
+                         + (f" (asked for {asked.group(1)})" if asked else "")
+                         + "; give a smaller --grid or --hidden") from None
+
+
+def class_list_id(names) -> str:
+    """A short sha256 of the class names in order: which class list a result was made with."""
+    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
+
+
+def code_version() -> dict:
+    """The package version and the git commit when known, stated beside a run's settings."""
+    from .. import __version__
+    from ..bench.machine import git_commit
+
+    commit = git_commit()
+    return {"version": __version__, "commit": None if commit == "unknown" else commit}
 
 
 def eprint(*a):

@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="full preset and all ImageNet classes on a CPU too")
     p.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: the measured fastest here; apm-fast info)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the student's (and a random teacher's) init")
+    p.add_argument("--seed", type=common.seed, default=0,
+                   help="seed of the student's (and a random teacher's) init, in [0, 2**63 - 1]")
     return p
 
 

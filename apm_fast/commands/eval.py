@@ -14,6 +14,16 @@ from . import common
 HELP = "accuracy of APM's TTT beside zero-shot, ensemble, TPT and ZERO on labelled datasets"
 
 
+class _AppendOnce(argparse.Action):
+    """``--dataset``: repeatable, each value once (a set given twice would be written twice)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = list(getattr(namespace, self.dest, None) or [])
+        if values in given:
+            parser.error(f"argument {option_string}: {values!r} is given twice; each dataset is evaluated once")
+        setattr(namespace, self.dest, given + [values])
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..datasets import DATASETS, IMAGENET_C_CORRUPTIONS
     from ..evaluation import METHODS
@@ -24,8 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="example: apm-fast eval ~/data --dataset imagenet-a --methods zeroshot,ensemble,apm,tpt,zero "
                "--teacher ViT-B-16 --pretrained openai --out runs/a")
     p.add_argument("root", metavar="ROOT", help="the folder holding the datasets (for 'folder': the ImageFolder)")
-    p.add_argument("--dataset", action="append", required=True, choices=sorted(DATASETS), metavar="ID",
-                   help=f"a dataset id, repeatable: {', '.join(sorted(DATASETS))}")
+    p.add_argument("--dataset", action=_AppendOnce, required=True, choices=sorted(DATASETS), metavar="ID",
+                   help=f"a dataset id, repeatable (each id once): {', '.join(sorted(DATASETS))}")
     p.add_argument("--methods", default="zeroshot,ensemble,apm",
                    help=f"comma-separated, among {','.join(METHODS)} (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (records, summary); an existing "
@@ -49,7 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="GEMM dtype of the training (default: bf16 on a GPU, fp32 on a CPU)")
     g.add_argument("--moments", default="fp32", choices=("fp32", "bf16"),
                    help="Adam's moments: fp32 (torch.optim.Adam's, the default) or bf16 (half their memory "
-                        "and traffic; triton and torch backends; effect: docs/engine.md)")
+                        "and traffic; the torch, triton and cuda backends; effect: docs/engine.md)")
     g.add_argument("--apm-templates", default="ensemble", choices=("single", "ensemble"),
                    help="the class texts APM's feature is classified against (default: %(default)s)")
     b = p.add_argument_group("TPT and ZERO")
@@ -72,9 +82,13 @@ def run(args) -> int:
                                 preset=args.preset, grid=args.grid, hidden=args.hidden, steps=args.steps,
                                 lr=args.lr, seed=args.seed, precision=args.precision, moments=args.moments,
                                 apm_templates=args.apm_templates, views=args.views, tpt_lr=args.tpt_lr)
-    teacher = common.build_teacher(args.teacher, args.pretrained, device, args.seed)
-    if teacher.random_weights:
-        common.eprint(common.random_teacher_banner(teacher, "--pretrained none"))
+
+    def teacher():                   # built once the datasets and --out are checked
+        t = common.build_teacher(args.teacher, args.pretrained, device, args.seed)
+        if t.random_weights:
+            common.eprint(common.random_teacher_banner(t, "--pretrained none"))
+        return t
+
     skipped = []
     with common.setup_errors():
         rows = evaluate(args.root, args.dataset, teacher=teacher, out=args.out, settings=settings,

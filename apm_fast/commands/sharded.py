@@ -21,9 +21,23 @@ __all__ = ["start", "Shards"]
 KEY_FIELD = "image"          # already in every line: Classification.image, the path as given
 
 
+def input_keys(paths):
+    """The key of each image (its path as given), before any long work: an image listed twice
+    would be computed and written twice."""
+    from ..distributed.ranks import input_keys as keys_of
+
+    try:
+        return keys_of([os.fspath(p) for p in paths])
+    except ValueError as exc:
+        raise CLIError(f"IMAGES: {exc}") from None
+
+
 def check_out(out, inputs, *others) -> None:
-    """Before any long work: ``out`` can be written, and is not an input image or another file
-    the run reads (``others``: e.g. the classes file)."""
+    """Before any long work: ``out`` can be written, is not an input image or another file the
+    run reads (``others``: e.g. the classes file), and holds results records only (with the
+    per-process files of an interrupted run), since it is rewritten from them at the end."""
+    from ..distributed.results import ResultsFileError, existing_part_files, read_records
+
     if out == "-":
         return
     target = os.path.realpath(out)
@@ -34,10 +48,16 @@ def check_out(out, inputs, *others) -> None:
         open(out, "a", encoding="utf-8").close()
     except OSError as exc:
         raise CLIError(f"--out: cannot open {out!r} for appending ({exc.strerror or exc})") from None
+    try:
+        for src in [out] + existing_part_files(out):
+            read_records(src, KEY_FIELD)
+    except ResultsFileError as exc:
+        raise CLIError(f"--out: {exc}; give another --out") from None
 
 
-# run settings that may differ between a run and its restart (where and how, not what)
-_VOLATILE = ("students", "device", "backend")
+# run settings that may differ between a run and its restart (where and how, not what; and the
+# code that made each line, which every line states)
+_VOLATILE = ("students", "device", "backend", "version", "commit")
 
 
 def check_settings(out, run_info) -> None:
@@ -72,11 +92,10 @@ class Shards:
         same on every rank."""
         import torch.distributed as dist
 
-        from ..distributed.ranks import run_sharded, shard_indices
+        from ..distributed.ranks import run_sharded
         from .ttt import progress_bar
 
         check_settings(args.out, run_info)
-        share = len(shard_indices(self.keys, self.rank, self.world))
         diverged = []
 
         def counted(todo, bar):
@@ -85,11 +104,27 @@ class Shards:
                     diverged.append(i)
                 yield i, line
 
-        # one bar (rank 0's share) rather than N bars overwriting each other on one terminal
-        with progress_bar(args, share, enabled=self.rank == 0) as bar:
-            run = run_sharded(self.keys, lambda todo: counted(todo, bar), args.out, key_field=KEY_FIELD,
-                              group=dist.group.WORLD if self.world > 1 else None, progress=bar.update,
-                              stream=True)
+        # one bar (rank 0's share) rather than N bars overwriting each other on one terminal;
+        # sized to the images still to do once they are known (a restart skips the others)
+        with progress_bar(args, None, enabled=self.rank == 0) as bar:
+            def todo_only(todo):
+                bar.reset(total=len(todo))
+                return counted(todo, bar)
+
+            try:
+                run = run_sharded(self.keys, todo_only, args.out, key_field=KEY_FIELD,
+                                  group=dist.group.WORLD if self.world > 1 else None, progress=bar.update,
+                                  stream=True)
+            except KeyboardInterrupt:
+                if self.world == 1:          # run_sharded merged what was finished into --out
+                    from ..distributed.results import read_records
+
+                    mine = set(self.keys)
+                    n = sum(r[KEY_FIELD] in mine for r in read_records(args.out, KEY_FIELD))
+                    bar.close()
+                    eprint(f"apm-fast ttt: {n} of {len(self.keys)} result(s) in {args.out}; run the same "
+                           f"command again to go on with the other {len(self.keys) - n}")
+                raise
         who = "apm-fast ttt" + (f": rank {self.rank}/{self.world}" if self.world > 1 else "")
         eprint(f"{who}: {run.computed} result(s) computed, {run.skipped} already in {args.out} "
                f"(skipped)" + (f", {len(run.failed)} image(s) skipped (see above)" if run.failed else "")
@@ -114,10 +149,10 @@ class Shards:
             dist.destroy_process_group()
 
 
-def start(args, paths):
-    """Join torchrun's process group when WORLD_SIZE > 1 (else None: the single-process path)."""
+def start(args, keys):
+    """Join torchrun's process group when WORLD_SIZE > 1 (else None: the single-process path);
+    ``keys``: the images' keys (:func:`input_keys`), None with ``--out -``."""
     from ..distributed.env import init_distributed, launched_world_size
-    from ..distributed.ranks import input_keys
     from ..distributed.ranks import DEFAULT_BARRIER_TIMEOUT
 
     try:
@@ -132,10 +167,6 @@ def start(args, paths):
     if args.device not in (None, "cpu", "cuda"):
         raise CLIError(f"--device: with {world} ranks each rank computes on cuda:LOCAL_RANK; "
                        f"give 'cuda' or 'cpu' (or nothing), got {args.device!r}")
-    try:
-        keys = input_keys([os.fspath(p) for p in paths])
-    except ValueError as exc:
-        raise CLIError(f"IMAGES: {exc}") from None
     try:
         # gloo only carries barriers and a few small messages; the long timeout lets every rank
         # wait at the end for the slowest one

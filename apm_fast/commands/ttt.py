@@ -2,9 +2,10 @@
 
 One JSON line per image goes to ``--out`` or to stdout. ``--out FILE`` is restart-safe: lines are
 appended to a per-process file beside it as images finish (flushed and fsynced), an earlier run's
-lines are skipped, a torn last line is cut, a run with other settings is refused, and at the end
-the lines are merged into FILE in input order (one path for one process and for torchrun's ranks,
-see :mod:`.sharded`). A diverged training is marked ``"diverged": true`` (its non-finite numbers
+lines are skipped, a torn last line is cut, a run with other settings is refused, a FILE holding
+lines that are not results is refused, and at the end (or on Ctrl-C, one process) the lines are
+merged into FILE in input order (one path for one process and for torchrun's ranks, see
+:mod:`.sharded`). A diverged training is marked ``"diverged": true`` (its non-finite numbers
 as null; strict JSON) and counts in the exit code like a skipped image. A file that cannot be read is reported on stderr and
 skipped; the others are still processed, and the exit code is then 1.
 
@@ -33,8 +34,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     common.add_teacher_args(p)
     common.add_student_args(p)
     p.add_argument("--out", default="-", metavar="FILE.jsonl",
-                   help="append results here (default: stdout; required under torchrun, where "
-                        "images already in it are skipped)")
+                   help="results file (default: stdout, a line as each image finishes; required under "
+                        "torchrun). Lines go to FILE.jsonl.parts/ as images finish and into FILE.jsonl, in "
+                        "input order, when the run ends or is interrupted (Ctrl-C); images already in it "
+                        "are skipped, so the same command run again goes on. A file holding other lines "
+                        "is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -44,17 +48,18 @@ def run(args) -> int:
 
     with common.setup_errors():
         paths = find_images(args.images)
-    # before any long work (the teacher, the class texts): where the results go
+    # before any long work (the teacher, the class texts): the images' keys, where the results go
+    keys = sharded.input_keys(paths) if args.out != "-" else None
     sharded.check_out(args.out, paths, args.classes if os.path.isfile(str(args.classes)) else None)
-    shards = sharded.start(args, paths)          # None unless launched by torchrun with WORLD_SIZE > 1
+    shards = sharded.start(args, keys)           # None unless launched by torchrun with WORLD_SIZE > 1
     try:
-        return _run(args, paths, shards)
+        return _run(args, paths, keys, shards)
     finally:
         if shards is not None:
             shards.close()
 
 
-def _run(args, paths, shards) -> int:
+def _run(args, paths, keys, shards) -> int:
     from ..classify import iter_classify
     from ..teachers import resolve_classes, resolve_templates
 
@@ -70,9 +75,11 @@ def _run(args, paths, shards) -> int:
     run_info = {
         "teacher": teacher.name, "pretrained": teacher.pretrained, "random_teacher": teacher.random_weights,
         "preset": preset_name, "grid": config.grid, "patch": config.patch, "hidden": list(config.hidden),
-        "dim": config.dim, "steps": args.steps, "lr": args.lr, "templates": args.templates,
-        "classes": len(classes), "backend": trainer.backend, "precision": trainer.precision,
-        "moments": trainer.moments, "device": str(device), "seed": args.seed,
+        "heads": config.heads, "dim": config.dim, "steps": args.steps, "lr": args.lr,
+        "normalize_target": args.normalize_target, "templates": args.templates,
+        "classes": len(classes), "classes_sha256": common.class_list_id(classes), "backend": trainer.backend,
+        "precision": trainer.precision, "moments": trainer.moments, "device": str(device), "seed": args.seed,
+        **common.code_version(),
     }
     with common.setup_errors():  # class embeddings once, before the first image
         teacher.class_embeddings(classes, templates)
@@ -94,9 +101,7 @@ def _run(args, paths, shards) -> int:
 
     if args.out != "-":              # one restart-safe writer, torchrun's ranks or one process
         if shards is None:
-            from ..distributed.ranks import input_keys
-
-            shards = sharded.Shards(None, input_keys([str(p) for p in paths]), device)
+            shards = sharded.Shards(None, keys, device)
         return shards.write(results, args, run_info)
     return _write(results, paths, args)
 

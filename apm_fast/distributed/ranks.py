@@ -9,7 +9,9 @@ per-rank file, whatever world size wrote them) and skips the inputs already ther
 one record per finished image to its own file (flushed + fsynced). After all ranks are done, rank
 0 merges everything into the results file in input order, atomically, and removes the per-rank
 files. A rank killed at any point loses at most the image it was computing; rerunning the same
-command finishes the rest, and no input is written twice.
+command finishes the rest, and no input is written twice. One process alone, interrupted
+(KeyboardInterrupt), merges what it finished into the results file before the exception goes on;
+a killed one (or ranks under torchrun) leaves the per-rank files, which the rerun picks up.
 
 Failed inputs: ``process`` may return ``None`` for an input it could not do (an unreadable
 file, reported by the caller). Such an input gets no record, is not an error at the merge (every
@@ -91,7 +93,10 @@ def _done_keys(out_path, key_field) -> set:
     return done
 
 
-def _merge(out_path, keys, key_field, failed=frozenset()) -> List[dict]:
+def _merge(out_path, keys, key_field, failed=frozenset(), *, interrupted=False) -> List[dict]:
+    """Every record of ``out_path`` and the per-rank files into ``out_path`` (this run's keys in
+    input order, then the others), the per-rank files removed; the records of ``keys``.
+    ``interrupted``: the run stopped early, its missing inputs are left for a rerun."""
     by_key, order = {}, []
     for src in [out_path] + existing_part_files(out_path):
         for rec in read_records(src, key_field):
@@ -100,7 +105,7 @@ def _merge(out_path, keys, key_field, failed=frozenset()) -> List[dict]:
                 by_key[k] = rec
                 order.append(k)
     missing = [k for k in keys if k not in by_key and k not in failed]
-    if missing:
+    if missing and not interrupted:
         raise RuntimeError(f"results: {len(missing)} input(s) have no record after every rank "
                            f"finished, e.g. {missing[:3]}; rerun the same command to compute them")
     wanted = set(keys)
@@ -162,28 +167,35 @@ def run_sharded(inputs: Sequence, process: Callable[[object], dict], out_path, *
             results = process([inputs[i] for i in todo]) if todo else ()
         else:
             results = ((j, process(inputs[i])) for j, i in enumerate(todo))
-        with RecordWriter(part_path(out_path, rank)) as writer:
-            seen = set()
-            for j, rec in results:
-                if j in seen:                  # a stream reporting an input twice would write it twice
-                    raise RuntimeError(f"process: input {keys[todo[j]]!r} was reported twice")
-                seen.add(j)
-                i = todo[j]
-                if rec is None:
-                    failed.append(keys[i])
+        seen = set()
+        try:
+            with RecordWriter(part_path(out_path, rank)) as writer:
+                for j, rec in results:
+                    if j in seen:              # a stream reporting an input twice would write it twice
+                        raise RuntimeError(f"process: input {keys[todo[j]]!r} was reported twice")
+                    seen.add(j)
+                    i = todo[j]
+                    if rec is None:
+                        failed.append(keys[i])
+                        if progress is not None:
+                            progress(1)
+                        continue
+                    if not isinstance(rec, dict):
+                        raise TypeError(f"process: expected a dict (one JSON record) for input "
+                                        f"{keys[i]!r}, got {type(rec).__name__}")
+                    if key_field in rec and rec[key_field] != keys[i]:
+                        raise ValueError(f"process: the record for input {keys[i]!r} already has "
+                                         f"{key_field!r} = {rec[key_field]!r}; pick another key_field")
+                    rec = {key_field: keys[i], **rec}
+                    writer.append(rec)
                     if progress is not None:
                         progress(1)
-                    continue
-                if not isinstance(rec, dict):
-                    raise TypeError(f"process: expected a dict (one JSON record) for input "
-                                    f"{keys[i]!r}, got {type(rec).__name__}")
-                if key_field in rec and rec[key_field] != keys[i]:
-                    raise ValueError(f"process: the record for input {keys[i]!r} already has "
-                                     f"{key_field!r} = {rec[key_field]!r}; pick another key_field")
-                rec = {key_field: keys[i], **rec}
-                writer.append(rec)
-                if progress is not None:
-                    progress(1)
+        except KeyboardInterrupt:
+            # one process: what is finished goes into out_path now (ranks cannot tell whether the
+            # others are still writing: their files stay, and a rerun picks them up)
+            if coord is None:
+                _merge(out_path, keys, key_field, interrupted=True)
+            raise
         run = ShardedRun(rank, world, len(mine), len(mine) - len(todo), len(seen) - len(failed),
                          failed=failed, failed_total=len(failed))
         if coord is None:

@@ -3,7 +3,8 @@
 Each rank appends one JSON object per line to its own file and flushes + fsyncs after every line,
 so a rank killed at any instant loses at most the record it was writing. Only lines that end in a
 newline count: a partial last line is ignored by readers and cut off by the owning rank before
-it appends again, so a new record never gets glued onto a torn one. The merged file is written
+it appends again, so a new record never gets glued onto a torn one. Any other line that is not a
+record makes the file refused (:class:`ResultsFileError`): it is not a results file. The merged file is written
 to a temporary name, fsynced and renamed over the target, so it is either the old file or the
 complete new one.
 """
@@ -11,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable, List
 
-__all__ = ["parts_dir", "part_path", "existing_part_files", "read_records", "drop_partial_tail",
-           "RecordWriter", "write_records_atomic"]
+__all__ = ["parts_dir", "part_path", "existing_part_files", "read_records", "ResultsFileError",
+           "drop_partial_tail", "RecordWriter", "write_records_atomic"]
 
 
 def parts_dir(out_path) -> Path:
@@ -38,12 +38,18 @@ def existing_part_files(out_path) -> List[Path]:
     return sorted(p for p in d.iterdir() if p.name.startswith("rank-") and p.suffix == ".jsonl")
 
 
+class ResultsFileError(ValueError):
+    """A results file holding a complete line that is not a record (notes, another tool's output):
+    refused, since a results file is rewritten from its records."""
+
+
 def read_records(path, key_field: str) -> List[dict]:
     """The complete records of a JSON Lines file, in file order (missing file: none).
 
-    A last line without its newline is a write cut short by a kill and is dropped. A complete
-    line that is not a JSON object carrying ``key_field`` is skipped with a warning: its image
-    is then simply computed again.
+    A last line without its newline that starts like a record (``{``) is a write cut short by a
+    kill and is dropped. Any other line that is not a JSON object carrying a string ``key_field``
+    (blank lines aside) raises :class:`ResultsFileError` naming the file and the line: the file is
+    not a results file, and merging would rewrite it from its records alone, losing that line.
     """
     path = Path(path)
     try:
@@ -51,8 +57,12 @@ def read_records(path, key_field: str) -> List[dict]:
     except FileNotFoundError:
         return []
     out = []
-    end = data.rfind(b"\n") + 1               # everything after the last newline is a torn write
-    for lineno, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+    end = data.rfind(b"\n") + 1               # after the last newline: a torn write, or no record
+    lines = data[:end].split(b"\n")[:-1]
+    tail = data[end:]
+    if tail.strip() and not tail.lstrip().startswith(b"{"):
+        lines.append(tail)                    # not the start of a record: checked (and refused) below
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -60,9 +70,12 @@ def read_records(path, key_field: str) -> List[dict]:
         except ValueError:
             rec = None
         if not isinstance(rec, dict) or not isinstance(rec.get(key_field), str):
-            warnings.warn(f"{path}:{lineno}: not a JSON object with a string {key_field!r} field; "
-                          f"ignored (that input will be computed again)", RuntimeWarning, stacklevel=2)
-            continue
+            text = line.decode("utf-8", "replace").strip()
+            raise ResultsFileError(
+                f"{str(path)!r} line {lineno}: expected a results record (a JSON object with a string "
+                f"{key_field!r} field), got {text[:60] + ('...' if len(text) > 60 else '')!r}; a results "
+                f"file is rewritten from its records, so one holding other lines is refused (only a "
+                f"last line cut short by an interrupted write is ignored)")
         out.append(rec)
     return out
 

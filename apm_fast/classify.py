@@ -119,7 +119,7 @@ def _stream(stream):
 
 def iter_classify(trainer, images, teacher, classes, *, templates="single", topk: int = 5,
                   num_workers: int | None = None, overlap: bool = True, methods: Sequence = (),
-                  views=None) -> Iterator[Classification]:
+                  views=None, crop: str | None = "center") -> Iterator[Classification]:
     """TTT on each image and zero-shot classification, one :class:`Classification` per image as
     its batch finishes (in input order). An image that cannot be read gives a record with
     ``error`` set and the others go on.
@@ -133,7 +133,9 @@ def iter_classify(trainer, images, teacher, classes, *, templates="single", topk
     ``name``, ``needs_views`` and ``__call__(targets, views) -> logits``, ``apm_fast.baselines``),
     their results in each record's ``predictions`` with their time per image (the teacher's
     share included, as if each ran alone); ``views``: makes the augmented views they need
-    (``apm_fast.baselines.Views``)."""
+    (``apm_fast.baselines.Views``). ``crop``: the student's view of each image, ``"center"``
+    (shorter side to S, the centre square; the teacher's own preprocessing does the same) or None
+    (the whole image stretched to S x S, bilinear and antialiased: the authors' TTT input)."""
     from .teachers.prompts import resolve_classes
 
     if trainer is None and not methods:
@@ -145,6 +147,8 @@ def iter_classify(trainer, images, teacher, classes, *, templates="single", topk
     _check_teacher(teacher, config.dim if config is not None else teacher.dim)
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk: expected a positive integer, got {topk!r}")
+    if crop not in ("center", None):
+        raise ValueError(f"crop: expected 'center' or None (the authors' stretch), got {crop!r}")
     names = resolve_classes(classes)
     sources = _as_list(images)
     dev = trainer.model.device if trainer is not None else torch.device(getattr(teacher, "device", "cpu"))
@@ -157,7 +161,7 @@ def iter_classify(trainer, images, teacher, classes, *, templates="single", topk
     view_methods = [m for m in methods if m.needs_views]
     loader = make_loader(sources, teacher.preprocess, config.image_size if config else 16, s, pin_memory=cuda,
                          num_workers=num_workers if num_workers is not None or cuda else 0,
-                         views=views if view_methods else None)
+                         views=views if view_methods else None, crop=crop)
     tdev = torch.device(getattr(teacher, "device", dev))
     t_stream = torch.cuda.Stream(dev) if cuda and overlap else None
     s_stream = torch.cuda.Stream(dev) if cuda and overlap else None

@@ -63,6 +63,7 @@ class EvalSettings:
     keep: float = 0.1
     tpt_lr: float = 5e-3
     tpt_steps: int = 1
+    crop: str = "center"
 
     def __post_init__(self):
         from .validation import check_training
@@ -79,6 +80,8 @@ class EvalSettings:
             raise ValueError(f"apm_templates: expected 'single' or 'ensemble', got {self.apm_templates!r}")
         if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 2:
             raise ValueError(f"views: expected an integer >= 2 (the image and augmented views), got {self.views!r}")
+        if self.crop not in ("center", "stretch"):
+            raise ValueError(f"crop: expected 'center' or 'stretch' (the authors' TTT input), got {self.crop!r}")
         if not 0 < self.keep <= 1:
             raise ValueError(f"keep: expected a fraction in (0, 1], got {self.keep!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
@@ -254,7 +257,8 @@ def evaluate(root, datasets: Sequence[str], *, teacher, out, settings: EvalSetti
             hits: Dict[str, int] = {}
             n, t0 = 0, time.perf_counter()
             for r in iter_classify(trainer, [p for _, p, _ in todo], teacher, list(evalset.classnames),
-                                   templates=apm_text, topk=5, methods=methods, views=views):
+                                   templates=apm_text, topk=5, methods=methods, views=views,
+                                   crop=None if settings.crop == "stretch" else "center"):
                 if r.error is not None:
                     skipped += 1
                     bar.write(f"apm-fast eval: skipped {todo[r.index][1]}: {r.error}", file=sys.stderr)

@@ -368,13 +368,18 @@ class ImageDataset(torch.utils.data.Dataset):
     or (index, None, None, None, reason) for one that cannot be read: a bad file must not stop the
     other images. The student's view is shipped as uint8 (4x less to pin and copy than fp32) and
     normalized on the device; ``views(img, index)`` (optional) adds the teacher's augmented views
-    of the image (test-time baselines)."""
+    of the image (test-time baselines); ``crop``: the student's view, as :func:`pixels` makes it
+    ("center", or None: the authors' stretch)."""
 
-    def __init__(self, sources: Sequence, teacher_preprocess: Callable, size: int, views: Callable | None = None):
+    def __init__(self, sources: Sequence, teacher_preprocess: Callable, size: int, views: Callable | None = None,
+                 crop: str | None = "center"):
+        if crop not in ("center", None):
+            raise ValueError(f"crop: expected 'center' or None (the authors' stretch), got {crop!r}")
         self.sources = list(sources)
         self.teacher_preprocess = teacher_preprocess
         self.size = int(size)
         self.views = views
+        self.crop = crop
 
     def __len__(self):
         return len(self.sources)
@@ -386,7 +391,7 @@ class ImageDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, TypeError) as exc:     # ImageLoadError is a ValueError
             return i, None, None, None, str(exc)
         views = self.views(img, i) if self.views is not None else None
-        return i, self.teacher_preprocess(img), pixels(img, self.size), views, None
+        return i, self.teacher_preprocess(img), pixels(img, self.size, crop=self.crop), views, None
 
 
 def _collate(items):
@@ -402,11 +407,13 @@ def _collate(items):
 
 
 def make_loader(sources, teacher_preprocess, size: int, batch_size: int, *, num_workers: int | None = None,
-                pin_memory: bool = False, views: Callable | None = None) -> torch.utils.data.DataLoader:
-    """Batches of ``batch_size`` (the number of students) in order; workers decode and resize."""
+                pin_memory: bool = False, views: Callable | None = None,
+                crop: str | None = "center") -> torch.utils.data.DataLoader:
+    """Batches of ``batch_size`` (the number of students) in order; workers decode and resize
+    (``crop``: the student's view, :class:`ImageDataset`)."""
     if num_workers is None:
         num_workers = max(0, min(8, (os.cpu_count() or 1) - 1))
     return torch.utils.data.DataLoader(
-        ImageDataset(sources, teacher_preprocess, size, views), batch_size=batch_size, shuffle=False,
+        ImageDataset(sources, teacher_preprocess, size, views, crop), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, pin_memory=pin_memory, collate_fn=_collate,
         prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False)

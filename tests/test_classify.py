@@ -113,3 +113,18 @@ def test_classify_refuses_bad_input(teacher):
         classify(trainer, photo(0), object(), CLASSES)
     # top-k larger than the class set: all classes, best first
     assert len(classify(trainer, photo(0), teacher, ["cat", "dog"], topk=5)[0].topk) == 2
+
+
+def test_the_authors_stretch_is_the_students_view_with_crop_none(teacher):
+    """crop=None: the student sees the whole image stretched to S x S (the authors' TTT input),
+    the same as fitting on ``preprocess(..., crop=None)``; the teacher keeps its own view."""
+    trainer = _trainer()
+    wide = photo(13, size=(60, 20))
+    got = classify(trainer, [wide], teacher, CLASSES, topk=3, crop=None)[0]
+    target = teacher.embed_images(wide)
+    fit = trainer.fit(preprocess(wide, trainer.model.config, crop=None)[None], target)
+    assert got.losses == pytest.approx(fit.losses[0].tolist(), rel=1e-5)
+    centre = classify(trainer, [wide], teacher, CLASSES, topk=3)[0]
+    assert centre.losses != pytest.approx(got.losses, rel=1e-5)
+    with pytest.raises(ValueError, match="crop: expected 'center' or None"):
+        classify(trainer, [wide], teacher, CLASSES, crop="stretch")

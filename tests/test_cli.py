@@ -68,6 +68,20 @@ def test_ttt_skips_the_corrupt_file_and_writes_the_others(setup, tmp_path, capsy
     assert again[0]["losses"] == pytest.approx(lines[0]["losses"])
 
 
+def test_ttt_with_the_authors_stretch_says_so_and_a_resume_keeps_it(setup, tmp_path, capsys):
+    """--crop stretch: the student sees the whole (non-square) photo, so the losses differ from
+    the centre crop's; every record states the crop, and resuming with the other one is refused."""
+    centre, stretch = tmp_path / "centre.jsonl", tmp_path / "stretch.jsonl"
+    assert _ttt(setup, out=centre) == 1 and _ttt(setup, "--crop", "stretch", out=stretch) == 1
+    a = [json.loads(l) for l in centre.read_text().splitlines()]
+    b = [json.loads(l) for l in stretch.read_text().splitlines()]
+    assert [l["run"]["crop"] for l in a] == ["center"] * 2 and [l["run"]["crop"] for l in b] == ["stretch"] * 2
+    assert a[0]["losses"][-1] != pytest.approx(b[0]["losses"][-1], rel=1e-6)
+    capsys.readouterr()
+    assert _ttt(setup, out=stretch) == 2
+    assert "crop: 'stretch' there, 'center' now" in capsys.readouterr().err
+
+
 def test_ttt_with_bf16_moments_says_so_and_stays_close(setup, tmp_path, capsys):
     full, half = tmp_path / "fp32.jsonl", tmp_path / "bf16.jsonl"
     assert _ttt(setup, out=full) == 1 and _ttt(setup, "--moments", "bf16", out=half) == 1

@@ -207,6 +207,9 @@ def test_settings_are_checked():
         EvalSettings(lr=float("nan"))
     with pytest.raises(ValueError, match="views: expected an integer >= 2"):
         EvalSettings(views=1)
+    with pytest.raises(ValueError, match="crop: expected 'center' or 'stretch'"):
+        EvalSettings(crop=None)
+    assert EvalSettings(crop="stretch").to_dict()["crop"] == "stretch"     # in run.json: a resume keeps it
 
 
 # ---------------------------------------------------------------- the command

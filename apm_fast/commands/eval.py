@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import capability_common as cc
 from . import common
 
 HELP = "accuracy of APM's TTT beside zero-shot, ensemble, TPT and ZERO on labelled datasets"
@@ -62,6 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "and traffic; the torch, triton and cuda backends; effect: docs/engine.md)")
     g.add_argument("--apm-templates", default="ensemble", choices=("single", "ensemble"),
                    help="the class texts APM's feature is classified against (default: %(default)s)")
+    cc.add_input_args(p, crop_default="center", kinds=False)     # the student's view of each image
     b = p.add_argument_group("TPT and ZERO")
     b.add_argument("--views", type=common.positive_int, default=64, help="the image and its augmented views (64)")
     b.add_argument("--tpt-lr", type=common.learning_rate, default=5e-3, help="TPT's AdamW lr (default: %(default)s)")
@@ -81,7 +83,8 @@ def run(args) -> int:
                                 else args.pretrained,
                                 preset=args.preset, grid=args.grid, hidden=args.hidden, steps=args.steps,
                                 lr=args.lr, seed=args.seed, precision=args.precision, moments=args.moments,
-                                apm_templates=args.apm_templates, views=args.views, tpt_lr=args.tpt_lr)
+                                apm_templates=args.apm_templates, views=args.views, tpt_lr=args.tpt_lr,
+                                crop=args.crop)
 
     def teacher():                   # built once the datasets and --out are checked
         t = common.build_teacher(args.teacher, args.pretrained, device, args.seed)

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+from . import capability_common as cc
 from . import common, sharded
 from .common import eprint
 
@@ -33,6 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files or directories")
     common.add_teacher_args(p)
     common.add_student_args(p)
+    cc.add_input_args(p, crop_default="center", kinds=False)     # the student's view of each image
     p.add_argument("--out", default="-", metavar="FILE.jsonl",
                    help="results file (default: stdout, a line as each image finishes; required under "
                         "torchrun). Lines go to FILE.jsonl.parts/ as images finish and into FILE.jsonl, in "
@@ -76,7 +78,7 @@ def _run(args, paths, keys, shards) -> int:
         "teacher": teacher.name, "pretrained": teacher.pretrained, "random_teacher": teacher.random_weights,
         "preset": preset_name, "grid": config.grid, "patch": config.patch, "hidden": list(config.hidden),
         "heads": config.heads, "dim": config.dim, "steps": args.steps, "lr": args.lr,
-        "normalize_target": args.normalize_target, "templates": args.templates,
+        "normalize_target": args.normalize_target, "templates": args.templates, "crop": args.crop,
         "classes": len(classes), "classes_sha256": common.class_list_id(classes), "backend": trainer.backend,
         "precision": trainer.precision, "moments": trainer.moments, "device": str(device), "seed": args.seed,
         **common.code_version(),
@@ -88,7 +90,8 @@ def _run(args, paths, keys, shards) -> int:
         """``(position in todo, JSON line or None for an unreadable image)`` as images finish."""
         info = dict(run_info, students=trainer.students_for(len(todo)))
         with common.setup_errors():
-            for r in iter_classify(trainer, todo, teacher, classes, templates=templates, topk=args.topk):
+            for r in iter_classify(trainer, todo, teacher, classes, templates=templates, topk=args.topk,
+                                   crop=cc.CROPS[args.crop]):
                 if r.error is not None:
                     bar.write(f"apm-fast ttt: skipped {todo[r.index]}: {r.error}", file=sys.stderr)
                     yield r.index, None

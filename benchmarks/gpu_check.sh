@@ -86,8 +86,11 @@ if has bench; then
   # BENCH_ARGS is split on spaces, never globbed: --skip patterns go in unquoted (latency/*/eager)
   set -f
   # shellcheck disable=SC2086
+  # the commit: git's where the tree has its .git (with +dirty), else APM_FAST_COMMIT
+  commit_arg=()
+  git rev-parse --git-dir >/dev/null 2>&1 || commit_arg=(--commit "${APM_FAST_COMMIT:-unknown}")
   timeout "${BENCH_TIMEOUT:-560}" $PY -m apm_fast.bench --device cuda --out "$OUT/suite" \
-    --commit "${APM_FAST_COMMIT:-unknown}" --time-budget "${BENCH_BUDGET:-480}" \
+    ${commit_arg[@]+"${commit_arg[@]}"} --time-budget "${BENCH_BUDGET:-480}" \
     --authors-presets ttt-l14 --compile-presets ttt-l14 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -"${TAIL:-60}"
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "!! bench failed (gate or error)"; status=1; }
   set +f

@@ -111,11 +111,11 @@ def test_the_primitives_adam_rows_time_a_later_update_of_their_parameters():
             return super()._adam_(params, grads, exp_avg, exp_avg_sq, step, *rest)
 
     moved = {}
-    for name, *_, call in _adam_cases(cfg, "cpu", torch.bfloat16):
+    for name, _, _, call, _ in _adam_cases(cfg, "cpu", torch.bfloat16):
         torch.manual_seed(0)
         p0 = torch.randn(1, count_params(cfg))             # the cases' parameters before any update
         torch.manual_seed(0)
-        cases = {n: c for n, *_, c in _adam_cases(cfg, "cpu", torch.bfloat16)}
+        cases = {n: c for n, _, _, c, _ in _adam_cases(cfg, "cpu", torch.bfloat16)}
         moved[name] = cases[name](Recording()) != p0
     assert sorted(moved) == ["adam_ (flat, + compute copy)", "adam_ (trigger columns from factors)"]
     assert len(Recording.steps) == 2 and min(Recording.steps) > 1
@@ -217,7 +217,7 @@ def test_targets_are_read_from_the_sections_rows_and_judged():
 
     ok = dict(status="ok", preset="ttt-l14")
     results = {
-        "engine": {"rows": [dict(ok, key="latency/triton/graph", ms_per_step=0.5),
+        "engine": {"rows": [dict(ok, key="latency/triton/graph", ms_per_step=0.5, precision="bf16", moments="fp32"),
                             dict(ok, key="latency/cuda/graph", ms_per_step=0.25),
                             dict(key="latency/torch/graph", status="error", reason="boom")]},
         "throughput": {"rows": [dict(ok, key="side-by-side/triton/S=64", images_per_s=130.0),
@@ -241,9 +241,13 @@ def test_targets_are_read_from_the_sections_rows_and_judged():
                           "side_by_side_img_s_bf16_moments": False, "end_to_end_img_s_l14": True,
                           "scaling_50176_ms": True, "scaling_50176_mb": False}
     assert doc["commit"] == "abc1234" and doc["gate_passed"] is True
+    assert doc["precision"].startswith("bf16 GEMMs, fp32 master weights, fp32 Adam moments")
     md = markdown(doc)
     assert "| 64 students side by side, fp32 moments (images/s) | 230.0 | >= 220 | yes |" in md
     assert "not measured" in md
+    failed = collect(results, False, "abc1234", "machine")     # a run whose gate failed meets nothing
+    assert failed["gate_passed"] is False and not any(failed["met"].values())
+    assert failed["side_by_side_img_s"] == 230.0               # the numbers are still shown
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -290,3 +294,68 @@ def test_bench_plot_names_a_corrupt_results_file_with_exit_status_2(tmp_path, ca
     assert "torn.json: not a results JSON file (a list" in capsys.readouterr().err
     (tmp_path / "torn.json").unlink()
     assert plots.main([str(tmp_path)]) == 0
+
+
+def test_a_failed_or_broken_engine_gate_fails_the_run_and_cannot_be_skipped_alone(monkeypatch):
+    """The engine's gate feeds the run's gate: a check over its bound, or an exception while it
+    runs, makes the run's gate fail (no target can then be met); --skip 'gate/*' does not drop it
+    (only skipping the backend itself does, with all its rows)."""
+    from apm_fast.bench.sections import engine
+
+    ctx = _quick_ctx(skip=("triton", "gate/*"))
+    row = ctx.row({"key": "gate/torch", "backend": "torch"}, "available", "torch", lambda: engine._gate(ctx, "torch"))
+    assert row["status"] == "ok" and ctx.gate.passed
+    assert {c.check for c in ctx.gate.checks} == {"fp32_vs_reference"}
+
+    ctx = _quick_ctx()
+    monkeypatch.setattr(engine, "_rel", lambda a, b: 0.5)          # every engine check far off
+    row = ctx.row({"key": "gate/torch", "backend": "torch"}, "available", "torch", lambda: engine._gate(ctx, "torch"))
+    assert row["status"] == "error" and not ctx.gate.passed
+    assert ctx.gate.failed_paths() == ["engine/engine/torch"] and not ctx.gate.errors
+
+    ctx = _quick_ctx()
+    def broken(*a):
+        raise RuntimeError("the engine crashed")
+    monkeypatch.setattr(engine, "_gate_checks", broken)
+    ctx.row({"key": "gate/torch", "backend": "torch"}, "available", "torch", lambda: engine._gate(ctx, "torch"))
+    assert not ctx.gate.passed and "the engine crashed" in ctx.gate.errors[0]["error"]
+
+
+def test_the_primitives_adam_rows_are_checked_against_the_plain_tables_update():
+    """Each Adam row's check is the step one update takes (the buffers put back): the plain
+    table's own is exact, an update 10 % too large or with the wrong first moment is caught."""
+    from apm_fast.bench.gate import relative_error
+    from apm_fast.bench.sections import primitives as P
+
+    cfg = apm_fast.preset("ttt-b16", grid=4, hidden=(64, 32), dim=32, heads=4)
+
+    class Off:
+        def __init__(self, lr=1.0, beta1=1.0):
+            self.lr, self.beta1 = lr, beta1
+
+        def adam_(self, p, g, m, v, step, lr, b1, b2, eps, **kw):
+            P._ORACLE.adam_(p, g, m, v, step, lr * self.lr, b1 * self.beta1, b2, eps, **kw)
+
+    for name, work, unit, call, check in P._adam_cases(cfg, torch.device("cpu"), torch.bfloat16):
+        want = check(P._ORACLE)
+        assert want.abs().max() > 0 and relative_error(check(P._ORACLE), want) == 0.0, name
+        assert relative_error(check(Off(lr=1.1)), want) > P._TOL[torch.bfloat16], name
+        assert relative_error(check(Off(beta1=0.5)), want) > P._TOL[torch.bfloat16], name
+
+
+def test_the_capabilities_speedup_over_the_authors_loop_is_kept_only_after_a_passed_gate():
+    from apm_fast.bench.gate import GateReport
+    from apm_fast.bench.report import finalize
+
+    def rows():
+        return {"rows": [dict(key="distill/teacher", backend="teacher", status="ok", median_ms=30.0),
+                         dict(key="distill/reference", backend="reference", status="ok", median_ms=60.0),
+                         dict(key="distill/torch", backend="torch", status="ok", median_ms=20.0, speedup_vs_authors=9.0)]}
+
+    passed, failed = GateReport(), GateReport()
+    passed.add("ttt-l14", "torch", "cls", "fp32", 0.0, 1e-3)
+    failed.add("ttt-l14", "torch", "cls", "fp32", 1.0, 1e-3)
+    ok = {r["key"]: r for r in finalize("capabilities", rows(), passed)["rows"]}
+    assert ok["distill/torch"]["speedup_vs_authors"] == 3.0 and "speedup_vs_authors" not in ok["distill/teacher"]
+    bad = {r["key"]: r for r in finalize("capabilities", rows(), failed)["rows"]}
+    assert bad["distill/torch"]["speedup_vs_authors"] is None

@@ -65,6 +65,16 @@ def test_record_prefers_engine_rows_and_skips_cpu_and_failed_rows(tmp_path):
         measured.record([str(bad)])
 
 
+@pytest.mark.parametrize("flags, why", [({"gate_passed": False}, "its correctness gate did not pass"),
+                                        ({"quick": True}, "a --quick run"), ({"partial": True}, "a partial run")])
+def test_record_refuses_a_run_whose_timings_cannot_choose_a_default(tmp_path, flags, why):
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps({"suite": "engine", "machine": {"device": "cuda", "gpu": "G"}, **flags,
+                                "rows": [_row("ttt-l14", "latency/cuda/graph", 0.001)]}))
+    with pytest.raises(ValueError, match=f"engine.json: cannot choose the default tables from {why}"):
+        measured.record([str(path)])
+
+
 def test_record_prefers_the_engine_sections_back_to_back_steps(tmp_path):
     """For one GPU, the engine section's latency rows (20 steps back to back, as the trainer runs
     them; a row's preset is its own, else the section's engine_preset) win over the step section's

@@ -64,6 +64,12 @@ def record(files: Iterable[str]) -> dict:
         machine = result.get("machine") or {}
         if machine.get("device") != "cuda":
             continue                                   # CPU timings say nothing about the GPU tables
+        unfit = [why for why, bad in (("its correctness gate did not pass", result.get("gate_passed") is False),
+                                      ("a --quick run (shrunk sizes)", bool(result.get("quick"))),
+                                      ("a partial run", bool(result.get("partial")))) if bad]
+        if unfit:
+            raise ValueError(f"{path}: cannot choose the default tables from {' and '.join(unfit)}; "
+                             f"give the files of a complete run whose gate passed")
         default_preset = (result.get("options") or {}).get("engine_preset")
         for rank, (kind, template, field) in enumerate(_ROWS):
             if kind != suite:

@@ -126,12 +126,13 @@ class Context:
 
     def row(self, base: dict, status: str, name: str, measure: Callable[[], dict]) -> dict:
         """One result row: ``base`` plus what ``measure()`` returns, or why it did not run
-        (``status`` of the backend it needs; ``name`` or the row's key excluded by --skip; the
+        (``status`` of the backend it needs; ``name`` or the row's key excluded by --skip, a gate's
+        row (``gate/...``) only with its backend; the
         time budget spent; the exception it raised). Logged either way."""
         row = dict(base, status="ok", reason="")
         if status != "available":
             row.update(status="absent", reason=status)
-        elif self.skipped(name) or self.skipped(base.get("key", "")):
+        elif self.skipped(name) or (self.skipped(base.get("key", "")) and not base.get("key", "").startswith("gate/")):
             row.update(status="skipped", reason="excluded by --skip")
         elif self.out_of_time():
             row.update(status="skipped", reason=self.out_of_time())

@@ -23,8 +23,8 @@ def _run(cmd, cwd=None, timeout=10) -> str | None:
 
 
 def git_commit() -> str:
-    """The checkout's commit (with ``+dirty`` when tracked files differ), or ``APM_FAST_COMMIT`` from
-    the environment where the tree was copied without its ``.git`` (as on a GPU machine that received a copy of the working tree)."""
+    """``APM_FAST_COMMIT`` from the environment when set (a tree copied without its ``.git``), else
+    the checkout's commit (with ``+dirty`` when tracked files differ), else "unknown"."""
     env = os.environ.get("APM_FAST_COMMIT")
     if env:
         return env

@@ -66,6 +66,13 @@ def finalize(name: str, result: dict, gate) -> dict:
             if row.get("status") == "ok" and "images_per_s" in row:
                 b = base.get(row["preset"])
                 row["speedup_vs_reference"] = (row["images_per_s"] / b) if (passed and b) else None
+    elif name == "capabilities":
+        authors = next((r["median_ms"] for r in rows if r.get("key") == "distill/reference"
+                        and r.get("status") == "ok" and r.get("median_ms")), None)
+        for row in rows:
+            if (row.get("key", "").startswith("distill/") and row.get("status") == "ok"
+                    and row.get("backend") not in ("teacher", "reference") and row.get("median_ms")):
+                row["speedup_vs_authors"] = (authors / row["median_ms"]) if (passed and authors) else None
     elif name == "scaling":
         clip = {r["grid"]: _median(r) for r in rows if _ok(r) and r["model"] == "clip"}
         for row in rows:

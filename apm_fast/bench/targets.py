@@ -83,9 +83,20 @@ def collect(results: Dict[str, dict], gate_passed: bool, commit: Optional[str], 
     put("scaling_50176_mb", _scaling(results, "peak_bytes", 1.0 / 2 ** 20))
     put("scaling_50176_first_call_mb", _scaling(results, "first_call_peak_bytes", 1.0 / 2 ** 20))
     doc = {"commit": commit, **got, "gate_passed": bool(gate_passed), "side_by_side_table": fastest,
-           "preset": PRESET, "machine": machine_line, "missing": missing}
-    doc["met"] = {k: _met(k, v) for k, v in got.items() if TARGETS[k][1] is not None}
+           "preset": PRESET, "precision": _precision(results), "machine": machine_line, "missing": missing}
+    # a number from a run whose gate failed meets nothing
+    doc["met"] = {k: bool(gate_passed) and _met(k, v) for k, v in got.items() if TARGETS[k][1] is not None}
     return doc
+
+
+def _precision(results) -> Optional[str]:
+    """What the steps were measured in, from the engine's rows: the GEMMs' dtype and Adam's
+    moments (fp32 master weights; the bf16-moment rate's moments are bf16)."""
+    for r in _rows(results, "engine"):
+        if r.get("status") == "ok" and r.get("precision"):
+            return (f"{r['precision']} GEMMs, fp32 master weights, {r.get('moments', 'fp32')} Adam moments "
+                    f"(side_by_side_img_s_bf16_moments: bf16 moments)")
+    return None
 
 
 def _fastest_side_by_side(results) -> str:
@@ -118,7 +129,8 @@ def _met(key, value) -> Optional[bool]:
 def markdown(doc: dict) -> str:
     """The targets document as a Markdown table: what, measured, target, met."""
     lines = [f"Targets of one run (commit {doc.get('commit')}, {doc.get('machine')}, `{doc.get('preset')}`, "
-             f"correctness gate {'passed' if doc.get('gate_passed') else 'FAILED'}):", "",
+             f"correctness gate {'passed' if doc.get('gate_passed') else 'FAILED: no target is met'}"
+             + (f"; {doc['precision']}" if doc.get("precision") else "") + "):", "",
              "| what | measured | target | met |", "| --- | --- | --- | --- |"]
     for key, (what, target, op) in TARGETS.items():
         v = doc.get(key)

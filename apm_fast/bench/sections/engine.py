@@ -5,9 +5,10 @@ goes.
 Gate (a small config, 3 images, 5 steps, lr 1e-3): the engine in fp32 against the autograd
 reference (relative error of ``cls`` <= 1e-3, the same closest target); in bf16, graph against
 eager and side by side against alone (<= 2e-2), and against the fp32 reference within twice what
-plain PyTorch itself loses under bf16 autocast on the same run (plus 1e-2): Adam's normalized
-first steps amplify the rounding of tiny gradients for any bf16 code, so the bound is tied to
-that measured loss, not a constant.
+plain PyTorch itself loses under bf16 autocast on the same run (plus 1e-2), at most the gate's
+bf16 forward bound (5e-2): autocast's Adam on bf16 copies loses 0.56 on this problem, the
+engine (fp32 master weights and moments) 1e-4 to 4e-4 in every committed H200 run, so the cap
+is the bound that binds; and the closest of the targets must be the reference's for every image.
 Latency: one image, ``ttt_steps`` steps replayed back to back between two events (the device
 never waits for the host; the reset to the snapshot before each repeat is not timed), median
 over 20 repeats; eagerly the same. In the same run, each table's other Adam schedule, the step with
@@ -47,6 +48,7 @@ from ...model import APM
 from ...ttt import TestTimeTrainer
 from ...ttt.memory import count_params
 from ..flops import apm_flops
+from ..gate import TOLERANCES
 from ..timing import autocast, measure_graph, summarize
 
 __all__ = ["run", "NAME"]
@@ -64,6 +66,21 @@ def _closest(cls, targets):
 
 
 def _gate(ctx, backend):
+    """The engine's gate on ``backend``; every check, and any failure to run it, is recorded in
+    the run's gate (a failed or broken engine gate fails the run, as the forward's does)."""
+    try:
+        return _gate_checks(ctx, backend)
+    except Exception as exc:
+        if not isinstance(exc, _GateFailed):     # its checks are recorded already
+            ctx.gate.error("engine", f"engine/{backend}", exc)
+        raise
+
+
+class _GateFailed(AssertionError):
+    pass
+
+
+def _gate_checks(ctx, backend):
     torch.manual_seed(0)
     model = APM(ctx.options.config("ttt-l14").replace(**GATE_CFG), device=ctx.device)
     g = torch.Generator().manual_seed(1)
@@ -84,15 +101,21 @@ def _gate(ctx, backend):
             amp = TestTimeTrainer(model, backend="reference", **kw).fit(x, y).cls
         out.update(bf16_graph_vs_eager=_rel(graph, eager), bf16_side_by_side_vs_alone=_rel(graph, alone),
                    bf16_vs_reference=_rel(graph, ref.cls), torch_bf16_autocast_vs_reference=_rel(amp, ref.cls))
+        # twice plain PyTorch's own bf16 loss on this problem, capped at the gate's bf16 forward
+        # bound: autocast loses 0.56 here (its bf16 update of tiny gradients), the engine, with
+        # fp32 master weights and moments, 1e-4 to 4e-4 in every committed run, so the cap binds
         checks.update(bf16_graph_vs_eager=2e-2, bf16_side_by_side_vs_alone=2e-2,
-                      bf16_vs_reference=2 * out["torch_bf16_autocast_vs_reference"] + 1e-2)
+                      bf16_vs_reference=min(2 * out["torch_bf16_autocast_vs_reference"] + 1e-2, TOLERANCES["bf16"][0]))
         out["same_class"] = bool(torch.equal(_closest(graph, y), _closest(ref.cls, y)))
     out["tolerances"] = checks
     out["passed"] = all(out[k] <= v for k, v in checks.items()) and out.get("same_class", True)
     for k, v in checks.items():
         ctx.gate.add("engine", f"engine/{backend}", k, "bf16" if k.startswith("bf16") else "fp32", out[k], v)
+    if "same_class" in out:                      # recorded as a check: 0 (the same closest target) or 1
+        ctx.gate.add("engine", f"engine/{backend}", "bf16_same_closest_target", "bf16",
+                     0.0 if out["same_class"] else 1.0, 0.0)
     if not out["passed"]:
-        raise AssertionError(f"the engine's gate failed: {out}")
+        raise _GateFailed(f"the engine's gate failed: {out}")
     return out
 
 
@@ -154,7 +177,8 @@ def _latency(ctx, backend, graphs, preset=None, **switches):
     prog.load(x, y)
     t = time_steps(ctx, prog, 20)
     ms = t.median_ms / o.ttt_steps
-    return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "adam_beside_backward": prog.overlap,
+    return {"timing": t.to_dict(), "ms_per_step": ms, "mode": prog.mode, "precision": trainer.precision,
+            "moments": trainer.moments, "adam_beside_backward": prog.overlap,
             "small_work_beside": prog.beside, "weight_grads_beside": prog.wgrad_beside,
             "trigger_from_factors": "mlp.0.weight" in prog.factored,
             "pool_from_factors": "attn.in_proj_weight" in prog.factored, "position_halves": prog.pos_grid is not None,

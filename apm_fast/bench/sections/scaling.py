@@ -10,7 +10,8 @@ the same number of patch tokens (an image of G_q * patch pixels a side). Both at
 run's precision; the peak counts the weights too (each model is built inside its window). APM's
 peak is that of the calls after a first eager one (``first_call_peak_bytes``: that call, with the
 Triton kernels' one-time autotuning); it includes the chunk's capture, so the memory pool the
-replays keep is counted (a replay itself allocates nothing).
+replays keep is counted (a replay itself allocates nothing). Each APM point's timed output is
+checked against the plain-PyTorch table's in float64 on the same queries, in the run's gate.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import torch
 from ...model import APM
 from ...backends import default_backend, get_backend
 from ...ops.driver import columns, weight_names
-from ...ops.precision import compute_dtype
+from ...ops.precision import compute_dtype, precision_name
 from ..clip_models import build_clip, tower_flops, tower_patch
 from ..context import error_text, free_memory
 from ..flops import apm_flops
+from ..gate import TOLERANCES, relative_error
 from ..timing import autocast, measure, peak_memory
 
 __all__ = ["run", "NAME"]
@@ -55,10 +57,28 @@ def _apm_point(ctx, cfg, g):
             first = pm.restart()
             # the peak from here counts the chunk's capture, whose memory pool the replays keep
             timing = measure(fn, device=ctx.device, warmup=o.warmup, repeats=o.repeats)
+            got = fn()[0]        # what was timed (replayed where it was), checked below
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    check = _check_point(ctx, cfg, g, w, image, got, cdt, backend)
     return {"timing": timing.to_dict(), "peak_bytes": pm.peak_bytes, "first_call_peak_bytes": first,
             "weights_bytes": weights,
-            "flops": apm_flops(cfg, form="rewritten", queries=g * g)["forward"], "backend": backend}
+            "flops": apm_flops(cfg, form="rewritten", queries=g * g)["forward"], "backend": backend, **check}
+
+
+def _check_point(ctx, cfg, g, w, image, got, cdt, backend) -> dict:
+    """The timed pooled output against the plain-PyTorch table's in float64 on the same queries
+    (eager chunks: exact up to round-off, the pool's slices joined by ``combine_pool``), by the
+    gate's norm-wise bound for the compute dtype; recorded in the run's gate (a wrong chunked
+    forward fails the run as a wrong forward does)."""
+    o = ctx.options
+    w64 = {n: t.double() for n, t in w.items()}
+    with torch.inference_mode():
+        ref = columns(get_backend("torch", device=ctx.device), w64, image.double(), cfg, cdt=torch.float64,
+                      chunk=o.scaling_chunk, query_grid=g, want_grid=False, graphs=False)[0]
+    precision = precision_name(cdt)
+    err, tol = relative_error(got, ref), TOLERANCES.get(precision, TOLERANCES["bf16"])[0]
+    ctx.gate.add(o.scaling_preset, f"scaling/{backend}/G={g}", "chunked_forward_vs_float64", precision, err, tol)
+    return {"rel_err_vs_float64": err, "tolerance": tol, "precision": precision, "checked": err <= tol}
 
 
 def _clip_point(ctx, g, patch):

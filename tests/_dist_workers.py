@@ -87,3 +87,29 @@ def mode1_worker(rank, world, tmp, tag, steps, lr, fail_rank, fail_after):
     with open(os.path.join(tmp, f"run-{tag}-rank{rank}.json"), "w") as f:
         json.dump({"assigned": run.assigned, "skipped": run.skipped, "computed": run.computed}, f)
     dist.destroy_process_group()
+
+
+def mode2_edge_worker(rank, world, tmp, case):
+    """Mode 2 at its edges: ``empty`` (one query, so every rank but the first holds none),
+    ``settings`` (each rank another number of steps), ``nan`` (the same images with a NaN)."""
+    from apm_fast.distributed import ShardedQueryTrainer
+
+    _join(rank, world, tmp)
+    out = {}
+    try:
+        if case == "empty":
+            model = make_model(APMConfig(grid=1, patch=2, hidden=(24, 16), dim=8, heads=2))
+            g = torch.Generator().manual_seed(3)
+            x, y = torch.randn(1, 3, 2, 2, generator=g, dtype=torch.float64), torch.randn(1, 8, generator=g, dtype=torch.float64)
+            out["cls"] = ShardedQueryTrainer(model, steps=2, lr=1e-2).fit(x, y).cls
+        elif case == "settings":
+            ShardedQueryTrainer(make_model(), steps=2 + rank, lr=1e-2)
+        else:
+            g = torch.Generator().manual_seed(3)
+            x, y = torch.randn(1, 3, 10, 10, generator=g, dtype=torch.float64), torch.randn(1, 8, generator=g, dtype=torch.float64)
+            x[0, 0, 0, 0] = float("nan")
+            ShardedQueryTrainer(make_model(), steps=2, lr=1e-2).fit(x, y)
+    except ValueError as exc:
+        out["error"] = str(exc)
+    torch.save(out, os.path.join(tmp, f"edge-{case}-rank{rank}.pt"))
+    dist.destroy_process_group()

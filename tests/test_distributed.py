@@ -217,6 +217,32 @@ def test_mode2_matches_single_process(tmp_path, world):
     assert moved > 1e-3, "the TTT steps should change the output well above the tolerance"
 
 
+@pytest.mark.parametrize("case", ["empty", "settings", "nan"])
+def test_mode2_at_its_edges(tmp_path, case):
+    """One query over two ranks (the second holds an empty slice) trains as one process does;
+    ranks built with other settings are refused on every rank, naming the setting (they would
+    otherwise wait on each other for ever, or each give other features); a NaN in the same images
+    on every rank is named as one process names it, not as different data."""
+    tmp = str(tmp_path)
+    mp.spawn(W.mode2_edge_worker, args=(2, tmp, case), nprocs=2)
+    outs = [torch.load(os.path.join(tmp, f"edge-{case}-rank{r}.pt")) for r in range(2)]
+    if case == "empty":
+        model = W.make_model(W.APMConfig(grid=1, patch=2, hidden=(24, 16), dim=8, heads=2))
+        g = torch.Generator().manual_seed(3)
+        x, y = torch.randn(1, 3, 2, 2, generator=g, dtype=torch.float64), torch.randn(1, 8, generator=g, dtype=torch.float64)
+        want = TestTimeTrainer(model, steps=2, lr=1e-2, backend="reference").fit(x, y).cls
+        for o in outs:
+            assert "error" not in o, o
+            assert_rel(o["cls"], want, "TTT cls with an empty slice")
+    elif case == "settings":
+        for r, o in enumerate(outs):
+            assert o["error"].startswith("settings: the ranks of the group were given different steps")
+            assert f"rank {r} of 2, with steps = {2 + r}" in o["error"]
+    else:
+        for o in outs:
+            assert o["error"].startswith("images: expected finite values"), o
+
+
 # ------------------------------------------------------------------ mode 1: images over ranks
 def _single_process_records(names, images, targets, steps):
     trainer = TestTimeTrainer(W.make_model(), steps=steps, lr=LR)

@@ -755,3 +755,38 @@ def test_bad_arguments_are_named():
         _engine(model).fit(images, targets[:1])
     with pytest.raises(ValueError, match="pool=False"):
         _engine(APM(preset("ttt-l14", **CONFIGS["two-layer"], pool=False)))
+
+
+def test_the_engine_itself_checks_its_settings_and_program_calls():
+    """TTTEngine (not only the trainer in front of it) refuses settings by name; the program
+    refuses a students count that is not a positive integer and a step past its ``steps``; the
+    trajectory's ``at`` takes integer step counts only."""
+    from apm_fast.ttt.engine import TTTEngine
+
+    model, images, targets = _setup("two-layer", torch.float64, n=2)
+    snap = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kw = dict(steps=2, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, backend="torch", snapshot=snap)
+    for bad, match in ((dict(students=0), "students: expected a positive integer"),
+                       (dict(students=-3), "students: expected a positive integer"),
+                       (dict(steps=0), "steps: expected a positive integer"),
+                       (dict(lr=-1.0), "lr: expected a positive finite number, got -1.0")):
+        with pytest.raises(ValueError, match=match):
+            TTTEngine(model, **{**kw, **bad})
+    trainer = _engine(model, steps=2)
+    for students in (2.5, None, True):
+        with pytest.raises(ValueError, match="students: expected a positive integer"):
+            trainer.program(students)
+    prog = trainer.program(1)
+    prog.load(images[:1], targets[:1])
+    prog.step()
+    prog.step()
+    with pytest.raises(ValueError, match="step: this program takes 2 steps a batch"):
+        prog.step()
+    prog.reset()
+    prog.step()                                   # a reset starts the count again
+    for at in ((1.7,), (True,), ("2",)):
+        with pytest.raises(TypeError, match="at: expected integer step counts"):
+            trainer.trajectory(images, targets, at)
+    for at in (3, None):
+        with pytest.raises(TypeError, match="at: expected step counts"):
+            trainer.trajectory(images, targets, at)

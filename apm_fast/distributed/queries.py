@@ -125,6 +125,9 @@ def broadcast_parameters(model, group=None, src_rank: int = 0):
         dist.broadcast(p.data, src=src, group=group)
 
 
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)     # settings compared by index
+
+
 class ShardedQueryTrainer:
     """Test-time training with each image's queries spread over ``group``: a
     :class:`apm_fast.TestTimeTrainer` (a table backend, one image at a time) whose engine computes
@@ -143,10 +146,37 @@ class ShardedQueryTrainer:
         self.trainer = TestTimeTrainer(model, steps=steps, lr=lr, backend=backend, betas=betas, eps=eps,
                                        normalize_target=normalize_target, students=1, precision=precision,
                                        moments=moments, shards=self.shards)
+        self._check_same_settings()
 
     def fit(self, images: torch.Tensor, targets: torch.Tensor, *, progress=None) -> TTTResult:
         self._check_same_inputs(images, targets)
         return self.trainer.fit(images, targets, progress=progress)
+
+    @torch.no_grad()
+    def _check_same_settings(self):
+        """Every rank must train with the same settings: ranks that differ would wait on each
+        other's exchanges for ever (steps) or give each rank other features (lr): refused on every
+        rank, naming what differs."""
+        if self.world_size == 1:
+            return
+        t = self.trainer
+        engine = t.engine
+        settings = {"steps": t.steps, "lr": t.lr, "betas[0]": t.betas[0], "betas[1]": t.betas[1], "eps": t.eps,
+                    "normalize_target": float(t.normalize_target),
+                    "precision": float(_DTYPES.index(engine.compute_dtype)),
+                    "moments": float(_DTYPES.index(engine.moment_dtype))}
+        v = torch.tensor(list(settings.values()), dtype=torch.float64, device=self.trainer.model.device)
+        both = torch.cat([v, -v])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        n = len(settings)
+        differ = [k for i, k in enumerate(settings) if both[i] != -both[n + i]]
+        if differ:
+            mine = dict(settings, precision=str(engine.compute_dtype).replace("torch.", ""),
+                        moments=str(engine.moment_dtype).replace("torch.", ""))
+            raise ValueError(f"settings: the ranks of the group were given different {', '.join(differ)} "
+                             f"(this is rank {self.rank} of {self.world_size}, with "
+                             + ", ".join(f"{k} = {mine[k]!r}" for k in differ)
+                             + "); every rank must build ShardedQueryTrainer with the same settings")
 
     @torch.no_grad()
     def _check_same_inputs(self, images, targets):
@@ -158,11 +188,16 @@ class ShardedQueryTrainer:
             return                                   # fit's own checks report the type error
         dev = self.trainer.model.device
         x, y = images.detach().to(dev, torch.float64), targets.detach().to(dev, torch.float64)
+        # NaN/Inf counted, the sums taken over the finite values: data with the same non-finite
+        # entries agree here, and fit's own check then names them on every rank
+        bad = float((~torch.isfinite(x)).sum() + (~torch.isfinite(y)).sum())
+        x, y = x.nan_to_num(0.0, 0.0, 0.0), y.nan_to_num(0.0, 0.0, 0.0)
         fp = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=dev),
-                          x.sum(), x.square().sum(), y.sum(), y.square().sum()])
+                          x.sum(), x.square().sum(), y.sum(), y.square().sum(),
+                          torch.tensor(bad, dtype=torch.float64, device=dev)])
         both = torch.cat([fp, -fp])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-        if not torch.equal(both[:5], -both[5:]):
+        if not torch.equal(both[:6], -both[6:]):
             raise ValueError(f"images/targets: rank {self.rank} of {self.world_size} was given "
                              f"different data from another rank; every rank must call fit with "
                              f"the same images and targets in mode 2")

@@ -581,15 +581,15 @@ class TorchPrimitives(Primitives):
         return first_layer_act(p, u, grid, out_dtype)
 
     def _first_layer_bwd_input(self, dy, w, p, u, out_dtype, act=None):
-        s, h1 = w.shape[0], w.shape[2]
-        l = dy.shape[1] // u.shape[1]
+        s, h1, b = w.shape[0], w.shape[2], u.shape[1]
+        l = dy.shape[1] // b                          # 0 for an empty slice of the queries
         acc = acc_dtype_for(w.dtype)
         g = bmm_acc(dy.to(w.dtype), w, acc)
         if act is None:
             mask = p.to(acc)[:, None, :, :] + u.to(acc)[:, :, None, :] > 0
         else:
-            mask = act.view(s, -1, l, h1) > 0
-        g = g.view(s, -1, l, h1) * mask
+            mask = act.view(s, b, l, h1) > 0
+        g = g.view(s, b, l, h1) * mask
         r = g.sum(2)
         return g.reshape(s, -1, h1).to(out_dtype or w.dtype), r
 

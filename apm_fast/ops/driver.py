@@ -776,7 +776,8 @@ def backward(prim, w: Dict[str, torch.Tensor], ctx: FusedCtx, dz: Optional[torch
     # they finished ~60 us after the dW_P GEMM at one image)
     if not factored:
         dwt = torch.bmm(r.transpose(1, 2), ctx.t, out=wt_view)                    # in place when it can
-    g1_sum_b = (g1.view(s, b, L, -1).sum(1) if b > 1 else g1.view(s, L, -1)).to(cdt)
+    h1 = g1.shape[-1]
+    g1_sum_b = (g1.view(s, b, L, h1).sum(1) if b > 1 else g1.view(s, L, h1)).to(cdt)
     if factored and pos_grid is not None:   # dW_P by its factors too: never written
         factors[POSITION_COLUMNS] = position_weight_factors(g1_sum_b, pos_in.shape[1], pos_grid, acc)
         dwp = None

@@ -22,6 +22,7 @@ import torch
 from ..backends import get_backend
 from ..ops.driver import weight_names
 from ..ops.precision import parse_precision
+from ..validation import check_training
 from .memory import choose_students, student_bytes
 from .program import StudentProgram
 from .store import check_snapshot
@@ -92,6 +93,7 @@ class TTTEngine:
                  snapshot: Dict[str, torch.Tensor], students: int | None = None, max_students: int = 64,
                  precision=None, graphs: bool | None = None, reserve_bytes: int | None = None, shards=None,
                  moments=None, overlap: bool | None = None):
+        check_training(steps=steps, lr=lr, betas=betas, eps=eps, students=students)
         cfg = model.config
         self.config = cfg
         self.device = model.device
@@ -147,6 +149,9 @@ class TTTEngine:
     def program(self, students: int, *, keep_grid: bool = False) -> StudentProgram:
         """The program for S = ``students`` (built and captured once; one is kept at a time).
         ``keep_grid``: its eval phase also keeps the grid features (:meth:`trajectory`)."""
+        check_training(steps=self.steps, lr=self.lr, students=students)
+        if students is None:
+            raise ValueError("students: expected a positive integer, got None")
         cdt = self.compute_dtype
         if keep_grid and self.shards is not None:
             raise ValueError("keep_grid: the grid features of a sharded program are split over ranks; "

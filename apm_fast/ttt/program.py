@@ -18,6 +18,7 @@ replays ``eval`` after chosen steps, to watch the grid features form (the island
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -214,6 +215,7 @@ class StudentProgram:
                                  prim=self.prim)
         self.step_t.zero_()
         self.t_idx.zero_()
+        self.taken = 0                  # steps since the reset (step() refuses more than ``steps``)
 
     def _step(self):
         c, st, sh = self.config, self.store, self.shards
@@ -359,7 +361,13 @@ class StudentProgram:
 
     def step(self):
         """One step of every student (forward, backward, Adam): the captured graph replayed, or
-        eagerly. Returns the losses buffer (S x steps; this step's column is the last written)."""
+        eagerly. Returns the losses buffer (S x steps; this step's column is the last written).
+        At most ``steps`` steps after each :meth:`load` or :meth:`reset` (the losses buffer has a
+        column per step)."""
+        if getattr(self, "taken", 0) >= self.steps:
+            raise ValueError(f"step: this program takes {self.steps} steps a batch and has taken them; "
+                             f"load() or reset() starts the next batch")
+        self.taken = getattr(self, "taken", 0) + 1
         with quiet_autograd(self.device):
             if self.graphs is not None:
                 self.graphs["step"].replay()
@@ -398,7 +406,14 @@ class StudentProgram:
         without synchronizing."""
         if self.grid is None:
             raise ValueError("run_trajectory: this program keeps no grid; build it with keep_grid=True")
-        at = sorted({int(a) for a in at})
+        try:
+            given = list(at)
+        except TypeError:
+            raise TypeError(f"at: expected step counts (a list of integers in [0, {self.steps}]), "
+                            f"got {at!r}") from None
+        if any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in given):
+            raise TypeError(f"at: expected integer step counts in [0, {self.steps}], got {given!r}")
+        at = sorted({int(a) for a in given})
         if at and not 0 <= at[0] <= at[-1] <= self.steps:
             raise ValueError(f"at: expected step counts in [0, {self.steps}], got {at}")
         k = images.shape[0]

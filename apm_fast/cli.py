@@ -28,10 +28,10 @@ import importlib
 import os
 import sys
 import warnings
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
-__all__ = ["SUBCOMMANDS", "register_subcommand", "build_parser", "main", "CLIError", "EXIT_OK",
-           "EXIT_SKIPPED", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE"]
+__all__ = ["SUBCOMMANDS", "register_subcommand", "build_parser", "main", "run_command", "CLIError",
+           "EXIT_OK", "EXIT_SKIPPED", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE"]
 
 EXIT_OK, EXIT_SKIPPED, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141
@@ -134,11 +134,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run one subcommand; the exit code (see the module's docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    prog = f"apm-fast {args.command}"
+    return run_command(f"apm-fast {args.command}", lambda: args._run(args))
+
+
+def run_command(prog: str, run: Callable[[], Optional[int]]) -> int:
+    """``run()`` as the command ``prog``: its exit code, and the exit codes and one-line errors
+    and warnings of the module's docstring for what it raises (also used by other entry points
+    of the package, e.g. ``python -m apm_fast.distributed``)."""
     with warnings.catch_warnings():
         _print_package_warnings(prog)
         try:
-            return int(args._run(args) or 0)
+            return int(run() or 0)
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED

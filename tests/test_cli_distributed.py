@@ -52,12 +52,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun(args, **env_extra):
+def _torchrun(args, module="apm_fast", **env_extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
     if os.path.isdir("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "apm_fast", *args]
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", module, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -202,6 +202,8 @@ def test_students_side_by_side_equal_one_at_a_time(setup, tmp_path, capsys):
     (["check", "--hidden", "24,x"], "--hidden: expected comma-separated integers"),
     (["ttt", "--data", "d.pt", "--out", "o.jsonl", "--steps", "0"], "--steps: expected a positive integer, got '0'"),
     (["ttt", "--data", "d.pt", "--out", "o.jsonl", "--lr", "nan"], "--lr: expected a learning rate"),
+    (["ttt", "--data", "d.pt", "--out", "o.jsonl", "--seed", "99999999999999999999999"],
+     "--seed: expected an integer in [0, 2**63 - 1], got '99999999999999999999999'"),
 ])
 def test_the_torchrun_entry_refuses_bad_arguments_by_name(capsys, args, message):
     """``-m apm_fast.distributed`` reads its options with the command line's own argument types:
@@ -218,3 +220,112 @@ def test_the_torchrun_check_on_one_process():
     from apm_fast.distributed.__main__ import main as dist_main
 
     assert dist_main(["check", "--device", "cpu", "--steps", "2"]) == 0
+
+
+# ------------------------------------------------------------------ -m apm_fast.distributed ttt
+TINY = ["--grid", "5", "--patch", "2", "--hidden", "24,16", "--dim", "8", "--heads", "2",
+        "--dtype", "float64", "--device", "cpu", "--steps", "2", "--lr", "0.01"]
+DIST_ERROR = "python -m apm_fast.distributed {}: error: "
+
+
+@pytest.fixture(scope="module")
+def tensors(tmp_path_factory):
+    """A --data file of three 10 x 10 images (grid 5 x patch 2) with 8-wide targets, and a file
+    that is neither a torch file nor a results file."""
+    root = tmp_path_factory.mktemp("dist-ttt")
+    g = torch.Generator().manual_seed(0)
+    torch.save({"names": ["a", "b", "c"], "images": torch.randn(3, 3, 10, 10, generator=g),
+                "targets": torch.randn(3, 8, generator=g)}, root / "data.pt")
+    (root / "notes.txt").write_text("my notes\n")
+    return root
+
+
+def _dist(args, capsys):
+    from apm_fast.distributed.__main__ import main as dist_main
+
+    rc = dist_main(args)
+    return rc, capsys.readouterr().err
+
+
+def test_the_torchrun_ttt_states_its_settings_and_refuses_a_rerun_with_others(tensors, tmp_path, capsys):
+    """Every record carries the run's settings; a rerun into the same --out with other settings is
+    refused before any training (as apm-fast ttt --out), one with the same settings (another
+    backend allowed) goes on, and --no-resume starts afresh."""
+    out = tmp_path / "r.jsonl"
+    base = ["ttt", "--data", str(tensors / "data.pt"), "--out", str(out), *TINY]
+    rc, err = _dist(base, capsys)
+    assert rc == 0, err
+    recs = _lines(out)
+    assert [r["input"] for r in recs] == ["a", "b", "c"]
+    run = recs[0]["run"]
+    assert all(r["run"] == run for r in recs)
+    assert {k: run[k] for k in ("model", "preset", "grid", "patch", "hidden", "heads", "dim", "steps",
+                                "lr", "dtype", "precision", "moments", "seed", "device")} == {
+        "model": None, "preset": "ttt-l14", "grid": 5, "patch": 2, "hidden": [24, 16], "heads": 2,
+        "dim": 8, "steps": 2, "lr": 0.01, "dtype": "float64", "precision": "fp64", "moments": "fp64",
+        "seed": 0, "device": "cpu"}
+    before = out.read_bytes()
+
+    rc, err = _dist(base + ["--steps", "7", "--lr", "0.5", "--seed", "5"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(DIST_ERROR.format("ttt") + f"--out: {str(out)!r} holds results made with other "
+                          f"settings (lr: 0.01 there, 0.5 now, seed: 0 there, 5 now, steps: 2 there, 7 now)")
+    assert out.read_bytes() == before and not (tmp_path / "r.jsonl.parts").exists()
+
+    for backend in ("torch", "reference"):          # the backend may differ between a run and its restart
+        rc, err = _dist(base + ["--backend", backend], capsys)
+        assert rc == 0 and '"skipped": 3, "computed": 0' in err, err
+        assert out.read_bytes() == before
+
+    rc, err = _dist(base + ["--steps", "3", "--no-resume"], capsys)
+    assert rc == 0, err
+    assert [(r["input"], r["run"]["steps"], len(r["losses"])) for r in _lines(out)] == [
+        ("a", 3, 3), ("b", 3, 3), ("c", 3, 3)]
+
+
+_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "bogus"], "backend: unknown name 'bogus'"),
+    pytest.param(["--backend", "triton"], "backend 'triton' is not available here", marks=_NO_GPU),
+    pytest.param(["--device", "cuda"], "--device: 'cuda' asked for, but torch sees no CUDA GPU here",
+                 marks=_NO_GPU),
+    (["--model", "{root}/nope.safetensors"], "--model: path: no apm-fast checkpoint at '{root}/nope.safetensors'"),
+    (["--data", "{root}/notes.txt"], "--data: '{root}/notes.txt' is not a file written by torch.save"),
+    (["--data", "{root}/nope.pt"], "--data: no such file: '{root}/nope.pt'"),
+    (["--out", "{root}/notes.txt"], "--out: '{root}/notes.txt' line 1: expected a results record"),
+    (["--grid", "4"], "--data: images: expected 8 x 8 pixels (grid 4 x patch 2), got 10 x 10"),
+    (["check"], "heads: the pool splits dim=8 over heads; expected a divisor of 8, got heads=3"),
+])
+def test_the_torchrun_entry_reports_bad_input_in_one_line(tensors, tmp_path, capsys, monkeypatch, args, message):
+    """Bad options and files are the main command line's errors: one line naming the option, exit
+    status 2, no traceback, before anything is computed or written."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")     # the tests' interpreter would make triton available
+    if args == ["check"]:
+        cmd, argv = "check", ["check", "--device", "cpu", "--heads", "3"]
+    else:
+        cmd = "ttt"
+        argv = ["ttt", "--data", str(tensors / "data.pt"), "--out", str(tmp_path / "r.jsonl"), *TINY,
+                *[a.format(root=tensors) for a in args]]
+    rc, err = _dist(argv, capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(DIST_ERROR.format(cmd)) and message.format(root=tensors) in err, err
+    assert (tensors / "notes.txt").read_text() == "my notes\n"
+    assert not (tmp_path / "r.jsonl").exists() or (tmp_path / "r.jsonl").read_bytes() == b""
+
+
+def test_two_ranks_of_the_torchrun_ttt_refuse_other_settings_in_one_line_each(tensors, tmp_path, capsys):
+    """Under torchrun (2 gloo ranks) the refusal is one line per rank (torchrun stops the other rank
+    once one has exited, so it may not get to print), exit status 2, and --out is left as it was."""
+    out = tmp_path / "r.jsonl"
+    base = ["ttt", "--data", str(tensors / "data.pt"), "--out", str(out), *TINY]
+    assert _dist(base, capsys)[0] == 0
+    before = out.read_bytes()
+    proc = _torchrun(base + ["--steps", "3"], module="apm_fast.distributed")
+    err = proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in err, err[-3000:]
+    lines = [l for l in err.splitlines() if l.startswith(DIST_ERROR.format("ttt"))]
+    assert 1 <= len(lines) <= 2 and all("steps: 2 there, 3 now" in l for l in lines), err[-3000:]
+    assert "apm_fast/distributed" not in err and "CLIError" not in err, err[-3000:]
+    assert out.read_bytes() == before and not (tmp_path / "r.jsonl.parts").exists()

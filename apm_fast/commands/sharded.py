@@ -32,10 +32,11 @@ def input_keys(paths):
         raise CLIError(f"IMAGES: {exc}") from None
 
 
-def check_out(out, inputs, *others) -> None:
+def check_out(out, inputs, *others, key_field=KEY_FIELD) -> None:
     """Before any long work: ``out`` can be written, is not an input image or another file the
     run reads (``others``: e.g. the classes file), and holds results records only (with the
-    per-process files of an interrupted run), since it is rewritten from them at the end."""
+    per-process files of an interrupted run; ``key_field``: their key), since it is rewritten
+    from them at the end."""
     from ..distributed.results import ResultsFileError, existing_part_files, read_records
 
     if out == "-":
@@ -50,7 +51,7 @@ def check_out(out, inputs, *others) -> None:
         raise CLIError(f"--out: cannot open {out!r} for appending ({exc.strerror or exc})") from None
     try:
         for src in [out] + existing_part_files(out):
-            read_records(src, KEY_FIELD)
+            read_records(src, key_field)
     except ResultsFileError as exc:
         raise CLIError(f"--out: {exc}; give another --out") from None
 
@@ -60,13 +61,14 @@ def check_out(out, inputs, *others) -> None:
 _VOLATILE = ("students", "device", "backend", "version", "commit")
 
 
-def check_settings(out, run_info) -> None:
-    """Refuse to add lines to ``out`` (and its per-rank files) made with other settings."""
+def check_settings(out, run_info, *, key_field=KEY_FIELD) -> None:
+    """Refuse to add lines to ``out`` (and its per-rank files) made with other settings (each
+    line's ``"run"``; ``key_field``: the lines' key)."""
     from ..distributed.results import existing_part_files, read_records
 
     mine = {k: v for k, v in run_info.items() if k not in _VOLATILE}
     for src in [out] + existing_part_files(out):
-        for rec in read_records(src, KEY_FIELD):
+        for rec in read_records(src, key_field):
             theirs = {k: v for k, v in (rec.get("run") or {}).items() if k not in _VOLATILE}
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             if diff:

@@ -2,20 +2,29 @@
 
 check  both modes against one process on random data (exit status 1 on a mismatch)
 ttt    mode 1 on a tensor file: {"names": [str], "images": N x C x S x S, "targets": N x D}
-       (targets precomputed by the teacher), one JSON line per image in --out
+       (targets precomputed by the teacher), one JSON line per image in --out, with the run's
+       settings under "run"; a rerun goes on where the last one stopped, and is refused when
+       its settings differ (--no-resume starts afresh)
+
+Errors in the options or the files are one line on every rank, exit status 2 (as apm-fast's);
+APM_FAST_DEBUG=1 shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import pickle
 import sys
 
 import torch
 
+from ..cli import CLIError, run_command
 from ..config import APMConfig, preset
 from .env import init_distributed
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+KEY_FIELD = "input"          # each ttt record's key: the image's name in --data
 
 
 def _config(args) -> APMConfig:
@@ -41,7 +50,7 @@ def _add_model_args(p, *, preset_default, **defaults):
 
 
 def main(argv=None) -> int:
-    from ..commands.common import positive_int
+    from ..commands.common import positive_int, seed
 
     ap = argparse.ArgumentParser(prog="python -m apm_fast.distributed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,54 +64,123 @@ def main(argv=None) -> int:
     t.add_argument("--data", required=True, help="torch.save'd dict with names, images, targets")
     t.add_argument("--out", required=True, help="results file (JSON Lines)")
     t.add_argument("--model", default=None, help="APM .safetensors written by APM.save (else --seed)")
-    t.add_argument("--seed", type=int, default=0, help="init seed when --model is not given")
+    t.add_argument("--seed", type=seed, default=0,
+                   help="init seed when --model is not given, in [0, 2**63 - 1]")
     t.add_argument("--backend", default=None, help="backend of the single-device engine")
     t.add_argument("--no-resume", action="store_true", help="discard earlier results in --out")
     args = ap.parse_args(argv)
+    # the main command line's handling: a user's mistake is one line and exit status 2 on every rank
+    return run_command(f"{ap.prog} {args.command}", lambda: _run(args))
 
-    # mode 1 exchanges nothing but barriers and a status word: gloo, even when computing on GPUs
-    info = init_distributed(backend="gloo" if args.command == "ttt" else None, device=args.device)
+
+@contextlib.contextmanager
+def _from_option(option):
+    """``setup_errors``, its one line naming the option the input came from."""
+    from ..commands.common import setup_errors
+
+    try:
+        with setup_errors():
+            yield
+    except CLIError as exc:
+        raise CLIError(f"{option}: {exc}") from exc.__cause__
+
+
+def _run(args) -> int:
+    from ..commands.common import pick_device, setup_errors
+
+    pick_device(args.device)                  # --device cuda without a GPU: refused by name
+    config = None
+    if args.command == "check" or args.model is None:
+        with setup_errors():                  # e.g. --heads that does not divide --dim
+            config = _config(args)
+    if args.command == "ttt":
+        from ..commands.sharded import check_out
+
+        # before anything starts: --out can be written, holds results only and is not --data
+        check_out(args.out, [args.data], args.model, key_field=KEY_FIELD)
+    try:
+        # mode 1 exchanges nothing but barriers and a status word: gloo, even when computing on GPUs
+        info = init_distributed(backend="gloo" if args.command == "ttt" else None, device=args.device)
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(f"torch.distributed: {exc}") from exc
     dtype = _DTYPES[args.dtype]
     try:
         if args.command == "check":
             from .selfcheck import check_modes
-            verdict = check_modes(_config(args), steps=args.steps, lr=args.lr, n_images=args.images,
-                                  dtype=dtype, device=info.device)
+            with setup_errors():
+                verdict = check_modes(config, steps=args.steps, lr=args.lr, n_images=args.images,
+                                      dtype=dtype, device=info.device)
             if info.rank == 0:
                 print(json.dumps(verdict, indent=1))
             return 0 if verdict["ok"] else 1
-        return _ttt(args, info, dtype)
+        return _ttt(args, config, info, dtype)
     finally:
         if info.created:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _ttt(args, info, dtype) -> int:
-    from ..model import APM
-    from ..ttt import TestTimeTrainer
-    from .ranks import run_sharded_ttt
-
+def _load_data(path):
+    """names, images, targets of the --data file, refused by name when it is not one."""
     try:
-        data = torch.load(args.data, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SystemExit(f"--data: no such file: {args.data}") from None
+        raise CLIError(f"--data: no such file: {path!r}") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as exc:
+        raise CLIError(f"--data: {path!r} is not a file written by torch.save ({type(exc).__name__}); "
+                       f"expected a dict with names, images, targets") from exc
+    if not isinstance(data, dict):
+        raise CLIError(f"--data: expected a dict with names, images, targets, got {type(data).__name__}")
     for k in ("names", "images", "targets"):
         if k not in data:
-            raise SystemExit(f"--data: expected keys names, images, targets; {k!r} is missing")
-    names, images, targets = list(data["names"]), data["images"], data["targets"]
-    if not (len(names) == images.shape[0] == targets.shape[0]):
-        raise SystemExit(f"--data: names ({len(names)}), images ({images.shape[0]}) and targets "
-                         f"({targets.shape[0]}) must have one entry per image")
+            raise CLIError(f"--data: expected keys names, images, targets; {k!r} is missing")
+    return list(data["names"]), data["images"], data["targets"]
+
+
+def _ttt(args, config, info, dtype) -> int:
+    from ..commands.common import code_version, setup_errors, student_memory
+    from ..commands.sharded import check_settings
+    from ..model import APM
+    from ..ttt import TestTimeTrainer
+    from ..validation import check_images, check_targets
+    from .ranks import input_keys, run_sharded_ttt, ttt_record
+
+    names, images, targets = _load_data(args.data)
+    with _from_option("--data"):
+        input_keys(names)                     # one string per image, none twice
     if args.model is not None:
-        model = APM.load(args.model).to(device=info.device, dtype=dtype)
+        with _from_option("--model"):
+            model = APM.load(args.model).to(device=info.device, dtype=dtype)
     else:
-        torch.manual_seed(args.seed)        # the same init on every rank: seeded CPU init
-        model = APM(_config(args), dtype=torch.float64).to(device=info.device, dtype=dtype)
-    trainer = TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=args.backend)
+        with setup_errors(), student_memory(config, info.device):
+            torch.manual_seed(args.seed)    # the same init on every rank: seeded CPU init
+            model = APM(config, dtype=torch.float64).to(device=info.device, dtype=dtype)
+    config = model.config
+    with _from_option("--data"):
+        images = check_images(images, config, values=False)
+        targets = check_targets(targets, images.shape[0], config.dim, values=False)
+    if len(names) != images.shape[0]:
+        raise CLIError(f"--data: names ({len(names)}), images ({images.shape[0]}) and targets "
+                       f"({targets.shape[0]}) must have one entry per image")
+    with setup_errors(), student_memory(config, info.device):    # e.g. --backend bogus
+        trainer = TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=args.backend)
+    # what the results depend on, in every record (as apm-fast ttt's "run"); a rerun into the same
+    # --out must have the same (device, backend, world size and code version may differ)
+    run_info = {
+        "model": args.model, "preset": None if args.model is not None else args.preset,
+        "grid": config.grid, "patch": config.patch, "hidden": list(config.hidden), "heads": config.heads,
+        "dim": config.dim, "steps": args.steps, "lr": args.lr, "dtype": args.dtype,
+        "backend": trainer.backend, "precision": trainer.precision, "moments": trainer.moments,
+        "device": str(info.device), "seed": None if args.model is not None else args.seed,
+        **code_version(),
+    }
+    if not args.no_resume:                    # --no-resume discards the earlier results instead
+        check_settings(args.out, run_info, key_field=KEY_FIELD)
     index = {n: i for i, n in enumerate(names)}
-    run = run_sharded_ttt(names, args.out, trainer=trainer, resume=not args.no_resume,
-                          load=lambda n: (images[index[n]], targets[index[n]]))
+    with setup_errors():
+        run = run_sharded_ttt(names, args.out, trainer=trainer, resume=not args.no_resume,
+                              key_field=KEY_FIELD, load=lambda n: (images[index[n]], targets[index[n]]),
+                              record=lambda n, result: dict(ttt_record(result), run=run_info))
     print(json.dumps({"rank": run.rank, "world_size": run.world_size, "assigned": run.assigned,
                       "skipped": run.skipped, "computed": run.computed}), file=sys.stderr)
     return 0

@@ -30,8 +30,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Files picked up when a directory is given (explicitly named files are always tried).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
-                              ".webp", ".ppm", ".pgm", ".pbm", ".pnm"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
+                              ".webp", ".avif", ".heic", ".heif", ".ppm", ".pgm", ".pbm", ".pnm"})
+# formats PIL reads only with a plugin: named when PIL cannot identify such a file
+_PLUGIN_FORMATS = {".heic": "pillow-heif", ".heif": "pillow-heif", ".avif": "a Pillow built with AVIF"}
 
 # Limits checked on the size a file *declares* (PIL reads it from the header without decoding),
 # so that a few bytes cannot make a worker allocate gigabytes:
@@ -126,9 +128,9 @@ def _check_size(w: int, h: int, limit: int = MAX_PIXELS,
         return (f"declares {w} x {h} pixels, more than {limit:,} pixels ({limit_name}): refused "
                 f"before decoding (a decompression bomb, or far larger than needed)")
     if w > 0 and h > 0 and max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-        return (f"is {w} x {h} pixels, an aspect ratio of {max(w, h) / min(w, h):.0f}:1, more than "
+        return (f"is {w} x {h} pixels, an aspect ratio of {max(w, h) / min(w, h):.3g}:1, more than "
                 f"{MAX_ASPECT_RATIO}:1 (apm_fast.images.MAX_ASPECT_RATIO): resizing its shorter side "
-                f"would need {max(w, h) / min(w, h):.0f} times the memory of a square image")
+                f"would need {max(w, h) / min(w, h):.3g} times the memory of a square image")
     return None
 
 
@@ -169,7 +171,9 @@ def load_image(path: PathLike) -> Image.Image:
                     f"{_pixel_limit()[0]:,} pixels ({_pixel_limit()[1]}): refused before decoding "
                     f"(a decompression bomb, or far larger than needed)")) from None
             except Image.UnidentifiedImageError:
-                raise ImageLoadError(path, "not an image (PIL cannot identify the file format)") from None
+                plugin = _PLUGIN_FORMATS.get(Path(path).suffix.lower())
+                raise ImageLoadError(path, "not an image (PIL cannot identify the file format)" + (
+                    f"; {Path(path).suffix.lower()} files need {plugin}" if plugin else "")) from None
             except Exception as exc:  # a header PIL recognizes but cannot parse
                 raise ImageLoadError(path, f"cannot be read as an image ({type(exc).__name__}: {exc})") from exc
         for w in caught:      # other warnings go on as they came
@@ -201,7 +205,7 @@ def to_pil(image, name: str = "image") -> Image.Image:
     floats in [0, 1]) or a 1|3 x H x W uint8 tensor (pixels)."""
     if isinstance(image, Image.Image):
         _check_not_empty(name, *image.size)
-        return _rgb(image)
+        return _rgb(ImageOps.exif_transpose(image))      # upright, as load_image gives a file
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, torch.Tensor):
@@ -222,7 +226,12 @@ def to_pil(image, name: str = "image") -> Image.Image:
                 raise TypeError(f"{name}: expected a uint8 array or floats in [0, 1], got dtype {a.dtype}")
             if not np.isfinite(a).all():
                 raise ValueError(f"{name}: expected finite pixel values, found NaN/Inf")
-            a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            lo, hi = float(a.min()), float(a.max())
+            if lo < 0.0 or hi > 1.0:
+                raise ValueError(f"{name}: expected float pixels in [0, 1], got values in [{lo:g}, {hi:g}] "
+                                 f"(pass uint8 for 0-255 pixels; normalized images go to the model "
+                                 f"itself, not here)")
+            a = (a * 255.0 + 0.5).astype(np.uint8)
         return _rgb(Image.fromarray(a))
     raise TypeError(f"{name}: expected a PIL image, a file path, a numpy array or uint8 pixels, "
                     f"got {type(image).__name__}")
@@ -241,8 +250,7 @@ def _check_aspect(img: Image.Image, name: str, size: int = 224):
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise ValueError(f"{name}: {w} x {h} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1 "
                          f"(apm_fast.images.MAX_ASPECT_RATIO); scaling its shorter side to {size} "
-                         f"would make it {max(w, h) * size // min(w, h)} pixels long (crop=None "
-                         f"stretches it instead)")
+                         f"would make it {max(w, h) * size // min(w, h)} pixels long")
 
 
 def _size_of(size_or_config) -> int:
@@ -252,17 +260,17 @@ def _size_of(size_or_config) -> int:
     return size
 
 
-def pixels(image, size_or_config, *, crop: str | None = "center") -> torch.Tensor:
+def pixels(image, size_or_config, *, crop: str | None = "center", name: str = "image") -> torch.Tensor:
     """3 x S x S uint8 pixels of one image (RGB). ``size_or_config``: S, or an
     :class:`~apm_fast.APMConfig` (S = grid * patch). ``crop="center"``: scale the shorter side to
     S (bicubic) and cut the centre square (keeps the aspect ratio, like the teachers'
     preprocessing); ``crop=None``: stretch the whole image to S x S, bilinear and antialiased (the
     authors' TTT input: torchvision's ``Resize((S, S))``)."""
     s = _size_of(size_or_config)
-    img = to_pil(image)
+    img = to_pil(image, name=name)
     if crop == "center":
         w, h = img.size
-        _check_aspect(img, "image", s)
+        _check_aspect(img, name, s)
         scale = s / min(w, h)
         nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
         img = img.resize((nw, nh), Image.BICUBIC)
@@ -282,6 +290,9 @@ def normalize(px: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """(B x) 3 x S x S uint8 pixels -> float32 normalized with ``mean``/``std`` (ImageNet's by
     default), on the pixels' device (the statistics are put there once per device)."""
+    if not isinstance(px, torch.Tensor) or px.dtype != torch.uint8:
+        raise TypeError(f"px: expected uint8 pixels (0-255; apm_fast.images.pixels makes them), got "
+                        + (f"dtype {px.dtype}" if isinstance(px, torch.Tensor) else type(px).__name__))
     key = (str(px.device), tuple(mean), tuple(std))
     if key not in _STATS:           # once per device: no small host copy in every batch
         _STATS[key] = (torch.tensor(mean, device=px.device).view(3, 1, 1) * 255.0,
@@ -291,15 +302,16 @@ def normalize(px: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 def preprocess(image, size_or_config, *, crop: str | None = "center",
-               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+               name: str = "image") -> torch.Tensor:
     """The student's input for one image: RGB, resized to S x S (:func:`pixels`), normalized ->
-    3 x S x S float32."""
-    return normalize(pixels(image, size_or_config, crop=crop), mean, std).contiguous()
+    3 x S x S float32 (``name``: how errors call the image)."""
+    return normalize(pixels(image, size_or_config, crop=crop, name=name), mean, std).contiguous()
 
 
 def preprocess_batch(images: Iterable, size_or_config, **kw) -> torch.Tensor:
-    """:func:`preprocess` for several images -> B x 3 x S x S."""
-    xs = [preprocess(im, size_or_config, **kw) for im in images]
+    """:func:`preprocess` for several images -> B x 3 x S x S (an error names ``images[i]``)."""
+    xs = [preprocess(im, size_or_config, name=f"images[{i}]", **kw) for i, im in enumerate(images)]
     if not xs:
         raise ValueError("images: expected at least one image, got none")
     return torch.stack(xs)
@@ -324,8 +336,10 @@ def find_images(paths: Sequence[PathLike], *, recursive: bool = True,
     Inside a searched directory, entries that cannot be image files whatever their name (FIFOs,
     sockets, devices, broken or looping symbolic links) are skipped *and reported*: appended as
     ``(path, reason)`` to ``skipped`` when a list is given, else in one
-    :class:`SkippedFilesWarning` listing them (the command line prints it as one line). Regular
-    files without an image extension are ignored silently, by design."""
+    :class:`SkippedFilesWarning` listing them (the command line prints it as one line), and so are
+    symbolic links to directories (not followed: a loop could not end). Regular files without an
+    image extension, and hidden entries (names starting with ".", macOS's "._x.jpg" resource
+    files among them: never images), are ignored silently, by design."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: List[Path] = []
@@ -334,11 +348,16 @@ def find_images(paths: Sequence[PathLike], *, recursive: bool = True,
         if p.is_dir():
             walk = p.rglob("*") if recursive else p.iterdir()
             for f in sorted(walk):
+                if any(part.startswith(".") for part in f.relative_to(p).parts):
+                    continue                      # hidden files and folders
                 kind = _entry_kind(f)
                 if kind == "file":
                     if f.suffix.lower() in IMAGE_EXTENSIONS:
                         out.append(f)
-                elif kind != "dir":
+                elif kind == "dir":
+                    if f.is_symlink():
+                        odd.append((f, "a symbolic link to a directory (not followed)"))
+                else:
                     odd.append((f, kind))
         else:
             out.append(p)

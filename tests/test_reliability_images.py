@@ -2,6 +2,7 @@
 devices, symlink loops; in-memory images of no size or absurd shape."""
 import io
 import os
+import re
 import socket
 import struct
 import threading
@@ -10,11 +11,12 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from apm_fast import images as images_mod
 from apm_fast.images import (ImageDataset, ImageLoadError, SkippedFilesWarning, find_images, load_image,
-                             pixels, preprocess, to_pil)
+                             normalize, pixels, preprocess, preprocess_batch, to_pil)
 
 
 def _within(seconds, fn, *args, unblock=None):
@@ -204,3 +206,49 @@ def test_empty_pil_image_and_tensor_are_refused():
         pixels(Image.new("RGB", (0, 0)), 8)
     with pytest.raises(ValueError, match="expected an image of at least 1 x 1 pixels"):
         to_pil(torch.zeros(3, 0, 4, dtype=torch.uint8))
+
+
+def test_a_pil_image_is_upright_as_its_file_is(tmp_path):
+    """A camera JPEG whose EXIF says "rotate": the path and the opened PIL image give the same
+    upright picture (the one pipeline whatever the caller passes)."""
+    from PIL import Image
+
+    img = Image.new("RGB", (60, 40), (200, 10, 10))
+    exif = img.getexif()
+    exif[0x0112] = 6                                 # Orientation: rotate 90 degrees clockwise
+    path = tmp_path / "camera.jpg"
+    img.save(path, exif=exif)
+    from_path, from_pil = load_image(path), to_pil(Image.open(path))
+    assert from_path.size == from_pil.size == (40, 60)
+    assert torch.equal(pixels(from_path, 16), pixels(Image.open(path), 16))
+
+
+def test_float_pixels_outside_0_1_are_refused_not_clipped():
+    import numpy as np
+
+    assert pixels(np.full((8, 8, 3), 0.5, np.float32), 8)[0, 0, 0] == 128
+    for bad, shown in ((np.full((8, 8, 3), 100.0), "[100, 100]"), (np.full((8, 8, 3), -1.5), "[-1.5, -1.5]")):
+        with pytest.raises(ValueError, match=rf"image: expected float pixels in \[0, 1\], got values in {re.escape(shown)}"):
+            pixels(bad, 8)
+    with pytest.raises(TypeError, match="px: expected uint8 pixels"):
+        normalize(torch.rand(3, 4, 4))
+    with pytest.raises(ValueError, match=r"images\[2\]: expected an H x W or H x W x 3/4 array"):
+        preprocess_batch([np.zeros((8, 8, 3), np.uint8)] * 2 + [np.zeros((8, 8, 2), np.uint8)], 8)
+
+
+def test_find_images_leaves_hidden_entries_out_and_reports_linked_folders(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "real").mkdir()
+    for rel in ("a.jpg", "real/c.png", ".hidden/h.png", "._a.jpg", "b.avif"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
+    (tmp_path / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    skipped = []
+    found = find_images(tmp_path, skipped=skipped)
+    assert found == [tmp_path / "a.jpg", tmp_path / "b.avif", tmp_path / "real" / "c.png"]
+    assert skipped == [(tmp_path / "linked", "a symbolic link to a directory (not followed)")]
+    (tmp_path / "x.heic").write_bytes(b"not really")
+    with pytest.raises(ImageLoadError, match=r"\.heic files need pillow-heif"):
+        load_image(tmp_path / "x.heic")

@@ -1,5 +1,7 @@
 """Python API types: wrong types are refused with the argument's name (never coerced); duplicate
 user class names are refused."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,17 @@ def test_classify_names_a_bad_in_memory_image_once(tmp_path):
         classify(TestTimeTrainer(model, steps=1), [torch.zeros(3, 20, 30, dtype=torch.int64)],
                  random_teacher(write_config(tmp_path)), ["cat", "dog"], progress=False)
     assert str(info.value).count("images[0]") == 1, str(info.value)
+
+
+def test_class_names_that_make_the_same_prompt_are_repeats_and_a_bom_is_not_a_name(tmp_path):
+    for names, second in ((["Cat", "dog", "cat"], "'cat' occurs twice (classes[0] and classes[2], as 'Cat')"),
+                          (["sea lion", "sea  lion"], "'sea  lion' occurs twice"),
+                          (["caf\u00e9", "cafe\u0301"], "occurs twice")):
+        with pytest.raises(ValueError, match=re.escape(second)):
+            resolve_classes(names)
+    f = tmp_path / "windows.txt"
+    f.write_bytes("\ufeffcat\r\ndog\r\n".encode("utf-8"))
+    assert resolve_classes(f) == ("cat", "dog")
+    f.write_bytes("\ufeffcat\r\ncat\r\n".encode("utf-8"))
+    with pytest.raises(ValueError, match=r"'cat' occurs twice \(lines 1 and 2\)"):
+        resolve_classes(f)

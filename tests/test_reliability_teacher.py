@@ -1,14 +1,16 @@
 """The teacher: OpenAI TorchScript archives as local checkpoints; class embeddings cached on disk
 (real weights only), atomically, with a progress bar on a terminal; the 'simple' templates."""
 import os
+import stat
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from apm_fast._compat import import_open_clip
-from apm_fast.teachers import OpenCLIPTeacher, resolve_templates
+from apm_fast.teachers import OpenCLIPTeacher, RandomWeightsWarning, resolve_templates
 from apm_fast.teachers.base import TextCacheWarning
 from tiny_clip import TINY_NAME, counting_text_calls as _counting, random_teacher
 
@@ -103,7 +105,7 @@ def test_class_embeddings_are_cached_on_disk_for_real_weights(config_path, ckpt,
     calls = _counting(second, monkeypatch)
     e2 = second.class_embeddings(["cat", "dog", "bird"], "simple")
     assert calls == [] and torch.equal(e1, e2)
-    assert second.class_embeddings(["cat", "dog", "bird"], "simple") is e2    # the memory cache stays
+    assert torch.equal(second.class_embeddings(["cat", "dog", "bird"], "simple"), e2) and calls == []
     second.class_embeddings(["cat", "dog", "bird"], "single")                 # other templates: computed
     second.class_embeddings(["cat", "dog"], "simple")                         # other classes: computed
     assert len(calls) == 1 + 7 and len(_files(cache)) == 3
@@ -117,6 +119,53 @@ def test_a_changed_checkpoint_file_is_not_served_from_the_cache(config_path, ckp
     calls = _counting(again, monkeypatch)
     again.class_embeddings(["cat", "dog"])
     assert [len(c) for c in calls] == [2]
+
+
+def test_a_replaced_checkpoint_of_the_same_size_and_time_is_not_served_from_the_cache(config_path, ckpt, cache,
+                                                                                       monkeypatch, tmp_path):
+    """cp -p / rsync -t / tar x can leave a new file with the old one's size and modification
+    time: the cache still sees a different file (its change time, which no copy can set)."""
+    import shutil
+    import time
+
+    OpenCLIPTeacher(str(config_path), ckpt, device="cpu").class_embeddings(["cat", "dog"])
+    assert stat.S_IMODE(os.stat(cache / "text" / _files(cache)[0]).st_mode) == 0o666 & ~_umask()   # readable by all
+    st = os.stat(ckpt)
+    time.sleep(0.01)
+    shutil.copyfile(ckpt, tmp_path / "copy.pt")
+    os.replace(tmp_path / "copy.pt", ckpt)                      # the same bytes, size and path
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))         # and the same modification time
+    again = OpenCLIPTeacher(str(config_path), ckpt, device="cpu")
+    calls = _counting(again, monkeypatch)
+    again.class_embeddings(["cat", "dog"])
+    assert [len(c) for c in calls] == [2]
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_local_folder_model_says_its_weights_are_its_own(config_path, ckpt, tmp_path):
+    """local-dir: (and hf-hub:) models load the weights their folder holds: not announced as
+    random, and another checkpoint for them is refused rather than silently ignored."""
+    import json as _json
+    import shutil
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    cfg = _json.loads(Path(config_path).read_text())
+    (folder / "open_clip_config.json").write_text(_json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    shutil.copyfile(ckpt, folder / "open_clip_pytorch_model.bin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)
+        teacher = OpenCLIPTeacher(f"local-dir:{folder}", None, device="cpu")
+    assert teacher.random_weights is False and "RANDOM" not in repr(teacher)
+    want = OpenCLIPTeacher(str(config_path), ckpt, device="cpu").class_embeddings(["cat", "dog"])
+    torch.testing.assert_close(teacher.class_embeddings(["cat", "dog"]), want)
+    with pytest.raises(ValueError, match="loads the weights of its own repository or folder"):
+        OpenCLIPTeacher(f"local-dir:{folder}", ckpt, device="cpu")
 
 
 def test_random_weights_are_never_cached_on_disk(config_path, cache, monkeypatch):
@@ -191,3 +240,18 @@ def test_teacher_checkpoint_errors_are_one_short_line(source, config_path, tmp_p
     with pytest.raises(ValueError, match=r"objects.pt'.*not a weights-only checkpoint.*_NotWeights") as info:
         OpenCLIPTeacher(str(config_path), tmp_path / "objects.pt", device="cpu")
     assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_checkpoint_of_another_architecture_is_named_as_such(source, config_path, tmp_path):
+    """Weights of another width: the file is read fine, its weights do not fit (not 'unreadable')."""
+    import json as _json
+
+    from tiny_clip import TINY_CONFIG
+
+    other = dict(TINY_CONFIG, text_cfg=dict(TINY_CONFIG["text_cfg"], width=48, heads=3))
+    wide = tmp_path / "apm-test-wide-clip.json"
+    wide.write_text(_json.dumps(other))
+    torch.save(random_teacher(wide, seed=2).model.state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match=r"wide.pt'.*its weights do not fit this model") as info:
+        OpenCLIPTeacher(str(config_path), tmp_path / "wide.pt", device="cpu")
+    assert "not a readable" not in str(info.value) and "\n" not in str(info.value)

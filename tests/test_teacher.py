@@ -154,7 +154,9 @@ def test_text_cache_hit_and_miss(teacher, monkeypatch):
     a = teacher.class_embeddings(["cat", "dog", "bird"])
     assert calls == [["a photo of a cat.", "a photo of a dog.", "a photo of a bird."]]
     b = teacher.class_embeddings(("cat", "dog", "bird"), "single")     # same key: no new encoding
-    assert len(calls) == 1 and b is a
+    assert len(calls) == 1 and torch.equal(b, a) and b is not a
+    b.mul_(0)                                                           # the caller's own copy
+    assert torch.equal(teacher.class_embeddings(["cat", "dog", "bird"]), a) and len(calls) == 1
     teacher.class_embeddings(["cat", "dog"])                            # other classes: encoded
     assert len(calls) == 2
     teacher.class_embeddings(["cat", "dog", "bird"], ["a {c}."])        # other templates: encoded

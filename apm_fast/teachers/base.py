@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -160,7 +159,7 @@ class Teacher(abc.ABC):
         key = (names, temps)
         hit = self._text_cache.get(key)
         if hit is not None:
-            return hit
+            return hit.clone()                   # the caller's own: changing it leaves the cache be
         disk = self._disk_entry(names, temps)
         emb = self._read_disk(*disk, len(names)) if disk else None
         if emb is None:
@@ -168,7 +167,7 @@ class Teacher(abc.ABC):
             if disk:
                 self._write_disk(*disk, emb)
         self._text_cache[key] = emb
-        return emb
+        return emb.clone()
 
     def _compute_class_embeddings(self, names, temps) -> torch.Tensor:
         from tqdm import tqdm
@@ -222,27 +221,22 @@ class Teacher(abc.ABC):
         return emb.to(self.device)
 
     def _write_disk(self, path: Path, key: str, emb: torch.Tensor):
-        """Write atomically (a temporary file, then os.replace): a reader never sees half a file.
-        Failing to write (read-only home, full disk) warns and is otherwise harmless."""
-        from safetensors.torch import save_file
+        """Write atomically (the package's one atomic write: a temporary file, fsynced, then
+        renamed; the usual permissions, so a shared cache folder serves every user): a reader never
+        sees half a file. Failing to write (read-only home, full disk) warns and is otherwise
+        harmless."""
+        from safetensors.torch import save
 
-        tmp = None
+        from ..capabilities.files import atomic_write
+
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-            os.close(fd)
-            save_file({"embeddings": emb.detach().float().cpu().contiguous()}, tmp, metadata={"key": key})
-            os.replace(tmp, path)
-            tmp = None
+            data = save({"embeddings": emb.detach().float().cpu().contiguous()}, metadata={"key": key})
+            atomic_write(path, lambda f: f.write(data))
         except Exception as exc:   # OSError, or safetensors' own error wrapping one
             why = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
             warnings.warn(f"class embeddings not cached on disk: cannot write {str(path.parent)!r} "
                           f"({why}); set APM_FAST_CACHE to a writable folder, or to 'off'",
                           TextCacheWarning, stacklevel=4)
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
     def clear_text_cache(self):
         """Forget cached class embeddings (call it after changing the teacher's weights). The disk

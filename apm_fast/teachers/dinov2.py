@@ -28,7 +28,7 @@ import torch
 
 from ..images import normalize, pixels
 from .base import Teacher
-from .openclip import WeightsUnavailable, _file_identity, _reachable, warn_random_weights
+from .openclip import WeightsUnavailable, _file_identity, _load_failure, _reachable, warn_random_weights
 
 __all__ = ["DINOv2Teacher", "import_timm"]
 
@@ -183,8 +183,12 @@ class DINOv2Teacher(Teacher):
 
             sd = checkpoint_filter_fn(sd, model)
             missing, unexpected = model.load_state_dict(sd, strict=False)
-        except Exception as exc:
-            raise ValueError(describe_load_error(exc, what)) from None
+        except Exception as exc:       # the file was read: its weights do not fit this model
+            from ..checkpoint import _first_line
+
+            why = (_load_failure(exc) if "Error(s) in loading state_dict" in str(exc)
+                   else f"its weights do not fit this model ({_first_line(exc)})")
+            raise ValueError(f"{what}: {why.replace('this model', type(model).__name__)}") from None
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:
             raise ValueError(f"{what}: the keys do not fit {type(model).__name__} "

@@ -86,8 +86,13 @@ class OpenCLIPTeacher(Teacher):
             "cuda" if torch.cuda.is_available() else "cpu")
 
         kw = {}
+        own = model_name.startswith(("hf-hub:", "local-dir:"))   # the repo or folder holds its weights
+        if own and pretrained is not None:
+            raise ValueError(f"pretrained: {model_name!r} loads the weights of its own repository or "
+                             f"folder; give pretrained=None (command line: --pretrained none), got "
+                             f"{str(pretrained)!r}")
         self.pretrained = None if pretrained is None else str(pretrained)
-        self.random_weights = pretrained is None
+        self.random_weights = pretrained is None and not own
         if pretrained is None:
             checkpoint = None
         else:
@@ -120,9 +125,16 @@ class OpenCLIPTeacher(Teacher):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         cfg = oc.get_model_config(model_name) or {}
         self.dim = int(cfg["embed_dim"]) if "embed_dim" in cfg else int(self._encode_texts(["a"]).shape[-1])
+        # what the disk cache keys on; none for a hub repository (its files may change under its
+        # name): its class embeddings are computed in every process
         self._weights_ident = None if checkpoint is None else _file_identity(
             checkpoint, tag=None if Path(str(pretrained)).is_file() else str(pretrained), model_config=cfg,
             load_options={k: v for k, v in kw.items() if v is not None}, open_clip=getattr(oc, "__version__", "?"))
+        if model_name.startswith("local-dir:"):
+            folder = Path(model_name[len("local-dir:"):])
+            files = sorted(f for f in folder.glob("open_clip_*") if f.is_file())
+            self._weights_ident = {"folder": os.path.realpath(folder), "open_clip": getattr(oc, "__version__", "?"),
+                                   "files": [_file_identity(f) for f in files]} if files else None
 
         if self.random_weights:
             warn_random_weights(model_name, "embeddings and zero-shot predictions", "a pretrained tag (e.g. 'openai')")
@@ -264,10 +276,13 @@ def warn_random_weights(name: str, meaningless: str, tag_hint: str) -> None:
 
 
 def _file_identity(path, **extra) -> dict:
-    """Identifies the weights a file holds without reading it: the resolved path, size and
-    modification time (a rewritten file is a different identity), plus ``extra``."""
+    """Identifies the weights a file holds without reading it: the resolved path, inode, size,
+    modification and change times (a rewritten or replaced file is a different identity, even one
+    of the same size whose modification time was copied over: its change time cannot be set),
+    plus ``extra``."""
     st = os.stat(path)
-    ident = {"file": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    ident = {"file": os.path.realpath(path), "inode": st.st_ino, "size": st.st_size,
+             "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     if "model_config" in extra:
         extra["model_config"] = hashlib.sha256(
             json.dumps(extra["model_config"], sort_keys=True, default=str).encode()).hexdigest()
@@ -282,11 +297,16 @@ def _few(keys, n: int = 5) -> str:
 
 def _load_failure(exc: BaseException) -> str:
     """One line for a checkpoint open_clip could not load: torch.load's refusal without its
-    advice to unpickle with weights_only=False, or load_state_dict's key lists cut to a few keys."""
-    from ..checkpoint import describe_load_error
+    advice to unpickle with weights_only=False, load_state_dict's key lists cut to a few keys, or
+    (an assertion or a shape complaint while the weights were fitted: a checkpoint of another
+    architecture) that its weights do not fit."""
+    from ..checkpoint import _first_line, describe_load_error
 
     text = str(exc)
     if "Error(s) in loading state_dict" not in text:
+        if isinstance(exc, AssertionError) or (isinstance(exc, RuntimeError) and re.search(
+                r"size mismatch|\bshapes?\b.*(mismatch|cannot|must)", text)):
+            return f"its weights do not fit this model ({_first_line(exc)})"
         return describe_load_error(exc, "the file")
     parts = []
     for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.\s*(?:\n|$|Unexpected)"),

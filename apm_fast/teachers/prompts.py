@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 from typing import Sequence, Tuple, Union
 
@@ -53,16 +54,26 @@ def _is_builtin_imagenet(names: Tuple[str, ...]) -> bool:
         return False
 
 
+def _prompt_form(name: str) -> str:
+    """What CLIP's tokenizer makes of a name: Unicode NFC, spaces collapsed, lower case (two names
+    of one form give the same prompts, the same embedding)."""
+    return " ".join(unicodedata.normalize("NFC", name).split()).casefold()
+
+
 def _refuse_duplicates(names, source: str, places) -> None:
     """Refuse the first repeated class name, saying where both are (``places(first, second)``): two
-    identical prompts split one class's probability in two (and a wrong top-1 can win by it)."""
-    refuse_repeats(names, lambda n, a, b: f"classes: {source}{n!r} occurs twice ({places(a, b)}); each class "
-                                          f"name must be unique")
+    identical prompts split one class's probability in two (and a wrong top-1 can win by it). Names
+    that differ only in case, spacing or Unicode form count as repeats (the same prompt)."""
+    forms = [_prompt_form(n) for n in names]
+    refuse_repeats(forms, lambda n, a, b: f"classes: {source}{names[b]!r} occurs twice ({places(a, b)}"
+                                          + (f", as {names[a]!r}" if names[a] != names[b] else "")
+                                          + "); each class name must be unique (case, spacing and "
+                                            "Unicode form aside: the prompts would be the same)")
 
 
 def _read_class_file(path: Path) -> Tuple[str, ...]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")       # a leading byte-order mark is not a name
     except UnicodeDecodeError as exc:
         raise ValueError(f"classes: file {str(path)!r} is not UTF-8 text ({exc})") from None
     # one name per line; blank lines and '#' comment lines are skipped

@@ -191,7 +191,11 @@ def iter_classify(trainer, images, teacher, classes, *, templates="single", topk
                 r.losses = [float(v) for v in losses[row].tolist()]
             for name, (lg, ms) in others.items():
                 probs, top_i = lg[row].softmax(-1).topk(k)
-                r.predictions[name] = {"top": top_i.tolist(), "probs": [float(p) for p in probs.tolist()],
+                # classes a method rules out (a logit of -inf: ZERO's classes without a vote) are
+                # not in its top-k; an arbitrary order among them would count as predictions
+                ranked = [(j, float(p)) for j, p in zip(top_i.tolist(), probs.tolist())
+                          if lg[row, j] > float("-inf")]
+                r.predictions[name] = {"top": [j for j, _ in ranked], "probs": [p for _, p in ranked],
                                        "ms": teacher_ms + ms}
             yield r
 

@@ -80,6 +80,29 @@ class EvalSettings:
             raise ValueError(f"apm_templates: expected 'single' or 'ensemble', got {self.apm_templates!r}")
         if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 2:
             raise ValueError(f"views: expected an integer >= 2 (the image and augmented views), got {self.views!r}")
+        from .config import PRESETS
+        from .ops.precision import PRECISIONS
+        from .validation import _finite, _is_real, _positive_int
+
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise ValueError(f"teacher: expected an open_clip model name or config file, got {self.teacher!r}")
+        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
+            raise ValueError(f"pretrained: expected a tag, a checkpoint path or None, got {self.pretrained!r}")
+        if self.preset != "auto" and self.preset not in PRESETS:
+            raise ValueError(f"preset: expected 'auto' or one of {sorted(PRESETS)}, got {self.preset!r}")
+        _positive_int("grid", self.grid, none_ok=True)
+        if self.hidden is not None:
+            if not isinstance(self.hidden, (tuple, list)) or not self.hidden:
+                raise ValueError(f"hidden: expected a tuple of positive layer widths, got {self.hidden!r}")
+            for i, h in enumerate(self.hidden):
+                _positive_int(f"hidden[{i}]", h)
+            object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {sorted(PRECISIONS)} or None, got {self.precision!r}")
+        _finite("tpt_lr", self.tpt_lr, 0.0, float("inf"), "a positive finite number")
+        _positive_int("tpt_steps", self.tpt_steps)
+        if not _is_real(self.keep) or not 0 < float(self.keep) <= 1:
+            raise ValueError(f"keep: expected a fraction in (0, 1], got {self.keep!r}")
         if self.crop not in ("center", "stretch"):
             raise ValueError(f"crop: expected 'center' or 'stretch' (the authors' TTT input), got {self.crop!r}")
         if not 0 < self.keep <= 1:
@@ -147,6 +170,20 @@ def _start_run(out: Path, content: dict, precision) -> None:
     os.replace(tmp, run)
 
 
+def _check_teacher(teacher, settings: EvalSettings) -> None:
+    """The teacher is the one ``settings`` names (its results are recorded under that name): the
+    open_clip model (by name, or a config file named after it) and random weights or not."""
+    given = str(settings.teacher)
+    names = {given, Path(given).stem, given.replace("/", "-")}
+    if teacher.name not in names:
+        raise ValueError(f"teacher: settings name {given!r}, the teacher given is {teacher.name!r}; build "
+                         f"both from the same options (results are recorded under the settings' name)")
+    own = teacher.name.startswith(("hf-hub:", "local-dir:"))     # weights of its own, whatever pretrained
+    if not own and (settings.pretrained is None) != bool(teacher.random_weights):
+        raise ValueError(f"teacher: settings say pretrained={settings.pretrained!r}, the teacher given has "
+                         f"{'random' if teacher.random_weights else 'pretrained'} weights")
+
+
 def _trainer(settings: EvalSettings, teacher, device):
     from .commands.common import PRESET_FOR_DIM, student_memory
     from .config import preset
@@ -187,13 +224,22 @@ def _methods(settings: EvalSettings, teacher, evalset, device):
     return out, views
 
 
-def _record(evalset, r, label) -> dict:
-    rec = {"key": f"{evalset.id}:{r.image}", "dataset": evalset.id, "image": r.image, "label": label,
+def _key(evalset, path) -> str:
+    """An image's key in records.jsonl: the set's id and the path within the set's folder (the same
+    image reached through a link or a moved root is the same key)."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(evalset.root))
+    return f"{evalset.id}:{rel.replace(os.sep, '/')}"
+
+
+def _record(evalset, r, label, path) -> dict:
+    rec = {"key": _key(evalset, path), "dataset": evalset.id, "image": r.image, "label": label,
            "methods": {}}
     if r.top_indices:
-        finite = all(math.isfinite(x) for x in r.losses)
-        rec["methods"]["apm"] = {"pred": r.top_indices[0], "top5": r.top_indices,
-                                 "probs": [p for _, p in r.topk], "ms": r.teacher_ms + r.ttt_ms}
+        finite = all(math.isfinite(x) for x in r.losses) and all(math.isfinite(p) for _, p in r.topk)
+        # a diverged training predicts nothing: a miss, not class 0 of NaN scores
+        rec["methods"]["apm"] = ({"pred": r.top_indices[0], "top5": r.top_indices, "probs": [p for _, p in r.topk]}
+                                 if finite else {"pred": None, "top5": [], "probs": []})
+        rec["methods"]["apm"]["ms"] = r.teacher_ms + r.ttt_ms
         rec["apm_losses"] = [x if math.isfinite(x) else None for x in r.losses]
         rec["apm_diverged"] = not finite
     for name, p in r.predictions.items():
@@ -218,8 +264,24 @@ def evaluate(root, datasets: Sequence[str], *, teacher, out, settings: EvalSetti
     from .validation import refuse_repeats
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    out = Path(out)
+    if not isinstance(settings, EvalSettings):
+        raise TypeError(f"settings: expected an apm_fast.EvalSettings, got {type(settings).__name__}")
+    if not (isinstance(teacher, Teacher) or callable(teacher)):
+        raise TypeError(f"teacher: expected an apm_fast.teachers.Teacher or a function returning one, "
+                        f"got {type(teacher).__name__}")
+    if isinstance(datasets, str) or not all(isinstance(d, str) for d in datasets):
+        raise TypeError(f"datasets: expected a list of dataset ids, got {datasets!r}")
     datasets = list(datasets)
+    if not datasets:
+        raise ValueError("datasets: expected at least one dataset id, got none")
+    if device is not None:
+        from .commands.common import pick_device
+
+        try:
+            device = pick_device(device)
+        except Exception as exc:                  # CLIError: the same one line, from Python too
+            raise ValueError(str(exc).replace("--device", "device")) from None
+    out = Path(out)
     refuse_repeats(datasets, lambda d, a, b: f"datasets: {d!r} is listed twice (positions {a} and {b}); "
                                              f"each dataset is evaluated once")
     # the sets first, then the run folder, then the teacher: a wrong argument is refused before
@@ -238,13 +300,16 @@ def evaluate(root, datasets: Sequence[str], *, teacher, out, settings: EvalSetti
         raise ValueError(f"out: {exc}; use another --out") from None
     if not isinstance(teacher, Teacher):
         teacher = teacher()
+        if not isinstance(teacher, Teacher):
+            raise TypeError(f"teacher: the function returned {type(teacher).__name__}, not a Teacher")
+    _check_teacher(teacher, settings)
     device = torch.device(device) if device is not None else teacher.device
     trainer = _trainer(settings, teacher, device) if "apm" in settings.methods else None
     _start_run(out, run, trainer.precision if trainer is not None else None)
     skipped = 0
     with RecordWriter(records_path) as writer:
         for evalset in sets:
-            todo = [(i, p, y) for i, (p, y) in enumerate(evalset.items) if f"{evalset.id}:{p}" not in done]
+            todo = [(i, p, y) for i, (p, y) in enumerate(evalset.items) if _key(evalset, p) not in done]
             log(f"{evalset.id}: {len(evalset.items)} images ({len(evalset.items) - len(todo)} already in "
                 f"{records_path}), {evalset.num_classes} classes")
             if not todo:
@@ -264,7 +329,7 @@ def evaluate(root, datasets: Sequence[str], *, teacher, out, settings: EvalSetti
                     bar.write(f"apm-fast eval: skipped {todo[r.index][1]}: {r.error}", file=sys.stderr)
                     bar.update(1)
                     continue
-                rec = _record(evalset, r, todo[r.index][2])
+                rec = _record(evalset, r, todo[r.index][2], todo[r.index][1])
                 writer.append(rec)
                 n += 1
                 for name, m in rec["methods"].items():
@@ -273,8 +338,10 @@ def evaluate(root, datasets: Sequence[str], *, teacher, out, settings: EvalSetti
                                     + f" | {n / (time.perf_counter() - t0):.1f} img/s", refresh=False)
                 bar.update(1)
             bar.close()
-    rows = summarize(read_records(records_path, "key"), settings.methods)
-    write_summary(out, rows, settings, device)
+    # the summary of this run's images (a smaller --limit than before leaves the others out)
+    wanted = {_key(s, p) for s in sets for p, _ in s.items}
+    rows = summarize([r for r in read_records(records_path, "key") if r["key"] in wanted], settings.methods)
+    write_summary(out, rows, settings, device, trainer.precision if trainer is not None else None)
     if skipped:
         log(f"apm-fast eval: {skipped} image(s) could not be read (see above)")
     return rows
@@ -314,8 +381,9 @@ def summarize(records: Sequence[dict], methods: Sequence[str]) -> List[dict]:
     return rows
 
 
-def write_summary(out: Path, rows: List[dict], settings: EvalSettings, device) -> None:
-    """summary.csv, summary.md and summary.png in ``out`` (each written atomically)."""
+def write_summary(out: Path, rows: List[dict], settings: EvalSettings, device, precision: str | None = None) -> None:
+    """summary.csv, summary.md and summary.png in ``out`` (each written atomically); ``precision``:
+    the one the training resolved (stated in the machine line)."""
     from .bench.machine import machine_info, machine_line
 
     out = Path(out)
@@ -327,7 +395,7 @@ def write_summary(out: Path, rows: List[dict], settings: EvalSettings, device) -
         for r in rows:
             w.writerow({k: (f"{r[k]:.2f}" if isinstance(r[k], float) else r[k]) for k in fields})
     os.replace(tmp, out / "summary.csv")
-    line = machine_line(machine_info(device, settings.precision or "default"))
+    line = machine_line(machine_info(device, precision or settings.precision or "default"))
     md = ["# apm-fast eval", "", "| dataset | method | top-1 % | top-5 % | images | images/s |",
           "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:

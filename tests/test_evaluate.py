@@ -221,9 +221,10 @@ def test_eval_end_to_end_and_a_rerun_adds_nothing(root, tmp_path, capsys):
     for r in recs:
         assert set(r["methods"]) == {"zeroshot", "ensemble", "apm", "zero"}
         assert 0 <= r["label"] < 4 and r["image"].endswith(".png")
-        for m in r["methods"].values():
-            assert len(m["top5"]) == 4 and m["pred"] == m["top5"][0] and m["ms"] > 0
-            assert m["probs"] == sorted(m["probs"], reverse=True)
+        for name, m in r["methods"].items():
+            # ZERO ranks only the classes that got votes (with 6 views, one voting view: one class)
+            assert len(m["top5"]) == (1 if name == "zero" else 4) and m["pred"] == m["top5"][0] and m["ms"] > 0
+            assert m["probs"] == sorted(m["probs"], reverse=True) and all(p > 0 for p in m["probs"][:1])
         assert len(r["apm_losses"]) == 3 and r["apm_diverged"] is False
     by_label = [r["label"] for r in recs]
     assert sorted(by_label) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
@@ -368,3 +369,68 @@ def test_eval_says_in_one_line_when_the_student_does_not_fit(root, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
     assert "--grid 1000000, --hidden 100000,16: the student does not fit in the memory of cpu" in err
+
+
+def test_a_diverged_training_is_a_miss_with_strict_json_not_class_0():
+    """APM whose training diverged (NaN scores): no prediction (a miss in the summary), no NaN in
+    the record; before, the top-k of NaN logits was class 0, 1, 2 and counted as a hit for 0."""
+    from apm_fast.classify import Classification
+    from apm_fast.datasets import EvalSet
+    from apm_fast.evaluation import _record
+
+    s = EvalSet(id="folder", classnames=("a", "b", "c"), templates=("{c}",), items=(("/d/a/0.png", 0),),
+                root="/d", num_total=1)
+    nan = float("nan")
+    r = Classification(image="/d/a/0.png", index=0, topk=[("a", nan), ("b", nan)], top_indices=[0, 1],
+                       losses=[1.0, nan], teacher_ms=1.0, ttt_ms=2.0)
+    rec = _record(s, r, 0, "/d/a/0.png")
+    assert rec["key"] == "folder:a/0.png" and rec["apm_diverged"] is True
+    assert rec["methods"]["apm"] == {"pred": None, "top5": [], "probs": [], "ms": 3.0}
+    json.dumps(rec, allow_nan=False)                     # strict JSON
+    (row,) = summarize([rec], ["apm"])
+    assert row["top1"] == 0.0 and row["top5"] == 0.0 and row["diverged"] == 1
+
+
+def test_eval_keys_images_by_their_place_in_the_set_and_summarizes_this_runs_images(root, tmp_path, capsys):
+    """The same images through a linked root are already done (not counted twice); a smaller
+    --limit than before summarizes that many images."""
+    out = tmp_path / "run"
+    assert main(_args(root, out, "--limit", "8", methods="zeroshot")) == 0
+    link = tmp_path / "link"
+    link.symlink_to(root["set"], target_is_directory=True)
+    linked = dict(root, set=link)
+    capsys.readouterr()
+    assert main(_args(linked, out, "--limit", "8", methods="zeroshot")) == 0
+    assert "(8 already in" in capsys.readouterr().err
+    assert len((out / "records.jsonl").read_text().splitlines()) == 8
+    assert main(_args(root, out, "--limit", "3", methods="zeroshot")) == 0
+    assert ",3," in (out / "summary.csv").read_text().splitlines()[1]
+
+
+def test_evaluate_names_its_bad_arguments_before_writing(root, tmp_path):
+    from apm_fast.evaluation import evaluate
+
+    teacher = random_teacher(root["config"], seed=0)
+    ok = EvalSettings(methods=("zeroshot",), teacher=str(root["config"]), pretrained=None)
+    out = tmp_path / "never"
+    for kw, err, match in ((dict(teacher=None), TypeError, "teacher: expected an apm_fast.teachers.Teacher"),
+                           (dict(settings={"steps": 3}), TypeError, "settings: expected an apm_fast.EvalSettings"),
+                           (dict(datasets="folder"), TypeError, "datasets: expected a list of dataset ids"),
+                           (dict(datasets=[]), ValueError, "datasets: expected at least one dataset id"),
+                           (dict(device="bogus"), ValueError, "device: expected cpu, cuda or cuda:N")):
+        args = dict(root=root["set"], datasets=["folder"], teacher=teacher, out=out, settings=ok,
+                    classes_file=root["classes"])
+        args.update(kw)
+        with pytest.raises(err, match=match):
+            evaluate(args.pop("root"), args.pop("datasets"), **args)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="teacher: settings name 'ViT-B-16', the teacher given is 'apm-test-tiny-clip'"):
+        evaluate(root["set"], ["folder"], teacher=teacher, out=out, classes_file=root["classes"],
+                 settings=EvalSettings(methods=("zeroshot",)))
+    for bad, match in ((dict(tpt_lr=-1), "tpt_lr: expected a positive finite number"),
+                       (dict(tpt_steps=0), "tpt_steps: expected a positive integer"),
+                       (dict(grid=0), "grid: expected a positive integer"),
+                       (dict(precision="int8"), "precision: expected one of"),
+                       (dict(keep="0.5"), r"keep: expected a fraction in \(0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            EvalSettings(**bad)

@@ -153,3 +153,27 @@ def test_interpolate_command(tmp_path):
         main(["interpolate", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--checkpoint",
               str(tmp_path / "m.safetensors"), "--frames", "1", "--out", str(out)])
     assert exc.value.code == 2
+
+
+def test_the_python_api_names_its_bad_arguments_and_round_trips_a_safetensors_export(tmp_path):
+    """export_official to a .safetensors name writes what load_model reads back; a chunk, heads or
+    px out of their range is refused by name (a negative chunk used to return unwritten memory)."""
+    torch.manual_seed(0)
+    model = APM(ssl_config(grid=4, hidden=(24, 16)))
+    path = export_official(model, tmp_path / "authors.safetensors")
+    loaded, kind = load_model(path)
+    assert kind == "authors"
+    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+    a, b = photo("coffee"), photo("astronaut")
+    for chunk in (-1, 0, 1.5):
+        with pytest.raises(ValueError, match="chunk: expected a positive integer"):
+            interpolate(model, a, b, 3, chunk=chunk)
+    torch.save(model.state_dict(), tmp_path / "own.pth")
+    pth = export_official(model, tmp_path / "authors.pth")
+    for heads in (0, -2, True):
+        with pytest.raises(ValueError, match="heads: expected a positive integer"):
+            load_model(pth, heads=heads)
+    s = model.config.image_size
+    with pytest.raises(TypeError, match=rf"px: expected 3 x {s} x {s} uint8 pixels, got torch.int64"):
+        decode(model, None, px=torch.randint(0, 255, (3, s, s)))

@@ -208,3 +208,35 @@ def test_distill_refuses_a_student_that_does_not_fit_the_teacher(folder, tmp_pat
         distill(folder, tiny_dino(), tmp_path, config=ssl_config(grid=6), progress=False, log=quiet_log)
     with pytest.raises(ValueError, match="batch: expected a positive integer, got 0"):
         DistillSettings(batch=0)
+
+
+def test_a_distillation_without_one_readable_image_is_refused_not_finished(tmp_path):
+    from apm_fast.capabilities.distillation import DistillSettings, distill
+    from capability_helpers import ssl_config, tiny_dino
+
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"images: none of the 2 image\(s\) could be read"):
+        distill([tmp_path / "typo_folder", tmp_path / "broken.png"], tiny_dino(), tmp_path / "out",
+                config=ssl_config(), settings=DistillSettings(epochs=1, batch=4), progress=False)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_model_file_of_a_finished_run_is_its_final_model(tmp_path):
+    """A run stopped mid-way and continued with fewer epochs, or one killed while it wrote its
+    model file: model.safetensors holds the model the finished run returns."""
+    from apm_fast import APM
+    from apm_fast.capabilities.distillation import DistillSettings, distill
+    from capability_helpers import photo, ssl_config, tiny_dino
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, name in enumerate(("coffee", "astronaut", "chelsea", "rocket", "coffee", "astronaut")):
+        photo(name).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    kw = dict(config=ssl_config(), progress=False)
+    distill(folder, tiny_dino(), out, settings=DistillSettings(epochs=3, batch=2, lr=1e-3), stop_after=4, **kw)
+    done = distill(folder, tiny_dino(), out, settings=DistillSettings(epochs=1, batch=2, lr=1e-3), **kw)
+    assert done.finished
+    saved = APM.load(out / "model.safetensors")
+    for (n, a), b in zip(done.model.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a.cpu(), b), n

@@ -154,3 +154,14 @@ def test_gpu_trajectory_is_the_captured_fit_and_its_grids_match_eager():
     for k in at:
         a, b = traj.grids[k].float(), et.grids[k].float()
         assert float((a - b).abs().max() / b.abs().max()) < 2e-2, k
+
+
+def test_islands_steps_are_integer_counts_as_the_trajectory_takes():
+    from apm_fast.capabilities.agreement import iterations
+
+    assert iterations(10, 5) == [5, 10] and iterations(10, 5, at=[0, 10, 3]) == [0, 3, 10]
+    for at in ("50", [2.7], [True], 3):
+        with pytest.raises(TypeError, match="at: expected"):
+            iterations(10, 5, at=at)
+    with pytest.raises(ValueError, match="steps: expected a positive integer, got -5"):
+        iterations(-5, 5)

@@ -10,6 +10,7 @@ islands of one colour.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -44,8 +45,17 @@ class Islands:
 def iterations(steps: int, every: int, at: Optional[Sequence[int]] = None) -> List[int]:
     """The captured step counts: ``at`` when given, else every ``every`` steps up to ``steps``
     (``steps`` itself always included)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
     if at is not None:
-        its = sorted({int(a) for a in at})
+        given = [at] if isinstance(at, (str, bytes)) else at
+        try:
+            given = list(given)
+        except TypeError:
+            raise TypeError(f"at: expected step counts (a list of integers in [0, {steps}]), got {at!r}") from None
+        if any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in given):
+            raise TypeError(f"at: expected integer step counts in [0, {steps}], got {at!r}")
+        its = sorted({int(a) for a in given})
         bad = [a for a in its if not 0 <= a <= steps]
         if bad or not its:
             raise ValueError(f"at: expected step counts in [0, {steps}], got {list(at)}")

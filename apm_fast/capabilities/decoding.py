@@ -91,7 +91,9 @@ def load_model(path, *, heads: Optional[int] = None, device=None):
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
             raise TypeError(f"checkpoint {str(path)!r}: expected a dict of tensors, the file holds {type(sd).__name__}")
-    cfg = infer_official_config(sd, heads=heads or 8)
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ValueError(f"heads: expected a positive integer (or None: 8), got {heads!r}")
+    cfg = infer_official_config(sd, heads=8 if heads is None else heads)
     model = APM(cfg, device=device)
     model.load_official_state_dict(sd)
     return model, "authors"
@@ -147,6 +149,11 @@ def decode(model, image, *, kind: Optional[str] = None, crop: Optional[str] = No
     kind = check_input_kind(kind or default_input_kind(cfg), "kind")
     if px is None:
         px = pixels(image, cfg, crop=crop)
+    elif not (isinstance(px, torch.Tensor) and px.dtype == torch.uint8
+              and tuple(px.shape) == (3, cfg.image_size, cfg.image_size)):
+        raise TypeError(f"px: expected 3 x {cfg.image_size} x {cfg.image_size} uint8 pixels, got "
+                        + (f"{px.dtype} of shape {tuple(px.shape)}" if isinstance(px, torch.Tensor)
+                           else type(px).__name__))
     dev = model.device
     x = student_input(px[None].to(dev), kind).to(model.dtype)
     rgb = model(x, backend=backend, want_rgb=True).rgb[0].double()

@@ -155,6 +155,10 @@ def export_official(model, path) -> Path:
     """Write the model as a torch state_dict in the authors' layout (loads back with
     ``APM.load_official_state_dict``, and into their own model code), atomically."""
     sd = official_state_dict(model)
+    if str(path).endswith(".safetensors"):          # the format the loaders expect of that suffix
+        from safetensors.torch import save
+
+        return _atomic_write(path, lambda f: f.write(save(sd)))
     return _atomic_write(path, lambda f: torch.save(sd, f))
 
 
@@ -451,6 +455,9 @@ def distill(images, teacher, out, *, config=None, settings: DistillSettings = Di
             save()
             break
         c = float(sums[3])
+        if c == 0:                      # not one image could be read: nothing was trained
+            raise ValueError(f"images: none of the {len(paths)} image(s) could be read (each reported above), "
+                             f"so nothing was trained")
         rec = {"epoch": e + 1, "loss": float(sums[2]) / max(c, 1), "feat_loss": float(sums[0]) / max(c, 1),
                "rgb_loss": float(sums[1]) / max(c, 1), "images": int(c), "steps": per_epoch,
                "seconds": round(prog["epoch_seconds"], 3),
@@ -458,14 +465,14 @@ def distill(images, teacher, out, *, config=None, settings: DistillSettings = Di
         prog["history"].append(rec)
         prog.update(epoch=e + 1, batch=0, epoch_seconds=0.0)
         sums.zero_()
+        model.save(out / MODEL_FILE)        # the model first: a state that says the epoch is done has it
         save()
-        model.save(out / MODEL_FILE)
         log(f"apm-fast distill: epoch {e + 1}/{s.epochs}: loss {rec['loss']:.5g} (features {rec['feat_loss']:.5g}, "
             f"rgb {rec['rgb_loss']:.5g}), {rec['images']} images, {rec['seconds']:.1f} s")
         if stop_after is not None and done_now >= stop_after:
             break
     finished = prog["epoch"] >= s.epochs
-    if finished and not (out / MODEL_FILE).exists():
+    if finished:                        # the file is this model's, whatever an earlier call left there
         model.save(out / MODEL_FILE)
     return DistillResult(model=model, history=list(prog["history"]), step=prog["step"], finished=finished,
                          skipped=sorted(skipped))

@@ -532,6 +532,10 @@ def columns(prim, w, images: torch.Tensor, config, *, cdt: torch.dtype, chunk: i
     (:class:`_ChunkGraph`; None: on CUDA when there are at least two full chunks; the last,
     partial chunk runs eagerly). Returns (cls (B, D) acc dtype or None, grid (B, stop - start, D)
     in cdt or None)."""
+    from ..validation import _positive_int
+
+    _positive_int("chunk", chunk)                   # a negative chunk would leave the grid unwritten
+    _positive_int("query_grid", query_grid, none_ok=True)
     c = config
     g = c.grid if query_grid is None else query_grid
     start, stop = rows if rows is not None else (0, g * g)

@@ -976,3 +976,21 @@ def test_gpu_train_step_replays_in_a_cuda_graph():
     # a tiny gradient's relative wobble into a visible one: 3 steps move weights by <= 3 lr = 3e-3
     torch.testing.assert_close(graphed["flat"], eager["flat"], rtol=1e-4, atol=5e-5)
     assert not torch.equal(graphed["flat"], state()["flat"]), "the replays must have updated the weights"
+
+
+def test_the_interpreter_refuses_bf16_instead_of_returning_wrong_products():
+    """Triton's interpreter multiplies bf16 wrongly (1e9 relative errors): on CPU tensors the
+    Triton table refuses bf16 by name; fp16 and fp32 run."""
+    from kernels import _common
+
+    if not _common.INTERPRET:
+        pytest.skip("the interpreter's limit: GPU kernels take bf16")
+    from apm_fast.backends import get_backend
+
+    table = get_backend("triton", device="cpu")
+    x, w = torch.randn(1, 9, 16), torch.randn(1, 8, 16)
+    with pytest.raises(TypeError, match="bf16 is not supported in Triton's interpreter"):
+        table.linear(x.bfloat16(), w.bfloat16(), None)
+    want = x.double() @ w.double().transpose(1, 2)
+    got = table.linear(x.half(), w.half(), None).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-2

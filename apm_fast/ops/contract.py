@@ -616,15 +616,17 @@ class TorchPrimitives(Primitives):
 
     def _adam_(self, params, grads, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, lowp, outer_a=None,
                outer_b=None):
-        t = step.to(params.dtype)
+        # 1 - beta^t in fp64, then rounded (as the kernels do): in fp32, 1 - 0.999^1 is 1.3e-5 off,
+        # an error of that size in every step of an fp32 training
+        t = step.to(torch.float64)
         grads = torch.bmm(outer_a.transpose(1, 2), outer_b) if grads is None else grads.to(params.dtype)
         # bf16 moments: updated in the params' dtype, rounded once when stored back (as the kernels)
         m, v = exp_avg.to(params.dtype), exp_avg_sq.to(params.dtype)
         m.mul_(beta1).add_(grads, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
         # scalar ** tensor: no host-to-device copy of the betas, which CUDA graph capture forbids
-        bc1 = 1 - torch.pow(beta1, t)
-        bc2 = 1 - torch.pow(beta2, t)
+        bc1 = (1 - torch.pow(beta1, t)).to(params.dtype)
+        bc2 = (1 - torch.pow(beta2, t)).to(params.dtype)
         denom = v.sqrt() / bc2.sqrt() + eps
         params.sub_(lr.to(params.dtype) / bc1 * m / denom)
         if m is not exp_avg:

@@ -109,6 +109,23 @@ def check_training(*, steps, lr, betas=(0.9, 0.999), eps=1e-8, students=None):
     _positive_int("students", students, none_ok=True)
 
 
+def step_counts(at, steps: int, *, empty_ok: bool = True) -> list:
+    """``at``: step counts in [0, ``steps``] (integers, numpy's too), sorted and without repeats;
+    anything else refused, naming ``at`` (the trajectory's and the islands' one check)."""
+    try:
+        given = list(at) if not isinstance(at, (str, bytes)) else None
+    except TypeError:
+        given = None
+    if given is None:
+        raise TypeError(f"at: expected step counts (a list of integers in [0, {steps}]), got {at!r}")
+    if any(not _is_int(a) for a in given):
+        raise TypeError(f"at: expected integer step counts in [0, {steps}], got {given!r}")
+    its = sorted({int(a) for a in given})
+    if (not its and not empty_ok) or (its and not 0 <= its[0] <= its[-1] <= steps):
+        raise ValueError(f"at: expected step counts in [0, {steps}], got {its}")
+    return its
+
+
 def refuse_repeats(items, message) -> None:
     """ValueError(``message(item, first, second)``) for the first item listed twice (positions)."""
     seen = {}

@@ -10,7 +10,6 @@ islands of one colour.
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -18,6 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 from PIL import Image
 
+from ..validation import _positive_int, step_counts
 from . import pictures
 
 __all__ = ["Islands", "islands", "iterations", "render_islands"]
@@ -45,21 +45,9 @@ class Islands:
 def iterations(steps: int, every: int, at: Optional[Sequence[int]] = None) -> List[int]:
     """The captured step counts: ``at`` when given, else every ``every`` steps up to ``steps``
     (``steps`` itself always included)."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    _positive_int("steps", steps)
     if at is not None:
-        given = [at] if isinstance(at, (str, bytes)) else at
-        try:
-            given = list(given)
-        except TypeError:
-            raise TypeError(f"at: expected step counts (a list of integers in [0, {steps}]), got {at!r}") from None
-        if any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in given):
-            raise TypeError(f"at: expected integer step counts in [0, {steps}], got {at!r}")
-        its = sorted({int(a) for a in given})
-        bad = [a for a in its if not 0 <= a <= steps]
-        if bad or not its:
-            raise ValueError(f"at: expected step counts in [0, {steps}], got {list(at)}")
-        return its
+        return step_counts(at, steps, empty_ok=False)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every: expected a positive integer, got {every!r}")
     its = list(range(every, steps + 1, every))

@@ -18,7 +18,6 @@ replays ``eval`` after chosen steps, to watch the grid features form (the island
 from __future__ import annotations
 
 import contextlib
-import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -28,6 +27,7 @@ from ..ops.contract import TorchPrimitives, acc_dtype_for
 from ..ops.driver import (FACTORED, FIRST_WEIGHT, POSITION_COLUMNS, TRIGGER_COLUMNS, Beside, backward, forward,
                           keeps_first_act, unfold_patches, weight_names)
 from ..posenc import position_code
+from ..validation import step_counts
 from .graph import capture_phases
 from .store import ParamStore, gemm_weight_names
 
@@ -364,10 +364,10 @@ class StudentProgram:
         eagerly. Returns the losses buffer (S x steps; this step's column is the last written).
         At most ``steps`` steps after each :meth:`load` or :meth:`reset` (the losses buffer has a
         column per step)."""
-        if getattr(self, "taken", 0) >= self.steps:
+        if self.taken >= self.steps:
             raise ValueError(f"step: this program takes {self.steps} steps a batch and has taken them; "
                              f"load() or reset() starts the next batch")
-        self.taken = getattr(self, "taken", 0) + 1
+        self.taken += 1
         with quiet_autograd(self.device):
             if self.graphs is not None:
                 self.graphs["step"].replay()
@@ -406,16 +406,7 @@ class StudentProgram:
         without synchronizing."""
         if self.grid is None:
             raise ValueError("run_trajectory: this program keeps no grid; build it with keep_grid=True")
-        try:
-            given = list(at)
-        except TypeError:
-            raise TypeError(f"at: expected step counts (a list of integers in [0, {self.steps}]), "
-                            f"got {at!r}") from None
-        if any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in given):
-            raise TypeError(f"at: expected integer step counts in [0, {self.steps}], got {given!r}")
-        at = sorted({int(a) for a in given})
-        if at and not 0 <= at[0] <= at[-1] <= self.steps:
-            raise ValueError(f"at: expected step counts in [0, {self.steps}], got {at}")
+        at = step_counts(at, self.steps)
         k = images.shape[0]
         self.load(images, targets)
         grids = {}

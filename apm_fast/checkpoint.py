@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 __all__ = ["official_key_map", "load_official_state_dict", "save_apm", "load_apm", "CheckpointKeyError",
-           "is_torchscript_archive", "torch_load_weights_only", "describe_load_error"]
+           "is_torchscript_archive", "is_safetensors_file", "torch_load_weights_only", "describe_load_error"]
 
 _MHA_KEYS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
 _FORMAT = "apm-fast/1"
 _SHOWN = 5      # keys named per kind in a key-mismatch error (the counts give the rest)
+_ST_HEADER_MAX = 100_000_000    # the largest header the safetensors format allows
 
 # safetensors dtype names -> torch dtypes, for the check before any tensor is read
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -79,6 +80,18 @@ def is_torchscript_archive(path) -> bool:
         any("/code/" in n or n.startswith("code/") for n in names)
 
 
+def is_safetensors_file(path) -> bool:
+    """Whether ``path`` holds safetensors bytes, told by its content whatever its suffix (``APM.save``
+    writes safetensors to any name): an 8-byte little-endian header length, then the JSON header,
+    which starts with ``{``. A torch file (a zip, or a pickle) never starts that way."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= _ST_HEADER_MAX
+
+
 def torch_load_weights_only(path, what: str):
     """``torch.load(path, weights_only=True)`` on the CPU; a failure is one ValueError naming
     ``what`` (e.g. "state_dict 'x.pth'") and saying what the file is. torch's own text is not
@@ -119,27 +132,32 @@ def _first_line(exc) -> str:
 
 
 def _read_state_dict(obj, name="state_dict"):
-    """(dict of tensors, how errors name it)."""
+    """(dict of tensors, how errors name it) from a dict or a file: the one reader of state-dict
+    files, which tells safetensors from a torch file by content (a file named ``.safetensors``
+    that is not one is refused as such). A ``{"state_dict": {...}}`` wrapper is unwrapped, from a
+    file or a dict alike."""
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
         what = f"{name} {str(path)!r}"
         if not path.is_file():
             raise FileNotFoundError(f"{name}: no checkpoint file at {str(path)!r}")
-        if path.suffix == ".safetensors":
+        if is_safetensors_file(path) or path.suffix == ".safetensors":
             from safetensors.torch import load_file
             try:
                 return load_file(str(path)), what
             except Exception as exc:
                 raise ValueError(f"{what} is not a safetensors file ({_first_line(exc)})") from None
         obj = torch_load_weights_only(path, what)
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
+        held = "the file holds"
+    else:
+        what, held = name, "got"
         if not isinstance(obj, dict):
-            raise TypeError(f"{what}: expected a dict of tensors, the file holds {type(obj).__name__}")
-        return obj, what
+            raise TypeError(f"{name}: expected a dict of tensors or a path, got {type(obj).__name__}")
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise TypeError(f"{name}: expected a dict of tensors or a path, got {type(obj).__name__}")
-    return obj, name
+        raise TypeError(f"{what}: expected a dict of tensors, {held} {type(obj).__name__}")
+    return obj, what
 
 
 def _shape(t):
@@ -179,6 +197,15 @@ def _check_tensor(what, key, v, expected_shape=None):
 
 
 # ---------------------------------------------------------------------------- the authors' layout
+def zero_rgb_head(state_dict) -> bool:
+    """Whether the ``rgb_head_*`` tensors of a state dict in the authors' layout are all zeros:
+    the place-holders that :func:`~apm_fast.capabilities.export_official` writes for a config
+    without an RGB head (so that the authors' TTT model, which always has one, loads the file
+    strictly). False when there are none."""
+    heads = [v for k, v in state_dict.items() if isinstance(k, str) and k.startswith("rgb_head_")]
+    return bool(heads) and all(isinstance(v, torch.Tensor) and not bool(v.any()) for v in heads)
+
+
 @torch.no_grad()
 def load_official_state_dict(model, state_dict, *, strict_unexpected: bool = True):
     """Copy the authors' weights into ``model``: all of them, or none.
@@ -189,9 +216,11 @@ def load_official_state_dict(model, state_dict, *, strict_unexpected: bool = Tru
     dtype (cast to the model's) and finite values; all of this is checked before the first
     parameter is written, and a failure while copying restores the parameters already written.
     Key mismatches name the first few missing and unexpected keys, with their counts.
-    ``norm.*`` (unused by the authors' forward) is ignored; ``rgb_head_*`` is ignored with a
-    warning when the config has no RGB head; ``little_*`` likewise when it has no pool. Other
-    unknown keys are an error unless ``strict_unexpected=False``. A leading ``module.``
+    ``norm.*`` (unused by the authors' forward) is ignored; ``rgb_head_*`` is ignored when the
+    config has no RGB head, with a warning unless they are all zeros (the place-holders of
+    :func:`~apm_fast.capabilities.export_official`); ``little_*`` is ignored with a warning when
+    it has no pool. Other unknown keys are an error unless ``strict_unexpected=False``. A
+    ``{"state_dict": ...}`` wrapper (a dict or a file) is unwrapped and a leading ``module.``
     (DataParallel) is stripped.
     """
     sd, what = _read_state_dict(state_dict)
@@ -232,7 +261,7 @@ def load_official_state_dict(model, state_dict, *, strict_unexpected: bool = Tru
         for mk in done:                      # all or nothing
             own[mk].copy_(backup[mk])
         raise
-    if ignored_rgb:
+    if ignored_rgb and not zero_rgb_head(sd):
         warnings.warn(f"load_official_state_dict: the config has no RGB head; ignored {len(ignored_rgb)} "
                       f"rgb_head_* keys", stacklevel=3)
     if ignored_pool:
@@ -243,12 +272,21 @@ def load_official_state_dict(model, state_dict, *, strict_unexpected: bool = Tru
 
 # ---------------------------------------------------------------------------- the package's own files
 def save_apm(model, path):
-    """Weights and config to ``path`` (safetensors), atomically: a killed save leaves the old file
-    or the new one, never half of one; the folder is created, the file gets the usual permissions."""
+    """Weights and config to ``path`` (safetensors, whatever its suffix), atomically: a killed save
+    leaves the old file or the new one, never half of one; the folder is created, the file gets the
+    usual permissions. A model whose tensors do not all share one dtype (:func:`load_apm` builds
+    the model in one) is refused before anything is written."""
     from safetensors.torch import save
 
     from .capabilities.files import atomic_write
 
+    by_dtype = {}
+    for k, v in model.state_dict().items():
+        by_dtype.setdefault(v.dtype, []).append(k)
+    if len(by_dtype) > 1:
+        raise TypeError(f"model: expected one dtype for all tensors to save it to {str(path)!r}, found "
+                        + ", ".join(f"{str(dt).replace('torch.', '')} ({_few(keys)})" for dt, keys in by_dtype.items())
+                        + "; convert it first, e.g. model.to(torch.float32)")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": _FORMAT, "config": json.dumps(model.config.to_dict())}
     atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))

@@ -177,3 +177,32 @@ def test_the_python_api_names_its_bad_arguments_and_round_trips_a_safetensors_ex
     s = model.config.image_size
     with pytest.raises(TypeError, match=rf"px: expected 3 x {s} x {s} uint8 pixels, got torch.int64"):
         decode(model, None, px=torch.randint(0, 255, (3, s, s)))
+
+
+def test_checkpoints_are_told_by_content_not_by_suffix(tmp_path):
+    """APM.save writes safetensors whatever the name, and load_model reads it back under any name;
+    the authors' layout in safetensors under a torch name, and a torch file under another name,
+    load through load_model and load_official_state_dict alike."""
+    from apm_fast.checkpoint import is_safetensors_file
+
+    torch.manual_seed(0)
+    model = APM(ssl_config(grid=4, hidden=(24, 16)))
+    model.save(tmp_path / "model.pt")
+    loaded, kind = load_model(tmp_path / "model.pt")
+    assert kind == "apm-fast" and loaded.config == model.config
+    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+    export_official(model, tmp_path / "authors.safetensors").rename(tmp_path / "authors.pth")
+    export_official(model, tmp_path / "authors.bin")                        # a torch file
+    assert is_safetensors_file(tmp_path / "authors.pth") and not is_safetensors_file(tmp_path / "authors.bin")
+    for name in ("authors.pth", "authors.bin"):
+        loaded, kind = load_model(tmp_path / name)
+        assert kind == "authors" and loaded.config == model.config.replace(init="pytorch"), name
+        back = APM(model.config)
+        back.load_official_state_dict(tmp_path / name)
+        for (n, a), b, c in zip(model.state_dict().items(), loaded.state_dict().values(), back.state_dict().values()):
+            assert torch.equal(a, b) and torch.equal(a, c), (name, n)
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    for load in (load_model, APM(model.config).load_official_state_dict):
+        with pytest.raises(ValueError, match=r"garbage.safetensors' is not a safetensors file"):
+            load(tmp_path / "garbage.safetensors")

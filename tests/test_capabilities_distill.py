@@ -153,6 +153,59 @@ def test_export_writes_the_authors_layout_that_loads_back(tmp_path):
     assert {"fc1.weight", "fc4.weight", "fc5.weight", "little_query", "little_self_attention.in_proj_weight"} <= keys
 
 
+class _AuthorsTTTModel(torch.nn.Module):
+    """The modules of the authors' TTT model (their code's names and shapes, for grid G, width
+    widths of fc1, fc4, fc5 and D), which always has an RGB head and an unused LayerNorm over G^2."""
+
+    def __init__(self, grid, patch, widths, dim):
+        super().__init__()
+        nn, c = torch.nn, grid * grid
+        self.fc1, self.fc4, self.fc5 = nn.Linear(2 * c, widths[0]), nn.Linear(*widths[:2]), nn.Linear(*widths[1:])
+        self.feat_proj_head = nn.Linear(widths[2], dim)
+        self.rgb_head_1 = nn.Linear(dim + 2 * c, 256)
+        self.rgb_head_2, self.rgb_head_3 = nn.Linear(256, 256), nn.Linear(256, 3)
+        self.conv1 = nn.Conv2d(3, 1, kernel_size=patch, stride=patch)
+        self.norm = nn.LayerNorm(c)
+        self.little_self_attention = nn.MultiheadAttention(dim, 8, batch_first=True)
+        self.little_query = nn.Parameter(torch.randn(dim))
+
+
+@pytest.mark.parametrize("rgb_head", [False, True])
+def test_a_pool_export_loads_strictly_into_the_authors_ttt_model(tmp_path, rgb_head):
+    """A TTT config's export has every key of the authors' TTT model (their norm at its initial
+    values; their RGB head as zeros when the config has none), so their code loads it with
+    strict=True; it loads back here without a warning and with the config it came from."""
+    import warnings
+
+    from apm_fast import preset
+    from apm_fast.capabilities.decoding import load_model
+
+    torch.manual_seed(0)
+    cfg = preset("ttt-l14", grid=4, patch=4, hidden=(32, 16, 8), dim=16, heads=4, rgb_head=rgb_head)
+    model = APM(cfg)
+    path = export_official(model, tmp_path / "ttt.pth")
+    sd = torch.load(path, weights_only=True)
+    theirs = _AuthorsTTTModel(4, 4, (32, 16, 8), 16)
+    theirs.load_state_dict(sd, strict=True)
+    assert torch.equal(theirs.norm.weight, torch.ones(16)) and torch.equal(theirs.norm.bias, torch.zeros(16))
+    assert torch.equal(theirs.fc4.weight, model.mlp[1].weight) and torch.equal(theirs.little_query, model.query)
+    heads = [p for n, p in theirs.named_parameters() if n.startswith("rgb_head_")]
+    assert all(bool((p == 0).all()) for p in heads) != rgb_head
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = APM(cfg)
+        back.load_official_state_dict(path)
+        loaded, _ = load_model(path, heads=4)
+    _same_weights(back, model)
+    assert loaded.config == cfg.replace(init="pytorch")
+    _same_weights(loaded, model)
+    if not rgb_head:                   # a real RGB head in a config without one is still told
+        sd["rgb_head_3.bias"] = torch.ones(3)
+        with pytest.warns(UserWarning, match="no RGB head; ignored 6 rgb_head"):
+            APM(cfg).load_official_state_dict(sd)
+    assert not any(k.startswith("norm.") for k in official_state_dict(APM(ssl_config())))   # their COCO model has none
+
+
 def test_preprocess_ssl_is_bgr_stretched_and_min_max_scaled():
     img = photo("coffee", size=(60, 40))
     x = preprocess_ssl(img, 28)

@@ -139,3 +139,36 @@ def test_own_safetensors_roundtrip(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.safetensors.pth")
     with pytest.raises(FileNotFoundError):
         APM.load(tmp_path / "missing.safetensors")
+
+
+def test_save_refuses_a_model_of_mixed_dtypes_before_writing(tmp_path):
+    """APM.load builds the model in one dtype, so APM.save refuses a model whose tensors have
+    several, naming them and the way out, and writes nothing (an older file stays as it was)."""
+    model = APM(preset("ssl-l14", grid=4, patch=2, hidden=(32, 32, 32, 16, 8), dim=16))
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    before = path.read_bytes()
+    model.rgb.double()
+    with pytest.raises(TypeError) as info:
+        model.save(path)
+    msg = str(info.value)
+    assert msg.startswith(f"model: expected one dtype for all tensors to save it to {str(path)!r}, found float32 (")
+    assert "float64 ('rgb.0.weight', 'rgb.0.bias'" in msg and "model.to(torch.float32)" in msg and "\n" not in msg
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    with pytest.raises(TypeError, match="expected one dtype"):
+        model.save(tmp_path / "new" / "m.safetensors")
+    assert not (tmp_path / "new").exists()
+    model.to(torch.float64).save(path)                  # the way out the message names
+    assert APM.load(path).dtype == torch.float64
+
+
+def test_a_state_dict_wrapper_is_unwrapped_from_a_dict_as_from_a_file(tmp_path):
+    """{"state_dict": ...} loads the same given as a dict or as a file."""
+    cfg = preset("ttt-l14", grid=5, patch=3, hidden=(40, 24, 16), dim=24, heads=4, rgb_head=True)
+    sd = _authors_ttt_state_dict(cfg)
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "wrapped.pth")
+    for source in ({"state_dict": sd, "epoch": 3}, tmp_path / "wrapped.pth"):
+        model = APM(cfg, dtype=torch.float64)
+        model.load_official_state_dict(source)
+        assert torch.equal(model.query, sd["little_query"])
+        assert torch.equal(model.rgb[0].weight, sd["rgb_head_1.weight"])

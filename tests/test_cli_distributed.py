@@ -223,8 +223,8 @@ def test_the_torchrun_check_on_one_process():
 
 
 # ------------------------------------------------------------------ -m apm_fast.distributed ttt
-TINY = ["--grid", "5", "--patch", "2", "--hidden", "24,16", "--dim", "8", "--heads", "2",
-        "--dtype", "float64", "--device", "cpu", "--steps", "2", "--lr", "0.01"]
+SHAPE = ["--grid", "5", "--patch", "2", "--hidden", "24,16", "--dim", "8", "--heads", "2"]
+TINY = [*SHAPE, "--dtype", "float64", "--device", "cpu", "--steps", "2", "--lr", "0.01"]
 DIST_ERROR = "python -m apm_fast.distributed {}: error: "
 
 
@@ -306,13 +306,66 @@ def test_the_torchrun_entry_reports_bad_input_in_one_line(tensors, tmp_path, cap
         cmd, argv = "check", ["check", "--device", "cpu", "--heads", "3"]
     else:
         cmd = "ttt"
-        argv = ["ttt", "--data", str(tensors / "data.pt"), "--out", str(tmp_path / "r.jsonl"), *TINY,
+        opts = TINY[len(SHAPE):] if "--model" in args else TINY    # --model fixes the shape itself
+        argv = ["ttt", "--data", str(tensors / "data.pt"), "--out", str(tmp_path / "r.jsonl"), *opts,
                 *[a.format(root=tensors) for a in args]]
     rc, err = _dist(argv, capsys)
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(DIST_ERROR.format(cmd)) and message.format(root=tensors) in err, err
     assert (tensors / "notes.txt").read_text() == "my notes\n"
     assert not (tmp_path / "r.jsonl").exists() or (tmp_path / "r.jsonl").read_bytes() == b""
+
+
+def _tiny_model(path, seed):
+    from apm_fast import APM, preset
+
+    torch.manual_seed(seed)
+    APM(preset("ttt-l14", grid=5, patch=2, hidden=(24, 16), dim=8, heads=2)).save(path)
+    return path
+
+
+def test_the_torchrun_ttt_states_the_model_file_by_content_and_refuses_a_changed_one(tensors, tmp_path, capsys):
+    """--model is stated by its path and the sha256 of its bytes: a rerun with the same file goes on,
+    one after the file at that path was replaced by another model is refused (it would mix two
+    models' results in one file), before anything is written."""
+    import hashlib
+
+    model, out = _tiny_model(tmp_path / "m.safetensors", seed=1), tmp_path / "r.jsonl"
+    base = ["ttt", "--data", str(tensors / "data.pt"), "--out", str(out), "--model", str(model),
+            *TINY[len(SHAPE):]]
+    rc, err = _dist(base, capsys)
+    assert rc == 0, err
+    first = hashlib.sha256(model.read_bytes()).hexdigest()
+    run = _lines(out)[0]["run"]
+    assert (run["model"], run["model_sha256"], run["preset"], run["seed"]) == (str(model), first, None, None)
+    before = out.read_bytes()
+    rc, err = _dist(base, capsys)
+    assert rc == 0 and '"skipped": 3, "computed": 0' in err, err
+
+    _tiny_model(model, seed=2)                      # another model at the same path
+    second = hashlib.sha256(model.read_bytes()).hexdigest()
+    rc, err = _dist(base, capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(DIST_ERROR.format("ttt") + f"--out: {str(out)!r} holds results made with other "
+                          f"settings (model_sha256: {first!r} there, {second!r} now)"), err
+    assert out.read_bytes() == before and not (tmp_path / "r.jsonl.parts").exists()
+
+
+@pytest.mark.parametrize("given", [["--preset", "ttt-l14"], ["--grid", "5"], ["--patch", "2"], ["--hidden", "24,16"],
+                                   ["--dim", "8"], ["--heads", "2"], ["--seed", "0"], SHAPE])
+def test_the_torchrun_ttt_refuses_model_options_beside_model(tensors, tmp_path, capsys, given):
+    """--model's file fixes the config and the weights: an option that would build another student
+    is refused by name rather than ignored, even when it repeats its default (--preset ttt-l14,
+    --seed 0), before anything is written."""
+    model = _tiny_model(tmp_path / "m.safetensors", seed=1)
+    out = tmp_path / "r.jsonl"
+    rc, err = _dist(["ttt", "--data", str(tensors / "data.pt"), "--out", str(out), "--model", str(model),
+                     *TINY[len(SHAPE):], *given], capsys)
+    named = ", ".join(a for a in given if a.startswith("--"))
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(DIST_ERROR.format("ttt") + f"{named}: not used with --model, whose file fixes the "
+                          f"model's config and weights; expected {'it' if len(given) == 2 else 'them'} left out"), err
+    assert not out.exists()
 
 
 def test_two_ranks_of_the_torchrun_ttt_refuse_other_settings_in_one_line_each(tensors, tmp_path, capsys):

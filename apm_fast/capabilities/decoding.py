@@ -37,7 +37,10 @@ def infer_official_config(state_dict: dict, *, heads: int = 8):
     """The :class:`~apm_fast.APMConfig` of a state dict in the authors' layout, from its shapes:
     patch and channels from ``conv1``, the grid from fc1's input (2 G^2), the MLP widths from
     ``fc1 ... fcN``, D from ``feat_proj_head``, the pool from ``little_query``, the RGB head from
-    ``rgb_head_1``. The pool's head count is not in the shapes (``heads``, default 8)."""
+    ``rgb_head_1`` (all-zero ``rgb_head_*``, the place-holders ``export_official`` writes for a
+    config without one, are no RGB head). The pool's head count is not in the shapes (``heads``,
+    default 8)."""
+    from ..checkpoint import zero_rgb_head
     from ..config import APMConfig
 
     sd = {k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k: v
@@ -57,22 +60,23 @@ def infer_official_config(state_dict: dict, *, heads: int = 8):
     if 2 * g * g != col:
         raise ValueError(f"checkpoint: fc1.weight takes {col} inputs, expected 2 G^2 ([trigger ; position])")
     return APMConfig(grid=g, patch=int(conv.shape[2]), hidden=hidden, dim=int(sd["feat_proj_head.weight"].shape[0]),
-                     heads=heads, pool="little_query" in sd, rgb_head="rgb_head_1.weight" in sd,
+                     heads=heads, pool="little_query" in sd,
+                     rgb_head="rgb_head_1.weight" in sd and not zero_rgb_head(sd),
                      in_chans=int(conv.shape[1]), init="pytorch")
 
 
 def load_model(path, *, heads: Optional[int] = None, device=None):
-    """(APM, layout) from a checkpoint file: ``"apm-fast"`` (a safetensors file written by
-    ``APM.save``) or ``"authors"`` (their state dict, .pth/.pt or .safetensors; config inferred)."""
-    from ..checkpoint import torch_load_weights_only
+    """(APM, layout) from a checkpoint file, told by its content rather than its suffix:
+    ``"apm-fast"`` (a safetensors file written by ``APM.save``, whatever its name) or ``"authors"``
+    (their state dict, a torch file or safetensors; config inferred)."""
+    from ..checkpoint import _read_state_dict, is_safetensors_file
     from ..model import APM
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
-    if path.suffix == ".safetensors":
+    if is_safetensors_file(path):
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -84,13 +88,7 @@ def load_model(path, *, heads: Optional[int] = None, device=None):
             if heads is not None and model.config.pool and heads != model.config.heads:
                 raise ValueError(f"heads: {str(path)!r} holds a model with {model.config.heads} heads, got heads={heads}")
             return model, "apm-fast"
-        sd = load_file(str(path))
-    else:
-        sd = torch_load_weights_only(path, f"checkpoint {str(path)!r}")
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
-        if not isinstance(sd, dict):
-            raise TypeError(f"checkpoint {str(path)!r}: expected a dict of tensors, the file holds {type(sd).__name__}")
+    sd, _ = _read_state_dict(path, "checkpoint")
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
         raise ValueError(f"heads: expected a positive integer (or None: 8), got {heads!r}")
     cfg = infer_official_config(sd, heads=8 if heads is None else heads)

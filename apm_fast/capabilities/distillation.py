@@ -140,22 +140,41 @@ def epoch_order(seed: int, epoch: int, n: int) -> List[int]:
 # ---------------------------------------------------------------------------- the authors' layout
 def official_state_dict(model) -> dict:
     """The model's weights under the authors' keys (the inverse of
-    :func:`apm_fast.checkpoint.official_key_map`), as CPU tensors."""
+    :func:`apm_fast.checkpoint.official_key_map`), as CPU tensors. A pool config also gets the keys
+    that the authors' TTT model has and this package's model has not: ``norm`` (a LayerNorm over
+    G^2 that their forward never uses) at its initial values (weight ones, bias zeros), and, when
+    the config has no RGB head, ``rgb_head_1..3`` as zeros of their shapes (256 x (D + 2 G^2),
+    256 x 256, 3 x 256, and their biases), which :meth:`APM.load_official_state_dict` and
+    :func:`~apm_fast.capabilities.load_model` take for no RGB head."""
     from ..checkpoint import official_key_map
 
-    inverse = {ours: theirs for theirs, ours in official_key_map(model.config).items()}
+    cfg = model.config
+    inverse = {ours: theirs for theirs, ours in official_key_map(cfg).items()}
     sd = model.state_dict()
     left = sorted(set(sd) - set(inverse))
     if left:
         raise ValueError(f"model: {left[:5]} have no key in the authors' layout")
-    return {inverse[k]: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
+    out = {inverse[k]: v.detach().cpu().clone().contiguous() for k, v in sd.items()}
+    if cfg.pool:
+        like = dict(dtype=next(iter(out.values())).dtype)
+        out["norm.weight"], out["norm.bias"] = torch.ones(cfg.pos_dim, **like), torch.zeros(cfg.pos_dim, **like)
+        if not cfg.rgb_head:
+            for name, shape in (("rgb_head_1", (256, cfg.dim + cfg.column_dim)), ("rgb_head_2", (256, 256)),
+                                ("rgb_head_3", (3, 256))):
+                out[f"{name}.weight"], out[f"{name}.bias"] = torch.zeros(shape, **like), torch.zeros(shape[0], **like)
+    return out
 
 
 def export_official(model, path) -> Path:
-    """Write the model as a torch state_dict in the authors' layout (loads back with
-    ``APM.load_official_state_dict``, and into their own model code), atomically."""
+    """Write the model as a state_dict in the authors' layout (:func:`official_state_dict`),
+    atomically: a torch file, or safetensors for a name ending in ``.safetensors``. It loads back
+    with ``APM.load_official_state_dict`` and ``load_model``. Into the authors' own model code
+    with ``load_state_dict(strict=True)``: a pool config with a 3-layer MLP (an RGB head or not)
+    has the keys of their TTT model, with the shapes of one built for the same sizes (3 input
+    channels); a config without a pool, with a 5-layer MLP and an RGB head, those of their COCO
+    model. Other configs have no counterpart in their code."""
     sd = official_state_dict(model)
-    if str(path).endswith(".safetensors"):          # the format the loaders expect of that suffix
+    if str(path).endswith(".safetensors"):
         from safetensors.torch import save
 
         return _atomic_write(path, lambda f: f.write(save(sd)))

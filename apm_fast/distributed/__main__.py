@@ -4,7 +4,8 @@ check  both modes against one process on random data (exit status 1 on a mismatc
 ttt    mode 1 on a tensor file: {"names": [str], "images": N x C x S x S, "targets": N x D}
        (targets precomputed by the teacher), one JSON line per image in --out, with the run's
        settings under "run"; a rerun goes on where the last one stopped, and is refused when
-       its settings differ (--no-resume starts afresh)
+       its settings differ (--no-resume starts afresh); a --model file is stated by its path
+       and the sha256 of its bytes, so a file changed since is other settings
 
 Errors in the options or the files are one line on every rank, exit status 2 (as apm-fast's);
 APM_FAST_DEBUG=1 shows the traceback.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import pickle
 import sys
@@ -25,6 +27,10 @@ from .env import init_distributed
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 KEY_FIELD = "input"          # each ttt record's key: the image's name in --data
+TTT_PRESET, TTT_SEED = "ttt-l14", 0
+# ttt's options that build the student, which --model's file fixes instead: their argparse
+# default is None, so that one given with --model is refused rather than ignored
+_MODEL_OPTIONS = ("preset", "grid", "patch", "hidden", "dim", "heads", "seed")
 
 
 def _config(args) -> APMConfig:
@@ -37,7 +43,8 @@ def _add_model_args(p, *, preset_default, **defaults):
     # the command line's own argument types: a bad value is refused by name before anything starts
     from ..commands.common import hidden_widths, learning_rate, positive_int, preset_name
 
-    p.add_argument("--preset", type=preset_name, default=preset_default, help="named config (default %(default)s)")
+    shown = preset_default or TTT_PRESET
+    p.add_argument("--preset", type=preset_name, default=preset_default, help=f"named config (default {shown})")
     for name in ("grid", "patch", "dim", "heads"):
         p.add_argument(f"--{name}", type=positive_int, default=defaults.get(name))
     p.add_argument("--hidden", type=hidden_widths, default=defaults.get("hidden"), metavar="W1,W2,...",
@@ -60,12 +67,13 @@ def main(argv=None) -> int:
                     steps=3, lr=1e-3, dtype="float64")
     c.add_argument("--images", type=positive_int, default=5)
     t = sub.add_parser("ttt", help="mode 1: images spread over ranks, into one results file")
-    _add_model_args(t, preset_default="ttt-l14")
+    _add_model_args(t, preset_default=None)
     t.add_argument("--data", required=True, help="torch.save'd dict with names, images, targets")
     t.add_argument("--out", required=True, help="results file (JSON Lines)")
-    t.add_argument("--model", default=None, help="APM .safetensors written by APM.save (else --seed)")
-    t.add_argument("--seed", type=seed, default=0,
-                   help="init seed when --model is not given, in [0, 2**63 - 1]")
+    t.add_argument("--model", default=None,
+                   help="APM file written by APM.save (its config and weights; else --preset ... --seed)")
+    t.add_argument("--seed", type=seed, default=None,
+                   help=f"init seed when --model is not given, in [0, 2**63 - 1] (default {TTT_SEED})")
     t.add_argument("--backend", default=None, help="backend of the single-device engine")
     t.add_argument("--no-resume", action="store_true", help="discard earlier results in --out")
     args = ap.parse_args(argv)
@@ -89,6 +97,14 @@ def _run(args) -> int:
     from ..commands.common import pick_device, setup_errors
 
     pick_device(args.device)                  # --device cuda without a GPU: refused by name
+    if args.command == "ttt":
+        given = [f"--{n}" for n in _MODEL_OPTIONS if getattr(args, n) is not None]
+        if args.model is not None and given:
+            raise CLIError(f"{', '.join(given)}: not used with --model, whose file fixes the model's config "
+                           f"and weights; expected {'it' if len(given) == 1 else 'them'} left out")
+        if args.model is None:
+            args.preset = args.preset or TTT_PRESET
+            args.seed = TTT_SEED if args.seed is None else args.seed
     config = None
     if args.command == "check" or args.model is None:
         with setup_errors():                  # e.g. --heads that does not divide --dim
@@ -137,6 +153,15 @@ def _load_data(path):
     return list(data["names"]), data["images"], data["targets"]
 
 
+def _file_sha256(path) -> str:
+    """The sha256 of a file's bytes (hex): what a run's file held, whatever its path."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _ttt(args, config, info, dtype) -> int:
     from ..commands.common import code_version, setup_errors, student_memory
     from ..commands.sharded import check_settings
@@ -148,9 +173,11 @@ def _ttt(args, config, info, dtype) -> int:
     names, images, targets = _load_data(args.data)
     with _from_option("--data"):
         input_keys(names)                     # one string per image, none twice
+    model_sha256 = None
     if args.model is not None:
         with _from_option("--model"):
             model = APM.load(args.model).to(device=info.device, dtype=dtype)
+            model_sha256 = _file_sha256(args.model)
     else:
         with setup_errors(), student_memory(config, info.device):
             torch.manual_seed(args.seed)    # the same init on every rank: seeded CPU init
@@ -167,7 +194,8 @@ def _ttt(args, config, info, dtype) -> int:
     # what the results depend on, in every record (as apm-fast ttt's "run"); a rerun into the same
     # --out must have the same (device, backend, world size and code version may differ)
     run_info = {
-        "model": args.model, "preset": None if args.model is not None else args.preset,
+        "model": args.model, "model_sha256": model_sha256,   # the path, and what the file held
+        "preset": None if args.model is not None else args.preset,
         "grid": config.grid, "patch": config.patch, "hidden": list(config.hidden), "heads": config.heads,
         "dim": config.dim, "steps": args.steps, "lr": args.lr, "dtype": args.dtype,
         "backend": trainer.backend, "precision": trainer.precision, "moments": trainer.moments,

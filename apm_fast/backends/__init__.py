@@ -64,34 +64,37 @@ def _status(name: str):
         return False, f"{type(exc).__name__}: {exc}"
 
 
-def explain_default(device=None, config=None):
-    """(the default table for ``device`` and a model ``config``, why): ``torch`` on the CPU; on a
-    GPU the available table measured fastest on this GPU model for this preset
-    (:mod:`apm_fast.backends.measured`)."""
+def explain_default(device=None, config=None, workload: str = "ttt_step"):
+    """(the default table for ``device``, a model ``config`` and a ``workload``, why): ``torch`` on
+    the CPU; on a GPU the available table measured fastest on this GPU model for this preset and
+    workload (:mod:`apm_fast.backends.measured`): ``"ttt_step"`` (training: the TTT trainer and
+    engine, the other training loops) or ``"forward"`` (inference, ``model(x)``)."""
     import torch
 
-    from .measured import choose
+    from .measured import check_workload, choose
 
+    check_workload(workload)
     if device is None or torch.device(device).type != "cuda":
         return "torch", "on the CPU: the other tables are GPU kernels"
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device if device.index is not None else None)
-    return choose(gpu, config, [n for n in TABLES if _status(n)[0]])
+    return choose(gpu, config, [n for n in TABLES if _status(n)[0]], workload)
 
 
-def default_backend(device=None, config=None) -> str:
-    """``torch`` on the CPU; on a GPU the available table measured fastest there (see
-    :func:`explain_default`)."""
-    return explain_default(device, config)[0]
+def default_backend(device=None, config=None, workload: str = "ttt_step") -> str:
+    """``torch`` on the CPU; on a GPU the available table measured fastest there for the workload
+    (see :func:`explain_default`)."""
+    return explain_default(device, config, workload)[0]
 
 
-def get_backend(name: str | None = None, *, device=None, check: bool = True, config=None):
-    """The table called ``name`` (``None``: the default for ``device`` and ``config``).
-    ``"reference"`` is the plain form and has no table: asking for it here is an error. With
-    ``check``, raise :class:`BackendUnavailable` naming what is missing when the table cannot run
-    here."""
+def get_backend(name: str | None = None, *, device=None, check: bool = True, config=None,
+                workload: str = "ttt_step"):
+    """The table called ``name`` (``None``: the default for ``device``, ``config`` and
+    ``workload``). ``"reference"`` is the plain form and has no table: asking for it here is an
+    error. With ``check``, raise :class:`BackendUnavailable` naming what is missing when the table
+    cannot run here."""
     if name is None:
-        name = default_backend(device, config)
+        name = default_backend(device, config, workload)
     if not isinstance(name, str):
         raise TypeError(f"backend: expected a name (str) or None, got {type(name).__name__}")
     if name == "reference":
@@ -106,11 +109,12 @@ def get_backend(name: str | None = None, *, device=None, check: bool = True, con
     return _table(name)
 
 
-def resolve_backend(name: str | None, device=None, config=None) -> str:
+def resolve_backend(name: str | None, device=None, config=None, workload: str = "ttt_step") -> str:
     """The name a call runs with: ``name`` checked (known and available), or the default for the
-    device and the model's ``config``."""
+    device, the model's ``config`` and the ``workload`` (``"ttt_step"``: training, the default;
+    ``"forward"``: inference)."""
     if name is None:
-        return default_backend(device, config)
+        return default_backend(device, config, workload)
     if name != "reference":
         get_backend(name, device=device)
     return name

@@ -57,7 +57,7 @@ def interpolate(model, a, b, frames: int = 8, *, kind: Optional[str] = None, cro
     cfg = model.config
     kind = check_input_kind(kind or default_input_kind(cfg), "kind")
     dev = model.device
-    name = resolve_backend(backend, dev, cfg)
+    name = resolve_backend(backend, dev, cfg, workload="forward")
     if name == "reference":
         name = "torch"          # the columns with a given trigger run on a table; "torch" is the plain one
     prim = get_backend(name, device=dev)

@@ -1,5 +1,5 @@
 """``apm-fast info``: versions, the GPU, which backends can run here and which one each preset
-runs on by default (and the measurement behind it)."""
+runs on by default, for training and for inference (and the measurement behind it)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,8 @@ import platform
 import sys
 from importlib import metadata
 
-HELP = "print versions (python, torch, triton, open_clip, CUDA), the available backends and the default one per preset"
+HELP = ("print versions (python, torch, triton, open_clip, CUDA), the available backends and the default one "
+        "per preset and workload")
 
 PACKAGES = ("apm-fast", "torch", "triton", "open_clip_torch", "torchvision", "numpy", "safetensors")
 
@@ -54,8 +55,10 @@ def tuned_configs_row(gpu: str, capability) -> str:
 
 
 def _print_defaults(torch):
-    """The table each preset runs on by default here, and why (the measurement behind it)."""
+    """The table each preset runs on by default here, per workload, and why (the measurement
+    behind it)."""
     from ..backends import explain_default
+    from ..backends.measured import WORKLOADS
     from ..config import PRESETS
 
     if not torch.cuda.is_available():
@@ -63,10 +66,12 @@ def _print_defaults(torch):
         print(f"default backend on cpu: {name} ({why})")
         return
     for dev in [torch.device("cuda", i) for i in range(torch.cuda.device_count())]:
-        print(f"default backend on {dev} ({torch.cuda.get_device_name(dev)}), per preset:")
+        print(f"default backend on {dev} ({torch.cuda.get_device_name(dev)}), per preset and workload "
+              f"(ttt_step: the TTT trainer and the other training loops; forward: model(x)):")
         for preset, cfg in PRESETS.items():
-            name, why = explain_default(dev, cfg)
-            print(f"  {preset:8s} {name}: {why}")
+            for workload in WORKLOADS:
+                name, why = explain_default(dev, cfg, workload)
+                print(f"  {preset:8s} {workload:8s} {name}: {why}")
 
 
 def run(args) -> int:

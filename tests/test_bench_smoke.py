@@ -40,7 +40,7 @@ def _load(out_dir, name):
     return json.loads(files[0].read_text())
 
 
-def test_harness_end_to_end(tmp_path, one_thread):
+def test_harness_end_to_end(tmp_path, one_thread, monkeypatch):
     t0 = time.perf_counter()
     logs = []
     result = run_suite(_tiny(tmp_path), log=logs.append)
@@ -128,6 +128,23 @@ def test_harness_end_to_end(tmp_path, one_thread):
     # counter ~ formula: at one image the driver's rank-one products over B = 1 (dW_T, dW_O, dW_V)
     # are element-wise work that the counter does not count (exact at B = 2: test_bench_units)
     assert student["flops"]["rewritten"]["measured"]["by_t"] == pytest.approx(by_t, rel=1e-2)
+
+    # FLOPs say how they are counted (1 multiply-add = 2 FLOPs): in every JSON file that holds
+    # them, and on the plot that shows them; memory is plotted in MiB
+    for name in ("ttt_step", "forward", "scaling", "table4", "engine", "primitives"):
+        assert _load(tmp_path, name)["flops_convention"] == "1 multiply-add = 2 FLOPs", name
+    assert "flops_convention" not in _load(tmp_path, "gate")
+    assert all(r["timing_mode"] == "eager" for r in scaling if r["status"] == "ok")
+    from apm_fast.bench import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, doc, path, layout=True: figures.append(fig))
+    plots.plot_table4(t4, tmp_path / "t4.png")
+    plots.plot_scaling(_load(tmp_path, "scaling"), tmp_path / "sc.png")
+    labels = [t for fig in figures for ax in fig.axes for t in (ax.get_ylabel(), ax.get_title())]
+    assert "FLOPs per image (1 multiply-add = 2 FLOPs)" in labels
+    assert any("1 multiply-add = 2 FLOPs" in t and "Table 4" in t for t in labels)
+    assert "peak memory (MiB = 2^20 B, weights included)" in labels
 
     pngs = {p.name for p in result.plots}
     assert {"ttt_step-quick.png", "scaling-quick.png", "table4-quick.png"} <= pngs

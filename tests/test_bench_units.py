@@ -225,7 +225,7 @@ def test_targets_are_read_from_the_sections_rows_and_judged():
                                 dict(ok, key="side-by-side/cuda/S=64/bf16-moments", images_per_s=290.0),
                                 dict(ok, key="end-to-end/cuda", images_per_s_after_first_batch=210.0)]},
         "scaling": {"rows": [dict(status="ok", model="apm", queries=50176, timing={"median_ms": 11.0},
-                                  peak_bytes=400 * 2 ** 20, first_call_peak_bytes=500 * 2 ** 20),
+                                  peak_bytes=340 * 2 ** 20, first_call_peak_bytes=500 * 2 ** 20),
                              dict(status="ok", model="clip", queries=50176, timing={"median_ms": 1.0},
                                   peak_bytes=1)]},
     }
@@ -233,8 +233,11 @@ def test_targets_are_read_from_the_sections_rows_and_judged():
     assert doc["side_by_side_table"] == "cuda"
     assert (doc["step_ms_triton"], doc["step_ms_cuda"], doc["side_by_side_img_s"]) == (0.5, 0.25, 230.0)
     assert doc["side_by_side_img_s_bf16_moments"] == 290.0 and doc["end_to_end_img_s_l14"] == 210.0
-    assert doc["scaling_50176_ms"] == 11.0 and doc["scaling_50176_mb"] == 400.0
-    assert doc["scaling_50176_first_call_mb"] == 500.0
+    # the target is stated in MB (1e6 B): 340 MiB is 356.5 MB, over "<= 350 MB"
+    assert doc["scaling_50176_ms"] == 11.0 and doc["scaling_50176_mb"] == pytest.approx(340 * 2 ** 20 / 1e6)
+    assert doc["scaling_50176_mib"] == 340.0
+    assert doc["scaling_50176_first_call_mb"] == pytest.approx(500 * 2 ** 20 / 1e6)
+    assert doc["scaling_50176_first_call_mib"] == 500.0
     assert doc["step_ms_torch"] is None and "boom" in doc["missing"]["step_ms_torch"]
     assert doc["step_ms_eager"] is None and "ttt_step" in doc["missing"]["step_ms_eager"]
     assert doc["met"] == {"step_ms_triton": False, "side_by_side_img_s": True,
@@ -244,6 +247,7 @@ def test_targets_are_read_from_the_sections_rows_and_judged():
     assert doc["precision"].startswith("bf16 GEMMs, fp32 master weights, fp32 Adam moments")
     md = markdown(doc)
     assert "| 64 students side by side, fp32 moments (images/s) | 230.0 | >= 220 | yes |" in md
+    assert "(MB = 1e6 B) | 356.5 | <= 350 | no |" in md and "| same, in MiB (2^20 B) | 340.0 |  |  |" in md
     assert "not measured" in md
     failed = collect(results, False, "abc1234", "machine")     # a run whose gate failed meets nothing
     assert failed["gate_passed"] is False and not any(failed["met"].values())
@@ -256,6 +260,9 @@ def test_targets_are_read_from_the_sections_rows_and_judged():
     (["--authors-presets", "bogus"], "--authors-presets: expected one of"),
     (["--compile-presets", "ssl-l14x"], "--compile-presets: expected one of"),
     (["--device", "foo"], "bench: --device: expected cpu, cuda or cuda:N, got 'foo'"),
+    (["--tpt-towers", "NotAModel"], "bench: --tpt-towers: expected open_clip model names (`apm-fast info "
+                                    "--teachers` lists them), got unknown ['NotAModel']"),
+    (["--tpt-towers", "ViT-B-16", "ViT-B/1"], "got unknown ['ViT-B/1']; close matches: ['ViT-B-16'"),
 ])
 def test_bench_refuses_bad_options_with_exit_status_2(argv, message, capsys):
     """Refused as the command line is read (or before the suite starts), named, exit status 2:
@@ -281,19 +288,56 @@ def test_bench_options_refuse_unknown_presets_and_budgets_for_python_callers():
             BenchOptions(time_budget_s=bad)
 
 
-def test_bench_plot_names_a_corrupt_results_file_with_exit_status_2(tmp_path, capsys):
+def test_bench_plot_skips_json_files_that_are_not_results_and_takes_one_file(tmp_path, capsys):
+    """A folder's JSON files that are not results documents (a list, an object without "suite",
+    a torn write) are skipped with one warning line each, counted at the end, and the others are
+    drawn; one results file can be named instead of a folder; a folder with no results document
+    at all, or one named file that is not one, is an error (exit status 2)."""
+    import json
+
     from apm_fast.bench import plots
 
-    (tmp_path / "ok.json").write_text('{"suite": "gate"}')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "gate.json").write_text('{"suite": "gate"}')
+    (tmp_path / "targets.json").write_text('{"commit": "x", "gate_passed": true, "missing": {}, "met": {}}')
     (tmp_path / "torn.json").write_text('{"suite": "scal')
+    (tmp_path / "profile.json").write_text('[1, 2]')
+    (tmp_path / "sub" / "other.json").write_text('{"label": "a tool of its own"}')
+    step = {"suite": "ttt_step", "machine_line": "m", "rows": [
+        {"preset": "ttt-l14", "key": "eager", "label": "eager", "status": "ok",
+         "timing": {"median_ms": 2.0, "p20_ms": 1.5, "p80_ms": 2.5}}]}
+    (tmp_path / "sub" / "ttt_step.json").write_text(json.dumps(step))
+    (tmp_path / "sub" / "scaling.json").write_text(json.dumps(       # a results file lacking a field drawn
+        {"suite": "scaling", "rows": [{"model": "apm", "queries": 16, "grid": 4, "status": "ok", "label": "x",
+                                       "timing": {"median_ms": 1}}]}))
+    out = tmp_path / "png"
+    assert plots.main([str(tmp_path), "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.split() == [str(out / "sub" / "ttt_step.png")]
+    warned = [line for line in cap.err.splitlines() if line.startswith("bench-plot: skipped ")]
+    assert len(warned) == 4
+    assert any("scaling.json: a 'scaling' results file the plot cannot read (KeyError: 'p20_ms')" in line
+               for line in warned)
+    assert any("torn.json: not a results JSON file (" in line for line in warned)
+    assert any("profile.json: not a results JSON file (a list, not an object)" in line for line in warned)
+    assert any('other.json: not a results JSON file (an object without a "suite" key)' in line for line in warned)
+    assert "bench-plot: 1 plots written; 4 JSON files skipped (named above)" in cap.err
+    assert not (out / "sub" / "scaling.png").exists()
+    # one results file
+    assert plots.main([str(tmp_path / "sub" / "ttt_step.json"), "--out", str(tmp_path / "one")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "one" / "ttt_step.png")]
+    # one file that is not a results document, and a folder without any: errors
+    assert plots.main([str(tmp_path / "profile.json")]) == 2
+    assert capsys.readouterr().err == (f"bench-plot: results directory: expected a folder or one results JSON "
+                                       f"file, got {tmp_path / 'profile.json'}: not a results JSON file (a list, "
+                                       "not an object)\n")
+    assert plots.main([str(tmp_path / "sub" / "scaling.json")]) == 2
+    assert "the plot cannot read" in capsys.readouterr().err
+    for f in ("gate.json", "targets.json", "sub/ttt_step.json", "sub/scaling.json"):
+        (tmp_path / f).unlink()
     assert plots.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "bench-plot:" in err and "torn.json: not a results JSON file" in err
-    (tmp_path / "torn.json").write_text('[1, 2]')
-    assert plots.main([str(tmp_path)]) == 2
-    assert "torn.json: not a results JSON file (a list" in capsys.readouterr().err
-    (tmp_path / "torn.json").unlink()
-    assert plots.main([str(tmp_path)]) == 0
+    assert f"expected results JSON files under {tmp_path}, found none (3 other JSON files skipped)" in err
 
 
 def test_a_failed_or_broken_engine_gate_fails_the_run_and_cannot_be_skipped_alone(monkeypatch):
@@ -359,3 +403,158 @@ def test_the_capabilities_speedup_over_the_authors_loop_is_kept_only_after_a_pas
     assert ok["distill/torch"]["speedup_vs_authors"] == 3.0 and "speedup_vs_authors" not in ok["distill/teacher"]
     bad = {r["key"]: r for r in finalize("capabilities", rows(), failed)["rows"]}
     assert bad["distill/torch"]["speedup_vs_authors"] is None
+
+
+def test_the_scaling_speedup_divides_only_rows_timed_the_same_way():
+    """APM vs CLIP: a replayed graph against eager calls would measure the host's launches, so
+    such a pair gets no speedup, and the row says why."""
+    from apm_fast.bench.gate import GateReport
+    from apm_fast.bench.report import finalize, format_section
+
+    def row(model, grid, ms, mode, **kw):
+        return dict(model=model, grid=grid, queries=grid * grid, status="ok", timing_mode=mode,
+                    timing={"median_ms": ms, "p20_ms": ms, "p80_ms": ms}, **kw)
+
+    result = {"rows": [row("apm", 7, 1.0, "eager", timing_mode_reason="49 queries: fewer than two full chunks"),
+                       row("clip", 7, 4.0, "graph"),
+                       row("apm", 224, 2.0, "graph"), row("clip", 224, 8.0, "graph")]}
+    gate = GateReport()
+    gate.add("ttt-b16", "scaling/torch/G=7", "chunked_forward_vs_float64", "fp32", 0.0, 1e-5)
+    rows = finalize("scaling", result, gate)["rows"]
+    assert rows[2]["speedup_vs_clip"] == 4.0 and "speedup_vs_clip_omitted" not in rows[2]
+    assert rows[0]["speedup_vs_clip"] is None
+    assert rows[0]["speedup_vs_clip_omitted"] == ("APM timed eager, CLIP graph: not comparable "
+                                                  "(49 queries: fewer than two full chunks)")
+    table = "\n".join(format_section("scaling", result))
+    assert "timed" in table and "not comparable" in table
+    rows[1]["timing_mode"] = "eager"                         # the same way: divided
+    assert finalize("scaling", result, gate)["rows"][0]["speedup_vs_clip"] == 4.0
+    assert "speedup_vs_clip_omitted" not in rows[0]
+
+
+def test_the_scaling_section_says_how_each_point_was_timed_and_times_clip_as_the_apm(monkeypatch):
+    """Every row (APM and CLIP) has its timing mode: on the CPU both eager, with the reason. The
+    CLIP point asked for a graph goes through the engine's capture (measure_graph, once, replays
+    timed by measure) and records a fallback to eager."""
+    from apm_fast.bench.sections import scaling
+    from apm_fast.bench.timing import Timing
+
+    ctx = _quick_ctx(sections=("scaling",), scaling_grids=(4,))
+    rows = scaling.run(ctx)["rows"]
+    assert [(r["model"], r["status"], r["timing_mode"]) for r in rows] == [("apm", "ok", "eager"),
+                                                                          ("clip", "ok", "eager")]
+    assert all(r["timing_mode_reason"] == "no CUDA graphs on cpu" for r in rows)
+
+    calls = []
+
+    def fake_graph(fn, *, device, inner, warmup, repeats, key):
+        fn()
+        calls.append((inner, warmup, repeats, key))
+        return Timing(1.0, 1.0, 1.0, 1.0, 1.0, repeats, warmup, "cuda-graph replay of 1 call")
+
+    monkeypatch.setattr(scaling, "measure_graph", fake_graph)
+    point = scaling._clip_point(ctx, 4, 8, graph=True)
+    assert point["timing_mode"] == "graph" and "timing_mode_reason" not in point
+    assert calls == [(1, ctx.options.warmup, ctx.options.repeats, "scaling/clip/ViT-B-16/G=4")]
+
+    def failed(fn, **kw):
+        return Timing(1.0, 1.0, 1.0, 1.0, 1.0, 20, 1, "perf_counter", fallback="capture failed: boom")
+
+    monkeypatch.setattr(scaling, "measure_graph", failed)
+    point = scaling._clip_point(ctx, 4, 8, graph=True)
+    assert point["timing_mode"] == "eager"
+
+
+def test_measure_graph_records_why_a_capture_fell_back_and_still_warns(monkeypatch):
+    """Where the capture fails on a GPU, the calls are timed eagerly, the Timing says so
+    (mode "eager", ``fallback`` with the capture's warning) and the warning still reaches the user."""
+    import warnings
+
+    from apm_fast.bench import timing
+    from apm_fast.ttt import graph
+
+    def no_capture(phases, reset, device, *, warmup, key):
+        warnings.warn(f"apm_fast.engine: CUDA graph capture failed for {key} (RuntimeError: boom)", RuntimeWarning)
+        return None
+
+    monkeypatch.setattr(graph, "capture_phases", no_capture)
+    monkeypatch.setattr(timing, "_is_cuda", lambda device: True)
+    monkeypatch.setattr(timing, "measure", lambda fn, **kw: timing.summarize([1.0] * 20, clock="cuda-events"))
+    with pytest.warns(RuntimeWarning, match="capture failed for clip/G=7"):
+        t = timing.measure_graph(lambda: None, device="cpu", inner=1, key="clip/G=7")
+    assert t.mode == "eager" and "capture failed for clip/G=7 (RuntimeError: boom)" in t.fallback
+    assert t.to_dict()["fallback"] == t.fallback
+    monkeypatch.undo()
+    plain = timing.measure(lambda: None, device="cpu")
+    assert plain.mode == "eager" and "fallback" not in plain.to_dict()   # other timings unchanged
+    assert timing.Timing(1, 1, 1, 1, 1, 20, 1, "cuda-graph replay of 5 calls").mode == "graph"
+
+
+def test_tpt_towers_are_refused_where_open_clip_cannot_check_them(monkeypatch, capsys):
+    from apm_fast._compat import TeacherDependencyError
+    from apm_fast.bench import cli as bench_cli
+    from apm_fast.bench import clip_models
+
+    def missing():
+        raise TeacherDependencyError("open_clip is not installed")
+
+    monkeypatch.setattr(clip_models, "import_open_clip", missing)
+    assert bench_cli.main(["--quick", "--no-out", "--tpt-towers", "ViT-B-16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("bench: --tpt-towers: expected open_clip model names, got ['ViT-B-16'], which cannot be "
+                   "checked: open_clip is not installed")
+
+
+def test_clip_image_tower_peaks_count_the_image_tower_alone(monkeypatch):
+    """scaling and table4: the image tower is built alone (no stub text tower on the device) before
+    the peak's window, and its weight bytes are added to the peak measured above them."""
+    import contextlib
+
+    from apm_fast.bench import clip_models
+    from apm_fast.bench.sections import scaling, table4
+    from apm_fast.bench.timing import PeakMemory
+
+    tower = clip_models.build_clip("ViT-B-16", device="cpu", quick=True, with_text=False)
+    assert hasattr(tower, "conv1") and not hasattr(tower, "token_embedding") and not tower.training
+    assert hasattr(clip_models.build_clip("ViT-B-16", device="cpu", quick=True), "token_embedding")
+
+    inside = []
+
+    @contextlib.contextmanager
+    def window(device):
+        pm = PeakMemory(device=str(device), baseline_bytes=0)
+        inside.append(True)
+        try:
+            yield pm
+        finally:
+            inside.pop()
+            pm.peak_bytes = 1000
+
+    def build(*args, **kw):
+        assert not inside, "the tower is built inside the peak's window"
+        return clip_models.build_clip(*args, **kw)
+
+    for mod in (scaling, table4):
+        monkeypatch.setattr(mod, "peak_memory", window)
+        monkeypatch.setattr(mod, "build_clip", build)
+    ctx = _quick_ctx()
+    point = scaling._clip_point(ctx, 4, 8, graph=False)
+    weights = sum(p.numel() * p.element_size() for p in tower.parameters())
+    assert point["weights_bytes"] == weights and point["peak_bytes"] == weights + 1000
+    row = table4._teacher(ctx, "ViT-B-16")
+    assert row["weights_bytes"] == weights and row["peak_bytes"] == weights + 1000
+    assert row["params"] == clip_models.tower_params(tower) and row["timing_mode"] == "eager"
+
+
+def test_memory_is_printed_in_binary_units_and_flops_say_their_convention():
+    from apm_fast.bench.flops import FLOPS_CONVENTION
+    from apm_fast.bench.report import fmt_bytes, format_section
+    from apm_fast.bench.suite import _carries_flops
+
+    assert fmt_bytes(3 * 2 ** 20) == "3.0 MiB" and fmt_bytes(2 ** 31) == "2.00 GiB" and fmt_bytes(None) == "-"
+    assert FLOPS_CONVENTION == "1 multiply-add = 2 FLOPs"
+    assert FLOPS_CONVENTION in format_section("scaling", {"rows": []})[0]
+    assert format_section("table4", {"rows": [{"status": "skipped", "name": "x", "reason": "r"}]})[0] == \
+        "FLOPs: 1 multiply-add = 2 FLOPs"
+    assert _carries_flops([{"flops": 1}]) and _carries_flops([{"x": {"tflops": 2.0}}])
+    assert _carries_flops([{"unit": "TFLOP/s"}]) and not _carries_flops([{"unit": "GB/s", "ms": 1.0}])

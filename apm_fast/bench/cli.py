@@ -95,6 +95,9 @@ def build_options(args):
     if args.scaling_grids:
         kw["scaling_grids"] = tuple(args.scaling_grids)
     if args.tpt_towers is not None:
+        from .clip_models import check_tower_names
+
+        check_tower_names(args.tpt_towers, "--tpt-towers")     # not a section's error row later
         kw["tpt_towers"] = tuple(args.tpt_towers)
     if args.students_list:
         kw["students_list"] = tuple(args.students_list)

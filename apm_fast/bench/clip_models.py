@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from .timing import autocast
 from .flops import vit_flops
 
-__all__ = ["import_open_clip", "build_clip", "tower_flops", "text_tower_flops", "tower_params",
+__all__ = ["import_open_clip", "build_clip", "check_tower_names", "tower_flops", "text_tower_flops", "tower_params",
            "tower_patch", "TPTStep", "TINY_VISION", "TINY_TEXT"]
 
 TINY_VISION = dict(layers=2, width=64, head_width=32, patch_size=8, image_size=32)
 TINY_TEXT = dict(context_length=16, vocab_size=1000, width=64, heads=2, layers=2)
-# Image-tower-only builds replace the text tower by this stub: it is never run.
+# Image-tower-only builds replace the text tower by this stub (dropped before build_clip returns).
 _TEXT_STUB = dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
 
 
@@ -33,8 +33,10 @@ def build_clip(name: str, *, device, image_size: int | None = None, quick: bool 
                with_text: bool = True):
     """An open_clip model with random weights on ``device``, in eval mode.
 
-    ``image_size`` changes the number of patch tokens; ``with_text=False`` gives a stub text
-    tower (for image-tower-only measurements); ``quick`` shrinks both towers."""
+    ``image_size`` changes the number of patch tokens; ``with_text=False`` gives the image tower
+    alone (``model.visual``: the stub text tower it is built with is dropped before returning, so
+    that only the image tower stays on the device, as its parameters and weight bytes count);
+    ``quick`` shrinks both towers."""
     oc = import_open_clip()
     kw = {}
     if quick:
@@ -50,7 +52,31 @@ def build_clip(name: str, *, device, image_size: int | None = None, quick: bool 
     device = torch.device(device)
     with torch.device(device):  # allocate directly on the device (H/14 is 0.6 G parameters)
         model = oc.create_model(name, pretrained=None, device=device, **kw)
-    return model.eval()
+    if with_text:
+        return model.eval()
+    visual = model.visual.eval()
+    del model                    # the text tower's memory goes back to the caller's allocator
+    return visual
+
+
+def check_tower_names(names, argument: str) -> None:
+    """ValueError naming ``argument`` unless every name is an open_clip model (``ViT-B/16`` is
+    read as ``ViT-B-16``, as open_clip does), or when open_clip cannot be imported to check them."""
+    names = list(names)
+    if not names:
+        return
+    try:
+        known = set(import_open_clip().list_models())
+    except ImportError as exc:
+        raise ValueError(f"{argument}: expected open_clip model names, got {names}, which cannot be checked: "
+                         f"{exc}") from exc
+    bad = [n for n in names if n not in known and n.replace("/", "-") not in known]
+    if bad:
+        import difflib
+
+        close = sorted({c for n in bad for c in difflib.get_close_matches(n, known, n=3, cutoff=0.5)})
+        raise ValueError(f"{argument}: expected open_clip model names (`apm-fast info --teachers` lists them), "
+                         f"got unknown {bad}" + (f"; close matches: {close}" if close else ""))
 
 
 def tower_patch(name: str, *, quick: bool = False) -> int:

@@ -12,7 +12,10 @@ from typing import Callable, Dict
 
 import torch
 
-__all__ = ["apm_flops", "vit_flops", "count_flops", "mha_fastpath_disabled"]
+__all__ = ["FLOPS_CONVENTION", "apm_flops", "vit_flops", "count_flops", "mha_fastpath_disabled"]
+
+# How every FLOP count and rate of the harness is counted (printed, plotted and in the JSON)
+FLOPS_CONVENTION = "1 multiply-add = 2 FLOPs"
 
 
 def _linear(rows, fan_in, fan_out):

@@ -14,7 +14,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List
+from typing import Callable, List
+
+from .flops import FLOPS_CONVENTION
 
 __all__ = ["plot_dir", "plot_file", "add_parser", "run", "main"]
 
@@ -64,8 +66,9 @@ def plot_scaling(doc, path: Path):
         rs = [r for r in rows if r["model"] == model]
         if not rs:
             continue
-        label = rs[0]["label"]
         ok = [r for r in rs if _ok(r)]
+        modes = list(dict.fromkeys(r["timing_mode"] for r in ok if r.get("timing_mode")))
+        label = rs[0]["label"] + (f"; timed {' / '.join(modes)}" if modes else "")
         q = [r["queries"] for r in ok]
         med = [r["timing"]["median_ms"] for r in ok]
         lo = [r["timing"]["median_ms"] - r["timing"]["p20_ms"] for r in ok]
@@ -82,7 +85,7 @@ def plot_scaling(doc, path: Path):
                               color=color, rotation=90, fontsize=7, ha="right", va="bottom")
     grids = sorted({(r["queries"], r["grid"]) for r in rows})
     has_mem = any(r.get("peak_bytes") is not None for r in rows)
-    for ax, ylabel in ((ax_t, "forward time per image (ms)"), (ax_m, "peak memory (MB, weights included)")):
+    for ax, ylabel in ((ax_t, "forward time per image (ms)"), (ax_m, "peak memory (MiB = 2^20 B, weights included)")):
         ax.set_xscale("log")
         if ax is ax_t or has_mem:
             ax.set_yscale("log")
@@ -192,7 +195,7 @@ def plot_table4(doc, path: Path):
     table.set_fontsize(8)
     table.auto_set_column_width(list(range(len(cols))))
     ax_tab.set_title("Table 4 re-measured (student and teacher apart; FLOPs analytic unless "
-                     "marked; student: plain / rewritten)", fontsize=10)
+                     f"marked, {FLOPS_CONVENTION}; student: plain / rewritten)", fontsize=10)
     ax = fig.add_axes([0.07, 0.6 / height, 0.6, chart_h / height])
     ts = list(range(1, t_max + 1))
     for r in doc.get("rows", []):
@@ -209,7 +212,7 @@ def plot_table4(doc, path: Path):
     ax.set_yscale("log")
     ax.set_xlabel("TTT steps t")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("FLOPs per image")
+    ax.set_ylabel(f"FLOPs per image ({FLOPS_CONVENTION})", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -244,46 +247,83 @@ _PLOTTERS = {"scaling": plot_scaling, "ttt_step": plot_step, "forward": plot_for
              "table4": plot_table4, "ab": plot_ab}
 
 
-def plot_file(json_path: Path, out_dir: Path | None = None):
-    """The PNG for one result file (None for files without a plot, e.g. the gate's)."""
-    json_path = Path(json_path)
+def _is_targets(doc) -> bool:
+    """The run's ``targets.json`` (``apm_fast.bench.targets.collect``): written beside the
+    results, a document of its own without a plot."""
+    return isinstance(doc, dict) and {"met", "missing", "gate_passed"} <= doc.keys()
+
+
+def _load(json_path: Path):
+    """The results document in ``json_path`` (a JSON object with a ``suite``, or the run's
+    targets), or ValueError saying what the file holds instead."""
     try:
         doc = json.loads(json_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{json_path}: not a results JSON file ({exc})") from exc
     if not isinstance(doc, dict):
         raise ValueError(f"{json_path}: not a results JSON file (a {type(doc).__name__}, not an object)")
+    if "suite" not in doc and not _is_targets(doc):
+        raise ValueError(f"{json_path}: not a results JSON file (an object without a \"suite\" key)")
+    return doc
+
+
+def plot_file(json_path: Path, out_dir: Path | None = None):
+    """The PNG for one result file (None for files without a plot, e.g. the gate's); ValueError
+    for a file that is not a results document, or whose rows lack what its plot draws."""
+    json_path = Path(json_path)
+    doc = _load(json_path)
     fn = _PLOTTERS.get(doc.get("suite"))
     if fn is None:
         return None
     out = Path(out_dir or json_path.parent) / (json_path.stem + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fn(doc, out) is False:
-        return None
-    return out
+    try:
+        drawn = fn(doc, out)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:       # rows without the fields drawn
+        _plt().close("all")
+        raise ValueError(f"{json_path}: a {doc['suite']!r} results file the plot cannot read "
+                         f"({type(exc).__name__}: {exc})") from exc
+    return None if drawn is False else out
 
 
-def plot_dir(directory, out_dir=None) -> List[Path]:
-    """Every plot for the result files in ``directory`` (searched recursively)."""
+def plot_dir(directory, out_dir=None, *, warn: Callable[[str], None] | None = None) -> List[Path]:
+    """Every plot for the result files in ``directory`` (searched recursively), or for the one
+    results file ``directory`` names. In a folder, a JSON file that is not a results document
+    (another tool's output, a list, a torn write) or that its plot cannot read is skipped with one
+    line to ``warn`` (default: stderr) and the others are drawn; FileNotFoundError where the folder holds no results
+    document, ValueError where the one file named is not one."""
     directory = Path(directory)
+    if warn is None:
+        warn = lambda line: print(f"bench-plot: {line}", file=sys.stderr)
     if not directory.exists():
         raise FileNotFoundError(f"results directory: {directory} does not exist")
-    files = sorted(directory.rglob("*.json"))
-    if not files:
-        raise FileNotFoundError(f"results directory: no *.json result files under {directory}")
-    made = []
-    for f in files:
-        target = None
-        if out_dir is not None:
-            target = Path(out_dir) / f.parent.relative_to(directory)
-        p = plot_file(f, target)
+    if directory.is_file():
+        try:
+            p = plot_file(directory, out_dir)
+        except ValueError as exc:
+            raise ValueError(f"results directory: expected a folder or one results JSON file, got {exc}") from exc
+        return [] if p is None else [p]
+    made, found, skipped = [], 0, 0
+    for f in sorted(directory.rglob("*.json")):
+        target = None if out_dir is None else Path(out_dir) / f.parent.relative_to(directory)
+        try:
+            p = plot_file(f, target)
+        except ValueError as exc:
+            warn(f"skipped {exc}")
+            skipped += 1
+            continue
+        found += 1
         if p is not None:
             made.append(p)
+    if not found:
+        raise FileNotFoundError(f"results directory: expected results JSON files under {directory}, found none"
+                                + (f" ({skipped} other JSON files skipped)" if skipped else ""))
     return made
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("directory", help="a results folder (e.g. benchmarks/results/<machine>/)")
+    p.add_argument("directory", help="a results folder (e.g. benchmarks/results/<machine>/, searched "
+                                     "recursively) or one results JSON file")
     p.add_argument("--out", default=None, help="where to write the PNGs (default: beside the JSON)")
 
 
@@ -297,13 +337,21 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    skipped = []
+
+    def warn(line):
+        skipped.append(line)
+        print(f"bench-plot: {line}", file=sys.stderr)
+
     try:
-        made = plot_dir(args.directory, args.out)
+        made = plot_dir(args.directory, args.out, warn=warn)
     except (FileNotFoundError, ValueError) as exc:
         print(f"bench-plot: {exc}", file=sys.stderr)
         return 2
     for p in made:
         print(p)
+    print(f"bench-plot: {len(made)} plots written; {len(skipped)} JSON files skipped (named above)",
+          file=sys.stderr)
     return 0
 
 

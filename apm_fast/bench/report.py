@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from . import spec_numbers
+from .flops import FLOPS_CONVENTION
 
 __all__ = ["finalize", "format_section", "format_gate", "fmt_bytes", "fmt_flops", "summary_lines"]
 
@@ -74,21 +75,32 @@ def finalize(name: str, result: dict, gate) -> dict:
                     and row.get("backend") not in ("teacher", "reference") and row.get("median_ms")):
                 row["speedup_vs_authors"] = (authors / row["median_ms"]) if (passed and authors) else None
     elif name == "scaling":
-        clip = {r["grid"]: _median(r) for r in rows if _ok(r) and r["model"] == "clip"}
+        # only rows timed the same way divide: a replayed graph against eager calls would
+        # measure the host's launches, not the models
+        clip = {r["grid"]: r for r in rows if _ok(r) and r["model"] == "clip"}
         for row in rows:
+            row.pop("speedup_vs_clip_omitted", None)
             if _ok(row) and row["model"] == "apm":
                 c = clip.get(row["grid"])
-                row["speedup_vs_clip"] = (c / _median(row)) if (passed and c) else None
+                if c is not None and c.get("timing_mode") != row.get("timing_mode"):
+                    row["speedup_vs_clip"] = None
+                    why = row.get("timing_mode_reason") or c.get("timing_mode_reason")
+                    row["speedup_vs_clip_omitted"] = (f"APM timed {row.get('timing_mode')}, CLIP "
+                                                      f"{c.get('timing_mode')}: not comparable"
+                                                      + (f" ({why})" if why else ""))
+                else:
+                    row["speedup_vs_clip"] = (_median(c) / _median(row)) if (passed and c) else None
     return result
 
 
 # ---------------------------------------------------------------------------------- formatting
 def fmt_bytes(n) -> str:
+    """Bytes in binary units (MiB = 2**20 B, GiB = 2**30 B), as torch's allocator counts them."""
     if n is None:
         return "-"
     if n >= 2**30:
-        return f"{n / 2**30:.2f} GB"
-    return f"{n / 2**20:.1f} MB"
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"
 
 
 def fmt_flops(n) -> str:
@@ -183,12 +195,13 @@ def format_section(name: str, result: dict) -> List[str]:
         body = []
         for r in rows:
             if _ok(r):
-                body.append([str(r["queries"]), r["model"], _fmt_time(r), fmt_bytes(r.get("peak_bytes")),
-                             fmt_flops(r.get("flops")), _fmt_x(r.get("speedup_vs_clip")), ""])
+                body.append([str(r["queries"]), r["model"], r.get("timing_mode", ""), _fmt_time(r),
+                             fmt_bytes(r.get("peak_bytes")), fmt_flops(r.get("flops")),
+                             _fmt_x(r.get("speedup_vs_clip")), r.get("speedup_vs_clip_omitted", "")])
             else:
-                body.append([str(r["queries"]), r["model"], "", "", "", "", _status_cell(r)])
-        out += _table(["queries", "model", "ms median [p20-p80]", "peak", "FLOPs", "APM vs CLIP",
-                       "notes"], body)
+                body.append([str(r["queries"]), r["model"], "", "", "", "", "", _status_cell(r)])
+        out += _table(["queries", "model", "timed", "ms median [p20-p80]", "peak",
+                       f"FLOPs ({FLOPS_CONVENTION})", "APM vs CLIP", "notes"], body)
     elif name == "table4":
         out += format_table4(result)
     elif result.get("columns"):
@@ -276,8 +289,9 @@ def format_table4(result: dict) -> List[str]:
         return ["(no rows)"]
     body = [[d["model"], d["role"], d["params"], d["peak"], d["flops_1"], d["flops_t"], d["measured_t"]]
             for d in table4_rows(result)]
-    return _table(["model", "role", "params", "peak memory", "FLOPs t=1 (analytic)",
-                   f"FLOPs t={t_max} (analytic)", f"t={t_max} measured"], body)
+    return [f"FLOPs: {FLOPS_CONVENTION}"] + _table(
+        ["model", "role", "params", "peak memory", "FLOPs t=1 (analytic)", f"FLOPs t={t_max} (analytic)",
+         f"t={t_max} measured"], body)
 
 
 def summary_lines(result) -> List[str]:

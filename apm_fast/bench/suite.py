@@ -17,6 +17,7 @@ import torch
 
 from . import spec_numbers
 from .context import Context, error_text
+from .flops import FLOPS_CONVENTION
 from .gate import ReferencePoint, gate_backend
 from .machine import device_slug, machine_line
 from .options import OPTIONAL_SECTIONS, SECTIONS, BenchOptions
@@ -101,13 +102,24 @@ def run_gate(ctx: Context):
         del model, images, point
 
 
+def _carries_flops(x) -> bool:
+    """Whether a section's result holds FLOP counts or rates: a key naming FLOPs (``flops``,
+    ``tflops``, ``step_flops``...) or a rate unit in FLOP/s, anywhere in it."""
+    if isinstance(x, dict):
+        return any("flops" in str(k).lower() or _carries_flops(v) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return any(_carries_flops(v) for v in x)
+    return isinstance(x, str) and x.endswith("FLOP/s")
+
+
 def _document(ctx, name, result, *, partial, started):
     o = ctx.options
+    convention = {"flops_convention": FLOPS_CONVENTION} if _carries_flops(result.get("rows", [])) else {}
     return _jsonable({
         "schema": SCHEMA_VERSION, "suite": name, "partial": partial, "quick": o.quick,
         "started": started, "machine": ctx.machine, "machine_line": machine_line(ctx.machine),
         "backends": ctx.backends, "gate": ctx.gate.to_dict(), "options": _options(o),
-        "spec_h100": spec_numbers.as_dict(), **result})
+        "spec_h100": spec_numbers.as_dict(), **convention, **result})
 
 
 def _options(o) -> dict:
@@ -208,7 +220,7 @@ def run_suite(options: BenchOptions, log: Callable[[str], None] = print) -> Suit
         if options.plots:
             try:
                 from .plots import plot_dir
-                suite.plots = plot_dir(out_dir)
+                suite.plots = plot_dir(out_dir, warn=log)
                 for p in suite.plots:
                     log(f"plot: {p}")
             except Exception as exc:

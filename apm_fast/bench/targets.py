@@ -4,7 +4,8 @@
 in (``ttt-l14``, 20 steps, bf16 compute): the engine's graph-replayed step at one image per table
 (``engine`` section), the plain eager PyTorch step (``step`` section), 64 students side by side
 with fp32 and bf16 Adam moments and the end-to-end rate with a ViT-L/14 teacher (``throughput``),
-the 50,176-query chunked forward's time and peak memory (``scaling``), and whether the
+the 50,176-query chunked forward's time and peak memory (``scaling``; ``_mb`` in decimal megabytes,
+1e6 B, the unit of the target, ``_mib`` the same in 2^20 B), and whether the
 correctness gate passed. A value whose section did not run (or whose row failed) is null, with
 the reason in ``missing``. ``targets.md`` is the same as a table, next to each target.
 """
@@ -24,8 +25,11 @@ TARGETS = {
     "side_by_side_img_s_bf16_moments": ("same, bf16 moments (images/s)", 300.0, ">="),
     "end_to_end_img_s_l14": ("end to end, ViT-L/14 teacher, after the first batch (images/s)", 200.0, ">="),
     "scaling_50176_ms": ("50,176 location queries, chunked forward (ms)", 12.0, "<="),
-    "scaling_50176_mb": ("same, peak memory after a first call, capture and weights included (MB)", 350.0, "<="),
-    "scaling_50176_first_call_mb": ("same, the first call (one-time autotuning) (MB)", None, None),
+    "scaling_50176_mb": ("same, peak memory after a first call, capture and weights included (MB = 1e6 B)",
+                         350.0, "<="),
+    "scaling_50176_mib": ("same, in MiB (2^20 B)", None, None),
+    "scaling_50176_first_call_mb": ("same, the first call (one-time autotuning) (MB = 1e6 B)", None, None),
+    "scaling_50176_first_call_mib": ("the same first call, in MiB (2^20 B)", None, None),
 }
 PRESET = "ttt-l14"
 STUDENTS = 64
@@ -80,8 +84,12 @@ def collect(results: Dict[str, dict], gate_passed: bool, commit: Optional[str], 
     put("end_to_end_img_s_l14", _find(results, "throughput", e2e[0]["key"], "images_per_s_after_first_batch")
         if e2e else (None, "throughput: no end-to-end row"))
     put("scaling_50176_ms", _scaling(results, "timing.median_ms", 1.0))
-    put("scaling_50176_mb", _scaling(results, "peak_bytes", 1.0 / 2 ** 20))
-    put("scaling_50176_first_call_mb", _scaling(results, "first_call_peak_bytes", 1.0 / 2 ** 20))
+    # the target is stated in decimal megabytes; the binary value (what torch's allocator and the
+    # printed tables count in) beside it
+    put("scaling_50176_mb", _scaling(results, "peak_bytes", 1e-6))
+    put("scaling_50176_mib", _scaling(results, "peak_bytes", 1.0 / 2 ** 20))
+    put("scaling_50176_first_call_mb", _scaling(results, "first_call_peak_bytes", 1e-6))
+    put("scaling_50176_first_call_mib", _scaling(results, "first_call_peak_bytes", 1.0 / 2 ** 20))
     doc = {"commit": commit, **got, "gate_passed": bool(gate_passed), "side_by_side_table": fastest,
            "preset": PRESET, "precision": _precision(results), "machine": machine_line, "missing": missing}
     # a number from a run whose gate failed meets nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional
@@ -36,9 +37,19 @@ class Timing:
     warmup: int
     clock: str
     samples_ms: List[float] = field(default_factory=list)
+    # why a call that asked for a CUDA graph (measure_graph) was timed eagerly; None otherwise
+    fallback: Optional[str] = None
+
+    @property
+    def mode(self) -> str:
+        """``"graph"``: replays of a captured CUDA graph; ``"eager"``: the calls themselves."""
+        return "graph" if self.clock.startswith("cuda-graph") else "eager"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["fallback"] is None:
+            del d["fallback"]
+        return d
 
 
 def quantile(values, q: float) -> float:
@@ -107,23 +118,35 @@ def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 3,
 
 def measure_graph(fn: Callable[[], object], *, device, inner: int = 5, warmup: int = 2,
                   repeats: int = MIN_REPEATS, reset: Callable[[], None] = lambda: None,
-                  keep_samples: bool = True) -> Timing:
+                  keep_samples: bool = True, key: Optional[str] = None) -> Timing:
     """Device time per call of ``fn``: ``inner`` calls captured in one CUDA graph (the engine's
     capture, ``apm_fast.ttt.graph``: warm-up on a side stream, ``reset`` before each), each replay
     timed; so launch overheads do not count. Where capture is impossible (the CPU, an op that
-    synchronizes) the calls are timed eagerly, ``clock`` says which."""
+    synchronizes) the calls are timed eagerly, ``clock`` says which (``Timing.mode``), and on a
+    CUDA device ``fallback`` says why (the capture's warning, also passed on). ``key`` names the
+    capture in that warning."""
     from ..ttt.graph import capture_phases
 
-    graphs = None
-    if torch.device(device).type == "cuda":
-        graphs = capture_phases({"calls": lambda: [fn() for _ in range(inner)]}, reset, device,
-                                warmup=warmup, key=f"bench-{getattr(fn, '__name__', 'fn')}")
+    graphs, fallback = None, None
+    if _is_cuda(device):
+        key = key or f"bench-{getattr(fn, '__name__', 'fn')}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graphs = capture_phases({"calls": lambda: [fn() for _ in range(inner)]}, reset, device,
+                                    warmup=warmup, key=key)
+        for w in caught:               # still loud
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if graphs is None:
+            said = [str(w.message) for w in caught if "capture failed" in str(w.message)]
+            fallback = said[-1] if said else f"CUDA graph capture failed for {key} (warned earlier in this process)"
     if graphs is None:
-        return measure(fn, device=device, warmup=warmup, repeats=repeats, keep_samples=keep_samples)
+        t = measure(fn, device=device, warmup=warmup, repeats=repeats, keep_samples=keep_samples)
+        t.fallback = fallback
+        return t
     t = measure(graphs["calls"].replay, device=device, warmup=1, repeats=repeats, keep_samples=keep_samples)
     scaled = {k: (v / inner if k.endswith("_ms") and isinstance(v, float) else v) for k, v in t.to_dict().items()}
     scaled["samples_ms"] = [v / inner for v in t.samples_ms]
-    scaled["clock"] = f"cuda-graph replay of {inner} calls"
+    scaled["clock"] = f"cuda-graph replay of {inner} call" + ("s" if inner > 1 else "")
     return Timing(**scaled)
 
 

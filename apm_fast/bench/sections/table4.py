@@ -7,6 +7,8 @@ FLOPs come two ways: analytic (spec section 3; :mod:`apm_fast.bench.flops`) and 
 ``torch.utils.flop_counter.FlopCounterMode`` on the real modules. A TTT run of t steps costs
 t x (forward + backward) + one final forward (the prediction); the teacher's forward is counted
 once; a TPT run of t steps costs t x step + one final forward of one view and all prompts.
+A multiply-add is 2 FLOPs (``flops.FLOPS_CONVENTION``). A teacher's peak memory counts its image
+tower alone (weights included), as its ``params`` do.
 """
 from __future__ import annotations
 
@@ -86,26 +88,31 @@ def _student(ctx, preset):
 
 
 def _teacher(ctx, tower):
+    """The image tower alone: built before the peak's window (its stub text tower dropped) and its
+    weights added to the peak measured above them, so that the peak, like ``params``, counts the
+    image tower only. Timed eagerly (``timing_mode``; nothing here is compared by speed)."""
     o = ctx.options
     row = {"role": "teacher", "name": f"CLIP {tower} image tower" + (" (quick: shrunk)" if o.quick else ""),
            "tower": tower, "status": "ok", "reason": ""}
+    visual = build_clip(tower, device=ctx.device, quick=o.quick, with_text=False)
+    weights = sum(p.numel() * p.element_size() for p in visual.parameters())
+    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
     with peak_memory(ctx.device) as pm:
-        model = build_clip(tower, device=ctx.device, quick=o.quick, with_text=False)
-        visual = model.visual
-        size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
         image = torch.randn(1, 3, size, size, device=ctx.device)
         with torch.no_grad(), autocast(ctx.device, ctx.amp_dtype):
             timing = measure(lambda: visual(image), device=ctx.device, warmup=o.warmup,
                              repeats=o.repeats)
-    row["peak_bytes"] = pm.peak_bytes
+    row["peak_bytes"] = None if pm.peak_bytes is None else weights + pm.peak_bytes
+    row["weights_bytes"] = weights
     row["params"] = tower_params(visual)
     row["timing"] = timing.to_dict()
+    row["timing_mode"] = timing.mode
     a = tower_flops(visual)["forward"]
     with torch.no_grad(), autocast(ctx.device, ctx.amp_dtype):
         m = count_flops(lambda: visual(image))
     row["flops"] = {"analytic": {"forward": a, "by_t": _by_t(0, a, o.t_max)},
                     "measured": {"forward": m, "by_t": _by_t(0, m, o.t_max)}}
-    del model, visual
+    del visual
     free_memory(ctx.device)
     return row
 
@@ -121,6 +128,7 @@ def _tpt(ctx, tower):
         timing = measure(tpt.step, device=ctx.device, warmup=o.warmup, repeats=o.repeats)
     row["peak_bytes"] = pm.peak_bytes
     row["timing"] = timing.to_dict()
+    row["timing_mode"] = timing.mode
     row["params"] = tower_params(model)
     row["trainable_params"] = tpt.ctx.numel()
     img = tower_flops(model.visual)["forward"]

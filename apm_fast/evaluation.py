@@ -14,9 +14,9 @@ predicted class, the top-5 classes and their probabilities and the time in ms; A
 flushed and fsynced, so a run killed at any point (SIGKILL included) and started again with the
 same ``DIR`` goes on where it stopped: complete lines are kept, a torn last line is cut, no image
 is done twice (a records file holding other lines is refused). ``DIR/run.json`` holds the run's
-settings, each dataset's class list (count and short sha256) and the precision the training
-resolved; a run with other settings into the same ``DIR`` is refused (more datasets, or a larger
-``limit``, may be added to a run). Nothing is written before the datasets and options are checked. At the end
+settings, each dataset's class list (count and short sha256), the precision and the backend the
+training resolved and the teacher's precision; a run with other settings into the same ``DIR`` is
+refused (more datasets, or a larger ``limit``, may be added to a run). Nothing is written before the datasets and options are checked. At the end
 ``summary.csv``, ``summary.md`` (dataset x method: top-1, top-5, images, images/s; settings and
 machine line) and ``summary.png`` (grouped bars) are written from every record in ``DIR``.
 
@@ -155,16 +155,24 @@ def _refuse(out: Path, diff) -> None:
                          + "); use another --out, or the same settings to continue it")
 
 
-def _start_run(out: Path, content: dict, precision) -> None:
-    """The run file, with the precision the trainer resolved (None without APM), once it is
-    known; a run continued at another precision is refused."""
+def _start_run(out: Path, content: dict, precision, teacher_precision=None, backend=None) -> None:
+    """The run file, with what the trainer and the teacher resolved once they are known: the
+    precision of the training and its backend (None without APM) and the teacher's
+    (``teacher.image_precision``). A run continued at another precision or teacher precision is
+    refused; another backend (where and how, not what: eval has no option for it) is added to the
+    one stated, ``"torch,triton"``."""
     run = out / "run.json"
     if run.exists():
-        if content.get("precision") != precision:
-            _refuse(out, [("precision", content.get("precision"), precision)])
-        if json.loads(run.read_text()) == dict(content, precision=precision):
+        _refuse(out, [(k, content.get(k), v) for k, v in (("precision", precision),
+                                                          ("teacher_precision", teacher_precision))
+                      if content.get(k) != v])
+        before = content.get("backend")
+        if before and backend and backend not in before.split(","):
+            backend = f"{before},{backend}"
+        if json.loads(run.read_text()) == dict(content, precision=precision, teacher_precision=teacher_precision,
+                                               backend=backend):
             return                               # nothing new (datasets added: rewritten)
-    content = dict(content, precision=precision)
+    content = dict(content, precision=precision, teacher_precision=teacher_precision, backend=backend)
     tmp = run.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(content, indent=1))
     os.replace(tmp, run)
@@ -305,7 +313,8 @@ def evaluate(root, datasets: Sequence[str], *, teacher, out, settings: EvalSetti
     _check_teacher(teacher, settings)
     device = torch.device(device) if device is not None else teacher.device
     trainer = _trainer(settings, teacher, device) if "apm" in settings.methods else None
-    _start_run(out, run, trainer.precision if trainer is not None else None)
+    _start_run(out, run, trainer.precision if trainer is not None else None, teacher.image_precision,
+               trainer.backend if trainer is not None else None)
     skipped = 0
     with RecordWriter(records_path) as writer:
         for evalset in sets:

@@ -1,6 +1,7 @@
 """The APM module: parameters, init, checkpoint I/O; the arithmetic lives in the backends."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from . import reference
 from .backends import get_backend, resolve_backend
 from .config import APMConfig
-from .ops.autograd import fused_forward
+from .ops.autograd import _no_autocast, fused_forward
 from .ops.driver import columns, rgb_head, weight_names
 from .ops.precision import compute_dtype
 from .posenc import position_code
@@ -112,9 +113,11 @@ class APM(nn.Module):
         (B, D) with a pool, ``rgb`` with an RGB head; in the model's dtype.
 
         ``backend``: ``"reference"`` (the plain form) or a table (``"torch"``, ``"triton"``,
-        ``"cuda"``); None: the table measured fastest on the images' device for this config
-        (``apm-fast info`` says which and why). GEMMs run in the model's dtype, or in torch's
-        autocast dtype inside an autocast region (``apm_fast.ops.precision``).
+        ``"cuda"``); None: the table whose forward was measured fastest on the images' device for
+        this config
+        (``apm-fast info`` says which and why). GEMMs run in the model's dtype, or, for an fp32
+        model inside an autocast region, in torch's autocast dtype (bf16/fp16/fp64 models keep
+        their own; every backend, ``apm_fast.ops.precision``); the outputs come in the model's dtype.
         ``chunk``: evaluate the location queries ``chunk`` at a time (inference, no gradients)
         with memory bounded by the chunk, not by L; ``query_grid``: ask about a G_q x G_q grid of
         locations instead of the model's own (implies chunked evaluation, default chunk 4096).
@@ -124,13 +127,14 @@ class APM(nn.Module):
         chunked evaluation replays one captured chunk: the eager launches are bound by the host.
         One of each is kept for the next call; ``apm_fast.ops.release_graphs()`` frees them."""
         images = check_images(images, self.config)
-        name = resolve_backend(backend, images.device, self.config)
+        name = resolve_backend(backend, images.device, self.config, workload="forward")
         chunked = chunk is not None or query_grid is not None
         if name == "reference":
             if chunked:
                 raise ValueError("chunk/query_grid: chunked evaluation runs on the tables ('torch', "
                                  "'triton', 'cuda'), not on backend='reference'")
-            cls, grid, rgb = reference.forward(self, images.to(self.dtype), want_grid=want_grid, want_rgb=want_rgb)
+            with self._autocast_rule(images.device):
+                cls, grid, rgb = reference.forward(self, images.to(self.dtype), want_grid=want_grid, want_rgb=want_rgb)
             return APMOutput(*(None if v is None else v.to(self.dtype) for v in (cls, grid, rgb)))
         prim = get_backend(name, device=images.device)
         cdt = compute_dtype(self.dtype, images.device)
@@ -152,10 +156,18 @@ class APM(nn.Module):
         f = f.to(self.dtype)
         rgb = None
         if c.rgb_head and (want_rgb is None or want_rgb):
-            t = F.conv2d(images, self.conv.weight, self.conv.bias, stride=c.patch).flatten(1)
-            rgb = rgb_head(dict(self.named_parameters()), c, f, t, self.pos_in(device=images.device))
+            with self._autocast_rule(images.device):
+                t = F.conv2d(images, self.conv.weight, self.conv.bias, stride=c.patch).flatten(1)
+                rgb = rgb_head(dict(self.named_parameters()), c, f, t, self.pos_in(device=images.device))
+            rgb = rgb.to(self.dtype)
         return APMOutput(cls=None if cls is None else cls.to(self.dtype), grid=f if want_grid else None,
                          rgb=rgb)
+
+    def _autocast_rule(self, device):
+        """Where the plain torch ops of a forward run (the reference, the RGB head): under an
+        ambient autocast only where :func:`~apm_fast.ops.precision.compute_dtype` gives its dtype
+        (an fp32 model), else autocast off (the model's own dtype), as the tables compute."""
+        return contextlib.nullcontext() if compute_dtype(self.dtype, device) != self.dtype else _no_autocast(device)
 
     # ------------------------------------------------------------------ checkpoints
     def load_official_state_dict(self, state_dict, *, strict_unexpected: bool = True):

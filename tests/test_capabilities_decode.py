@@ -105,6 +105,50 @@ def test_decode_after_ttt_trains_the_trunk(tmp_path):
     assert plain["ttt"] is None and plain["input"] == "imagenet"
     assert len(ttt["ttt"]["losses"]) == 5 and ttt["ttt"]["losses"][-1] < ttt["ttt"]["losses"][0]
     assert ttt["psnr_db"] != plain["psnr_db"]                      # the trunk changed, so did the read-out
+    # how it trained, as apm-fast ttt's records state it (a CPU here: the torch table, fp32)
+    assert {k: ttt["ttt"][k] for k in ("backend", "precision", "moments", "teacher_precision")} == {
+        "backend": "torch", "precision": "fp32", "moments": "fp32", "teacher_precision": "fp32"}
+    assert main(argv[:-1] + [str(tmp_path / "ttt64"), "--ttt", "--teacher", str(cfgp), "--pretrained", str(ckpt),
+                             "--steps", "2", "--precision", "fp64"]) == 0
+    assert json.loads((tmp_path / "ttt64" / "decode.json").read_text())["ttt"]["precision"] == "fp64"
+
+
+@pytest.mark.parametrize("extra", [["--precision", "bf16"], ["--steps", "5"], ["--normalize-target"],
+                                   ["--teacher", "ViT-B-32"], ["--seed", "1"]])
+def test_decode_refuses_the_options_of_ttt_without_ttt(tmp_path, capsys, extra):
+    """Nothing would use them: refused in one line naming the option, nothing written."""
+    model = APM(preset("ttt-b16", grid=4, patch=4, hidden=(16,), dim=8, heads=2, rgb_head=True))
+    model.save(tmp_path / "m.safetensors")
+    photo("coffee").save(tmp_path / "c.png")
+    argv = ["decode", str(tmp_path / "c.png"), "--checkpoint", str(tmp_path / "m.safetensors"),
+            "--out", str(tmp_path / "o")]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert err == f"apm-fast decode: error: {extra[0]}: expected with --ttt (an option of the test-time training), " \
+                  f"given without it\n"
+    assert not (tmp_path / "o").exists()
+    assert main(argv) == 0                                        # the defaults given by no one are fine
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backend", "reference"], "--backend: --ttt runs on the engine; expected torch, triton or cuda, got reference"),
+    (["--backend", "warp"], "--backend: unknown name 'warp'"),
+    (["--precision", "fp64", "--backend", "torch"], None),
+])
+def test_decode_checks_the_training_options_before_the_teacher(tmp_path, capsys, monkeypatch, extra, message):
+    from apm_fast.commands import common
+
+    monkeypatch.setattr(common, "build_teacher", lambda *a, **k: pytest.fail("built the teacher first"))
+    APM(preset("ttt-b16", grid=4, patch=4, hidden=(16,), dim=8, heads=2, rgb_head=True)).save(tmp_path / "m.safetensors")
+    photo("coffee").save(tmp_path / "c.png")
+    argv = ["decode", str(tmp_path / "c.png"), "--checkpoint", str(tmp_path / "m.safetensors"),
+            "--out", str(tmp_path / "o"), "--ttt", *extra]
+    if message is None:                                           # good options: on to the teacher
+        with pytest.raises(pytest.fail.Exception, match="built the teacher first"):
+            main(argv)
+        return
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"apm-fast decode: error: {message}")
 
 
 def test_decode_refuses_a_model_without_rgb_head(tmp_path):

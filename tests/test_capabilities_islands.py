@@ -123,6 +123,8 @@ def test_islands_command(tmp_path):
     assert rc == 0
     info = json.loads((out / "islands.json").read_text())
     assert info["iterations"] == [3, 6, 9] and len(info["losses"]) == 9 and info["steps"] == 9
+    assert (info["backend"], info["precision"], info["moments"], info["teacher_precision"]) == \
+        ("torch", "fp32", "fp32", "fp32")
     gif = Image.open(out / "islands.gif")
     assert gif.n_frames == 3
     assert Image.open(out / "islands.png").height == 30 + 18
@@ -154,6 +156,28 @@ def test_gpu_trajectory_is_the_captured_fit_and_its_grids_match_eager():
     for k in at:
         a, b = traj.grids[k].float(), et.grids[k].float()
         assert float((a - b).abs().max() / b.abs().max()) < 2e-2, k
+
+
+def test_islands_refuses_training_options_before_the_teacher_loads(tmp_path, monkeypatch, capsys):
+    from apm_fast.cli import main, register_subcommand
+    from apm_fast.commands import common
+
+    register_subcommand("islands", "apm_fast.commands.islands")
+    img = tmp_path / "a.png"
+    photo("chelsea", size=(40, 40)).save(img)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was built before the options were checked")
+
+    monkeypatch.setattr(common, "build_teacher", no_teacher)
+    for extra, flag in ((["--backend", "reference"], "--backend"), (["--backend", "warp"], "--backend")):
+        try:
+            rc = main(["islands", str(img), "--out", str(tmp_path / "o"), "--steps", "2", "--device", "cpu", *extra])
+        except SystemExit as e:         # argparse's own refusals
+            rc = e.code
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert flag in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_islands_steps_are_integer_counts_as_the_trajectory_takes():

@@ -59,6 +59,7 @@ def test_ttt_skips_the_corrupt_file_and_writes_the_others(setup, tmp_path, capsy
         # stated in every record: bf16 GEMMs by default on a GPU (the CLI's default device), fp32 on the CPU
         want = "bf16" if torch.cuda.is_available() else "fp32"
         assert l["run"]["precision"] == want and l["run"]["moments"] == "fp32"
+        assert l["run"]["teacher_precision"] == want        # the teacher's own, whatever --precision says
     # a rerun skips what is done (the unreadable file is tried again); same seed, same results
     assert _ttt(setup, "--topk", "2", out=out) == 1
     assert [json.loads(l) for l in out.read_text().splitlines()] == lines
@@ -96,6 +97,40 @@ def test_ttt_with_bf16_moments_says_so_and_stays_close(setup, tmp_path, capsys):
     assert "argument --moments: invalid choice: 'fp8'" in capsys.readouterr().err
 
 
+def test_ttt_states_the_teachers_precision_and_refuses_a_file_without_it(setup, tmp_path, capsys):
+    """teacher_precision in every record, whatever --precision says (the student's only); the lines
+    of a version that did not state it are another run, refused naming the field, as for crop."""
+    out = tmp_path / "r.jsonl"
+    want = "bf16" if torch.cuda.is_available() else "fp32"
+    assert _ttt(setup, "--precision", "fp64", out=out) == 1
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [(l["run"]["precision"], l["run"]["teacher_precision"]) for l in lines] == [("fp64", want)] * 2
+    for l in lines:
+        del l["run"]["teacher_precision"]
+    out.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    capsys.readouterr()
+    assert _ttt(setup, "--precision", "fp64", out=out) == 2
+    assert f"(teacher_precision: None there, {want!r} now)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "warp"], "--backend: unknown name 'warp'; expected one of ['reference', 'torch', 'triton', 'cuda']"),
+    (["--backend", "reference", "--precision", "bf16"], "--precision: the reference backend trains the plain model "
+                                                        "in its own dtype (fp32); expected no precision, got 'bf16'"),
+    (["--backend", "reference", "--moments", "bf16"], "--moments: the reference backend keeps Adam's moments in the "
+                                                      "model's dtype, as torch.optim.Adam does: expected None or "
+                                                      "'fp32', got 'bf16'"),
+    (["--precision", "fp64", "--moments", "bf16"], "--moments: 'bf16' moments need fp32 master weights"),
+])
+def test_ttt_refuses_training_options_before_the_teacher_naming_the_flag(setup, capsys, monkeypatch, args, message):
+    from apm_fast.commands import common
+
+    monkeypatch.setattr(common, "build_teacher", lambda *a, **k: pytest.fail("built the teacher first"))
+    assert _ttt(setup, *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apm-fast ttt: error: " + message) and err.count("\n") == 1, err
+
+
 def test_ttt_to_stdout_with_only_good_files(setup, capsys):
     rc = main(["ttt", str(setup["photos"] / "a.png"), "--teacher", str(setup["config"]),
                "--pretrained", "none", "--classes", str(setup["classes"]), *TINY_STUDENT])
@@ -110,7 +145,7 @@ def test_ttt_to_stdout_with_only_good_files(setup, capsys):
     (["--teacher", "ViT-B-61"], "unknown open_clip model 'ViT-B-61'"),
     (["--pretrained", "absent.pt"], "checkpoint file 'absent.pt' does not exist"),
     (["--classes", "no_such_classes.txt"], "'no_such_classes.txt', which is not an existing file"),
-    (["--backend", "warp"], "backend: unknown name 'warp'"),
+    (["--backend", "warp"], "error: --backend: unknown name 'warp'"),
 ])
 def test_ttt_setup_errors_are_one_line(setup, capsys, args, message):
     opts = {"--teacher": str(setup["config"]), "--pretrained": str(setup["ckpt"]),

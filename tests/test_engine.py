@@ -79,8 +79,11 @@ def test_one_trainer_reference_loop_or_engine():
         assert torch.equal(p, auto.snapshot[k])
     with pytest.raises(ValueError, match="no compiled program"):
         plain.program(1)
-    with pytest.raises(ValueError, match="precision=, moments= and shards= need a table"):
+    with pytest.raises(ValueError, match=r"precision: the reference backend trains the plain model in its own "
+                                         r"dtype \(fp64\); expected no precision, got 'bf16'"):
         TestTimeTrainer(model, backend="reference", precision="bf16")
+    with pytest.raises(ValueError, match="shards: the reference backend trains on one device"):
+        TestTimeTrainer(model, backend="reference", shards=object())
 
 
 def test_second_fit_is_identical_reset_is_complete():

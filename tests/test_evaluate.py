@@ -241,10 +241,12 @@ def test_eval_end_to_end_and_a_rerun_adds_nothing(root, tmp_path, capsys):
     # other settings into the same folder are refused before any work
     assert main(_args(root, out, methods="zeroshot")) == 2
     assert "holds a run with other settings" in capsys.readouterr().err
-    # run.json states the class list and the precision the training used
+    # run.json states the class list, the precision and the backend the training used, the teacher's
     run = json.loads((out / "run.json").read_text())
     want = "bf16" if torch.cuda.is_available() else "fp32"
     assert run["precision"] == want and run["classes"]["folder"]["count"] == 4
+    assert run["teacher_precision"] == want
+    assert run["backend"] in ("torch", "triton", "cuda") and (run["backend"] == "torch" or torch.cuda.is_available())
     # another class file of the same length is another run
     other = tmp_path / "other.txt"
     other.write_text("cat\ndog\ntree\nship\n")
@@ -298,6 +300,32 @@ def no_teacher(monkeypatch):
     from apm_fast.commands import common
 
     monkeypatch.setattr(common, "build_teacher", lambda *a, **k: pytest.fail("built the teacher first"))
+
+
+def test_eval_refuses_precision_and_moments_that_contradict_before_the_teacher(root, tmp_path, capsys, no_teacher):
+    out = tmp_path / "o"
+    assert main(_args(root, out, "--precision", "fp64", "--moments", "bf16")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apm-fast eval: error: --moments: 'bf16' moments need fp32 master weights"), err
+    assert not out.exists()
+
+
+def test_run_json_adds_another_backend_and_refuses_a_file_without_the_teachers_precision(root, tmp_path, capsys):
+    """The backend is where and how (eval has no option for it): a continuation on another one
+    is stated beside it. A run file that does not say the teacher's precision (an older
+    version's) is another run, refused naming the field, as the precision was."""
+    out = tmp_path / "run"
+    assert main(_args(root, out, "--limit", "4", methods="zeroshot,apm")) == 0
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(dict(run, backend="triton")))
+    assert main(_args(root, out, "--limit", "6", methods="zeroshot,apm")) == 0
+    assert json.loads((out / "run.json").read_text()) == dict(run, backend=f"triton,{run['backend']}")
+    del run["teacher_precision"]
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(_args(root, out, "--limit", "6", methods="zeroshot,apm")) == 2
+    want = "bf16" if torch.cuda.is_available() else "fp32"
+    assert f"(teacher_precision: None there, {want!r} now)" in capsys.readouterr().err
 
 
 def test_eval_refuses_a_root_without_the_dataset(root, tmp_path, capsys, no_teacher):

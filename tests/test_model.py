@@ -187,3 +187,30 @@ def test_bad_images_errors():
         model(torch.zeros(1, 3, s, s, dtype=torch.int64))
     with pytest.raises(ValueError, match="unknown name 'nope'"):
         model(torch.zeros(1, 3, s, s, dtype=torch.float64), backend="nope")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_under_autocast_the_rgb_head_answers_in_the_models_dtype(backend):
+    """out.rgb comes in the model's dtype like cls and grid, inside an autocast region too."""
+    model = tiny_model(dtype=torch.float32, rgb_head=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images_for(model, 2), backend=backend)
+    assert out.cls.dtype == out.grid.dtype == out.rgb.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_only_an_fp32_model_takes_autocasts_dtype_on_every_backend(backend):
+    """ops.precision's rule on the reference as on the tables: a bf16 model computes in bf16 under
+    an fp16 autocast (the same output as without it, RGB head included), an fp32 model takes
+    autocast's dtype."""
+    low = tiny_model(dtype=torch.bfloat16, rgb_head=True)
+    x = images_for(low, 2, dtype=torch.float32)
+    plain = low(x, backend=backend)
+    with torch.autocast("cpu", dtype=torch.float16):
+        under = low(x, backend=backend)
+    for a, b in zip((under.cls, under.grid, under.rgb), (plain.cls, plain.grid, plain.rgb)):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    full = tiny_model(dtype=torch.float32, rgb_head=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        taken = full(x, backend=backend)
+    assert not torch.equal(taken.grid, full(x, backend=backend).grid)

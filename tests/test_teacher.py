@@ -136,6 +136,24 @@ def test_embed_images_pil_and_preprocessed_tensor_agree(teacher):
     torch.testing.assert_close(teacher.embed_images(imgs, normalize=True), F.normalize(z, dim=-1))
 
 
+def test_the_image_tower_states_the_precision_it_computes_in(teacher, monkeypatch):
+    """image_precision (results' teacher_precision) comes from the autocast embed_images enters:
+    none on a CPU (the weights' fp32), bf16 on a GPU, none for fp64 weights (autocast leaves fp64)."""
+    import contextlib
+
+    assert teacher.image_autocast() is None and teacher.image_precision == "fp32"
+    monkeypatch.setattr(teacher, "device", torch.device("cuda"))          # no GPU needed: nothing runs
+    assert teacher.image_autocast() == torch.bfloat16 and teacher.image_precision == "bf16"
+    monkeypatch.setattr(teacher, "dtype", torch.float64)
+    assert teacher.image_autocast() is None and teacher.image_precision == "fp64"
+    monkeypatch.undo()
+    entered = []
+    monkeypatch.setattr(teacher, "image_autocast", lambda: torch.bfloat16)
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: entered.append((a, k)) or contextlib.nullcontext())
+    teacher.embed_images([photo(2)])
+    assert entered == [(("cuda",), {"dtype": torch.bfloat16})]
+
+
 def test_embed_images_refuses_bad_input(teacher):
     with pytest.raises(ValueError, match=r"preprocessed for teacher apm-test-tiny-clip \(B x 3 x 32 x 32.*got shape \(1, 3, 31, 32\)"):
         teacher.embed_images(torch.zeros(1, 3, 31, 32))

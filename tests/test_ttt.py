@@ -182,3 +182,33 @@ def test_an_fp32_training_on_the_torch_table_is_as_close_to_float64_as_the_refer
     for backend in ("reference", "torch"):
         got = TestTimeTrainer(model, steps=3, lr=1e-2, backend=backend).fit(x, y).cls.double()
         assert rel_err(got, want) < 1e-6, backend
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_training_ignores_an_ambient_autocast(backend):
+    """An fp32 training inside torch.autocast (CPU, bf16) trains in fp32 as it states, on the
+    reference loop as on the engine: the same results inside and outside the region."""
+    model = tiny_model(dtype=torch.float32, init="authors")
+    x, y = images_for(model, 2), _targets(2, model.config.dim).float()
+    trainer = TestTimeTrainer(model, steps=4, lr=1e-2, backend=backend)
+    outside, launched = trainer.fit(x, y), trainer.launch(x[:1], y[:1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, launched_inside = trainer.fit(x, y), trainer.launch(x[:1], y[:1])
+    assert trainer.precision == "fp32" and inside.cls.dtype == torch.float32
+    assert torch.equal(inside.cls, outside.cls) and torch.equal(inside.losses, outside.losses)
+    launched_inside.wait(), launched.wait()
+    assert torch.equal(launched_inside.cls, launched.cls)
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bf16"), (torch.float32, "fp32"), (torch.float64, "fp64")])
+def test_the_reference_backend_takes_only_the_moments_it_keeps(dtype, name):
+    """torch.optim.Adam keeps its moments in the parameters' dtype: the reference backend accepts
+    moments=None or that dtype's name, and refuses the others (before, a bf16 model took
+    moments='fp32' and kept bf16 ones)."""
+    model = tiny_model(dtype=dtype)
+    for moments in (None, name):
+        assert TestTimeTrainer(model, steps=1, backend="reference", moments=moments).moments == name
+    for moments in {"fp32", "bf16"} - {name}:
+        with pytest.raises(ValueError, match=rf"moments: the reference backend keeps Adam's moments in the model's "
+                                             rf"dtype.*expected None or '{name}', got '{moments}'"):
+            TestTimeTrainer(model, steps=1, backend="reference", moments=moments)

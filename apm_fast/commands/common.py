@@ -103,6 +103,13 @@ def seed(text: str) -> int:
     return v
 
 
+PRECISION_CHOICES = ("bf16", "fp16", "fp32", "fp64")
+PRECISION_HELP = ("GEMM dtype of the student's training only (default: bf16 on a GPU, fp32 on a CPU); the "
+                  "student's weights and Adam's state are kept in fp32 (fp64 with fp64; see --moments). The "
+                  "teacher computes in bf16 on a GPU, fp32 on a CPU, whatever this is (teacher_precision in "
+                  "the results)")
+
+
 def add_teacher_args(p: argparse.ArgumentParser, *, pretrained_default="openai"):
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", default="ViT-B-16",
@@ -134,9 +141,7 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
     g.add_argument("--normalize-target", action="store_true", help="regress the unit-norm teacher embedding")
     g.add_argument("--topk", type=positive_int, default=5, help="classes reported per image (default: %(default)s)")
     g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: the measured fastest here; apm-fast info)")
-    g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "fp64"),
-                   help="GEMM dtype of the training (default: bf16 on a GPU, fp32 on a CPU); Adam's "
-                        "state stays fp32 (see --moments)")
+    g.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help=PRECISION_HELP)
     g.add_argument("--moments", default="fp32", choices=("fp32", "bf16"),
                    help="Adam's moments: fp32 (torch.optim.Adam's, the default) or bf16 (half their memory "
                         "and traffic; the torch, triton and cuda backends; effect: docs/engine.md)")
@@ -147,9 +152,15 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
                    help="seed of the student's (and a random teacher's) init, in [0, 2**63 - 1]")
 
 
+# the trainer's arguments that the command line sets through options of the same name
+TRAINER_FLAGS = ("backend", "precision", "moments")
+
+
 @contextlib.contextmanager
-def setup_errors():
-    """Turn the library's input errors into one-line CLI errors."""
+def setup_errors(flags=()):
+    """Turn the library's input errors into one-line CLI errors; a message that starts with the
+    name of an argument in ``flags`` (``backend: ...``, ``backend 'x' ...``) names its option
+    instead (``--backend: ...``)."""
     from .._compat import TeacherDependencyError
     from ..backends import BackendUnavailable
     from ..teachers import WeightsUnavailable
@@ -158,7 +169,24 @@ def setup_errors():
         yield
     except (ValueError, TypeError, FileNotFoundError, WeightsUnavailable, TeacherDependencyError,
             BackendUnavailable) as exc:
-        raise CLIError(str(exc)) from exc
+        text = str(exc)
+        for name in flags:
+            lead = next((w for w in (name + ": ", name + " ") if text.startswith(w)), None)
+            if lead is not None:
+                text = f"--{name.replace('_', '-')}: {text[len(lead):]}"
+                break
+        raise CLIError(text) from exc
+
+
+def check_trainer_args(args, device) -> None:
+    """--backend, --precision and --moments checked against each other and this machine for the
+    student (fp32) on ``device``, before any long work (the teacher): the trainer's own check,
+    its errors naming the options."""
+    from ..ttt.trainer import check_options
+
+    with setup_errors(TRAINER_FLAGS):
+        check_options(getattr(args, "backend", None), device, precision=getattr(args, "precision", None),
+                      moments=getattr(args, "moments", None))
 
 
 def pick_device(name):
@@ -230,7 +258,7 @@ def build_trainer(config, args, device):
     from ..model import APM
     from ..ttt import TestTimeTrainer
 
-    with setup_errors(), student_memory(config, device):
+    with setup_errors(TRAINER_FLAGS), student_memory(config, device):
         torch.manual_seed(args.seed)
         model = APM(config, device=device)
         return TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=args.backend,

@@ -5,7 +5,8 @@ the per-cell error map; the paper's Figure 5 (ii)) and ``DIR/decode.json``, and 
 CKPT: a model saved by apm-fast (``APM.save``, ``apm-fast distill``'s ``model.safetensors``) or the
 authors' state dict (their COCO checkpoint: no options needed). ``--ttt``: for a TTT model with an
 RGB head (pool and RGB head), test-time train it on the image first (teacher and training
-options as ``apm-fast ttt``; the trunk is trained, the RGB head is the checkpoint's).
+options as ``apm-fast ttt``, refused without ``--ttt``; the trunk is trained, the RGB head is the
+checkpoint's).
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from . import common
 
 HELP = "decode an image's colours through a model's RGB head; PSNR and an error map"
 
+# the options of --ttt and their values with --ttt (None: given without --ttt, they are refused)
+TTT_DEFAULTS = {"teacher": "ViT-B-16", "pretrained": "openai", "steps": 20, "lr": 1e-4, "precision": None,
+                "normalize_target": False, "seed": 0}
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = cc.command_parser(subparsers, "decode", HELP, __doc__,
@@ -23,18 +28,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           {"IMAGE": "one image file"}, "folder for decode.png and decode.json")
     cc.add_checkpoint_args(p)
     cc.add_input_args(p, crop_default="stretch")
-    g = p.add_argument_group("test-time training (--ttt)")
+    g = p.add_argument_group("test-time training (--ttt; its options are refused without it)")
     g.add_argument("--ttt", action="store_true", help="test-time train the model on the image first (needs a pool)")
-    g.add_argument("--teacher", default="ViT-B-16", help="open_clip teacher of --ttt (default: %(default)s)")
-    g.add_argument("--pretrained", default="openai", metavar="TAG|PATH|none",
-                   help="its weights (default: %(default)s)")
-    g.add_argument("--steps", type=common.positive_int, default=20, help="Adam steps of --ttt (default: %(default)s)")
-    g.add_argument("--lr", type=common.learning_rate, default=1e-4, help="their learning rate (default: %(default)s)")
-    g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "fp64"),
-                   help="GEMM dtype of --ttt (default: bf16 on a GPU, fp32 on a CPU)")
-    g.add_argument("--normalize-target", action="store_true", help="regress the unit-norm teacher embedding")
-    g.add_argument("--seed", type=common.seed, default=0, help="seed of a random teacher (default: %(default)s)")
+    d = TTT_DEFAULTS                     # shown here, applied by _ttt_options
+    g.add_argument("--teacher", default=None, help=f"open_clip teacher of --ttt (default: {d['teacher']})")
+    g.add_argument("--pretrained", default=None, metavar="TAG|PATH|none",
+                   help=f"its weights (default: {d['pretrained']})")
+    g.add_argument("--steps", type=common.positive_int, default=None, help=f"Adam steps of --ttt (default: {d['steps']})")
+    g.add_argument("--lr", type=common.learning_rate, default=None, help=f"their learning rate (default: {d['lr']})")
+    g.add_argument("--precision", default=None, choices=common.PRECISION_CHOICES,
+                   help="GEMM dtype of --ttt's training of the model only (default: bf16 on a GPU, fp32 on a "
+                        "CPU); its weights and Adam's state are kept in fp32 (fp64 with fp64). The teacher "
+                        "computes in bf16 on a GPU, fp32 on a CPU, whatever this is (teacher_precision in "
+                        "decode.json)")
+    g.add_argument("--normalize-target", action="store_true", default=None,
+                   help="regress the unit-norm teacher embedding")
+    g.add_argument("--seed", type=common.seed, default=None, help=f"seed of a random teacher (default: {d['seed']})")
     return p
+
+
+def _ttt_options(args):
+    """--ttt's options given without --ttt are refused (nothing would use them); with it, those
+    not given take their defaults."""
+    for name, default in TTT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif not args.ttt:
+            flag = "--" + name.replace("_", "-")
+            raise common.CLIError(f"{flag}: expected with --ttt (an option of the test-time training), "
+                                  f"given without it")
 
 
 def run(args) -> int:
@@ -42,6 +64,7 @@ def run(args) -> int:
     from ..capabilities.files import write_json
     from ..images import load_image, pixels
 
+    _ttt_options(args)
     device = common.pick_device(args.device)
     model, layout = cc.load_checkpoint(args, device)
     cfg = model.config
@@ -54,7 +77,7 @@ def run(args) -> int:
     ttt = None
     if args.ttt:
         model, ttt = _ttt(args, model, pil, px, kind, device)
-    with common.setup_errors():
+    with common.setup_errors(common.TRAINER_FLAGS):
         dec = decode(model, None, px=px, kind=kind, backend=args.backend)
         path = render_decoding(dec, args.out)
     info = {"image": str(args.image), "checkpoint": str(args.checkpoint), "layout": layout, "input": kind,
@@ -74,6 +97,11 @@ def _ttt(args, model, pil, px, kind, device):
 
     if not model.config.pool:
         raise common.CLIError("--ttt: the checkpoint's model has no pool; TTT regresses the pooled feature")
+    with common.setup_errors(common.TRAINER_FLAGS):     # the options, before the teacher loads
+        trainer = TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=args.backend or None,
+                                  normalize_target=args.normalize_target, precision=args.precision)
+        if trainer.engine is None:
+            raise ValueError("--backend: --ttt runs on the engine; expected torch, triton or cuda, got reference")
     teacher = common.build_teacher(args.teacher, args.pretrained, device, args.seed)
     if teacher.random_weights:
         common.eprint(f"!! teacher {teacher.name} has RANDOM weights (--pretrained none): the TTT target "
@@ -82,14 +110,11 @@ def _ttt(args, model, pil, px, kind, device):
         if teacher.dim != model.config.dim:
             raise ValueError(f"--teacher: {teacher.name} embeds in {teacher.dim} dims, the model's D is "
                              f"{model.config.dim}")
-        trainer = TestTimeTrainer(model, steps=args.steps, lr=args.lr, backend=args.backend or None,
-                                  normalize_target=args.normalize_target, precision=args.precision)
-        if trainer.engine is None:
-            raise ValueError("--backend: --ttt runs on the engine; use torch, triton or cuda, not reference")
         target = teacher.embed_images([pil])[0].to(device)
         traj = trainer.trajectory(student_input(px[None].to(device), kind), target[None], (), weights=True)
     losses = [float(v) for v in traj.losses[0]]
     common.eprint(f"apm-fast decode: TTT {args.steps} steps, loss {losses[0]:.4g} -> {losses[-1]:.4g}")
     return (with_weights(model, {k: v[0] for k, v in traj.weights.items()}),
             {"teacher": teacher.name, "random_teacher": teacher.random_weights, "steps": args.steps, "lr": args.lr,
-             "losses": losses})
+             "backend": trainer.backend, "precision": trainer.precision, "moments": trainer.moments,
+             "teacher_precision": teacher.image_precision, "losses": losses})

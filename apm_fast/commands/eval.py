@@ -56,8 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--steps", type=common.positive_int, default=20,
                    help="Adam steps per image (default: %(default)s; the paper does not publish its count)")
     g.add_argument("--lr", type=common.learning_rate, default=1e-4, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "fp64"),
-                   help="GEMM dtype of the training (default: bf16 on a GPU, fp32 on a CPU)")
+    g.add_argument("--precision", default=None, choices=common.PRECISION_CHOICES, help=common.PRECISION_HELP)
     g.add_argument("--moments", default="fp32", choices=("fp32", "bf16"),
                    help="Adam's moments: fp32 (torch.optim.Adam's, the default) or bf16 (half their memory "
                         "and traffic; the torch, triton and cuda backends; effect: docs/engine.md)")
@@ -77,6 +76,7 @@ def run(args) -> int:
     from ..evaluation import EvalSettings, evaluate
 
     device = common.pick_device(args.device)
+    common.check_trainer_args(args, device)      # --precision with --moments, before the teacher
     with common.setup_errors():
         settings = EvalSettings(methods=tuple(args.methods.split(",")), teacher=args.teacher,
                                 pretrained=None if str(args.pretrained).lower() in ("none", "random", "")

@@ -60,6 +60,9 @@ def run(args) -> int:
     with common.setup_errors():
         pil = load_image(args.image)
         its = iterations(args.steps, args.every, args.at)
+        if getattr(args, "backend", None) == "reference":
+            raise ValueError("--backend: islands runs on the engine; use torch, triton or cuda, not reference")
+    common.check_trainer_args(args, device)          # before the teacher loads
     teacher = common.build_teacher(args.teacher, args.pretrained, device, args.seed)
     if teacher.random_weights:
         common.eprint(f"!! teacher {teacher.name} has RANDOM weights (--pretrained none): the target it "
@@ -84,7 +87,7 @@ def run(args) -> int:
             "random_teacher": teacher.random_weights, "preset": preset_name, "grid": config.grid,
             "patch": config.patch, "hidden": list(config.hidden), "dim": config.dim, "steps": args.steps,
             "lr": args.lr, "crop": args.crop, "backend": trainer.backend, "precision": trainer.precision,
-            "seed": args.seed, "ms": ms}
+            "moments": trainer.moments, "teacher_precision": teacher.image_precision, "seed": args.seed, "ms": ms}
     write_json(f"{args.out}/islands.json", info)
     common.eprint(f"apm-fast islands: {args.steps} TTT steps ({trainer.backend}, {trainer.precision}) in {ms:.0f} ms "
                   f"with the projection; loss {res.losses[0]:.4g} -> {res.losses[-1]:.4g}; wrote {files['png']}, "

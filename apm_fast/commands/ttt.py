@@ -66,6 +66,7 @@ def _run(args, paths, keys, shards) -> int:
     from ..teachers import resolve_classes, resolve_templates
 
     device = shards.device if shards is not None else common.pick_device(args.device)
+    common.check_trainer_args(args, device)      # before the teacher: a bad option is refused at once
     teacher = common.build_teacher(args.teacher, args.pretrained, device, args.seed)
     if teacher.random_weights and (shards is None or shards.rank == 0):
         eprint(common.random_teacher_banner(teacher, "--pretrained none"))
@@ -80,7 +81,8 @@ def _run(args, paths, keys, shards) -> int:
         "heads": config.heads, "dim": config.dim, "steps": args.steps, "lr": args.lr,
         "normalize_target": args.normalize_target, "templates": args.templates, "crop": args.crop,
         "classes": len(classes), "classes_sha256": common.class_list_id(classes), "backend": trainer.backend,
-        "precision": trainer.precision, "moments": trainer.moments, "device": str(device), "seed": args.seed,
+        "precision": trainer.precision, "moments": trainer.moments, "teacher_precision": teacher.image_precision,
+        "device": str(device), "seed": args.seed,
         **common.code_version(),
     }
     with common.setup_errors():  # class embeddings once, before the first image

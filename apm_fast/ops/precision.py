@@ -1,9 +1,11 @@
-"""Which dtype the GEMMs of a table run in: the model's own, or torch's autocast dtype.
+"""Which dtype the GEMMs of a forward run in: the model's own, or torch's autocast dtype.
 
 A model's forward computes in the model's dtype (fp64 models in fp64, fp32 in true fp32,
 bf16/fp16 in their own), unless torch's autocast is on for the device: then an fp32 model's
-GEMMs take the autocast dtype (fp32 accumulation, as autocast's own matmuls do). Nothing is
-decided behind the user's back. The TTT trainer states its precision itself (``precision=``).
+GEMMs take the autocast dtype (fp32 accumulation, as autocast's own matmuls do). The same rule
+holds on every backend, the reference included; the outputs come in the model's dtype. Nothing
+is decided behind the user's back. The TTT trainer states its precision itself (``precision=``)
+and ignores an ambient autocast.
 """
 from __future__ import annotations
 

@@ -57,6 +57,7 @@ class Teacher(abc.ABC):
     dim: int
     image_size: int
     device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32           # the towers' weights
     text_batch_size: int = 256
 
     def __init__(self, *, normalize: bool = False):
@@ -92,18 +93,33 @@ class Teacher(abc.ABC):
 
         ``images``: a PIL image, a list of PIL images (preprocessed here by the teacher's own
         preprocessing), or a tensor already preprocessed that way (3 x s x s or B x 3 x s x s).
-        Not normalized unless ``normalize`` (default: the teacher's ``normalize`` setting). On a GPU
-        the tower runs under bf16 autocast.
+        Not normalized unless ``normalize`` (default: the teacher's ``normalize`` setting). The
+        tower computes in :attr:`image_precision` (bf16 autocast on a GPU).
         """
         pixels = self._pixels(images)
-        # bf16 autocast on a GPU: the towers are big GEMMs, and the student regresses z in bf16 anyway
-        cuda = torch.device(self.device).type == "cuda"
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        amp_dtype = self.image_autocast()
+        amp = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         with torch.inference_mode(), amp:
             z = self._encode_images(pixels).float()
         if self.normalize if normalize is None else normalize:
             z = F.normalize(z, dim=-1)
         return z.clone()  # a normal tensor: inference tensors cannot be saved for autograd
+
+    def image_autocast(self) -> Optional[torch.dtype]:
+        """The autocast dtype the image tower runs under: bf16 on a GPU (the towers are big GEMMs),
+        None on a CPU and for fp64 weights (autocast leaves fp64 alone)."""
+        if torch.device(self.device).type == "cuda" and self.dtype != torch.float64:
+            return torch.bfloat16
+        return None
+
+    @property
+    def image_precision(self) -> str:
+        """The dtype the image tower computes in, by name: "bf16" on a GPU, the weights' dtype
+        ("fp32" unless the teacher was made in another) on a CPU. Results state it as
+        ``teacher_precision``; a trainer's ``precision`` is the student's only."""
+        from ..ops.precision import precision_name
+
+        return precision_name(self.image_autocast() or self.dtype)
 
     def _pixels(self, images) -> torch.Tensor:
         if isinstance(images, Image.Image):

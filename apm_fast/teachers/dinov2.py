@@ -261,8 +261,8 @@ class DINOv2Teacher(Teacher):
             raise ValueError(f"images: expected B x 3 x {self.image_size} x {self.image_size} preprocessed "
                              f"pixels for teacher {self.name} (grid {self.grid} x patch {self.patch}), got "
                              f"{tuple(x.shape)}")
-        cuda = self.device.type == "cuda"
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        amp_dtype = self.image_autocast()          # as embed_images: one rule, Teacher's
+        amp = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         with torch.inference_mode(), amp:
             tok = self._tokens(x)
         n = self.grid * self.grid

@@ -17,10 +17,46 @@ import torch.nn.functional as F
 from .. import reference
 from ..backends import resolve_backend
 from ..config import APMConfig
-from ..ops.precision import precision_name
+from ..ops.autograd import _no_autocast
+from ..ops.precision import parse_precision, precision_name
 from ..validation import check_images, check_targets, check_training
 
-__all__ = ["TestTimeTrainer", "TTTResult", "Pending", "Trajectory"]
+__all__ = ["TestTimeTrainer", "TTTResult", "Pending", "Trajectory", "check_options"]
+
+_TABLES = "a table ('torch', 'triton', 'cuda')"
+
+
+def check_options(backend, device, config=None, dtype: torch.dtype = torch.float32, *, precision=None,
+                  moments=None, shards=None) -> str:
+    """The backend a :class:`TestTimeTrainer` of a ``dtype`` model on ``device`` trains with
+    (``backend``: a name, or None: the default for ``device`` and the model's ``config``), once
+    ``precision=``, ``moments=`` and ``shards=`` are checked against it: the trainer's first check,
+    which the command line runs on its options before any long work. Errors name the argument.
+
+    ``backend="reference"`` trains the plain model in its own dtype with ``torch.optim.Adam``
+    (moments in that dtype too): ``moments`` may only be None or that dtype's name, and
+    ``precision``/``shards`` need a table."""
+    name = resolve_backend(backend, device, config)
+    cdt = parse_precision(precision)
+    if name == "reference":
+        own = precision_name(dtype)
+        if cdt is not None:
+            raise ValueError(f"precision: the reference backend trains the plain model in its own dtype ({own}); "
+                             f"expected no precision, got {precision!r} (a precision needs {_TABLES})")
+        if moments is not None and moments != own:
+            raise ValueError(f"moments: the reference backend keeps Adam's moments in the model's dtype, as "
+                             f"torch.optim.Adam does: expected None or {own!r}, got {moments!r} (other moments "
+                             f"need {_TABLES})")
+        if shards is not None:
+            raise ValueError(f"shards: the reference backend trains on one device; expected None, got {shards!r} "
+                             f"(shards need {_TABLES})")
+        return name
+    from .engine import default_precision, parse_moments
+
+    cdt = cdt or default_precision(dtype, device)
+    # the engine's master weights: fp64 where the model or the GEMMs are, else fp32
+    parse_moments(moments, torch.float64 if torch.float64 in (dtype, cdt) else torch.float32)
+    return name
 
 
 @dataclass
@@ -74,9 +110,13 @@ class TestTimeTrainer:
     fastest here) trains on the engine (``apm_fast.ttt.engine``): flat parameter buffers, the
     step captured as a CUDA graph on a GPU, ``students`` images side by side (None: as many as fit
     in memory). ``precision``: the GEMM dtype of the engine ("bf16", "fp16", "fp32", "fp64";
-    None: bf16 for an fp32 model on a GPU, the model's dtype otherwise); the master weights stay
-    in fp32 (fp64 for fp64 models), and so do Adam's moments unless ``moments="bf16"`` (half their
-    memory and traffic; every table; its effect: docs/engine.md).
+    None: bf16 for an fp32 model on a GPU, the model's dtype otherwise); the master weights are
+    fp32 (fp64 where the model or ``precision`` is fp64), and Adam's moments take their dtype
+    unless ``moments="bf16"`` (half their memory and traffic; fp32 masters; every table; its
+    effect: docs/engine.md). ``backend="reference"`` trains in the model's dtype (GEMMs, weights
+    and Adam's moments): ``moments`` there is None or that dtype's name, ``precision`` None.
+    Training ignores an ambient ``torch.autocast`` on every backend: it runs in the precision
+    it states (:attr:`precision`, :attr:`moments`).
     """
 
     __test__ = False  # not a pytest class despite the name
@@ -93,11 +133,8 @@ class TestTimeTrainer:
         self.steps, self.lr = steps, float(lr)
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
         self.normalize_target = bool(normalize_target)
-        self.backend = resolve_backend(backend, model.device, model.config)
-        if self.backend == "reference" and (shards is not None or precision is not None or
-                                            moments not in (None, "fp32")):
-            raise ValueError("backend='reference' trains the plain model in its own dtype on one device; "
-                             "precision=, moments= and shards= need a table ('torch', 'triton', 'cuda')")
+        self.backend = check_options(backend, model.device, model.config, model.dtype, precision=precision,
+                                     moments=moments, shards=shards)
         self.snapshot = {k: p.detach().clone() for k, p in model.named_parameters()}
         self.engine = None
         if self.backend != "reference":
@@ -137,8 +174,9 @@ class TestTimeTrainer:
             return self.engine.launch(images, targets, students)
         t0 = time.perf_counter()
         dev, dt = self.model.device, self.model.dtype
-        cls, losses, _ = reference.fit(self.model, images.to(dev, dt), targets.to(dev, dt), steps=self.steps,
-                                       lr=self.lr, betas=self.betas, eps=self.eps, start=self.snapshot)
+        with _no_autocast(dev):                  # the model's dtype, as stated, whatever autocast is on
+            cls, losses, _ = reference.fit(self.model, images.to(dev, dt), targets.to(dev, dt), steps=self.steps,
+                                           lr=self.lr, betas=self.betas, eps=self.eps, start=self.snapshot)
         return Pending(cls, losses, seconds=time.perf_counter() - t0)
 
     def fit(self, images: torch.Tensor, targets: torch.Tensor, *, progress=None) -> TTTResult:
@@ -150,9 +188,10 @@ class TestTimeTrainer:
         if self.engine is not None:
             return self.engine.fit(images, self.prepare_targets(targets), progress=progress)
         dev, dt = model.device, model.dtype
-        cls, losses, seconds = reference.fit(model, images.to(dev, dt), self.prepare_targets(targets.to(dev, dt)),
-                                             steps=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
-                                             progress=progress, start=self.snapshot)
+        with _no_autocast(dev):                  # the model's dtype, as stated, whatever autocast is on
+            cls, losses, seconds = reference.fit(model, images.to(dev, dt), self.prepare_targets(targets.to(dev, dt)),
+                                                 steps=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
+                                                 progress=progress, start=self.snapshot)
         return TTTResult(cls=cls, losses=losses, seconds=seconds)
 
     def trajectory(self, images: torch.Tensor, targets: torch.Tensor, at=(), *, weights: bool = False) -> Trajectory:

@@ -15,7 +15,7 @@ from .backends import get_backend, resolve_backend
 from .config import APMConfig
 from .ops.autograd import _no_autocast, fused_forward
 from .ops.driver import columns, rgb_head, weight_names
-from .ops.precision import compute_dtype
+from .ops.precision import compute_dtype, exact_convolutions
 from .posenc import position_code
 from .validation import _positive_int, check_images
 
@@ -163,11 +163,15 @@ class APM(nn.Module):
         return APMOutput(cls=None if cls is None else cls.to(self.dtype), grid=f if want_grid else None,
                          rgb=rgb)
 
+    @contextlib.contextmanager
     def _autocast_rule(self, device):
         """Where the plain torch ops of a forward run (the reference, the RGB head): under an
         ambient autocast only where :func:`~apm_fast.ops.precision.compute_dtype` gives its dtype
-        (an fp32 model), else autocast off (the model's own dtype), as the tables compute."""
-        return contextlib.nullcontext() if compute_dtype(self.dtype, device) != self.dtype else _no_autocast(device)
+        (an fp32 model), else autocast off (the model's own dtype), as the tables compute; fp32
+        convolutions in fp32, not cuDNN's default TF32 (:func:`~apm_fast.ops.precision.exact_convolutions`)."""
+        rule = contextlib.nullcontext() if compute_dtype(self.dtype, device) != self.dtype else _no_autocast(device)
+        with rule, exact_convolutions(device):
+            yield
 
     # ------------------------------------------------------------------ checkpoints
     def load_official_state_dict(self, state_dict, *, strict_unexpected: bool = True):

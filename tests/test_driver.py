@@ -417,3 +417,56 @@ def test_position_products_from_the_codes_halves(d, height, width):
     assert 0 < halves[0] < 1.1 * gemm[0] and 0 < halves[1] < 1.1 * gemm[1], errs
     with pytest.raises(ValueError, match="pos_grid"):
         position_product(TP, wp, pos[:-1], torch.float64, grid=grid)
+
+
+def test_fp32_convolutions_on_a_gpu_are_not_tf32_inside_the_plain_forward(monkeypatch):
+    """PyTorch lets cuDNN run fp32 convolutions in TF32 by default; the plain forward (the
+    reference, the RGB head) and the reference trainer turn that off on a CUDA device only, and
+    put the user's setting back afterwards."""
+    from apm_fast.ops.precision import exact_convolutions
+
+    cudnn = torch.backends.cudnn
+    assert cudnn.allow_tf32            # PyTorch's default
+    with exact_convolutions(torch.device("cuda")):
+        assert not cudnn.allow_tf32
+    assert cudnn.allow_tf32
+    with exact_convolutions(torch.device("cpu")):
+        assert cudnn.allow_tf32        # nothing to change on the CPU
+    seen = []
+    import apm_fast.model as model_module
+
+    real = model_module.exact_convolutions
+    monkeypatch.setattr(model_module, "exact_convolutions", lambda d: (seen.append(torch.device(d).type), real(d))[1])
+    model = APM(preset("ssl-l14", grid=4, patch=2, hidden=(16, 12, 8, 8, 8), dim=8))
+    model(torch.randn(1, 3, 8, 8), backend="reference")
+    model(torch.randn(1, 3, 8, 8), backend="torch")          # the RGB head's trigger
+    assert seen == ["cpu", "cpu"]
+
+
+@pytest.mark.gpu
+def test_gpu_an_fp32_model_matches_float64_by_default():
+    """On a GPU, with PyTorch's default flags, an fp32 model's forward (cls, grid, RGB) on the plain
+    backends and an fp32 reference training match float64 to fp32 round-off: no TF32, no bf16."""
+    from apm_fast import TestTimeTrainer
+
+    torch.manual_seed(3)
+    dev = torch.device("cuda")
+    for cfg in (preset("ttt-l14", grid=8, patch=14, hidden=(256, 128), dim=64, heads=8),
+                preset("ssl-l14", grid=8, patch=14, hidden=(128, 96, 64, 64, 64), dim=64)):
+        model = APM(cfg, device=dev)
+        ref = APM(cfg, dtype=torch.float64, device=dev)
+        ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+        x = torch.randn(2, 3, cfg.image_size, cfg.image_size, device=dev)
+        want = ref(x.double(), backend="reference")
+        for backend in ("reference", "torch"):
+            got = model(x, backend=backend)
+            for name in ("cls", "grid", "rgb"):
+                a, b = getattr(got, name), getattr(want, name)
+                if b is not None:
+                    assert a.dtype == torch.float32 and rel_err(a.double(), b) < 1e-5, (cfg.pool, backend, name)
+        if cfg.pool:
+            y = torch.randn(2, cfg.dim, device=dev)
+            kw = dict(steps=3, lr=1e-3, backend="reference")
+            a = TestTimeTrainer(model, **kw).fit(x, y).cls
+            b = TestTimeTrainer(ref, **kw).fit(x.double(), y.double()).cls
+            assert rel_err(a.double(), b) < 1e-4

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..ops.driver import columns, combine_pool, rgb_head, weight_names
-from ..ops.precision import compute_dtype
+from ..ops.precision import compute_dtype, exact_convolutions
 from ..posenc import position_rows
 from ..ttt import TestTimeTrainer, TTTResult
 from ..validation import check_images
@@ -106,7 +106,8 @@ def sharded_forward(model, images: torch.Tensor, group=None, *, backend: str | N
     grid = None if grid is None else grid.to(model.dtype)
     rgb = None
     if want_rgb:
-        t = F.conv2d(images, model.conv.weight, model.conv.bias, stride=c.patch).flatten(1)
+        with exact_convolutions(images.device):
+            t = F.conv2d(images, model.conv.weight, model.conv.bias, stride=c.patch).flatten(1)
         pos = position_rows(c.pos_dim, c.grid, c.grid, start, stop, dtype=model.dtype, device=images.device)
         rgb = rgb_head(params, c, grid, t, pos)
     return ShardedOutput(cls=None if cls is None else cls.to(model.dtype), grid=grid if want_grid else None,

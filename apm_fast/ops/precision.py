@@ -9,9 +9,11 @@ and ignores an ambient autocast.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-__all__ = ["compute_dtype", "PRECISIONS", "parse_precision", "precision_name"]
+__all__ = ["compute_dtype", "exact_convolutions", "PRECISIONS", "parse_precision", "precision_name"]
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -23,6 +25,22 @@ def compute_dtype(model_dtype: torch.dtype, device) -> torch.dtype:
     if model_dtype == torch.float32 and kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return model_dtype
+
+
+@contextlib.contextmanager
+def exact_convolutions(device):
+    """cuDNN's fp32 convolutions in fp32 inside the block, on a CUDA ``device``: PyTorch lets cuDNN
+    compute them in TF32 (a 10-bit mantissa) by default, which would put the trigger of an fp32
+    model's plain forward (the reference backend, the RGB head) about 1e-4 off instead of 1e-7.
+    Other dtypes are not affected; the GEMMs' TF32 switch (``torch.backends.cuda.matmul``) is off
+    by default and left as the user set it."""
+    c = torch.backends.cudnn
+    if torch.device(device).type != "cuda" or not c.allow_tf32:
+        yield
+        return
+    with c.flags(enabled=c.enabled, benchmark=c.benchmark, benchmark_limit=c.benchmark_limit,
+                 deterministic=c.deterministic, allow_tf32=False):
+        yield
 
 
 def parse_precision(value, name: str = "precision"):

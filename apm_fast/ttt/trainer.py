@@ -18,7 +18,7 @@ from .. import reference
 from ..backends import resolve_backend
 from ..config import APMConfig
 from ..ops.autograd import _no_autocast
-from ..ops.precision import parse_precision, precision_name
+from ..ops.precision import exact_convolutions, parse_precision, precision_name
 from ..validation import check_images, check_targets, check_training
 
 __all__ = ["TestTimeTrainer", "TTTResult", "Pending", "Trajectory", "check_options"]
@@ -174,7 +174,7 @@ class TestTimeTrainer:
             return self.engine.launch(images, targets, students)
         t0 = time.perf_counter()
         dev, dt = self.model.device, self.model.dtype
-        with _no_autocast(dev):                  # the model's dtype, as stated, whatever autocast is on
+        with _no_autocast(dev), exact_convolutions(dev):   # the model's dtype, as stated, whatever autocast is on
             cls, losses, _ = reference.fit(self.model, images.to(dev, dt), targets.to(dev, dt), steps=self.steps,
                                            lr=self.lr, betas=self.betas, eps=self.eps, start=self.snapshot)
         return Pending(cls, losses, seconds=time.perf_counter() - t0)
@@ -188,7 +188,7 @@ class TestTimeTrainer:
         if self.engine is not None:
             return self.engine.fit(images, self.prepare_targets(targets), progress=progress)
         dev, dt = model.device, model.dtype
-        with _no_autocast(dev):                  # the model's dtype, as stated, whatever autocast is on
+        with _no_autocast(dev), exact_convolutions(dev):   # the model's dtype, as stated, whatever autocast is on
             cls, losses, seconds = reference.fit(model, images.to(dev, dt), self.prepare_targets(targets.to(dev, dt)),
                                                  steps=self.steps, lr=self.lr, betas=self.betas, eps=self.eps,
                                                  progress=progress, start=self.snapshot)

@@ -6,7 +6,11 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test bench plots gpu-check clean
 
-$(STAMP): requirements.txt constraints.txt setup.py
+# reinstalled (the CUDA extension rebuilt) when the build's inputs change: its settings and the
+# sources of csrc/
+BUILD_INPUTS := requirements.txt constraints.txt setup.py pyproject.toml $(wildcard csrc/*.py csrc/*/*)
+
+$(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt

@@ -1,6 +1,9 @@
 """apm-fast build: the Python package (with the Triton kernels of kernels/ as apm_fast.kernels) and
 its CUDA extension (csrc/) apm_fast._C_cuda where torch has CUDA and nvcc is found. It is optional:
-a failed build warns and the package still installs (the cuda backend then says what is missing).
+a failed build warns and the package still installs (the cuda backend then says what is missing);
+with APM_FAST_STRICT_BUILD=1 the build fails instead whenever the extension is not built, naming why.
+The extension needs torch in the build environment: build with `pip install --no-build-isolation`
+(pip's isolated build environment has no torch, so the extension is never built there).
 
 The project's metadata (name, version, dependencies, extras, scripts) is in pyproject.toml; this
 file only adds what needs code: the package layout and the extension. A build ends with a summary
@@ -8,6 +11,7 @@ on stderr naming what was and was not built (pip shows it with -v; `apm-fast inf
 Settings: see csrc/build_config.py. The extension records the SM targets it was compiled for (a
 generated source, see build_info_source) so that a GPU it cannot run on is named before any call.
 """
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -47,16 +51,50 @@ def build_info_source(archs) -> str:
             f'"{spec}";\n')
 
 
+def strict_build() -> bool:
+    """APM_FAST_STRICT_BUILD=1: the build fails whenever the CUDA extension is not built."""
+    return os.environ.get("APM_FAST_STRICT_BUILD", "0") == "1"
+
+
 def _not_built(reason: str):
     SUMMARY[CUDA_EXT] = (False, reason)
     return [], {}
+
+
+def strict_failure(ext_modules):
+    """The error a strict build (APM_FAST_STRICT_BUILD=1) stops with before building anything when
+    the CUDA extension is not even configured (``_extensions`` gave none; SUMMARY says why), else
+    None. A configured extension that fails to build fails in its build_ext step."""
+    if ext_modules or not strict_build():
+        return None
+    why = SUMMARY[CUDA_EXT][1]
+    return (f"error: APM_FAST_STRICT_BUILD=1, but {CUDA_EXT} is not built: {why}. Fix that, or unset "
+            f"APM_FAST_STRICT_BUILD to install the package without it")
+
+
+def remove_inplace_libraries(build_ext_cmd, extensions) -> list:
+    """Delete the libraries of ``extensions`` that an earlier in-place (editable) build left next to
+    the sources, under every name this interpreter imports (``_C_cuda.cpython-311-...so``,
+    ``_C_cuda.abi3.so``, ``_C_cuda.so``): after a failed build they are from other sources and
+    must not be loaded. Returns the paths removed."""
+    build_py = build_ext_cmd.get_finalized_command("build_py")
+    removed = []
+    for ext in extensions:
+        package, _, stem = ext.name.rpartition(".")
+        folder = Path(build_py.get_package_dir(package))
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            lib = folder / (stem + suffix)
+            if lib.is_file() or lib.is_symlink():
+                lib.unlink()
+                removed.append(str(lib))
+    return removed
 
 
 def _extensions():
     """(ext_modules, cmdclass): the CUDA extension where torch has CUDA and nvcc is found, else
     none (the package still installs; ``apm-fast info`` then says why the cuda backend is absent)."""
     if os.environ.get("APM_FAST_SKIP_CUDA_BUILD", "0") == "1":
-        return _not_built("APM_FAST_SKIP_CUDA_BUILD=1")
+        return _not_built("APM_FAST_SKIP_CUDA_BUILD=1 (unset it to build the extension)")
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -68,7 +106,8 @@ def _extensions():
     cfg = _build_config()
     if torch.version.cuda is None or CUDA_HOME is None:
         return _not_built(f"it needs a CUDA build of torch and nvcc (torch {torch.__version__}: "
-                          f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+                          f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}): install a "
+                          f"CUDA build of torch and the CUDA toolkit (nvcc on PATH, or CUDA_HOME set)")
     archs = cfg.parse_archs()
     cutlass = cfg.cutlass_include_dir()
     if cutlass is None:
@@ -79,24 +118,43 @@ def _extensions():
     generated = HERE / GENERATED
     generated.parent.mkdir(parents=True, exist_ok=True)
     generated.write_text(build_info_source(archs))
+    # optional: where it fails to build, setuptools copies no library next to the sources (an
+    # editable install would otherwise stop at "can't copy ... doesn't exist")
     ext = CUDAExtension("apm_fast._C_cuda",
                         cfg.CUDA_GLUE_SOURCES + cfg.cuda_kernel_sources() + [str(GENERATED)],
-                        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": cfg.nvcc_flags(archs, cutlass)})
+                        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": cfg.nvcc_flags(archs, cutlass)},
+                        optional=True)
     targets = f"sm_{', sm_'.join(archs)}; CUTLASS: {'yes' if cutlass else 'no, portable GEMM only'}"
     SUMMARY[CUDA_EXT] = (False, f"configured ({targets}), but no build_ext step ran")
 
     class OptionalBuildExt(BuildExtension):
-        """A failed build warns instead of failing the install (APM_FAST_STRICT_BUILD=1: fails)."""
+        """A failed build warns instead of failing the install (APM_FAST_STRICT_BUILD=1: fails).
+        Either way, after a failed in-place (editable) build the library an earlier build left next
+        to the sources is removed, so that the package does not load a build of other sources."""
+
+        def run(self):
+            self._in_place = bool(self.inplace)   # setuptools' run() clears it while building
+            super().run()
 
         def build_extensions(self):
+            outputs = [Path(self.get_ext_fullpath(e.name)) for e in self.extensions]
+            for out in outputs:                   # a library left by an earlier build is no proof
+                out.unlink(missing_ok=True)
             try:
                 super().build_extensions()
+                # optional extensions: setuptools reports a failed link as a warning only
+                missing = [str(out) for out in outputs if not out.is_file()]
+                if missing:
+                    raise RuntimeError(f"no library was made ({', '.join(missing)}; see the errors above)")
             except Exception as exc:  # e.g. torch's CUDA version check, before any compile
-                SUMMARY[CUDA_EXT] = (False, f"its build failed ({type(exc).__name__}: {exc})")
-                if os.environ.get("APM_FAST_STRICT_BUILD") == "1":
+                stale = remove_inplace_libraries(self, self.extensions) if getattr(self, "_in_place", False) else []
+                removed = f"removed the earlier build {', '.join(stale)}" if stale else ""
+                SUMMARY[CUDA_EXT] = (False, f"its build failed ({type(exc).__name__}: {exc})"
+                                     + (f"; {removed}" if removed else ""))
+                if strict_build():
                     raise
                 warnings.warn(f"apm-fast: the CUDA extension cannot be built ({type(exc).__name__}: "
-                              f"{exc}); the package installs without it")
+                              f"{exc}); the package installs without it" + (f" ({removed})" if removed else ""))
             else:
                 SUMMARY[CUDA_EXT] = (True, targets)
 
@@ -122,16 +180,22 @@ def print_summary(stream=None):
 
 def main():
     ext_modules, cmdclass = _extensions()
-    setup(
-        # metadata: pyproject.toml ([project]); here only what needs code
-        packages=find_packages(include=["apm_fast", "apm_fast.*"]) + ["apm_fast.kernels"],
-        package_dir={"apm_fast.kernels": "kernels"},
-        package_data={"apm_fast": ["data/*.txt", "data/*.json"]},
-        ext_modules=ext_modules,
-        cmdclass=cmdclass,
-    )
-    if any(cmd in sys.argv[1:] for cmd in BUILD_COMMANDS):
-        print_summary()
+    building = any(cmd in sys.argv[1:] for cmd in BUILD_COMMANDS)
+    try:
+        failure = strict_failure(ext_modules) if building else None
+        if failure:
+            raise SystemExit(failure)
+        setup(
+            # metadata: pyproject.toml ([project]); here only what needs code
+            packages=find_packages(include=["apm_fast", "apm_fast.*"]) + ["apm_fast.data", "apm_fast.kernels"],
+            package_dir={"apm_fast.kernels": "kernels"},
+            package_data={"apm_fast": ["data/*.txt", "data/*.json"]},
+            ext_modules=ext_modules,
+            cmdclass=cmdclass,
+        )
+    finally:
+        if building:
+            print_summary()
 
 
 if __name__ == "__main__":

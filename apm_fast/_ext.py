@@ -76,15 +76,16 @@ def arch_runs_on(arch: str, capability: Tuple[int, int]) -> bool:
     """Whether code for ``arch`` ("80", "90a", "100", "80+PTX") runs on a GPU of ``capability``:
     machine code on the same major version and at least its minor, an arch-specific target
     ("90a") only on exactly its version (NVIDIA's compatibility rules for cubins); "+PTX" also on
-    every later GPU (the driver compiles the PTX)."""
+    every later GPU (the driver compiles the PTX), except on an arch-specific or family target
+    ("90a+PTX", "100f+PTX"): their PTX (compute_90a) is not forward-compatible."""
     m = re.fullmatch(r"(\d+)(\d)([af]?)(\+PTX)?", arch)
     if m is None:
         return False
     major, minor, kind = int(m.group(1)), int(m.group(2)), m.group(3)
-    if m.group(4) and tuple(capability) >= (major, minor):
-        return True
     if kind == "a":
         return tuple(capability) == (major, minor)
+    if m.group(4) and not kind and tuple(capability) >= (major, minor):
+        return True
     return capability[0] == major and capability[1] >= minor
 
 

@@ -3,11 +3,13 @@
 Environment variables:
   APM_FAST_CUDA_ARCHS       ";"-separated SM targets of the CUDA build (default "90a;80": sm_90a
                             for the wgmma/TMA kernels, sm_80 as a portable target that runs the
-                            portable GEMM everywhere else).
+                            portable GEMM everywhere else); "XY+PTX" also embeds PTX for later GPUs
+                            (not on an arch-specific "XYa" target, whose PTX runs nowhere else).
   APM_FAST_SKIP_CUDA_BUILD  "1": build the Python package without the CUDA extension.
   APM_FAST_CUTLASS_INCLUDE  CUTLASS include directory (default: the `nvidia-cutlass` package's
                             cutlass_library/source/include, or $CUTLASS_PATH/include).
-  APM_FAST_STRICT_BUILD     "1": a failing extension build fails the install (default: warn).
+  APM_FAST_STRICT_BUILD     "1": the install fails whenever the extension is not built, for any
+                            reason (default: warn and install the package without it).
   MAX_JOBS                  parallel compile jobs (read by torch's ninja build).
 """
 from __future__ import annotations
@@ -35,10 +37,13 @@ def parse_archs(spec: Optional[str] = None) -> List[str]:
 
     The targets come from ``APM_FAST_CUDA_ARCHS``, else from torch's ``TORCH_CUDA_ARCH_LIST``
     ("8.0;9.0a;8.6+PTX" -> ["80", "90a", "86+PTX"]: "+PTX" also embeds PTX for the GPUs after it),
-    else "90a;80"."""
+    else "90a;80". "+PTX" on an arch-specific target ("90a+PTX") is refused: its PTX (compute_90a)
+    runs on no other GPU."""
+    source = "APM_FAST_CUDA_ARCHS"
     if spec is None:
         spec = os.environ.get("APM_FAST_CUDA_ARCHS")
     if spec is None and os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        source = "TORCH_CUDA_ARCH_LIST (APM_FAST_CUDA_ARCHS unset)"
         spec = ";".join(a.replace(".", "") for a in re.split(r"[;, ]+", os.environ["TORCH_CUDA_ARCH_LIST"])
                         if a.strip())
     if spec is None:
@@ -46,9 +51,16 @@ def parse_archs(spec: Optional[str] = None) -> List[str]:
     archs = [a.strip() for a in re.split(r"[;, ]+", spec) if a.strip()]
     for a in archs:
         if not re.fullmatch(r"\d{2,3}a?(\+PTX)?", a):
-            raise ValueError(f"APM_FAST_CUDA_ARCHS: expected entries like 90a, 80 or 80+PTX, got {a!r} in {spec!r}")
+            raise ValueError(f"{source}: expected entries like 90a, 80 or 80+PTX, got {a!r} in {spec!r}")
+        if a.endswith("a+PTX"):
+            # the PTX of an arch-specific target (compute_90a) runs on no other GPU: it would promise
+            # forward compatibility it does not give
+            base = a[:-len("a+PTX")]
+            raise ValueError(f"{source}: {a!r} in {spec!r}: the PTX of an arch-specific target "
+                             f"(compute_{base}a) runs on no later GPU; for forward compatibility add "
+                             f"a portable target with PTX, e.g. \"{base}a;{base}+PTX\"")
     if not archs:
-        raise ValueError(f"APM_FAST_CUDA_ARCHS: no architecture in {spec!r}")
+        raise ValueError(f"{source}: no architecture in {spec!r}")
     return archs
 
 

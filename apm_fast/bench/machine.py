@@ -11,7 +11,10 @@ import torch
 
 __all__ = ["machine_info", "machine_line", "device_slug", "git_commit"]
 
+# the checkout of apm-fast this file lies in, if it lies in one (an editable install or a run
+# from the sources); an installed wheel's parents[2] is some site-packages' parent instead
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+_PROJECT_NAME = re.compile(r'^name\s*=\s*["\']apm-fast["\']\s*(#.*)?$', re.MULTILINE)
 
 
 def _run(cmd, cwd=None, timeout=10) -> str | None:
@@ -22,12 +25,32 @@ def _run(cmd, cwd=None, timeout=10) -> str | None:
     return out.stdout.strip() or None
 
 
+def _is_apm_fast_checkout(root: Path) -> bool:
+    """Whether ``root`` is the top of a git checkout of apm-fast itself: not a folder inside some
+    other repository (a venv, with apm-fast installed from a wheel, inside a user's project)."""
+    top = _run(["git", "-C", str(root), "rev-parse", "--show-toplevel"])
+    if top is None:
+        return False
+    try:
+        if Path(top).resolve() != Path(root).resolve():
+            return False
+        text = (Path(root) / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    project = text.split("[project]", 1)[1] if "[project]" in text else ""
+    project = re.split(r"^\[", project, maxsplit=1, flags=re.MULTILINE)[0]   # that table only
+    return _PROJECT_NAME.search(project) is not None
+
+
 def git_commit() -> str:
     """``APM_FAST_COMMIT`` from the environment when set (a tree copied without its ``.git``), else
-    the checkout's commit (with ``+dirty`` when tracked files differ), else "unknown"."""
+    the commit of the apm-fast checkout this package runs from (with ``+dirty`` when tracked files
+    differ), else "unknown" (an installed wheel: never the commit of a repository it lies in)."""
     env = os.environ.get("APM_FAST_COMMIT")
     if env:
         return env
+    if not _is_apm_fast_checkout(_REPO_ROOT):
+        return "unknown"
     head = _run(["git", "rev-parse", "--short=12", "HEAD"], cwd=_REPO_ROOT)
     if head is None:
         return "unknown"

@@ -118,8 +118,8 @@ def test_ttt_states_the_teachers_precision_and_refuses_a_file_without_it(setup, 
     (["--backend", "reference", "--precision", "bf16"], "--precision: the reference backend trains the plain model "
                                                         "in its own dtype (fp32); expected no precision, got 'bf16'"),
     (["--backend", "reference", "--moments", "bf16"], "--moments: the reference backend keeps Adam's moments in the "
-                                                      "model's dtype, as torch.optim.Adam does: expected None or "
-                                                      "'fp32', got 'bf16'"),
+                                                      "model's dtype, as torch.optim.Adam does: expected "
+                                                      "'fp32' (or none given), got 'bf16'"),
     (["--precision", "fp64", "--moments", "bf16"], "--moments: 'bf16' moments need fp32 master weights"),
 ])
 def test_ttt_refuses_training_options_before_the_teacher_naming_the_flag(setup, capsys, monkeypatch, args, message):

@@ -210,5 +210,5 @@ def test_the_reference_backend_takes_only_the_moments_it_keeps(dtype, name):
         assert TestTimeTrainer(model, steps=1, backend="reference", moments=moments).moments == name
     for moments in {"fp32", "bf16"} - {name}:
         with pytest.raises(ValueError, match=rf"moments: the reference backend keeps Adam's moments in the model's "
-                                             rf"dtype.*expected None or '{name}', got '{moments}'"):
+                                             rf"dtype.*expected '{name}' \(or none given\), got '{moments}'"):
             TestTimeTrainer(model, steps=1, backend="reference", moments=moments)

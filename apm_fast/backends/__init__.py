@@ -67,7 +67,8 @@ def _status(name: str):
 def explain_default(device=None, config=None, workload: str = "ttt_step"):
     """(the default table for ``device``, a model ``config`` and a ``workload``, why): ``torch`` on
     the CPU; on a GPU the available table measured fastest on this GPU model for this preset and
-    workload (:mod:`apm_fast.backends.measured`): ``"ttt_step"`` (training: the TTT trainer and
+    workload, else by the rules of :mod:`apm_fast.backends.measured` (the sum over the measured
+    presets, the fixed order), the reason saying which: ``"ttt_step"`` (training: the TTT trainer and
     engine, the other training loops) or ``"forward"`` (inference, ``model(x)``)."""
     import torch
 
@@ -82,8 +83,7 @@ def explain_default(device=None, config=None, workload: str = "ttt_step"):
 
 
 def default_backend(device=None, config=None, workload: str = "ttt_step") -> str:
-    """``torch`` on the CPU; on a GPU the available table measured fastest there for the workload
-    (see :func:`explain_default`)."""
+    """``torch`` on the CPU; on a GPU the table :func:`explain_default` chooses for the workload."""
     return explain_default(device, config, workload)[0]
 
 

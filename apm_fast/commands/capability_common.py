@@ -48,11 +48,12 @@ def input_kind(args, config):
 def add_checkpoint_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="the model: a .safetensors file written by apm-fast (APM.save, apm-fast distill's "
-                        "model.safetensors), or the authors' state dict (.pth, config read off its shapes)")
+                   help="the model: a file written by apm-fast (APM.save, apm-fast distill's model.safetensors), or "
+                        "the authors' state dict (a torch or safetensors file, config read off its shapes); "
+                        "told apart by content, not by suffix")
     g.add_argument("--heads", type=common.positive_int, default=None,
                    help="the pool's heads of an authors' checkpoint with a pool (not in its shapes; default 8)")
-    g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: the measured fastest here; apm-fast info)")
+    g.add_argument("--backend", default=None, help=common.BACKEND_HELP)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 

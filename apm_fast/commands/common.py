@@ -140,10 +140,11 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
                    help="Adam learning rate, in (0, 1] (default: %(default)s)")
     g.add_argument("--normalize-target", action="store_true", help="regress the unit-norm teacher embedding")
     g.add_argument("--topk", type=positive_int, default=5, help="classes reported per image (default: %(default)s)")
-    g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: the measured fastest here; apm-fast info)")
+    g.add_argument("--backend", default=None, help=BACKEND_HELP)
     g.add_argument("--precision", default=None, choices=PRECISION_CHOICES, help=PRECISION_HELP)
     g.add_argument("--moments", default="fp32", choices=("fp32", "bf16"),
-                   help="Adam's moments: fp32 (torch.optim.Adam's, the default) or bf16 (half their memory "
+                   help="Adam's moments: fp32 (the master weights' dtype, as torch.optim.Adam keeps them: fp64 with "
+                        "--precision fp64; the default) or bf16 (half their memory "
                         "and traffic; the torch, triton and cuda backends; effect: docs/engine.md)")
     g.add_argument("--students", type=positive_int, default=None, metavar="N",
                    help="images trained side by side (default: as many as fit in memory on a GPU, 1 on a CPU)")
@@ -154,6 +155,9 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
 
 # the trainer's arguments that the command line sets through options of the same name
 TRAINER_FLAGS = ("backend", "precision", "moments")
+BACKEND_HELP = ("reference|torch|triton|cuda (default: torch on a CPU; on a GPU the table measured fastest "
+                "there for this preset and workload, else the fixed order triton > cuda > torch; "
+                "apm-fast info says which and why)")
 
 
 @contextlib.contextmanager

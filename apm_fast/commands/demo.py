@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=common.positive_int, default=None,
                    help=f"Adam steps per image (default: {FULL_STEPS} on a GPU, {CPU_STEPS} on a CPU)")
     p.add_argument("--full", action="store_true", help="full preset and all ImageNet classes on a CPU too")
-    p.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: the measured fastest here; apm-fast info)")
+    p.add_argument("--backend", default=None, help=common.BACKEND_HELP)
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--seed", type=common.seed, default=0,
                    help="seed of the student's (and a random teacher's) init, in [0, 2**63 - 1]")

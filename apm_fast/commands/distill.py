@@ -56,7 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="stop with a checkpoint after this many steps of this invocation (run again to go on)")
     g.add_argument("--export", default=None, metavar="PATH",
                    help="when done, also write the model as a torch state_dict in the authors' layout")
-    g.add_argument("--backend", default=None, help="reference|torch|triton|cuda (default: the measured fastest here; apm-fast info)")
+    g.add_argument("--backend", default=None, help=common.BACKEND_HELP)
     g.add_argument("--precision", default=None, choices=("bf16", "fp32"),
                    help="bf16 autocast (the default on a GPU) or fp32 (the default on a CPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -96,7 +96,7 @@ def sharded_forward(model, images: torch.Tensor, group=None, *, backend: str | N
     images = check_images(images, c).to(model.dtype)
     shards = QueryShards(group)
     start, stop = shards.rows(c.queries)
-    prim = get_backend(backend, device=images.device)
+    prim = get_backend(backend, device=images.device, config=c, workload="forward")
     cdt = compute_dtype(model.dtype, images.device)
     params = dict(model.named_parameters())
     w = {n: params[n].detach().unsqueeze(0) for n in weight_names(c)}

@@ -38,7 +38,7 @@ def parse_moments(moments, master_dtype: torch.dtype) -> torch.dtype:
     if moments == "bf16":
         if master_dtype != torch.float32:
             raise ValueError(f"moments: 'bf16' moments need fp32 master weights, these are {master_dtype} "
-                             f"(an fp64 model or precision='fp64')")
+                             f"(an fp64 model, or precision='fp64' / --precision fp64)")
         return torch.bfloat16
     raise ValueError(f"moments: expected 'fp32', 'bf16' or None, got {moments!r}")
 

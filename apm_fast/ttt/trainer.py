@@ -45,7 +45,7 @@ def check_options(backend, device, config=None, dtype: torch.dtype = torch.float
                              f"expected no precision, got {precision!r} (a precision needs {_TABLES})")
         if moments is not None and moments != own:
             raise ValueError(f"moments: the reference backend keeps Adam's moments in the model's dtype, as "
-                             f"torch.optim.Adam does: expected None or {own!r}, got {moments!r} (other moments "
+                             f"torch.optim.Adam does: expected {own!r} (or none given), got {moments!r} (other moments "
                              f"need {_TABLES})")
         if shards is not None:
             raise ValueError(f"shards: the reference backend trains on one device; expected None, got {shards!r} "

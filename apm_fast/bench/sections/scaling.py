@@ -1,8 +1,8 @@
 """(d) Scaling with the number of location queries (the authors' Figure 2).
 
 APM: one image's trigger, then G_q x G_q location queries streamed in chunks (memory bounded by
-the chunk, ``apm_fast.ops.driver.columns``) through the default table for the preset here (the
-measured fastest), pooled output. On a GPU, from two full chunks on, the full chunks are one
+the chunk, ``apm_fast.ops.driver.columns``) through the forward's default table for the preset
+here, pooled output. On a GPU, from two full chunks on, the full chunks are one
 captured CUDA graph replayed at each chunk's offset (the last, partial chunk runs eagerly): the
 eager chunk loop is bound by the host (on the H200, ``ttt-b16``, 50,176 queries in chunks of 4096:
 23.4 ms through the plain-PyTorch table's eager loop at 76405f6, 4.95 ms replayed with the Triton

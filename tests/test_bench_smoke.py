@@ -1,7 +1,6 @@
 """The benchmark harness end to end at tiny sizes on the CPU: gate, every section, JSON, a plot;
 and a broken fast path must fail the gate and remove every speedup."""
 import json
-import time
 
 import pytest
 import torch
@@ -41,7 +40,6 @@ def _load(out_dir, name):
 
 
 def test_harness_end_to_end(tmp_path, one_thread, monkeypatch):
-    t0 = time.perf_counter()
     logs = []
     result = run_suite(_tiny(tmp_path), log=logs.append)
     assert result.gate_passed, "\n".join(logs)
@@ -150,7 +148,6 @@ def test_harness_end_to_end(tmp_path, one_thread, monkeypatch):
     assert {"ttt_step-quick.png", "scaling-quick.png", "table4-quick.png"} <= pngs
     for p in result.plots:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
-    assert time.perf_counter() - t0 < 180
 
 
 def test_broken_fast_path_fails_the_gate_and_suppresses_speedups(tmp_path, monkeypatch, one_thread,

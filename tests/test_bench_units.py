@@ -463,6 +463,7 @@ def test_the_scaling_section_says_how_each_point_was_timed_and_times_clip_as_the
     monkeypatch.setattr(scaling, "measure_graph", failed)
     point = scaling._clip_point(ctx, 4, 8, graph=True)
     assert point["timing_mode"] == "eager"
+    assert point["timing_mode_reason"] == "capture failed: boom" and point["timing"]["fallback"] == "capture failed: boom"
 
 
 def test_measure_graph_records_why_a_capture_fell_back_and_still_warns(monkeypatch):

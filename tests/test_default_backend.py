@@ -353,12 +353,18 @@ def test_info_on_the_measured_gpus_follows_the_packaged_table(monkeypatch, capsy
     for gpu, workloads in packaged["gpus"].items():
         lines = {tuple(line.split()[:2]): line.split(None, 2)[2] for line in
                  _simulated_info(monkeypatch, capsys, gpu)[1:]}
+        assert len(lines) == len(measured.WORKLOADS) * len(PRESETS), lines
         for (p, workload), line in lines.items():
             entry = workloads.get(workload, {}).get(p)
             if entry is None:
                 assert f"not measured for {p}/{workload} on {gpu}; instead" in line and "measured fastest" not in line
             else:
-                assert line.startswith(measured._pick(entry["ms"])[0] + ": measured ")
+                # the pick, worked out here: the fastest, or among tables within 2 % of it the
+                # first of the fixed order
+                ms = entry["ms"]
+                tied = [n for n in ms if ms[n] <= min(ms.values()) * 1.02]
+                want = next(n for n in ("triton", "cuda", "torch") if n in tied)
+                assert line.startswith(want + ": measured ")
                 assert f"{entry['file']} at {entry['commit']}" in line
 
 

@@ -153,13 +153,17 @@ def test_interrupted_run_merges_what_is_done_and_goes_on(setup, tmp_path):
     run again computes only the others."""
     out = tmp_path / "r.jsonl"
     slow = [a if a != "3" else "200" for a in setup["args"]]          # 200 steps: a fraction of a second an image
+    # SIGINT's default action in the child: a shell's background job (and so this test run) can
+    # start with SIGINT ignored, and an ignored signal is inherited across exec
     proc = subprocess.Popen([sys.executable, "-m", "apm_fast", *slow, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     part = part_path(out, 0)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and \
             (not part.exists() or len(part.read_bytes().splitlines()) < 2):
         time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before the interrupt"
     os.kill(proc.pid, signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err

@@ -128,8 +128,8 @@ def _clip_point(ctx, g, patch, graph: bool):
                                  repeats=o.repeats)
     mode = {"timing_mode": timing.mode}
     if timing.mode == "eager":
-        mode["timing_mode_reason"] = (timing.fallback or "timed as the APM point at this grid was: eager"
-                                      if ctx.device.type == "cuda" else f"no CUDA graphs on {ctx.device.type}")
+        mode["timing_mode_reason"] = (timing.fallback or ("timed as the APM point at this grid was: eager"
+                                      if ctx.device.type == "cuda" else f"no CUDA graphs on {ctx.device.type}"))
     fl = tower_flops(visual)
     return {"timing": timing.to_dict(), **mode,
             "peak_bytes": None if pm.peak_bytes is None else weights + pm.peak_bytes,

@@ -65,11 +65,16 @@ def load_checkpoint(args, device):
     return model, layout
 
 
-def hide(p: argparse.ArgumentParser, *dests):
-    """Options of the shared groups that a command does not use: accepted, not shown in --help."""
+def set_help(p: argparse.ArgumentParser, text: str, *dests):
+    """The --help text of the options ``dests`` of the shared groups, for this command."""
     for action in p._actions:
         if action.dest in dests:
-            action.help = argparse.SUPPRESS
+            action.help = text
+
+
+def hide(p: argparse.ArgumentParser, *dests):
+    """Options of the shared groups that a command does not use: accepted, not shown in --help."""
+    set_help(p, argparse.SUPPRESS, *dests)
 
 
 def say(*a):

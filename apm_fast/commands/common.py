@@ -103,6 +103,9 @@ def seed(text: str) -> int:
     return v
 
 
+BACKEND_HELP = ("reference|torch|triton|cuda (default: torch on a CPU; on a GPU the table measured fastest "
+                "there for this preset and workload, else the fixed order triton > cuda > torch; "
+                "apm-fast info says which and why)")
 PRECISION_CHOICES = ("bf16", "fp16", "fp32", "fp64")
 PRECISION_HELP = ("GEMM dtype of the student's training only (default: bf16 on a GPU, fp32 on a CPU); the "
                   "student's weights and Adam's state are kept in fp32 (fp64 with fp64; see --moments). The "
@@ -155,9 +158,6 @@ def add_student_args(p: argparse.ArgumentParser, *, steps_default=20):
 
 # the trainer's arguments that the command line sets through options of the same name
 TRAINER_FLAGS = ("backend", "precision", "moments")
-BACKEND_HELP = ("reference|torch|triton|cuda (default: torch on a CPU; on a GPU the table measured fastest "
-                "there for this preset and workload, else the fixed order triton > cuda > torch; "
-                "apm-fast info says which and why)")
 
 
 @contextlib.contextmanager

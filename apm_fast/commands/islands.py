@@ -46,9 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--height", type=common.positive_int, default=160, help="panel height in pixels (default: %(default)s)")
     cc.add_input_args(p, crop_default="stretch", kinds=False)     # the TTT input (ImageNet mean/std)
     cc.hide(p, "classes", "templates", "topk", "students")
-    for action in p._actions:              # islands runs on the engine: no reference backend
-        if action.dest == "backend":
-            action.help = common.BACKEND_HELP.replace("reference|torch", "torch", 1)
+    # islands runs on the engine: no reference backend
+    cc.set_help(p, common.BACKEND_HELP.replace("reference|torch", "torch", 1), "backend")
     return p
 
 
